@@ -1,0 +1,167 @@
+"""``trialstream bench storage``: the bulk writer against a naive per-row INSERT.
+
+Both run in the same process against a scratch database created (and dropped) on the given
+server, so the ratio compares methods, not machines. The bulk writer stores envelopes of 100
+readings in batches of 100, 1k and 10k readings (envelope dedupe + binary COPY + one
+transaction per batch); the baseline INSERTs each reading on its own, committing each 1k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any, TextIO
+
+from psycopg import conninfo, sql
+
+from bench.common import Progress, machine
+from ingest.model import AcceptedEnvelope, Batch, Reading
+from storage import db
+from storage.migrate import StorageMode, migrate
+from storage.partitions import ensure_partitions, partition_start_ms
+from storage.writer import BulkWriter
+
+READINGS_PER_ENVELOPE = 100
+BATCH_SIZES = (100, 1_000, 10_000)
+T0_MS = 1_795_000_000_000
+BASELINE_COMMIT_EVERY = 1_000
+
+
+def _envelopes(dev: str, first_seq: int, n_readings: int) -> list[AcceptedEnvelope]:
+    out = []
+    for k in range(n_readings // READINGS_PER_ENVELOPE):
+        seq = first_seq + k
+        readings = tuple(
+            Reading(
+                T0_MS + (seq * READINGS_PER_ENVELOPE + i) * 1000,
+                "heart_rate",
+                60.0 + (i % 40),
+                "/min",
+                "hr-1",
+            )
+            for i in range(READINGS_PER_ENVELOPE)
+        )
+        out.append(
+            AcceptedEnvelope(
+                dev=dev,
+                seq=seq,
+                participant_id="P-bench",
+                sent_ms=T0_MS,
+                payload_sha256=hashlib.sha256(f"{dev}{seq}".encode()).digest(),
+                reading_count=len(readings),
+                readings=readings,
+                consent_ids=(None,) * len(readings),
+            )
+        )
+    return out
+
+
+async def _bulk(url: str, batch_size: int, rows: int) -> float:
+    pool = await db.open_pool(url, min_size=1, max_size=2)
+    try:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT mode FROM schema_info")
+            row = await cur.fetchone()
+        from storage.migrate import StorageMode
+
+        writer = BulkWriter(pool, StorageMode(str(row[0])) if row else StorageMode.PLAIN)
+        per_batch = batch_size // READINGS_PER_ENVELOPE
+        envs = _envelopes(f"bulk-{batch_size}", 0, rows)
+        batches = [
+            Batch(tuple(envs[i : i + per_batch]), (), T0_MS) for i in range(0, len(envs), per_batch)
+        ]
+        await writer.write(batches[0])  # partitions and pool warm before timing
+        t = time.perf_counter()
+        for b in batches[1:]:
+            await writer.write(b)
+        elapsed = time.perf_counter() - t
+        return (len(batches) - 1) * batch_size / elapsed
+    finally:
+        await pool.close()
+
+
+async def _naive(url: str, rows: int) -> float:
+    envs = _envelopes("naive", 0, rows)
+    async with db.connection(url) as conn:
+        t = time.perf_counter()
+        n = 0
+        for env in envs:
+            for r in env.readings:
+                await conn.execute(
+                    "INSERT INTO readings (time, participant_id, metric, value, unit, device_id,"
+                    " seq, sensor, received_at) VALUES"
+                    " (to_timestamp(%s / 1000.0), %s, %s, %s, %s, %s, %s, %s, now())",
+                    (
+                        r.t_ms,
+                        env.participant_id,
+                        r.metric,
+                        r.value,
+                        r.unit,
+                        env.dev,
+                        env.seq,
+                        r.sensor,
+                    ),
+                )
+                n += 1
+                if n % BASELINE_COMMIT_EVERY == 0:
+                    await conn.commit()
+        await conn.commit()
+        return n / (time.perf_counter() - t)
+
+
+async def run(
+    server_url: str, *, rows: int = 50_000, progress: TextIO | None = None
+) -> dict[str, Any]:
+    say = Progress(progress)
+    rows = max(rows - rows % BATCH_SIZES[-1], BATCH_SIZES[-1] * 2)
+    scratch = f"trialstream_bench_{os.getpid()}"
+    async with db.connection(server_url, autocommit=True) as admin:
+        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
+        cur = await admin.execute("SHOW server_version")
+        version = await cur.fetchone()
+    url = conninfo.make_conninfo(server_url, dbname=scratch)
+    try:
+        async with db.connection(url, autocommit=True) as conn:
+            report = await migrate(conn)
+            if report.mode is StorageMode.PLAIN:
+                span = (rows // READINGS_PER_ENVELOPE + 1) * READINGS_PER_ENVELOPE * 1000
+                await ensure_partitions(
+                    conn, {partition_start_ms(t) for t in range(T0_MS, T0_MS + span, 86_400_000)}
+                )
+        say(f"scratch database {scratch} ready, mode {report.mode}")
+        baseline_rows = max(rows // 5, BASELINE_COMMIT_EVERY)
+        say(f"baseline: per-row INSERT of {baseline_rows} readings")
+        baseline = await _naive(url, baseline_rows)
+        say(f"baseline: {baseline:,.0f} rows/s")
+        results = []
+        for size in BATCH_SIZES:
+            say(f"bulk writer: {rows} readings in batches of {size}")
+            rate = await _bulk(url, size, rows)
+            say(f"bulk writer @ {size}: {rate:,.0f} rows/s ({rate / baseline:.1f}x baseline)")
+            results.append(
+                {
+                    "batch_size": size,
+                    "rows_per_s": round(rate),
+                    "ratio_to_baseline": round(rate / baseline, 2),
+                }
+            )
+    finally:
+        async with db.connection(server_url, autocommit=True) as admin:
+            await admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
+            )
+    return {
+        "benchmark": "storage",
+        "machine": machine(),
+        "postgresql": str(version[0]) if version else None,
+        "mode": str(report.mode),
+        "rows_per_configuration": rows,
+        "readings_per_envelope": READINGS_PER_ENVELOPE,
+        "baseline": {
+            "method": "INSERT per reading, commit per 1k",
+            "rows": baseline_rows,
+            "rows_per_s": round(baseline),
+        },
+        "bulk": results,
+    }

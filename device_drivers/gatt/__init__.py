@@ -1,0 +1,1 @@
+"""Pure decoders for the standard GATT health profiles (bytes in, typed readings out)."""

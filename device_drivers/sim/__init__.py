@@ -1,0 +1,1 @@
+"""Bluetooth without hardware: a bleak backend over bumble virtual controllers and virtual wearables."""

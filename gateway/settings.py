@@ -1,0 +1,75 @@
+"""One frozen ``Settings``, built once in the entry point from the environment and flags.
+
+Every variable is ``TRIALSTREAM_<NAME>``; a command-line flag of the same name wins.
+Nothing here is read at import time: ``from_env`` is given the environment explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gateway.errors import ConfigError
+from storage.migrate import ModeRequest
+
+ENV_PREFIX = "TRIALSTREAM_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str | None = None
+    storage_mode: ModeRequest = ModeRequest.AUTO
+    data_dir: Path = Path(".trialstream")
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    workers: int = 1
+    mosquitto: str | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
+        """Settings from ``TRIALSTREAM_*`` variables, then ``overrides`` (flags) where not None."""
+        values: dict[str, Any] = {
+            f.name: _convert(f.name, raw)
+            for f in fields(cls)
+            if (raw := env.get(ENV_PREFIX + f.name.upper()))
+        }
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return replace(cls(), **values)
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError(
+                "no database configured: set TRIALSTREAM_DATABASE_URL or pass --database-url "
+                "(for example postgresql://postgres@127.0.0.1:5432/trialstream)"
+            )
+        return self.database_url
+
+
+_INT_RANGES = {"mqtt_port": (1, 65535), "http_port": (0, 65535), "workers": (1, 256)}
+
+
+def _convert(name: str, raw: str) -> Any:
+    var = ENV_PREFIX + name.upper()
+    if name in _INT_RANGES:
+        lo, hi = _INT_RANGES[name]
+        try:
+            value = int(raw)
+        except ValueError:
+            value = lo - 1
+        if not lo <= value <= hi:
+            raise ConfigError(f"{var}={raw!r} is not valid: expected a whole number {lo}..{hi}")
+        return value
+    if name == "storage_mode":
+        try:
+            return ModeRequest(raw)
+        except ValueError:
+            choices = ", ".join(m.value for m in ModeRequest)
+            raise ConfigError(f"{var}={raw!r} is not valid: expected one of {choices}") from None
+    if name == "data_dir":
+        return Path(raw)
+    return raw

@@ -1,0 +1,142 @@
+"""Values that cross the wire between hub and gateway, and the reasons data is refused.
+
+Times are integer milliseconds since the Unix epoch (UTC) everywhere on the wire and in the
+pipeline; conversion to ``datetime`` happens at the storage boundary only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+PROTOCOL_VERSION = 1
+
+
+class Reason(StrEnum):
+    """Why an envelope or a reading was not stored. Stable codes: they are stored and shown."""
+
+    MALFORMED = "malformed"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_DEVICE = "unknown_device"
+    DEVICE_REVOKED = "device_revoked"
+    BAD_SIGNATURE = "bad_signature"
+    TOPIC_MISMATCH = "topic_mismatch"
+    DUPLICATE = "duplicate"
+    NO_CONSENT = "no_consent"
+    SCOPE_NOT_CONSENTED = "scope_not_consented"
+    RECONSENT_REQUIRED = "reconsent_required"
+    IMPLAUSIBLE_TIME = "implausible_time"
+    IMPLAUSIBLE_VALUE = "implausible_value"
+    UNKNOWN_METRIC = "unknown_metric"
+    WRONG_UNIT = "wrong_unit"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One measurement as carried in an envelope: ``[t_ms, metric, value, unit, sensor]``."""
+
+    t_ms: int
+    metric: str
+    value: float
+    unit: str
+    sensor: str
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A span with no data and why (``out_of_range``, ``clock_jump``...): absence made visible."""
+
+    from_ms: int
+    to_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """The signed content of one envelope."""
+
+    dev: str
+    seq: int
+    sent_ms: int
+    readings: tuple[Reading, ...]
+    gaps: tuple[Gap, ...] = ()
+    v: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The gateway's answer to one envelope, sent after COMMIT on ``dct/v1/{dev}/down``.
+
+    ``status`` is ``accepted`` (stored now or earlier: a replay is receipted again) or
+    ``rejected`` (with ``reason``: the hub stops retrying it). ``stored`` counts the readings
+    of this envelope that are in the database; ``refused`` those that were refused with a
+    rejection row (for example outside consent).
+    """
+
+    dev: str
+    seq: int
+    status: str
+    stored: int
+    refused: int
+    at_ms: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Readings of one envelope refused together, for one reason (and metric when it matters)."""
+
+    reason: Reason
+    count: int
+    first_ms: int
+    last_ms: int
+    metric: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedEnvelope:
+    """A verified envelope: its readings to store, those refused and why, and its gaps.
+
+    ``consent_ids[i]`` is the consent record that allowed ``readings[i]`` (provenance).
+    """
+
+    dev: str
+    seq: int
+    participant_id: str
+    sent_ms: int
+    payload_sha256: bytes
+    reading_count: int
+    readings: tuple[Reading, ...]
+    consent_ids: tuple[int | None, ...]
+    refusals: tuple[Refusal, ...] = ()
+    gaps: tuple[Gap, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedEnvelope:
+    """An envelope refused whole (unverifiable, unknown device, ...): nothing of it is stored.
+
+    Device and seq are what the envelope claimed, when it could be read that far.
+    """
+
+    reason: Reason
+    detail: str
+    topic: str
+    payload_sha256: bytes
+    dev: str | None = None
+    seq: int | None = None
+    participant_id: str | None = None
+    reading_count: int = 0
+    first_ms: int | None = None
+    last_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What one database transaction stores."""
+
+    accepted: tuple[AcceptedEnvelope, ...]
+    rejected: tuple[RejectedEnvelope, ...]
+    received_ms: int

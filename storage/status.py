@@ -1,0 +1,68 @@
+"""What ``trialstream db status`` reports: mode, schema version, row counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from storage.migrate import StorageMode, available_migrations, recorded_mode, schema_version
+
+COUNTED_TABLES = (
+    "studies",
+    "sites",
+    "participants",
+    "devices",
+    "consents",
+    "envelopes",
+    "readings",
+    "rejections",
+    "alerts",
+    "audit_log",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseStatus:
+    server_version: str
+    mode: StorageMode | None
+    schema_version: int
+    latest_version: int
+    counts: dict[str, int]
+    partitions: int
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.mode is not None and self.schema_version == self.latest_version
+
+
+async def status(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> DatabaseStatus:
+    cur = await conn.execute("SHOW server_version")
+    row = await cur.fetchone()
+    server = str(row[0]) if row else "?"
+    mode = await recorded_mode(conn)
+    version = await schema_version(conn)
+    latest = len(available_migrations(mode or StorageMode.PLAIN))
+    counts: dict[str, int] = {}
+    partitions = 0
+    if mode is not None:
+        for table in COUNTED_TABLES:
+            cur = await conn.execute(sql.SQL("SELECT to_regclass({})").format(sql.Literal(table)))
+            exists = await cur.fetchone()
+            if exists and exists[0] is not None:
+                cur = await conn.execute(
+                    sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+                )
+                n = await cur.fetchone()
+                counts[table] = int(n[0]) if n else 0  # type: ignore[call-overload]
+        if "readings" in counts:
+            if mode is StorageMode.TIMESCALEDB:
+                cur = await conn.execute("SELECT count(*) FROM show_chunks('readings')")
+            else:
+                cur = await conn.execute(
+                    "SELECT count(*) FROM pg_inherits WHERE inhparent = 'readings'::regclass"
+                )
+            n = await cur.fetchone()
+            partitions = int(n[0]) if n else 0  # type: ignore[call-overload]
+    return DatabaseStatus(server, mode, version, latest, counts, partitions)

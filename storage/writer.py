@@ -1,0 +1,302 @@
+"""The bulk writer: one transaction per batch, exactly once by envelope.
+
+1. ``INSERT INTO envelopes ... ON CONFLICT DO NOTHING RETURNING``: the envelopes that are new.
+2. Binary ``COPY`` of the new envelopes' readings only (``readings`` has no unique index, so
+   COPY stays fast; the envelopes primary key is what makes storage exactly-once).
+3. Rejection rows: for whole envelopes refused, and for the refused readings of new envelopes.
+4. Gaps of the new envelopes.
+
+A replayed envelope is found in step 1 and reported with the counts stored the first time,
+so its receipt can be sent again. A connection lost mid-batch rolls the whole batch back and
+is retried on a fresh connection (safe because of step 1); data the database refuses raises
+``BatchWriteError`` naming the envelope, with nothing of the batch stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.model import AcceptedEnvelope, Batch
+from storage.errors import BatchWriteError, DatabaseUnavailable, first_line
+from storage.migrate import StorageMode
+from storage.partitions import ensure_partitions, existing_partitions, partition_start_ms
+from storage.timeconv import from_ms
+
+log = logging.getLogger(__name__)
+
+# Connection-level failures (restart, failover, terminated backend) are retried this many
+# times with jittered exponential backoff from 0.1 s up to 5 s: about a minute in all, long
+# enough for a PostgreSQL restart; past that the caller keeps the batch unacknowledged.
+RETRY_ATTEMPTS = 15
+RETRY_BASE_S = 0.1
+RETRY_CEILING_S = 5.0
+
+READING_COLUMNS = (
+    "time",
+    "participant_id",
+    "metric",
+    "value",
+    "unit",
+    "device_id",
+    "seq",
+    "sensor",
+    "received_at",
+    "consent_id",
+)
+_READING_TYPES = (
+    "timestamptz",
+    "text",
+    "text",
+    "float8",
+    "text",
+    "text",
+    "int8",
+    "text",
+    "timestamptz",
+    "int8",
+)
+_COPY_READINGS = f"COPY readings ({', '.join(READING_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_COPY_LINE = re.compile(r"COPY readings, line (\d+)")
+
+_INSERT_ENVELOPES = """
+INSERT INTO envelopes (device_id, seq, participant_id, sent_at, received_at, payload_sha256,
+                       reading_count, stored_count, refused_count)
+SELECT * FROM unnest(%s::text[], %s::int8[], %s::text[], %s::timestamptz[], %s::timestamptz[],
+                     %s::bytea[], %s::int4[], %s::int4[], %s::int4[])
+ON CONFLICT (device_id, seq) DO NOTHING
+RETURNING device_id, seq
+"""
+_EXISTING_COUNTS = """
+SELECT device_id, seq, stored_count, refused_count FROM envelopes
+WHERE (device_id, seq) IN (SELECT * FROM unnest(%s::text[], %s::int8[]))
+"""
+_INSERT_REJECTIONS = """
+INSERT INTO rejections (received_at, device_id, seq, participant_id, reason, detail, metric,
+                        reading_count, first_time, last_time, topic, payload_sha256)
+SELECT * FROM unnest(%s::timestamptz[], %s::text[], %s::int8[], %s::text[], %s::text[],
+                     %s::text[], %s::text[], %s::int4[], %s::timestamptz[], %s::timestamptz[],
+                     %s::text[], %s::bytea[])
+"""
+_INSERT_GAPS = """
+INSERT INTO gaps (device_id, seq, from_time, to_time, reason)
+SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::timestamptz[], %s::text[])
+"""
+
+Conn = psycopg.AsyncConnection[tuple[object, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeOutcome:
+    """What the database holds for one accepted envelope after the batch committed."""
+
+    dev: str
+    seq: int
+    new: bool
+    stored: int
+    refused: int
+
+
+class BulkWriter:
+    def __init__(self, pool: AsyncConnectionPool, mode: StorageMode) -> None:
+        self._pool = pool
+        self._mode = mode
+        self._partitions: set[int] | None = None
+
+    async def write(self, batch: Batch) -> list[EnvelopeOutcome]:
+        """Store ``batch`` in one transaction, retrying lost connections; see the module doc."""
+        delay = RETRY_BASE_S
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            try:
+                async with self._pool.connection() as conn:
+                    await self._prepare_partitions(conn, batch)
+                    async with conn.transaction():
+                        return await self._write(conn, batch)
+            except psycopg.OperationalError as exc:
+                if attempt == RETRY_ATTEMPTS:
+                    raise DatabaseUnavailable(
+                        f"batch not stored after {attempt} attempts: {first_line(exc)}"
+                    ) from exc
+                log.warning(
+                    "batch write failed, retrying attempt=%d delay_s=%.2f error=%s",
+                    attempt,
+                    delay,
+                    type(exc).__name__,
+                )
+                self._partitions = None
+                await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
+                delay = min(delay * 2, RETRY_CEILING_S)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _prepare_partitions(self, conn: Conn, batch: Batch) -> None:
+        if self._mode is not StorageMode.PLAIN:
+            return
+        needed = {partition_start_ms(r.t_ms) for env in batch.accepted for r in env.readings}
+        if self._partitions is None or not needed <= self._partitions:
+            self._partitions = await existing_partitions(conn)
+            missing = needed - self._partitions
+            if missing:
+                self._partitions |= set(await ensure_partitions(conn, missing))
+                self._partitions = await existing_partitions(conn)
+
+    async def _write(self, conn: Conn, batch: Batch) -> list[EnvelopeOutcome]:
+        received = from_ms(batch.received_ms)
+        new_keys = await self._insert_envelopes(conn, batch.accepted, received)
+        fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
+        await self._copy_readings(conn, fresh, received)
+        await self._insert_rejections(conn, batch, fresh, received)
+        await self._insert_gaps(conn, fresh)
+        return await self._outcomes(conn, batch.accepted, new_keys)
+
+    async def _insert_envelopes(
+        self, conn: Conn, accepted: Sequence[AcceptedEnvelope], received: object
+    ) -> set[tuple[str, int]]:
+        if not accepted:
+            return set()
+        cur = await conn.execute(
+            _INSERT_ENVELOPES,
+            (
+                [e.dev for e in accepted],
+                [e.seq for e in accepted],
+                [e.participant_id for e in accepted],
+                [from_ms(e.sent_ms) for e in accepted],
+                [received] * len(accepted),
+                [e.payload_sha256 for e in accepted],
+                [e.reading_count for e in accepted],
+                [len(e.readings) for e in accepted],
+                [sum(r.count for r in e.refusals) for e in accepted],
+            ),
+        )
+        return {(str(d), int(s)) for d, s in await cur.fetchall()}  # type: ignore[call-overload]
+
+    async def _copy_readings(
+        self, conn: Conn, fresh: Sequence[AcceptedEnvelope], received: object
+    ) -> None:
+        if not any(e.readings for e in fresh):
+            return
+        line_owner: list[tuple[str, int]] = []
+        current: tuple[str, int] | None = None
+        try:
+            async with conn.cursor() as cur, cur.copy(_COPY_READINGS) as copy:
+                copy.set_types(_READING_TYPES)
+                for env in fresh:
+                    current = (env.dev, env.seq)
+                    for reading, consent_id in zip(env.readings, env.consent_ids, strict=True):
+                        line_owner.append(current)
+                        await copy.write_row(
+                            (
+                                from_ms(reading.t_ms),
+                                env.participant_id,
+                                reading.metric,
+                                reading.value,
+                                reading.unit,
+                                env.dev,
+                                env.seq,
+                                reading.sensor,
+                                received,
+                                consent_id,
+                            )
+                        )
+        except psycopg.OperationalError:
+            raise
+        except (psycopg.Error, TypeError, ValueError, OverflowError) as exc:
+            owner = _copy_error_owner(exc, line_owner) or current
+            where = f"envelope {owner[0]}#{owner[1]}" if owner else "an unknown envelope"
+            raise BatchWriteError(
+                f"readings of {where} refused by the database: {first_line(exc)}",
+                owner,
+            ) from exc
+
+    async def _insert_rejections(
+        self, conn: Conn, batch: Batch, fresh: Sequence[AcceptedEnvelope], received: object
+    ) -> None:
+        rows: list[tuple[object, ...]] = [
+            (
+                received,
+                r.dev,
+                r.seq,
+                r.participant_id,
+                r.reason.value,
+                r.detail,
+                None,
+                r.reading_count,
+                None if r.first_ms is None else from_ms(r.first_ms),
+                None if r.last_ms is None else from_ms(r.last_ms),
+                r.topic,
+                r.payload_sha256,
+            )
+            for r in batch.rejected
+        ]
+        rows.extend(
+            (
+                received,
+                e.dev,
+                e.seq,
+                e.participant_id,
+                f.reason.value,
+                f.detail,
+                f.metric,
+                f.count,
+                from_ms(f.first_ms),
+                from_ms(f.last_ms),
+                None,
+                e.payload_sha256,
+            )
+            for e in fresh
+            for f in e.refusals
+        )
+        if rows:
+            await conn.execute(_INSERT_REJECTIONS, [list(col) for col in zip(*rows, strict=True)])
+
+    async def _insert_gaps(self, conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
+        rows = [
+            (e.dev, e.seq, from_ms(g.from_ms), from_ms(g.to_ms), g.reason)
+            for e in fresh
+            for g in e.gaps
+        ]
+        if rows:
+            await conn.execute(_INSERT_GAPS, [list(col) for col in zip(*rows, strict=True)])
+
+    async def _outcomes(
+        self, conn: Conn, accepted: Sequence[AcceptedEnvelope], new_keys: set[tuple[str, int]]
+    ) -> list[EnvelopeOutcome]:
+        replayed = [e for e in accepted if (e.dev, e.seq) not in new_keys]
+        earlier: dict[tuple[str, int], tuple[int, int]] = {}
+        if replayed:
+            cur = await conn.execute(
+                _EXISTING_COUNTS, ([e.dev for e in replayed], [e.seq for e in replayed])
+            )
+            for dev, seq, stored, refused in await cur.fetchall():
+                earlier[(str(dev), int(seq))] = (int(stored), int(refused))  # type: ignore[call-overload]
+        out: list[EnvelopeOutcome] = []
+        for e in accepted:
+            key = (e.dev, e.seq)
+            if key in new_keys:
+                out.append(
+                    EnvelopeOutcome(
+                        e.dev, e.seq, True, len(e.readings), sum(r.count for r in e.refusals)
+                    )
+                )
+            else:
+                stored, refused = earlier[key]
+                out.append(EnvelopeOutcome(e.dev, e.seq, False, stored, refused))
+        return out
+
+
+def _copy_error_owner(
+    exc: BaseException, line_owner: Sequence[tuple[str, int]]
+) -> tuple[str, int] | None:
+    """Which envelope's row the server refused, from the COPY line number in its context."""
+    context = exc.diag.context if isinstance(exc, psycopg.Error) else None
+    if context:
+        m = _COPY_LINE.search(context)
+        if m and 1 <= int(m.group(1)) <= len(line_owner):
+            return line_owner[int(m.group(1)) - 1]
+    return None

@@ -1,0 +1,3 @@
+"""Shared fixtures: real PostgreSQL and Mosquitto (see tests/fixtures/)."""
+
+pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.broker"]

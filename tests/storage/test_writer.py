@@ -1,0 +1,213 @@
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from ingest.model import AcceptedEnvelope, Batch, Gap, Reading, Reason, Refusal, RejectedEnvelope
+from storage import db
+from storage.errors import BatchWriteError
+from storage.migrate import StorageMode
+from storage.partitions import existing_partitions, partition_start_ms
+from storage.writer import BulkWriter
+
+T0 = 1_795_000_000_000  # 2026-11-18, inside the pre-created partitions' range
+
+
+def envelope(
+    dev: str,
+    seq: int,
+    n: int = 5,
+    *,
+    value: float = 70.0,
+    t0: int = T0,
+    refusals: Sequence[Refusal] = (),
+    gaps: Sequence[Gap] = (),
+) -> AcceptedEnvelope:
+    readings = tuple(
+        Reading(
+            t_ms=t0 + seq * 10_000 + i * 1000,
+            metric="heart_rate",
+            value=value + i,
+            unit="/min",
+            sensor="hr-strap-1",
+        )
+        for i in range(n)
+    )
+    return AcceptedEnvelope(
+        dev=dev,
+        seq=seq,
+        participant_id=f"P-{dev}",
+        sent_ms=t0 + seq * 10_000 + n * 1000,
+        payload_sha256=hashlib.sha256(f"{dev}/{seq}".encode()).digest(),
+        reading_count=n + sum(r.count for r in refusals),
+        readings=readings,
+        consent_ids=(None,) * n,
+        refusals=tuple(refusals),
+        gaps=tuple(gaps),
+    )
+
+
+def batch(*accepted: AcceptedEnvelope, rejected: Sequence[RejectedEnvelope] = ()) -> Batch:
+    return Batch(accepted=accepted, rejected=tuple(rejected), received_ms=T0 + 3_600_000)
+
+
+async def counts(url: str) -> dict[str, int]:
+    out = {}
+    async with db.connection(url, autocommit=True) as conn:
+        for table in ("envelopes", "readings", "rejections", "gaps"):
+            cur = await conn.execute(f"SELECT count(*) FROM {table}")
+            row = await cur.fetchone()
+            assert row is not None
+            out[table] = int(row[0])
+    return out
+
+
+async def test_overlapping_batches_store_each_reading_exactly_once(
+    pool: AsyncConnectionPool, database_url: str
+) -> None:
+    writer = BulkWriter(pool, StorageMode.PLAIN)
+    first = await writer.write(batch(envelope("A", 1), envelope("A", 2), envelope("B", 1)))
+    second = await writer.write(batch(envelope("A", 2), envelope("A", 3), envelope("B", 1)))
+    third = await writer.write(batch(envelope("A", 1), envelope("A", 3), envelope("B", 2)))
+    assert [(o.dev, o.seq, o.new) for o in first] == [
+        ("A", 1, True),
+        ("A", 2, True),
+        ("B", 1, True),
+    ]
+    assert [(o.dev, o.seq, o.new) for o in second] == [
+        ("A", 2, False),
+        ("A", 3, True),
+        ("B", 1, False),
+    ]
+    assert [(o.dev, o.seq, o.new) for o in third] == [
+        ("A", 1, False),
+        ("A", 3, False),
+        ("B", 2, True),
+    ]
+    # A replay reports what was stored the first time, so its receipt can be sent again.
+    assert all(o.stored == 5 for o in first + second + third)
+    assert await counts(database_url) == {
+        "envelopes": 5,
+        "readings": 25,
+        "rejections": 0,
+        "gaps": 0,
+    }
+    async with db.connection(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT device_id, seq, count(*), count(DISTINCT time) FROM readings"
+            " GROUP BY 1, 2 ORDER BY 1, 2"
+        )
+        assert await cur.fetchall() == [
+            ("A", 1, 5, 5),
+            ("A", 2, 5, 5),
+            ("A", 3, 5, 5),
+            ("B", 1, 5, 5),
+            ("B", 2, 5, 5),
+        ]
+
+
+async def test_refused_readings_gaps_and_rejected_envelopes_leave_rows(
+    pool: AsyncConnectionPool, database_url: str
+) -> None:
+    writer = BulkWriter(pool, StorageMode.PLAIN)
+    refusal = Refusal(
+        Reason.SCOPE_NOT_CONSENTED, count=3, first_ms=T0, last_ms=T0 + 2000, metric="spo2"
+    )
+    gap = Gap(T0 - 60_000, T0 - 1000, "out_of_range")
+    rejected = RejectedEnvelope(
+        Reason.BAD_SIGNATURE,
+        "signature does not verify",
+        "dct/v1/C/up",
+        b"\x01" * 32,
+        dev="C",
+        seq=9,
+        reading_count=4,
+    )
+    out = await writer.write(
+        batch(envelope("A", 1, refusals=[refusal], gaps=[gap]), rejected=[rejected])
+    )
+    assert [(o.stored, o.refused) for o in out] == [(5, 3)]
+    # Replaying the envelope adds no second refusal row; the rejected one is recorded each time.
+    await writer.write(batch(envelope("A", 1, refusals=[refusal], gaps=[gap]), rejected=[rejected]))
+    assert await counts(database_url) == {"envelopes": 1, "readings": 5, "rejections": 3, "gaps": 1}
+    async with db.connection(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT reason, metric, reading_count FROM rejections ORDER BY rejection_id"
+        )
+        assert await cur.fetchall() == [
+            ("bad_signature", None, 4),
+            ("scope_not_consented", "spo2", 3),
+            ("bad_signature", None, 4),
+        ]
+
+
+async def test_failing_batch_stores_nothing_and_names_the_envelope(
+    pool: AsyncConnectionPool, database_url: str
+) -> None:
+    writer = BulkWriter(pool, StorageMode.PLAIN)
+    await writer.write(batch(envelope("A", 1)))
+    before = await counts(database_url)
+    with pytest.raises(BatchWriteError) as info:
+        await writer.write(
+            batch(envelope("A", 2), envelope("B", 7, value=math.nan), envelope("A", 3))
+        )
+    assert info.value.envelope == ("B", 7)
+    assert "B#7" in str(info.value)
+    assert await counts(database_url) == before
+    # The writer is still usable afterwards.
+    await writer.write(batch(envelope("A", 2)))
+    assert (await counts(database_url))["envelopes"] == 2
+
+
+async def test_pool_survives_terminated_backends_between_batches(
+    pool: AsyncConnectionPool, database_url: str, pg_server: object
+) -> None:
+    writer = BulkWriter(pool, StorageMode.PLAIN)
+    for seq in range(1, 4):
+        await writer.write(batch(envelope("A", seq)))
+        # Kill every backend of this database, as a restart or failover would.
+        async with db.connection(database_url, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            assert row[0] >= 1
+    assert await counts(database_url) == {
+        "envelopes": 3,
+        "readings": 15,
+        "rejections": 0,
+        "gaps": 0,
+    }
+
+
+async def test_backfilled_readings_get_their_partition_created(
+    pool: AsyncConnectionPool, database_url: str
+) -> None:
+    writer = BulkWriter(pool, StorageMode.PLAIN)
+    old = T0 - 90 * 86_400_000  # a quarter earlier: a glucose meter's stored records
+    await writer.write(batch(envelope("A", 1, t0=old), envelope("A", 2)))
+    async with db.connection(database_url) as conn:
+        parts = await existing_partitions(conn)
+        cur = await conn.execute(
+            "SELECT count(*) FROM readings WHERE time < to_timestamp(%s)", (T0 / 1000,)
+        )
+        row = await cur.fetchone()
+    assert partition_start_ms(old + 10_000) in parts
+    assert partition_start_ms(T0 + 20_000) in parts
+    assert row == (5,)
+
+
+async def test_unknown_partition_failure_is_typed(pool: AsyncConnectionPool) -> None:
+    """In plain mode the writer creates partitions; a writer told the wrong mode fails typed."""
+    writer = BulkWriter(pool, StorageMode.TIMESCALEDB)
+    with pytest.raises(BatchWriteError) as info:
+        await writer.write(batch(envelope("Z", 1, t0=T0 - 400 * 86_400_000)))
+    assert info.value.envelope == ("Z", 1)
+    assert isinstance(info.value.__cause__, psycopg.Error)
