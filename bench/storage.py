@@ -48,7 +48,7 @@ def _envelopes(dev: str, first_seq: int, n_readings: int) -> list[AcceptedEnvelo
                 seq=seq,
                 participant_id="P-bench",
                 sent_ms=T0_MS,
-                payload_sha256=hashlib.sha256(f"{dev}{seq}".encode()).digest(),
+                envelope_sha256=hashlib.sha256(f"{dev}{seq}".encode()).digest(),
                 reading_count=len(readings),
                 readings=readings,
                 consent_ids=(None,) * len(readings),

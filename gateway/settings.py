@@ -28,6 +28,19 @@ class Settings:
     http_port: int = 8080
     workers: int = 1
     mosquitto: str | None = None
+    # Shared subscription ($share/ingest/...) so several workers split the load; off only for
+    # brokers without MQTT 5 (amqtt in the demo's reduced mode).
+    mqtt_shared: bool = True
+    gateway_key: Path | None = None
+    # Names this gateway host in its workers' MQTT client ids, which must be stable across
+    # restarts (to take back unacknowledged messages) and unique across hosts.
+    node: str = "gw"
+
+    @property
+    def gateway_key_path(self) -> Path:
+        """The receipt-signing key: ``TRIALSTREAM_GATEWAY_KEY``, else under the data dir."""
+        return self.gateway_key or self.data_dir / "keys" / "gateway.key"
+
     log_level: str = "INFO"
 
     @classmethod
@@ -70,6 +83,12 @@ def _convert(name: str, raw: str) -> Any:
         except ValueError:
             choices = ", ".join(m.value for m in ModeRequest)
             raise ConfigError(f"{var}={raw!r} is not valid: expected one of {choices}") from None
-    if name == "data_dir":
+    if name in {"data_dir", "gateway_key"}:
         return Path(raw)
+    if name == "mqtt_shared":
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{var}={raw!r} is not valid: expected true or false")
     return raw

@@ -30,6 +30,7 @@ class Reason(StrEnum):
     IMPLAUSIBLE_VALUE = "implausible_value"
     UNKNOWN_METRIC = "unknown_metric"
     WRONG_UNIT = "wrong_unit"
+    STORAGE_REFUSED = "storage_refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,7 @@ class AcceptedEnvelope:
     seq: int
     participant_id: str
     sent_ms: int
-    payload_sha256: bytes
+    envelope_sha256: bytes
     reading_count: int
     readings: tuple[Reading, ...]
     consent_ids: tuple[int | None, ...]
@@ -124,7 +125,7 @@ class RejectedEnvelope:
     reason: Reason
     detail: str
     topic: str
-    payload_sha256: bytes
+    envelope_sha256: bytes
     dev: str | None = None
     seq: int | None = None
     participant_id: str | None = None

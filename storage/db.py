@@ -8,11 +8,14 @@ from contextlib import asynccontextmanager
 
 import psycopg
 from psycopg import conninfo
+from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from storage.errors import DatabaseUnavailable, first_line
 
 log = logging.getLogger(__name__)
+
+Conn = psycopg.AsyncConnection[TupleRow]
 
 # Fail fast on a wrong address: a person waits on the other end of `trialstream db status`.
 CONNECT_TIMEOUT_S = 5
@@ -48,9 +51,7 @@ def check_url(url: str) -> None:
         ) from exc
 
 
-async def connect(
-    url: str, *, autocommit: bool = False
-) -> psycopg.AsyncConnection[tuple[object, ...]]:
+async def connect(url: str, *, autocommit: bool = False) -> Conn:
     """Open one connection, or raise ``DatabaseUnavailable`` naming what to fix."""
     check_url(url)
     try:
@@ -62,9 +63,7 @@ async def connect(
 
 
 @asynccontextmanager
-async def connection(
-    url: str, *, autocommit: bool = False
-) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+async def connection(url: str, *, autocommit: bool = False) -> AsyncIterator[Conn]:
     conn = await connect(url, autocommit=autocommit)
     try:
         yield conn

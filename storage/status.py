@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import psycopg
 from psycopg import sql
 
+from storage.db import Conn
 from storage.migrate import StorageMode, available_migrations, recorded_mode, schema_version
 
 COUNTED_TABLES = (
@@ -37,7 +37,7 @@ class DatabaseStatus:
         return self.mode is not None and self.schema_version == self.latest_version
 
 
-async def status(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> DatabaseStatus:
+async def status(conn: Conn) -> DatabaseStatus:
     cur = await conn.execute("SHOW server_version")
     row = await cur.fetchone()
     server = str(row[0]) if row else "?"
@@ -55,7 +55,7 @@ async def status(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> DatabaseS
                     sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
                 )
                 n = await cur.fetchone()
-                counts[table] = int(n[0]) if n else 0  # type: ignore[call-overload]
+                counts[table] = int(n[0]) if n else 0
         if "readings" in counts:
             if mode is StorageMode.TIMESCALEDB:
                 cur = await conn.execute("SELECT count(*) FROM show_chunks('readings')")
@@ -64,5 +64,5 @@ async def status(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> DatabaseS
                     "SELECT count(*) FROM pg_inherits WHERE inhparent = 'readings'::regclass"
                 )
             n = await cur.fetchone()
-            partitions = int(n[0]) if n else 0  # type: ignore[call-overload]
+            partitions = int(n[0]) if n else 0
     return DatabaseStatus(server, mode, version, latest, counts, partitions)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.model import AcceptedEnvelope, Batch
+from ingest.model import AcceptedEnvelope, Batch, Reason
+from storage.db import Conn
 from storage.errors import BatchWriteError, DatabaseUnavailable, first_line
 from storage.migrate import StorageMode
 from storage.partitions import ensure_partitions, existing_partitions, partition_start_ms
@@ -67,7 +68,7 @@ _COPY_READINGS = f"COPY readings ({', '.join(READING_COLUMNS)}) FROM STDIN (FORM
 _COPY_LINE = re.compile(r"COPY readings, line (\d+)")
 
 _INSERT_ENVELOPES = """
-INSERT INTO envelopes (device_id, seq, participant_id, sent_at, received_at, payload_sha256,
+INSERT INTO envelopes (device_id, seq, participant_id, sent_at, received_at, envelope_sha256,
                        reading_count, stored_count, refused_count)
 SELECT * FROM unnest(%s::text[], %s::int8[], %s::text[], %s::timestamptz[], %s::timestamptz[],
                      %s::bytea[], %s::int4[], %s::int4[], %s::int4[])
@@ -75,12 +76,12 @@ ON CONFLICT (device_id, seq) DO NOTHING
 RETURNING device_id, seq
 """
 _EXISTING_COUNTS = """
-SELECT device_id, seq, stored_count, refused_count FROM envelopes
+SELECT device_id, seq, stored_count, refused_count, envelope_sha256 FROM envelopes
 WHERE (device_id, seq) IN (SELECT * FROM unnest(%s::text[], %s::int8[]))
 """
 _INSERT_REJECTIONS = """
 INSERT INTO rejections (received_at, device_id, seq, participant_id, reason, detail, metric,
-                        reading_count, first_time, last_time, topic, payload_sha256)
+                        reading_count, first_time, last_time, topic, envelope_sha256)
 SELECT * FROM unnest(%s::timestamptz[], %s::text[], %s::int8[], %s::text[], %s::text[],
                      %s::text[], %s::text[], %s::int4[], %s::timestamptz[], %s::timestamptz[],
                      %s::text[], %s::bytea[])
@@ -89,8 +90,6 @@ _INSERT_GAPS = """
 INSERT INTO gaps (device_id, seq, from_time, to_time, reason)
 SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::timestamptz[], %s::text[])
 """
-
-Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +101,11 @@ class EnvelopeOutcome:
     new: bool
     stored: int
     refused: int
+    # The (device, seq) was stored earlier with different content: a hub that lost its
+    # outbox state reuses numbers. Not a replay: rejected with reason ``duplicate``.
+    conflict: bool = False
+    # Set by the gateway for an envelope the database refused (BatchWriteError).
+    refused_by_db: bool = False
 
 
 class BulkWriter:
@@ -151,9 +155,11 @@ class BulkWriter:
         new_keys = await self._insert_envelopes(conn, batch.accepted, received)
         fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
         await self._copy_readings(conn, fresh, received)
-        await self._insert_rejections(conn, batch, fresh, received)
+        outcomes = await self._outcomes(conn, batch.accepted, new_keys)
+        conflicts = [e for e, o in zip(batch.accepted, outcomes, strict=True) if o.conflict]
+        await self._insert_rejections(conn, batch, fresh, conflicts, received)
         await self._insert_gaps(conn, fresh)
-        return await self._outcomes(conn, batch.accepted, new_keys)
+        return outcomes
 
     async def _insert_envelopes(
         self, conn: Conn, accepted: Sequence[AcceptedEnvelope], received: object
@@ -168,13 +174,13 @@ class BulkWriter:
                 [e.participant_id for e in accepted],
                 [from_ms(e.sent_ms) for e in accepted],
                 [received] * len(accepted),
-                [e.payload_sha256 for e in accepted],
+                [e.envelope_sha256 for e in accepted],
                 [e.reading_count for e in accepted],
                 [len(e.readings) for e in accepted],
                 [sum(r.count for r in e.refusals) for e in accepted],
             ),
         )
-        return {(str(d), int(s)) for d, s in await cur.fetchall()}  # type: ignore[call-overload]
+        return {(str(d), int(s)) for d, s in await cur.fetchall()}
 
     async def _copy_readings(
         self, conn: Conn, fresh: Sequence[AcceptedEnvelope], received: object
@@ -215,42 +221,64 @@ class BulkWriter:
             ) from exc
 
     async def _insert_rejections(
-        self, conn: Conn, batch: Batch, fresh: Sequence[AcceptedEnvelope], received: object
+        self,
+        conn: Conn,
+        batch: Batch,
+        fresh: Sequence[AcceptedEnvelope],
+        conflicts: Sequence[AcceptedEnvelope],
+        received: object,
     ) -> None:
-        rows: list[tuple[object, ...]] = [
-            (
+        rows = [
+            _rejection_row(
                 received,
                 r.dev,
                 r.seq,
                 r.participant_id,
-                r.reason.value,
+                r.reason,
                 r.detail,
                 None,
                 r.reading_count,
-                None if r.first_ms is None else from_ms(r.first_ms),
-                None if r.last_ms is None else from_ms(r.last_ms),
+                r.first_ms,
+                r.last_ms,
                 r.topic,
-                r.payload_sha256,
+                r.envelope_sha256,
             )
             for r in batch.rejected
         ]
         rows.extend(
-            (
+            _rejection_row(
                 received,
                 e.dev,
                 e.seq,
                 e.participant_id,
-                f.reason.value,
+                f.reason,
                 f.detail,
                 f.metric,
                 f.count,
-                from_ms(f.first_ms),
-                from_ms(f.last_ms),
+                f.first_ms,
+                f.last_ms,
                 None,
-                e.payload_sha256,
+                e.envelope_sha256,
             )
             for e in fresh
             for f in e.refusals
+        )
+        rows.extend(
+            _rejection_row(
+                received,
+                e.dev,
+                e.seq,
+                e.participant_id,
+                Reason.DUPLICATE,
+                "seq already stored with different content",
+                None,
+                e.reading_count,
+                min((r.t_ms for r in e.readings), default=None),
+                max((r.t_ms for r in e.readings), default=None),
+                None,
+                e.envelope_sha256,
+            )
+            for e in conflicts
         )
         if rows:
             await conn.execute(_INSERT_REJECTIONS, [list(col) for col in zip(*rows, strict=True)])
@@ -268,13 +296,13 @@ class BulkWriter:
         self, conn: Conn, accepted: Sequence[AcceptedEnvelope], new_keys: set[tuple[str, int]]
     ) -> list[EnvelopeOutcome]:
         replayed = [e for e in accepted if (e.dev, e.seq) not in new_keys]
-        earlier: dict[tuple[str, int], tuple[int, int]] = {}
+        earlier: dict[tuple[str, int], tuple[int, int, bytes]] = {}
         if replayed:
             cur = await conn.execute(
                 _EXISTING_COUNTS, ([e.dev for e in replayed], [e.seq for e in replayed])
             )
-            for dev, seq, stored, refused in await cur.fetchall():
-                earlier[(str(dev), int(seq))] = (int(stored), int(refused))  # type: ignore[call-overload]
+            for dev, seq, stored, refused, digest in await cur.fetchall():
+                earlier[(str(dev), int(seq))] = (int(stored), int(refused), bytes(digest))
         out: list[EnvelopeOutcome] = []
         for e in accepted:
             key = (e.dev, e.seq)
@@ -285,9 +313,42 @@ class BulkWriter:
                     )
                 )
             else:
-                stored, refused = earlier[key]
-                out.append(EnvelopeOutcome(e.dev, e.seq, False, stored, refused))
+                stored, refused, digest = earlier[key]
+                if digest == e.envelope_sha256:
+                    out.append(EnvelopeOutcome(e.dev, e.seq, False, stored, refused))
+                else:
+                    out.append(EnvelopeOutcome(e.dev, e.seq, False, 0, e.reading_count, True))
         return out
+
+
+def _rejection_row(
+    received: object,
+    dev: str | None,
+    seq: int | None,
+    participant_id: str | None,
+    reason: Reason,
+    detail: str | None,
+    metric: str | None,
+    count: int,
+    first_ms: int | None,
+    last_ms: int | None,
+    topic: str | None,
+    digest: bytes,
+) -> tuple[object, ...]:
+    return (
+        received,
+        dev,
+        seq,
+        participant_id,
+        reason.value,
+        detail,
+        metric,
+        count,
+        None if first_ms is None else from_ms(first_ms),
+        None if last_ms is None else from_ms(last_ms),
+        topic,
+        digest,
+    )
 
 
 def _copy_error_owner(

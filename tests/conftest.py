@@ -1,3 +1,8 @@
 """Shared fixtures: real PostgreSQL and Mosquitto (see tests/fixtures/)."""
 
-pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.broker"]
+pytest_plugins = [
+    "tests.fixtures.postgres",
+    "tests.fixtures.broker",
+    "tests.fixtures.trial",
+    "tests.fixtures.gateway",
+]

@@ -125,7 +125,7 @@ CREATE TABLE envelopes (
     participant_id text NOT NULL,
     sent_at        timestamptz NOT NULL,
     received_at    timestamptz NOT NULL,
-    payload_sha256 bytea NOT NULL,
+    envelope_sha256 bytea NOT NULL,
     reading_count  integer NOT NULL,
     stored_count   integer NOT NULL,
     refused_count  integer NOT NULL,
@@ -158,7 +158,7 @@ CREATE TABLE rejections (
     first_time     timestamptz,
     last_time      timestamptz,
     topic          text,
-    payload_sha256 bytea
+    envelope_sha256 bytea
 );
 CREATE INDEX rejections_received ON rejections (received_at);
 CREATE INDEX rejections_device ON rejections (device_id, seq);

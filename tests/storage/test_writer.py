@@ -43,7 +43,7 @@ def envelope(
         seq=seq,
         participant_id=f"P-{dev}",
         sent_ms=t0 + seq * 10_000 + n * 1000,
-        payload_sha256=hashlib.sha256(f"{dev}/{seq}".encode()).digest(),
+        envelope_sha256=hashlib.sha256(f"{dev}/{seq}".encode()).digest(),
         reading_count=n + sum(r.count for r in refusals),
         readings=readings,
         consent_ids=(None,) * n,
@@ -211,3 +211,22 @@ async def test_unknown_partition_failure_is_typed(pool: AsyncConnectionPool) -> 
         await writer.write(batch(envelope("Z", 1, t0=T0 - 400 * 86_400_000)))
     assert info.value.envelope == ("Z", 1)
     assert isinstance(info.value.__cause__, psycopg.Error)
+
+
+async def test_reused_seq_with_other_content_is_a_recorded_conflict(
+    pool: AsyncConnectionPool, database_url: str
+) -> None:
+    writer = BulkWriter(pool, StorageMode.PLAIN)
+    await writer.write(batch(envelope("A", 1)))
+    other = envelope("A", 1, value=90.0)
+    other = AcceptedEnvelope(
+        **{**{f: getattr(other, f) for f in other.__slots__}, "envelope_sha256": b"\x02" * 32}
+    )
+    (outcome,) = await writer.write(batch(other))
+    assert (outcome.new, outcome.conflict, outcome.stored, outcome.refused) == (False, True, 0, 5)
+    assert await counts(database_url) == {"envelopes": 1, "readings": 5, "rejections": 1, "gaps": 0}
+    async with db.connection(database_url) as conn:
+        cur = await conn.execute("SELECT reason, device_id, seq, reading_count FROM rejections")
+        assert await cur.fetchall() == [("duplicate", "A", 1, 5)]
+        cur = await conn.execute("SELECT DISTINCT value FROM readings WHERE value >= 90")
+        assert await cur.fetchall() == []

@@ -1,0 +1,246 @@
+"""The hub's relay: sealed envelopes from the outbox to the broker, receipts back.
+
+Policy (the numbers are ``RelayConfig`` defaults):
+
+- Seal when 100 readings are pending or the oldest pending one has waited 5 s. A 1 Hz heart
+  rate stream then travels as an envelope every 5 s (about 0.2 messages/s per wearable), and
+  a 100-record glucose backfill as one envelope: both well inside what one broker carries.
+- Publish at QoS 1 with at most 20 envelopes in flight (sent, not yet receipted); every
+  ``publish()`` return code is checked: an envelope counts as sent only when paho took it.
+- An envelope without a receipt after 10 s (jittered +-20 %) is sent again, byte for byte;
+  the gateway stores it once and receipts it again. Only a verified receipt (signed by the
+  gateway key) removes an envelope from the outbox; a forged one is counted and ignored.
+- paho reconnects on its own (1 s to 30 s backoff); the persistent session
+  (``clean_start=False``, session expiry) keeps the receipt subscription across reconnects.
+
+paho's callbacks only hand off to the event loop; the outbox (SQLite, synchronous) is called
+from worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from device_drivers.outbox import Outbox, OutboxError
+from ingest.envelope import RECEIPT_REJECTED, EnvelopeError, open_receipt
+from ingest.pipeline import down_topic, up_topic
+
+log = logging.getLogger(__name__)
+
+# Receipts waiting to be applied; bounded by what is in flight. One that finds the queue
+# full is counted and dropped: its envelope is sent again and receipted again.
+RECEIPT_QUEUE = 1000
+SESSION_EXPIRY_S = 7 * 86_400
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    device_id: str
+    host: str
+    port: int
+    seal_max_readings: int = 100
+    seal_max_age_s: float = 5.0
+    resend_after_s: float = 10.0
+    max_inflight: int = 20
+    tick_s: float = 0.2
+    keepalive_s: int = 30
+
+
+@dataclass
+class RelayStats:
+    sent: int = 0
+    resent: int = 0
+    publish_refused: int = 0
+    receipts_accepted: int = 0
+    receipts_rejected: int = 0
+    receipts_ignored: int = 0
+    connected: bool = False
+
+
+class Relay:
+    def __init__(
+        self,
+        config: RelayConfig,
+        outbox: Outbox,
+        key: ec.EllipticCurvePrivateKey,
+        gateway_key: ec.EllipticCurvePublicKey,
+        *,
+        clock: Callable[[], float] = time.time,
+        configure_client: Callable[[mqtt.Client], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.stats = RelayStats()
+        self._outbox = outbox
+        self._key = key
+        self._gateway_key = gateway_key
+        self._clock = clock
+        self._receipts: asyncio.Queue[bytes] = asyncio.Queue(maxsize=RECEIPT_QUEUE)
+        self._inflight: dict[int, float] = {}
+        self._last_seal = clock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=config.device_id,
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        if configure_client is not None:
+            configure_client(self._client)
+
+    # --- paho thread: hand off only --------------------------------------------------------
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker refused the hub device=%s reason=%s", self.config.device_id, reason)
+            return
+        self.stats.connected = True
+        client.subscribe(down_topic(self.config.device_id), qos=1)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.stats.connected = False
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._enqueue_receipt, bytes(msg.payload))
+
+    def _enqueue_receipt(self, data: bytes) -> None:
+        try:
+            self._receipts.put_nowait(data)
+        except asyncio.QueueFull:
+            self.stats.receipts_ignored += 1
+            log.warning("receipt queue full, receipt dropped (envelope will be resent)")
+
+    # --- event loop ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Relay until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        self._client.connect_async(
+            self.config.host,
+            self.config.port,
+            keepalive=self.config.keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._send_loop(), name=f"relay-send-{self.config.device_id}")
+                tg.create_task(self._receipt_loop(), name=f"relay-receipts-{self.config.device_id}")
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self.tick()
+            await asyncio.sleep(self.config.tick_s)
+
+    async def tick(self) -> None:
+        """One round: seal what is due for sealing, then (re)send what is due for sending."""
+        now = self._clock()
+        stats = await asyncio.to_thread(self._outbox.stats)
+        if stats.pending_readings or stats.pending_gaps:
+            full = stats.pending_readings >= self.config.seal_max_readings
+            if full or now - self._last_seal >= self.config.seal_max_age_s:
+                await asyncio.to_thread(
+                    self._outbox.seal_pending,
+                    self._key,
+                    int(now * 1000),
+                    self.config.seal_max_readings,
+                )
+                self._last_seal = now
+        else:
+            self._last_seal = now
+        if not self.stats.connected:
+            return
+        resend_after = self.config.resend_after_s * random.uniform(0.8, 1.2)  # noqa: S311
+        self._inflight = {s: t for s, t in self._inflight.items() if now - t < resend_after}
+        room = self.config.max_inflight - len(self._inflight)
+        if room <= 0:
+            return
+        due = await asyncio.to_thread(
+            self._outbox.due, int(now * 1000), int(resend_after * 1000), room + len(self._inflight)
+        )
+        for env in due:
+            info = self._client.publish(up_topic(self.config.device_id), env.data, qos=1)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.stats.publish_refused += 1
+                log.warning(
+                    "publish refused device=%s seq=%d rc=%s",
+                    self.config.device_id,
+                    env.seq,
+                    info.rc,
+                )
+                break
+            await asyncio.to_thread(self._outbox.mark_sent, env.seq, int(now * 1000))
+            self._inflight[env.seq] = now
+            if env.attempts:
+                self.stats.resent += 1
+            else:
+                self.stats.sent += 1
+
+    async def _receipt_loop(self) -> None:
+        while True:
+            data = await self._receipts.get()
+            await self.apply_receipt(data)
+
+    async def apply_receipt(self, data: bytes) -> None:
+        try:
+            receipt = open_receipt(data, self._gateway_key)
+        except EnvelopeError as exc:
+            self.stats.receipts_ignored += 1
+            log.warning("receipt ignored device=%s: %s", self.config.device_id, exc)
+            return
+        if receipt.dev != self.config.device_id:
+            self.stats.receipts_ignored += 1
+            log.warning("receipt for another device ignored device=%s", self.config.device_id)
+            return
+        try:
+            await asyncio.to_thread(self._outbox.receipt, receipt)
+        except OutboxError as exc:
+            self.stats.receipts_ignored += 1
+            log.warning("receipt not applied device=%s: %s", self.config.device_id, exc)
+            return
+        self._inflight.pop(receipt.seq, None)
+        if receipt.status == RECEIPT_REJECTED:
+            self.stats.receipts_rejected += 1
+            log.warning(
+                "envelope rejected by the gateway device=%s seq=%d reason=%s",
+                self.config.device_id,
+                receipt.seq,
+                receipt.reason,
+            )
+        else:
+            self.stats.receipts_accepted += 1

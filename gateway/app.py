@@ -1,0 +1,188 @@
+"""The gateway's aiohttp application: it owns the database pool and the MQTT consumer.
+
+``create_app(settings)`` builds it; the pool and the consumer are resources of the app
+(``cleanup_ctx``), started with it and closed with it. ``/healthz`` answers 200 only while
+the database and the broker are both reachable; ``/metrics`` is Prometheus text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.consumer import Consumer, ConsumerConfig
+from gateway.settings import Settings
+from ingest import keys
+from storage import db
+from storage.migrate import StorageMode, migrate
+from storage.writer import BulkWriter
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+WORKER = web.AppKey("worker", int)
+POOL = web.AppKey("pool", AsyncConnectionPool)
+MODE = web.AppKey("mode", StorageMode)
+CONSUMER = web.AppKey("consumer", Consumer)
+CONSUMER_TASK = web.AppKey("consumer_task", asyncio.Task[None])
+
+# API bodies are small JSON documents; envelopes never come over HTTP.
+MAX_BODY_BYTES = 64 * 1024
+HEALTH_TIMEOUT_S = 2.0
+
+
+def load_or_create_gateway_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
+    path = settings.gateway_key_path
+    if path.exists():
+        return keys.load_private_key(path)
+    key = keys.generate_private_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        keys.save_private_key(key, path)
+    except FileExistsError:
+        return keys.load_private_key(path)  # another worker created it first
+    log.info("created gateway receipt key path=%s", path)
+    return key
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    url = settings.require_database_url()
+    async with db.connection(url, autocommit=True) as conn:
+        report = await migrate(conn, settings.storage_mode)
+    app[MODE] = report.mode
+    app[POOL] = await db.open_pool(url, min_size=1, max_size=4)
+    log.info("database ready mode=%s schema=%d", report.mode, report.version)
+    yield
+    await app[POOL].close()
+
+
+async def _consumer(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    config = ConsumerConfig(
+        host=settings.mqtt_host,
+        port=settings.mqtt_port,
+        client_id=f"trialstream-{settings.node}-{app[WORKER]}",
+        shared=settings.mqtt_shared,
+    )
+    consumer = Consumer(
+        config, app[POOL], BulkWriter(app[POOL], app[MODE]), load_or_create_gateway_key(settings)
+    )
+    task = asyncio.create_task(consumer.run(), name=f"mqtt-consumer-{app[WORKER]}")
+    task.add_done_callback(_report_crash)
+    app[CONSUMER] = consumer
+    app[CONSUMER_TASK] = task
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("consumer stopped", exc_info=task.exception())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    app = request.app
+    database = False
+    try:
+        async with asyncio.timeout(HEALTH_TIMEOUT_S), app[POOL].connection() as conn:
+            await conn.execute("SELECT 1")
+            database = True
+    except (TimeoutError, OSError, Exception):  # noqa: BLE001 - any failure means "not reachable"
+        database = False
+    consumer = app[CONSUMER]
+    task = app[CONSUMER_TASK]
+    body = {
+        "database": database,
+        "mqtt": consumer.stats.mqtt_connected,
+        "consumer": not task.done(),
+        "storage_mode": app[MODE].value,
+    }
+    ok = database and consumer.stats.mqtt_connected and not task.done()
+    body["status"] = "ok" if ok else "unavailable"
+    return web.json_response(body, status=200 if ok else 503)
+
+
+def _family(
+    name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], int]]
+) -> list[str]:
+    out = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        out.append(f"{name}{{{text}}} {value}")
+    return out
+
+
+async def metrics(request: web.Request) -> web.Response:
+    s = request.app[CONSUMER].stats
+    w = {"worker": str(request.app[WORKER])}
+    lines = [
+        *_family(
+            "trialstream_messages_total", "counter", "MQTT messages taken.", [(w, s.messages)]
+        ),
+        *_family(
+            "trialstream_envelopes_total",
+            "counter",
+            "Envelopes processed, by outcome.",
+            [
+                ({**w, "outcome": "new"}, s.envelopes_new),
+                ({**w, "outcome": "replayed"}, s.envelopes_replayed),
+            ],
+        ),
+        *_family(
+            "trialstream_readings_stored_total",
+            "counter",
+            "Readings committed.",
+            [(w, s.readings_stored)],
+        ),
+        *_family(
+            "trialstream_rejected_readings_total",
+            "counter",
+            "Readings of verified envelopes not stored, by reason.",
+            [({**w, "reason": r}, n) for r, n in sorted(s.rejected_readings.items())],
+        ),
+        *_family(
+            "trialstream_rejected_envelopes_total",
+            "counter",
+            "Envelopes refused whole, by reason.",
+            [({**w, "reason": r}, n) for r, n in sorted(s.rejected_envelopes.items())],
+        ),
+        *_family(
+            "trialstream_database_retries_total",
+            "counter",
+            "Batches retried because the database was unreachable.",
+            [(w, s.database_retries)],
+        ),
+        *_family(
+            "trialstream_receipt_publish_failures_total",
+            "counter",
+            "Receipts the MQTT client refused to queue (the hub will republish).",
+            [(w, s.receipt_publish_failures)],
+        ),
+        *_family(
+            "trialstream_mqtt_connected",
+            "gauge",
+            "1 while connected to the broker.",
+            [(w, int(s.mqtt_connected))],
+        ),
+    ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[SETTINGS] = settings
+    app[WORKER] = worker
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_consumer)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app

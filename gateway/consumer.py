@@ -1,0 +1,447 @@
+"""The MQTT consumer: envelopes in, one transaction per batch, acks and receipts after COMMIT.
+
+paho runs its network loop in its own thread; ``on_message`` only hands the message to the
+event loop. The client is built with ``manual_ack=True`` and the broker's sessions are kept
+(stable client id, ``clean_start=False``, a session expiry), so a message is acknowledged to
+the broker only after the batch that holds it is committed, and a worker that dies gets its
+unacknowledged messages back when it reconnects.
+
+Back-pressure: the CONNECT packet's Receive Maximum caps how many unacknowledged messages the
+broker hands this worker; while the database is slow, nothing is acknowledged, so the broker
+stops sending and memory stays bounded by that cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+import psycopg
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gateway.directory import Directory
+from ingest import pipeline
+from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, seal_receipt
+from ingest.model import AcceptedEnvelope, Batch, Reason, Receipt, RejectedEnvelope
+from storage.errors import BatchWriteError, DatabaseUnavailable
+from storage.writer import BulkWriter, EnvelopeOutcome
+
+log = logging.getLogger(__name__)
+
+SHARED_SUBSCRIPTION = "$share/ingest/dct/v1/+/up"
+PLAIN_SUBSCRIPTION = "dct/v1/+/up"
+# Unacknowledged messages the broker may hand one worker: a few batches' worth, so the
+# batcher always has work while the previous batch commits, and memory stays bounded.
+RECEIVE_MAXIMUM = 2000
+# A worker's broker session outlives a crash or restart by this long (seconds).
+SESSION_EXPIRY_S = 14 * 86_400
+# Database outage: retry the same batch forever (nothing is acknowledged meanwhile), backing
+# off to this ceiling between attempts.
+OUTAGE_RETRY_CEILING_S = 10.0
+_CONNECTION_ERRORS = (DatabaseUnavailable, psycopg.OperationalError, PoolTimeout)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    host: str
+    port: int
+    client_id: str
+    shared: bool = True
+    max_batch: int = 500
+    max_wait_s: float = 0.05
+    keepalive_s: int = 30
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_ms: int
+
+
+@dataclass
+class Stats:
+    """Counters of this worker since start (the database holds the durable truth)."""
+
+    messages: int = 0
+    batches: int = 0
+    envelopes_new: int = 0
+    envelopes_replayed: int = 0
+    readings_stored: int = 0
+    rejected_readings: Counter[str] = field(default_factory=Counter)
+    rejected_envelopes: Counter[str] = field(default_factory=Counter)
+    receipt_publish_failures: int = 0
+    database_retries: int = 0
+    mqtt_connected: bool = False
+
+
+class Consumer:
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        pool: AsyncConnectionPool,
+        writer: BulkWriter,
+        receipt_key: ec.EllipticCurvePrivateKey,
+        *,
+        clock: Callable[[], float] = time.time,
+        configure_client: Callable[[mqtt.Client], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.stats = Stats()
+        self._pool = pool
+        self._writer = writer
+        self._receipt_key = receipt_key
+        self._clock = clock
+        self._directory = Directory()
+        self._queue: asyncio.Queue[_Message] = asyncio.Queue(maxsize=RECEIVE_MAXIMUM * 2)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscribed = asyncio.Event()
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.reconnect_delay_set(1, 10)
+        if configure_client is not None:
+            configure_client(self._client)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # --- paho thread: hand off only --------------------------------------------------------
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.error("mqtt connect refused reason=%s", reason)
+            return
+        self.stats.mqtt_connected = True
+        topic = SHARED_SUBSCRIPTION if self.config.shared else PLAIN_SUBSCRIPTION
+        client.subscribe(topic, qos=1)
+        log.info("mqtt connected client_id=%s subscribed=%s", self.config.client_id, topic)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("mqtt subscription refused reasons=%s", reasons)
+            return
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._subscribed.set)
+
+    async def wait_subscribed(self) -> None:
+        """Return once the broker has confirmed the subscription (used at start-up)."""
+        await self._subscribed.wait()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.stats.mqtt_connected = False
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._subscribed.clear)
+        log.warning("mqtt disconnected reason=%s", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        item = _Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._now_ms())
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    # --- event loop ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Connect and process batches until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        self._client.connect_async(
+            self.config.host,
+            self.config.port,
+            keepalive=self.config.keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+        try:
+            while True:
+                batch = await self._collect()
+                await self._process(batch)
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    async def _collect(self) -> list[_Message]:
+        items = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.config.max_wait_s
+        while len(items) < self.config.max_batch:
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0:
+                break
+            try:
+                items.append(await asyncio.wait_for(self._queue.get(), timeout))
+            except TimeoutError:
+                break
+        return items
+
+    async def _process(self, messages: Sequence[_Message]) -> None:
+        self.stats.messages += len(messages)
+        decoded: list[tuple[_Message, pipeline.Decoded]] = []
+        rejected: list[tuple[_Message, RejectedEnvelope]] = []
+        for m in messages:
+            d = pipeline.decode(pipeline.Inbound(m.topic, m.payload, m.received_ms))
+            if isinstance(d, RejectedEnvelope):
+                rejected.append((m, d))
+            else:
+                decoded.append((m, d))
+        now_ms = self._now_ms()
+        accepted, more_rejected = await self._verify_and_admit(decoded, now_ms)
+        rejected.extend(more_rejected)
+        outcomes = await self._store(accepted, rejected, now_ms)
+        self._finish(accepted, rejected, outcomes, now_ms)
+
+    async def _verify_and_admit(
+        self, decoded: Sequence[tuple[_Message, pipeline.Decoded]], now_ms: int
+    ) -> tuple[list[tuple[_Message, AcceptedEnvelope]], list[tuple[_Message, RejectedEnvelope]]]:
+        if not decoded:
+            return [], []
+        delay = 0.1
+        while True:
+            try:
+                async with self._pool.connection() as conn:
+                    devices = await self._directory.devices(
+                        conn, pipeline.devices_of(d for _, d in decoded)
+                    )
+                    consent = await self._directory.consent(
+                        conn, {r.participant_id for r in devices.values()}
+                    )
+                break
+            except _CONNECTION_ERRORS as exc:
+                delay = await self._outage_pause(delay, exc)
+
+        def work() -> list[AcceptedEnvelope | RejectedEnvelope]:
+            out: list[AcceptedEnvelope | RejectedEnvelope] = []
+            for _, d in decoded:
+                device = devices.get(d.opened.payload.dev)
+                refusal = pipeline.verify(d, device)
+                if refusal is not None:
+                    out.append(refusal)
+                else:
+                    assert device is not None
+                    out.append(pipeline.admit(d, device, consent, now_ms))
+            return out
+
+        results = await asyncio.get_running_loop().run_in_executor(None, work)
+        accepted: list[tuple[_Message, AcceptedEnvelope]] = []
+        rejected: list[tuple[_Message, RejectedEnvelope]] = []
+        for (m, _), r in zip(decoded, results, strict=True):
+            if isinstance(r, AcceptedEnvelope):
+                accepted.append((m, r))
+            else:
+                rejected.append((m, r))
+        return accepted, rejected
+
+    async def _outage_pause(self, delay: float, exc: BaseException) -> float:
+        self.stats.database_retries += 1
+        log.warning(
+            "database unavailable, batch held unacknowledged retry_in_s=%.1f error=%s",
+            delay,
+            type(exc).__name__,
+        )
+        await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter
+        return min(delay * 2, OUTAGE_RETRY_CEILING_S)
+
+    async def _store(
+        self,
+        accepted: list[tuple[_Message, AcceptedEnvelope]],
+        rejected: list[tuple[_Message, RejectedEnvelope]],
+        now_ms: int,
+    ) -> dict[_Key, EnvelopeOutcome]:
+        """Write the batch; the outcome per (device, seq, digest). Retries until committed.
+
+        The same envelope twice in one batch (a republish racing its first copy) is stored
+        once and both messages get its outcome. Different content under one (device, seq)
+        goes to a later round, where the database reports it as a ``duplicate`` conflict.
+        """
+        rounds: list[dict[_Key, AcceptedEnvelope]] = []
+        seen: dict[tuple[str, int], set[bytes]] = {}
+        for _, a in accepted:
+            digests = seen.setdefault((a.dev, a.seq), set())
+            if a.envelope_sha256 in digests:
+                continue
+            if len(rounds) <= len(digests):
+                rounds.append({})
+            rounds[len(digests)][_key(a)] = a
+            digests.add(a.envelope_sha256)
+        result: dict[_Key, EnvelopeOutcome] = {}
+        envelope_rejections = [r for _, r in rejected]
+        for envelopes in rounds or [{}]:
+            result.update(await self._commit(list(envelopes.values()), envelope_rejections, now_ms))
+            envelope_rejections = []
+        self.stats.batches += 1
+        return result
+
+    async def _commit(
+        self, to_store: list[AcceptedEnvelope], rejected: list[RejectedEnvelope], now_ms: int
+    ) -> dict[_Key, EnvelopeOutcome]:
+        refused_by_db: list[AcceptedEnvelope] = []
+        delay = 0.1
+        while True:
+            batch = Batch(
+                tuple(to_store),
+                tuple(rejected) + tuple(_as_rejected(a) for a in refused_by_db),
+                now_ms,
+            )
+            try:
+                outcomes = await self._writer.write(batch)
+                break
+            except BatchWriteError as exc:
+                culprit = next((a for a in to_store if (a.dev, a.seq) == exc.envelope), None)
+                if culprit is None and len(to_store) > 1:
+                    # Not attributable: store the envelopes one by one to find it.
+                    isolated: dict[_Key, EnvelopeOutcome] = {}
+                    for i, one in enumerate(to_store):
+                        isolated.update(
+                            await self._commit([one], rejected if i == 0 else [], now_ms)
+                        )
+                    return isolated
+                if culprit is None:
+                    if not to_store:
+                        raise
+                    culprit = to_store[0]
+                log.warning(
+                    "database refused envelope device=%s seq=%d; recorded as rejected",
+                    culprit.dev,
+                    culprit.seq,
+                )
+                to_store.remove(culprit)
+                refused_by_db.append(culprit)
+            except DatabaseUnavailable as exc:
+                delay = await self._outage_pause(delay, exc)
+        by_key = {(a.dev, a.seq): _key(a) for a in to_store}
+        result = {by_key[(o.dev, o.seq)]: o for o in outcomes}
+        for a in refused_by_db:
+            result[_key(a)] = EnvelopeOutcome(
+                a.dev, a.seq, True, 0, a.reading_count, refused_by_db=True
+            )
+        return result
+
+    def _finish(
+        self,
+        accepted: list[tuple[_Message, AcceptedEnvelope]],
+        rejected: list[tuple[_Message, RejectedEnvelope]],
+        outcomes: dict[_Key, EnvelopeOutcome],
+        now_ms: int,
+    ) -> None:
+        """After COMMIT: acknowledge to the broker and send a signed receipt per envelope."""
+        for m, a in accepted:
+            o = outcomes[_key(a)]
+            if o.refused_by_db:
+                self.stats.rejected_envelopes[Reason.STORAGE_REFUSED.value] += 1
+                self._receipt(
+                    Receipt(
+                        a.dev,
+                        a.seq,
+                        RECEIPT_REJECTED,
+                        0,
+                        o.refused,
+                        now_ms,
+                        Reason.STORAGE_REFUSED.value,
+                    )
+                )
+                self._client.ack(m.mid, m.qos)
+                continue
+            if o.conflict:
+                self.stats.rejected_envelopes[Reason.DUPLICATE.value] += 1
+                self._receipt(
+                    Receipt(
+                        a.dev, a.seq, RECEIPT_REJECTED, 0, o.refused, now_ms, Reason.DUPLICATE.value
+                    )
+                )
+                self._client.ack(m.mid, m.qos)
+                continue
+            if o.new:
+                self.stats.envelopes_new += 1
+                self.stats.readings_stored += o.stored
+                for f in a.refusals:
+                    self.stats.rejected_readings[f.reason.value] += f.count
+            else:
+                self.stats.envelopes_replayed += 1
+            # Accepted even when consent refused every reading: the envelope was processed,
+            # and ``refused`` tells the hub how many readings were not stored.
+            self._receipt(Receipt(a.dev, a.seq, RECEIPT_ACCEPTED, o.stored, o.refused, now_ms))
+            self._client.ack(m.mid, m.qos)
+        for m, r in rejected:
+            self.stats.rejected_envelopes[r.reason.value] += 1
+            if r.dev is not None and r.seq is not None and r.reason is not Reason.TOPIC_MISMATCH:
+                self._receipt(
+                    Receipt(
+                        r.dev, r.seq, RECEIPT_REJECTED, 0, r.reading_count, now_ms, r.reason.value
+                    )
+                )
+            self._client.ack(m.mid, m.qos)
+
+    def _receipt(self, receipt: Receipt) -> None:
+        info = self._client.publish(
+            pipeline.down_topic(receipt.dev), seal_receipt(receipt, self._receipt_key), qos=1
+        )
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # The envelope is stored; the hub will republish it and get the receipt again.
+            self.stats.receipt_publish_failures += 1
+            log.warning(
+                "receipt not published device=%s seq=%d rc=%s", receipt.dev, receipt.seq, info.rc
+            )
+
+
+_Key = tuple[str, int, bytes]
+
+
+def _key(a: AcceptedEnvelope) -> _Key:
+    return (a.dev, a.seq, a.envelope_sha256)
+
+
+def _as_rejected(a: AcceptedEnvelope) -> RejectedEnvelope:
+    times = [r.t_ms for r in a.readings]
+    return RejectedEnvelope(
+        Reason.STORAGE_REFUSED,
+        "the database refused this envelope's data",
+        pipeline.up_topic(a.dev),
+        a.envelope_sha256,
+        dev=a.dev,
+        seq=a.seq,
+        participant_id=a.participant_id,
+        reading_count=a.reading_count,
+        first_ms=min(times, default=None),
+        last_ms=max(times, default=None),
+    )

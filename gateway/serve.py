@@ -1,0 +1,114 @@
+"""Running the gateway: one process per worker, all sharing the HTTP port and the broker's
+shared subscription.
+
+The parent applies migrations once, then starts the workers and waits; SIGINT or SIGTERM
+stops them all. A worker that dies is started again (its MQTT session is taken back by its
+stable client id, with the messages it had not acknowledged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from types import FrameType
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from storage import db
+from storage.migrate import migrate
+
+log = logging.getLogger(__name__)
+
+# A worker that keeps dying is restarted at most this often, so a broken setting does not
+# spin the machine.
+RESTART_MIN_INTERVAL_S = 5.0
+
+
+async def serve_worker(settings: Settings, worker: int, stop: asyncio.Event) -> None:
+    app = create_app(settings, worker=worker)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=True)
+    await site.start()
+    log.info(
+        "gateway worker=%d listening http=%s:%d", worker, settings.http_host, settings.http_port
+    )
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _worker_main(settings: Settings, worker: int) -> None:
+    logging.basicConfig(
+        level=settings.log_level, format=f"%(asctime)s %(levelname)s w{worker} %(name)s %(message)s"
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_worker(settings, worker, stop)
+
+    asyncio.run(main())
+
+
+async def prepare(settings: Settings) -> None:
+    async with db.connection(settings.require_database_url(), autocommit=True) as conn:
+        report = await migrate(conn, settings.storage_mode)
+    log.info("schema ready mode=%s version=%d", report.mode, report.version)
+
+
+def run(settings: Settings, workers: int) -> int:
+    asyncio.run(prepare(settings))
+    ctx = mp.get_context("spawn")
+    procs: dict[int, mp.process.BaseProcess] = {}
+    started: dict[int, float] = {}
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def start(i: int) -> None:
+        p = ctx.Process(target=_worker_main, args=(settings, i), name=f"gateway-worker-{i}")
+        p.start()
+        procs[i] = p
+        started[i] = time.monotonic()
+
+    for i in range(workers):
+        start(i)
+    print(
+        f"gateway: {workers} worker(s), http://{settings.http_host}:{settings.http_port}/healthz, "
+        f"broker {settings.mqtt_host}:{settings.mqtt_port}; Ctrl-C stops",
+        flush=True,
+    )
+    while not stopping:
+        time.sleep(0.5)
+        for i, p in list(procs.items()):
+            if not p.is_alive() and not stopping:
+                wait = RESTART_MIN_INTERVAL_S - (time.monotonic() - started[i])
+                log.error("worker %d exited with %s; restarting", i, p.exitcode)
+                if wait > 0:
+                    time.sleep(wait)
+                start(i)
+    for p in procs.values():
+        if p.is_alive() and p.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+    for p in procs.values():
+        p.join(timeout=15)
+        if p.is_alive():
+            p.kill()
+    return 0

@@ -1,0 +1,525 @@
+"""The envelope codec: signed batches of readings (hub -> gateway) and signed receipts back.
+
+Both are COSE_Sign1 messages (RFC 9052, CBOR tag 18) signed with ES256; docs/protocol.md is
+the normative description and this module is its one implementation. Everything here is pure:
+bytes and keys in, frozen dataclasses or bytes out, no I/O and no clock.
+
+Decoding is defensive in layers. The size is checked before a single byte is parsed. Then a
+small well-formedness scan walks the CBOR heads of the input without building anything and
+admits only the profile this protocol uses (definite lengths, integer or text map keys without
+duplicates, no tags but the outer 18, no simple values but false/true/null, shallow nesting,
+no trailing bytes); only then does cbor2 build Python values. The scan exists because cbor2
+on its own accepts inputs we must not: it ignores trailing bytes, builds cyclic lists from
+shared-reference tags, and its bigfloat tag raises ``decimal.Overflow`` rather than a CBOR
+error. Every failure of :func:`open_envelope` is an :class:`EnvelopeError` with a
+:class:`~ingest.model.Reason`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from ingest.errors import IngestError
+from ingest.model import PROTOCOL_VERSION, Gap, Payload, Reading, Reason, Receipt
+
+# 256 KiB: an envelope of MAX_ITEMS_PER_ENVELOPE readings with every string at its maximum
+# length is about 250 000 bytes, so a full batch always fits; a typical reading is ~40 bytes,
+# so ordinary batches use a few percent of it. It also bounds the gateway's work per message.
+MAX_ENVELOPE_BYTES: Final = 256 * 1024
+
+# 1000 readings (plus gaps) per envelope: at 1 Hz per metric that is minutes of data from a
+# few wearables per signature, and 1000 maximal items (about 249 bytes each) stay under
+# MAX_ENVELOPE_BYTES.
+MAX_ITEMS_PER_ENVELOPE: Final = 1000
+
+# A receipt is about 150 bytes; 1 KiB leaves room for a long reason code and nothing more.
+MAX_RECEIPT_BYTES: Final = 1024
+
+# String bounds, in UTF-8 bytes. Device ids are MQTT topic segments, so they are also limited
+# to a character set that cannot contain topic separators or wildcards.
+MAX_DEVICE_ID_BYTES: Final = 64
+MAX_METRIC_BYTES: Final = 64
+MAX_UNIT_BYTES: Final = 32
+MAX_SENSOR_BYTES: Final = 128
+MAX_GAP_REASON_BYTES: Final = 64
+MAX_REASON_BYTES: Final = 64
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+COSE_SIGN1_TAG: Final = 18
+HEADER_ALG: Final = 1
+HEADER_KID: Final = 4
+ALG_ES256: Final = -7
+GATEWAY_KID: Final = "gateway"
+
+RECEIPT_ACCEPTED: Final = "accepted"
+RECEIPT_REJECTED: Final = "rejected"
+
+# The protected header bstr content: the CBOR map {1: -7} (alg: ES256).
+_PROTECTED_ES256: Final = b"\xa1\x01\x26"
+_SIG_CONTEXT: Final = "Signature1"
+_SIGNATURE_BYTES: Final = 64
+_COORD_BYTES: Final = 32
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
+
+# Valid documents nest at most 3 containers deep (payload map > r list > reading list).
+_MAX_DEPTH: Final = 4
+
+_DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+_PAYLOAD_KEYS: Final = frozenset({"v", "dev", "seq", "sent", "r", "gaps"})
+_RECEIPT_KEYS: Final = frozenset({"v", "dev", "seq", "status", "stored", "refused", "at", "reason"})
+# What the decoders accept: bytes, or a bytes-like buffer (copied once after the size check).
+Buffer = bytes | bytearray | memoryview
+_RECEIPT_STATUSES: Final = frozenset({RECEIPT_ACCEPTED, RECEIPT_REJECTED})
+
+
+class EnvelopeError(IngestError):
+    """An envelope or receipt that cannot be sealed, opened or verified, and why."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.reason.value}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A structurally valid envelope whose signature has not been checked yet.
+
+    ``kid`` names the device whose key must verify it (see :func:`verify`); the raw
+    ``protected``, ``payload_bytes`` and ``signature`` are what the signature covers.
+    """
+
+    kid: str
+    payload: Payload
+    protected: bytes
+    payload_bytes: bytes
+    signature: bytes
+
+
+# --- public API -------------------------------------------------------------------------
+
+
+def seal(payload: Payload, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Sign ``payload`` with the hub's key; the result opens with :func:`open_envelope`.
+
+    The payload is checked against the same rules the decoder applies, so a hub never signs
+    an envelope the gateway must refuse as malformed.
+    """
+    payload_bytes = cbor2.dumps(_payload_to_obj(payload))
+    data = _sign1(payload_bytes, payload.dev, key)
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise EnvelopeError(
+            Reason.TOO_LARGE, f"sealed envelope is {len(data)} bytes > {MAX_ENVELOPE_BYTES}"
+        )
+    return data
+
+
+def open_envelope(data: Buffer, *, max_size: int = MAX_ENVELOPE_BYTES) -> Opened:
+    """Decode and check an envelope without verifying its signature.
+
+    Raises :class:`EnvelopeError` (``too_large``, ``malformed`` or ``unsupported_version``)
+    and nothing else, whatever the input bytes.
+    """
+    kid, protected, payload_bytes, signature = _open_sign1(data, max_size)
+    payload = _payload_from_obj(_loads(payload_bytes, "payload"))
+    if payload.dev != kid:
+        raise EnvelopeError(Reason.MALFORMED, "kid and payload dev differ")
+    return Opened(
+        kid=kid,
+        payload=payload,
+        protected=protected,
+        payload_bytes=payload_bytes,
+        signature=signature,
+    )
+
+
+def verify(opened: Opened, public_key: ec.EllipticCurvePublicKey) -> None:
+    """Check the ES256 signature of an opened envelope; raise ``bad_signature`` if it fails."""
+    _verify_sign1(opened.protected, opened.payload_bytes, opened.signature, public_key)
+
+
+def seal_receipt(
+    receipt: Receipt, key: ec.EllipticCurvePrivateKey, *, kid: str = GATEWAY_KID
+) -> bytes:
+    """Sign a receipt with the gateway's key."""
+    return _sign1(cbor2.dumps(_receipt_to_obj(receipt)), kid, key)
+
+
+def open_receipt(
+    data: Buffer,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    max_size: int = MAX_RECEIPT_BYTES,
+) -> Receipt:
+    """Decode a receipt and verify it against the gateway's key, before trusting any field."""
+    _, protected, payload_bytes, signature = _open_sign1(data, max_size)
+    _verify_sign1(protected, payload_bytes, signature, public_key)
+    return _receipt_from_obj(_loads(payload_bytes, "receipt"))
+
+
+def check_device_id(device_id: object) -> str:
+    """Return ``device_id`` if it is a valid device id (1-64 of ``A-Z a-z 0-9 . _ -``)."""
+    if not isinstance(device_id, str) or _DEVICE_ID_RE.fullmatch(device_id) is None:
+        raise EnvelopeError(
+            Reason.MALFORMED, "device id must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        )
+    return device_id
+
+
+def check_reading(reading: Reading) -> None:
+    """Raise ``malformed`` if ``reading`` could not be carried in an envelope."""
+    _reading_to_obj(reading, 0)
+
+
+def check_gap(gap: Gap) -> None:
+    """Raise ``malformed`` if ``gap`` could not be carried in an envelope."""
+    _gap_to_obj(gap, 0)
+
+
+# --- COSE_Sign1 -----------------------------------------------------------------------------
+
+
+def _sig_structure(protected: bytes, payload_bytes: bytes) -> bytes:
+    return cbor2.dumps([_SIG_CONTEXT, protected, b"", payload_bytes])
+
+
+def _sign1(payload_bytes: bytes, kid: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise TypeError("ES256 needs a P-256 private key")
+    kid_bytes = check_device_id(kid).encode("ascii")
+    der = key.sign(_sig_structure(_PROTECTED_ES256, payload_bytes), _ECDSA_SHA256)
+    r, s = decode_dss_signature(der)
+    signature = r.to_bytes(_COORD_BYTES, "big") + s.to_bytes(_COORD_BYTES, "big")
+    message = [_PROTECTED_ES256, {HEADER_KID: kid_bytes}, payload_bytes, signature]
+    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, message))
+
+
+def _verify_sign1(
+    protected: bytes,
+    payload_bytes: bytes,
+    signature: bytes,
+    public_key: ec.EllipticCurvePublicKey,
+) -> None:
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(
+        public_key.curve, ec.SECP256R1
+    ):
+        raise EnvelopeError(Reason.BAD_SIGNATURE, "verification key is not a P-256 key")
+    if len(signature) != _SIGNATURE_BYTES:
+        raise EnvelopeError(Reason.BAD_SIGNATURE, "ES256 signature must be 64 bytes")
+    r = int.from_bytes(signature[:_COORD_BYTES], "big")
+    s = int.from_bytes(signature[_COORD_BYTES:], "big")
+    try:
+        public_key.verify(
+            encode_dss_signature(r, s), _sig_structure(protected, payload_bytes), _ECDSA_SHA256
+        )
+    except InvalidSignature:
+        raise EnvelopeError(Reason.BAD_SIGNATURE, "signature does not verify") from None
+
+
+def _open_sign1(data: Buffer, max_size: int) -> tuple[str, bytes, bytes, bytes]:
+    """Size, CBOR, tag and header checks shared by envelopes and receipts."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise EnvelopeError(Reason.MALFORMED, "input is not bytes")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_size:
+        raise EnvelopeError(Reason.TOO_LARGE, f"{size} bytes > {max_size}")
+    message = _loads(bytes(data), "COSE_Sign1", tag=COSE_SIGN1_TAG)
+    if not isinstance(message, cbor2.CBORTag) or message.tag != COSE_SIGN1_TAG:
+        raise EnvelopeError(Reason.MALFORMED, "not a tagged COSE_Sign1 (tag 18)")
+    parts = message.value
+    if not isinstance(parts, list) or len(parts) != 4:
+        raise EnvelopeError(Reason.MALFORMED, "COSE_Sign1 must be an array of 4")
+    protected, unprotected, payload_bytes, signature = parts
+    if not isinstance(protected, bytes):
+        raise EnvelopeError(Reason.MALFORMED, "protected header must be a bstr")
+    if not isinstance(unprotected, dict):
+        raise EnvelopeError(Reason.MALFORMED, "unprotected header must be a map")
+    if not isinstance(payload_bytes, bytes):
+        raise EnvelopeError(Reason.MALFORMED, "payload must be an attached bstr")
+    if not isinstance(signature, bytes) or len(signature) != _SIGNATURE_BYTES:
+        raise EnvelopeError(Reason.MALFORMED, "signature must be a 64-byte bstr (r||s)")
+    headers = _loads(protected, "protected header") if protected else {}
+    if not isinstance(headers, dict) or set(headers) != {HEADER_ALG}:
+        raise EnvelopeError(Reason.MALFORMED, "protected header must be exactly {1: alg}")
+    alg = headers[HEADER_ALG]
+    if not _is_int(alg) or alg != ALG_ES256:
+        raise EnvelopeError(Reason.MALFORMED, f"alg must be {ALG_ES256} (ES256)")
+    if set(unprotected) != {HEADER_KID}:
+        raise EnvelopeError(Reason.MALFORMED, "unprotected header must be exactly {4: kid}")
+    kid = unprotected[HEADER_KID]
+    if not isinstance(kid, bytes):
+        raise EnvelopeError(Reason.MALFORMED, "kid must be a bstr")
+    try:
+        kid_text = kid.decode("ascii")
+    except UnicodeDecodeError:
+        raise EnvelopeError(Reason.MALFORMED, "kid is not a device id") from None
+    return check_device_id(kid_text), protected, payload_bytes, signature
+
+
+# --- payload and receipt maps -------------------------------------------------------------
+
+
+def _payload_to_obj(payload: Payload) -> dict[str, Any]:
+    if payload.v != PROTOCOL_VERSION:
+        raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"this codec seals v{PROTOCOL_VERSION}")
+    count = len(payload.readings) + len(payload.gaps)
+    if count > MAX_ITEMS_PER_ENVELOPE:
+        raise EnvelopeError(
+            Reason.TOO_LARGE, f"{count} readings and gaps > {MAX_ITEMS_PER_ENVELOPE}"
+        )
+    return {
+        "v": PROTOCOL_VERSION,
+        "dev": check_device_id(payload.dev),
+        "seq": _int(payload.seq, "seq", lo=0),
+        "sent": _int(payload.sent_ms, "sent"),
+        "r": [_reading_to_obj(r, i) for i, r in enumerate(payload.readings)],
+        "gaps": [_gap_to_obj(g, i) for i, g in enumerate(payload.gaps)],
+    }
+
+
+def _payload_from_obj(obj: object) -> Payload:
+    if not isinstance(obj, dict):
+        raise EnvelopeError(Reason.MALFORMED, "payload must be a map")
+    _check_version(obj)
+    _check_keys(obj, _PAYLOAD_KEYS, "payload")
+    readings, gaps = obj["r"], obj["gaps"]
+    if not isinstance(readings, list) or not isinstance(gaps, list):
+        raise EnvelopeError(Reason.MALFORMED, "r and gaps must be arrays")
+    count = len(readings) + len(gaps)
+    if count > MAX_ITEMS_PER_ENVELOPE:
+        raise EnvelopeError(
+            Reason.TOO_LARGE, f"{count} readings and gaps > {MAX_ITEMS_PER_ENVELOPE}"
+        )
+    return Payload(
+        dev=check_device_id(obj["dev"]),
+        seq=_int(obj["seq"], "seq", lo=0),
+        sent_ms=_int(obj["sent"], "sent"),
+        readings=tuple(_reading_from_obj(r, i) for i, r in enumerate(readings)),
+        gaps=tuple(_gap_from_obj(g, i) for i, g in enumerate(gaps)),
+    )
+
+
+def _reading_to_obj(reading: Reading, i: int) -> list[Any]:
+    where = f"r[{i}]"
+    return [
+        _int(reading.t_ms, f"{where}.t_ms"),
+        _text(reading.metric, f"{where}.metric", MAX_METRIC_BYTES),
+        _number(reading.value, f"{where}.value"),
+        _text(reading.unit, f"{where}.unit", MAX_UNIT_BYTES),
+        _text(reading.sensor, f"{where}.sensor", MAX_SENSOR_BYTES),
+    ]
+
+
+def _reading_from_obj(obj: object, i: int) -> Reading:
+    if not isinstance(obj, list) or len(obj) != 5:
+        raise EnvelopeError(Reason.MALFORMED, f"r[{i}] must be [t_ms, metric, value, unit, sensor]")
+    t_ms, metric, value, unit, sensor = _reading_to_obj(Reading(*obj), i)
+    return Reading(t_ms=t_ms, metric=metric, value=value, unit=unit, sensor=sensor)
+
+
+def _gap_to_obj(gap: Gap, i: int) -> list[Any]:
+    where = f"gaps[{i}]"
+    return [
+        _int(gap.from_ms, f"{where}.from_ms"),
+        _int(gap.to_ms, f"{where}.to_ms"),
+        _text(gap.reason, f"{where}.reason", MAX_GAP_REASON_BYTES),
+    ]
+
+
+def _gap_from_obj(obj: object, i: int) -> Gap:
+    if not isinstance(obj, list) or len(obj) != 3:
+        raise EnvelopeError(Reason.MALFORMED, f"gaps[{i}] must be [from_ms, to_ms, reason]")
+    from_ms, to_ms, reason = _gap_to_obj(Gap(*obj), i)
+    return Gap(from_ms=from_ms, to_ms=to_ms, reason=reason)
+
+
+def _receipt_to_obj(receipt: Receipt) -> dict[str, Any]:
+    status = receipt.status
+    if status not in _RECEIPT_STATUSES:
+        raise EnvelopeError(Reason.MALFORMED, "receipt status must be accepted or rejected")
+    reason = receipt.reason
+    if reason is None:
+        if status == RECEIPT_REJECTED:
+            raise EnvelopeError(Reason.MALFORMED, "a rejected receipt needs a reason")
+    else:
+        reason = _text(reason, "reason", MAX_REASON_BYTES)
+    return {
+        "v": PROTOCOL_VERSION,
+        "dev": check_device_id(receipt.dev),
+        "seq": _int(receipt.seq, "seq", lo=0),
+        "status": status,
+        "stored": _int(receipt.stored, "stored", lo=0),
+        "refused": _int(receipt.refused, "refused", lo=0),
+        "at": _int(receipt.at_ms, "at"),
+        "reason": reason,
+    }
+
+
+def _receipt_from_obj(obj: object) -> Receipt:
+    if not isinstance(obj, dict):
+        raise EnvelopeError(Reason.MALFORMED, "receipt must be a map")
+    _check_version(obj)
+    _check_keys(obj, _RECEIPT_KEYS, "receipt")
+    status = obj["status"]
+    if not isinstance(status, str):
+        raise EnvelopeError(Reason.MALFORMED, "receipt status must be a text string")
+    receipt = Receipt(
+        dev=obj["dev"],
+        seq=obj["seq"],
+        status=status,
+        stored=obj["stored"],
+        refused=obj["refused"],
+        at_ms=obj["at"],
+        reason=obj["reason"],
+    )
+    _receipt_to_obj(receipt)
+    return receipt
+
+
+def _check_version(obj: dict[Any, Any]) -> None:
+    if "v" not in obj:
+        raise EnvelopeError(Reason.MALFORMED, "missing v")
+    v = obj["v"]
+    if not _is_int(v):
+        raise EnvelopeError(Reason.MALFORMED, "v must be an integer")
+    if v != PROTOCOL_VERSION:
+        raise EnvelopeError(Reason.UNSUPPORTED_VERSION, f"v={v}, this gateway speaks v1")
+
+
+def _check_keys(obj: dict[Any, Any], expected: frozenset[str], what: str) -> None:
+    keys = set(obj)
+    if keys != expected:
+        missing = sorted(map(repr, expected - keys))
+        unknown = sorted(map(repr, keys - expected))
+        raise EnvelopeError(Reason.MALFORMED, f"{what} keys: missing {missing}, unknown {unknown}")
+
+
+# --- field checks (used in both directions) -------------------------------------------------
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int(x: object, what: str, *, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int:
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise EnvelopeError(Reason.MALFORMED, f"{what} must be an integer")
+    if not lo <= x <= hi:
+        raise EnvelopeError(Reason.MALFORMED, f"{what} out of range [{lo}, {hi}]")
+    return x
+
+
+def _number(x: object, what: str) -> float:
+    """Any int or float; NaN and infinities pass (plausibility is a later stage)."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise EnvelopeError(Reason.MALFORMED, f"{what} must be a number")
+    try:
+        return float(x)
+    except OverflowError:
+        raise EnvelopeError(Reason.MALFORMED, f"{what} is out of float range") from None
+
+
+def _text(x: object, what: str, max_bytes: int) -> str:
+    if not isinstance(x, str):
+        raise EnvelopeError(Reason.MALFORMED, f"{what} must be a text string")
+    try:
+        size = len(x.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise EnvelopeError(Reason.MALFORMED, f"{what} is not valid Unicode") from None
+    if not 1 <= size <= max_bytes:
+        raise EnvelopeError(Reason.MALFORMED, f"{what} must be 1-{max_bytes} UTF-8 bytes")
+    return x
+
+
+# --- CBOR ---------------------------------------------------------------------------------
+
+
+def _loads(data: bytes, what: str, *, tag: int | None = None) -> Any:
+    """Scan ``data`` against the protocol's CBOR profile, then decode it with cbor2."""
+    _scan(data, what, tag)
+    try:
+        return cbor2.loads(data)
+    except (cbor2.CBORDecodeError, ValueError, OverflowError, RecursionError) as exc:
+        raise EnvelopeError(Reason.MALFORMED, f"{what}: {exc}") from None
+
+
+def _head(data: bytes, pos: int, what: str) -> tuple[int, int, int, int]:
+    """Decode one CBOR head at ``pos``: (major type, additional info, argument, next pos)."""
+    n = len(data)
+    if pos >= n:
+        raise EnvelopeError(Reason.MALFORMED, f"{what}: truncated CBOR")
+    initial = data[pos]
+    major, info = initial >> 5, initial & 0x1F
+    pos += 1
+    if info < 24:
+        return major, info, info, pos
+    if info > 27:
+        kind = "indefinite length" if info == 31 else "reserved additional info"
+        raise EnvelopeError(Reason.MALFORMED, f"{what}: {kind} at byte {pos - 1}")
+    width = 1 << (info - 24)
+    if pos + width > n:
+        raise EnvelopeError(Reason.MALFORMED, f"{what}: truncated CBOR")
+    return major, info, int.from_bytes(data[pos : pos + width], "big"), pos + width
+
+
+def _scan(data: bytes, what: str, tag: int | None) -> None:
+    """Walk every CBOR head once, iteratively; raise unless the input is in the profile."""
+    n = len(data)
+    pos = 0
+    if tag is not None:
+        major, _, arg, pos = _head(data, pos, what)
+        if major != 6 or arg != tag:
+            raise EnvelopeError(Reason.MALFORMED, f"{what}: expected CBOR tag {tag}")
+    # Open containers: [items still expected, map key identities or None for arrays].
+    stack: list[tuple[list[int], set[tuple[int, int | bytes]] | None]] = [([1], None)]
+    while stack:
+        remaining, keys = stack[-1]
+        start = pos
+        major, info, arg, pos = _head(data, pos, what)
+        if keys is not None and remaining[0] % 2 == 0:
+            key: tuple[int, int | bytes]
+            if major in (0, 1):
+                key = (major, arg)
+            elif major == 3:
+                key = (major, data[pos : pos + arg])
+            else:
+                raise EnvelopeError(Reason.MALFORMED, f"{what}: map key at byte {start}")
+            if key in keys:
+                raise EnvelopeError(Reason.MALFORMED, f"{what}: duplicate map key at {start}")
+            keys.add(key)
+        remaining[0] -= 1
+        if major in (2, 3):
+            if arg > n - pos:
+                raise EnvelopeError(Reason.MALFORMED, f"{what}: string longer than input")
+            pos += arg
+        elif major in (4, 5):
+            items = arg * 2 if major == 5 else arg
+            if items > n - pos:
+                raise EnvelopeError(Reason.MALFORMED, f"{what}: container longer than input")
+            if len(stack) > _MAX_DEPTH:
+                raise EnvelopeError(Reason.MALFORMED, f"{what}: nested too deep")
+            stack.append(([items], set() if major == 5 else None))
+        elif major == 6:
+            raise EnvelopeError(Reason.MALFORMED, f"{what}: unexpected tag {arg}")
+        elif major == 7 and info not in (20, 21, 22, 25, 26, 27):
+            raise EnvelopeError(Reason.MALFORMED, f"{what}: unsupported simple value")
+        while stack and stack[-1][0][0] == 0:
+            stack.pop()
+    if pos != n:
+        raise EnvelopeError(Reason.MALFORMED, f"{what}: {n - pos} trailing bytes")

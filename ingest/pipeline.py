@@ -1,0 +1,223 @@
+"""The ingest stages, sans I/O. The gateway calls them in this order for each message:
+
+1. ``decode``: topic, size limit, CBOR and schema, ``dev`` equals the topic's device and the
+   key id (reasons ``malformed``, ``too_large``, ``unsupported_version``, ``topic_mismatch``);
+2. ``verify``: the device is known and not revoked, and its key verifies the signature
+   (``unknown_device``, ``device_revoked``, ``bad_signature``); CPU-bound, run in an executor;
+3. ``admit``: per reading, plausibility (known metric, canonical unit, finite value within
+   physical bounds, time neither far in the future nor before the participant's enrollment)
+   then the consent gate by the reading's own time (``no_consent``, ``scope_not_consented``).
+
+Deduplication by ``(device, seq)`` happens in the database transaction (storage.writer),
+where it is exact. Every stage returns what it keeps and, for the rest, a reason: nothing
+is dropped without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from consent.gate import ConsentSnapshot
+from ingest.envelope import EnvelopeError, Opened, open_envelope
+from ingest.envelope import verify as verify_signature
+from ingest.metrics import METRICS
+from ingest.model import AcceptedEnvelope, Reading, Reason, Refusal, RejectedEnvelope
+
+TOPIC_PREFIX = "dct/v1/"
+UP_SUFFIX = "/up"
+# Hub clocks drift and are set from the phone or NTP; five minutes ahead of the gateway's
+# clock is already wrong, and 2099 certainly is.
+FUTURE_SKEW_MS = 5 * 60_000
+
+
+def up_topic(device_id: str) -> str:
+    return f"{TOPIC_PREFIX}{device_id}{UP_SUFFIX}"
+
+
+def down_topic(device_id: str) -> str:
+    return f"{TOPIC_PREFIX}{device_id}/down"
+
+
+def topic_device(topic: str) -> str | None:
+    if not (topic.startswith(TOPIC_PREFIX) and topic.endswith(UP_SUFFIX)):
+        return None
+    dev = topic[len(TOPIC_PREFIX) : -len(UP_SUFFIX)]
+    return dev if dev and "/" not in dev else None
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    topic: str
+    data: bytes
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    inbound: Inbound
+    opened: Opened
+    envelope_sha256: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    device_id: str
+    participant_id: str
+    public_key: ec.EllipticCurvePublicKey
+    participant_enrolled_ms: int
+    revoked: bool
+
+
+def _rejected(
+    inbound: Inbound,
+    digest: bytes,
+    reason: Reason,
+    detail: str,
+    decoded: Decoded | None = None,
+    participant_id: str | None = None,
+) -> RejectedEnvelope:
+    if decoded is None:
+        return RejectedEnvelope(
+            reason, detail, inbound.topic, digest, dev=topic_device(inbound.topic)
+        )
+    p = decoded.opened.payload
+    times = [r.t_ms for r in p.readings]
+    return RejectedEnvelope(
+        reason,
+        detail,
+        inbound.topic,
+        digest,
+        dev=p.dev,
+        seq=p.seq,
+        participant_id=participant_id,
+        reading_count=len(p.readings),
+        first_ms=min(times, default=None),
+        last_ms=max(times, default=None),
+    )
+
+
+def decode(inbound: Inbound) -> Decoded | RejectedEnvelope:
+    digest = hashlib.sha256(inbound.data).digest()
+    topic_dev = topic_device(inbound.topic)
+    if topic_dev is None:
+        return _rejected(
+            inbound, digest, Reason.MALFORMED, f"not an uplink topic: {inbound.topic!r}"
+        )
+    try:
+        opened = open_envelope(inbound.data)
+    except EnvelopeError as exc:
+        return _rejected(inbound, digest, exc.reason, exc.detail)
+    decoded = Decoded(inbound, opened, digest)
+    if opened.payload.dev != topic_dev or opened.kid != topic_dev:
+        return _rejected(
+            inbound,
+            digest,
+            Reason.TOPIC_MISMATCH,
+            f"topic device {topic_dev!r}, envelope dev {opened.payload.dev!r}, kid {opened.kid!r}",
+            decoded,
+        )
+    return decoded
+
+
+def verify(decoded: Decoded, device: DeviceRecord | None) -> RejectedEnvelope | None:
+    """None when the envelope is authentic and its device may send; else the rejection."""
+    dev = decoded.opened.payload.dev
+    if device is None:
+        return _rejected(
+            decoded.inbound,
+            decoded.envelope_sha256,
+            Reason.UNKNOWN_DEVICE,
+            f"device {dev!r} is not enrolled",
+            decoded,
+        )
+    if device.revoked:
+        return _rejected(
+            decoded.inbound,
+            decoded.envelope_sha256,
+            Reason.DEVICE_REVOKED,
+            f"device {dev!r} is revoked",
+            decoded,
+            device.participant_id,
+        )
+    try:
+        verify_signature(decoded.opened, device.public_key)
+    except EnvelopeError as exc:
+        return _rejected(
+            decoded.inbound,
+            decoded.envelope_sha256,
+            exc.reason,
+            exc.detail,
+            decoded,
+            device.participant_id,
+        )
+    return None
+
+
+def _plausibility(r: Reading, device: DeviceRecord, now_ms: int) -> tuple[Reason, str] | None:
+    metric = METRICS.get(r.metric)
+    if metric is None:
+        return Reason.UNKNOWN_METRIC, f"unknown metric {r.metric!r}"
+    if r.unit != metric.unit:
+        return Reason.WRONG_UNIT, f"{r.metric} must be in {metric.unit!r}, got {r.unit!r}"
+    if not math.isfinite(r.value) or not metric.low <= r.value <= metric.high:
+        return Reason.IMPLAUSIBLE_VALUE, f"{r.metric} outside {metric.low}..{metric.high}"
+    if r.t_ms > now_ms + FUTURE_SKEW_MS:
+        return Reason.IMPLAUSIBLE_TIME, "reading time is in the future"
+    if r.t_ms < device.participant_enrolled_ms:
+        return Reason.IMPLAUSIBLE_TIME, "reading time is before the participant's enrollment"
+    return None
+
+
+def admit(
+    decoded: Decoded, device: DeviceRecord, consent: ConsentSnapshot, now_ms: int
+) -> AcceptedEnvelope:
+    """Split a verified envelope's readings into those stored and those refused, with reasons."""
+    payload = decoded.opened.payload
+    kept: list[Reading] = []
+    consent_ids: list[int | None] = []
+    refused: dict[tuple[Reason, str | None], list[int]] = {}
+    details: dict[tuple[Reason, str | None], str] = {}
+    for r in payload.readings:
+        problem = _plausibility(r, device, now_ms)
+        if problem is None:
+            decision = consent.decide(device.participant_id, METRICS[r.metric].scope, r.t_ms)
+            if decision.allowed:
+                kept.append(r)
+                consent_ids.append(decision.consent_id)
+                continue
+            assert decision.reason is not None
+            problem = (decision.reason, f"{r.metric} not covered by consent at reading time")
+        key = (problem[0], r.metric if problem[0] is not Reason.UNKNOWN_METRIC else None)
+        refused.setdefault(key, []).append(r.t_ms)
+        details.setdefault(key, problem[1])
+    return AcceptedEnvelope(
+        dev=payload.dev,
+        seq=payload.seq,
+        participant_id=device.participant_id,
+        sent_ms=payload.sent_ms,
+        envelope_sha256=decoded.envelope_sha256,
+        reading_count=len(payload.readings),
+        readings=tuple(kept),
+        consent_ids=tuple(consent_ids),
+        refusals=_refusals(refused, details),
+        gaps=payload.gaps,
+    )
+
+
+def _refusals(
+    refused: dict[tuple[Reason, str | None], list[int]],
+    details: dict[tuple[Reason, str | None], str],
+) -> tuple[Refusal, ...]:
+    return tuple(
+        Refusal(reason, len(times), min(times), max(times), metric, details[(reason, metric)])
+        for (reason, metric), times in refused.items()
+    )
+
+
+def devices_of(items: Iterable[Decoded]) -> set[str]:
+    return {d.opened.payload.dev for d in items}

@@ -1,0 +1,138 @@
+"""Rows that say who is in the study: studies, sites, participants, devices, consent.
+
+Plain functions over a connection, so callers choose the transaction (enrollment writes the
+device and its audit record together). Consent rows are only ever inserted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection
+from datetime import datetime
+
+from storage.db import Conn
+
+
+async def create_study(
+    conn: Conn, study_id: str, name: str, *, withdrawal_policy: str = "retain"
+) -> None:
+    await conn.execute(
+        "INSERT INTO studies (study_id, name, withdrawal_policy) VALUES (%s, %s, %s)",
+        (study_id, name, withdrawal_policy),
+    )
+
+
+async def create_site(conn: Conn, site_id: str, study_id: str, name: str) -> None:
+    await conn.execute(
+        "INSERT INTO sites (site_id, study_id, name) VALUES (%s, %s, %s)", (site_id, study_id, name)
+    )
+
+
+async def create_participant(
+    conn: Conn,
+    participant_id: str,
+    study_id: str,
+    site_id: str,
+    *,
+    enrolled_at: datetime | None = None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO participants (participant_id, study_id, site_id, enrolled_at)"
+        " VALUES (%s, %s, %s, coalesce(%s, now()))",
+        (participant_id, study_id, site_id, enrolled_at),
+    )
+
+
+async def add_device(
+    conn: Conn,
+    device_id: str,
+    participant_id: str,
+    public_key_der: bytes,
+    fingerprint: str,
+    *,
+    certificate_pem: str | None = None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO devices (device_id, participant_id, public_key, key_fingerprint,"
+        " certificate_pem) VALUES (%s, %s, %s, %s, %s)",
+        (device_id, participant_id, public_key_der, fingerprint, certificate_pem),
+    )
+
+
+async def revoke_device(conn: Conn, device_id: str, reason: str) -> bool:
+    cur = await conn.execute(
+        "UPDATE devices SET revoked_at = now(), revoked_reason = %s"
+        " WHERE device_id = %s AND revoked_at IS NULL",
+        (reason, device_id),
+    )
+    return cur.rowcount == 1
+
+
+async def create_consent_document(
+    conn: Conn,
+    study_id: str,
+    title: str,
+    version: str,
+    body: str,
+    scopes: Collection[str],
+    *,
+    effective_at: datetime,
+    language: str = "en",
+    optional_scopes: Collection[str] = (),
+    reconsent_by: datetime | None = None,
+) -> int:
+    cur = await conn.execute(
+        "INSERT INTO consent_documents (study_id, title, version, language, body, content_sha256,"
+        " scopes, optional_scopes, effective_at, reconsent_by)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING document_id",
+        (
+            study_id,
+            title,
+            version,
+            language,
+            body,
+            hashlib.sha256(body.encode()).digest(),
+            sorted(scopes),
+            sorted(optional_scopes),
+            effective_at,
+            reconsent_by,
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def record_consent(
+    conn: Conn,
+    participant_id: str,
+    document_id: int,
+    action: str,
+    scopes: Collection[str],
+    *,
+    effective_at: datetime,
+    recorded_by: str,
+    signer_name: str | None = None,
+    meaning: str | None = None,
+) -> int:
+    cur = await conn.execute(
+        "INSERT INTO consents (participant_id, document_id, action, scopes, signer_name, signed_at,"
+        " meaning, document_sha256, recorded_by, effective_at)"
+        " SELECT %s, %s, %s, %s, %s, %s, %s, d.content_sha256, %s, %s"
+        " FROM consent_documents d WHERE d.document_id = %s RETURNING consent_id",
+        (
+            participant_id,
+            document_id,
+            action,
+            sorted(scopes),
+            signer_name,
+            effective_at,
+            meaning,
+            recorded_by,
+            effective_at,
+            document_id,
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
