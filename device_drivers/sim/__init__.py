@@ -1,1 +1,59 @@
-"""Bluetooth without hardware: a bleak backend over bumble virtual controllers and virtual wearables."""
+"""Bluetooth without hardware: a bleak backend over bumble virtual controllers, and wearables.
+
+- :mod:`device_drivers.sim.link`: :class:`VirtualRadio`, one in-process LE link whose bumble
+  devices (the hub's adapter, the wearables) reach each other through virtual controllers.
+- :mod:`device_drivers.sim.backend`: :class:`SimAdapter`, the hub's adapter on a radio, and
+  the bleak backend classes bound to it (``adapter.scanner_backend``,
+  ``adapter.client_backend``) that unmodified bleak code drives.
+- :mod:`device_drivers.sim.wearable`: :class:`VirtualWearable` (advertising, GATT, Battery,
+  Device Information, going out of range) and profile subclasses such as
+  :class:`VirtualHeartRateStrap`.
+
+A test or the demo::
+
+    async with VirtualRadio() as radio:
+        adapter = await SimAdapter.create(radio)
+        async with VirtualHeartRateStrap("TS-HRM-0001", seed=7).running(radio) as strap:
+            async with BleakClient(strap.address, backend=adapter.client_backend) as client:
+                ...
+"""
+
+from device_drivers.sim.backend import (
+    ConnectFailedError,
+    ConnectTimeoutError,
+    NotConnectedError,
+    NotifyNotSupportedError,
+    PairingAgent,
+    PairingFailedError,
+    PeripheralDisconnectedError,
+    SimAdapter,
+    SimBleakError,
+)
+from device_drivers.sim.link import RadioClosedError, SimError, VirtualRadio
+from device_drivers.sim.wearable import (
+    DeviceInformation,
+    HeartRateSignal,
+    VirtualHeartRateStrap,
+    VirtualWearable,
+    WearableError,
+)
+
+__all__ = [
+    "ConnectFailedError",
+    "ConnectTimeoutError",
+    "DeviceInformation",
+    "HeartRateSignal",
+    "NotConnectedError",
+    "NotifyNotSupportedError",
+    "PairingAgent",
+    "PairingFailedError",
+    "PeripheralDisconnectedError",
+    "RadioClosedError",
+    "SimAdapter",
+    "SimBleakError",
+    "SimError",
+    "VirtualHeartRateStrap",
+    "VirtualRadio",
+    "VirtualWearable",
+    "WearableError",
+]

@@ -1,0 +1,196 @@
+"""The virtual radio: bumble controllers sharing one in-process LE link.
+
+Every device on a :class:`VirtualRadio` is a full bumble stack (host + controller) whose
+controller talks to the others over a :class:`bumble.link.LocalLink`. The hub's adapter is one
+central device; each virtual wearable is a peripheral device. Nothing here knows about bleak;
+``device_drivers.sim.backend`` puts bleak on top of a central device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from bumble import hci
+from bumble.controller import Controller
+from bumble.device import Connection, Device, DeviceConfiguration
+from bumble.host import Host
+from bumble.keys import MemoryKeyStore
+from bumble.link import LocalLink
+from bumble.pairing import PairingConfig, PairingDelegate
+from bumble.transport.common import AsyncPipeSink
+
+from device_drivers.errors import DeviceDriverError
+
+logger = logging.getLogger(__name__)
+
+# Random static addresses (Core Vol 6, Part B, 1.3.2.1): the two most significant bits are 1.
+# The second octet makes simulated devices easy to spot in logs.
+_STATIC_ADDRESS_PREFIX: Final = "C0:5E"
+_MAX_DEVICES: Final = 0xFFFF
+
+
+class SimError(DeviceDriverError):
+    """Base of every error raised by ``device_drivers.sim``."""
+
+
+class RadioClosedError(SimError):
+    """The virtual radio was closed; it cannot create or serve devices any more."""
+
+
+class CancellableController(Controller):
+    """A bumble controller that honours LE Create Connection Cancel.
+
+    bumble's stock controller acknowledges the cancel but keeps the connection attempt
+    pending and never reports its end, so a host waiting for an absent peer waits forever.
+    Per Core Vol 4, Part E, 7.8.13 the controller ends the attempt and reports an LE
+    Connection Complete event with status Unknown Connection Identifier.
+    """
+
+    def on_hci_le_create_connection_cancel_command(
+        self, command: hci.HCI_LE_Create_Connection_Cancel_Command
+    ) -> hci.HCI_StatusReturnParameters:
+        pending = self.pending_le_connection
+        if pending is None:
+            return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.COMMAND_DISALLOWED_ERROR)
+        self.pending_le_connection = None
+        # Scheduled, so the host sees Command Complete for the cancel before the failure.
+        asyncio.get_running_loop().call_soon(self._report_cancelled_connection, pending)
+        return hci.HCI_StatusReturnParameters(hci.HCI_ErrorCode.SUCCESS)
+
+    def _report_cancelled_connection(
+        self,
+        pending: hci.HCI_LE_Create_Connection_Command
+        | hci.HCI_LE_Extended_Create_Connection_Command,
+    ) -> None:
+        self.send_hci_packet(
+            hci.HCI_LE_Connection_Complete_Event(
+                status=hci.HCI_ErrorCode.UNKNOWN_CONNECTION_IDENTIFIER_ERROR,
+                connection_handle=0,
+                role=hci.Role.CENTRAL,
+                peer_address_type=pending.peer_address_type,
+                peer_address=pending.peer_address,
+                connection_interval=0,
+                peripheral_latency=0,
+                supervision_timeout=0,
+                central_clock_accuracy=0,
+            )
+        )
+
+
+class VirtualRadio:
+    """One in-process LE link and the bumble devices on it.
+
+    Use as an async context manager (or call :meth:`close`): closing powers every device off
+    and takes its controller off the link.
+    """
+
+    def __init__(self) -> None:
+        self._link = LocalLink()  # type: ignore[no-untyped-call]  # bumble leaves it unannotated
+        self._devices: list[tuple[Device, Controller]] = []
+        self._serial = itertools.count(1)
+        self._closed = False
+
+    async def __aenter__(self) -> VirtualRadio:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def allocate_address(self) -> hci.Address:
+        """A fresh random static address, unique on this radio."""
+        serial = next(self._serial)
+        if serial > _MAX_DEVICES:
+            raise SimError("virtual radio ran out of device addresses")
+        return hci.Address(
+            f"{_STATIC_ADDRESS_PREFIX}:00:00:{serial >> 8:02X}:{serial & 0xFF:02X}",
+            hci.Address.RANDOM_DEVICE_ADDRESS,
+        )
+
+    async def create_device(
+        self,
+        name: str,
+        *,
+        address: hci.Address | None = None,
+        pairing_delegate: Callable[[Connection], PairingDelegate] | None = None,
+    ) -> Device:
+        """Create, power on and return a bumble device on this radio.
+
+        ``pairing_delegate`` makes the SMP delegate (IO capability, passkey, confirmation)
+        for a connection; without it the device pairs with Just Works.
+
+        The device's identity address is its random static address (the RANDOM identity
+        address type): bumble otherwise distributes a public identity address it does not
+        have, and the bond is then filed under the wrong address and never found again on
+        reconnection. Keys are kept in memory only.
+        """
+        if self._closed:
+            raise RadioClosedError("the virtual radio is closed")
+        own_address = address if address is not None else self.allocate_address()
+        controller = CancellableController(name, link=self._link)
+        controller.random_address = own_address
+        config = DeviceConfiguration()
+        config.name = name
+        config.address = own_address
+        config.identity_address_type = hci.Address.RANDOM_DEVICE_ADDRESS
+        config.irk = (bytes(own_address) * 3)[:16]
+        device = Device(
+            config=config,
+            host=Host(controller, AsyncPipeSink(controller)),
+        )
+        device.keystore = MemoryKeyStore()
+        device.pairing_config_factory = _pairing_config_factory(pairing_delegate)
+        self._devices.append((device, controller))
+        await device.power_on()
+        logger.debug("sim device up name=%s address=%s", name, own_address)
+        return device
+
+    async def remove_device(self, device: Device) -> None:
+        """Power a device off and take its controller off the link."""
+        for index, (known, controller) in enumerate(self._devices):
+            if known is device:
+                del self._devices[index]
+                await _shut_down(device, controller, self._link)
+                return
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        devices, self._devices = self._devices, []
+        for device, controller in devices:
+            await _shut_down(device, controller, self._link)
+
+
+def _pairing_config_factory(
+    make_delegate: Callable[[Connection], PairingDelegate] | None,
+) -> Callable[[Connection], PairingConfig]:
+    def factory(connection: Connection) -> PairingConfig:
+        return PairingConfig(
+            sc=True,
+            mitm=True,
+            bonding=True,
+            delegate=PairingDelegate() if make_delegate is None else make_delegate(connection),
+            identity_address_type=PairingConfig.AddressType.RANDOM,
+        )
+
+    return factory
+
+
+async def _shut_down(device: Device, controller: Controller, link: LocalLink) -> None:
+    for connection in list(device.connections.values()):
+        with contextlib.suppress(hci.HCI_Error, asyncio.TimeoutError):
+            await connection.disconnect()
+    controller.le_legacy_advertiser.stop()
+    controller.pending_le_connection = None
+    with contextlib.suppress(KeyError):
+        link.remove_controller(controller)
+    await device.power_off()
