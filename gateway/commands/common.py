@@ -1,0 +1,26 @@
+"""Helpers shared by the command modules."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from gateway.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+else:
+    Subparsers = argparse._SubParsersAction
+
+T = TypeVar("T")
+
+
+def add_database_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--database-url", help="PostgreSQL URL (default: $TRIALSTREAM_DATABASE_URL)")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
