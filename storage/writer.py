@@ -18,7 +18,7 @@ import asyncio
 import logging
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -92,6 +92,9 @@ SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::timestamptz[
 """
 
 
+InTransaction = Callable[[Conn, Sequence[AcceptedEnvelope]], Awaitable[None]]
+
+
 @dataclass(frozen=True, slots=True)
 class EnvelopeOutcome:
     """What the database holds for one accepted envelope after the batch committed."""
@@ -114,15 +117,25 @@ class BulkWriter:
         self._mode = mode
         self._partitions: set[int] | None = None
 
-    async def write(self, batch: Batch) -> list[EnvelopeOutcome]:
-        """Store ``batch`` in one transaction, retrying lost connections; see the module doc."""
+    async def write(
+        self, batch: Batch, *, also: InTransaction | None = None
+    ) -> list[EnvelopeOutcome]:
+        """Store ``batch`` in one transaction, retrying lost connections; see the module doc.
+
+        ``also`` runs inside the same transaction after the readings are copied, with the
+        envelopes that were new: work derived from readings (alert evaluation) then commits
+        atomically with them, or not at all.
+        """
         delay = RETRY_BASE_S
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
                 async with self._pool.connection() as conn:
                     await self._prepare_partitions(conn, batch)
                     async with conn.transaction():
-                        return await self._write(conn, batch)
+                        outcomes, fresh = await self._write(conn, batch)
+                        if also is not None and fresh:
+                            await also(conn, fresh)
+                        return outcomes
             except psycopg.OperationalError as exc:
                 if attempt == RETRY_ATTEMPTS:
                     raise DatabaseUnavailable(
@@ -150,7 +163,9 @@ class BulkWriter:
                 self._partitions |= set(await ensure_partitions(conn, missing))
                 self._partitions = await existing_partitions(conn)
 
-    async def _write(self, conn: Conn, batch: Batch) -> list[EnvelopeOutcome]:
+    async def _write(
+        self, conn: Conn, batch: Batch
+    ) -> tuple[list[EnvelopeOutcome], list[AcceptedEnvelope]]:
         received = from_ms(batch.received_ms)
         new_keys = await self._insert_envelopes(conn, batch.accepted, received)
         fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
@@ -159,7 +174,7 @@ class BulkWriter:
         conflicts = [e for e, o in zip(batch.accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
         await self._insert_gaps(conn, fresh)
-        return outcomes
+        return outcomes, fresh
 
     async def _insert_envelopes(
         self, conn: Conn, accepted: Sequence[AcceptedEnvelope], received: object
