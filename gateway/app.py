@@ -17,8 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.consumer import Consumer, ConsumerConfig
+from gateway.pki import GATEWAY_IDENTITY, StudyCA
 from gateway.settings import Settings
 from ingest import keys
+from ingest.transport import configure_tls
 from storage import db
 from storage.migrate import StorageMode, migrate
 from storage.writer import BulkWriter
@@ -71,8 +73,16 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
         client_id=f"trialstream-{settings.node}-{app[WORKER]}",
         shared=settings.mqtt_shared,
     )
+    tls = None
+    if settings.mqtt_tls:
+        ca = StudyCA.load_or_create(settings.ca_path)
+        tls = ca.issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
     consumer = Consumer(
-        config, app[POOL], BulkWriter(app[POOL], app[MODE]), load_or_create_gateway_key(settings)
+        config,
+        app[POOL],
+        BulkWriter(app[POOL], app[MODE]),
+        load_or_create_gateway_key(settings),
+        configure_client=configure_tls(tls),
     )
     task = asyncio.create_task(consumer.run(), name=f"mqtt-consumer-{app[WORKER]}")
     task.add_done_callback(_report_crash)

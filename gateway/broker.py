@@ -18,10 +18,10 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import BrokerError
+from ingest.transport import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,6 @@ _TLS_KEYS = (
     "use_identity_as_username",
     "tls_version",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    cafile: Path
-    certfile: Path
-    keyfile: Path
 
 
 def find_mosquitto(explicit: str | None = None) -> str:
@@ -154,9 +147,12 @@ class MosquittoBroker:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                if self._proc.stderr:
+                    self._proc.stderr.close()
+                lines = (err + "\n" + self._log_tail()).splitlines()
+                errors = [ln.split(": ", 1)[-1] for ln in lines if "Error" in ln] or lines[-1:]
                 raise BrokerError(
-                    f"mosquitto exited with status {self._proc.returncode}: "
-                    f"{(err.strip() or self._log_tail()).splitlines()[-1:]}"
+                    f"mosquitto exited with status {self._proc.returncode}: {'; '.join(errors)}"
                 )
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):

@@ -20,6 +20,7 @@ from types import FrameType
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.pki import GATEWAY_IDENTITY, StudyCA
 from gateway.settings import Settings
 from storage import db
 from storage.migrate import migrate
@@ -65,6 +66,10 @@ async def prepare(settings: Settings) -> None:
     async with db.connection(settings.require_database_url(), autocommit=True) as conn:
         report = await migrate(conn, settings.storage_mode)
     log.info("schema ready mode=%s version=%d", report.mode, report.version)
+    if settings.mqtt_tls:
+        # Made once here, before the workers start, so they never race to create them.
+        ca = StudyCA.load_or_create(settings.ca_path)
+        ca.issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
 
 
 def run(settings: Settings, workers: int) -> int:

@@ -35,6 +35,14 @@ class Settings:
     # Names this gateway host in its workers' MQTT client ids, which must be stable across
     # restarts (to take back unacknowledged messages) and unique across hosts.
     node: str = "gw"
+    # MQTT over TLS with the gateway's client certificate, issued by the study CA kept in
+    # ``ca_dir``; off only for the loopback development broker and the amqtt demo mode.
+    mqtt_tls: bool = False
+    ca_dir: Path | None = None
+
+    @property
+    def ca_path(self) -> Path:
+        return self.ca_dir or self.data_dir / "ca"
 
     @property
     def gateway_key_path(self) -> Path:
@@ -83,9 +91,9 @@ def _convert(name: str, raw: str) -> Any:
         except ValueError:
             choices = ", ".join(m.value for m in ModeRequest)
             raise ConfigError(f"{var}={raw!r} is not valid: expected one of {choices}") from None
-    if name in {"data_dir", "gateway_key"}:
+    if name in {"data_dir", "gateway_key", "ca_dir"}:
         return Path(raw)
-    if name == "mqtt_shared":
+    if name in {"mqtt_shared", "mqtt_tls"}:
         if raw.lower() in {"1", "true", "yes", "on"}:
             return True
         if raw.lower() in {"0", "false", "no", "off"}:

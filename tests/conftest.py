@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.broker",
+    "tests.fixtures.pki",
     "tests.fixtures.trial",
     "tests.fixtures.gateway",
 ]

@@ -1,0 +1,199 @@
+"""The study's certificate authority: broker, gateway and hub certificates.
+
+One P-256 CA per deployment signs: the broker's server certificate, the gateway workers'
+client certificate (CN ``gateway``), and each enrolled hub's client certificate (CN = its
+device id). Mosquitto maps the certificate's CN to the MQTT username
+(``use_identity_as_username``), so the ACL pattern ``dct/v1/%u/up`` lets a hub speak only
+as itself. Hub private keys never leave the hub: hubs send a CSR, signed here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.errors import GatewayError
+from ingest import keys
+from ingest.transport import TlsFiles
+
+log = logging.getLogger(__name__)
+
+CA_VALIDITY = dt.timedelta(days=10 * 365)
+# A hub's certificate outlives a long trial with margin; revocation is by device status in
+# the gateway (checked on every envelope), not by certificate expiry.
+HUB_VALIDITY = dt.timedelta(days=3 * 365)
+SERVICE_VALIDITY = dt.timedelta(days=2 * 365)
+GATEWAY_IDENTITY = "gateway"
+
+
+class PkiError(GatewayError):
+    """A certificate or CSR that cannot be used; the message says why."""
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "trialstream"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+class StudyCA:
+    def __init__(
+        self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, directory: Path
+    ) -> None:
+        self.key = key
+        self.cert = cert
+        self.directory = directory
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @classmethod
+    def load_or_create(cls, directory: Path, *, name: str = "trialstream study CA") -> StudyCA:
+        key_path, cert_path = directory / "ca.key", directory / "ca.pem"
+        if key_path.exists() and cert_path.exists():
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            return cls(keys.load_private_key(key_path), cert, directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        key = keys.generate_private_key()
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        keys.save_private_key(key, key_path)
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        log.info("created study CA directory=%s", directory)
+        return cls(key, cert, directory)
+
+    def _issue(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        common_name: str,
+        validity: dt.timedelta,
+        *,
+        server_hosts: tuple[str, ...] = (),
+    ) -> x509.Certificate:
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + validity)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        if server_hosts:
+            names: list[x509.GeneralName] = []
+            for host in server_hosts:
+                try:
+                    names.append(x509.IPAddress(ipaddress.ip_address(host)))
+                except ValueError:
+                    names.append(x509.DNSName(host))
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+            usage = [ExtendedKeyUsageOID.SERVER_AUTH]
+        else:
+            usage = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def issue_files(
+        self, directory: Path, common_name: str, *, server_hosts: tuple[str, ...] = ()
+    ) -> TlsFiles:
+        """A key made here and its certificate (for the broker and the gateway, not hubs)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = common_name.replace("/", "_")
+        key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
+        if not (key_path.exists() and cert_path.exists()):
+            key = keys.generate_private_key()
+            validity = SERVICE_VALIDITY
+            cert = self._issue(key.public_key(), common_name, validity, server_hosts=server_hosts)
+            keys.save_private_key(key, key_path)
+            cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return TlsFiles(cafile=self.cert_path, certfile=cert_path, keyfile=key_path)
+
+    def sign_csr(self, csr_pem: bytes, device_id: str) -> x509.Certificate:
+        """A hub certificate for ``device_id`` from its CSR; the CSR's own name is ignored."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise PkiError("the CSR is not a PEM certificate signing request") from exc
+        if not csr.is_signature_valid:
+            raise PkiError("the CSR's signature does not verify: it was not made with its key")
+        public_key = csr.public_key()
+        if (
+            not isinstance(public_key, ec.EllipticCurvePublicKey)
+            or public_key.curve.name != "secp256r1"
+        ):
+            raise PkiError("the CSR's key must be an EC P-256 key")
+        return self._issue(public_key, device_id, HUB_VALIDITY)
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The CSR a hub sends with its enrollment code (its name is chosen by the gateway)."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name("pending"))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def certificate_identity(cert_pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise PkiError("certificate has no common name")
+    return str(names[0].value)
+
+
+def verify_issued_by(cert_pem: bytes, ca: x509.Certificate) -> None:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    ca_key = ca.public_key()
+    if not isinstance(ca_key, ec.EllipticCurvePublicKey):
+        raise PkiError("CA key is not EC")
+    try:
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature as exc:
+        raise PkiError("certificate was not issued by this CA") from exc
