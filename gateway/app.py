@@ -16,8 +16,10 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg_pool import AsyncConnectionPool
 
+from gateway import enrollment
 from gateway.consumer import Consumer, ConsumerConfig
-from gateway.pki import GATEWAY_IDENTITY, StudyCA
+from gateway.pki import GATEWAY_IDENTITY, PkiError, StudyCA
+from gateway.problems import problem, problem_middleware, read_json_object, require_str
 from gateway.settings import Settings
 from ingest import keys
 from ingest.transport import configure_tls
@@ -33,6 +35,8 @@ POOL = web.AppKey("pool", AsyncConnectionPool)
 MODE = web.AppKey("mode", StorageMode)
 CONSUMER = web.AppKey("consumer", Consumer)
 CONSUMER_TASK = web.AppKey("consumer_task", asyncio.Task[None])
+STUDY_CA = web.AppKey("study_ca", StudyCA)
+RECEIPT_KEY = web.AppKey("receipt_key", ec.EllipticCurvePrivateKey)
 
 # API bodies are small JSON documents; envelopes never come over HTTP.
 MAX_BODY_BYTES = 64 * 1024
@@ -65,6 +69,13 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].close()
 
 
+async def _identity(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[STUDY_CA] = StudyCA.load_or_create(settings.ca_path)
+    app[RECEIPT_KEY] = load_or_create_gateway_key(settings)
+    yield
+
+
 async def _consumer(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     config = ConsumerConfig(
@@ -75,13 +86,12 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
     )
     tls = None
     if settings.mqtt_tls:
-        ca = StudyCA.load_or_create(settings.ca_path)
-        tls = ca.issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
+        tls = app[STUDY_CA].issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
     consumer = Consumer(
         config,
         app[POOL],
         BulkWriter(app[POOL], app[MODE]),
-        load_or_create_gateway_key(settings),
+        app[RECEIPT_KEY],
         configure_client=configure_tls(tls),
     )
     task = asyncio.create_task(consumer.run(), name=f"mqtt-consumer-{app[WORKER]}")
@@ -187,12 +197,57 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
+ENROLLMENT_STATUS = {
+    "malformed_code": 400,
+    "unknown_code": 404,
+    "code_used": 409,
+    "code_expired": 410,
+}
+
+
+async def post_enrollment(request: web.Request) -> web.Response:
+    """``POST /api/v1/enrollments`` {code, csr}: a hub redeems its code for an identity."""
+    body = await read_json_object(request)
+    code = require_str(body, "code", max_len=64)
+    csr = require_str(body, "csr", max_len=8_192)
+    app = request.app
+    settings = app[SETTINGS]
+    try:
+        async with app[POOL].connection() as conn:
+            result = await enrollment.enroll(
+                conn, code, csr.encode(), app[STUDY_CA], app[RECEIPT_KEY].public_key()
+            )
+    except enrollment.EnrollmentError as exc:
+        return problem(ENROLLMENT_STATUS.get(exc.kind, 400), exc.kind.replace("_", "-"), str(exc))
+    except PkiError as exc:
+        return problem(400, "invalid-csr", str(exc))
+    return web.json_response(
+        {
+            "device_id": result.device_id,
+            "participant_id": result.participant_id,
+            "study_id": result.study_id,
+            "certificate_pem": result.certificate_pem,
+            "ca_pem": result.ca_pem,
+            "receipt_key_pem": result.receipt_key_pem,
+            "broker": {
+                "host": settings.mqtt_host,
+                "port": settings.mqtt_port,
+                "tls": settings.mqtt_tls,
+            },
+            "topics": enrollment.topics(result.device_id),
+        },
+        status=201,
+    )
+
+
 def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[problem_middleware])
     app[SETTINGS] = settings
     app[WORKER] = worker
+    app.cleanup_ctx.append(_identity)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_consumer)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/api/v1/enrollments", post_enrollment)
     return app

@@ -170,16 +170,6 @@ class StudyCA:
         return self._issue(public_key, device_id, HUB_VALIDITY)
 
 
-def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """The CSR a hub sends with its enrollment code (its name is chosen by the gateway)."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(_name("pending"))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
-
-
 def certificate_identity(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

@@ -136,3 +136,41 @@ async def record_consent(
     row = await cur.fetchone()
     assert row is not None
     return int(row[0])
+
+
+async def create_enrollment_code(
+    conn: Conn, code_sha256: bytes, participant_id: str, created_by: str, expires_at: datetime
+) -> None:
+    await conn.execute(
+        "INSERT INTO enrollment_codes (code_sha256, participant_id, created_by, expires_at)"
+        " VALUES (%s, %s, %s, %s)",
+        (code_sha256, participant_id, created_by, expires_at),
+    )
+
+
+async def lock_enrollment_code(
+    conn: Conn, code_sha256: bytes
+) -> tuple[str, str, datetime, datetime | None] | None:
+    """(participant, study, expires_at, used_at) of a code, locked for this transaction."""
+    cur = await conn.execute(
+        "SELECT c.participant_id, p.study_id, c.expires_at, c.used_at FROM enrollment_codes c"
+        " JOIN participants p USING (participant_id) WHERE c.code_sha256 = %s FOR UPDATE OF c",
+        (code_sha256,),
+    )
+    row = await cur.fetchone()
+    return None if row is None else (str(row[0]), str(row[1]), row[2], row[3])
+
+
+async def mark_enrollment_code_used(conn: Conn, code_sha256: bytes, device_id: str) -> None:
+    await conn.execute(
+        "UPDATE enrollment_codes SET used_at = now(), device_id = %s WHERE code_sha256 = %s",
+        (device_id, code_sha256),
+    )
+
+
+async def participant_study(conn: Conn, participant_id: str) -> str | None:
+    cur = await conn.execute(
+        "SELECT study_id FROM participants WHERE participant_id = %s", (participant_id,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else str(row[0])
