@@ -7,9 +7,14 @@ the session restarted after a pause, and the other wearables and the relay go on
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 from device_drivers.driver import ReadingSink, SensorInfo, WearableSession
 from device_drivers.outbox import Outbox, OutboxFull
@@ -21,6 +26,13 @@ log = logging.getLogger(__name__)
 # A session that crashed (a bug, not a lost wearable: those are handled inside the session)
 # is restarted after this pause, so a fault that repeats does not spin the hub's CPU.
 RESTART_PAUSE_S = 5.0
+STATUS_INTERVAL_S = 2.0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -30,10 +42,15 @@ class OutboxSink(ReadingSink):
     outbox: Outbox
     sensors: dict[str, SensorInfo] = field(default_factory=dict)
     refused_full: int = 0
+    # (time, value) of the newest reading per metric: the participant's own hub shows it.
+    latest: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     async def readings(self, readings: Sequence[Reading]) -> None:
         try:
             await asyncio.to_thread(self.outbox.add_readings, readings)
+            for r in readings:
+                if r.t_ms >= self.latest.get(r.metric, (-1, 0.0))[0]:
+                    self.latest[r.metric] = (r.t_ms, r.value)
         except OutboxFull:
             # The bound is reached: the readings cannot be kept, and the span says so.
             self.refused_full += len(readings)
@@ -49,15 +66,60 @@ class OutboxSink(ReadingSink):
 
 
 class Hub:
-    def __init__(self, relay: Relay, sessions: Sequence[WearableSession]) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        sessions: Sequence[WearableSession],
+        sink: OutboxSink | None = None,
+        *,
+        status_path: Path | None = None,
+    ) -> None:
         self.relay = relay
         self.sessions = list(sessions)
+        self.sink = sink
+        self.status_path = status_path
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.relay.run(), name="hub-relay")
             for session in self.sessions:
                 tg.create_task(self._supervise(session), name=f"wearable-{session.spec.sensor}")
+            if self.status_path is not None:
+                tg.create_task(self._write_status(self.status_path), name="hub-status")
+
+    def status(self) -> dict[str, Any]:
+        """What ``trialstream hub status`` shows (besides the outbox, which it reads itself)."""
+        return {
+            "device_id": self.relay.config.device_id,
+            "written_at_ms": int(time.time() * 1000),
+            "broker_connected": self.relay.stats.connected,
+            "relay": asdict(self.relay.stats),
+            "wearables": [
+                {
+                    "sensor": s.spec.sensor,
+                    "address": s.spec.address,
+                    "connected": s.stats.connected,
+                    "connects": s.stats.connects,
+                    "readings": s.stats.readings,
+                    "malformed": s.stats.malformed,
+                    "gaps": s.stats.gaps,
+                    "last_error": s.stats.last_error,
+                    "info": asdict(s.stats.info) if s.stats.info else None,
+                }
+                for s in self.sessions
+            ],
+            "latest": {
+                metric: {"t_ms": t, "value": v}
+                for metric, (t, v) in (self.sink.latest.items() if self.sink else ())
+            },
+            "refused_outbox_full": self.sink.refused_full if self.sink else 0,
+        }
+
+    async def _write_status(self, path: Path) -> None:
+        while True:
+            text = json.dumps(self.status(), indent=2) + "\n"
+            await asyncio.to_thread(_atomic_write, path, text)
+            await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _supervise(self, session: WearableSession) -> None:
         while True:

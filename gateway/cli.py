@@ -26,7 +26,17 @@ EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
 
 
-COMMANDS = (commands.db, commands.serve, commands.broker, commands.decode, commands.bench)
+COMMANDS = (
+    commands.db,
+    commands.serve,
+    commands.broker,
+    commands.site,
+    commands.hub,
+    commands.consent,
+    commands.audit,
+    commands.decode,
+    commands.bench,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

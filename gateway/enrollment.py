@@ -84,12 +84,12 @@ async def issue_code(
     ttl: timedelta = DEFAULT_CODE_TTL,
     now: datetime | None = None,
 ) -> IssuedCode:
-    study = await registry.participant_study(conn, participant_id)
-    if study is None:
-        raise EnrollmentError("unknown_participant", f"no participant {participant_id!r}")
     code = "".join(secrets.choice(_ALPHABET) for _ in range(_CODE_CHARS))
     expires = (now or datetime.now(UTC)) + ttl
     async with conn.transaction():
+        study = await registry.participant_study(conn, participant_id)
+        if study is None:
+            raise EnrollmentError("unknown_participant", f"no participant {participant_id!r}")
         await registry.create_enrollment_code(
             conn, _digest(code), participant_id, created_by, expires
         )

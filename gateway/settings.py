@@ -39,6 +39,12 @@ class Settings:
     # ``ca_dir``; off only for the loopback development broker and the amqtt demo mode.
     mqtt_tls: bool = False
     ca_dir: Path | None = None
+    # The gateway's address as hubs and browsers reach it (enrollment QR codes, links).
+    public_url: str | None = None
+
+    @property
+    def gateway_url(self) -> str:
+        return self.public_url or f"http://{self.http_host}:{self.http_port}"
 
     @property
     def ca_path(self) -> Path:

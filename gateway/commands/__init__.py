@@ -1,6 +1,6 @@
 """The command groups of ``trialstream``: each module's ``register`` adds its parsers, and
 each parser's ``handler`` takes the parsed arguments and the one ``Settings``."""
 
-from gateway.commands import bench, broker, db, decode, serve
+from gateway.commands import audit, bench, broker, consent, db, decode, hub, serve, site
 
-__all__ = ["bench", "broker", "db", "decode", "serve"]
+__all__ = ["audit", "bench", "broker", "consent", "db", "decode", "hub", "serve", "site"]

@@ -1,0 +1,232 @@
+"""`trialstream hub`: enroll this hub, run it, and show its status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.commands.common import Subparsers, run
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+
+
+def _hub_dir(args: argparse.Namespace, settings: Settings) -> Path:
+    return Path(args.hub_dir) if args.hub_dir else settings.data_dir / "hub"
+
+
+def register(sub: Subparsers) -> None:
+    hub = sub.add_parser(
+        "hub",
+        help="the participant's hub: enroll, run, status",
+        description="The hub reads the participant's wearables, keeps every reading in a durable "
+        "outbox and relays signed envelopes to the gateway until each is receipted.",
+    )
+    actions = hub.add_subparsers(dest="hub_command", metavar="ACTION", required=True)
+
+    p = actions.add_parser(
+        "enroll",
+        help="enroll this hub with a site's code",
+        description="Make this hub's key (it never leaves the hub), send a "
+        "certificate request with the code, and keep the identity returned.",
+    )
+    p.add_argument("--gateway", required=True, help="the gateway's URL, e.g. https://gw.example")
+    p.add_argument("--code", required=True, help="the enrollment code from the site")
+    p.add_argument("--hub-dir", help="where the hub keeps its identity (default: <data dir>/hub)")
+    p.set_defaults(handler=_enroll)
+
+    p = actions.add_parser(
+        "run",
+        help="read wearables and relay until Ctrl-C",
+        description="Run the hub: one supervised session per wearable, the "
+        "outbox, and the relay to the broker.",
+    )
+    p.add_argument("--hub-dir", help="the hub's directory (default: <data dir>/hub)")
+    p.add_argument(
+        "--wearable",
+        action="append",
+        default=[],
+        metavar="ADDRESS=SENSOR",
+        help="a wearable's Bluetooth address and the sensor name its readings carry (repeatable)",
+    )
+    p.add_argument(
+        "--simulate",
+        action="append",
+        default=[],
+        metavar="KIND",
+        help="add a virtual wearable on a simulated radio (hr); repeatable",
+    )
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(handler=_run)
+
+    p = actions.add_parser(
+        "status",
+        help="wearables, outbox, receipts and gaps",
+        description="What the hub holds and how it is doing: paired wearables, "
+        "newest reading per metric, outbox depth, oldest unsent reading, last "
+        "receipt, rejected envelopes.",
+    )
+    p.add_argument("--hub-dir", help="the hub's directory (default: <data dir>/hub)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=_status)
+
+
+def _enroll(args: argparse.Namespace, settings: Settings) -> int:
+    from device_drivers.identity import HubIdentityError, enroll
+
+    directory = _hub_dir(args, settings)
+    try:
+        identity = run(enroll(directory, args.gateway, args.code))
+    except HubIdentityError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(
+        f"enrolled as {identity.device_id} for participant {identity.participant_id} "
+        f"({identity.study_id}); broker {identity.broker_host}:{identity.broker_port}"
+        f"{' with TLS' if identity.broker_tls else ''}; identity in {directory}"
+    )
+    return 0
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from device_drivers.identity import HubIdentity, HubIdentityError
+
+    directory = _hub_dir(args, settings)
+    try:
+        identity = HubIdentity.load(directory)
+    except HubIdentityError as exc:
+        raise ConfigError(str(exc)) from exc
+    wearables: list[tuple[str, str]] = []
+    for item in args.wearable:
+        address, _, sensor = item.partition("=")
+        if not address or not sensor:
+            raise ConfigError(f"--wearable {item!r}: expected ADDRESS=SENSOR")
+        wearables.append((address, sensor))
+    unknown = [k for k in args.simulate if k not in _SIMULATED]
+    if unknown:
+        raise ConfigError(f"--simulate {unknown[0]!r}: known kinds are {', '.join(_SIMULATED)}")
+    if not wearables and not args.simulate:
+        raise ConfigError("no wearables: give --wearable ADDRESS=SENSOR or --simulate hr")
+    print(
+        f"hub {identity.device_id}: {len(wearables) + len(args.simulate)} wearable(s), "
+        f"broker {identity.broker_host}:{identity.broker_port}; Ctrl-C stops",
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        run(_run_hub(identity, wearables, args.simulate, args.duration))
+    return 0
+
+
+_SIMULATED = {"hr": "VirtualHeartRateStrap"}
+
+
+async def _run_hub(
+    identity: Any, wearables: list[tuple[str, str]], simulate: list[str], duration: float | None
+) -> None:
+    from device_drivers.driver import BleBackends, WearableSession, WearableSpec
+    from device_drivers.hub import Hub, OutboxSink
+    from device_drivers.outbox import Outbox
+    from device_drivers.relay import Relay, RelayConfig
+    from ingest.transport import configure_tls
+
+    outbox = await asyncio.to_thread(
+        Outbox.open, identity.directory / "outbox.sqlite", identity.device_id
+    )
+    sink = OutboxSink(outbox)
+    relay = Relay(
+        RelayConfig(identity.device_id, identity.broker_host, identity.broker_port),
+        outbox,
+        identity.key(),
+        identity.receipt_key(),
+        configure_client=configure_tls(identity.tls),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = [WearableSession(WearableSpec(a, s), sink) for a, s in wearables]
+        if simulate:
+            from device_drivers import sim
+
+            radio = await stack.enter_async_context(sim.VirtualRadio())
+            adapter = await sim.SimAdapter.create(radio)
+            stack.push_async_callback(adapter.close)
+            backends = BleBackends(adapter.scanner_backend, adapter.client_backend)
+            for i, kind in enumerate(simulate):
+                wearable = getattr(sim, _SIMULATED[kind])(f"TS-{kind.upper()}-{i:04d}", seed=i)
+                await stack.enter_async_context(wearable.running(radio))
+                sessions.append(
+                    WearableSession(WearableSpec(wearable.address, f"{kind}-{i}"), sink, backends)
+                )
+        hub = Hub(relay, sessions, sink, status_path=identity.directory / "status.json")
+        try:
+            async with asyncio.timeout(duration):
+                await hub.run()
+        except TimeoutError:
+            pass
+        finally:
+            outbox.close()
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    from device_drivers.identity import HubIdentity, HubIdentityError
+    from device_drivers.outbox import Outbox, OutboxError
+
+    directory = _hub_dir(args, settings)
+    try:
+        identity = HubIdentity.load(directory)
+        with Outbox.open(directory / "outbox.sqlite", identity.device_id) as outbox:
+            stats = asdict(outbox.stats())
+            rejected = [asdict(r) for r in outbox.rejected(10)]
+    except (HubIdentityError, OutboxError) as exc:
+        raise ConfigError(str(exc)) from exc
+    try:
+        running: dict[str, Any] | None = json.loads((directory / "status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        running = None
+    report = {
+        "device_id": identity.device_id,
+        "participant_id": identity.participant_id,
+        "outbox": stats,
+        "rejected": rejected,
+        "running": running,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    now_ms = int(time.time() * 1000)
+    print(f"hub {identity.device_id} (participant {identity.participant_id})")
+    if running is None:
+        print("  not running (no status written yet)")
+    else:
+        age = (now_ms - running["written_at_ms"]) / 1000
+        state = "connected" if running["broker_connected"] else "NOT connected"
+        print(f"  broker: {state}; status {age:.0f} s old")
+        for w in running["wearables"]:
+            info = w["info"] or {}
+            print(
+                f"  wearable {w['sensor']} ({info.get('model') or '?'}, battery "
+                f"{info.get('battery_level', '?')}%): "
+                f"{'connected' if w['connected'] else 'not connected'}, {w['readings']} readings, "
+                f"{w['gaps']} gaps{', last error ' + w['last_error'] if w['last_error'] else ''}"
+            )
+        for metric, latest in sorted(running["latest"].items()):
+            ago = (now_ms - latest["t_ms"]) / 1000
+            print(f"  latest {metric}: {latest['value']:g} ({ago:.0f} s ago)")
+    oldest = stats["oldest_unreceipted_t_ms"]
+    print(
+        f"  outbox: {stats['pending_readings']} readings pending, "
+        f"{stats['unreceipted_envelopes']} envelopes awaiting receipt"
+        + (f", oldest from {(now_ms - oldest) / 1000:.0f} s ago" if oldest else "")
+        + f"; {stats['bytes_used'] / 2**20:.1f} of {stats['max_bytes'] / 2**20:.0f} MiB"
+        + (" (NEARLY FULL: the hub has been offline too long)" if stats["near_full"] else "")
+    )
+    if stats["last_receipt_seq"] is not None:
+        print(
+            f"  last receipt: envelope {stats['last_receipt_seq']} {stats['last_receipt_status']}"
+        )
+    for r in rejected:
+        print(f"  rejected envelope {r['seq']}: {r['reason']} ({r['readings']} readings)")
+    return 0

@@ -1,0 +1,198 @@
+"""`trialstream site`: a site coordinator's work: studies, sites, participants, enrollment
+codes (text and QR), device revocation. Every change is audited with who did it."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import io
+import json
+import sys
+from datetime import timedelta
+
+from gateway.commands.common import Subparsers, add_database_flags, run
+from gateway.errors import ConfigError
+from gateway.settings import Settings
+from storage import audit, db, registry
+
+
+def _actor(args: argparse.Namespace) -> str:
+    return str(args.by) if args.by else f"cli:{getpass.getuser()}"
+
+
+def register(sub: Subparsers) -> None:
+    site = sub.add_parser(
+        "site",
+        help="studies, sites, participants, enrollment codes, revocation",
+        description="A site coordinator's commands. Every change is recorded in the audit trail "
+        "with --by (default: cli:<login name>).",
+    )
+    actions = site.add_subparsers(dest="site_command", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = actions.add_parser(
+            name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
+        )
+        add_database_flags(p)
+        p.add_argument("--by", help="who does this (recorded in the audit trail)")
+        return p
+
+    p = action("create-study", "create a study")
+    p.add_argument("--study", required=True, help="study id, e.g. CARDIO-01")
+    p.add_argument("--name", required=True, help="the study's title")
+    p.add_argument(
+        "--withdrawal-policy",
+        choices=["retain", "delete"],
+        default="retain",
+        help="what happens to data already held when a participant withdraws "
+        "(default: retain, as FDA guidance allows)",
+    )
+    p.set_defaults(handler=_create_study)
+
+    p = action("add-site", "add a site to a study")
+    p.add_argument("--site", required=True, help="site id")
+    p.add_argument("--study", required=True, help="study id")
+    p.add_argument("--name", required=True, help="the site's name")
+    p.set_defaults(handler=_add_site)
+
+    p = action("add-participant", "register a participant at a site")
+    p.add_argument("--participant", required=True, help="pseudonymous participant id")
+    p.add_argument("--site", required=True, help="site id")
+    p.set_defaults(handler=_add_participant)
+
+    p = action("enroll-code", "make a single-use enrollment code for a participant's hub")
+    p.add_argument("--participant", required=True, help="participant id")
+    p.add_argument("--ttl-hours", type=float, default=72.0, help="validity (default: 72 h)")
+    p.add_argument(
+        "--gateway-url",
+        help="gateway URL put in the QR code "
+        "(default: $TRIALSTREAM_PUBLIC_URL or http://HTTP_HOST:HTTP_PORT)",
+    )
+    p.add_argument("--no-qr", action="store_true", help="print the code only")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=_enroll_code)
+
+    p = action("revoke", "revoke a hub: its next envelope is rejected (device_revoked)")
+    p.add_argument("--device", required=True, help="device id")
+    p.add_argument("--reason", required=True, help="why (recorded)")
+    p.set_defaults(handler=_revoke)
+
+
+def _create_study(args: argparse.Namespace, settings: Settings) -> int:
+    async def go() -> None:
+        async with db.connection(settings.require_database_url()) as conn, conn.transaction():
+            await registry.create_study(
+                conn, args.study, args.name, withdrawal_policy=args.withdrawal_policy
+            )
+            await audit.append(
+                conn,
+                actor=_actor(args),
+                action="study.create",
+                entity="study",
+                entity_id=args.study,
+                detail={"name": args.name, "withdrawal_policy": args.withdrawal_policy},
+            )
+
+    run(go())
+    print(f"study {args.study} created")
+    return 0
+
+
+def _add_site(args: argparse.Namespace, settings: Settings) -> int:
+    async def go() -> None:
+        async with db.connection(settings.require_database_url()) as conn, conn.transaction():
+            await registry.create_site(conn, args.site, args.study, args.name)
+            await audit.append(
+                conn,
+                actor=_actor(args),
+                action="site.create",
+                entity="site",
+                entity_id=args.site,
+                detail={"study_id": args.study, "name": args.name},
+            )
+
+    run(go())
+    print(f"site {args.site} added to {args.study}")
+    return 0
+
+
+def _add_participant(args: argparse.Namespace, settings: Settings) -> int:
+    async def go() -> str:
+        async with db.connection(settings.require_database_url()) as conn, conn.transaction():
+            cur = await conn.execute("SELECT study_id FROM sites WHERE site_id = %s", (args.site,))
+            row = await cur.fetchone()
+            if row is None:
+                raise ConfigError(f"no site {args.site!r}: add it with `trialstream site add-site`")
+            await registry.create_participant(conn, args.participant, str(row[0]), args.site)
+            await audit.append(
+                conn,
+                actor=_actor(args),
+                action="participant.create",
+                entity="participant",
+                entity_id=args.participant,
+                detail={"site_id": args.site},
+            )
+            return str(row[0])
+
+    study = run(go())
+    print(f"participant {args.participant} registered at {args.site} ({study})")
+    return 0
+
+
+def _enroll_code(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway import enrollment
+
+    if args.ttl_hours <= 0:
+        raise ConfigError("--ttl-hours must be positive")
+
+    async def go() -> enrollment.IssuedCode:
+        async with db.connection(settings.require_database_url()) as conn:
+            return await enrollment.issue_code(
+                conn, args.participant, created_by=_actor(args), ttl=timedelta(hours=args.ttl_hours)
+            )
+
+    try:
+        issued = run(go())
+    except enrollment.EnrollmentError as exc:
+        raise ConfigError(str(exc)) from exc
+    gateway_url = args.gateway_url or settings.gateway_url
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "code": issued.code,
+                    "participant_id": issued.participant_id,
+                    "study_id": issued.study_id,
+                    "expires_at": issued.expires_at.isoformat(),
+                    "gateway_url": gateway_url,
+                }
+            )
+        )
+        return 0
+    print(f"enrollment code for {issued.participant_id} ({issued.study_id}): {issued.code}")
+    print(f"valid until {issued.expires_at:%Y-%m-%d %H:%M} UTC, once. On the hub:")
+    print(f"  trialstream hub enroll --gateway {gateway_url} --code {issued.code}")
+    if not args.no_qr:
+        import qrcode
+
+        qr = qrcode.QRCode(border=1)
+        qr.add_data(f"trialstream:enroll?gateway={gateway_url}&code={issued.code}")
+        buffer = io.StringIO()
+        qr.print_ascii(out=buffer, invert=True)
+        sys.stdout.write(buffer.getvalue())
+    return 0
+
+
+def _revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway import enrollment
+
+    async def go() -> None:
+        async with db.connection(settings.require_database_url()) as conn:
+            await enrollment.revoke(conn, args.device, actor=_actor(args), reason=args.reason)
+
+    try:
+        run(go())
+    except enrollment.EnrollmentError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"device {args.device} revoked: its next envelope is rejected (device_revoked)")
+    return 0
