@@ -19,7 +19,7 @@ from typing import Any
 from device_drivers.driver import ReadingSink, SensorInfo, WearableSession
 from device_drivers.outbox import Outbox, OutboxFull
 from device_drivers.relay import Relay
-from ingest.model import Gap, Reading
+from ingest.model import Gap, Reading, SensorReport
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,18 @@ class OutboxSink(ReadingSink):
         await asyncio.to_thread(self.outbox.add_gap, gap)
 
     async def sensor(self, info: SensorInfo) -> None:
+        """Record what the wearable says about itself; it travels with the next envelope."""
         self.sensors[info.sensor] = info
+        report = SensorReport(
+            info.sensor,
+            info.manufacturer,
+            info.model,
+            info.serial,
+            info.firmware,
+            info.hardware,
+            info.battery_level,
+        )
+        await asyncio.to_thread(self.outbox.add_sensor, report)
 
 
 class Hub:

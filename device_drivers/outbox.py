@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from device_drivers.errors import DeviceDriverError
 from ingest.envelope import (
     MAX_ITEMS_PER_ENVELOPE,
+    MAX_SENSORS_PER_ENVELOPE,
     RECEIPT_ACCEPTED,
     RECEIPT_REJECTED,
     EnvelopeError,
@@ -45,7 +46,7 @@ from ingest.envelope import (
     check_reading,
     seal,
 )
-from ingest.model import Gap, Payload, Reading, Receipt
+from ingest.model import Gap, Payload, Reading, Receipt, SensorReport
 
 # Marks the SQLite file as ours (PRAGMA application_id, ASCII "TSOB"), so an outbox is never
 # confused with another application's database.
@@ -104,6 +105,17 @@ _SCHEMA: Final = (
         from_ms INTEGER NOT NULL,
         to_ms INTEGER NOT NULL,
         reason TEXT NOT NULL
+    ) STRICT
+    """,
+    """
+    CREATE TABLE pending_sensors (
+        sensor TEXT PRIMARY KEY,
+        manufacturer TEXT,
+        model TEXT,
+        serial TEXT,
+        firmware TEXT,
+        hardware TEXT,
+        battery_level INTEGER
     ) STRICT
     """,
     """
@@ -314,6 +326,23 @@ class Outbox:
                 (gap.from_ms, gap.to_ms, gap.reason),
             )
 
+    def add_sensor(self, report: SensorReport) -> None:
+        """Keep a wearable's latest description for the next envelope (newest wins)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO pending_sensors (sensor, manufacturer, model, serial,"
+                " firmware, hardware, battery_level) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    report.sensor,
+                    report.manufacturer,
+                    report.model,
+                    report.serial,
+                    report.firmware,
+                    report.hardware,
+                    report.battery_level,
+                ),
+            )
+
     def seal_pending(
         self,
         key: ec.EllipticCurvePrivateKey,
@@ -346,7 +375,15 @@ class Outbox:
                     " ORDER BY id LIMIT ?",
                     (max_readings - len(gap_rows),),
                 ).fetchall()
-                if not gap_rows and not reading_rows:
+                sensors = tuple(
+                    SensorReport(*row)
+                    for row in db.execute(
+                        "SELECT sensor, manufacturer, model, serial, firmware, hardware,"
+                        " battery_level FROM pending_sensors ORDER BY sensor LIMIT ?",
+                        (MAX_SENSORS_PER_ENVELOPE,),
+                    ).fetchall()
+                )
+                if not gap_rows and not reading_rows and not sensors:
                     break
                 readings = tuple(
                     Reading(t_ms, metric, _DOUBLE.unpack(value)[0], unit, sensor)
@@ -354,7 +391,12 @@ class Outbox:
                 )
                 gaps = tuple(Gap(a, b, reason) for _, a, b, reason in gap_rows)
                 payload = Payload(
-                    dev=self.device_id, seq=seq, sent_ms=now_ms, readings=readings, gaps=gaps
+                    dev=self.device_id,
+                    seq=seq,
+                    sent_ms=now_ms,
+                    readings=readings,
+                    gaps=gaps,
+                    sensors=sensors,
                 )
                 try:
                     data = seal(payload, key)
@@ -371,6 +413,9 @@ class Outbox:
                     db.execute("DELETE FROM pending_gaps WHERE id <= ?", (gap_rows[-1][0],))
                 if reading_rows:
                     db.execute("DELETE FROM pending_readings WHERE id <= ?", (reading_rows[-1][0],))
+                db.executemany(
+                    "DELETE FROM pending_sensors WHERE sensor = ?", [(s.sensor,) for s in sensors]
+                )
                 sealed.append(SealedEnvelope(seq, data, now_ms, len(readings), len(gaps), 0, None))
                 seq += 1
             db.execute("UPDATE meta SET next_seq = ? WHERE id = 1", (seq,))

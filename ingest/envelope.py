@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from ingest.errors import IngestError
-from ingest.model import PROTOCOL_VERSION, Gap, Payload, Reading, Reason, Receipt
+from ingest.model import PROTOCOL_VERSION, Gap, Payload, Reading, Reason, Receipt, SensorReport
 
 # 256 KiB: an envelope of MAX_ITEMS_PER_ENVELOPE readings with every string at its maximum
 # length is about 250 000 bytes, so a full batch always fits; a typical reading is ~40 bytes,
@@ -79,6 +79,10 @@ _MAX_DEPTH: Final = 4
 
 _DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 _PAYLOAD_KEYS: Final = frozenset({"v", "dev", "seq", "sent", "r", "gaps"})
+# "s" (sensor reports) is optional: sent when a wearable (re)connects or its battery changes.
+_PAYLOAD_KEYS_WITH_SENSORS: Final = _PAYLOAD_KEYS | {"s"}
+MAX_SENSORS_PER_ENVELOPE: Final = 16
+MAX_SENSOR_FIELD_BYTES: Final = 64
 _RECEIPT_KEYS: Final = frozenset({"v", "dev", "seq", "status", "stored", "refused", "at", "reason"})
 # What the decoders accept: bytes, or a bytes-like buffer (copied once after the size check).
 Buffer = bytes | bytearray | memoryview
@@ -283,7 +287,9 @@ def _payload_to_obj(payload: Payload) -> dict[str, Any]:
         raise EnvelopeError(
             Reason.TOO_LARGE, f"{count} readings and gaps > {MAX_ITEMS_PER_ENVELOPE}"
         )
-    return {
+    if len(payload.sensors) > MAX_SENSORS_PER_ENVELOPE:
+        raise EnvelopeError(Reason.TOO_LARGE, f"more than {MAX_SENSORS_PER_ENVELOPE} sensors")
+    obj: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
         "dev": check_device_id(payload.dev),
         "seq": _int(payload.seq, "seq", lo=0),
@@ -291,14 +297,22 @@ def _payload_to_obj(payload: Payload) -> dict[str, Any]:
         "r": [_reading_to_obj(r, i) for i, r in enumerate(payload.readings)],
         "gaps": [_gap_to_obj(g, i) for i, g in enumerate(payload.gaps)],
     }
+    if payload.sensors:
+        obj["s"] = [_sensor_to_obj(s, i) for i, s in enumerate(payload.sensors)]
+    return obj
 
 
 def _payload_from_obj(obj: object) -> Payload:
     if not isinstance(obj, dict):
         raise EnvelopeError(Reason.MALFORMED, "payload must be a map")
     _check_version(obj)
-    _check_keys(obj, _PAYLOAD_KEYS, "payload")
+    _check_keys(obj, _PAYLOAD_KEYS_WITH_SENSORS if "s" in obj else _PAYLOAD_KEYS, "payload")
     readings, gaps = obj["r"], obj["gaps"]
+    sensors = obj.get("s", [])
+    if "s" in obj and (
+        not isinstance(sensors, list) or not 1 <= len(sensors) <= MAX_SENSORS_PER_ENVELOPE
+    ):
+        raise EnvelopeError(Reason.MALFORMED, f"s must be an array of 1-{MAX_SENSORS_PER_ENVELOPE}")
     if not isinstance(readings, list) or not isinstance(gaps, list):
         raise EnvelopeError(Reason.MALFORMED, "r and gaps must be arrays")
     count = len(readings) + len(gaps)
@@ -312,6 +326,45 @@ def _payload_from_obj(obj: object) -> Payload:
         sent_ms=_int(obj["sent"], "sent"),
         readings=tuple(_reading_from_obj(r, i) for i, r in enumerate(readings)),
         gaps=tuple(_gap_from_obj(g, i) for i, g in enumerate(gaps)),
+        sensors=tuple(_sensor_from_obj(s, i) for i, s in enumerate(sensors)),
+    )
+
+
+def _sensor_to_obj(report: SensorReport, i: int) -> list[Any]:
+    where = f"s[{i}]"
+    fields = (report.manufacturer, report.model, report.serial, report.firmware, report.hardware)
+    battery = report.battery_level
+    if battery is not None and (not _is_int(battery) or not 0 <= battery <= 100):
+        raise EnvelopeError(Reason.MALFORMED, f"{where} battery must be 0-100")
+    return [
+        _text(report.sensor, f"{where} sensor", MAX_SENSOR_BYTES),
+        *(
+            None if f is None else _text(f, f"{where} field", MAX_SENSOR_FIELD_BYTES)
+            for f in fields
+        ),
+        battery,
+    ]
+
+
+def _sensor_from_obj(obj: object, i: int) -> SensorReport:
+    where = f"s[{i}]"
+    if not isinstance(obj, list) or len(obj) != 7:
+        raise EnvelopeError(Reason.MALFORMED, f"{where} must be a 7-element array")
+    texts = [
+        None if f is None else _text(f, f"{where} field", MAX_SENSOR_FIELD_BYTES) for f in obj[1:6]
+    ]
+    battery = obj[6]
+    if battery is not None:
+        battery = _int(battery, f"{where} battery", lo=0, hi=100)
+    manufacturer, model, serial, firmware, hardware = texts
+    return SensorReport(
+        _text(obj[0], f"{where} sensor", MAX_SENSOR_BYTES),
+        manufacturer,
+        model,
+        serial,
+        firmware,
+        hardware,
+        battery,
     )
 
 

@@ -54,6 +54,20 @@ class Gap:
 
 
 @dataclass(frozen=True, slots=True)
+class SensorReport:
+    """What a wearable says about itself (Device Information, Battery): the provenance of
+    the readings that carry its ``sensor`` name. Fields it does not serve are None."""
+
+    sensor: str
+    manufacturer: str | None = None
+    model: str | None = None
+    serial: str | None = None
+    firmware: str | None = None
+    hardware: str | None = None
+    battery_level: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Payload:
     """The signed content of one envelope."""
 
@@ -63,6 +77,7 @@ class Payload:
     readings: tuple[Reading, ...]
     gaps: tuple[Gap, ...] = ()
     v: int = PROTOCOL_VERSION
+    sensors: tuple[SensorReport, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +128,7 @@ class AcceptedEnvelope:
     consent_ids: tuple[int | None, ...]
     refusals: tuple[Refusal, ...] = ()
     gaps: tuple[Gap, ...] = ()
+    sensors: tuple[SensorReport, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,6 +206,7 @@ def admit(
         consent_ids=tuple(consent_ids),
         refusals=_refusals(refused, details),
         gaps=payload.gaps,
+        sensors=payload.sensors,
     )
 
 

@@ -86,6 +86,20 @@ SELECT * FROM unnest(%s::timestamptz[], %s::text[], %s::int8[], %s::text[], %s::
                      %s::text[], %s::text[], %s::int4[], %s::timestamptz[], %s::timestamptz[],
                      %s::text[], %s::bytea[])
 """
+# A wearable's description: newest report wins, but a field it left out keeps what is known.
+_UPSERT_SENSOR = """
+INSERT INTO sensors (device_id, sensor, manufacturer, model, serial, firmware, hardware,
+                     battery_level, first_seen, last_seen)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (device_id, sensor) DO UPDATE SET
+    manufacturer = coalesce(EXCLUDED.manufacturer, sensors.manufacturer),
+    model = coalesce(EXCLUDED.model, sensors.model),
+    serial = coalesce(EXCLUDED.serial, sensors.serial),
+    firmware = coalesce(EXCLUDED.firmware, sensors.firmware),
+    hardware = coalesce(EXCLUDED.hardware, sensors.hardware),
+    battery_level = coalesce(EXCLUDED.battery_level, sensors.battery_level),
+    last_seen = greatest(sensors.last_seen, EXCLUDED.last_seen)
+"""
 _INSERT_GAPS = """
 INSERT INTO gaps (device_id, seq, from_time, to_time, reason)
 SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::timestamptz[], %s::text[])
@@ -174,6 +188,7 @@ class BulkWriter:
         conflicts = [e for e, o in zip(batch.accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
         await self._insert_gaps(conn, fresh)
+        await self._upsert_sensors(conn, fresh, received)
         return outcomes, fresh
 
     async def _insert_envelopes(
@@ -306,6 +321,31 @@ class BulkWriter:
         ]
         if rows:
             await conn.execute(_INSERT_GAPS, [list(col) for col in zip(*rows, strict=True)])
+
+    async def _upsert_sensors(
+        self, conn: Conn, fresh: Sequence[AcceptedEnvelope], received: object
+    ) -> None:
+        rows = [(e.dev, s) for e in fresh for s in e.sensors]
+        if rows:
+            async with conn.cursor() as cur:
+                await cur.executemany(
+                    _UPSERT_SENSOR,
+                    [
+                        (
+                            dev,
+                            s.sensor,
+                            s.manufacturer,
+                            s.model,
+                            s.serial,
+                            s.firmware,
+                            s.hardware,
+                            s.battery_level,
+                            received,
+                            received,
+                        )
+                        for dev, s in rows
+                    ],
+                )
 
     async def _outcomes(
         self, conn: Conn, accepted: Sequence[AcceptedEnvelope], new_keys: set[tuple[str, int]]

@@ -85,5 +85,11 @@ async def test_heart_rate_from_a_virtual_strap_reaches_the_readings_table(
     assert any(expected[i : i + len(stored)] == stored for i in range(len(expected))), stored
     assert session.stats.info is not None
     assert session.stats.info.model == "TS-HRM-1"
+    async with db.connection(trial.url) as conn:
+        cur = await conn.execute(
+            "SELECT model, serial, firmware, battery_level IS NOT NULL FROM sensors"
+            " WHERE device_id = 'hub-1' AND sensor = 'hr-strap-1'"
+        )
+        assert await cur.fetchall() == [("TS-HRM-1", "HRM-00000011", "1.4.2", True)]
     outbox.close()
     await adapter.close()

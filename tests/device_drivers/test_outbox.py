@@ -26,7 +26,7 @@ from device_drivers.outbox import (
 )
 from ingest.envelope import open_envelope, verify
 from ingest.keys import save_private_key
-from ingest.model import Gap, Reading, Receipt
+from ingest.model import Gap, Reading, Receipt, SensorReport
 
 DEV = "hub-0001"
 REPO = Path(__file__).resolve().parents[2]
@@ -398,3 +398,15 @@ def test_kill_9_after_add_keeps_everything(
     reported = run_child(path, key_path, "kill", kill_after)
     assert reported == kill_after
     check_after_crash(path, key, at_least=reported)
+
+
+def test_sensor_reports_travel_with_the_next_envelope(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    with Outbox.open(tmp_path / "s.sqlite", "hub-1") as outbox:
+        outbox.add_sensor(SensorReport("hr-1", model="OLD", battery_level=90))
+        outbox.add_sensor(SensorReport("hr-1", model="HRM-2", battery_level=80))  # newest wins
+        (only_sensor,) = outbox.seal_pending(key, 1_000)  # no readings: still sealed
+        assert open_envelope(only_sensor.data).payload.sensors == (
+            SensorReport("hr-1", model="HRM-2", battery_level=80),
+        )
+        assert outbox.seal_pending(key, 2_000) == []  # sent once, not again

@@ -3,17 +3,28 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from ingest.model import AcceptedEnvelope, Batch, Gap, Reading, Reason, Refusal, RejectedEnvelope
+from ingest.model import (
+    AcceptedEnvelope,
+    Batch,
+    Gap,
+    Reading,
+    Reason,
+    Refusal,
+    RejectedEnvelope,
+    SensorReport,
+)
 from storage import db
 from storage.errors import BatchWriteError
 from storage.migrate import StorageMode
 from storage.partitions import existing_partitions, partition_start_ms
 from storage.writer import BulkWriter
+from tests.fixtures.trial import Trial
 
 T0 = 1_795_000_000_000  # 2026-11-18, inside the pre-created partitions' range
 
@@ -230,3 +241,27 @@ async def test_reused_seq_with_other_content_is_a_recorded_conflict(
         assert await cur.fetchall() == [("duplicate", "A", 1, 5)]
         cur = await conn.execute("SELECT DISTINCT value FROM readings WHERE value >= 90")
         assert await cur.fetchall() == []
+
+
+async def test_sensor_reports_fill_the_sensors_table(
+    trial: Trial, pool: AsyncConnectionPool
+) -> None:
+    """Newest report wins; a field a report leaves out keeps what was known."""
+    writer = BulkWriter(pool, StorageMode.PLAIN)
+    first = replace(
+        envelope("hub-1", 1),
+        sensors=(SensorReport("hr-strap-1", "Acme", "HRM-2", "SN-1", "1.0", None, 90),),
+    )
+    second = replace(
+        envelope("hub-1", 2),
+        sensors=(SensorReport("hr-strap-1", None, None, None, "1.1", None, 85),),
+    )
+    await writer.write(batch(first))
+    await writer.write(batch(second))
+    await writer.write(batch(first))  # a replay changes nothing
+    async with db.connection(trial.url) as conn:
+        cur = await conn.execute(
+            "SELECT manufacturer, model, serial, firmware, battery_level FROM sensors"
+            " WHERE device_id = 'hub-1' AND sensor = 'hr-strap-1'"
+        )
+        assert await cur.fetchall() == [("Acme", "HRM-2", "SN-1", "1.1", 85)]
