@@ -28,14 +28,14 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric import ec
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_drivers.outbox import Outbox, OutboxError
 from ingest.envelope import RECEIPT_REJECTED, EnvelopeError, open_receipt
 from ingest.pipeline import down_topic, up_topic
+from ingest.transport import connect_async, make_client
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class RelayConfig:
     max_inflight: int = 20
     tick_s: float = 0.2
     keepalive_s: int = 30
+    mqtt5: bool = True
 
 
 @dataclass
@@ -92,11 +93,7 @@ class Relay:
         self._inflight: dict[int, float] = {}
         self._last_seal = clock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=config.device_id,
-            protocol=mqtt.MQTTv5,
-        )
+        self._client = make_client(config.device_id, mqtt5=config.mqtt5)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -144,14 +141,13 @@ class Relay:
     async def run(self) -> None:
         """Relay until cancelled."""
         self._loop = asyncio.get_running_loop()
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        self._client.connect_async(
+        connect_async(
+            self._client,
             self.config.host,
             self.config.port,
             keepalive=self.config.keepalive_s,
-            clean_start=False,
-            properties=props,
+            mqtt5=self.config.mqtt5,
+            session_expiry_s=SESSION_EXPIRY_S,
         )
         self._client.loop_start()
         try:

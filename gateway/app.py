@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg_pool import AsyncConnectionPool
 
 from gateway import enrollment
+from gateway.alerts import AlertEngine, AlertService, MqttPublisher
 from gateway.consumer import Consumer, ConsumerConfig
 from gateway.pki import GATEWAY_IDENTITY, PkiError, StudyCA
 from gateway.problems import problem, problem_middleware, read_json_object, require_str
@@ -37,6 +38,7 @@ CONSUMER = web.AppKey("consumer", Consumer)
 CONSUMER_TASK = web.AppKey("consumer_task", asyncio.Task[None])
 STUDY_CA = web.AppKey("study_ca", StudyCA)
 RECEIPT_KEY = web.AppKey("receipt_key", ec.EllipticCurvePrivateKey)
+ALERT_ENGINE = web.AppKey("alert_engine", AlertEngine)
 
 # API bodies are small JSON documents; envelopes never come over HTTP.
 MAX_BODY_BYTES = 64 * 1024
@@ -82,7 +84,8 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
         host=settings.mqtt_host,
         port=settings.mqtt_port,
         client_id=f"trialstream-{settings.node}-{app[WORKER]}",
-        shared=settings.mqtt_shared,
+        shared=settings.mqtt_shared and settings.mqtt_v5,
+        mqtt5=settings.mqtt_v5,
     )
     tls = None
     if settings.mqtt_tls:
@@ -93,6 +96,7 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
         BulkWriter(app[POOL], app[MODE]),
         app[RECEIPT_KEY],
         configure_client=configure_tls(tls),
+        also=app[ALERT_ENGINE],
     )
     task = asyncio.create_task(consumer.run(), name=f"mqtt-consumer-{app[WORKER]}")
     task.add_done_callback(_report_crash)
@@ -104,9 +108,25 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _alerts(app: web.Application) -> AsyncIterator[None]:
+    """Alert sweep (missing data, escalation) and publication of alert events on MQTT."""
+    service = AlertService(
+        app[ALERT_ENGINE],
+        app[POOL],
+        app[SETTINGS].require_database_url(),
+        MqttPublisher(app[CONSUMER].publish),
+    )
+    task = asyncio.create_task(service.run(), name=f"alerts-{app[WORKER]}")
+    task.add_done_callback(_report_crash)
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def _report_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.error("consumer stopped", exc_info=task.exception())
+        log.error("task stopped task=%s", task.get_name(), exc_info=task.exception())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -244,9 +264,11 @@ def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[problem_middleware])
     app[SETTINGS] = settings
     app[WORKER] = worker
+    app[ALERT_ENGINE] = AlertEngine()
     app.cleanup_ctx.append(_identity)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_consumer)
+    app.cleanup_ctx.append(_alerts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/v1/enrollments", post_enrollment)

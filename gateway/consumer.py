@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 import psycopg
 from cryptography.hazmat.primitives.asymmetric import ec
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -34,8 +33,9 @@ from gateway.directory import Directory
 from ingest import pipeline
 from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, seal_receipt
 from ingest.model import AcceptedEnvelope, Batch, Reason, Receipt, RejectedEnvelope
+from ingest.transport import connect_async, make_client
 from storage.errors import BatchWriteError, DatabaseUnavailable
-from storage.writer import BulkWriter, EnvelopeOutcome
+from storage.writer import BulkWriter, EnvelopeOutcome, InTransaction
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ class ConsumerConfig:
     max_batch: int = 500
     max_wait_s: float = 0.05
     keepalive_s: int = 30
+    # False only for brokers that speak MQTT 3.1.1 alone (amqtt in the demo's reduced mode):
+    # no shared subscription, no Receive Maximum.
+    mqtt5: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +101,10 @@ class Consumer:
         *,
         clock: Callable[[], float] = time.time,
         configure_client: Callable[[mqtt.Client], None] | None = None,
+        also: InTransaction | None = None,
     ) -> None:
         self.config = config
+        self._also = also
         self.stats = Stats()
         self._pool = pool
         self._writer = writer
@@ -109,12 +114,7 @@ class Consumer:
         self._queue: asyncio.Queue[_Message] = asyncio.Queue(maxsize=RECEIVE_MAXIMUM * 2)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed = asyncio.Event()
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=config.client_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=True,
-        )
+        self._client = make_client(config.client_id, mqtt5=config.mqtt5, manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -183,15 +183,14 @@ class Consumer:
     async def run(self) -> None:
         """Connect and process batches until cancelled."""
         self._loop = asyncio.get_running_loop()
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
-        self._client.connect_async(
+        connect_async(
+            self._client,
             self.config.host,
             self.config.port,
             keepalive=self.config.keepalive_s,
-            clean_start=False,
-            properties=props,
+            mqtt5=self.config.mqtt5,
+            session_expiry_s=SESSION_EXPIRY_S,
+            receive_maximum=RECEIVE_MAXIMUM,
         )
         self._client.loop_start()
         try:
@@ -324,7 +323,7 @@ class Consumer:
                 now_ms,
             )
             try:
-                outcomes = await self._writer.write(batch)
+                outcomes = await self._writer.write(batch, also=self._also)
                 break
             except BatchWriteError as exc:
                 culprit = next((a for a in to_store if (a.dev, a.seq) == exc.envelope), None)
@@ -411,6 +410,10 @@ class Consumer:
                     )
                 )
             self._client.ack(m.mid, m.qos)
+
+    def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        """Publish with QoS 1 on this worker's broker connection (alert events)."""
+        return self._client.publish(topic, payload, qos=1)
 
     def _receipt(self, receipt: Receipt) -> None:
         info = self._client.publish(

@@ -31,6 +31,9 @@ class Settings:
     # Shared subscription ($share/ingest/...) so several workers split the load; off only for
     # brokers without MQTT 5 (amqtt in the demo's reduced mode).
     mqtt_shared: bool = True
+    # MQTT 5 (persistent sessions with expiry, Receive Maximum, shared subscriptions); off
+    # only for an MQTT 3.1.1 broker such as amqtt, which also implies no shared subscription.
+    mqtt_v5: bool = True
     gateway_key: Path | None = None
     # Names this gateway host in its workers' MQTT client ids, which must be stable across
     # restarts (to take back unacknowledged messages) and unique across hosts.
@@ -99,7 +102,7 @@ def _convert(name: str, raw: str) -> Any:
             raise ConfigError(f"{var}={raw!r} is not valid: expected one of {choices}") from None
     if name in {"data_dir", "gateway_key", "ca_dir"}:
         return Path(raw)
-    if name in {"mqtt_shared", "mqtt_tls"}:
+    if name in {"mqtt_shared", "mqtt_tls", "mqtt_v5"}:
         if raw.lower() in {"1", "true", "yes", "on"}:
             return True
         if raw.lower() in {"0", "false", "no", "off"}:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,3 +40,47 @@ def configure_tls(files: TlsFiles | None) -> Callable[[mqtt.Client], None] | Non
         )
 
     return configure
+
+
+def make_client(client_id: str, *, mqtt5: bool = True, manual_ack: bool = False) -> mqtt.Client:
+    """A paho client with a persistent session: MQTT 5, or 3.1.1 for brokers without it.
+
+    The session survives disconnects (3.1.1: ``clean_session=False``; 5: ``clean_start=False``
+    with an expiry given at connect), so QoS 1 messages in either direction are not lost
+    while a hub or a gateway worker is away.
+    """
+    if mqtt5:
+        return mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=manual_ack,
+        )
+    return mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv311,
+        clean_session=False,
+        manual_ack=manual_ack,
+    )
+
+
+def connect_async(
+    client: mqtt.Client,
+    host: str,
+    port: int,
+    *,
+    keepalive: int,
+    mqtt5: bool,
+    session_expiry_s: int,
+    receive_maximum: int | None = None,
+) -> None:
+    """Start connecting (paho's loop thread completes it and reconnects on its own)."""
+    if not mqtt5:
+        client.connect_async(host, port, keepalive=keepalive)
+        return
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
+    client.connect_async(host, port, keepalive=keepalive, clean_start=False, properties=props)
