@@ -1,9 +1,11 @@
 """What the pipeline needs from the database for one batch: devices and consent.
 
-Both are read fresh for every batch, for just the devices and participants in it (two
-indexed queries). A revocation or a withdrawal committed before a batch is read therefore
-applies to that batch: no cache to invalidate, no notification to miss. Parsed public keys
-are cached by their DER bytes, since parsing is the only costly part.
+Both are read fresh for every batch, for just the devices and participants in it (indexed
+queries). A revocation or a withdrawal committed before a batch is read therefore applies to
+that batch: no cache to invalidate, no notification to miss. Consent is read under the
+shared consent lock (``consent.records.snapshot``), so a withdrawal being written is either
+in what is read or effective only after the read (docs/consent.md). Parsed public keys are
+cached by their DER bytes, since parsing is the only costly part.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections.abc import Collection
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from consent.gate import ConsentEvent, ConsentSnapshot
+from consent import records
+from consent.gate import ConsentSnapshot
 from ingest.pipeline import DeviceRecord
 from storage.db import Conn
 from storage.timeconv import to_ms
@@ -22,10 +25,6 @@ _DEVICES = """
 SELECT d.device_id, d.participant_id, d.public_key, p.enrolled_at, d.revoked_at IS NOT NULL
 FROM devices d JOIN participants p USING (participant_id)
 WHERE d.device_id = ANY(%s)
-"""
-_CONSENTS = """
-SELECT consent_id, participant_id, action, scopes, effective_at
-FROM consents WHERE participant_id = ANY(%s)
 """
 
 
@@ -58,10 +57,4 @@ class Directory:
         return out
 
     async def consent(self, conn: Conn, participants: Collection[str]) -> ConsentSnapshot:
-        if not participants:
-            return ConsentSnapshot()
-        cur = await conn.execute(_CONSENTS, (list(participants),))
-        return ConsentSnapshot.from_events(
-            ConsentEvent(int(cid), str(pid), str(action), frozenset(scopes), to_ms(eff))
-            for cid, pid, action, scopes, eff in await cur.fetchall()
-        )
+        return await records.snapshot(conn, participants)

@@ -1,0 +1,264 @@
+"""The audit trail: append-only and hash-chained.
+
+Every row holds ``hash = SHA-256(prev_hash || content)``, where ``prev_hash`` is the hash of
+the row before it (32 zero bytes for the first) and ``content`` is the row's canonical form
+(:func:`canonical`). A trigger refuses UPDATE, DELETE and TRUNCATE, and the application role
+has no such privileges; :func:`verify` finds what a superuser changed anyway: an altered row
+no longer matches its hash, a deleted or inserted row breaks the link of the row after it.
+
+Appends are serialised by a transaction-level advisory lock, so concurrent writers (consent,
+alerts, exports) extend one chain; the lock is held until the appending transaction ends,
+which is what makes the next writer read the committed head. ``detail`` is hashed as
+PostgreSQL prints the stored ``jsonb`` (its text form is deterministic), so what is verified
+is exactly what is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+import psycopg
+
+from storage.db import Conn
+from storage.errors import StorageError, first_line
+from storage.timeconv import EPOCH
+
+# An arbitrary, fixed key for pg_advisory_xact_lock: "trialstream audit chain".
+AUDIT_CHAIN_LOCK_KEY = 0x7472_6175_6469_74
+GENESIS_HASH = bytes(32)
+# Bumped if the canonical form ever changes; it is part of every hashed content.
+CANONICAL_VERSION = 1
+# verify() reads the chain in pages of this many rows: bounded memory for any length.
+VERIFY_PAGE_ROWS = 5000
+
+
+class AuditError(StorageError):
+    """An audit record could not be appended (bad arguments or detail not JSON-encodable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    audit_id: int
+    at: datetime
+    actor: str
+    action: str
+    entity: str
+    entity_id: str
+    detail: Mapping[str, object]
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BrokenLink:
+    """The first row where the chain does not hold, and how."""
+
+    audit_id: int
+    # 'content_changed': the row's content does not hash to its stored hash;
+    # 'chain_broken': its prev_hash is not the hash of the row before it (a row was removed,
+    # inserted or reordered).
+    problem: str
+    expected: bytes
+    found: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    rows_checked: int
+    head_hash: bytes
+    broken: BrokenLink | None
+
+    @property
+    def ok(self) -> bool:
+        return self.broken is None
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    raise TypeError(f"not JSON-encodable in audit detail: {type(value).__name__}")
+
+
+def _epoch_us(at: datetime) -> int:
+    return (at - EPOCH) // timedelta(microseconds=1)
+
+
+def canonical(
+    *,
+    at: datetime,
+    actor: str,
+    action: str,
+    entity: str,
+    entity_id: str,
+    detail_text: str,
+    reason: str | None,
+) -> bytes:
+    """The bytes hashed for one row: a compact JSON array of its fields in a fixed order.
+
+    ``detail_text`` is the jsonb text PostgreSQL returns for the stored detail.
+    """
+    fields = [
+        CANONICAL_VERSION,
+        _epoch_us(at),
+        actor,
+        action,
+        entity,
+        entity_id,
+        detail_text,
+        reason,
+    ]
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def chain_hash(prev_hash: bytes, content: bytes) -> bytes:
+    return hashlib.sha256(prev_hash + content).digest()
+
+
+_HEAD = """
+SELECT %s::jsonb::text, clock_timestamp(),
+       (SELECT hash FROM audit_log ORDER BY audit_id DESC LIMIT 1)
+"""
+_INSERT = """
+INSERT INTO audit_log (at, actor, action, entity, entity_id, detail, reason, prev_hash, hash)
+VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s)
+RETURNING audit_id
+"""
+
+
+async def append(
+    conn: Conn,
+    *,
+    actor: str,
+    action: str,
+    entity: str,
+    entity_id: str,
+    detail: Mapping[str, object] | None = None,
+    reason: str | None = None,
+) -> int:
+    """Append one record to the chain in the caller's transaction; returns its ``audit_id``.
+
+    Call it inside the transaction that makes the audited change, so both commit or neither.
+    The chain lock is held until that transaction ends: keep such transactions short.
+    """
+    for name, value in (
+        ("actor", actor),
+        ("action", action),
+        ("entity", entity),
+        ("entity_id", entity_id),
+    ):
+        if not value or "\x00" in value:
+            raise AuditError(f"audit {name} must be a non-empty string without NUL")
+    if reason is not None and "\x00" in reason:
+        raise AuditError("audit reason must not contain NUL")
+    try:
+        detail_json = json.dumps(
+            dict(detail or {}), default=_json_default, allow_nan=False, ensure_ascii=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise AuditError(f"audit detail for {action} is not JSON-encodable: {exc}") from exc
+    if "\\u0000" in detail_json:
+        raise AuditError("audit detail must not contain NUL characters")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_CHAIN_LOCK_KEY,))
+        try:
+            cur = await conn.execute(_HEAD, (detail_json,))
+        except psycopg.DataError as exc:
+            raise AuditError(f"audit detail refused by the database: {first_line(exc)}") from exc
+        row = await cur.fetchone()
+        assert row is not None
+        detail_text, at, prev = str(row[0]), row[1], row[2]
+        prev_hash = bytes(prev) if prev is not None else GENESIS_HASH
+        content = canonical(
+            at=at,
+            actor=actor,
+            action=action,
+            entity=entity,
+            entity_id=entity_id,
+            detail_text=detail_text,
+            reason=reason,
+        )
+        cur = await conn.execute(
+            _INSERT,
+            (
+                at,
+                actor,
+                action,
+                entity,
+                entity_id,
+                detail_text,
+                reason,
+                prev_hash,
+                chain_hash(prev_hash, content),
+            ),
+        )
+        inserted = await cur.fetchone()
+    assert inserted is not None
+    return int(inserted[0])
+
+
+_PAGE = """
+SELECT audit_id, at, actor, action, entity, entity_id, detail::text, reason, prev_hash, hash
+FROM audit_log WHERE audit_id > %s ORDER BY audit_id LIMIT %s
+"""
+
+
+async def verify(conn: Conn) -> VerifyReport:
+    """Walk the whole chain in order and report the first row where it does not hold."""
+    expected_prev = GENESIS_HASH
+    checked = 0
+    last_id = 0
+    while True:
+        cur = await conn.execute(_PAGE, (last_id, VERIFY_PAGE_ROWS))
+        page = await cur.fetchall()
+        if not page:
+            return VerifyReport(checked, expected_prev, None)
+        for audit_id, at, actor, action, entity, entity_id, detail_text, reason, prev, h in page:
+            last_id = int(audit_id)
+            stored_prev = bytes(prev) if prev is not None else GENESIS_HASH
+            stored_hash = bytes(h)
+            if stored_prev != expected_prev:
+                return VerifyReport(
+                    checked,
+                    expected_prev,
+                    BrokenLink(last_id, "chain_broken", expected_prev, stored_prev),
+                )
+            content = canonical(
+                at=at,
+                actor=str(actor),
+                action=str(action),
+                entity=str(entity),
+                entity_id=str(entity_id),
+                detail_text=str(detail_text),
+                reason=None if reason is None else str(reason),
+            )
+            computed = chain_hash(stored_prev, content)
+            if computed != stored_hash:
+                return VerifyReport(
+                    checked,
+                    expected_prev,
+                    BrokenLink(last_id, "content_changed", computed, stored_hash),
+                )
+            expected_prev = stored_hash
+            checked += 1
+
+
+_HISTORY = """
+SELECT audit_id, at, actor, action, entity, entity_id, detail, reason
+FROM audit_log
+WHERE (entity = 'participant' AND entity_id = %s) OR detail ->> 'participant_id' = %s
+ORDER BY audit_id
+"""
+
+
+async def participant_history(conn: Conn, participant_id: str) -> list[AuditRecord]:
+    """Records about one participant: entity ``participant`` or ``detail.participant_id``."""
+    cur = await conn.execute(_HISTORY, (participant_id, participant_id))
+    return [
+        AuditRecord(int(aid), at, str(actor), str(action), str(ent), str(eid), dict(detail), reason)
+        for aid, at, actor, action, ent, eid, detail, reason in await cur.fetchall()
+    ]
