@@ -92,6 +92,7 @@ class Relay:
         self._receipts: asyncio.Queue[bytes] = asyncio.Queue(maxsize=RECEIPT_QUEUE)
         self._inflight: dict[int, float] = {}
         self._last_seal = clock()
+        self._online = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client = make_client(config.device_id, mqtt5=config.mqtt5)
         self._client.on_connect = self._on_connect
@@ -157,6 +158,31 @@ class Relay:
         finally:
             self._client.disconnect()
             self._client.loop_stop()
+
+    async def set_online(self, online: bool) -> None:
+        """Drop or restore the network connection: a hub losing its Wi-Fi and getting it back.
+
+        Offline, the hub keeps sealing into its outbox and sends nothing; back online, it
+        reconnects to its persistent session and relays the backlog.
+        """
+        if online == self._online:
+            return
+        self._online = online
+        if online:
+            connect_async(
+                self._client,
+                self.config.host,
+                self.config.port,
+                keepalive=self.config.keepalive_s,
+                mqtt5=self.config.mqtt5,
+                session_expiry_s=SESSION_EXPIRY_S,
+            )
+            self._client.loop_start()
+        else:
+            self._client.disconnect()
+            await asyncio.to_thread(self._client.loop_stop)
+            self.stats.connected = False
+            self._inflight.clear()
 
     async def _send_loop(self) -> None:
         while True:

@@ -27,6 +27,7 @@ EXIT_FAILURE = 1
 
 
 COMMANDS = (
+    commands.demo,
     commands.db,
     commands.serve,
     commands.broker,
@@ -34,6 +35,7 @@ COMMANDS = (
     commands.hub,
     commands.consent,
     commands.audit,
+    commands.alerts,
     commands.decode,
     commands.bench,
 )

@@ -1,6 +1,30 @@
 """The command groups of ``trialstream``: each module's ``register`` adds its parsers, and
 each parser's ``handler`` takes the parsed arguments and the one ``Settings``."""
 
-from gateway.commands import audit, bench, broker, consent, db, decode, hub, serve, site
+from gateway.commands import (
+    alerts,
+    audit,
+    bench,
+    broker,
+    consent,
+    db,
+    decode,
+    demo,
+    hub,
+    serve,
+    site,
+)
 
-__all__ = ["audit", "bench", "broker", "consent", "db", "decode", "hub", "serve", "site"]
+__all__ = [
+    "alerts",
+    "audit",
+    "bench",
+    "broker",
+    "consent",
+    "db",
+    "decode",
+    "demo",
+    "hub",
+    "serve",
+    "site",
+]
