@@ -22,6 +22,7 @@ from gateway.consumer import Consumer, ConsumerConfig
 from gateway.pki import GATEWAY_IDENTITY, PkiError, StudyCA
 from gateway.problems import problem, problem_middleware, read_json_object, require_str
 from gateway.settings import Settings
+from gateway.web import setup_web
 from ingest import keys
 from ingest.transport import configure_tls
 from storage import db
@@ -272,4 +273,5 @@ def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/api/v1/enrollments", post_enrollment)
+    setup_web(app)
     return app

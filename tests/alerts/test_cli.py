@@ -1,0 +1,114 @@
+"""`trialstream alerts`: rules, escalation, list, ack and resolve through the real command."""
+
+from __future__ import annotations
+
+import json
+
+from gateway.commands import alerts as cli_alerts
+from ingest.rules import DEFAULT_MAX_GAP_S, RuleKind, Severity
+from storage.alerts import AlertState
+from tests.alerts.conftest import Ingest, base_ms
+from tests.alerts.test_engine import rows, steps
+from tests.fixtures.trial import Trial
+from tests.test_cli import assert_one_clear_line, trialstream
+
+
+def test_cli_choices_are_the_engines() -> None:
+    assert tuple(k.value for k in RuleKind) == cli_alerts.KINDS
+    assert tuple(s.value for s in Severity) == cli_alerts.SEVERITIES
+    assert cli_alerts.STATES == (AlertState.OPEN, AlertState.ACKNOWLEDGED, AlertState.RESOLVED)
+    assert cli_alerts.DEFAULT_MAX_GAP_S == DEFAULT_MAX_GAP_S
+
+
+async def test_rules_add_and_list(trial: Trial) -> None:
+    db = ("--database-url", trial.url)
+    added = trialstream(
+        "alerts", "rules", "add", *db, "--study", "S1", "--name", "hr-high",
+        "--metric", "heart_rate", "--high", "120", "--sustained-s", "60",
+        "--hysteresis", "5", "--severity", "critical", "--by", "admin",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "'hr-high' (study): heart_rate > 120 for 60 s, hysteresis 5 [critical]" in added.stdout
+    override = trialstream(
+        "alerts", "rules", "add", *db, "--study", "S1", "--name", "hr-high",
+        "--metric", "heart_rate", "--high", "140", "--participant", "P1", "--by", "admin",
+    )  # fmt: skip
+    assert override.returncode == 0, override.stderr
+    assert "(participant P1)" in override.stdout
+    listed = trialstream("alerts", "rules", "list", *db, "--study", "S1", "--json")
+    assert listed.returncode == 0, listed.stderr
+    got = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["name"], r["participant_id"], r["high"], r["severity"]) for r in got] == [
+        ("hr-high", None, 120.0, "critical"),
+        ("hr-high", "P1", 140.0, "warning"),
+    ]
+    text = trialstream("alerts", "rules", "list", *db)
+    assert text.returncode == 0
+    assert len(text.stdout.splitlines()) == 2
+
+
+async def test_bad_rules_get_one_clear_line(trial: Trial) -> None:
+    db = ("--database-url", trial.url)
+    base = ("alerts", "rules", "add", *db, "--study", "S1", "--name", "r", "--by", "admin")
+    no_bounds = trialstream(*base, "--metric", "heart_rate")
+    assert_one_clear_line(no_bounds, "needs low, high or both")
+    unknown_metric = trialstream(*base, "--metric", "mood", "--high", "3")
+    assert_one_clear_line(unknown_metric, "unknown metric 'mood'")
+    bad_number = trialstream(*base, "--metric", "heart_rate", "--high", "lots")
+    assert bad_number.returncode == 2
+    assert "not a number: 'lots'" in bad_number.stderr
+    bad_seconds = trialstream(*base, "--metric", "heart_rate", "--high", "1", "--max-gap-s", "0")
+    assert bad_seconds.returncode == 2
+    assert "seconds > 0" in bad_seconds.stderr
+    assert await rows(trial.url, "SELECT count(*) FROM alert_rules") == [(0,)]
+
+
+async def test_list_ack_resolve(trial: Trial, ingest: Ingest) -> None:
+    db = ("--database-url", trial.url)
+    assert trialstream(
+        "alerts", "rules", "add", *db, "--study", "S1", "--name", "hr-high",
+        "--metric", "heart_rate", "--high", "120", "--by", "admin",
+    ).returncode == 0  # fmt: skip
+    await ingest(steps(base_ms(), 0, 2, 1, 130.0))
+    ((alert_id,),) = await rows(trial.url, "SELECT alert_id FROM alerts")
+    listed = trialstream("alerts", "list", *db, "--state", "open", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (alert,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (alert["alert_id"], alert["state"], alert["participant_id"], alert["rule"]) == (
+        alert_id,
+        "open",
+        "P1",
+        "hr-high",
+    )
+    premature = trialstream("alerts", "resolve", str(alert_id), *db, "--by", "ann")
+    assert_one_clear_line(premature, "acknowledge it before resolving it")
+    ack = trialstream("alerts", "ack", str(alert_id), *db, "--by", "ann", "--note", "on it")
+    assert ack.returncode == 0, ack.stderr
+    assert f"alert {alert_id} acknowledged by ann" in ack.stdout
+    done = trialstream("alerts", "resolve", str(alert_id), *db, "--by", "ann", "--note", "ok")
+    assert done.returncode == 0, done.stderr
+    assert trialstream("alerts", "list", *db, "--state", "open").stdout == ""
+    text = trialstream("alerts", "list", *db).stdout
+    assert f"{alert_id}  resolved" in text
+    missing = trialstream("alerts", "ack", "999", *db, "--by", "ann")
+    assert_one_clear_line(missing, "no alert 999")
+    assert await rows(
+        trial.url,
+        "SELECT actor, action FROM audit_log WHERE entity = 'alert' ORDER BY audit_id",
+    ) == [
+        ("system:alerts", "alert.opened"),
+        ("ann", "alert.acknowledged"),
+        ("ann", "alert.resolved"),
+    ]
+
+
+async def test_escalation_setting(trial: Trial) -> None:
+    db = ("--database-url", trial.url)
+    on = trialstream("alerts", "escalation", *db, "--study", "S1", "--after-s", "900", "--by", "a")
+    assert on.returncode == 0, on.stderr
+    assert await rows(trial.url, "SELECT alert_escalation_s FROM studies") == [(900,)]
+    off = trialstream("alerts", "escalation", *db, "--study", "S1", "--never", "--by", "a")
+    assert off.returncode == 0, off.stderr
+    assert await rows(trial.url, "SELECT alert_escalation_s FROM studies") == [(None,)]
+    unknown = trialstream("alerts", "escalation", *db, "--study", "NOPE", "--never", "--by", "a")
+    assert_one_clear_line(unknown, "no study 'NOPE'")
