@@ -4,12 +4,26 @@ The session drives the wearable through bleak only (the backend decides whether 
 BlueZ, CoreBluetooth or the bumble simulation). On each connection it reads Device
 Information and the battery into the sensor's provenance, sets the wearable's clock
 (Current Time) where it allows writing, and subscribes to every standard measurement
-characteristic it serves. Each notification is decoded by the pure parsers and handed to
-the sink, which makes it durable (the hub's outbox) before the session goes on.
+characteristic it serves (notifications and indications alike) and to Battery Level
+notifications. A glucose meter is asked through its Record Access Control Point for the
+stored records newer than the last one already held; that cursor is written to the hub's
+state file only once the records' readings are durable. Each value is decoded by the pure
+parsers and handed to the sink, which makes it durable (the hub's outbox) before the
+session goes on.
+
+Bleak's callbacks only enqueue (with the time of arrival); one loop per session decodes and
+hands off, so a burst never runs ahead of the sink and the order of a wearable's values is
+kept. A payload the parsers refuse is counted and recorded as a gap with its reason; any
+other fault ends that connection only, and the session reconnects.
 
 When the wearable drops (out of range, battery, interference) the session reconnects on its
 own with jittered backoff and records the span without data as a gap, from the last moment
 it was connected to the moment it is again: missing data is visible, never invented.
+
+Pairing (:func:`pair_wearable`) is a separate, explicit step: the participant picks a
+wearable found by :func:`discover`, the hub pairs and bonds with it (Just Works, or a
+passkey the participant types in when asked through a :class:`PasskeyPrompt`) and
+remembers it in the :class:`~device_drivers.state.HubState`.
 """
 
 from __future__ import annotations
@@ -19,20 +33,24 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from bleak import BleakClient, BleakScanner
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.backends.client import BaseBleakClient
-from bleak.backends.scanner import BaseBleakScanner
+from bleak.backends.device import BLEDevice
+from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.exc import BleakError
 from bleak_retry_connector import establish_connection
 
-from device_drivers.gatt import current_time, date_time, device_information, registry
+from device_drivers.errors import DeviceDriverError
+from device_drivers.gatt import battery, current_time, device_information, glucose, racp, registry
+from device_drivers.gatt.base import Measurement
 from device_drivers.gatt.errors import GattError
+from device_drivers.state import HubState, PairedWearable
 from ingest.model import Gap, Reading
 
 log = logging.getLogger(__name__)
@@ -53,6 +71,8 @@ MEASUREMENTS: frozenset[int] = frozenset(
 )
 BATTERY_LEVEL = 0x2A19
 CURRENT_TIME = 0x2A2B
+GLUCOSE_MEASUREMENT = glucose.MEASUREMENT_CHARACTERISTIC
+RECORD_ACCESS_CONTROL_POINT = racp.CHARACTERISTIC
 DEVICE_INFORMATION = {
     "manufacturer": device_information.MANUFACTURER_NAME,
     "model": device_information.MODEL_NUMBER,
@@ -60,6 +80,21 @@ DEVICE_INFORMATION = {
     "firmware": device_information.FIRMWARE_REVISION,
     "hardware": device_information.HARDWARE_REVISION,
 }
+# The profile a wearable is paired as: its first standard service in this order (a scale
+# with Body Composition is a weight scale).
+PROFILES: Final[dict[int, str]] = {
+    registry.HEART_RATE_SERVICE: "heart_rate",
+    registry.HEALTH_THERMOMETER_SERVICE: "thermometer",
+    registry.BLOOD_PRESSURE_SERVICE: "blood_pressure",
+    registry.PULSE_OXIMETER_SERVICE: "pulse_oximeter",
+    registry.GLUCOSE_SERVICE: "glucose",
+    registry.WEIGHT_SCALE_SERVICE: "weight_scale",
+    registry.BODY_COMPOSITION_SERVICE: "body_composition",
+}
+UNKNOWN_PROFILE: Final = "unknown"
+# Cursor name in the hub state: the last glucose record sequence number held durably.
+GLUCOSE_CURSOR: Final = "glucose_sequence"
+_MAX_SEQUENCE: Final = 0xFFFF
 
 # Reconnect backoff: first retry after 1 s (a wearable briefly out of reach comes back
 # fast), doubling to 60 s (a strap left in another room should not drain the hub).
@@ -70,8 +105,11 @@ CONNECT_TIMEOUT_S = 10.0
 SCAN_TIMEOUT_S = 5.0
 # bleak-retry-connector's attempts per connect: transient failures are common on real radios.
 CONNECT_ATTEMPTS = 3
-# Notifications waiting to be made durable; a burst (glucose backfill, 20 wearables at
-# 10 Hz) fits many times over. When full, the callback waits: back-pressure, not loss.
+# Pairing waits for a person to read six digits off a wearable and type them in: a minute.
+PAIRING_TIMEOUT_S = 60.0
+# Values waiting to be decoded and made durable. A glucose backfill (up to 1000 records)
+# or 20 wearables at 10 Hz fit many times over. A callback cannot wait (the radio does not
+# pause), so past this bound values are counted as dropped and the span becomes a gap.
 QUEUE_SIZE = 4096
 
 
@@ -90,6 +128,54 @@ class SensorInfo:
     battery_level: int | None = None
 
 
+class DriverError(DeviceDriverError):
+    """Base of the errors of wearable discovery, pairing and sessions."""
+
+
+class WearableNotFound(DriverError):
+    """The wearable was not seen advertising within the scan timeout."""
+
+
+class PairingFailed(DriverError):
+    """Pairing did not complete: refused, wrong passkey, or nobody answered in time."""
+
+
+class PasskeyPrompt(Protocol):
+    """Asks the participant during pairing (the hub's screen, app or voice prompt)."""
+
+    async def passkey(self, sensor: str) -> int | None:
+        """The six digits the wearable ``sensor`` displays, or None if the person cancels."""
+        ...
+
+    async def confirm(self, sensor: str, number: int) -> bool:
+        """Whether the wearable ``sensor`` displays ``number`` too (numeric comparison)."""
+        ...
+
+
+class PromptPairingAgent:
+    """The hub's pairing agent: the Bluetooth stack's questions, put to the participant.
+
+    It has the shape of the stack's agent (``request_passkey(address)``,
+    ``confirm_numeric(address, number)``: :class:`device_drivers.sim.PairingAgent` in the
+    simulation, a BlueZ agent on Linux) and names the wearable by the sensor name it is
+    being paired under in ``state``.
+    """
+
+    def __init__(self, prompt: PasskeyPrompt, state: HubState) -> None:
+        self.prompt = prompt
+        self.state = state
+
+    def _sensor(self, address: str) -> str:
+        known = self.state.wearable(address)
+        return known.sensor if known is not None else address
+
+    async def request_passkey(self, address: str) -> int | None:
+        return await self.prompt.passkey(self._sensor(address))
+
+    async def confirm_numeric(self, address: str, number: int) -> bool:
+        return await self.prompt.confirm(self._sensor(address), number)
+
+
 class ReadingSink(Protocol):
     """Where a session hands its data; each call returns once the data is durable."""
 
@@ -100,10 +186,15 @@ class ReadingSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class WearableSpec:
-    """A paired wearable: its address, and the stable name its readings carry as ``sensor``."""
+    """A paired wearable: its address, and the stable name its readings carry as ``sensor``.
+
+    ``pair``: secure the link on connecting (with the bond, or by pairing if there is
+    none); a session with a state file also does so for a wearable recorded as bonded.
+    """
 
     address: str
     sensor: str
+    pair: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,21 +211,161 @@ def _setter(event: asyncio.Event) -> Callable[[BleakClient], None]:
 
 @dataclass
 class SessionStats:
+    """Counters of one session (read by the hub's status and by tests)."""
+
     connects: int = 0
+    connect_failures: int = 0
     notifications: int = 0
     readings: int = 0
     malformed: int = 0
+    dropped: int = 0
     gaps: int = 0
+    errors: int = 0
+    battery_updates: int = 0
+    clock_writes: int = 0
+    records_fetched: int = 0
+    records_already_held: int = 0
+    racp_requests: int = 0
+    racp_completed: int = 0
+    racp_errors: int = 0
     connected: bool = False
     last_error: str | None = None
     info: SensorInfo | None = None
 
 
-def _short_uuid(uuid: str) -> int | None:
+@dataclass(frozen=True, slots=True)
+class _Value:
+    """One notified or indicated value, as the callback saw it."""
+
+    char_id: int
+    t_ms: int
+    data: bytes
+
+
+def _short_service(uuid: str) -> int | None:
+    text = uuid.lower()
+    if text.startswith("0000") and text.endswith(registry.BASE_UUID_SUFFIX):
+        return int(text[4:8], 16)
+    return None
+
+
+def profile_of(service_uuids: Iterable[str]) -> str:
+    """The profile name of a wearable serving (or advertising) ``service_uuids``."""
+    shorts = {_short_service(u) for u in service_uuids}
+    return next((name for sid, name in PROFILES.items() if sid in shorts), UNKNOWN_PROFILE)
+
+
+@dataclass(frozen=True, slots=True)
+class FoundWearable:
+    """A wearable seen advertising a standard health service."""
+
+    address: str
+    name: str | None
+    profile: str
+    rssi: int
+
+
+def _scan_kwargs(backends: BleBackends) -> dict[str, Any]:
+    return {} if backends.scanner is None else {"backend": backends.scanner}
+
+
+async def discover(
+    backends: BleBackends | None = None, *, timeout_s: float = SCAN_TIMEOUT_S
+) -> list[FoundWearable]:
+    """Wearables advertising a standard health service, nearest (strongest) first."""
+    backends = backends or BleBackends()
+    seen = await BleakScanner.discover(
+        timeout=timeout_s,
+        return_adv=True,
+        service_uuids=[registry.full_uuid(service) for service in PROFILES],
+        **_scan_kwargs(backends),
+    )
+    found = [
+        FoundWearable(
+            address, adv.local_name or device.name, profile_of(adv.service_uuids), adv.rssi
+        )
+        for address, (device, adv) in seen.items()
+    ]
+    return sorted(found, key=lambda w: (-w.rssi, w.address))
+
+
+async def _find(
+    address: str, backends: BleBackends, timeout_s: float
+) -> tuple[BLEDevice, AdvertisementData]:
+    wanted = address.upper()
+    advertisement: list[AdvertisementData] = []
+
+    def match(device: BLEDevice, adv: AdvertisementData) -> bool:
+        if device.address.upper() != wanted:
+            return False
+        advertisement.append(adv)
+        return True
+
+    device = await BleakScanner.find_device_by_filter(
+        match, timeout=timeout_s, **_scan_kwargs(backends)
+    )
+    if device is None or not advertisement:
+        raise WearableNotFound(f"{address} not advertising within {timeout_s} s")
+    return device, advertisement[-1]
+
+
+async def pair_wearable(
+    address: str,
+    sensor: str,
+    state: HubState,
+    backends: BleBackends | None = None,
+    *,
+    scan_timeout_s: float = SCAN_TIMEOUT_S,
+    timeout_s: float = PAIRING_TIMEOUT_S,
+) -> PairedWearable:
+    """Find, pair and bond with the wearable at ``address`` and remember it as ``sensor``.
+
+    Which pairing method runs is negotiated by the two sides' IO capabilities: Just Works
+    for a wearable without display, passkey entry (asked of the participant through the
+    adapter's agent, e.g. :class:`PromptPairingAgent`) for one that shows a number.
+    Raises :class:`WearableNotFound` or :class:`PairingFailed`; on failure the state keeps
+    what it held before.
+    """
+    backends = backends or BleBackends()
+    device, adv = await _find(address, backends, scan_timeout_s)
+    before = await asyncio.to_thread(state.wearable, address)
+    pending = PairedWearable(address, sensor, profile_of(adv.service_uuids), bonded=False)
+    await asyncio.to_thread(state.remember, pending)
+    client = BleakClient(device, pair=True, timeout=timeout_s, backend=backends.client)
     try:
-        return registry.parse_characteristic_id(uuid)
-    except GattError:
-        return None
+        async with asyncio.timeout(timeout_s):
+            await client.connect()
+            profile = profile_of(service.uuid for service in client.services)
+    except (BleakError, TimeoutError) as exc:
+        await asyncio.to_thread(_restore, state, address, before)
+        raise PairingFailed(f"pairing {sensor} failed: {type(exc).__name__}") from exc
+    finally:
+        with contextlib.suppress(BleakError, TimeoutError):
+            await client.disconnect()
+    paired = replace(pending, profile=profile, bonded=True)
+    await asyncio.to_thread(state.remember, paired)
+    log.info("wearable paired sensor=%s profile=%s", sensor, profile)
+    return paired
+
+
+def _restore(state: HubState, address: str, before: PairedWearable | None) -> None:
+    if before is None:
+        state.forget(address)
+    else:
+        state.remember(before)
+
+
+def _readings(measured: Sequence[Measurement], received_ms: int, sensor: str) -> list[Reading]:
+    return [
+        Reading(
+            int(m.time.timestamp() * 1000) if m.time is not None else received_ms,
+            m.metric,
+            m.value,
+            m.unit,
+            sensor,
+        )
+        for m in measured
+    ]
 
 
 @dataclass
@@ -146,6 +377,17 @@ class WearableSession:
     clock: Callable[[], float] = time.time
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     stats: SessionStats = field(default_factory=SessionStats)
+    state: HubState | None = None
+    _held_sequence: int | None = field(default=None, init=False, repr=False)
+    _durable_sequence: int | None = field(default=None, init=False, repr=False)
+    _overflow: tuple[int, int] | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def for_paired(
+        cls, wearable: PairedWearable, sink: ReadingSink, state: HubState, **kwargs: Any
+    ) -> WearableSession:
+        """The session of a wearable remembered in ``state``."""
+        return cls(WearableSpec(wearable.address, wearable.sensor), sink, state=state, **kwargs)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -154,11 +396,14 @@ class WearableSession:
         """Keep the wearable connected and its data flowing until cancelled."""
         delay = RECONNECT_MIN_S
         lost_at: int | None = None
+        lost_reason = "out_of_range"
+        await self._load_cursor()
         while True:
             disconnected = asyncio.Event()
             try:
                 client = await self._connect(disconnected)
-            except (BleakError, TimeoutError, OSError) as exc:
+            except (BleakError, TimeoutError, OSError, DriverError) as exc:
+                self.stats.connect_failures += 1
                 self.stats.last_error = f"connect: {type(exc).__name__}"
                 log.info("wearable unreachable sensor=%s retry_in_s=%.0f", self.spec.sensor, delay)
                 if lost_at is None:
@@ -166,11 +411,11 @@ class WearableSession:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
-            delay = RECONNECT_MIN_S
+            failed = False
             try:
                 if lost_at is not None:
-                    await self._gap(lost_at, self._now_ms(), "out_of_range")
-                    lost_at = None
+                    await self._gap(lost_at, self._now_ms(), lost_reason)
+                    lost_at, lost_reason = None, "out_of_range"
                 await self._serve(client, disconnected)
             except (BleakError, TimeoutError, OSError) as exc:
                 self.stats.last_error = f"session: {type(exc).__name__}"
@@ -179,22 +424,33 @@ class WearableSession:
                     self.spec.sensor,
                     type(exc).__name__,
                 )
+            except Exception as exc:  # one wearable's fault must not stop the hub
+                failed = True
+                self.stats.errors += 1
+                self.stats.last_error = f"driver: {type(exc).__name__}"
+                lost_reason = "driver_error"
+                log.exception("wearable session failed sensor=%s", self.spec.sensor)
             finally:
                 self.stats.connected = False
                 lost_at = lost_at or self._now_ms()
                 with contextlib.suppress(BleakError, TimeoutError, OSError):
                     await client.disconnect()
+                await self._save_cursor()
+            if failed:  # a fault that repeats must not spin: back off as for a lost link
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                delay = min(delay * 2, RECONNECT_MAX_S)
+            else:
+                delay = RECONNECT_MIN_S
+
+    def _bonded(self) -> bool:
+        if self.spec.pair:
+            return True
+        known = self.state.wearable(self.spec.address) if self.state is not None else None
+        return known is not None and known.bonded
 
     async def _connect(self, disconnected: asyncio.Event) -> BleakClient:
         """Find the wearable advertising, then connect through bleak-retry-connector."""
-        scan_kwargs: dict[str, Any] = {}
-        if self.backends.scanner is not None:
-            scan_kwargs["backend"] = self.backends.scanner
-        device = await BleakScanner.find_device_by_address(
-            self.spec.address, timeout=self.scan_timeout_s, **scan_kwargs
-        )
-        if device is None:
-            raise TimeoutError(f"{self.spec.sensor} not advertising")
+        device, _ = await _find(self.spec.address, self.backends, self.scan_timeout_s)
         async with asyncio.timeout(self.connect_timeout_s * CONNECT_ATTEMPTS):
             return await establish_connection(
                 BleakClient,
@@ -202,6 +458,7 @@ class WearableSession:
                 self.spec.sensor,
                 disconnected_callback=_setter(disconnected),
                 max_attempts=CONNECT_ATTEMPTS,
+                pair=self._bonded(),
                 backend=self.backends.client,
             )
 
@@ -212,66 +469,157 @@ class WearableSession:
         self.stats.info = info
         await self.sink.sensor(info)
         await self._set_clock(client)
-        queue: asyncio.Queue[list[Reading]] = asyncio.Queue(maxsize=QUEUE_SIZE)
-        subscribed = []
+        queue: asyncio.Queue[_Value] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        subscribed: list[int] = []
+        control_point: BleakGATTCharacteristic | None = None
         for service in client.services:
             for char in service.characteristics:
-                short = _short_uuid(char.uuid)
-                if short in MEASUREMENTS and ({"notify", "indicate"} & set(char.properties)):
-                    await client.start_notify(char, self._handler(short, queue))
+                short = _short_service(char.uuid)
+                properties = set(char.properties)
+                wanted = short in MEASUREMENTS and bool({"notify", "indicate"} & properties)
+                wanted |= short == BATTERY_LEVEL and "notify" in properties
+                if short == RECORD_ACCESS_CONTROL_POINT and {"indicate", "write"} <= properties:
+                    wanted = True
+                    control_point = char
+                if wanted and short is not None:
+                    await client.start_notify(char, self._enqueue(short, queue))
                     subscribed.append(short)
         log.info(
             "wearable connected sensor=%s subscribed=%s",
             self.spec.sensor,
             ",".join(f"0x{c:04X}" for c in subscribed),
         )
+        if control_point is not None:
+            await self._request_stored_records(client, control_point)
         waiter = asyncio.ensure_future(disconnected.wait())
         try:
             while not disconnected.is_set():
                 getter = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    await self.sink.readings(getter.result())
+                    await self._handle(getter.result())
                 else:
                     getter.cancel()
             while not queue.empty():  # what arrived before the drop is still data
-                await self.sink.readings(queue.get_nowait())
+                await self._handle(queue.get_nowait())
         finally:
             waiter.cancel()
 
-    def _handler(
-        self, char_id: int, queue: asyncio.Queue[list[Reading]]
-    ) -> Callable[[BleakGATTCharacteristic, bytearray], Any]:
-        async def on_notify(_char: BleakGATTCharacteristic, data: bytearray) -> None:
+    def _enqueue(
+        self, char_id: int, queue: asyncio.Queue[_Value]
+    ) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
+        def on_value(_char: BleakGATTCharacteristic, data: bytearray) -> None:
             self.stats.notifications += 1
             now = self._now_ms()
             try:
-                measured = registry.decode_to_measurements(char_id, bytes(data))
-            except GattError as exc:
-                self.stats.malformed += 1
-                log.warning(
-                    "malformed notification sensor=%s char=0x%04X: %s",
-                    self.spec.sensor,
-                    char_id,
-                    exc,
-                )
-                await self._gap(now, now, f"malformed_0x{char_id:04X}")
-                return
-            batch = [
-                Reading(
-                    int(m.time.timestamp() * 1000) if m.time is not None else now,
-                    m.metric,
-                    m.value,
-                    m.unit,
-                    self.spec.sensor,
-                )
-                for m in measured
-            ]
-            if batch:
-                self.stats.readings += len(batch)
-                await queue.put(batch)
+                queue.put_nowait(_Value(char_id, now, bytes(data)))
+            except asyncio.QueueFull:
+                self.stats.dropped += 1
+                start = self._overflow[0] if self._overflow is not None else now
+                self._overflow = (start, now)
 
-        return on_notify
+        return on_value
+
+    async def _handle(self, value: _Value) -> None:
+        try:
+            if value.char_id == BATTERY_LEVEL:
+                await self._on_battery(value)
+            elif value.char_id == RECORD_ACCESS_CONTROL_POINT:
+                await self._on_racp(value)
+            elif value.char_id == GLUCOSE_MEASUREMENT:
+                await self._on_glucose(value)
+            else:
+                measured = registry.decode_to_measurements(value.char_id, value.data)
+                await self._store(_readings(measured, value.t_ms, self.spec.sensor))
+        except GattError as exc:
+            self.stats.malformed += 1
+            log.warning(
+                "malformed value sensor=%s char=0x%04X error=%s",
+                self.spec.sensor,
+                value.char_id,
+                type(exc).__name__,
+            )
+            await self._gap(value.t_ms, value.t_ms, f"malformed_0x{value.char_id:04X}")
+        if self._overflow is not None:
+            (start, end), self._overflow = self._overflow, None
+            log.error("hub fell behind sensor=%s: values dropped, gap recorded", self.spec.sensor)
+            await self._gap(start, end, "hub_overloaded")
+
+    async def _store(self, readings: list[Reading]) -> None:
+        if readings:
+            self.stats.readings += len(readings)
+            await self.sink.readings(readings)
+
+    async def _on_battery(self, value: _Value) -> None:
+        level = battery.decode(value.data).percent
+        self.stats.battery_updates += 1
+        info = self.stats.info or SensorInfo(self.spec.sensor, self.spec.address)
+        self.stats.info = replace(info, battery_level=level)
+        await self.sink.sensor(self.stats.info)
+
+    async def _on_glucose(self, value: _Value) -> None:
+        record = glucose.decode(value.data)
+        sequence = record.sequence_number
+        if self._held_sequence is not None and sequence <= self._held_sequence:
+            self.stats.records_already_held += 1
+            return
+        await self._store(_readings(glucose.measurements(record), value.t_ms, self.spec.sensor))
+        self.stats.records_fetched += 1
+        if self._durable_sequence is None or sequence > self._durable_sequence:
+            self._durable_sequence = sequence
+
+    async def _on_racp(self, value: _Value) -> None:
+        response = racp.decode_response(value.data)
+        if not isinstance(response, racp.ResponseCodeIndication):
+            return
+        if response.request_opcode != racp.Opcode.REPORT_STORED_RECORDS:
+            return
+        if response.code in (racp.ResponseCode.SUCCESS, racp.ResponseCode.NO_RECORDS_FOUND):
+            self.stats.racp_completed += 1
+            await self._save_cursor()
+        else:
+            self.stats.racp_errors += 1
+            log.warning(
+                "stored records not reported sensor=%s response_code=%d",
+                self.spec.sensor,
+                response.code,
+            )
+
+    async def _request_stored_records(
+        self, client: BleakClient, control_point: BleakGATTCharacteristic
+    ) -> None:
+        held = self._held_sequence
+        if held is None:
+            request = racp.report_all_records()
+        else:
+            request = racp.report_records_from(min(held + 1, _MAX_SEQUENCE))
+        self.stats.racp_requests += 1
+        try:
+            await client.write_gatt_char(control_point, racp.encode_request(request), response=True)
+        except BleakError as exc:
+            self.stats.racp_errors += 1
+            log.warning(
+                "stored records request refused sensor=%s error=%s",
+                self.spec.sensor,
+                type(exc).__name__,
+            )
+
+    async def _load_cursor(self) -> None:
+        if self.state is not None and self._held_sequence is None:
+            self._held_sequence = await asyncio.to_thread(
+                self.state.cursor, self.spec.sensor, GLUCOSE_CURSOR
+            )
+
+    async def _save_cursor(self) -> None:
+        """Advance the cursor to the last record whose readings the sink made durable."""
+        durable = self._durable_sequence
+        if durable is None or (self._held_sequence is not None and durable <= self._held_sequence):
+            return
+        if self.state is not None:
+            await asyncio.to_thread(
+                self.state.set_cursor, self.spec.sensor, GLUCOSE_CURSOR, durable
+            )
+        self._held_sequence = durable
 
     async def _describe(self, client: BleakClient) -> SensorInfo:
         fields: dict[str, Any] = {}
@@ -281,7 +629,7 @@ class WearableSession:
                 fields[name] = device_information.decode(bytes(raw), char_id)
         with contextlib.suppress(BleakError, GattError):
             raw = await client.read_gatt_char(registry.full_uuid(BATTERY_LEVEL))
-            fields["battery_level"] = int(raw[0]) if raw else None
+            fields["battery_level"] = battery.decode(bytes(raw)).percent
         return SensorInfo(self.spec.sensor, self.spec.address, client.name, **fields)
 
     async def _set_clock(self, client: BleakClient) -> None:
@@ -289,14 +637,17 @@ class WearableSession:
         if char is None or not ({"write", "write-without-response"} & set(char.properties)):
             return
         now = datetime.fromtimestamp(self.clock(), UTC)
-        value = current_time.CurrentTime(
-            date_time.DateTime(now.year, now.month, now.day, now.hour, now.minute, now.second),
-            day_of_week=now.isoweekday(),
-        )
+        value = current_time.CurrentTime.from_datetime(now)
         try:
             await client.write_gatt_char(char, current_time.encode(value), response=True)
         except BleakError as exc:
-            log.info("wearable refused the clock sensor=%s: %s", self.spec.sensor, exc)
+            log.info(
+                "wearable refused the clock sensor=%s error=%s",
+                self.spec.sensor,
+                type(exc).__name__,
+            )
+            return
+        self.stats.clock_writes += 1
 
     async def _gap(self, from_ms: int, to_ms: int, reason: str) -> None:
         self.stats.gaps += 1

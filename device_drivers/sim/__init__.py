@@ -6,8 +6,11 @@
   the bleak backend classes bound to it (``adapter.scanner_backend``,
   ``adapter.client_backend``) that unmodified bleak code drives.
 - :mod:`device_drivers.sim.wearable`: :class:`VirtualWearable` (advertising, GATT, Battery,
-  Device Information, going out of range) and profile subclasses such as
-  :class:`VirtualHeartRateStrap`.
+  Device Information, Current Time, battery drain, going out of range, injected faults)
+  and :class:`VirtualHeartRateStrap`.
+- :mod:`device_drivers.sim.profiles`: thermometer, blood pressure cuff, pulse oximeter,
+  glucose meter (stored records through RACP) and weight scale with body composition.
+- :mod:`device_drivers.sim.signals`: their seeded signals, with abnormal episodes.
 
 A test or the demo::
 
@@ -30,18 +33,30 @@ from device_drivers.sim.backend import (
     SimBleakError,
 )
 from device_drivers.sim.link import RadioClosedError, SimError, VirtualRadio
+from device_drivers.sim.profiles import (
+    GlucoseRecord,
+    VirtualBloodPressureCuff,
+    VirtualGlucoseMeter,
+    VirtualPulseOximeter,
+    VirtualThermometer,
+    VirtualWeightScale,
+)
 from device_drivers.sim.wearable import (
     DeviceInformation,
+    Faults,
     HeartRateSignal,
     VirtualHeartRateStrap,
     VirtualWearable,
     WearableError,
+    WearableOptions,
 )
 
 __all__ = [
     "ConnectFailedError",
     "ConnectTimeoutError",
     "DeviceInformation",
+    "Faults",
+    "GlucoseRecord",
     "HeartRateSignal",
     "NotConnectedError",
     "NotifyNotSupportedError",
@@ -52,8 +67,14 @@ __all__ = [
     "SimAdapter",
     "SimBleakError",
     "SimError",
+    "VirtualBloodPressureCuff",
+    "VirtualGlucoseMeter",
     "VirtualHeartRateStrap",
+    "VirtualPulseOximeter",
     "VirtualRadio",
+    "VirtualThermometer",
     "VirtualWearable",
+    "VirtualWeightScale",
     "WearableError",
+    "WearableOptions",
 ]

@@ -16,15 +16,20 @@ import contextlib
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Self
+from datetime import UTC, datetime, timedelta
+from typing import Final, Self, TypedDict, Unpack
 
 from bumble import att, core, gatt, hci
 from bumble.core import AdvertisingData
 from bumble.device import Connection, Device
 from bumble.pairing import PairingDelegate
 
+from device_drivers.gatt import current_time
+from device_drivers.gatt.current_time import CurrentTime
+from device_drivers.gatt.errors import GattError
 from device_drivers.gatt.heart_rate import HeartRateMeasurement, encode
 from device_drivers.sim.link import SimError, VirtualRadio
 
@@ -41,6 +46,8 @@ FIRMWARE_REVISION: Final = core.UUID.from_16_bits(0x2A26, "Firmware Revision Str
 HEART_RATE_SERVICE: Final = core.UUID.from_16_bits(0x180D, "Heart Rate")
 HEART_RATE_MEASUREMENT: Final = core.UUID.from_16_bits(0x2A37, "Heart Rate Measurement")
 BODY_SENSOR_LOCATION: Final = core.UUID.from_16_bits(0x2A38, "Body Sensor Location")
+CURRENT_TIME_SERVICE: Final = core.UUID.from_16_bits(0x1805, "Current Time")
+CURRENT_TIME: Final = core.UUID.from_16_bits(0x2A2B, "Current Time")
 
 # Legacy advertising data holds 31 bytes (Core Vol 3, Part C, 11); the simulated controller
 # sends no scan response, so name and service UUIDs must both fit in it.
@@ -51,6 +58,27 @@ _AD_FLAGS: Final = bytes([0x06])  # LE General Discoverable, BR/EDR not supporte
 DEFAULT_ADVERTISING_INTERVAL_MS: Final = 25.0
 # Body Sensor Location 0x2A38: 1 = chest (GATT Specification Supplement, 3.25).
 _BODY_SENSOR_LOCATION_CHEST: Final = bytes([0x01])
+# Battery drain is applied in steps of this many seconds (a percent changes rarely anyway).
+_BATTERY_TICK_S: Final = 1.0
+# ATT application error a faulty wearable answers reads with (0x80..0x9F are the
+# application's own; "Unlikely Error" 0x0E is what misbehaving firmware tends to send).
+_FAULTY_READ_ERROR: Final = att.ErrorCode.UNLIKELY_ERROR
+# Measurements a wearable keeps while no hub listens, sent when one subscribes again
+# (Health Thermometer, Blood Pressure and Weight Scale allow storing; 30 is typical).
+DEFAULT_BACKLOG: Final = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """Ways a wearable misbehaves, for tests that a hub survives it.
+
+    Args:
+        corrupt_every: every Nth measurement payload is cut to its first byte (0: never).
+        refuse_reads: reads of Battery and Device Information fail with an ATT error.
+    """
+
+    corrupt_every: int = 0
+    refuse_reads: bool = False
 
 
 class WearableError(SimError):
@@ -59,6 +87,20 @@ class WearableError(SimError):
 
 class WearableNotRunningError(WearableError):
     """The wearable is not on a radio (call :meth:`VirtualWearable.start` first)."""
+
+
+class WearableOptions(TypedDict, total=False):
+    """Keyword options every profile passes on to :class:`VirtualWearable`."""
+
+    battery_level: int
+    passkey: int | None
+    io_capability: int
+    require_encryption: bool
+    request_security: bool
+    advertising_interval_ms: float
+    clock_offset_s: float
+    battery_drain_per_hour: float
+    faults: Faults | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +176,10 @@ class VirtualWearable:
         require_encryption: bool = False,
         request_security: bool = False,
         advertising_interval_ms: float = DEFAULT_ADVERTISING_INTERVAL_MS,
+        serves_current_time: bool = False,
+        clock_offset_s: float = 0.0,
+        battery_drain_per_hour: float = 0.0,
+        faults: Faults | None = None,
     ) -> None:
         """
         Args:
@@ -145,9 +191,25 @@ class VirtualWearable:
                 must pair, or re-encrypt with its bond, before reading or subscribing).
             request_security: send an SMP Security Request as soon as a hub connects, as
                 wearables that insist on pairing do.
+            serves_current_time: serve the Current Time service (0x1805) whose Current Time
+                (0x2A2B) a hub reads and writes to set the wearable's clock.
+            clock_offset_s: how far the wearable's own clock is from the real time until a
+                hub sets it (measurement time stamps come from this clock).
+            battery_drain_per_hour: percent of battery used per hour while on; each whole
+                percent lost is notified on Battery Level.
+            faults: misbehaviour to inject (see :class:`Faults`).
         """
         if not 0 <= battery_level <= 100:
             raise ValueError("battery_level is a percentage")
+        if battery_drain_per_hour < 0:
+            raise ValueError("battery_drain_per_hour cannot be negative")
+        self.serves_current_time = serves_current_time
+        self.clock_writes: list[CurrentTime] = []
+        self._clock_offset = timedelta(seconds=clock_offset_s)
+        self.battery_drain_per_hour = battery_drain_per_hour
+        self.faults = faults if faults is not None else Faults()
+        self.measurements_sent = 0
+        self.malformed_sent = 0
         self.name = name
         self.info = info
         self.passkey = passkey
@@ -173,6 +235,8 @@ class VirtualWearable:
         self._main: asyncio.Task[None] | None = None
         self._task_group: asyncio.TaskGroup | None = None
         self._return_task: asyncio.Task[None] | None = None
+        self._backlogs: dict[int, tuple[gatt.Characteristic[bytes], deque[bytes]]] = {}
+        self._backlog_changed = asyncio.Event()
 
     def profile_services(self) -> Sequence[gatt.Service]:
         """The profile's own GATT services (Battery and Device Information are added)."""
@@ -222,10 +286,14 @@ class VirtualWearable:
         self._radio = radio
         self._device = device
         self._address = str(device.random_address.to_string(with_type_qualifier=False))
-        device.add_services(
-            [*self._profile_services, self._battery_service(), self._information_service()]
-        )
+        services = [*self._profile_services, self._battery_service(), self._information_service()]
+        if self.serves_current_time:
+            services.append(self._current_time_service())
+        device.add_services(services)
         device.on(Device.EVENT_CONNECTION, self._on_connection)
+        device.gatt_server.on(
+            device.gatt_server.EVENT_CHARACTERISTIC_SUBSCRIPTION, self._on_subscription
+        )
         started = asyncio.get_running_loop().create_future()
         self._main = asyncio.get_running_loop().create_task(
             self._run(started), name=f"wearable-{self.name}"
@@ -247,6 +315,9 @@ class VirtualWearable:
         self._radio = None
         if device is not None and radio is not None:
             device.remove_listener(Device.EVENT_CONNECTION, self._on_connection)
+            device.gatt_server.remove_listener(
+                device.gatt_server.EVENT_CHARACTERISTIC_SUBSCRIPTION, self._on_subscription
+            )
             await radio.remove_device(device)
 
     @contextlib.asynccontextmanager
@@ -319,6 +390,120 @@ class VirtualWearable:
         if self._device is not None and self._device.connections:
             await self._device.indicate_subscribers(characteristic, value)
 
+    def device_time(self) -> datetime:
+        """The wearable's own clock: real time plus its offset (until a hub sets it)."""
+        return datetime.now(UTC) + self._clock_offset
+
+    def is_subscribed(self, characteristic: gatt.Characteristic[bytes]) -> bool:
+        """Whether a connected hub enabled notifications or indications of it."""
+        if self._device is None:
+            return False
+        for cccds in self._device.gatt_server.subscribers.values():
+            cccd = cccds.get(characteristic.handle)
+            if cccd and cccd[0] & 0x03:
+                return True
+        return False
+
+    async def send_measurement(
+        self, characteristic: gatt.Characteristic[bytes], payload: bytes, *, indicate: bool
+    ) -> bool:
+        """Notify or indicate one measurement if a hub listens; True when it was sent.
+
+        This is where :attr:`faults` corrupt payloads, so every profile misbehaves alike.
+        """
+        if not self.is_subscribed(characteristic):
+            return False
+        self.measurements_sent += 1
+        every = self.faults.corrupt_every
+        if every and self.measurements_sent % every == 0:
+            payload = payload[:1]
+            self.malformed_sent += 1
+        try:
+            if indicate:
+                await self.indicate(characteristic, payload)
+            else:
+                await self.notify(characteristic, payload)
+        except (TimeoutError, core.BaseBumbleError) as error:
+            # The hub went away mid-indication: not the wearable's failure to report.
+            logger.debug("wearable send failed name=%s error=%r", self.name, error)
+            return False
+        return True
+
+    def store_measurement(self, characteristic: gatt.Characteristic[bytes], payload: bytes) -> None:
+        """Keep a measurement to indicate as soon as a hub listens (oldest dropped when full)."""
+        entry = self._backlogs.get(characteristic.handle)
+        if entry is None:
+            entry = (characteristic, deque(maxlen=DEFAULT_BACKLOG))
+            self._backlogs[characteristic.handle] = entry
+        entry[1].append(payload)
+        self._backlog_changed.set()
+
+    def backlog(self, characteristic: gatt.Characteristic[bytes]) -> int:
+        """Measurements kept for ``characteristic`` that no hub has received yet."""
+        entry = self._backlogs.get(characteristic.handle)
+        return 0 if entry is None else len(entry[1])
+
+    async def _deliver_backlogs(self) -> None:
+        while True:
+            await self._backlog_changed.wait()
+            self._backlog_changed.clear()
+            for characteristic, queue in list(self._backlogs.values()):
+                while queue and await self.send_measurement(
+                    characteristic, queue[0], indicate=True
+                ):
+                    queue.popleft()
+
+    def _on_subscription(self, *_args: object) -> None:
+        self._backlog_changed.set()
+
+    async def _drain_battery(self) -> None:
+        loop = asyncio.get_running_loop()
+        started, level = loop.time(), float(self._battery_level)
+        while self._battery_level > 0:
+            await asyncio.sleep(_BATTERY_TICK_S)
+            used = (loop.time() - started) / 3600.0 * self.battery_drain_per_hour
+            now = max(0, math.floor(level - used))
+            if now < self._battery_level:
+                await self.set_battery_level(now)
+
+    def _read_battery(self, _connection: Connection) -> bytes:
+        if self.faults.refuse_reads:
+            raise att.ATT_Error(_FAULTY_READ_ERROR)
+        return bytes([self._battery_level])
+
+    def _string_reader(self, value: bytes) -> Callable[[Connection], bytes]:
+        def read(_connection: Connection) -> bytes:
+            if self.faults.refuse_reads:
+                raise att.ATT_Error(_FAULTY_READ_ERROR)
+            return value
+
+        return read
+
+    def _current_time_service(self) -> gatt.Service:
+        characteristic: gatt.Characteristic[bytes] = gatt.Characteristic(
+            CURRENT_TIME,
+            gatt.Characteristic.Properties.READ
+            | gatt.Characteristic.Properties.WRITE
+            | gatt.Characteristic.Properties.NOTIFY,
+            gatt.Characteristic.Permissions.READABLE | gatt.Characteristic.Permissions.WRITEABLE,
+            gatt.CharacteristicValue(read=self._read_clock, write=self._write_clock),
+        )
+        return gatt.Service(CURRENT_TIME_SERVICE, [characteristic])
+
+    def _read_clock(self, _connection: Connection) -> bytes:
+        return current_time.encode(CurrentTime.from_datetime(self.device_time()))
+
+    def _write_clock(self, _connection: Connection, value: bytes) -> None:
+        try:
+            written = current_time.decode(value)
+        except GattError:
+            raise att.ATT_Error(att.ErrorCode.INVALID_ATTRIBUTE_LENGTH) from None
+        moment = written.to_datetime()
+        if moment is None:
+            raise att.ATT_Error(att.ErrorCode.VALUE_NOT_ALLOWED)
+        self._clock_offset = moment - datetime.now(UTC)
+        self.clock_writes.append(written)
+
     def _readable(self) -> gatt.Characteristic.Permissions:
         if self.require_encryption:
             return gatt.Characteristic.Permissions.READ_REQUIRES_ENCRYPTION
@@ -329,7 +514,7 @@ class VirtualWearable:
             BATTERY_LEVEL,
             gatt.Characteristic.Properties.READ | gatt.Characteristic.Properties.NOTIFY,
             gatt.Characteristic.Permissions.READABLE,
-            gatt.CharacteristicValue(read=lambda _connection: bytes([self._battery_level])),
+            gatt.CharacteristicValue(read=self._read_battery),
         )
         self._battery_characteristic = characteristic
         return gatt.Service(BATTERY_SERVICE, [characteristic])
@@ -347,7 +532,7 @@ class VirtualWearable:
                 uuid,
                 gatt.Characteristic.Properties.READ,
                 gatt.Characteristic.Permissions.READABLE,
-                text.encode("utf-8"),
+                gatt.CharacteristicValue(read=self._string_reader(text.encode("utf-8"))),
             )
             for uuid, text in fields
             if text is not None
@@ -391,6 +576,9 @@ class VirtualWearable:
                 started.set_result(None)
                 task_group.create_task(self._keep_advertising(), name=f"{self.name}-advertising")
                 task_group.create_task(self.run_profile(), name=f"{self.name}-profile")
+                task_group.create_task(self._deliver_backlogs(), name=f"{self.name}-backlog")
+                if self.battery_drain_per_hour > 0:
+                    task_group.create_task(self._drain_battery(), name=f"{self.name}-battery")
         except BaseException as error:
             if not started.done():
                 started.set_exception(error)
@@ -541,12 +729,7 @@ class VirtualHeartRateStrap(VirtualWearable):
         *,
         seed: int = 0,
         rate_hz: float = 1.0,
-        battery_level: int = 100,
-        passkey: int | None = None,
-        io_capability: int = PairingDelegate.IoCapability.NO_OUTPUT_NO_INPUT,
-        require_encryption: bool = False,
-        request_security: bool = False,
-        advertising_interval_ms: float = DEFAULT_ADVERTISING_INTERVAL_MS,
+        **options: Unpack[WearableOptions],
     ) -> None:
         if rate_hz <= 0:
             raise ValueError("rate_hz must be positive")
@@ -561,16 +744,10 @@ class VirtualHeartRateStrap(VirtualWearable):
                 firmware="1.4.2",
                 hardware="rev C",
             ),
-            battery_level=battery_level,
-            passkey=passkey,
-            io_capability=io_capability,
-            require_encryption=require_encryption,
-            request_security=request_security,
-            advertising_interval_ms=advertising_interval_ms,
+            **options,
         )
         self.rate_hz = rate_hz
         self.signal = HeartRateSignal(seed, sample_period_s=1.0 / rate_hz)
-        self.measurements_sent = 0
         self.measurement_characteristic: gatt.Characteristic[bytes] = gatt.Characteristic(
             HEART_RATE_MEASUREMENT,
             gatt.Characteristic.Properties.NOTIFY,
@@ -612,5 +789,4 @@ class VirtualHeartRateStrap(VirtualWearable):
                     rr_intervals_ms=sample.rr_intervals_ms,
                 )
             )
-            await self.notify(self.measurement_characteristic, payload)
-            self.measurements_sent += 1
+            await self.send_measurement(self.measurement_characteristic, payload, indicate=False)

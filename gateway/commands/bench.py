@@ -33,6 +33,21 @@ def register(sub: Subparsers) -> None:
     )
     bs.add_argument("--out", help="also write the JSON result to this file")
     bs.set_defaults(handler=_cmd_bench_storage)
+    bd = bench_sub.add_parser(
+        "drivers",
+        help="GATT parsers vs struct.unpack; wearable sessions over the virtual radio",
+        description="readings/s of every profile's parser against a bare struct.unpack of "
+        "the same bytes, and notifications/s with CPU use for N virtual wearables at R Hz "
+        "read by wearable sessions, against plain bleak subscriptions.",
+    )
+    bd.add_argument(
+        "--iterations", type=int, default=20_000, help="payloads parsed per profile (20000)"
+    )
+    bd.add_argument("--wearables", type=int, default=20, help="virtual wearables (default: 20)")
+    bd.add_argument("--rate-hz", type=float, default=10.0, help="notifications/s each (10)")
+    bd.add_argument("--seconds", type=float, default=10.0, help="measured window (default: 10)")
+    bd.add_argument("--out", help="also write the JSON result to this file")
+    bd.set_defaults(handler=_cmd_bench_drivers)
 
 
 def _cmd_bench_storage(args: argparse.Namespace, settings: Settings) -> int:
@@ -40,6 +55,26 @@ def _cmd_bench_storage(args: argparse.Namespace, settings: Settings) -> int:
 
     result = run(
         storage_bench.run(settings.require_database_url(), rows=args.rows, progress=sys.stderr)
+    )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _cmd_bench_drivers(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import drivers as drivers_bench
+
+    result = run(
+        drivers_bench.run(
+            iterations=args.iterations,
+            wearables=args.wearables,
+            rate_hz=args.rate_hz,
+            seconds=args.seconds,
+            progress=sys.stderr,
+        )
     )
     text = json.dumps(result, indent=2)
     print(text)

@@ -1,0 +1,190 @@
+"""The hub's own state file: the wearables it has paired, and per-sensor cursors.
+
+One JSON document, rewritten whole on every change through a temporary file, ``fsync`` and
+``os.replace`` (then ``fsync`` of the folder), so a crash leaves either the old or the new
+document, never half of one. The bond keys themselves belong to the Bluetooth stack (BlueZ
+keeps them under /var/lib/bluetooth); this file says which wearables the hub paired, under
+which sensor name and profile, and whether a bond was made.
+
+Cursors are small integers a driver keeps per sensor, such as the last glucose record
+sequence number whose readings are durable in the outbox: a driver advances one only after
+the data it covers is durable, so a restart asks the wearable again from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from device_drivers.errors import DeviceDriverError
+
+__all__ = ["FORMAT_VERSION", "HubState", "PairedWearable", "StateError"]
+
+FORMAT_VERSION: Final = 1
+
+
+class StateError(DeviceDriverError):
+    """The state file cannot be read (not JSON, wrong shape or version) or written."""
+
+
+@dataclass(frozen=True, slots=True)
+class PairedWearable:
+    address: str
+    sensor: str
+    profile: str
+    bonded: bool
+
+
+def _wearable_from(raw: Any) -> PairedWearable:
+    if not isinstance(raw, Mapping):
+        raise StateError("a wearable entry is not an object")
+    address, sensor, profile, bonded = (
+        raw.get("address"),
+        raw.get("sensor"),
+        raw.get("profile"),
+        raw.get("bonded"),
+    )
+    if not (
+        isinstance(address, str)
+        and isinstance(sensor, str)
+        and isinstance(profile, str)
+        and isinstance(bonded, bool)
+    ):
+        raise StateError("a wearable entry lacks address, sensor, profile or bonded")
+    return PairedWearable(address, sensor, profile, bonded)
+
+
+def _cursors_from(raw: Any) -> dict[str, dict[str, int]]:
+    if not isinstance(raw, Mapping):
+        raise StateError("cursors is not an object")
+    out: dict[str, dict[str, int]] = {}
+    for sensor, values in raw.items():
+        if not isinstance(values, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in values.items()
+        ):
+            raise StateError(f"cursors of {sensor!r} are not name -> integer")
+        out[str(sensor)] = dict(values)
+    return out
+
+
+class HubState:
+    """Load with :meth:`open`; every mutation is written to disk before it returns.
+
+    Safe to call from several threads (sessions write through ``asyncio.to_thread``).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        wearables: dict[str, PairedWearable],
+        cursors: dict[str, dict[str, int]],
+    ) -> None:
+        self.path = path
+        self._wearables = wearables
+        self._cursors = cursors
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path | str) -> HubState:
+        """Read the state file; a missing file is an empty state (a new hub)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return cls(path, {}, {})
+        except OSError as exc:
+            raise StateError(f"cannot read {path}: {exc}") from exc
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StateError(f"{path} is not JSON: {exc}") from exc
+        if not isinstance(document, Mapping) or document.get("version") != FORMAT_VERSION:
+            raise StateError(f"{path} is not a version {FORMAT_VERSION} hub state file")
+        raw_wearables = document.get("wearables", [])
+        if not isinstance(raw_wearables, list):
+            raise StateError("wearables is not a list")
+        wearables = {w.address: w for w in map(_wearable_from, raw_wearables)}
+        return cls(path, wearables, _cursors_from(document.get("cursors", {})))
+
+    @property
+    def wearables(self) -> tuple[PairedWearable, ...]:
+        with self._lock:
+            return tuple(self._wearables.values())
+
+    def wearable(self, address: str) -> PairedWearable | None:
+        with self._lock:
+            return self._wearables.get(address)
+
+    def by_sensor(self, sensor: str) -> PairedWearable | None:
+        with self._lock:
+            return next((w for w in self._wearables.values() if w.sensor == sensor), None)
+
+    def remember(self, wearable: PairedWearable) -> None:
+        """Add or replace the wearable at ``wearable.address``."""
+        with self._lock:
+            clash = next(
+                (
+                    w
+                    for w in self._wearables.values()
+                    if w.sensor == wearable.sensor and w.address != wearable.address
+                ),
+                None,
+            )
+            if clash is not None:
+                raise StateError(f"sensor name {wearable.sensor!r} is taken by {clash.address}")
+            self._wearables[wearable.address] = wearable
+            self._save()
+
+    def forget(self, address: str) -> None:
+        """Drop a wearable and its cursors (no-op if unknown)."""
+        with self._lock:
+            known = self._wearables.pop(address, None)
+            if known is None:
+                return
+            self._cursors.pop(known.sensor, None)
+            self._save()
+
+    def cursor(self, sensor: str, name: str) -> int | None:
+        with self._lock:
+            return self._cursors.get(sensor, {}).get(name)
+
+    def set_cursor(self, sensor: str, name: str, value: int) -> None:
+        with self._lock:
+            if self._cursors.get(sensor, {}).get(name) == value:
+                return
+            self._cursors.setdefault(sensor, {})[name] = value
+            self._save()
+
+    def _document(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "wearables": [
+                {"address": w.address, "sensor": w.sensor, "profile": w.profile, "bonded": w.bonded}
+                for w in self._wearables.values()
+            ],
+            "cursors": self._cursors,
+        }
+
+    def _save(self) -> None:
+        data = json.dumps(self._document(), indent=2, sort_keys=True).encode("utf-8")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            folder = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError as exc:
+            raise StateError(f"cannot write {self.path}: {exc}") from exc
