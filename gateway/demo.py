@@ -35,6 +35,7 @@ from device_drivers.hub import Hub, OutboxSink
 from device_drivers.identity import HubIdentity, enroll
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
+from device_drivers.state import HubState
 from gateway import enrollment
 from gateway.app import create_app
 from gateway.broker import MosquittoBroker, find_mosquitto, free_port
@@ -42,8 +43,9 @@ from gateway.errors import BrokerError
 from gateway.pki import StudyCA
 from gateway.settings import Settings
 from ingest.metrics import METRICS
+from ingest.rules import RuleKind, Severity
 from ingest.transport import configure_tls
-from storage import audit, db, registry, users
+from storage import alerts, audit, db, registry, users
 from storage.embedded import EmbeddedPostgres
 from storage.migrate import ModeRequest, migrate
 
@@ -312,6 +314,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
 
             now = datetime.now(UTC)
             document = await _seed_study(url, now)
+            await _alert_rules(url)
             radio = await stack.enter_async_context(sim.VirtualRadio())
             cohort = await _enroll_cohort(
                 options, settings, url, document, workdir, radio, stack, out
@@ -319,7 +322,8 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
             say(
                 out,
                 f"[5/6] cohort: {len(cohort)} participants enrolled through "
-                f"POST /api/v1/enrollments, consented, each with a hub and a heart-rate strap",
+                f"POST /api/v1/enrollments, consented, each with a hub and six wearables "
+                "(each glucose meter's 4 records from before consent will be refused: no_consent)",
             )
             for p in cohort:
                 p.task = asyncio.create_task(p.hub.run(), name=f"hub-{p.participant_id}")
@@ -383,7 +387,7 @@ async def _enroll_cohort(
         pid = f"P-{i:03d}"
         async with db.connection(url) as conn:
             await registry.create_participant(
-                conn, pid, STUDY, SITE, enrolled_at=datetime.now(UTC) - timedelta(minutes=5)
+                conn, pid, STUDY, SITE, enrolled_at=datetime.now(UTC) - timedelta(days=14)
             )
             await conn.commit()
             code = await enrollment.issue_code(conn, pid, created_by="demo-coordinator")
@@ -394,14 +398,17 @@ async def _enroll_cohort(
         )
         adapter = await sim.SimAdapter.create(radio)
         stack.push_async_callback(adapter.close)
-        strap = sim.VirtualHeartRateStrap(f"TS-HRM-{i:04d}", seed=i)
-        await stack.enter_async_context(strap.running(radio))
+        backends = BleBackends(adapter.scanner_backend, adapter.client_backend)
+        state = await asyncio.to_thread(HubState.open, identity.directory / "state.json")
         sink = OutboxSink(outbox)
-        session = WearableSession(
-            WearableSpec(strap.address, "hr-strap"),
-            sink,
-            BleBackends(adapter.scanner_backend, adapter.client_backend),
-        )
+        wearables = _wearables(i)
+        sessions = []
+        for sensor, wearable in wearables.items():
+            await stack.enter_async_context(wearable.running(radio))
+            sessions.append(
+                WearableSession(WearableSpec(wearable.address, sensor), sink, backends, state=state)
+            )
+        strap = wearables["hr-strap"]
         relay = Relay(
             RelayConfig(
                 identity.device_id,
@@ -415,10 +422,77 @@ async def _enroll_cohort(
             identity.receipt_key(),
             configure_client=configure_tls(identity.tls),
         )
-        hub = Hub(relay, [session], sink, status_path=identity.directory / "status.json")
+        hub = Hub(relay, sessions, sink, status_path=identity.directory / "status.json")
         cohort.append(Participant(pid, identity, outbox, relay, hub, strap))
         say(out, f"      {pid}: hub {identity.device_id} enrolled with code {code.code}")
     return cohort
+
+
+def _wearables(i: int) -> dict[str, Any]:
+    """One participant's kit: what each wearable is called in its readings, and the device.
+
+    Intervals are shortened from real life (a cuff every 2 min, a thermometer every minute)
+    so the demo shows every kind of data within its first minutes. The glucose meter holds
+    four records from the day before the participant consented: the hub fetches them through
+    the Record Access Control Point and the gateway refuses them (``no_consent``), as the
+    consent gate must.
+    """
+    return {
+        "hr-strap": sim.VirtualHeartRateStrap(f"TS-HRM-{i:04d}", seed=i),
+        "pulse-oximeter": sim.VirtualPulseOximeter(f"TS-OXI-{i:04d}", seed=i),
+        "bp-cuff": sim.VirtualBloodPressureCuff(f"TS-BPM-{i:04d}", seed=i, interval_s=120.0),
+        "thermometer": sim.VirtualThermometer(f"TS-THM-{i:04d}", seed=i, interval_s=60.0),
+        "glucose-meter": sim.VirtualGlucoseMeter(
+            f"TS-GLU-{i:04d}", seed=i, interval_s=300.0, stored_records=4
+        ),
+        "scale": sim.VirtualWeightScale(f"TS-SCL-{i:04d}", seed=i, interval_s=180.0),
+    }
+
+
+async def _alert_rules(url: str) -> None:
+    """The study's monitoring plan: what a monitor must hear about."""
+    rules: list[dict[str, Any]] = [
+        {
+            "name": "tachycardia",
+            "metric": "heart_rate",
+            "high": 120.0,
+            "sustained_s": 10,
+            "hysteresis": 5.0,
+            "severity": Severity.CRITICAL,
+        },
+        {
+            "name": "desaturation",
+            "metric": "spo2",
+            "low": 90.0,
+            "sustained_s": 30,
+            "hysteresis": 1.0,
+            "severity": Severity.CRITICAL,
+        },
+        {
+            "name": "hypertension",
+            "metric": "systolic_bp",
+            "high": 160.0,
+            "severity": Severity.WARNING,
+        },
+        {"name": "fever", "metric": "body_temperature", "high": 38.0, "severity": Severity.WARNING},
+        {
+            "name": "hyperglycaemia",
+            "metric": "glucose",
+            "high": 250.0,
+            "severity": Severity.WARNING,
+        },
+        {
+            "name": "heart rate missing",
+            "metric": "heart_rate",
+            "kind": RuleKind.MISSING_DATA,
+            "sustained_s": 120,
+            "severity": Severity.INFO,
+        },
+    ]
+    async with db.connection(url) as conn:
+        for rule in rules:
+            await alerts.add_rule(conn, study_id=STUDY, created_by="admin", **rule)
+            await conn.commit()
 
 
 async def _at(delay: float, start: float) -> None:
