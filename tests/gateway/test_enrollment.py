@@ -88,9 +88,7 @@ async def test_a_hub_enrolls_and_relays_over_tls(
     task = asyncio.create_task(relay.run())
     try:
         now = int(time.time() * 1000)
-        outbox.add_readings(
-            [Reading(now + i, "heart_rate", 61.0, "/min", "hr") for i in range(4)]
-        )
+        outbox.add_readings([Reading(now + i, "heart_rate", 61.0, "/min", "hr") for i in range(4)])
         await wait_until(lambda: relay.stats.receipts_accepted >= 1, "receipt for the enrolled hub")
     finally:
         task.cancel()
