@@ -17,7 +17,6 @@ from enum import StrEnum
 from importlib import resources
 
 import psycopg
-from psycopg import errors as pg_errors
 
 from storage.db import Conn
 from storage.errors import MigrationError, StorageModeError, first_line
@@ -77,12 +76,10 @@ async def _timescaledb_works(conn: Conn) -> bool:
     try:
         async with conn.transaction():
             await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-    except (
-        pg_errors.FeatureNotSupported,
-        pg_errors.UndefinedFile,
-        pg_errors.InsufficientPrivilege,
-        pg_errors.ObjectNotInPrerequisiteState,
-    ) as exc:
+    except psycopg.OperationalError:
+        raise  # the connection failed: not an answer about TimescaleDB
+    except psycopg.Error as exc:
+        # Not installed, installed but not preloaded, not allowed: all mean "does not work".
         log.info("timescaledb unavailable, using plain partitions: %s", first_line(exc))
         return False
     return True
