@@ -32,10 +32,12 @@ COMMANDS = (
     commands.serve,
     commands.broker,
     commands.site,
+    commands.admin,
     commands.hub,
     commands.consent,
     commands.audit,
     commands.alerts,
+    commands.export,
     commands.decode,
     commands.bench,
 )

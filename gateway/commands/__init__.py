@@ -2,6 +2,7 @@
 each parser's ``handler`` takes the parsed arguments and the one ``Settings``."""
 
 from gateway.commands import (
+    admin,
     alerts,
     audit,
     bench,
@@ -10,12 +11,14 @@ from gateway.commands import (
     db,
     decode,
     demo,
+    export,
     hub,
     serve,
     site,
 )
 
 __all__ = [
+    "admin",
     "alerts",
     "audit",
     "bench",
@@ -24,6 +27,7 @@ __all__ = [
     "db",
     "decode",
     "demo",
+    "export",
     "hub",
     "serve",
     "site",

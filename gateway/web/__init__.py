@@ -1,0 +1,87 @@
+"""The people-facing part of the gateway: sign-in, roles and sites, the versioned JSON API
+under ``/api/v1`` with its OpenAPI document, live alert events, and the pages.
+
+``setup_web(app)`` adds it to the gateway's aiohttp application (``gateway.app``): the
+routes, the alert feed that wakes live pages, and the rollup refresher of plain mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import psycopg
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from gateway.web import auth, pages, sse
+from gateway.web.api import ENDPOINTS
+from gateway.web.spec import handler_for
+from storage import sessions, views
+from storage.errors import DatabaseUnavailable
+from storage.migrate import StorageMode
+
+log = logging.getLogger(__name__)
+
+# Hourly rollups lag the readings by at most this much in plain mode (the live view reads
+# the last minutes from the readings themselves).
+ROLLUP_REFRESH_S = 30.0
+# Ended and expired sessions are deleted this often, 30 days after they ended.
+SESSION_PURGE_EVERY = 120  # rollup rounds: about an hour
+MAINTENANCE_RETRY_CEILING_S = 30.0
+
+
+async def _maintenance(pool: AsyncConnectionPool, mode: StorageMode) -> None:
+    rounds = 0
+    delay = 1.0
+    while True:
+        try:
+            async with pool.connection() as conn:
+                await views.refresh_rollups(conn, mode)
+                if rounds % SESSION_PURGE_EVERY == 0:
+                    async with conn.transaction():
+                        await sessions.purge_expired(conn)
+            rounds += 1
+            delay = 1.0
+            await asyncio.sleep(ROLLUP_REFRESH_S)
+        except (psycopg.OperationalError, DatabaseUnavailable, PoolTimeout) as exc:
+            log.warning(
+                "web maintenance: database unavailable retry_in_s=%.0f error=%s",
+                delay,
+                type(exc).__name__,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAINTENANCE_RETRY_CEILING_S)
+
+
+async def _web(app: web.Application) -> AsyncIterator[None]:
+    from gateway.app import MODE, POOL, SETTINGS  # gateway.app imports this package
+
+    pool = app[POOL]
+    app[auth.POOL_KEY] = pool
+    feed = sse.feed_ctx(app, app[SETTINGS].require_database_url())
+    await anext(feed)
+    task = asyncio.create_task(_maintenance(pool, app[MODE]), name="web-maintenance")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(StopAsyncIteration):
+            await anext(feed)
+
+
+def setup_web(app: web.Application) -> None:
+    """Add the API, the pages and their background work to the gateway's application."""
+    app.cleanup_ctx.append(_web)
+    app.on_shutdown.append(sse.close_streams)
+    for ep in ENDPOINTS:
+        if ep.routed:
+            app.router.add_route(ep.method, ep.aiohttp_path, handler_for(ep))
+    pages.add_routes(app)
+
+
+__all__ = ["setup_web"]

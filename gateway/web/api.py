@@ -1,0 +1,1055 @@
+"""The versioned JSON API under ``/api/v1``: its operations and their handlers.
+
+``ENDPOINTS`` is the one list: the router, the access checks and the OpenAPI document
+(``GET /api/v1/openapi.json``) all come from it (``gateway.web.spec``). Handlers receive
+checked parameters and check the site themselves (``gateway.web.access``).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from psycopg import errors as pg_errors
+from psycopg_pool import AsyncConnectionPool
+
+from consent import errors as consent_errors
+from consent import records
+from gateway import enrollment
+from gateway.web import auth, sse
+from gateway.web.access import (
+    ADMIN_ONLY,
+    CLINICAL,
+    COORDINATION,
+    EVERYONE,
+    STAFF_AND_ADMIN,
+    Principal,
+    require_participant,
+    require_site,
+    visible_sites,
+)
+from gateway.web.errors import BadInput, Conflict, Forbidden, NotFound, WebError
+from gateway.web.spec import Ctx, Endpoint, Field, openapi_document
+from ingest.metrics import METRICS
+from storage import alerts as alert_store
+from storage import audit, registry, users, views
+from storage.timeconv import to_ms
+
+log = logging.getLogger(__name__)
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
+SEVERITIES = ("info", "warning", "critical")
+STATES = ("open", "acknowledged", "resolved", "unresolved")
+METRIC_NAMES = tuple(sorted(METRICS))
+
+
+def _pool(ctx: Ctx) -> AsyncConnectionPool:
+    return ctx.request.app[auth.POOL_KEY]
+
+
+def _t(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _actor(p: Principal) -> records.Actor:
+    return records.Actor.of(p.user)
+
+
+# --- JSON schemas of the answers ----------------------------------------------------------
+
+STR = {"type": "string"}
+INT = {"type": "integer"}
+NUM = {"type": "number"}
+TIME = {"type": "string", "format": "date-time"}
+NULL_TIME = {"type": "string", "format": "date-time", "nullable": True}
+NULL_STR = {"type": "string", "nullable": True}
+NULL_INT = {"type": "integer", "nullable": True}
+STRS = {"type": "array", "items": STR}
+
+
+def obj(props: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": sorted(props), "properties": props}
+
+
+def arr(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items}
+
+
+USER = obj(
+    {
+        "username": STR,
+        "display_name": STR,
+        "role": {"type": "string", "enum": [r.value for r in users.Role]},
+        "participant_id": NULL_STR,
+        "sites": STRS,
+    }
+)
+SESSION = obj({"user": USER, "csrf_token": STR})
+SITE = obj({"site_id": STR, "study_id": STR, "name": STR, "participants": INT})
+SENSOR = obj(
+    {
+        "sensor": STR,
+        "manufacturer": NULL_STR,
+        "model": NULL_STR,
+        "firmware": NULL_STR,
+        "battery_level": NULL_INT,
+        "first_seen": TIME,
+        "last_seen": TIME,
+    }
+)
+DEVICE = obj(
+    {
+        "device_id": STR,
+        "enrolled_at": TIME,
+        "revoked_at": NULL_TIME,
+        "revoked_reason": NULL_STR,
+        "last_received": NULL_TIME,
+        "envelopes": INT,
+        "readings_stored": INT,
+        "readings_refused": INT,
+        "sensors": arr(SENSOR),
+    }
+)
+PARTICIPANT = obj(
+    {
+        "participant_id": STR,
+        "study_id": STR,
+        "site_id": STR,
+        "enrolled_at": TIME,
+        "active_devices": INT,
+        "last_received": NULL_TIME,
+        "consent": obj(
+            {"action": NULL_STR, "version": NULL_STR, "scopes": STRS, "effective_at": NULL_TIME}
+        ),
+    }
+)
+RECONSENT = obj(
+    {
+        "participant_id": STR,
+        "current_version": STR,
+        "required_version": STR,
+        "reconsent_by": TIME,
+        "overdue": {"type": "boolean"},
+    }
+)
+CODE_ROW = obj(
+    {
+        "participant_id": STR,
+        "created_by": STR,
+        "created_at": TIME,
+        "expires_at": TIME,
+        "used_at": NULL_TIME,
+        "device_id": NULL_STR,
+    }
+)
+SITE_PAGE = obj(
+    {
+        "site": SITE,
+        "participants": arr(
+            {
+                **PARTICIPANT,
+                "properties": {**PARTICIPANT["properties"], "devices": arr(DEVICE)},
+                "required": sorted([*PARTICIPANT["required"], "devices"]),
+            }
+        ),
+        "pending_reconsents": arr(RECONSENT),
+        "enrollment_codes": arr(CODE_ROW),
+    }
+)
+CONSENT_RECORD = obj(
+    {
+        "consent_id": INT,
+        "document_id": INT,
+        "version": STR,
+        "action": STR,
+        "scopes": STRS,
+        "signer_name": NULL_STR,
+        "signed_at": TIME,
+        "meaning": NULL_STR,
+        "recorded_by": STR,
+        "valid_from": TIME,
+        "valid_to": NULL_TIME,
+    }
+)
+PARTICIPANT_PAGE = obj(
+    {
+        "participant": PARTICIPANT,
+        "devices": arr(DEVICE),
+        "envelopes": arr(
+            obj(
+                {
+                    "device_id": STR,
+                    "seq": INT,
+                    "sent_at": TIME,
+                    "received_at": TIME,
+                    "readings": INT,
+                    "stored": INT,
+                    "refused": INT,
+                }
+            )
+        ),
+        "rejections": arr(
+            obj(
+                {
+                    "received_at": TIME,
+                    "device_id": NULL_STR,
+                    "seq": NULL_INT,
+                    "reason": STR,
+                    "metric": NULL_STR,
+                    "readings": INT,
+                }
+            )
+        ),
+        "consents": arr(CONSENT_RECORD),
+    }
+)
+READINGS = obj(
+    {
+        "participant_id": STR,
+        "from": TIME,
+        "to": TIME,
+        "readings": arr(
+            obj(
+                {
+                    "t": INT,
+                    "metric": STR,
+                    "value": NUM,
+                    "unit": STR,
+                    "device_id": STR,
+                    "sensor": STR,
+                }
+            )
+        ),
+        "gaps": arr(obj({"device_id": STR, "from": INT, "to": INT, "reason": STR})),
+    }
+)
+ROLLUPS = obj(
+    {
+        "participant_id": STR,
+        "from": TIME,
+        "buckets": arr(
+            obj({"metric": STR, "bucket": INT, "n": INT, "mean": NUM, "min": NUM, "max": NUM})
+        ),
+    }
+)
+ALERT = obj(
+    {
+        "alert_id": INT,
+        "rule": STR,
+        "metric": STR,
+        "study_id": STR,
+        "site_id": STR,
+        "participant_id": STR,
+        "state": STR,
+        "severity": STR,
+        "opened_at": TIME,
+        "first_time": TIME,
+        "acknowledged_at": NULL_TIME,
+        "acknowledged_by": NULL_STR,
+        "ack_note": NULL_STR,
+        "resolved_at": NULL_TIME,
+        "resolved_by": NULL_STR,
+        "escalated_at": NULL_TIME,
+    }
+)
+ALERT_EVENT = obj(
+    {"event_id": INT, "event": STR, "at": TIME, "actor": STR, "detail": {"type": "object"}}
+)
+ALERT_LIST = obj({"alerts": arr(ALERT), "last_event_id": INT})
+ALERT_PAGE = obj({"alert": ALERT, "events": arr(ALERT_EVENT)})
+USER_ROW = obj(
+    {
+        **USER["properties"],
+        "locked": {"type": "boolean"},
+        "disabled": {"type": "boolean"},
+        "created_at": TIME,
+    }
+)
+CODE = obj({"code": STR, "participant_id": STR, "study_id": STR, "expires_at": TIME})
+
+
+# --- converters ---------------------------------------------------------------------------
+
+
+def site_json(s: views.SiteRow) -> dict[str, Any]:
+    return {
+        "site_id": s.site_id,
+        "study_id": s.study_id,
+        "name": s.name,
+        "participants": s.participants,
+    }
+
+
+def participant_json(p: views.ParticipantRow) -> dict[str, Any]:
+    return {
+        "participant_id": p.participant_id,
+        "study_id": p.study_id,
+        "site_id": p.site_id,
+        "enrolled_at": _t(p.enrolled_at),
+        "active_devices": p.active_devices,
+        "last_received": _t(p.last_received),
+        "consent": {
+            "action": p.consent_action,
+            "version": p.consent_version,
+            "scopes": list(p.consent_scopes),
+            "effective_at": _t(p.consent_effective_at),
+        },
+    }
+
+
+def device_json(d: views.DeviceRow) -> dict[str, Any]:
+    return {
+        "device_id": d.device_id,
+        "enrolled_at": _t(d.enrolled_at),
+        "revoked_at": _t(d.revoked_at),
+        "revoked_reason": d.revoked_reason,
+        "last_received": _t(d.last_received),
+        "envelopes": d.envelopes,
+        "readings_stored": d.readings_stored,
+        "readings_refused": d.readings_refused,
+        "sensors": [
+            {
+                "sensor": s.sensor,
+                "manufacturer": s.manufacturer,
+                "model": s.model,
+                "firmware": s.firmware,
+                "battery_level": s.battery_level,
+                "first_seen": _t(s.first_seen),
+                "last_seen": _t(s.last_seen),
+            }
+            for s in d.sensors
+        ],
+    }
+
+
+def alert_json(a: alert_store.Alert) -> dict[str, Any]:
+    return {
+        "alert_id": a.alert_id,
+        "rule": a.rule_name,
+        "metric": a.metric,
+        "study_id": a.study_id,
+        "site_id": a.site_id,
+        "participant_id": a.participant_id,
+        "state": a.state,
+        "severity": a.severity,
+        "opened_at": _t(a.opened_at),
+        "first_time": _t(a.first_time),
+        "acknowledged_at": _t(a.acknowledged_at),
+        "acknowledged_by": a.acknowledged_by,
+        "ack_note": a.ack_note,
+        "resolved_at": _t(a.resolved_at),
+        "resolved_by": a.resolved_by,
+        "escalated_at": _t(a.escalated_at),
+    }
+
+
+def event_json(e: alert_store.AlertEvent) -> dict[str, Any]:
+    return {
+        "event_id": e.event_id,
+        "event": e.event,
+        "at": _t(e.at),
+        "actor": e.actor,
+        "detail": dict(e.detail),
+    }
+
+
+# --- handlers: session ----------------------------------------------------------------------
+
+
+async def login(ctx: Ctx) -> web.StreamResponse:
+    return await auth.sign_in(ctx.request, ctx.body["username"], ctx.body["password"])
+
+
+async def get_session(ctx: Ctx) -> web.StreamResponse:
+    return web.json_response(
+        {"user": auth.user_json(ctx.user.user), "csrf_token": ctx.user.csrf_token}
+    )
+
+
+async def logout(ctx: Ctx) -> web.StreamResponse:
+    return await auth.sign_out(ctx.request, ctx.user)
+
+
+# --- handlers: sites and participants -------------------------------------------------------
+
+
+async def list_sites(ctx: Ctx) -> web.StreamResponse:
+    async with _pool(ctx).connection() as conn:
+        rows = await views.sites(conn, ctx.user.site_ids)
+    return web.json_response({"sites": [site_json(s) for s in rows]})
+
+
+async def get_site(ctx: Ctx) -> web.StreamResponse:
+    site_id = ctx.path["site_id"]
+    async with _pool(ctx).connection() as conn:
+        site = await require_site(ctx.user, site_id, conn)
+        participants = await views.site_participants(conn, site_id)
+        devices = {
+            p.participant_id: await views.devices(conn, p.participant_id) for p in participants
+        }
+        codes = await views.enrollment_codes(conn, site_id)
+        await conn.commit()
+        pending = await records.pending_reconsents(conn, _actor(ctx.user), study_id=site.study_id)
+    return web.json_response(
+        {
+            "site": site_json(site),
+            "participants": [
+                {
+                    **participant_json(p),
+                    "devices": [device_json(d) for d in devices[p.participant_id]],
+                }
+                for p in participants
+            ],
+            "pending_reconsents": [
+                {
+                    "participant_id": r.participant_id,
+                    "current_version": r.current_version,
+                    "required_version": r.required_version,
+                    "reconsent_by": _t(r.reconsent_by),
+                    "overdue": r.overdue,
+                }
+                for r in pending
+                if r.site_id == site_id
+            ],
+            "enrollment_codes": [
+                {
+                    "participant_id": c.participant_id,
+                    "created_by": c.created_by,
+                    "created_at": _t(c.created_at),
+                    "expires_at": _t(c.expires_at),
+                    "used_at": _t(c.used_at),
+                    "device_id": c.device_id,
+                }
+                for c in codes
+            ],
+        }
+    )
+
+
+async def create_participant(ctx: Ctx) -> web.StreamResponse:
+    site_id = ctx.path["site_id"]
+    pid = ctx.body["participant_id"]
+    async with _pool(ctx).connection() as conn:
+        site = await require_site(ctx.user, site_id, conn)
+        try:
+            async with conn.transaction():
+                await registry.create_participant(conn, pid, site.study_id, site_id)
+                await audit.append(
+                    conn,
+                    actor=ctx.user.username,
+                    action="participant.create",
+                    entity="participant",
+                    entity_id=pid,
+                    detail={"site_id": site_id},
+                )
+        except pg_errors.UniqueViolation as exc:
+            raise Conflict(f"participant {pid!r} exists") from exc
+        row = await views.participant(conn, pid)
+    assert row is not None
+    log.info("participant created participant=%s site=%s by=%s", pid, site_id, ctx.user.username)
+    return web.json_response(participant_json(row), status=201)
+
+
+async def get_participant(ctx: Ctx) -> web.StreamResponse:
+    pid = ctx.path["participant_id"]
+    async with _pool(ctx).connection() as conn:
+        await require_participant(ctx.user, pid, conn)
+        row = await views.participant(conn, pid)
+        assert row is not None
+        devices = await views.devices(conn, pid)
+        envelopes = await views.recent_envelopes(conn, pid)
+        rejections = await views.recent_rejections(conn, pid)
+        await conn.commit()
+        history = await records.history(conn, _actor(ctx.user), pid)
+    return web.json_response(
+        {
+            "participant": participant_json(row),
+            "devices": [device_json(d) for d in devices],
+            "envelopes": [
+                {
+                    "device_id": e.device_id,
+                    "seq": e.seq,
+                    "sent_at": _t(e.sent_at),
+                    "received_at": _t(e.received_at),
+                    "readings": e.reading_count,
+                    "stored": e.stored_count,
+                    "refused": e.refused_count,
+                }
+                for e in envelopes
+            ],
+            "rejections": [
+                {
+                    "received_at": _t(r.received_at),
+                    "device_id": r.device_id,
+                    "seq": r.seq,
+                    "reason": r.reason,
+                    "metric": r.metric,
+                    "readings": r.reading_count,
+                }
+                for r in rejections
+            ],
+            "consents": [
+                {
+                    "consent_id": c.consent_id,
+                    "document_id": c.document_id,
+                    "version": c.version,
+                    "action": c.action,
+                    "scopes": sorted(c.scopes),
+                    "signer_name": c.signer_name,
+                    "signed_at": _t(c.signed_at),
+                    "meaning": c.meaning,
+                    "recorded_by": c.recorded_by,
+                    "valid_from": _t(c.valid_from),
+                    "valid_to": _t(c.valid_to),
+                }
+                for c in history
+            ],
+        }
+    )
+
+
+async def create_enrollment_code(ctx: Ctx) -> web.StreamResponse:
+    pid = ctx.path["participant_id"]
+    async with _pool(ctx).connection() as conn:
+        await require_participant(ctx.user, pid, conn)
+        issued = await enrollment.issue_code(
+            conn, pid, created_by=ctx.user.username, ttl=timedelta(hours=ctx.body["ttl_hours"])
+        )
+    return web.json_response(
+        {
+            "code": issued.code,
+            "participant_id": issued.participant_id,
+            "study_id": issued.study_id,
+            "expires_at": _t(issued.expires_at),
+        },
+        status=201,
+    )
+
+
+async def get_readings(ctx: Ctx) -> web.StreamResponse:
+    pid = ctx.path["participant_id"]
+    now = datetime.now(UTC)
+    since = now - timedelta(minutes=ctx.query["minutes"])
+    metric = ctx.query["metric"]
+    async with _pool(ctx).connection() as conn:
+        await require_participant(ctx.user, pid, conn)
+        rows = await views.readings_window(
+            conn, pid, since, metrics=None if metric is None else [metric]
+        )
+        gaps = await views.gaps_window(conn, pid, since)
+    return web.json_response(
+        {
+            "participant_id": pid,
+            "from": _t(since),
+            "to": _t(now),
+            "readings": [
+                {
+                    "t": to_ms(r.time),
+                    "metric": r.metric,
+                    "value": r.value,
+                    "unit": r.unit,
+                    "device_id": r.device_id,
+                    "sensor": r.sensor,
+                }
+                for r in rows
+            ],
+            "gaps": [
+                {
+                    "device_id": g.device_id,
+                    "from": to_ms(g.from_time),
+                    "to": to_ms(g.to_time),
+                    "reason": g.reason,
+                }
+                for g in gaps
+            ],
+        }
+    )
+
+
+async def get_rollups(ctx: Ctx) -> web.StreamResponse:
+    pid = ctx.path["participant_id"]
+    since = datetime.now(UTC) - timedelta(days=ctx.query["days"])
+    metric = ctx.query["metric"]
+    async with _pool(ctx).connection() as conn:
+        await require_participant(ctx.user, pid, conn)
+        rows = await views.rollups(conn, pid, since, metrics=None if metric is None else [metric])
+    return web.json_response(
+        {
+            "participant_id": pid,
+            "from": _t(since),
+            "buckets": [
+                {
+                    "metric": r.metric,
+                    "bucket": to_ms(r.bucket),
+                    "n": r.n,
+                    "mean": r.mean,
+                    "min": r.min,
+                    "max": r.max,
+                }
+                for r in rows
+            ],
+        }
+    )
+
+
+_CONSENT_ERRORS: dict[type[consent_errors.ConsentError], tuple[type[WebError], str]] = {
+    consent_errors.ReauthenticationFailed: (Forbidden, "reauthentication-failed"),
+    consent_errors.AlreadySigned: (Conflict, "already-signed"),
+    consent_errors.UnknownVersion: (BadInput, "unknown-version"),
+    consent_errors.VersionNotEffective: (BadInput, "version-not-effective"),
+    consent_errors.SupersededVersion: (BadInput, "superseded-version"),
+    consent_errors.InvalidScopes: (BadInput, "invalid-scopes"),
+    consent_errors.WitnessRequired: (BadInput, "witness-required"),
+    consent_errors.NotPermitted: (NotFound, "not-found"),
+    consent_errors.UnknownParticipant: (NotFound, "not-found"),
+}
+
+
+async def sign_consent(ctx: Ctx) -> web.StreamResponse:
+    pid = ctx.path["participant_id"]
+    b = ctx.body
+    async with _pool(ctx).connection() as conn:
+        await require_participant(ctx.user, pid, conn)
+        await conn.commit()
+        try:
+            rec = await records.sign(
+                conn,
+                _actor(ctx.user),
+                participant_id=pid,
+                document_id=b["document_id"],
+                scopes=b["scopes"],
+                printed_name=b["printed_name"],
+                username=b["username"],
+                password=b["password"],
+                witness=b["witness"],
+            )
+        except consent_errors.ConsentError as exc:
+            for kind, (error, name) in _CONSENT_ERRORS.items():
+                if isinstance(exc, kind):
+                    err = error(str(exc))
+                    err.kind = name
+                    raise err from exc
+            raise
+    return web.json_response(
+        {
+            "consent_id": rec.consent_id,
+            "version": rec.version,
+            "scopes": sorted(rec.scopes),
+            "effective_at": _t(rec.valid_from),
+        },
+        status=201,
+    )
+
+
+# --- handlers: alerts -----------------------------------------------------------------------
+
+
+async def _alert_sites(ctx: Ctx, conn: Any, site: str | None) -> list[str]:
+    sites = await visible_sites(conn, ctx.user)
+    if site is None:
+        return sites
+    if site not in sites:
+        raise NotFound(f"no site {site!r}")
+    return [site]
+
+
+async def list_alerts(ctx: Ctx) -> web.StreamResponse:
+    state = ctx.query["state"]
+    states = ["open", "acknowledged"] if state == "unresolved" else [state]
+    async with _pool(ctx).connection() as conn:
+        sites = await _alert_sites(ctx, conn, ctx.query["site"])
+        await conn.commit()
+        async with conn.transaction():
+            # One snapshot for the list and the feed position: a page that then follows the
+            # feed from last_event_id misses nothing and sees nothing twice.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = await views.alerts(conn, sites, severity=ctx.query["severity"], states=states)
+            last = await views.last_alert_event_id(conn)
+    return web.json_response({"alerts": [alert_json(a) for a in rows], "last_event_id": last})
+
+
+async def _visible_alert(ctx: Ctx, conn: Any, alert_id: int) -> alert_store.Alert:
+    sites = await visible_sites(conn, ctx.user)
+    found = await views.alerts(conn, sites, alert_ids=[alert_id])
+    if not found:
+        raise NotFound(f"no alert {alert_id}")
+    return found[0]
+
+
+async def get_alert(ctx: Ctx) -> web.StreamResponse:
+    alert_id = ctx.path["alert_id"]
+    async with _pool(ctx).connection() as conn:
+        alert = await _visible_alert(ctx, conn, alert_id)
+        history = await views.alert_history(conn, alert_id)
+    return web.json_response(
+        {"alert": alert_json(alert), "events": [event_json(e) for e in history]}
+    )
+
+
+async def _transition(ctx: Ctx, *, acknowledge: bool) -> web.StreamResponse:
+    alert_id = ctx.path["alert_id"]
+    async with _pool(ctx).connection() as conn:
+        await _visible_alert(ctx, conn, alert_id)
+        await conn.commit()
+        change = alert_store.acknowledge if acknowledge else alert_store.resolve
+        try:
+            await change(conn, alert_id, by=ctx.user.username, note=ctx.body["note"])
+        except alert_store.AlertTransitionError as exc:
+            raise Conflict(str(exc)) from exc
+        except alert_store.AlertNotFound as exc:
+            raise NotFound(str(exc)) from exc
+        alert = await _visible_alert(ctx, conn, alert_id)
+    return web.json_response(alert_json(alert))
+
+
+async def acknowledge_alert(ctx: Ctx) -> web.StreamResponse:
+    return await _transition(ctx, acknowledge=True)
+
+
+async def resolve_alert(ctx: Ctx) -> web.StreamResponse:
+    return await _transition(ctx, acknowledge=False)
+
+
+# --- handlers: users ------------------------------------------------------------------------
+
+
+async def create_user(ctx: Ctx) -> web.StreamResponse:
+    b = ctx.body
+    async with _pool(ctx).connection() as conn:
+        try:
+            user = await users.create_user(
+                conn,
+                actor=ctx.user.username,
+                username=b["username"],
+                display_name=b["display_name"],
+                role=users.Role(b["role"]),
+                password=b["password"],
+                participant_id=b["participant_id"],
+                sites=b["sites"] or (),
+            )
+        except users.DuplicateUser as exc:
+            raise Conflict(str(exc)) from exc
+        except users.InvalidUser as exc:
+            raise BadInput(str(exc)) from exc
+    return web.json_response(auth.user_json(user), status=201)
+
+
+async def list_users(ctx: Ctx) -> web.StreamResponse:
+    async with _pool(ctx).connection() as conn:
+        rows = await views.user_list(conn)
+    return web.json_response(
+        {
+            "users": [
+                {
+                    "username": u.username,
+                    "display_name": u.display_name,
+                    "role": u.role,
+                    "participant_id": u.participant_id,
+                    "sites": list(u.sites),
+                    "locked": u.locked,
+                    "disabled": u.disabled,
+                    "created_at": _t(u.created_at),
+                }
+                for u in rows
+            ]
+        }
+    )
+
+
+async def get_openapi(ctx: Ctx) -> web.StreamResponse:
+    return web.json_response(openapi_document(ENDPOINTS))
+
+
+# --- the operations -----------------------------------------------------------------------
+
+V1 = "/api/v1"
+SITE_ID = Field("site_id", pattern=ID_PATTERN, max_len=64)
+PARTICIPANT_ID = Field("participant_id", pattern=ID_PATTERN, max_len=64)
+ALERT_ID = Field("alert_id", kind="integer", minimum=1, maximum=2**62)
+NOTE = (Field("note", required=False, max_len=500, description="why, in a few words"),)
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "POST",
+        f"{V1}/session",
+        "login",
+        "Sign in",
+        login,
+        None,
+        "session",
+        body=(Field("username", max_len=128), Field("password", max_len=1024)),
+        ok_schema={**SESSION, "properties": {**SESSION["properties"], "expires_at": TIME}},
+        description="Checks the password (lockout after repeated failures) and sets the "
+        "session cookie.",
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/session",
+        "get_session",
+        "Show the session",
+        get_session,
+        EVERYONE,
+        "session",
+        ok_schema=SESSION,
+    ),
+    Endpoint(
+        "DELETE",
+        f"{V1}/session",
+        "logout",
+        "Sign out",
+        logout,
+        EVERYONE,
+        "session",
+        ok_status=204,
+        ok_content_type="none",
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/sites",
+        "list_sites",
+        "List sites",
+        list_sites,
+        STAFF_AND_ADMIN,
+        "sites",
+        ok_schema=obj({"sites": arr(SITE)}),
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/sites/{{site_id}}",
+        "get_site",
+        "Show a site",
+        get_site,
+        STAFF_AND_ADMIN,
+        "sites",
+        path_params=(SITE_ID,),
+        ok_schema=SITE_PAGE,
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/sites/{{site_id}}/participants",
+        "create_participant",
+        "Register a participant",
+        create_participant,
+        COORDINATION,
+        "sites",
+        path_params=(SITE_ID,),
+        body=(Field("participant_id", pattern=ID_PATTERN, max_len=64),),
+        ok_status=201,
+        ok_schema=PARTICIPANT,
+        conflicts=True,
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/participants/{{participant_id}}",
+        "get_participant",
+        "Show a participant",
+        get_participant,
+        EVERYONE,
+        "participants",
+        path_params=(PARTICIPANT_ID,),
+        ok_schema=PARTICIPANT_PAGE,
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/participants/{{participant_id}}/enrollment-codes",
+        "create_enrollment_code",
+        "Make an enrollment code",
+        create_enrollment_code,
+        COORDINATION,
+        "participants",
+        path_params=(PARTICIPANT_ID,),
+        body=(
+            Field("ttl_hours", kind="integer", required=False, minimum=1, maximum=720, default=72),
+        ),
+        ok_status=201,
+        ok_schema=CODE,
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/participants/{{participant_id}}/readings",
+        "get_readings",
+        "Read recent readings",
+        get_readings,
+        CLINICAL,
+        "participants",
+        path_params=(PARTICIPANT_ID,),
+        query=(
+            Field("metric", required=False, enum=METRIC_NAMES),
+            Field("minutes", kind="integer", required=False, minimum=1, maximum=1440, default=10),
+        ),
+        ok_schema=READINGS,
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/participants/{{participant_id}}/rollups",
+        "get_rollups",
+        "Read hourly rollups",
+        get_rollups,
+        CLINICAL,
+        "participants",
+        path_params=(PARTICIPANT_ID,),
+        query=(
+            Field("metric", required=False, enum=METRIC_NAMES),
+            Field("days", kind="integer", required=False, minimum=1, maximum=90, default=7),
+        ),
+        ok_schema=ROLLUPS,
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/participants/{{participant_id}}/consents",
+        "sign_consent",
+        "Sign consent",
+        sign_consent,
+        frozenset({users.Role.PARTICIPANT, users.Role.SITE_COORDINATOR, users.Role.ADMIN}),
+        "participants",
+        path_params=(PARTICIPANT_ID,),
+        body=(
+            Field("document_id", kind="integer", minimum=1, maximum=2**62),
+            Field("scopes", kind="array", max_len=64),
+            Field("printed_name", max_len=200),
+            Field("username", max_len=128),
+            Field("password", max_len=1024),
+            Field("witness", required=False, max_len=200),
+        ),
+        ok_status=201,
+        ok_schema=obj({"consent_id": INT, "version": STR, "scopes": STRS, "effective_at": TIME}),
+        conflicts=True,
+        description="The participant's e-signature: re-authenticates with the participant's "
+        "own user name and password.",
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/alerts",
+        "list_alerts",
+        "List alerts",
+        list_alerts,
+        CLINICAL,
+        "alerts",
+        query=(
+            Field("site", required=False, pattern=ID_PATTERN, max_len=64),
+            Field("severity", required=False, enum=SEVERITIES),
+            Field("state", required=False, enum=STATES, default="unresolved"),
+        ),
+        ok_schema=ALERT_LIST,
+        extra_statuses=(404,),
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/alerts/events",
+        "alert_events",
+        "Follow alert events",
+        sse.alert_events,
+        CLINICAL,
+        "alerts",
+        ok_content_type="text/event-stream",
+        description="Server-sent events, one per alert transition (id: the event id). "
+        "Reconnecting with Last-Event-ID (or ?after=) resumes without a gap.",
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/alerts/{{alert_id}}",
+        "get_alert",
+        "Show an alert",
+        get_alert,
+        CLINICAL,
+        "alerts",
+        path_params=(ALERT_ID,),
+        ok_schema=ALERT_PAGE,
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/alerts/{{alert_id}}/acknowledge",
+        "acknowledge_alert",
+        "Acknowledge an alert",
+        acknowledge_alert,
+        CLINICAL,
+        "alerts",
+        path_params=(ALERT_ID,),
+        body=NOTE,
+        ok_schema=ALERT,
+        conflicts=True,
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/alerts/{{alert_id}}/resolve",
+        "resolve_alert",
+        "Resolve an alert",
+        resolve_alert,
+        CLINICAL,
+        "alerts",
+        path_params=(ALERT_ID,),
+        body=NOTE,
+        ok_schema=ALERT,
+        conflicts=True,
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/users",
+        "list_users",
+        "List users",
+        list_users,
+        ADMIN_ONLY,
+        "users",
+        ok_schema=obj({"users": arr(USER_ROW)}),
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/users",
+        "create_user",
+        "Create a user",
+        create_user,
+        ADMIN_ONLY,
+        "users",
+        body=(
+            Field("username", pattern=USERNAME_PATTERN, max_len=64),
+            Field("display_name", max_len=200),
+            Field("role", enum=tuple(r.value for r in users.Role)),
+            Field("password", min_len=users.MIN_PASSWORD_LENGTH, max_len=1024),
+            Field("participant_id", required=False, pattern=ID_PATTERN, max_len=64),
+            Field("sites", kind="array", required=False, pattern=ID_PATTERN, max_len=64),
+        ),
+        ok_status=201,
+        ok_schema=USER,
+        conflicts=True,
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/enrollments",
+        "enroll_hub",
+        "Enroll a hub",
+        get_openapi,
+        None,
+        "hubs",
+        body=(Field("code", max_len=64), Field("csr", max_len=8192)),
+        ok_status=201,
+        ok_schema=obj(
+            {
+                "device_id": STR,
+                "participant_id": STR,
+                "study_id": STR,
+                "certificate_pem": STR,
+                "ca_pem": STR,
+                "receipt_key_pem": STR,
+                "broker": obj({"host": STR, "port": INT, "tls": {"type": "boolean"}}),
+                "topics": {"type": "object"},
+            }
+        ),
+        extra_statuses=(404, 409, 410),
+        routed=False,
+        description="A hub redeems a single-use enrollment code and a PEM certificate signing "
+        "request for its identity (routed in gateway.app).",
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/openapi.json",
+        "get_openapi",
+        "This document",
+        get_openapi,
+        None,
+        "meta",
+        ok_schema={"type": "object"},
+    ),
+)

@@ -1,0 +1,107 @@
+"use strict";
+// Shared by every page: the API client (session cookie + CSRF header), a DOM builder that
+// only ever inserts text, and small formatting helpers.
+const TS = (() => {
+  let csrf = null;
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") node.className = v;
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else node.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const c of children.flat()) {
+      if (c === null || c === undefined) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  }
+
+  function status(text) {
+    const s = document.getElementById("status");
+    if (s) s.textContent = text;
+  }
+
+  async function api(path, opts = {}) {
+    const method = opts.method || "GET";
+    const headers = { Accept: "application/json" };
+    if (opts.body !== undefined) headers["Content-Type"] = "application/json";
+    if (method !== "GET" && csrf) headers["X-CSRF-Token"] = csrf;
+    const resp = await fetch(path, {
+      method,
+      headers,
+      credentials: "same-origin",
+      body: opts.body === undefined ? undefined : JSON.stringify(opts.body),
+    });
+    if (resp.status === 401 && !opts.noRedirect) {
+      location.assign("/login?next=" + encodeURIComponent(location.pathname));
+      throw new Error("signed out");
+    }
+    const text = await resp.text();
+    const data = text ? JSON.parse(text) : null;
+    if (!resp.ok) {
+      const err = new Error((data && data.title) || resp.statusText);
+      err.status = resp.status;
+      err.problem = data;
+      throw err;
+    }
+    return data;
+  }
+
+  async function session() {
+    const s = await api("/api/v1/session");
+    csrf = s.csrf_token;
+    return s.user;
+  }
+
+  function time(iso) {
+    if (!iso) return "—";
+    const d = typeof iso === "number" ? new Date(iso) : new Date(iso);
+    return d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
+  }
+
+  function ago(iso) {
+    if (!iso) return "never";
+    const s = Math.max(0, Math.round((Date.now() - new Date(iso).getTime()) / 1000));
+    if (s < 90) return s + " s ago";
+    if (s < 5400) return Math.round(s / 60) + " min ago";
+    if (s < 129600) return Math.round(s / 3600) + " h ago";
+    return Math.round(s / 86400) + " days ago";
+  }
+
+  function table(caption, headers, rows, empty) {
+    if (!rows.length) return el("p", { class: "empty" }, empty || "None.");
+    return el(
+      "table",
+      {},
+      el("caption", {}, caption),
+      el("thead", {}, el("tr", {}, headers.map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows.map((r) => (r instanceof Node ? r : el("tr", {}, r.map((c) => el("td", {}, c)))))),
+    );
+  }
+
+  function section(title, ...content) {
+    return el("section", { class: "card" }, el("h2", {}, title), ...content);
+  }
+
+  function link(href, text) {
+    return el("a", { href }, text);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    const out = document.getElementById("sign-out");
+    if (out) {
+      out.addEventListener("click", async () => {
+        try {
+          await api("/api/v1/session", { method: "DELETE" });
+        } finally {
+          location.assign("/login");
+        }
+      });
+    }
+  });
+
+  return { el, api, session, time, ago, table, section, link, status };
+})();

@@ -1,0 +1,163 @@
+"use strict";
+// A clinician's live view of one participant: each metric over the last minutes (read again
+// every few seconds), the last days from hourly rollups, gaps drawn as gaps, and each
+// wearable's battery and last contact.
+(() => {
+  const { el, api, session, time, ago, section, table, status } = TS;
+  const SVG = "http://www.w3.org/2000/svg";
+  const MINUTES = 10;
+  const REFRESH_MS = 2000;
+  const pid = document.body.dataset.participant;
+  const panels = new Map();
+
+  function svg(tag, attrs) {
+    const n = document.createElementNS(SVG, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, String(v));
+    return n;
+  }
+
+  // Split a series where readings are further apart than the usual spacing allows, or where
+  // a hub reported a gap: no line is drawn across missing data.
+  function segments(points, gaps) {
+    if (!points.length) return [];
+    const steps = points.slice(1).map((p, i) => p.t - points[i].t).sort((a, b) => a - b);
+    const usual = steps.length ? steps[Math.floor(steps.length / 2)] : 1000;
+    const limit = Math.max(5000, usual * 3);
+    const out = [[points[0]]];
+    for (let i = 1; i < points.length; i++) {
+      const a = points[i - 1], b = points[i];
+      const reported = gaps.some((g) => g.from < b.t && g.to > a.t);
+      if (b.t - a.t > limit || reported) out.push([]);
+      out[out.length - 1].push(b);
+    }
+    return out;
+  }
+
+  function chart(points, gaps, from, to, label, band) {
+    const W = 640, H = 160, P = 28;
+    const values = points.flatMap((p) => (band ? [p.min, p.max] : [p.v]));
+    let lo = Math.min(...values), hi = Math.max(...values);
+    if (!isFinite(lo)) { lo = 0; hi = 1; }
+    if (hi - lo < 1) { hi += 0.5; lo -= 0.5; }
+    const x = (t) => P + ((t - from) / (to - from)) * (W - 2 * P);
+    const y = (v) => H - P - ((v - lo) / (hi - lo)) * (H - 2 * P);
+    const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label, class: "chart" });
+    root.append(svg("rect", { x: P, y: P / 2, width: W - 2 * P, height: H - 1.5 * P, class: "plot" }));
+    for (const g of gaps) {
+      const gx = Math.max(P, x(g.from)), gw = Math.min(W - P, x(g.to)) - gx;
+      if (gw > 0) {
+        const r = svg("rect", { x: gx, y: P / 2, width: gw, height: H - 1.5 * P, class: "gap" });
+        const t = svg("title", {});
+        t.textContent = `no data: ${g.reason}`;
+        r.append(t);
+        root.append(r);
+      }
+    }
+    for (const seg of segments(points, gaps)) {
+      if (band) {
+        const up = seg.map((p) => `${x(p.t)},${y(p.max)}`);
+        const down = seg.slice().reverse().map((p) => `${x(p.t)},${y(p.min)}`);
+        root.append(svg("polygon", { points: up.concat(down).join(" "), class: "band" }));
+      }
+      const line = seg.map((p) => `${x(p.t)},${y(band ? p.mean : p.v)}`).join(" ");
+      if (seg.length === 1) root.append(svg("circle", { cx: x(seg[0].t), cy: y(band ? seg[0].mean : seg[0].v), r: 2.5, class: "dot" }));
+      else root.append(svg("polyline", { points: line, class: "line" }));
+    }
+    const axis = (text, ax, ay, anchor) => {
+      const t = svg("text", { x: ax, y: ay, "text-anchor": anchor, class: "axis" });
+      t.textContent = text;
+      root.append(t);
+    };
+    axis(hi.toFixed(0), P - 4, P / 2 + 10, "end");
+    axis(lo.toFixed(0), P - 4, H - P, "end");
+    axis(new Date(from).toLocaleTimeString(), P, H - 6, "start");
+    axis(new Date(to).toLocaleTimeString(), W - P, H - 6, "end");
+    return root;
+  }
+
+  function panel(metric) {
+    if (!panels.has(metric)) {
+      const latest = el("p", { class: "latest", id: `latest-${metric}`, "aria-live": "polite" }, "—");
+      const live = el("div", { class: "live-chart", id: `live-${metric}` });
+      const days = el("div", { class: "days-chart", id: `days-${metric}` });
+      const card = section(metric.replace(/_/g, " "), latest,
+        el("h3", {}, `Last ${MINUTES} minutes`), live, el("h3", {}, "Last 2 days (hourly)"), days);
+      card.id = `metric-${metric}`;
+      document.getElementById("metrics").append(card);
+      panels.set(metric, { latest, live, days });
+    }
+    return panels.get(metric);
+  }
+
+  async function refreshLive() {
+    const data = await api(`/api/v1/participants/${encodeURIComponent(pid)}/readings?minutes=${MINUTES}`);
+    const from = Date.parse(data.from), to = Date.parse(data.to);
+    const by = new Map();
+    for (const r of data.readings) {
+      if (!by.has(r.metric)) by.set(r.metric, []);
+      by.get(r.metric).push({ t: r.t, v: r.value, unit: r.unit });
+    }
+    const gaps = data.gaps.map((g) => ({ from: g.from, to: g.to, reason: g.reason }));
+    for (const [metric, points] of by) {
+      const p = panel(metric);
+      const last = points[points.length - 1];
+      p.latest.textContent = `${last.v} ${last.unit} at ${new Date(last.t).toLocaleTimeString()}`;
+      p.latest.dataset.value = String(last.v);
+      p.live.dataset.count = String(points.length);
+      p.live.replaceChildren(chart(points, gaps, from, to, `${metric}, last ${MINUTES} minutes`, false));
+    }
+    document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  }
+
+  async function refreshDays() {
+    const data = await api(`/api/v1/participants/${encodeURIComponent(pid)}/rollups?days=2`);
+    const from = Date.parse(data.from), to = Date.now();
+    const by = new Map();
+    for (const b of data.buckets) {
+      if (!by.has(b.metric)) by.set(b.metric, []);
+      by.get(b.metric).push({ t: b.bucket, mean: b.mean, min: b.min, max: b.max });
+    }
+    for (const [metric, points] of by) {
+      panel(metric).days.replaceChildren(chart(points, [], from, to, `${metric}, hourly, last 2 days`, true));
+    }
+  }
+
+  async function refreshDevices() {
+    const data = await api(`/api/v1/participants/${encodeURIComponent(pid)}`);
+    const rows = data.devices.flatMap((d) =>
+      d.sensors.length
+        ? d.sensors.map((s) => [d.device_id, s.sensor, s.model || "—",
+            s.battery_level === null ? "—" : `${s.battery_level} %`, ago(s.last_seen)])
+        : [[d.device_id, "—", "—", "—", ago(d.last_received)]],
+    );
+    document.getElementById("devices").replaceChildren(
+      table("Wearables", ["Hub", "Wearable", "Model", "Battery", "Last seen"], rows, "No devices paired."),
+    );
+  }
+
+  async function loop(fn, every) {
+    for (;;) {
+      try {
+        await fn();
+      } catch (e) {
+        status(e.message);
+      }
+      await new Promise((r) => setTimeout(r, every));
+    }
+  }
+
+  async function start() {
+    await session();
+    document.getElementById("main").replaceChildren(
+      el("p", { class: "toolbar" }, el("a", { href: `/participants/${encodeURIComponent(pid)}` }, "Participant page"),
+        " · ", el("span", { id: "updated" }, "")),
+      el("div", { id: "devices", class: "card" }),
+      el("div", { id: "metrics" }),
+    );
+    loop(refreshLive, REFRESH_MS);
+    loop(refreshDays, 60000);
+    loop(refreshDevices, 10000);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => start().catch((e) => status(e.message)));
+})();

@@ -1,0 +1,148 @@
+"use strict";
+// The monitor's alert board: the unresolved alerts of the user's sites, kept current by the
+// server-sent event feed (which resumes after a reconnect from the last event seen).
+(() => {
+  const { el, api, session, time, table, status } = TS;
+  const alerts = new Map();
+  const open = new Set(); // alert ids whose history is shown
+  let filters = { site: "", severity: "", showResolved: false };
+  let board;
+
+  function visible(a) {
+    if (filters.site && a.site_id !== filters.site) return false;
+    if (filters.severity && a.severity !== filters.severity) return false;
+    if (!filters.showResolved && a.state === "resolved") return false;
+    return true;
+  }
+
+  async function act(a, what) {
+    try {
+      const updated = await api(`/api/v1/alerts/${a.alert_id}/${what}`, { method: "POST", body: {} });
+      alerts.set(updated.alert_id, updated);
+      status(`Alert ${a.alert_id} ${updated.state}.`);
+      render();
+    } catch (e) {
+      status(`Alert ${a.alert_id}: ${e.message}`);
+    }
+  }
+
+  async function history(a, cell) {
+    const got = await api(`/api/v1/alerts/${a.alert_id}`);
+    cell.replaceChildren(
+      el(
+        "ol",
+        { class: "history", "aria-label": `Audit trail of alert ${a.alert_id}` },
+        got.events.map((e) => el("li", {}, `${time(e.at)} — ${e.event} by ${e.actor}`)),
+      ),
+    );
+  }
+
+  function row(a) {
+    const actions = [];
+    if (a.state === "open") {
+      actions.push(el("button", { type: "button", class: "ack", onclick: () => act(a, "acknowledge") }, "Acknowledge"));
+    } else if (a.state === "acknowledged") {
+      actions.push(el("button", { type: "button", class: "resolve", onclick: () => act(a, "resolve") }, "Resolve"));
+    }
+    const shown = open.has(a.alert_id);
+    actions.push(
+      el(
+        "button",
+        {
+          type: "button",
+          class: "secondary",
+          "aria-expanded": shown ? "true" : "false",
+          onclick: () => {
+            if (open.has(a.alert_id)) open.delete(a.alert_id);
+            else open.add(a.alert_id);
+            render();
+          },
+        },
+        "History",
+      ),
+    );
+    const tr = el(
+      "tr",
+      { class: `alert sev-${a.severity} state-${a.state}`, "data-alert-id": a.alert_id, "data-state": a.state },
+      el("td", {}, el("span", { class: `badge sev-${a.severity}` }, a.severity)),
+      el("td", {}, el("a", { href: `/participants/${encodeURIComponent(a.participant_id)}/live` }, a.participant_id)),
+      el("td", {}, a.site_id),
+      el("td", {}, `${a.rule} (${a.metric})`),
+      el("td", {}, time(a.opened_at)),
+      el("td", { class: "state" }, a.state + (a.acknowledged_by ? ` by ${a.acknowledged_by}` : "")),
+      el("td", { class: "actions" }, actions),
+    );
+    if (!shown) return [tr];
+    const cell = el("td", { colspan: "7" }, "Loading…");
+    history(a, cell).catch((e) => cell.replaceChildren(e.message));
+    return [tr, el("tr", { class: "history-row" }, cell)];
+  }
+
+  function render() {
+    const list = [...alerts.values()].filter(visible).sort((x, y) => y.alert_id - x.alert_id);
+    board.replaceChildren(
+      table(
+        "Alerts",
+        ["Severity", "Participant", "Site", "Rule", "Opened", "State", ""],
+        list.flatMap(row),
+        "No alerts match. New ones appear here as they are raised.",
+      ),
+    );
+  }
+
+  function follow(after) {
+    const live = document.getElementById("live");
+    const source = new EventSource(`/api/v1/alerts/events?after=${after}`);
+    source.onopen = () => {
+      live.textContent = "Live";
+      live.className = "live on";
+    };
+    source.onerror = () => {
+      live.textContent = "Reconnecting…";
+      live.className = "live off";
+    };
+    source.addEventListener("alert", (m) => {
+      const ev = JSON.parse(m.data);
+      if (ev.alert) alerts.set(ev.alert.alert_id, ev.alert);
+      if (ev.event === "opened") status(`New ${ev.severity} alert for ${ev.participant_id}.`);
+      render();
+    });
+    source.addEventListener("signed-out", () => {
+      source.close();
+      location.assign("/login?next=/monitor");
+    });
+  }
+
+  async function start() {
+    await session();
+    const main = document.getElementById("main");
+    const sites = (await api("/api/v1/sites")).sites;
+    const siteSel = el("select", { id: "filter-site" }, el("option", { value: "" }, "All my sites"),
+      sites.map((s) => el("option", { value: s.site_id }, `${s.name} (${s.site_id})`)));
+    const sevSel = el("select", { id: "filter-severity" }, el("option", { value: "" }, "Any severity"),
+      ["critical", "warning", "info"].map((s) => el("option", { value: s }, s)));
+    const resolved = el("input", { type: "checkbox", id: "filter-resolved" });
+    const update = () => {
+      filters = { site: siteSel.value, severity: sevSel.value, showResolved: resolved.checked };
+      render();
+    };
+    siteSel.addEventListener("change", update);
+    sevSel.addEventListener("change", update);
+    resolved.addEventListener("change", update);
+    board = el("div", { id: "board" });
+    main.replaceChildren(
+      el("div", { class: "toolbar", role: "group", "aria-label": "Filters" },
+        el("label", { for: "filter-site" }, "Site "), siteSel,
+        el("label", { for: "filter-severity" }, "Severity "), sevSel,
+        el("label", { for: "filter-resolved" }, resolved, " show resolved"),
+        el("span", { id: "live", class: "live off", role: "status" }, "Connecting…")),
+      board,
+    );
+    const first = await api("/api/v1/alerts?state=unresolved");
+    for (const a of first.alerts) alerts.set(a.alert_id, a);
+    render();
+    follow(first.last_event_id);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => start().catch((e) => status(e.message)));
+})();

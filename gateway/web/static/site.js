@@ -1,0 +1,92 @@
+"use strict";
+// A site: its participants (consent status, devices), pending re-consents and enrollment
+// codes; a site coordinator registers participants and makes codes here.
+(() => {
+  const { el, api, session, time, ago, section, table, link, status } = TS;
+  const site = document.body.dataset.site;
+  const role = document.body.dataset.role;
+  const coordinates = role === "site_coordinator" || role === "admin";
+
+  function consentText(c) {
+    if (!c.action) return "no consent";
+    if (c.action === "withdraw") return `withdrawn (${c.version})`;
+    return `${c.action === "withdraw_scope" ? "partly withdrawn" : "consented"} v${c.version}`;
+  }
+
+  async function load() {
+    const data = await api(`/api/v1/sites/${encodeURIComponent(site)}`);
+    const p = data.participants;
+    const clinical = role !== "site_coordinator";
+    const parts = table("Participants",
+      ["Participant", "Consent", "Scopes", "Active hubs", "Last data", ""],
+      p.map((x) => [
+        link(`/participants/${encodeURIComponent(x.participant_id)}`, x.participant_id),
+        consentText(x.consent), x.consent.scopes.join(", ") || "—", String(x.active_devices),
+        ago(x.last_received),
+        clinical ? link(`/participants/${encodeURIComponent(x.participant_id)}/live`, "Live view") : "",
+      ]), "No participants yet.");
+    const devices = table("Devices",
+      ["Participant", "Hub", "Enrolled", "State", "Wearables (battery, last seen)"],
+      p.flatMap((x) => x.devices.map((d) => [x.participant_id, d.device_id, time(d.enrolled_at),
+        d.revoked_at ? `revoked: ${d.revoked_reason}` : "active",
+        d.sensors.map((s) => `${s.sensor}: ${s.battery_level === null ? "?" : s.battery_level + " %"}, ${ago(s.last_seen)}`).join("; ") || "—"])),
+      "No devices enrolled.");
+    const pending = table("Pending re-consents",
+      ["Participant", "Signed version", "Required version", "By", ""],
+      data.pending_reconsents.map((r) => [r.participant_id, r.current_version, r.required_version,
+        time(r.reconsent_by), r.overdue ? "overdue" : ""]), "Nobody needs to re-consent.");
+    const codes = table("Enrollment codes",
+      ["Participant", "Made by", "Made", "Expires", "Used"],
+      data.enrollment_codes.map((c) => [c.participant_id, c.created_by, time(c.created_at),
+        time(c.expires_at), c.used_at ? `${time(c.used_at)} by ${c.device_id}` : "not yet"]),
+      "No codes made.");
+    const blocks = [
+      el("p", { class: "lead" }, `${data.site.name} · study ${data.site.study_id} · ${p.length} participants`),
+      section("Participants", parts),
+      section("Devices", devices),
+      section("Consent", pending),
+      section("Enrollment codes", codes),
+    ];
+    if (coordinates) blocks.push(forms(p));
+    document.getElementById("main").replaceChildren(...blocks);
+  }
+
+  function forms(participants) {
+    const pidInput = el("input", { id: "new-participant", maxlength: "64", required: true,
+      pattern: "[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}" });
+    const add = el("form", { class: "inline" },
+      el("label", { for: "new-participant" }, "New participant id "), pidInput,
+      el("button", { type: "submit" }, "Register"));
+    add.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        await api(`/api/v1/sites/${encodeURIComponent(site)}/participants`,
+          { method: "POST", body: { participant_id: pidInput.value } });
+        status(`Participant ${pidInput.value} registered.`);
+        await load();
+      } catch (e) {
+        status(e.message);
+      }
+    });
+    const who = el("select", { id: "code-participant" },
+      participants.map((x) => el("option", { value: x.participant_id }, x.participant_id)));
+    const shown = el("output", { id: "code", class: "code" });
+    const code = el("form", { class: "inline" },
+      el("label", { for: "code-participant" }, "Enrollment code for "), who,
+      el("button", { type: "submit" }, "Make code"), shown);
+    code.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        const c = await api(`/api/v1/participants/${encodeURIComponent(who.value)}/enrollment-codes`,
+          { method: "POST", body: {} });
+        shown.textContent = `${c.code} (valid until ${time(c.expires_at)})`;
+      } catch (e) {
+        status(e.message);
+      }
+    });
+    return section("Register and enroll", add, code);
+  }
+
+  document.addEventListener("DOMContentLoaded", () =>
+    session().then(load).catch((e) => status(e.message)));
+})();

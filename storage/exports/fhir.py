@@ -1,0 +1,230 @@
+"""FHIR R4 resources as NDJSON, in the FHIR Bulk Data layout: one file per resource type
+(``Observation.ndjson``, ``Patient.ndjson``, ``Device.ndjson``) and a manifest shaped like
+the Bulk Data completion response (``manifest.json``, with relative file names as ``url``).
+
+- Observation: one per reading. LOINC code (and our own metric code), UCUM valueQuantity,
+  effectiveDateTime (the reading's time), issued (when the gateway received it), subject
+  (the Patient), device (the wearable's Device), category per metric (docs/exports.md).
+- Patient: pseudonymous: the study's participant id as an identifier, nothing else about
+  the person, and the PSEUDED security label.
+- Device: the hub (``identifier`` = device id) and each wearable seen through it, with its
+  reported manufacturer, model, serial and firmware, its ``parent`` the hub.
+
+Resource ids are derived (SHA-256, truncated) from what identifies the resource, so the same
+reading gets the same id in every export, and ids stay inside FHIR's id alphabet whatever
+characters a participant or sensor name holds. Observation lines are assembled from cached,
+pre-encoded fragments (every string through ``json.dumps``): the per-reading cost is one
+hash and one string join.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from storage.exports import mapping, source
+from storage.exports.output import OutputDir
+from storage.exports.source import Row
+
+COLUMNS = (
+    source.PARTICIPANT,
+    source.STUDY,
+    source.TIME_ISO,
+    source.METRIC,
+    source.VALUE,
+    source.UNIT,
+    source.DEVICE,
+    source.SEQ,
+    source.SENSOR,
+    source.RECEIVED_ISO,
+)
+
+READING_SYSTEM = "urn:trialstream:reading"
+DEVICE_SYSTEM = "urn:trialstream:device"
+SENSOR_SYSTEM = "urn:trialstream:sensor"
+PSEUDONYMIZED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "PSEUDED",
+    "display": "pseudonymized",
+}
+RESOURCE_FILES = ("Patient", "Device", "Observation")
+
+
+def fhir_id(*parts: str) -> str:
+    """A resource id in FHIR's alphabet ([A-Za-z0-9-.], at most 64), stable for ``parts``."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def participant_system(study_id: str) -> str:
+    return f"urn:trialstream:study:{study_id}:participant"
+
+
+def patient_id(study_id: str, participant_id: str) -> str:
+    return fhir_id("Patient", study_id, participant_id)
+
+
+def hub_device_id(device_id: str) -> str:
+    return fhir_id("Device", device_id)
+
+
+def sensor_device_id(device_id: str, sensor: str) -> str:
+    return fhir_id("Device", device_id, sensor)
+
+
+def _j(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _code_fragment(metric: str) -> str:
+    e = mapping.EXPORTED[metric]
+    codings: list[dict[str, str]] = []
+    if e.metric.loinc is not None:
+        codings.append({"system": mapping.LOINC_SYSTEM, "code": e.metric.loinc})
+    codings.append({"system": mapping.METRIC_SYSTEM, "code": metric})
+    category = [{"coding": [{"system": mapping.OBSERVATION_CATEGORY_SYSTEM, "code": e.category}]}]
+    return f'"category":{_j(category)},"code":{_j({"coding": codings, "text": e.text})}'
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """A hub and one wearable seen through it (sensor fields None when never reported)."""
+
+    device_id: str
+    participant_id: str
+    study_id: str
+    revoked: bool
+    sensor: str
+    manufacturer: str | None
+    model: str | None
+    serial: str | None
+    firmware: str | None
+    hardware: str | None
+
+
+def patient(study_id: str, participant_id: str) -> dict[str, object]:
+    return {
+        "resourceType": "Patient",
+        "id": patient_id(study_id, participant_id),
+        "meta": {"security": [PSEUDONYMIZED]},
+        "identifier": [{"system": participant_system(study_id), "value": participant_id}],
+    }
+
+
+def hub_device(info: DeviceInfo) -> dict[str, object]:
+    return {
+        "resourceType": "Device",
+        "id": hub_device_id(info.device_id),
+        "identifier": [{"system": DEVICE_SYSTEM, "value": info.device_id}],
+        "status": "inactive" if info.revoked else "active",
+        "type": {"text": "trialstream hub"},
+        "patient": {"reference": f"Patient/{patient_id(info.study_id, info.participant_id)}"},
+    }
+
+
+def sensor_device(info: DeviceInfo) -> dict[str, object]:
+    resource: dict[str, object] = {
+        "resourceType": "Device",
+        "id": sensor_device_id(info.device_id, info.sensor),
+        "identifier": [{"system": SENSOR_SYSTEM, "value": f"{info.device_id}/{info.sensor}"}],
+        "deviceName": [{"name": info.sensor, "type": "user-friendly-name"}],
+        "patient": {"reference": f"Patient/{patient_id(info.study_id, info.participant_id)}"},
+        "parent": {"reference": f"Device/{hub_device_id(info.device_id)}"},
+    }
+    if info.manufacturer:
+        resource["manufacturer"] = info.manufacturer
+    if info.model:
+        resource["modelNumber"] = info.model
+    if info.serial:
+        resource["serialNumber"] = info.serial
+    versions = [
+        {"type": {"text": kind}, "value": value}
+        for kind, value in (("firmware", info.firmware), ("hardware", info.hardware))
+        if value
+    ]
+    if versions:
+        resource["version"] = versions
+    return resource
+
+
+class FhirWriter:
+    """Observation lines as chunks arrive; Patients, Devices and the manifest at the end."""
+
+    def __init__(self, out: OutputDir) -> None:
+        self._out = out
+        self._observations: BinaryIO = out.open("Observation.ndjson")
+        self._codes: dict[str, str] = {}
+        self._subjects: dict[tuple[str, str], str] = {}
+        self._devices: dict[tuple[str, str], str] = {}
+        self.counts: dict[str, int] = dict.fromkeys(RESOURCE_FILES, 0)
+
+    @property
+    def seen_participants(self) -> list[tuple[str, str]]:
+        """(study, participant) of every Observation written, in order."""
+        return sorted(self._subjects)
+
+    @property
+    def seen_sensors(self) -> list[tuple[str, str]]:
+        """(device id, sensor) of every Observation written, in order."""
+        return sorted(self._devices)
+
+    def write(self, rows: Sequence[Row]) -> None:
+        lines: list[str] = []
+        for participant, study, t, metric, value, unit, dev, seq, sensor, received in rows:
+            code = self._codes.get(metric)
+            if code is None:
+                code = self._codes[metric] = _code_fragment(metric)
+            subject = self._subjects.get((study, participant))
+            if subject is None:
+                subject = self._subjects[(study, participant)] = patient_id(study, participant)
+            device = self._devices.get((dev, sensor))
+            if device is None:
+                device = self._devices[(dev, sensor)] = sensor_device_id(dev, sensor)
+            key = f"{dev}/{seq}/{sensor}/{metric}/{t}"
+            v = repr(value)
+            u = _j(unit)
+            lines.append(
+                f'{{"resourceType":"Observation","id":"{fhir_id("Observation", key, v)}",'
+                f'"identifier":[{{"system":"{READING_SYSTEM}","value":{_j(key)}}}],'
+                f'"status":"final",{code},"subject":{{"reference":"Patient/{subject}"}},'
+                f'"effectiveDateTime":"{t}","issued":"{received}",'
+                f'"valueQuantity":{{"value":{v},"unit":{u},'
+                f'"system":"{mapping.UCUM_SYSTEM}","code":{u}}},'
+                f'"device":{{"reference":"Device/{device}"}}}}\n'
+            )
+        self._observations.write("".join(lines).encode())
+        self._out.count("Observation.ndjson", len(rows))
+        self.counts["Observation"] += len(rows)
+
+    def _write_resources(self, name: str, resources: Iterable[Mapping[str, object]]) -> None:
+        with self._out.open(f"{name}.ndjson") as f:
+            for r in resources:
+                f.write((_j(r) + "\n").encode())
+                self._out.count(f"{name}.ndjson", 1)
+                self.counts[name] += 1
+
+    def finish(self, devices: Sequence[DeviceInfo], *, transaction_time: str, request: str) -> None:
+        self._observations.close()
+        self._write_resources("Patient", (patient(s, p) for s, p in self.seen_participants))
+        hubs = {d.device_id: d for d in devices}
+        self._write_resources(
+            "Device",
+            [*(hub_device(h) for _, h in sorted(hubs.items())), *map(sensor_device, devices)],
+        )
+        manifest = {
+            "transactionTime": transaction_time,
+            "request": request,
+            "requiresAccessToken": False,
+            "output": [
+                {"type": name, "url": f"{name}.ndjson", "count": self.counts[name]}
+                for name in RESOURCE_FILES
+            ],
+            "error": [],
+        }
+        with self._out.open("manifest.json") as f:
+            f.write(json.dumps(manifest, indent=2).encode() + b"\n")
+
+    def discard(self) -> None:
+        self._observations.close()

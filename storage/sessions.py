@@ -1,0 +1,137 @@
+"""Sign-in sessions of the web pages and the API.
+
+A session is a random token in a cookie; the database keeps only its SHA-256, so reading the
+table does not let anyone sign in. Each session ends after ``IDLE_TIMEOUT`` without use or
+``ABSOLUTE_TIMEOUT`` after sign-in, whichever comes first, or when the user signs out or is
+disabled. Each session has its own CSRF token, which a page sends back in a header on every
+request that changes something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from storage.db import Conn
+from storage.errors import StorageError
+from storage.users import Role, User
+
+# A clinician's tele-visit or a monitor's shift fits in 12 hours; 30 idle minutes keep an
+# unattended screen from staying signed in for long (ICH E6 asks for controls on access).
+IDLE_TIMEOUT = timedelta(minutes=30)
+ABSOLUTE_TIMEOUT = timedelta(hours=12)
+TOKEN_BYTES = 32
+
+
+class SessionError(StorageError):
+    """Base of the session errors."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    token: str
+    csrf_token: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    user: User
+    csrf_token: str
+    created_at: datetime
+    expires_at: datetime
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def create_session(
+    conn: Conn,
+    user_id: int,
+    *,
+    idle: timedelta = IDLE_TIMEOUT,
+    absolute: timedelta = ABSOLUTE_TIMEOUT,
+) -> NewSession:
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    csrf = secrets.token_urlsafe(TOKEN_BYTES)
+    cur = await conn.execute(
+        "INSERT INTO web_sessions (token_sha256, user_id, csrf_token, idle_expires_at,"
+        " expires_at) VALUES (%s, %s, %s, now() + %s, now() + %s) RETURNING expires_at",
+        (token_digest(token), user_id, csrf, idle, absolute),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return NewSession(token, csrf, row[0])
+
+
+_LOOKUP = """
+UPDATE web_sessions s SET last_seen_at = now(),
+       idle_expires_at = least(s.expires_at, now() + %(idle)s)
+FROM users u
+WHERE s.token_sha256 = %(digest)s AND u.user_id = s.user_id
+  AND s.ended_at IS NULL AND s.idle_expires_at > now() AND s.expires_at > now()
+  AND u.disabled_at IS NULL
+RETURNING u.user_id, u.username, u.display_name, u.role, u.participant_id,
+          coalesce((SELECT array_agg(site_id) FROM user_sites x WHERE x.user_id = u.user_id),
+                   '{}'),
+          s.csrf_token, s.created_at, s.expires_at
+"""
+
+
+async def lookup(conn: Conn, token: str, *, idle: timedelta = IDLE_TIMEOUT) -> Session | None:
+    """The live session of ``token`` (its idle time restarts), or None."""
+    if not token or len(token) > 128:
+        return None
+    cur = await conn.execute(_LOOKUP, {"digest": token_digest(token), "idle": idle})
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    uid, username, display, role, pid, sites, csrf, created, expires = row
+    user = User(int(uid), str(username), str(display), Role(role), pid, frozenset(sites))
+    return Session(user, str(csrf), created, expires)
+
+
+async def end_session(conn: Conn, token: str, *, reason: str = "signed_out") -> bool:
+    cur = await conn.execute(
+        "UPDATE web_sessions SET ended_at = now(), ended_reason = %s"
+        " WHERE token_sha256 = %s AND ended_at IS NULL",
+        (reason, token_digest(token)),
+    )
+    return cur.rowcount == 1
+
+
+async def end_user_sessions(conn: Conn, user_id: int, *, reason: str) -> int:
+    cur = await conn.execute(
+        "UPDATE web_sessions SET ended_at = now(), ended_reason = %s"
+        " WHERE user_id = %s AND ended_at IS NULL",
+        (reason, user_id),
+    )
+    return cur.rowcount
+
+
+async def purge_expired(conn: Conn, *, older_than: timedelta = timedelta(days=30)) -> int:
+    """Delete sessions that ended or expired more than ``older_than`` ago."""
+    cur = await conn.execute(
+        "DELETE FROM web_sessions WHERE least(coalesce(ended_at, 'infinity'), idle_expires_at,"
+        " expires_at) < now() - %s",
+        (older_than,),
+    )
+    return cur.rowcount
+
+
+__all__ = [
+    "ABSOLUTE_TIMEOUT",
+    "IDLE_TIMEOUT",
+    "NewSession",
+    "Session",
+    "SessionError",
+    "create_session",
+    "end_session",
+    "end_user_sessions",
+    "lookup",
+    "purge_expired",
+    "token_digest",
+]

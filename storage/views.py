@@ -1,0 +1,508 @@
+"""Read queries behind the web pages and the API: sites, participants, devices, what was sent
+and received, reading windows, gaps and hourly rollups.
+
+Nothing here decides who may see what (``gateway.web.access`` does); every function takes the
+ids it is allowed to read. Values leave only as rows for the caller to return; nothing here
+logs them.
+
+Rollups: ``readings_1h`` holds hourly count/mean/min/max per participant and metric. On
+TimescaleDB it is a continuous aggregate with real-time aggregation (its policy refreshes
+it). On plain PostgreSQL it is a table that :func:`refresh_rollups` brings up to date: it
+finds the hours touched by envelopes received since its last run (by ``received_at``, with
+an overlap so a batch that committed late is still seen) and recomputes exactly those hours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from storage.alerts import Alert, AlertEvent
+from storage.db import Conn
+from storage.migrate import StorageMode
+
+# A batch's received_at is taken before its transaction commits; recomputing hours touched in
+# the last few minutes again catches batches that committed after a refresh had run.
+ROLLUP_OVERLAP = timedelta(minutes=5)
+# At most this many readings come back for one window (about 1 Hz for 1 hour of 3 metrics).
+MAX_WINDOW_READINGS = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRow:
+    site_id: str
+    study_id: str
+    name: str
+    participants: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParticipantRow:
+    participant_id: str
+    study_id: str
+    site_id: str
+    enrolled_at: datetime
+    active_devices: int
+    last_received: datetime | None
+    consent_action: str | None
+    consent_version: str | None
+    consent_scopes: tuple[str, ...]
+    consent_effective_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SensorRow:
+    sensor: str
+    manufacturer: str | None
+    model: str | None
+    firmware: str | None
+    battery_level: int | None
+    first_seen: datetime
+    last_seen: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    device_id: str
+    enrolled_at: datetime
+    revoked_at: datetime | None
+    revoked_reason: str | None
+    last_received: datetime | None
+    envelopes: int
+    readings_stored: int
+    readings_refused: int
+    sensors: tuple[SensorRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeRow:
+    device_id: str
+    seq: int
+    sent_at: datetime
+    received_at: datetime
+    reading_count: int
+    stored_count: int
+    refused_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionRow:
+    received_at: datetime
+    device_id: str | None
+    seq: int | None
+    reason: str
+    metric: str | None
+    reading_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentCodeRow:
+    participant_id: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    device_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingRow:
+    time: datetime
+    metric: str
+    value: float
+    unit: str
+    device_id: str
+    sensor: str
+
+
+@dataclass(frozen=True, slots=True)
+class GapRow:
+    device_id: str
+    from_time: datetime
+    to_time: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RollupRow:
+    metric: str
+    bucket: datetime
+    n: int
+    mean: float
+    min: float
+    max: float
+
+
+async def sites(conn: Conn, site_ids: Collection[str] | None) -> list[SiteRow]:
+    """The sites named (None: every site), with their participant counts."""
+    cur = await conn.execute(
+        "SELECT s.site_id, s.study_id, s.name,"
+        " (SELECT count(*) FROM participants p WHERE p.site_id = s.site_id)"
+        " FROM sites s WHERE %(ids)s::text[] IS NULL OR s.site_id = ANY(%(ids)s)"
+        " ORDER BY s.study_id, s.site_id",
+        {"ids": None if site_ids is None else list(site_ids)},
+    )
+    return [SiteRow(str(a), str(b), str(c), int(d)) for a, b, c, d in await cur.fetchall()]
+
+
+async def participant_home(conn: Conn, participant_id: str) -> tuple[str, str] | None:
+    """``(study_id, site_id)`` of a participant, or None."""
+    cur = await conn.execute(
+        "SELECT study_id, site_id FROM participants WHERE participant_id = %s", (participant_id,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else (str(row[0]), str(row[1]))
+
+
+_PARTICIPANTS = """
+SELECT p.participant_id, p.study_id, p.site_id, p.enrolled_at,
+       (SELECT count(*) FROM devices d
+        WHERE d.participant_id = p.participant_id AND d.revoked_at IS NULL),
+       (SELECT max(e.received_at) FROM envelopes e WHERE e.participant_id = p.participant_id),
+       c.action, c.version, c.scopes, c.effective_at
+FROM participants p
+LEFT JOIN LATERAL (
+    SELECT c.action, d.version, c.scopes, c.effective_at
+    FROM consents c JOIN consent_documents d USING (document_id)
+    WHERE c.participant_id = p.participant_id AND c.effective_at <= now()
+    ORDER BY c.effective_at DESC, c.consent_id DESC LIMIT 1
+) c ON true
+WHERE (%(site)s::text IS NULL OR p.site_id = %(site)s)
+  AND (%(pid)s::text IS NULL OR p.participant_id = %(pid)s)
+ORDER BY p.participant_id
+"""
+
+
+def _participant(row: Sequence[Any]) -> ParticipantRow:
+    pid, study, site, enrolled, devices, last, action, version, scopes, eff = row
+    return ParticipantRow(
+        str(pid),
+        str(study),
+        str(site),
+        enrolled,
+        int(devices),
+        last,
+        action,
+        version,
+        tuple(sorted(scopes or ())),
+        eff,
+    )
+
+
+async def site_participants(conn: Conn, site_id: str) -> list[ParticipantRow]:
+    cur = await conn.execute(_PARTICIPANTS, {"site": site_id, "pid": None})
+    return [_participant(r) for r in await cur.fetchall()]
+
+
+async def participant(conn: Conn, participant_id: str) -> ParticipantRow | None:
+    cur = await conn.execute(_PARTICIPANTS, {"site": None, "pid": participant_id})
+    row = await cur.fetchone()
+    return None if row is None else _participant(row)
+
+
+async def devices(conn: Conn, participant_id: str) -> list[DeviceRow]:
+    """The participant's hubs with their wearables (battery, last seen) and envelope counts."""
+    cur = await conn.execute(
+        "SELECT d.device_id, d.enrolled_at, d.revoked_at, d.revoked_reason,"
+        " max(e.received_at), count(e.seq), coalesce(sum(e.stored_count), 0),"
+        " coalesce(sum(e.refused_count), 0)"
+        " FROM devices d LEFT JOIN envelopes e ON e.device_id = d.device_id"
+        " WHERE d.participant_id = %s GROUP BY d.device_id ORDER BY d.enrolled_at, d.device_id",
+        (participant_id,),
+    )
+    rows = await cur.fetchall()
+    cur = await conn.execute(
+        "SELECT s.device_id, s.sensor, s.manufacturer, s.model, s.firmware, s.battery_level,"
+        " s.first_seen, s.last_seen FROM sensors s JOIN devices d USING (device_id)"
+        " WHERE d.participant_id = %s ORDER BY s.device_id, s.sensor",
+        (participant_id,),
+    )
+    by_device: dict[str, list[SensorRow]] = {}
+    for dev, *rest in await cur.fetchall():
+        sensor, manufacturer, model, firmware, battery, first, last = rest
+        by_device.setdefault(str(dev), []).append(
+            SensorRow(str(sensor), manufacturer, model, firmware, battery, first, last)
+        )
+    return [
+        DeviceRow(
+            str(dev),
+            enrolled,
+            revoked,
+            reason,
+            last,
+            int(n),
+            int(stored),
+            int(refused),
+            tuple(by_device.get(str(dev), ())),
+        )
+        for dev, enrolled, revoked, reason, last, n, stored, refused in rows
+    ]
+
+
+async def recent_envelopes(
+    conn: Conn, participant_id: str, *, limit: int = 50
+) -> list[EnvelopeRow]:
+    cur = await conn.execute(
+        "SELECT device_id, seq, sent_at, received_at, reading_count, stored_count, refused_count"
+        " FROM envelopes WHERE participant_id = %s ORDER BY received_at DESC, seq DESC LIMIT %s",
+        (participant_id, limit),
+    )
+    return [
+        EnvelopeRow(str(d), int(s), sent, recv, int(n), int(st), int(rf))
+        for d, s, sent, recv, n, st, rf in await cur.fetchall()
+    ]
+
+
+async def recent_rejections(
+    conn: Conn, participant_id: str, *, limit: int = 50
+) -> list[RejectionRow]:
+    """Refusals of the participant's data: by participant, or by one of their hubs."""
+    cur = await conn.execute(
+        "SELECT received_at, device_id, seq, reason, metric, reading_count FROM rejections"
+        " WHERE participant_id = %s OR device_id IN"
+        " (SELECT device_id FROM devices WHERE participant_id = %s)"
+        " ORDER BY received_at DESC, rejection_id DESC LIMIT %s",
+        (participant_id, participant_id, limit),
+    )
+    return [
+        RejectionRow(at, dev, None if seq is None else int(seq), str(reason), metric, int(n))
+        for at, dev, seq, reason, metric, n in await cur.fetchall()
+    ]
+
+
+async def enrollment_codes(
+    conn: Conn, site_id: str, *, limit: int = 100
+) -> list[EnrollmentCodeRow]:
+    """The site's enrollment codes, newest first (the codes themselves are never stored)."""
+    cur = await conn.execute(
+        "SELECT c.participant_id, c.created_by, c.created_at, c.expires_at, c.used_at,"
+        " c.device_id FROM enrollment_codes c JOIN participants p USING (participant_id)"
+        " WHERE p.site_id = %s ORDER BY c.created_at DESC LIMIT %s",
+        (site_id, limit),
+    )
+    return [
+        EnrollmentCodeRow(str(p), str(b), c, e, u, d) for p, b, c, e, u, d in await cur.fetchall()
+    ]
+
+
+async def readings_window(
+    conn: Conn,
+    participant_id: str,
+    since: datetime,
+    *,
+    metrics: Collection[str] | None = None,
+    limit: int = MAX_WINDOW_READINGS,
+) -> list[ReadingRow]:
+    """Stored readings of the participant measured at or after ``since``, oldest first (the
+    newest ``limit`` when there are more)."""
+    cur = await conn.execute(
+        "SELECT time, metric, value, unit, device_id, sensor FROM ("
+        " SELECT time, metric, value, unit, device_id, sensor FROM readings"
+        " WHERE participant_id = %(pid)s AND time >= %(since)s"
+        " AND (%(metrics)s::text[] IS NULL OR metric = ANY(%(metrics)s))"
+        " ORDER BY time DESC LIMIT %(limit)s) w ORDER BY time, metric",
+        {
+            "pid": participant_id,
+            "since": since,
+            "metrics": None if metrics is None else list(metrics),
+            "limit": limit,
+        },
+    )
+    return [
+        ReadingRow(t, str(m), float(v), str(u), str(d), str(s))
+        for t, m, v, u, d, s in await cur.fetchall()
+    ]
+
+
+async def gaps_window(conn: Conn, participant_id: str, since: datetime) -> list[GapRow]:
+    """Spans without data that the participant's hubs reported, overlapping ``since``..now."""
+    cur = await conn.execute(
+        "SELECT g.device_id, g.from_time, g.to_time, g.reason FROM gaps g"
+        " JOIN devices d USING (device_id)"
+        " WHERE d.participant_id = %s AND g.to_time >= %s ORDER BY g.from_time",
+        (participant_id, since),
+    )
+    return [GapRow(str(d), f, t, str(r)) for d, f, t, r in await cur.fetchall()]
+
+
+async def rollups(
+    conn: Conn,
+    participant_id: str,
+    since: datetime,
+    *,
+    metrics: Collection[str] | None = None,
+) -> list[RollupRow]:
+    cur = await conn.execute(
+        "SELECT metric, bucket, n, mean, min, max FROM readings_1h"
+        " WHERE participant_id = %(pid)s AND bucket >= date_trunc('hour', %(since)s::timestamptz)"
+        " AND (%(metrics)s::text[] IS NULL OR metric = ANY(%(metrics)s))"
+        " ORDER BY metric, bucket",
+        {
+            "pid": participant_id,
+            "since": since,
+            "metrics": None if metrics is None else list(metrics),
+        },
+    )
+    return [
+        RollupRow(str(m), b, int(n), float(mean), float(lo), float(hi))
+        for m, b, n, mean, lo, hi in await cur.fetchall()
+    ]
+
+
+# An arbitrary, fixed key for pg_advisory_xact_lock: one rollup refresher at a time.
+ROLLUP_LOCK_KEY = 0x726F_6C6C_7570
+
+_TOUCHED = """
+SELECT DISTINCT r.participant_id, r.metric, date_trunc('hour', r.time)
+FROM envelopes e JOIN readings r ON (r.device_id, r.seq) = (e.device_id, e.seq)
+WHERE e.received_at > %s AND e.received_at <= %s
+"""
+
+_RECOMPUTE = """
+WITH touched AS (
+    SELECT * FROM unnest(%(pids)s::text[], %(metrics)s::text[], %(buckets)s::timestamptz[])
+        AS t(participant_id, metric, bucket)
+), fresh AS (
+    SELECT t.participant_id, t.metric, t.bucket, count(r.value) AS n, avg(r.value) AS mean,
+           min(r.value) AS min, max(r.value) AS max
+    FROM touched t LEFT JOIN readings r ON r.participant_id = t.participant_id
+        AND r.metric = t.metric AND r.time >= t.bucket AND r.time < t.bucket + interval '1 hour'
+    GROUP BY t.participant_id, t.metric, t.bucket
+), gone AS (
+    DELETE FROM readings_1h h USING fresh f
+    WHERE f.n = 0
+      AND (h.participant_id, h.metric, h.bucket) = (f.participant_id, f.metric, f.bucket)
+)
+INSERT INTO readings_1h (participant_id, metric, bucket, n, mean, min, max)
+SELECT participant_id, metric, bucket, n, mean, min, max FROM fresh WHERE n > 0
+ON CONFLICT (participant_id, metric, bucket) DO UPDATE SET
+    n = excluded.n, mean = excluded.mean, min = excluded.min, max = excluded.max
+"""
+
+
+async def refresh_rollups(conn: Conn, mode: StorageMode) -> int:
+    """Bring ``readings_1h`` up to date (plain mode; TimescaleDB refreshes its own).
+    Returns the number of hours recomputed. Runs in one transaction of its own."""
+    if mode is StorageMode.TIMESCALEDB:
+        return 0
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (ROLLUP_LOCK_KEY,))
+        cur = await conn.execute(
+            "SELECT received_until, now() FROM rollup_progress WHERE name = 'readings_1h'"
+            " FOR UPDATE"
+        )
+        row = await cur.fetchone()
+        assert row is not None, "migration 0005 inserts the progress row"
+        until, now = row
+        cur = await conn.execute(_TOUCHED, (until - ROLLUP_OVERLAP, now))
+        touched = await cur.fetchall()
+        if touched:
+            await conn.execute(
+                _RECOMPUTE,
+                {
+                    "pids": [t[0] for t in touched],
+                    "metrics": [t[1] for t in touched],
+                    "buckets": [t[2] for t in touched],
+                },
+            )
+        await conn.execute(
+            "UPDATE rollup_progress SET received_until = %s WHERE name = 'readings_1h'", (now,)
+        )
+    return len(touched)
+
+
+async def last_alert_event_id(conn: Conn) -> int:
+    cur = await conn.execute("SELECT coalesce(max(event_id), 0) FROM alert_events")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+_ALERTS = """
+SELECT a.alert_id, a.rule_id, r.name, r.metric, p.study_id, p.site_id, a.participant_id,
+       a.state, a.severity, a.opened_at, a.first_time, a.condition_time, a.acknowledged_at,
+       a.acknowledged_by, a.ack_note, a.resolved_at, a.resolved_by, a.resolve_note,
+       a.cleared_time, a.escalated_at
+FROM alerts a JOIN alert_rules r USING (rule_id)
+JOIN participants p ON p.participant_id = a.participant_id
+WHERE p.site_id = ANY(%(sites)s)
+  AND (%(severity)s::text IS NULL OR a.severity = %(severity)s)
+  AND (%(states)s::text[] IS NULL OR a.state = ANY(%(states)s))
+  AND (%(alerts)s::int8[] IS NULL OR a.alert_id = ANY(%(alerts)s))
+ORDER BY a.alert_id DESC
+LIMIT %(limit)s
+"""
+
+
+async def alerts(
+    conn: Conn,
+    site_ids: Collection[str],
+    *,
+    severity: str | None = None,
+    states: Collection[str] | None = None,
+    alert_ids: Collection[int] | None = None,
+    limit: int = 500,
+) -> list[Alert]:
+    """Alerts of participants of ``site_ids``, newest first."""
+    cur = await conn.execute(
+        _ALERTS,
+        {
+            "sites": list(site_ids),
+            "severity": severity,
+            "states": None if states is None else list(states),
+            "alerts": None if alert_ids is None else list(alert_ids),
+            "limit": limit,
+        },
+    )
+    return [Alert(*row) for row in await cur.fetchall()]
+
+
+async def alert_history(conn: Conn, alert_id: int) -> list[AlertEvent]:
+    cur = await conn.execute(
+        "SELECT event_id, alert_id, event, at, actor, study_id, site_id, participant_id,"
+        " rule_id, severity, detail FROM alert_events WHERE alert_id = %s ORDER BY event_id",
+        (alert_id,),
+    )
+    return [
+        AlertEvent(
+            int(e),
+            int(a),
+            str(ev),
+            at,
+            str(actor),
+            str(st),
+            str(si),
+            str(p),
+            int(r),
+            str(sev),
+            dict(detail),
+        )
+        for e, a, ev, at, actor, st, si, p, r, sev, detail in await cur.fetchall()
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    username: str
+    display_name: str
+    role: str
+    participant_id: str | None
+    sites: tuple[str, ...]
+    locked: bool
+    disabled: bool
+    created_at: datetime
+
+
+async def user_list(conn: Conn) -> list[UserRow]:
+    cur = await conn.execute(
+        "SELECT u.username, u.display_name, u.role, u.participant_id,"
+        " coalesce((SELECT array_agg(site_id ORDER BY site_id) FROM user_sites s"
+        "  WHERE s.user_id = u.user_id), '{}'),"
+        " coalesce(u.locked_until > now(), false), u.disabled_at IS NOT NULL, u.created_at"
+        " FROM users u ORDER BY u.username"
+    )
+    return [
+        UserRow(str(n), str(d), str(r), p, tuple(s), bool(lk), bool(dis), c)
+        for n, d, r, p, s, lk, dis, c in await cur.fetchall()
+    ]

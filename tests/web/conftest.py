@@ -1,0 +1,142 @@
+"""People for the web tests: one account of each role at SITE-A (study S1, participant P1),
+and staff of a second site SITE-B (participant P2), with helpers that sign in and call the
+API the way a browser does (session cookie, CSRF header)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse
+
+from gateway.web.auth import COOKIE, CSRF_HEADER
+from ingest.rules import Change, RuleEvent
+from storage import alerts, db, registry, users
+from storage.users import Role
+from tests.fixtures.gateway import RunningGateway
+from tests.fixtures.trial import Trial
+from tests.web.browser import chromium  # noqa: F401 - a fixture for the page tests
+
+PASSWORD = "correct horse battery staple"
+
+# key -> (role, sites, participant)
+ACCOUNTS: dict[str, tuple[Role, tuple[str, ...], str | None]] = {
+    "participant": (Role.PARTICIPANT, (), "P1"),
+    "coordinator": (Role.SITE_COORDINATOR, ("SITE-A",), None),
+    "clinician": (Role.CLINICIAN, ("SITE-A",), None),
+    "monitor": (Role.MONITOR, ("SITE-A",), None),
+    "admin": (Role.ADMIN, (), None),
+    "other_participant": (Role.PARTICIPANT, (), "P2"),
+    "other_coordinator": (Role.SITE_COORDINATOR, ("SITE-B",), None),
+    "other_clinician": (Role.CLINICIAN, ("SITE-B",), None),
+    "other_monitor": (Role.MONITOR, ("SITE-B",), None),
+}
+
+
+@dataclass
+class Signed:
+    username: str
+    cookie: str
+    csrf: str
+
+    def headers(self, *, csrf: bool = True) -> dict[str, str]:
+        h = {"Cookie": f"{COOKIE}={self.cookie}"}
+        if csrf:
+            h[CSRF_HEADER] = self.csrf
+        return h
+
+
+@dataclass
+class Web:
+    trial: Trial
+    gateway: RunningGateway
+    signed: dict[str, Signed] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return str(self.gateway.client.make_url("/"))[:-1]
+
+    async def sign_in(self, key: str) -> Signed:
+        if key not in self.signed:
+            client = self.gateway.client
+            resp = await client.post(
+                "/api/v1/session", json={"username": key, "password": PASSWORD}
+            )
+            assert resp.status == 200, await resp.text()
+            body = await resp.json()
+            token = resp.cookies[COOKIE].value
+            client.session.cookie_jar.clear()
+            self.signed[key] = Signed(key, token, body["csrf_token"])
+        return self.signed[key]
+
+    async def call(
+        self,
+        key: str | None,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+        csrf: bool = True,
+    ) -> ClientResponse:
+        h: dict[str, str] = {}
+        if key is not None:
+            h.update((await self.sign_in(key)).headers(csrf=csrf))
+        h.update(headers or {})
+        resp = await self.gateway.client.request(method, path, json=json, headers=h)
+        await resp.read()
+        return resp
+
+    async def new_alert(self, participant_id: str = "P1") -> int:
+        """An open alert of ``participant_id`` (each call a new episode of its own rule)."""
+        async with db.connection(self.trial.url) as conn:
+            study = await registry.participant_study(conn, participant_id)
+            assert study is not None
+            rule = await alerts.add_rule(
+                conn,
+                study_id=study,
+                name=f"hr-high-{time.monotonic_ns()}",
+                metric="heart_rate",
+                high=120.0,
+                created_by="tester",
+            )
+            now = int(time.time() * 1000)
+            async with conn.transaction():
+                (event,) = await alerts.apply_events(
+                    conn,
+                    [RuleEvent(Change.OPENED, rule.rule_id, participant_id, now, now, 150.0)],
+                    {rule.rule_id: rule},
+                    now,
+                )
+            await conn.commit()
+        return event.alert_id
+
+
+async def add_people(trial: Trial) -> None:
+    async with db.connection(trial.url) as conn:
+        async with conn.transaction():
+            await registry.create_site(conn, "SITE-B", trial.study_id, "Site B")
+        site, trial.site_id = trial.site_id, "SITE-B"
+        await trial.add_participant("P2", "hub-2")
+        trial.site_id = site
+        for key, (role, sites, pid) in ACCOUNTS.items():
+            await users.create_user(
+                conn,
+                actor="tester",
+                username=key,
+                display_name=f"{key.replace('_', ' ').title()}",
+                role=role,
+                password=PASSWORD,
+                participant_id=pid,
+                sites=sites,
+            )
+        await conn.commit()
+
+
+@pytest.fixture
+async def web(trial: Trial, gateway: RunningGateway) -> Web:
+    await add_people(trial)
+    return Web(trial, gateway)

@@ -1,0 +1,257 @@
+"""Access, table-driven over the OpenAPI document: every operation it lists is tried without a
+session, with each role at the participant's site, and with each role of another site; only
+the expected ones succeed. An operation without a row in EXPECTED fails the test, so a new
+route cannot go unchecked; so does a route under /api/v1 that the document does not list."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from device_drivers.identity import make_csr
+from gateway import enrollment
+from ingest import keys
+from storage import alerts, db, registry
+from tests.fixtures.trial import ALL_SCOPES
+from tests.web.conftest import ACCOUNTS, PASSWORD, Web
+
+_counter = itertools.count(1)
+Build = Callable[[Web], Awaitable[tuple[str, Any]]]
+
+
+def fixed(path: str, body: Any = None) -> Build:
+    async def build(_: Web) -> tuple[str, Any]:
+        return path, body
+
+    return build
+
+
+async def fresh_participant(w: Web) -> tuple[str, Any]:
+    return "/api/v1/sites/SITE-A/participants", {"participant_id": f"PX{next(_counter)}"}
+
+
+async def open_alert(w: Web) -> tuple[str, Any]:
+    return f"/api/v1/alerts/{await w.new_alert()}/acknowledge", {"note": "seen"}
+
+
+async def acknowledged_alert(w: Web) -> tuple[str, Any]:
+    alert_id = await w.new_alert()
+    async with db.connection(w.trial.url, autocommit=True) as conn:
+        await alerts.acknowledge(conn, alert_id, by="tester")
+    return f"/api/v1/alerts/{alert_id}/resolve", {"note": "done"}
+
+
+async def any_alert(w: Web) -> tuple[str, Any]:
+    return f"/api/v1/alerts/{await w.new_alert()}", None
+
+
+async def new_version(w: Web) -> tuple[str, Any]:
+    async with db.connection(w.trial.url) as conn, conn.transaction():
+        doc = await registry.create_consent_document(
+            conn,
+            w.trial.study_id,
+            "Main ICF",
+            f"1.{next(_counter)}",
+            "I agree to share my readings, version with new wording.",
+            ALL_SCOPES,
+            effective_at=datetime.now(UTC) - timedelta(seconds=1),
+        )
+    body = {
+        "document_id": doc,
+        "scopes": sorted(ALL_SCOPES),
+        "printed_name": "Participant One",
+        "username": "participant",
+        "password": PASSWORD,
+    }
+    return "/api/v1/participants/P1/consents", body
+
+
+async def new_user(w: Web) -> tuple[str, Any]:
+    n = next(_counter)
+    body = {
+        "username": f"nurse{n}",
+        "display_name": "Nurse",
+        "role": "clinician",
+        "password": "a long enough password",
+        "sites": ["SITE-A"],
+    }
+    return "/api/v1/users", body
+
+
+async def enrollment_body(w: Web) -> tuple[str, Any]:
+    async with db.connection(w.trial.url) as conn:
+        issued = await enrollment.issue_code(conn, "P1", created_by="tester")
+    csr = make_csr(keys.generate_private_key()).decode()
+    return "/api/v1/enrollments", {"code": issued.code, "csr": csr}
+
+
+async def login_body(w: Web) -> tuple[str, Any]:
+    return "/api/v1/session", {"username": "admin", "password": PASSWORD}
+
+
+PUBLIC = "public"
+ANY = frozenset(ACCOUNTS) - {k for k in ACCOUNTS if k.startswith("other_")}
+STAFF = frozenset({"coordinator", "clinician", "monitor", "admin"})
+CLINICAL = frozenset({"clinician", "monitor", "admin"})
+COORDINATION = frozenset({"coordinator", "admin"})
+
+
+@dataclass(frozen=True)
+class Expect:
+    allowed: frozenset[str] | str  # roles (as account keys at SITE-A) or PUBLIC
+    build: Build
+    status: int = 200
+
+
+EXPECTED: dict[str, Expect] = {
+    "login": Expect(PUBLIC, login_body),
+    "get_openapi": Expect(PUBLIC, fixed("/api/v1/openapi.json")),
+    "enroll_hub": Expect(PUBLIC, enrollment_body, 201),
+    "get_session": Expect(ANY, fixed("/api/v1/session")),
+    "list_sites": Expect(STAFF, fixed("/api/v1/sites")),
+    "get_site": Expect(STAFF, fixed("/api/v1/sites/SITE-A")),
+    "create_participant": Expect(COORDINATION, fresh_participant, 201),
+    "get_participant": Expect(ANY, fixed("/api/v1/participants/P1")),
+    "create_enrollment_code": Expect(
+        COORDINATION, fixed("/api/v1/participants/P1/enrollment-codes", {"ttl_hours": 2}), 201
+    ),
+    "get_readings": Expect(CLINICAL, fixed("/api/v1/participants/P1/readings?minutes=5")),
+    "get_rollups": Expect(CLINICAL, fixed("/api/v1/participants/P1/rollups?days=2")),
+    "sign_consent": Expect(frozenset({"participant", "coordinator", "admin"}), new_version, 201),
+    "list_alerts": Expect(CLINICAL, fixed("/api/v1/alerts?site=SITE-A")),
+    "alert_events": Expect(CLINICAL, fixed("/api/v1/alerts/events")),
+    "get_alert": Expect(CLINICAL, any_alert),
+    "acknowledge_alert": Expect(CLINICAL, open_alert),
+    "resolve_alert": Expect(CLINICAL, acknowledged_alert),
+    "list_users": Expect(frozenset({"admin"}), fixed("/api/v1/users")),
+    "create_user": Expect(frozenset({"admin"}), new_user, 201),
+}
+# Signing out ends the caller's session: tried last, once per account, below.
+LOGOUT = "logout"
+
+
+def mentions_site_a(value: Any) -> bool:
+    """Whether a JSON value names SITE-A or its participant P1 anywhere."""
+    if isinstance(value, dict):
+        return any(mentions_site_a(v) for v in value.values())
+    if isinstance(value, list):
+        return any(mentions_site_a(v) for v in value)
+    return value in ("SITE-A", "P1")
+
+
+async def attempt(w: Web, key: str | None, method: str, exp: Expect) -> tuple[int, Any]:
+    path, body = await exp.build(w)
+    if path.endswith("/alerts/events"):
+        # A live stream: read its first line only, then let it go.
+        headers = {} if key is None else (await w.sign_in(key)).headers()
+        async with w.gateway.client.get(path, headers=headers) as resp:
+            if resp.status == 200:
+                assert resp.headers["Content-Type"].startswith("text/event-stream")
+                first = await resp.content.readline()
+                assert first.startswith(b"retry:")
+                return 200, None
+            return resp.status, await resp.json()
+    resp = await w.call(key, method, path, json=body)
+    text = await resp.text()
+    if resp.status >= 400:
+        assert resp.content_type == "application/problem+json", (resp.status, text)
+    return resp.status, (await resp.json() if text else None)
+
+
+async def test_every_operation_answers_only_the_right_roles_and_sites(web: Web) -> None:
+    resp = await web.call(None, "GET", "/api/v1/openapi.json")
+    document = await resp.json()
+    operations = [
+        (method.upper(), path, op["operationId"])
+        for path, item in document["paths"].items()
+        for method, op in item.items()
+    ]
+    listed = {(m, p) for m, p, _ in operations}
+    routed = {
+        (r.method, r.resource.canonical.replace(":[0-9]+", ""))
+        for r in web.gateway.client.app.router.routes()  # type: ignore[attr-defined]
+        if r.resource is not None
+        and r.resource.canonical.startswith("/api/v1/")
+        and r.method != "HEAD"
+    }
+    assert routed == listed, "routes and the OpenAPI document differ"
+    ids = {op_id for *_, op_id in operations}
+    assert ids - {LOGOUT} == set(EXPECTED), "every operation needs a row in EXPECTED"
+
+    failures: list[str] = []
+    tried = 0
+    for method, _path, op_id in operations:
+        if op_id == LOGOUT:
+            continue
+        exp = EXPECTED[op_id]
+        for key in [None, *ACCOUNTS]:
+            status, body = await attempt(web, key, method, exp)
+            tried += 1
+            if exp.allowed == PUBLIC:
+                want = {exp.status}
+            elif key is None:
+                want = {401}
+            else:
+                role_key = key.removeprefix("other_")
+                if role_key not in exp.allowed:
+                    want = {403}
+                elif key.startswith("other_"):
+                    want = {404, 200}  # absent for them, or a list without SITE-A in it
+                else:
+                    want = {exp.status}
+            if status not in want:
+                failures.append(f"{op_id} as {key}: {status}, expected {sorted(want)}: {body}")
+            elif key and key.startswith("other_") and status == 200 and mentions_site_a(body):
+                failures.append(f"{op_id} as {key}: SITE-A data leaked: {body}")
+    assert not failures, "\n".join(failures)
+    assert tried == (len(ACCOUNTS) + 1) * len(EXPECTED)
+
+    for key in ACCOUNTS:
+        assert (await web.call(key, "DELETE", "/api/v1/session")).status == 204
+        assert (await web.call(key, "GET", "/api/v1/session")).status == 401
+    assert (await web.call(None, "DELETE", "/api/v1/session")).status == 401
+
+
+PAGES: dict[str, frozenset[str]] = {
+    "/monitor": CLINICAL,
+    "/sites/SITE-A": STAFF,
+    "/participants/P1": ANY,
+    "/participants/P1/live": CLINICAL,
+}
+
+
+async def test_every_page_checks_role_and_site(web: Web) -> None:
+    routed = {
+        r.resource.canonical
+        for r in web.gateway.client.app.router.routes()  # type: ignore[attr-defined]
+        if r.resource is not None and r.method == "GET"
+    }
+    page_routes = {
+        p for p in routed if not p.startswith(("/api/", "/static/", "/healthz", "/metrics"))
+    }
+    assert page_routes - {"/", "/login"} == {
+        "/monitor",
+        "/sites/{site_id}",
+        "/participants/{participant_id}",
+        "/participants/{participant_id}/live",
+    }, "a new page needs a row in PAGES"
+    failures = []
+    for path, allowed in PAGES.items():
+        resp = await web.gateway.client.get(path, allow_redirects=False)
+        if resp.status != 303 or not resp.headers["Location"].startswith("/login?next="):
+            failures.append(f"{path} without a session: {resp.status}")
+        for key in ACCOUNTS:
+            resp = await web.call(key, "GET", path)
+            role_key = key.removeprefix("other_")
+            if role_key not in allowed:
+                want = 403
+            elif key.startswith("other_") and path != "/monitor":
+                want = 404
+            else:
+                want = 200
+            if resp.status != want:
+                failures.append(f"{path} as {key}: {resp.status}, expected {want}")
+    assert not failures, "\n".join(failures)

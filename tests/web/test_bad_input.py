@@ -1,0 +1,238 @@
+"""Bad input to the API: each case answered with problem details, and nothing stored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage import db
+from tests.web.conftest import Web
+
+SQLISH = "P1'; DROP TABLE participants; --"
+SCRIPT = "<script>alert(1)</script>"
+
+# (name, method, path, body or raw bytes, content type, status, problem type suffix)
+CASES: list[tuple[str, str, str, Any, str, int, str]] = [
+    (
+        "malformed_json",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        b'{"participant_id": ',
+        "application/json",
+        400,
+        "malformed-json",
+    ),
+    (
+        "not_an_object",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        b'["P9"]',
+        "application/json",
+        400,
+        "malformed-json",
+    ),
+    (
+        "not_json",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        b"participant_id=P9",
+        "application/x-www-form-urlencoded",
+        415,
+        "unsupported-media-type",
+    ),
+    (
+        "oversized",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        b'{"participant_id": "' + b"x" * 70_000 + b'"}',
+        "application/json",
+        413,
+        "too-large",
+    ),
+    (
+        "wrong_type",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        {"participant_id": 9},
+        "",
+        400,
+        "invalid-field",
+    ),
+    ("missing_field", "POST", "/api/v1/sites/SITE-A/participants", {}, "", 400, "invalid-field"),
+    (
+        "unknown_field",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        {"participant_id": "P9", "site_id": "SITE-B"},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "sql_in_id",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        {"participant_id": SQLISH},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "script_in_id",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        {"participant_id": SCRIPT},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "nul_in_name",
+        "POST",
+        "/api/v1/users",
+        {
+            "username": "x1",
+            "display_name": "a\u0000b",
+            "role": "monitor",
+            "password": "long enough password",
+            "sites": ["SITE-A"],
+        },
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "bool_as_int",
+        "POST",
+        "/api/v1/participants/P1/enrollment-codes",
+        {"ttl_hours": True},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "out_of_range",
+        "POST",
+        "/api/v1/participants/P1/enrollment-codes",
+        {"ttl_hours": 10**9},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "sql_in_path",
+        "GET",
+        "/api/v1/participants/P1'%20OR%20'1'='1",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "sql_in_query",
+        "GET",
+        "/api/v1/alerts?severity=high'%20OR%201=1",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "repeated_query",
+        "GET",
+        "/api/v1/participants/P1/readings?minutes=1&minutes=2",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "text_as_int",
+        "GET",
+        "/api/v1/participants/P1/readings?minutes=ten",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    ("huge_int", "GET", "/api/v1/alerts/99999999999999999999999", None, "", 400, "invalid-field"),
+    ("unknown_site", "GET", "/api/v1/sites/NOPE", None, "", 404, "not-found"),
+    ("bad_last_event_id", "GET", "/api/v1/alerts/events?after=-1", None, "", 400, "invalid-field"),
+]
+
+
+async def counts(url: str) -> tuple[int, ...]:
+    async with db.connection(url) as conn:
+        cur = await conn.execute(
+            "SELECT (SELECT count(*) FROM participants), (SELECT count(*) FROM users),"
+            " (SELECT count(*) FROM enrollment_codes), (SELECT count(*) FROM sites)"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return tuple(int(v) for v in row)
+
+
+async def test_bad_input_gets_problem_details_and_stores_nothing(web: Web) -> None:
+    headers = (await web.sign_in("admin")).headers()
+    failures = []
+    for name, method, path, body, ctype, status, kind in CASES:
+        before = await counts(web.trial.url)
+        if isinstance(body, bytes):
+            resp = await web.gateway.client.request(
+                method, path, data=body, headers={**headers, "Content-Type": ctype}
+            )
+        else:
+            resp = await web.gateway.client.request(method, path, json=body, headers=headers)
+        text = await resp.text()
+        problem = await resp.json() if resp.content_type == "application/problem+json" else {}
+        if (
+            resp.status,
+            problem.get("status"),
+            str(problem.get("type", "")).rsplit("/", 1)[-1],
+        ) != (
+            status,
+            status,
+            kind,
+        ):
+            failures.append(f"{name}: {resp.status} {resp.content_type} {text[:200]}")
+        if await counts(web.trial.url) != before:
+            failures.append(f"{name}: something was stored")
+    assert not failures, "\n".join(failures)
+
+
+async def test_a_script_tag_in_a_name_is_stored_as_text_and_served_escaped(web: Web) -> None:
+    body = {
+        "username": "nurse",
+        "display_name": SCRIPT,
+        "role": "clinician",
+        "password": "long enough password",
+        "sites": ["SITE-A"],
+    }
+    resp = await web.call("admin", "POST", "/api/v1/users", json=body)
+    assert resp.status == 201
+    assert (await resp.json())["display_name"] == SCRIPT
+    resp = await web.gateway.client.post(
+        "/api/v1/session", json={"username": "nurse", "password": "long enough password"}
+    )
+    cookie = resp.cookies["__Host-trialstream"].value
+    web.gateway.client.session.cookie_jar.clear()
+    page = await web.gateway.client.get(
+        "/monitor", headers={"Cookie": f"__Host-trialstream={cookie}"}
+    )
+    html = await page.text()
+    assert SCRIPT not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+async def test_sql_looking_text_is_data_not_sql(web: Web) -> None:
+    body = {
+        "username": "robert",
+        "display_name": SQLISH,
+        "role": "monitor",
+        "password": "long enough password",
+        "sites": ["SITE-A"],
+    }
+    assert (await web.call("admin", "POST", "/api/v1/users", json=body)).status == 201
+    resp = await web.call("admin", "GET", "/api/v1/users")
+    names = {u["username"]: u["display_name"] for u in (await resp.json())["users"]}
+    assert names["robert"] == SQLISH
+    assert await counts(web.trial.url) >= (2, 1, 0, 2)

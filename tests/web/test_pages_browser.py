@@ -1,0 +1,245 @@
+"""The pages in headless Chromium against the real gateway, broker and database: a monitor
+sees an alert raised by an out-of-range envelope arrive without reloading, acknowledges it
+and sees the audit trail; a clinician's live view shows new heart-rate values arriving; the
+site and participant pages show their data, with a script tag in a name rendered as text.
+Screenshots go to docs/screenshots/ for the README's tour."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+
+from gateway.broker import MosquittoBroker
+from ingest.envelope import seal
+from ingest.model import Gap, Payload, Reading
+from ingest.pipeline import up_topic
+from storage import alerts, db, users, views
+from storage.migrate import StorageMode
+from storage.users import Role
+from tests.fixtures.mqtt import MqttProbe
+from tests.fixtures.trial import Trial
+from tests.fixtures.waiting import wait_until
+from tests.web.browser import Browser
+from tests.web.conftest import PASSWORD, Web
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def browser(web: Web, chromium: webdriver.Chrome) -> Browser:
+    return Browser(chromium, web.url)
+
+
+@pytest.fixture
+async def probe(mosquitto: MosquittoBroker) -> AsyncIterator[MqttProbe]:
+    p = MqttProbe(mosquitto, "web-test-hub")
+    yield p
+    p.close()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def publish(
+    probe: MqttProbe,
+    trial: Trial,
+    seq: int,
+    values: list[float],
+    *,
+    t0: int,
+    gaps: tuple[Gap, ...] = (),
+) -> None:
+    hub = trial.hubs["hub-1"]
+    readings = tuple(
+        Reading(t0 + i * 1000, "heart_rate", v, "/min", "hr-strap-1") for i, v in enumerate(values)
+    )
+    payload = Payload(dev=hub.device_id, seq=seq, sent_ms=now_ms(), readings=readings, gaps=gaps)
+    probe.publish(up_topic(hub.device_id), seal(payload, hub.key))
+
+
+def has(url: str, query: str, want: int):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return await count(url, query) == want
+
+    return check
+
+
+async def count(url: str, query: str, *args: object) -> int:
+    async with db.connection(url) as conn:
+        cur = await conn.execute(query.encode(), args)
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_monitor_sees_an_alert_arrive_live_acknowledges_it_and_sees_the_trail(
+    web: Web, browser: Browser, probe: MqttProbe
+) -> None:
+    async with db.connection(web.trial.url) as conn:
+        await alerts.add_rule(
+            conn,
+            study_id="S1",
+            name="heart rate high",
+            metric="heart_rate",
+            high=120.0,
+            sustained_s=3,
+            created_by="tester",
+        )
+        await conn.commit()
+    await browser.sign_in("/monitor", "monitor", PASSWORD)
+    await browser.wait_for(
+        "the live feed connected",
+        lambda d: d.find_element(By.ID, "live").text == "Live",
+    )
+    # Marks this page load: a reload would lose it.
+    await browser.run(lambda d: d.execute_script("window.__sameLoad = true"))
+
+    publish(probe, web.trial, 1, [150.0, 152.0, 155.0, 151.0, 149.0], t0=now_ms() - 30_000)
+    row = await browser.css("tr.alert[data-state=open]")
+    assert "P1" in row.text
+    assert "heart rate high" in row.text
+    assert await browser.run(lambda d: d.execute_script("return window.__sameLoad === true"))
+    await browser.screenshot("monitor-board.png")
+
+    await browser.run(lambda d: d.find_element(By.CSS_SELECTOR, "tr.alert button.ack").click())
+    await browser.css("tr.alert[data-state=acknowledged]")
+    await browser.run(
+        lambda d: d.find_element(By.CSS_SELECTOR, "tr.alert button.secondary").click()
+    )
+    trail = await browser.wait_for(
+        "the audit trail of the alert",
+        lambda d: next(
+            (e for e in d.find_elements(By.CSS_SELECTOR, "ol.history") if "acknowledged" in e.text),
+            None,
+        ),
+    )
+    text = await browser.run(lambda _: trail.text)
+    assert "opened by system:alerts" in text
+    assert "acknowledged by monitor" in text
+    assert await browser.run(lambda d: d.execute_script("return window.__sameLoad === true"))
+    url = web.trial.url
+    assert (
+        await count(
+            url,
+            "SELECT count(*) FROM audit_log WHERE action = 'alert.acknowledged'"
+            " AND actor = 'monitor'",
+        )
+        == 1
+    )
+    assert (
+        await count(
+            url, "SELECT count(*) FROM audit_log WHERE action = 'user.login' AND actor = 'monitor'"
+        )
+        == 1
+    )
+
+
+async def test_clinician_live_view_shows_new_heart_rate_values_arriving(
+    web: Web, browser: Browser, probe: MqttProbe
+) -> None:
+    trial = web.trial
+    # Hours of history (consent began a day ago) for the rollup chart.
+    start = now_ms() - 20 * 3600_000
+    hub = trial.hubs["hub-1"]
+    history = tuple(
+        Reading(start + i * 600_000, "heart_rate", 60.0 + (i % 12) * 2, "/min", "hr-strap-1")
+        for i in range(115)
+    )
+    probe.publish(
+        up_topic(hub.device_id),
+        seal(Payload(dev=hub.device_id, seq=1, sent_ms=now_ms(), readings=history), hub.key),
+    )
+    await wait_until(has(trial.url, "SELECT count(*) FROM readings", 115), "history stored")
+    async with db.connection(trial.url) as conn:
+        assert await views.refresh_rollups(conn, StorageMode.PLAIN) > 0
+
+    t0 = now_ms() - 120_000
+    publish(
+        probe,
+        trial,
+        2,
+        [71.0, 72.0, 73.0, 74.0],
+        t0=t0,
+        gaps=(Gap(t0 + 4000, t0 + 40_000, "out_of_range"),),
+    )
+    await browser.sign_in("/participants/P1/live", "clinician", PASSWORD)
+    latest = await browser.css(
+        "#latest-heart_rate[data-value='74.0'], #latest-heart_rate[data-value='74']"
+    )
+    assert "/min" in await browser.run(lambda _: latest.text)
+    publish(probe, trial, 3, [88.0, 91.0], t0=t0 + 60_000)
+    await browser.wait_for(
+        "the new value on the page",
+        lambda d: (
+            d.find_element(By.ID, "latest-heart_rate").get_attribute("data-value") in ("91", "91.0")
+        ),
+    )
+    counted = await browser.run(
+        lambda d: d.find_element(By.ID, "live-heart_rate").get_attribute("data-count")
+    )
+    assert counted == "6"
+    await browser.css("#days-heart_rate svg polyline")
+    await browser.css("#live-heart_rate svg rect.gap")
+    await browser.screenshot("clinician-live.png")
+
+
+async def test_site_and_participant_pages_show_their_data_and_render_names_inert(
+    web: Web, browser: Browser, probe: MqttProbe
+) -> None:
+    trial = web.trial
+    evil = '<script>window.__pwned = 1</script><img src="x" onerror="window.__pwned = 2">'
+    async with db.connection(trial.url) as conn:
+        await users.create_user(
+            conn,
+            actor="tester",
+            username="coord2",
+            display_name=evil,
+            role=Role.SITE_COORDINATOR,
+            password=PASSWORD,
+            sites=["SITE-A"],
+        )
+        await conn.commit()
+    publish(probe, trial, 1, [70.0, 71.0, 72.0], t0=now_ms() - 60_000)
+    await wait_until(has(trial.url, "SELECT count(*) FROM envelopes", 1), "stored")
+
+    await browser.sign_in("/sites/SITE-A", "coord2", PASSWORD)
+    await browser.css("#main table")
+    who = await browser.run(lambda d: d.find_element(By.CSS_SELECTOR, "header .who").text)
+    assert evil in who
+    assert await browser.run(lambda d: d.execute_script("return window.__pwned")) is None
+
+    await browser.run(lambda d: d.find_element(By.ID, "new-participant").send_keys("P7"))
+    await browser.run(
+        lambda d: d.find_element(By.CSS_SELECTOR, "form.inline button[type=submit]").click()
+    )
+    await browser.wait_for(
+        "P7 in the participant list",
+        lambda d: "P7" in d.find_element(By.CSS_SELECTOR, "#main table").text,
+    )
+    await browser.run(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#code-participant").send_keys("P1")
+    )
+    await browser.run(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "form.inline button[type=submit]")[1].click()
+    )
+    code = await browser.wait_for(
+        "an enrollment code", lambda d: d.find_element(By.ID, "code").text or None
+    )
+    assert "valid until" in code
+    await browser.screenshot("site-page.png")
+
+    await browser.run(lambda d: d.delete_all_cookies())
+    await browser.sign_in("/participants/P1", "participant", PASSWORD)
+    await browser.wait_for(
+        "the envelope received",
+        lambda d: (
+            "hub-1" in d.find_element(By.ID, "main").text
+            and "Consent history" in d.find_element(By.ID, "main").text
+        ),
+    )
+    await browser.screenshot("participant-page.png")

@@ -1,0 +1,79 @@
+"""Read queries behind the pages: hourly rollups kept up to date incrementally in plain mode,
+reading windows and gaps."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from storage import db, partitions, views
+from storage.migrate import StorageMode
+from storage.timeconv import to_ms
+from tests.fixtures.trial import Trial
+
+
+async def store(trial: Trial, rows: list[tuple[datetime, float]], received: datetime) -> None:
+    async with db.connection(trial.url) as conn, conn.transaction():
+        seq = int(received.timestamp() * 1000)
+        await conn.execute(
+            "INSERT INTO envelopes (device_id, seq, participant_id, sent_at, received_at,"
+            " envelope_sha256, reading_count, stored_count, refused_count)"
+            " VALUES ('hub-1', %s, 'P1', %s, %s, '\\x00', %s, %s, 0)",
+            (seq, received, received, len(rows), len(rows)),
+        )
+        for t, v in rows:
+            await conn.execute(
+                "INSERT INTO readings (time, participant_id, metric, value, unit, device_id, seq,"
+                " sensor, received_at) VALUES (%s, 'P1', 'heart_rate', %s, '/min', 'hub-1', %s,"
+                " 's', %s)",
+                (t, v, seq, received),
+            )
+
+
+async def test_rollups_recompute_only_the_hours_new_data_touched(trial: Trial) -> None:
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    now = datetime.now(UTC)
+    async with db.connection(trial.url) as conn, conn.transaction():
+        await partitions.ensure_partitions(
+            conn, {partitions.partition_start_ms(to_ms(hour)), *partitions.ahead(to_ms(now))}
+        )
+    await store(
+        trial, [(hour + timedelta(minutes=1), 60.0), (hour + timedelta(minutes=2), 80.0)], now
+    )
+    async with db.connection(trial.url) as conn:
+        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 1
+        (row,) = await views.rollups(conn, "P1", hour - timedelta(hours=1))
+        assert (row.bucket, row.n, row.mean, row.min, row.max) == (hour, 2, 70.0, 60.0, 80.0)
+        # Nothing new: nothing recomputed beyond the overlap, same result.
+        await views.refresh_rollups(conn, StorageMode.PLAIN)
+        assert await views.rollups(conn, "P1", hour - timedelta(hours=1)) == [row]
+    # A late reading of the same hour, and one of the next hour, arrive later.
+    later = datetime.now(UTC)
+    await store(
+        trial, [(hour + timedelta(minutes=30), 100.0), (hour + timedelta(hours=1), 90.0)], later
+    )
+    async with db.connection(trial.url) as conn:
+        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 2
+        got = await views.rollups(conn, "P1", hour)
+    assert [(r.bucket, r.n, r.mean, r.max) for r in got] == [
+        (hour, 3, 80.0, 100.0),
+        (hour + timedelta(hours=1), 1, 90.0, 90.0),
+    ]
+
+
+async def test_reading_window_and_gaps_are_the_participants_own(trial: Trial) -> None:
+    now = datetime.now(UTC)
+    async with db.connection(trial.url) as conn, conn.transaction():
+        await partitions.ensure_partitions(
+            conn, {partitions.partition_start_ms(to_ms(now - timedelta(hours=1)))}
+        )
+    await store(
+        trial, [(now - timedelta(minutes=20), 61.0), (now - timedelta(minutes=2), 62.0)], now
+    )
+    async with db.connection(trial.url) as conn:
+        rows = await views.readings_window(conn, "P1", now - timedelta(minutes=10))
+        assert [r.value for r in rows] == [62.0]
+        assert await views.readings_window(conn, "P2", now - timedelta(hours=1)) == []
+        assert (
+            await views.readings_window(conn, "P1", now - timedelta(hours=1), metrics=["spo2"])
+            == []
+        )
