@@ -72,14 +72,35 @@ def available_migrations(mode: StorageMode) -> list[Migration]:
 
 
 async def _timescaledb_works(conn: Conn) -> bool:
-    """Try ``CREATE EXTENSION timescaledb`` inside a savepoint; report whether it worked."""
+    """Whether ``CREATE EXTENSION timescaledb`` works here; it is tried only when it can.
+
+    TimescaleDB installed but not in ``shared_preload_libraries`` ends the session with a
+    FATAL error on CREATE EXTENSION, so that case is recognised from the settings first.
+    """
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'),"
+        " EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),"
+        " 'timescaledb' = ANY(string_to_array("
+        "   replace(current_setting('shared_preload_libraries'), ' ', ''), ','))"
+    )
+    row = await cur.fetchone()
+    created, available, preloaded = row if row else (False, False, False)
+    if created:
+        return True
+    if not available:
+        log.info("timescaledb is not installed: using plain partitions")
+        return False
+    if not preloaded:
+        log.info(
+            "timescaledb is installed but not in shared_preload_libraries: using plain partitions"
+        )
+        return False
     try:
         async with conn.transaction():
             await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     except psycopg.OperationalError:
         raise  # the connection failed: not an answer about TimescaleDB
     except psycopg.Error as exc:
-        # Not installed, installed but not preloaded, not allowed: all mean "does not work".
         log.info("timescaledb unavailable, using plain partitions: %s", first_line(exc))
         return False
     return True
