@@ -345,6 +345,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
                 f"P-003's hub offline from {options.offline_after_s:.0f} s for "
                 f"{options.offline_for_s:.0f} s. Ctrl-C stops.",
             )
+            _where_to_look(settings.gateway_url, cohort, out)
             scenario = asyncio.create_task(_scenario(options, cohort, url, document, state, out))
             try:
                 await _watch(options, url, state, out)
@@ -493,6 +494,21 @@ async def _alert_rules(url: str) -> None:
         for rule in rules:
             await alerts.add_rule(conn, study_id=STUDY, created_by="admin", **rule)
             await conn.commit()
+
+
+def _where_to_look(base: str, cohort: list[Participant], out: TextIO) -> None:
+    first = cohort[0].participant_id if cohort else "P-001"
+    say(out, "")
+    say(out, f"  Open {base}/login and sign in (password for every demo login: {DEMO_PASSWORD}):")
+    say(out, f"    monitor      alert board, live              {base}/monitor")
+    say(out, f"    clinician    {first}'s live view              {base}/participants/{first}/live")
+    say(out, f"    coordinator  site page, enrollment codes     {base}/sites/{SITE}")
+    say(
+        out,
+        f"    {first.lower()}        participant page               {base}/participants/{first}",
+    )
+    say(out, f"    admin        everything; API document        {base}/api/v1/openapi.json")
+    say(out, "")
 
 
 async def _at(delay: float, start: float) -> None:
