@@ -265,3 +265,44 @@ async def test_sensor_reports_fill_the_sensors_table(
             " WHERE device_id = 'hub-1' AND sensor = 'hr-strap-1'"
         )
         assert await cur.fetchall() == [("Acme", "HRM-2", "SN-1", "1.1", 85)]
+
+
+async def test_hypertable_mode_stores_exactly_once_even_into_compressed_chunks(
+    timescale_database_url: str,
+) -> None:
+    from storage.migrate import ModeRequest, migrate
+
+    async with db.connection(timescale_database_url, autocommit=True) as conn:
+        report = await migrate(conn, ModeRequest.TIMESCALEDB)
+    assert report.mode is StorageMode.TIMESCALEDB
+    pool = await db.open_pool(timescale_database_url)
+    try:
+        writer = BulkWriter(pool, StorageMode.TIMESCALEDB)
+        old = T0 - 60 * 86_400_000
+        await writer.write(batch(envelope("A", 1, t0=old), envelope("A", 2)))
+        await writer.write(batch(envelope("A", 2), envelope("A", 3)))
+        async with db.connection(timescale_database_url, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT count(compress_chunk(c, if_not_compressed => true))"
+                " FROM show_chunks('readings', older_than =>"
+                " to_timestamp(%s)) c",
+                ((T0 - 30 * 86_400_000) / 1000,),
+            )
+            compressed = await cur.fetchone()
+            cur = await conn.execute(
+                "SELECT count(*) FROM timescaledb_information.chunks"
+                " WHERE hypertable_name = 'readings' AND is_compressed"
+            )
+            really = await cur.fetchone()
+        assert compressed is not None
+        assert really is not None
+        assert really[0] >= 1
+        # A hub's late backfill lands in the compressed chunk, once.
+        await writer.write(batch(envelope("A", 4, t0=old + 3_600_000), envelope("A", 1, t0=old)))
+        async with db.connection(timescale_database_url) as conn:
+            cur = await conn.execute("SELECT count(*), count(DISTINCT (seq, time)) FROM readings")
+            assert await cur.fetchone() == (20, 20)
+            cur = await conn.execute("SELECT count(*) FROM envelopes")
+            assert await cur.fetchone() == (4,)
+    finally:
+        await pool.close()
