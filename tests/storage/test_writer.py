@@ -274,6 +274,12 @@ async def test_hypertable_mode_stores_exactly_once_even_into_compressed_chunks(
 
     async with db.connection(timescale_database_url, autocommit=True) as conn:
         report = await migrate(conn, ModeRequest.TIMESCALEDB)
+        # The policy is run by hand below; its scheduled run would race with that.
+        cur = await conn.execute(
+            "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'policy_compression' AND hypertable_name = 'readings'"
+        )
+        assert len(await cur.fetchall()) == 1
     assert report.mode is StorageMode.TIMESCALEDB
     pool = await db.open_pool(timescale_database_url)
     try:
@@ -282,19 +288,19 @@ async def test_hypertable_mode_stores_exactly_once_even_into_compressed_chunks(
         await writer.write(batch(envelope("A", 1, t0=old), envelope("A", 2)))
         await writer.write(batch(envelope("A", 2), envelope("A", 3)))
         async with db.connection(timescale_database_url, autocommit=True) as conn:
+            # Run the compression policy now: chunks past 14 days are compressed.
             cur = await conn.execute(
-                "SELECT count(compress_chunk(c, if_not_compressed => true))"
-                " FROM show_chunks('readings', older_than =>"
-                " to_timestamp(%s)) c",
-                ((T0 - 30 * 86_400_000) / 1000,),
+                "SELECT job_id FROM timescaledb_information.jobs"
+                " WHERE proc_name = 'policy_compression' AND hypertable_name = 'readings'"
             )
-            compressed = await cur.fetchone()
+            job = await cur.fetchone()
+            assert job is not None
+            await conn.execute("CALL run_job(%s)", (job[0],))
             cur = await conn.execute(
                 "SELECT count(*) FROM timescaledb_information.chunks"
                 " WHERE hypertable_name = 'readings' AND is_compressed"
             )
             really = await cur.fetchone()
-        assert compressed is not None
         assert really is not None
         assert really[0] >= 1
         # A hub's late backfill lands in the compressed chunk, once.
