@@ -58,7 +58,7 @@ async def ensure_partitions(conn: Conn, starts: Iterable[int]) -> list[int]:
     racing to create the same partition both succeed.
     """
     created: list[int] = []
-    for start in sorted(set(starts)):
+    for start in sorted(set(starts) - await existing_partitions(conn)):
         lo = _EPOCH + timedelta(milliseconds=start)
         hi = lo + timedelta(days=PARTITION_DAYS)
         stmt = sql.SQL(

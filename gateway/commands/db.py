@@ -52,6 +52,8 @@ def _cmd_db_migrate(args: argparse.Namespace, settings: Settings) -> int:
             report = await migrate(conn, settings.storage_mode)
         applied = ", ".join(f"{n:04d}" for n in report.applied) or "none (already up to date)"
         print(f"mode: {report.mode}\nschema version: {report.version}\napplied: {applied}")
+        if report.mode == "plain":
+            print(f"partitions created ahead: {report.partitions_created}")
         return 0
 
     return int(run(go()))

@@ -22,6 +22,10 @@ async def test_migrations_apply_to_empty_database_then_rerun_as_noop(
     assert second.applied == ()
     assert first.mode is StorageMode.PLAIN
     assert second.mode is StorageMode.PLAIN
+    # Partitions for this week and the next two are made by the first run, none by the second.
+    assert first.partitions_created == 3
+    assert second.partitions_created == 0
+    assert st.partitions == 3
     assert st.mode is StorageMode.PLAIN
     assert st.up_to_date
     assert st.schema_version == expected[-1]
