@@ -6,9 +6,14 @@ event loop. The client is built with ``manual_ack=True`` and the broker's sessio
 the broker only after the batch that holds it is committed, and a worker that dies gets its
 unacknowledged messages back when it reconnects.
 
-Back-pressure: the CONNECT packet's Receive Maximum caps how many unacknowledged messages the
-broker hands this worker; while the database is slow, nothing is acknowledged, so the broker
-stops sending and memory stays bounded by that cap.
+Back-pressure: at most ``MAX_UNACKED`` messages are held in memory between their arrival and
+their acknowledgement. The CONNECT packet's Receive Maximum asks the broker for the same cap,
+but Mosquitto 2.0.11 does not keep to it once acknowledgements flow (measured: 30 000
+unacknowledged deliveries against a Receive Maximum of 2000), so the cap is also enforced
+here: ``on_message`` waits for a free slot, which stops paho reading the socket, and TCP flow
+control holds the rest at the broker. While the database is down nothing is acknowledged, so
+memory stays bounded by the cap; an outage longer than the keepalive costs a reconnect, after
+which the broker delivers the unacknowledged messages again (stored once: the dedupe).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -35,7 +41,7 @@ from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, seal_receipt
 from ingest.model import AcceptedEnvelope, Batch, Reason, Receipt, RejectedEnvelope
 from ingest.transport import connect_async, make_client
 from storage.errors import BatchWriteError, DatabaseUnavailable
-from storage.writer import BulkWriter, EnvelopeOutcome, InTransaction
+from storage.writer import CHECKOUT_TIMEOUT_S, BulkWriter, EnvelopeOutcome, InTransaction
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,11 @@ PLAIN_SUBSCRIPTION = "dct/v1/+/up"
 # Unacknowledged messages the broker may hand one worker: a few batches' worth, so the
 # batcher always has work while the previous batch commits, and memory stays bounded.
 RECEIVE_MAXIMUM = 2000
+# Messages held between arrival and acknowledgement, whatever the broker sends: the batch
+# being written plus the next batches (about 2 MB at 1 KiB per envelope).
+MAX_UNACKED = RECEIVE_MAXIMUM
+# How often a paho thread waiting for a slot checks whether the consumer is stopping.
+_SLOT_POLL_S = 0.5
 # A worker's broker session outlives a crash or restart by this long (seconds).
 SESSION_EXPIRY_S = 14 * 86_400
 # Database outage: retry the same batch forever (nothing is acknowledged meanwhile), backing
@@ -111,7 +122,10 @@ class Consumer:
         self._receipt_key = receipt_key
         self._clock = clock
         self._directory = Directory()
-        self._queue: asyncio.Queue[_Message] = asyncio.Queue(maxsize=RECEIVE_MAXIMUM * 2)
+        # Unbounded as a queue; bounded by the slots (one per message until it is acked).
+        self._queue: asyncio.Queue[_Message] = asyncio.Queue()
+        self._slots = threading.BoundedSemaphore(MAX_UNACKED)
+        self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed = asyncio.Event()
         self._client = make_client(config.client_id, mqtt5=config.mqtt5, manual_ack=True)
@@ -175,6 +189,10 @@ class Consumer:
         log.warning("mqtt disconnected reason=%s", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        # Blocks paho's network thread while MAX_UNACKED messages wait: back-pressure by TCP.
+        while not self._slots.acquire(timeout=_SLOT_POLL_S):
+            if self._stopping.is_set():
+                return  # not acknowledged: the broker delivers it again to this session
         item = _Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._now_ms())
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
@@ -198,6 +216,7 @@ class Consumer:
                 batch = await self._collect()
                 await self._process(batch)
         finally:
+            self._stopping.set()
             self._client.disconnect()
             self._client.loop_stop()
 
@@ -238,7 +257,7 @@ class Consumer:
         delay = 0.1
         while True:
             try:
-                async with self._pool.connection() as conn:
+                async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
                     devices = await self._directory.devices(
                         conn, pipeline.devices_of(d for _, d in decoded)
                     )
@@ -379,7 +398,7 @@ class Consumer:
                         Reason.STORAGE_REFUSED.value,
                     )
                 )
-                self._client.ack(m.mid, m.qos)
+                self._ack(m)
                 continue
             if o.conflict:
                 self.stats.rejected_envelopes[Reason.DUPLICATE.value] += 1
@@ -388,7 +407,7 @@ class Consumer:
                         a.dev, a.seq, RECEIPT_REJECTED, 0, o.refused, now_ms, Reason.DUPLICATE.value
                     )
                 )
-                self._client.ack(m.mid, m.qos)
+                self._ack(m)
                 continue
             if o.new:
                 self.stats.envelopes_new += 1
@@ -400,7 +419,7 @@ class Consumer:
             # Accepted even when consent refused every reading: the envelope was processed,
             # and ``refused`` tells the hub how many readings were not stored.
             self._receipt(Receipt(a.dev, a.seq, RECEIPT_ACCEPTED, o.stored, o.refused, now_ms))
-            self._client.ack(m.mid, m.qos)
+            self._ack(m)
         for m, r in rejected:
             self.stats.rejected_envelopes[r.reason.value] += 1
             if r.dev is not None and r.seq is not None and r.reason is not Reason.TOPIC_MISMATCH:
@@ -409,7 +428,11 @@ class Consumer:
                         r.dev, r.seq, RECEIPT_REJECTED, 0, r.reading_count, now_ms, r.reason.value
                     )
                 )
-            self._client.ack(m.mid, m.qos)
+            self._ack(m)
+
+    def _ack(self, m: _Message) -> None:
+        self._client.ack(m.mid, m.qos)
+        self._slots.release()
 
     def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
         """Publish with QoS 1 on this worker's broker connection (alert events)."""

@@ -17,9 +17,6 @@ import signal
 import time
 from types import FrameType
 
-from aiohttp import web
-
-from gateway.app import create_app
 from gateway.pki import GATEWAY_IDENTITY, StudyCA
 from gateway.settings import Settings
 from storage import db
@@ -33,6 +30,12 @@ RESTART_MIN_INTERVAL_S = 5.0
 
 
 async def serve_worker(settings: Settings, worker: int, stop: asyncio.Event) -> None:
+    # Imported here, in the worker: the supervisor never loads the application (about
+    # 75 MB of modules it has no use for).
+    from aiohttp import web
+
+    from gateway.app import create_app
+
     app = create_app(settings, worker=worker)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

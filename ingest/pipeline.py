@@ -7,6 +7,7 @@
 3. ``admit``: per reading, plausibility (known metric, canonical unit, finite value within
    physical bounds, time neither far in the future nor before the participant's enrollment)
    then the consent gate by the reading's own time (``no_consent``, ``scope_not_consented``).
+   The common case is decided per envelope (see ``_admit_whole``), with the same outcome.
 
 Deduplication by ``(device, seq)`` happens in the database transaction (storage.writer),
 where it is exact. Every stage returns what it keeps and, for the rest, a reason: nothing
@@ -173,10 +174,85 @@ def _plausibility(r: Reading, device: DeviceRecord, now_ms: int) -> tuple[Reason
     return None
 
 
+def _admit_whole(
+    readings: tuple[Reading, ...], device: DeviceRecord, consent: ConsentSnapshot, now_ms: int
+) -> tuple[int | None, ...] | None:
+    """The consent ids of ``readings`` when every one of them is plausible and consented;
+    None when any is not (the caller then judges reading by reading).
+
+    Consent is decided at the earliest and the latest reading time of each metric's scope:
+    when both are allowed by the same consent record, so is every time between. A consent
+    record's scopes only shrink over time (``withdraw_scope``, and a purge shrinks earlier
+    states too), its id never comes back once another state followed, and a re-consent
+    deadline, once passed, stays passed (consent.gate).
+    """
+    by_metric: dict[str, list[Reading]] = {}
+    for r in readings:
+        group = by_metric.get(r.metric)
+        if group is None:
+            by_metric[r.metric] = [r]
+        else:
+            group.append(r)
+    earliest_ok = device.participant_enrolled_ms
+    latest_ok = now_ms + FUTURE_SKEW_MS
+    consent_of: dict[str, int | None] = {}
+    for name, group in by_metric.items():
+        metric = METRICS.get(name)
+        if metric is None:
+            return None
+        lo, hi, unit = metric.low, metric.high, metric.unit
+        first = last = group[0].t_ms
+        for r in group:
+            # NaN fails both comparisons, so it falls to the reading-by-reading path.
+            if r.unit != unit or not lo <= r.value <= hi:
+                return None
+            t = r.t_ms
+            if t < first:
+                first = t
+            elif t > last:
+                last = t
+        if first < earliest_ok or last > latest_ok:
+            return None
+        at_first = consent.decide(device.participant_id, metric.scope, first)
+        if not at_first.allowed:
+            return None
+        if last != first:
+            at_last = consent.decide(device.participant_id, metric.scope, last)
+            if not at_last.allowed or at_last.consent_id != at_first.consent_id:
+                return None
+        consent_of[name] = at_first.consent_id
+    if len(consent_of) == 1:
+        (only,) = consent_of.values()
+        return (only,) * len(readings)
+    return tuple(consent_of[r.metric] for r in readings)
+
+
 def admit(
     decoded: Decoded, device: DeviceRecord, consent: ConsentSnapshot, now_ms: int
 ) -> AcceptedEnvelope:
     """Split a verified envelope's readings into those stored and those refused, with reasons."""
+    payload = decoded.opened.payload
+    whole = _admit_whole(payload.readings, device, consent, now_ms)
+    if whole is not None:
+        return AcceptedEnvelope(
+            dev=payload.dev,
+            seq=payload.seq,
+            participant_id=device.participant_id,
+            sent_ms=payload.sent_ms,
+            envelope_sha256=decoded.envelope_sha256,
+            reading_count=len(payload.readings),
+            readings=payload.readings,
+            consent_ids=whole,
+            gaps=payload.gaps,
+            sensors=payload.sensors,
+        )
+    return _admit_each(decoded, device, consent, now_ms)
+
+
+def _admit_each(
+    decoded: Decoded, device: DeviceRecord, consent: ConsentSnapshot, now_ms: int
+) -> AcceptedEnvelope:
+    """``admit`` reading by reading: each judged on its own, refusals grouped by reason."""
     payload = decoded.opened.payload
     kept: list[Reading] = []
     consent_ids: list[int | None] = []

@@ -15,13 +15,19 @@ is retried on a fresh connection (safe because of step 1); data the database ref
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import random
 import re
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import psycopg
+from psycopg import postgres
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 RETRY_ATTEMPTS = 15
 RETRY_BASE_S = 0.1
 RETRY_CEILING_S = 5.0
+# A pool that cannot hand out a connection within this long counts as a failed attempt (and
+# is retried as above): an outage is noticed in seconds, not after the pool's 30 s default.
+CHECKOUT_TIMEOUT_S = 5.0
 
 READING_COLUMNS = (
     "time",
@@ -66,6 +75,24 @@ _READING_TYPES = (
 )
 _COPY_READINGS = f"COPY readings ({', '.join(READING_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _COPY_LINE = re.compile(r"COPY readings, line (\d+)")
+# PostgreSQL's binary timestamptz: microseconds since 2000-01-01 UTC, big-endian int8.
+_PG_EPOCH_MS: Final = 946_684_800_000
+_INT8: Final = struct.Struct(">q")
+
+
+class _EpochMsDumper(Dumper):
+    """Binary ``timestamptz`` straight from integer milliseconds since the Unix epoch.
+
+    Registered on the COPY cursor by OID only, so the readings' times (already integers in
+    the pipeline) go to the wire without a ``datetime`` per row.
+    """
+
+    format = Format.BINARY
+    oid = postgres.types["timestamptz"].oid
+
+    def dump(self, obj: int) -> bytes:
+        return _INT8.pack((obj - _PG_EPOCH_MS) * 1000)
+
 
 _INSERT_ENVELOPES = """
 INSERT INTO envelopes (device_id, seq, participant_id, sent_at, received_at, envelope_sha256,
@@ -143,7 +170,7 @@ class BulkWriter:
         delay = RETRY_BASE_S
         for attempt in range(1, RETRY_ATTEMPTS + 1):
             try:
-                async with self._pool.connection() as conn:
+                async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
                     await self._prepare_partitions(conn, batch)
                     async with conn.transaction():
                         outcomes, fresh = await self._write(conn, batch)
@@ -183,7 +210,7 @@ class BulkWriter:
         received = from_ms(batch.received_ms)
         new_keys = await self._insert_envelopes(conn, batch.accepted, received)
         fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
-        await self._copy_readings(conn, fresh, received)
+        await self._copy_readings(conn, fresh, batch.received_ms)
         outcomes = await self._outcomes(conn, batch.accepted, new_keys)
         conflicts = [e for e, o in zip(batch.accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
@@ -213,37 +240,46 @@ class BulkWriter:
         return {(str(d), int(s)) for d, s in await cur.fetchall()}
 
     async def _copy_readings(
-        self, conn: Conn, fresh: Sequence[AcceptedEnvelope], received: object
+        self, conn: Conn, fresh: Sequence[AcceptedEnvelope], received_ms: int
     ) -> None:
         if not any(e.readings for e in fresh):
             return
-        line_owner: list[tuple[str, int]] = []
+        # Envelope i owns COPY lines ends[i - 1] + 1 .. ends[i] (1-based, as the server counts).
+        ends: list[int] = []
+        owners: list[tuple[str, int]] = []
         current: tuple[str, int] | None = None
+        lines = 0
         try:
-            async with conn.cursor() as cur, cur.copy(_COPY_READINGS) as copy:
-                copy.set_types(_READING_TYPES)
-                for env in fresh:
-                    current = (env.dev, env.seq)
-                    for reading, consent_id in zip(env.readings, env.consent_ids, strict=True):
-                        line_owner.append(current)
-                        await copy.write_row(
-                            (
-                                from_ms(reading.t_ms),
-                                env.participant_id,
-                                reading.metric,
-                                reading.value,
-                                reading.unit,
-                                env.dev,
-                                env.seq,
-                                reading.sensor,
-                                received,
-                                consent_id,
+            async with conn.cursor() as cur:
+                cur.adapters.register_dumper(None, _EpochMsDumper)
+                async with cur.copy(_COPY_READINGS) as copy:
+                    copy.set_types(_READING_TYPES)
+                    write = copy.write_row
+                    for env in fresh:
+                        current = (env.dev, env.seq)
+                        pid, dev, seq = env.participant_id, env.dev, env.seq
+                        for r, consent_id in zip(env.readings, env.consent_ids, strict=True):
+                            await write(
+                                (
+                                    r.t_ms,
+                                    pid,
+                                    r.metric,
+                                    r.value,
+                                    r.unit,
+                                    dev,
+                                    seq,
+                                    r.sensor,
+                                    received_ms,
+                                    consent_id,
+                                )
                             )
-                        )
+                        lines += len(env.readings)
+                        ends.append(lines)
+                        owners.append(current)
         except psycopg.OperationalError:
             raise
-        except (psycopg.Error, TypeError, ValueError, OverflowError) as exc:
-            owner = _copy_error_owner(exc, line_owner) or current
+        except (psycopg.Error, TypeError, ValueError, OverflowError, struct.error) as exc:
+            owner = _copy_error_owner(exc, ends, owners) or current
             where = f"envelope {owner[0]}#{owner[1]}" if owner else "an unknown envelope"
             raise BatchWriteError(
                 f"readings of {where} refused by the database: {first_line(exc)}",
@@ -407,12 +443,14 @@ def _rejection_row(
 
 
 def _copy_error_owner(
-    exc: BaseException, line_owner: Sequence[tuple[str, int]]
+    exc: BaseException, ends: Sequence[int], owners: Sequence[tuple[str, int]]
 ) -> tuple[str, int] | None:
     """Which envelope's row the server refused, from the COPY line number in its context."""
     context = exc.diag.context if isinstance(exc, psycopg.Error) else None
     if context:
         m = _COPY_LINE.search(context)
-        if m and 1 <= int(m.group(1)) <= len(line_owner):
-            return line_owner[int(m.group(1)) - 1]
+        if m:
+            i = bisect.bisect_left(ends, int(m.group(1)))
+            if int(m.group(1)) >= 1 and i < len(owners):
+                return owners[i]
     return None

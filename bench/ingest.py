@@ -1,0 +1,879 @@
+"""``trialstream bench ingest``: the gateway end to end against the bare path and a naive
+subscriber, on the same load, in the same run.
+
+Load: envelopes from many simulated hubs (devices, participants and consent created in a
+scratch database), sealed with ``ingest.envelope.seal`` before any timing, published at QoS 1
+by several publisher processes into a private Mosquitto (plain loopback mode) started fresh
+for every measurement, so no backlog crosses from one to the next.
+
+Consumers, each run as its own processes (``workers`` of them, sharing one subscription):
+
+- ``gateway``: ``python -m gateway.cli gateway --workers N``: verification, consent,
+  dedupe, one transaction per batch, ack and signed receipt after COMMIT;
+- ``bare``: paho -> CBOR decode -> binary COPY of the rows, one transaction per batch; no
+  verification, consent, dedupe or receipts: the ceiling of any consumer on this machine;
+- ``naive``: paho -> INSERT per reading, commit per message.
+
+Throughput is committed readings per second over a window while the consumer has a backlog
+(``count(*)`` of ``readings`` at both ends of the window). Latency (gateway only) is from
+``publish()`` to the receipt's arrival on ``dct/v1/<dev>/down``, at half the gateway's
+measured peak rate. Memory is the resident set of the gateway's processes, sampled with
+psutil: at peak, at half peak, and with the database slowed down (a statement trigger that
+sleeps on every envelope insert) while the publishers keep pushing at full speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, TextIO
+
+import cbor2
+import paho.mqtt.client as mqtt
+import psutil  # type: ignore[import-untyped]
+import psycopg
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from psycopg import conninfo, sql
+
+from bench.common import Progress, machine
+from gateway.broker import MosquittoBroker, free_port
+from gateway.consumer import SHARED_SUBSCRIPTION
+from ingest import keys
+from ingest.envelope import seal
+from ingest.metrics import METRICS
+from ingest.model import Payload, Reading
+from storage import db, registry
+from storage.migrate import StorageMode, migrate
+from storage.partitions import ensure_partitions, partition_start_ms
+from storage.timeconv import from_ms
+
+SIZES = (1, 10, 100)
+HUBS = 200
+PUBLISHERS = 3
+WORKERS = 2
+# The window starts this long after the publishers do: consumers connected, pools warm,
+# a backlog at the broker.
+WARMUP_S = 1.5
+# Readings a publisher pool is sized for, per second of window, by envelope size: a little
+# above the bare path's rate here, so every consumer still has a backlog at the window's end
+# (the result says when one did not: ``backlog_at_end``).
+POOL_READINGS_PER_S = {1: 30_000, 10: 200_000, 100: 500_000}
+# Filling the backlog stops after this long whatever is left of the pool.
+BACKLOG_MAX_S = 120.0
+# Envelopes a publisher may have unacknowledged by the broker (its own flow control).
+PUBLISH_WINDOW = 1000
+# The database slowed down: every envelope insert statement sleeps this long.
+SLOW_STATEMENT_S = 0.5
+READING_STEP_MS = 10
+SESSION_EXPIRY_S = 3600
+REFERENCE_SUBSCRIPTION = "$share/bench/dct/v1/+/up"
+BARE_MAX_BATCH = 500
+BARE_MAX_WAIT_S = 0.05
+
+_METRICS = (("heart_rate", "/min", 72.0), ("spo2", "%", 97.0))
+
+
+@dataclass(frozen=True, slots=True)
+class _Hub:
+    device_id: str
+    participant_id: str
+    key_der: bytes
+
+
+# --- the scratch trial ----------------------------------------------------------------------
+
+
+async def _create_trial(url: str, hubs: int, t0_ms: int, span_ms: int) -> list[_Hub]:
+    now = datetime.now(UTC)
+    out: list[_Hub] = []
+    scopes = {m.scope for m in METRICS.values()}
+    async with db.connection(url, autocommit=True) as conn:
+        report = await migrate(conn)
+        if report.mode is StorageMode.PLAIN:
+            starts = {partition_start_ms(t) for t in range(t0_ms, t0_ms + span_ms, 86_400_000)}
+            starts.add(partition_start_ms(t0_ms + span_ms))
+            await ensure_partitions(conn, starts)
+    async with db.connection(url) as conn, conn.transaction():
+        await registry.create_study(conn, "BENCH", "Ingest benchmark")
+        await registry.create_site(conn, "BENCH-SITE", "BENCH", "Bench site")
+        doc = await registry.create_consent_document(
+            conn,
+            "BENCH",
+            "ICF",
+            "1.0",
+            "Benchmark consent.",
+            scopes,
+            effective_at=now - timedelta(days=30),
+        )
+        for i in range(hubs):
+            pid, dev = f"BP{i:04d}", f"bench-hub-{i:04d}"
+            key = keys.generate_private_key()
+            await registry.create_participant(
+                conn, pid, "BENCH", "BENCH-SITE", enrolled_at=now - timedelta(days=3)
+            )
+            await registry.add_device(
+                conn,
+                dev,
+                pid,
+                keys.public_key_to_der(key.public_key()),
+                keys.fingerprint(key.public_key()),
+            )
+            await registry.record_consent(
+                conn,
+                pid,
+                doc,
+                "consent",
+                scopes,
+                effective_at=now - timedelta(days=2),
+                recorded_by="bench",
+                signer_name=pid,
+                meaning="consent",
+            )
+            der = key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            out.append(_Hub(dev, pid, der))
+    return out
+
+
+# --- publishers (separate processes) --------------------------------------------------------
+
+
+def _seal_pool(hubs: Sequence[_Hub], size: int, per_hub: int, t0_ms: int) -> list[bytes]:
+    loaded = []
+    for h in hubs:
+        key = serialization.load_der_private_key(h.key_der, None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        loaded.append((h.device_id, key))
+    pool: list[bytes] = []
+    for seq in range(1, per_hub + 1):
+        for dev, key in loaded:
+            base = t0_ms + (seq - 1) * size * READING_STEP_MS
+            readings = tuple(
+                Reading(
+                    base + i * READING_STEP_MS,
+                    _METRICS[i % 2][0],
+                    _METRICS[i % 2][2] + (seq + i) % 7,
+                    _METRICS[i % 2][1],
+                    "wrist-1",
+                )
+                for i in range(size)
+            )
+            pool.append(seal(Payload(dev, seq, base + size * READING_STEP_MS, readings), key))
+    return pool
+
+
+def _publisher_main(
+    conn: Connection, hubs: list[_Hub], size: int, per_hub: int, t0_ms: int, name: str
+) -> None:
+    pool = _seal_pool(hubs, size, per_hub, t0_ms)
+    topics = [f"dct/v1/{h.device_id}/up" for h in hubs]
+    conn.send(len(pool))
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            return
+        host, port, rate, start_at, duration = cmd
+        conn.send(_publish(pool, topics, host, port, rate, start_at, duration, name))
+
+
+def _publish(
+    pool: list[bytes],
+    topics: list[str],
+    host: str,
+    port: int,
+    rate: float | None,
+    start_at: float,
+    duration: float,
+    name: str,
+) -> tuple[int, list[tuple[int, float]]]:
+    """Publish ``pool`` in order from ``start_at`` for ``duration`` s; at ``rate`` msg/s, or
+    as fast as the broker acknowledges when None. Returns the count and, when paced, the
+    monotonic time of each publish (by pool index)."""
+    window = threading.BoundedSemaphore(PUBLISH_WINDOW)
+    connected = threading.Event()
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bench-pub-{name}-{os.getpid()}-{time.monotonic_ns()}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.max_inflight_messages_set(PUBLISH_WINDOW)
+    client.on_connect = lambda *_: connected.set()
+    client.on_publish = lambda *_: window.release()
+    client.connect(host, port)
+    client.loop_start()
+    times: list[tuple[int, float]] = []
+    sent = 0
+    try:
+        if not connected.wait(10):
+            raise TimeoutError("publisher could not connect")
+        while time.monotonic() < start_at:
+            time.sleep(0.001)
+        end = start_at + duration
+        n_topics = len(topics)
+        while sent < len(pool):
+            now = time.monotonic()
+            if now >= end:
+                break
+            due = len(pool) if rate is None else min(len(pool), int((now - start_at) * rate) + 1)
+            while sent < due:
+                if not window.acquire(timeout=0.05):
+                    break
+                t = time.monotonic()
+                info = client.publish(topics[sent % n_topics], pool[sent], qos=1)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    window.release()
+                    break
+                if rate is not None:
+                    times.append((sent, t))
+                sent += 1
+                if rate is None and sent % 256 == 0 and time.monotonic() >= end:
+                    break
+            if rate is not None:
+                time.sleep(0.001)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return sent, times
+
+
+class _Publishers:
+    def __init__(self, hubs: Sequence[_Hub], size: int, count: int, t0_ms: int) -> None:
+        ctx = mp.get_context("spawn")
+        n = PUBLISHERS
+        shares = [list(hubs[i::n]) for i in range(n)]
+        per_hub = max(1, -(-count // len(hubs)))
+        self.per_hub = per_hub
+        self.shares = shares
+        self._pipes: list[Connection] = []
+        self._procs: list[mp.process.BaseProcess] = []
+        for i, share in enumerate(shares):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=_publisher_main,
+                args=(child, share, size, per_hub, t0_ms, f"{size}-{i}"),
+                name=f"bench-publisher-{i}",
+            )
+            p.start()
+            self._pipes.append(parent)
+            self._procs.append(p)
+        self.sealed = sum(int(pipe.recv()) for pipe in self._pipes)
+
+    def run(
+        self, host: str, port: int, rate: float | None, duration: float
+    ) -> tuple[int, float, dict[tuple[str, int], float]]:
+        """Publish (at ``rate`` msg/s in all, or full speed); returns the count, the start
+        time and, when paced, publish times by (device, seq)."""
+        start_at = time.monotonic() + 0.5
+        share_rate = None if rate is None else rate / len(self._pipes)
+        for pipe in self._pipes:
+            pipe.send((host, port, share_rate, start_at, duration))
+        total = 0
+        times: dict[tuple[str, int], float] = {}
+        for pipe, share in zip(self._pipes, self.shares, strict=True):
+            sent, stamps = pipe.recv()
+            total += sent
+            for index, t in stamps:
+                times[(share[index % len(share)].device_id, index // len(share) + 1)] = t
+        return total, start_at, times
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(None)
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+# --- the reference consumers (separate processes) -------------------------------------------
+
+
+def _persistent_connect(client: mqtt.Client, host: str, port: int) -> None:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = SESSION_EXPIRY_S
+    client.connect(host, port, clean_start=False, properties=props)
+
+
+def _subscriber(host: str, port: int, client_id: str, on_message: Any, ready: Any) -> mqtt.Client:
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+    )
+
+    def on_connect(c: mqtt.Client, *_: object) -> None:
+        c.subscribe(REFERENCE_SUBSCRIPTION, qos=1)
+
+    client.on_connect = on_connect
+    client.on_subscribe = lambda *_: ready.set()
+    client.on_message = on_message
+    _persistent_connect(client, host, port)
+    return client
+
+
+def _prime(broker: MosquittoBroker, client_ids: Sequence[str], subscription: str) -> None:
+    """Create the consumers' persistent sessions and subscriptions, then leave: what is
+    published next waits at the broker for them (the backlog a drain is measured on)."""
+    for client_id in client_ids:
+        done = threading.Event()
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        client.on_connect = lambda c, *_: c.subscribe(subscription, qos=1)
+        client.on_subscribe = lambda *_, done=done: done.set()
+        _persistent_connect(client, broker.host, broker.port)
+        client.loop_start()
+        try:
+            if not done.wait(10):
+                raise RuntimeError(f"could not prime the session of {client_id}")
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+
+def _rows(
+    payload: bytes, participants: dict[str, str], received: datetime
+) -> list[tuple[Any, ...]]:
+    sign1 = cbor2.loads(payload).value
+    body = cbor2.loads(sign1[2])
+    dev, seq = body["dev"], body["seq"]
+    pid = participants[dev]
+    return [(from_ms(t), pid, m, v, u, dev, seq, s, received, None) for t, m, v, u, s in body["r"]]
+
+
+_COPY = (
+    "COPY readings (time, participant_id, metric, value, unit, device_id, seq, sensor,"
+    " received_at, consent_id) FROM STDIN (FORMAT BINARY)"
+)
+_TYPES = (
+    "timestamptz",
+    "text",
+    "text",
+    "float8",
+    "text",
+    "text",
+    "int8",
+    "text",
+    "timestamptz",
+    "int8",
+)
+
+
+def _participants(url: str) -> dict[str, str]:
+    with psycopg.connect(url) as conn:
+        return {
+            str(d): str(p) for d, p in conn.execute("SELECT device_id, participant_id FROM devices")
+        }
+
+
+def _bare_main(url: str, host: str, port: int, worker: int, ready: Any, stop: Any) -> None:
+    participants = _participants(url)
+    inbox: queue.Queue[bytes] = queue.Queue()
+    client = _subscriber(
+        host, port, f"bench-bare-{worker}", lambda _c, _u, m: inbox.put(m.payload), ready
+    )
+    client.loop_start()
+    with psycopg.connect(url) as conn:
+        while not stop.is_set():
+            try:
+                batch = [inbox.get(timeout=0.1)]
+            except queue.Empty:
+                continue
+            deadline = time.monotonic() + BARE_MAX_WAIT_S
+            while len(batch) < BARE_MAX_BATCH:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(inbox.get(timeout=left))
+                except queue.Empty:
+                    break
+            received = datetime.now(UTC)
+            with conn.cursor() as cur, cur.copy(_COPY) as copy:
+                copy.set_types(_TYPES)
+                for payload in batch:
+                    for row in _rows(payload, participants, received):
+                        copy.write_row(row)
+            conn.commit()
+    client.disconnect()
+    client.loop_stop()
+
+
+def _naive_main(url: str, host: str, port: int, worker: int, ready: Any, stop: Any) -> None:
+    participants = _participants(url)
+    conn = psycopg.connect(url)
+
+    def on_message(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        received = datetime.now(UTC)
+        for row in _rows(bytes(m.payload), participants, received):
+            conn.execute(
+                "INSERT INTO readings (time, participant_id, metric, value, unit, device_id,"
+                " seq, sensor, received_at, consent_id)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                row,
+            )
+        conn.commit()
+
+    client = _subscriber(host, port, f"bench-naive-{worker}", on_message, ready)
+    client.loop_start()
+    stop.wait()
+    client.disconnect()
+    client.loop_stop()
+    conn.close()
+
+
+# --- one measurement ------------------------------------------------------------------------
+
+
+def _count(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM readings").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _reset(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE readings, envelopes, rejections, gaps, sensors")
+        conn.execute("VACUUM ANALYZE envelopes")
+
+
+class _Memory:
+    """Samples the resident set of a process tree in a thread."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        self._root = psutil.Process(pid)
+        self._interval = interval_s
+        self.samples: list[tuple[float, int, int]] = []  # (time, total, largest worker)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                procs = [self._root, *self._root.children(recursive=True)]
+                rss = []
+                for p in procs:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        rss.append(p.memory_info().rss)
+            except psutil.NoSuchProcess:
+                return
+            self.samples.append((time.monotonic(), sum(rss), max(rss[1:], default=0)))
+
+    def __enter__(self) -> _Memory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self, start: float, end: float) -> dict[str, Any]:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if not inside:
+            return {}
+        third = max(1, len(inside) // 3)
+        mib = 1024 * 1024
+        return {
+            "peak_total_mib": round(max(s[1] for s in inside) / mib, 1),
+            "peak_worker_mib": round(max(s[2] for s in inside) / mib, 1),
+            "first_third_peak_total_mib": round(max(s[1] for s in inside[:third]) / mib, 1),
+            "last_third_peak_total_mib": round(max(s[1] for s in inside[-third:]) / mib, 1),
+        }
+
+
+@contextlib.contextmanager
+def _gateway(url: str, broker: MosquittoBroker, workdir: Path, workers: int) -> Iterator[int]:
+    http_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
+    env.update(
+        {
+            "TRIALSTREAM_DATABASE_URL": url,
+            "TRIALSTREAM_MQTT_HOST": broker.host,
+            "TRIALSTREAM_MQTT_PORT": str(broker.port),
+            "TRIALSTREAM_DATA_DIR": str(workdir / "gateway"),
+            "TRIALSTREAM_HTTP_PORT": str(http_port),
+            "TRIALSTREAM_STORAGE_MODE": "plain",
+            "TRIALSTREAM_LOG_LEVEL": "WARNING",
+        }
+    )
+    log = (workdir / "gateway.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "gateway", "--workers", str(workers)],
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        _wait_workers(proc, http_port, workers)
+        yield proc.pid
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _wait_workers(proc: subprocess.Popen[bytes], http_port: int, workers: int) -> None:
+    """Until every worker reports an MQTT connection on /metrics (each scrape lands on one)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + 60
+    while len(seen) < workers:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the gateway workers did not connect within 60 s")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            time.sleep(0.1)
+            continue
+        for line in text.splitlines():
+            if line.startswith("trialstream_mqtt_connected{") and line.endswith(" 1"):
+                seen.add(line.split('"')[1])
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _reference(kind: str, url: str, broker: MosquittoBroker, workers: int) -> Iterator[None]:
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    readies = [ctx.Event() for _ in range(workers)]
+    target = _bare_main if kind == "bare" else _naive_main
+    procs = [
+        ctx.Process(
+            target=target,
+            args=(url, broker.host, broker.port, i, readies[i], stop),
+            name=f"bench-{kind}-{i}",
+        )
+        for i in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for r in readies:
+            if not r.wait(30):
+                raise RuntimeError(f"the {kind} subscriber did not subscribe within 30 s")
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+class _Receipts:
+    """Subscribes to every device's downlink and stamps each receipt's arrival."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.arrivals: list[tuple[float, bytes]] = []
+        ready = threading.Event()
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"bench-receipts-{os.getpid()}",
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.on_connect = lambda c, *_: c.subscribe("dct/v1/+/down", qos=0)
+        self._client.on_subscribe = lambda *_: ready.set()
+        self._client.on_message = lambda _c, _u, m: self.arrivals.append(
+            (time.monotonic(), bytes(m.payload))
+        )
+        self._client.connect(broker.host, broker.port)
+        self._client.loop_start()
+        if not ready.wait(10):
+            raise RuntimeError("receipt listener could not subscribe")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def by_envelope(self) -> dict[tuple[str, int], tuple[float, int]]:
+        out: dict[tuple[str, int], tuple[float, int]] = {}
+        for t, data in self.arrivals:
+            body = cbor2.loads(cbor2.loads(data).value[2])
+            key = (str(body["dev"]), int(body["seq"]))
+            if key not in out:
+                out[key] = (t, int(body["stored"]))
+        return out
+
+
+@dataclass
+class _Window:
+    readings_per_s: float
+    published: int
+    committed_at_end: int
+    backlog_at_end: bool
+
+
+def _live_window(
+    url: str, publishers: _Publishers, broker: MosquittoBroker, seconds: float, size: int
+) -> _Window:
+    """Full-speed publishing; committed readings/s over the window after the warm-up."""
+    result: dict[str, Any] = {}
+
+    def publish() -> None:
+        result["run"] = publishers.run(broker.host, broker.port, None, WARMUP_S + seconds + 1)
+
+    thread = threading.Thread(target=publish, name="bench-publish")
+    thread.start()
+    time.sleep(0.5 + WARMUP_S)
+    c0, t0 = _count(url), time.monotonic()
+    time.sleep(seconds)
+    c1, t1 = _count(url), time.monotonic()
+    thread.join()
+    published = int(result["run"][0])
+    return _Window((c1 - c0) / (t1 - t0), published, c1, c1 < published * size)
+
+
+def _drain_window(url: str, seconds: float, backlog_readings: int) -> _Window:
+    """Committed readings/s while a consumer drains a backlog (no publisher competing)."""
+    time.sleep(WARMUP_S)
+    c0, t0 = _count(url), time.monotonic()
+    time.sleep(seconds)
+    c1, t1 = _count(url), time.monotonic()
+    return _Window((c1 - c0) / (t1 - t0), backlog_readings, c1, c1 < backlog_readings)
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _slow_database(url: str, on: bool) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        if on:
+            conn.execute(
+                "CREATE OR REPLACE FUNCTION bench_slow() RETURNS trigger LANGUAGE plpgsql AS"
+                f" $$BEGIN PERFORM pg_sleep({SLOW_STATEMENT_S}); RETURN NULL; END$$"
+            )
+            conn.execute(
+                "CREATE TRIGGER bench_slow AFTER INSERT ON envelopes"
+                " FOR EACH STATEMENT EXECUTE FUNCTION bench_slow()"
+            )
+        else:
+            conn.execute("DROP TRIGGER IF EXISTS bench_slow ON envelopes")
+
+
+def _run_size(
+    url: str,
+    hubs: list[_Hub],
+    size: int,
+    seconds: float,
+    workers: int,
+    workdir: Path,
+    say: Progress,
+    *,
+    slow_db: bool,
+) -> dict[str, Any]:
+    pool_readings = int(POOL_READINGS_PER_S.get(size, 420_000) * (WARMUP_S + seconds + 1))
+    count = max(len(hubs), pool_readings // size)
+    t0_ms = int((time.time() - 86_400) * 1000)
+    say(f"size {size}: sealing {count:,} envelopes in {PUBLISHERS} publisher processes")
+    pubs = _Publishers(hubs, size, count, t0_ms)
+    out: dict[str, Any] = {"readings_per_envelope": size, "envelopes_sealed": pubs.sealed}
+    run_no = 0
+
+    def fresh_broker() -> MosquittoBroker:
+        nonlocal run_no
+        run_no += 1
+        broker = MosquittoBroker(workdir / f"mosquitto-{size}-{run_no}")
+        broker.start()
+        return broker
+
+    try:
+        for kind in ("bare", "naive"):
+            _reset(url)
+            broker = fresh_broker()
+            try:
+                _prime(
+                    broker, [f"bench-{kind}-{i}" for i in range(workers)], REFERENCE_SUBSCRIPTION
+                )
+                backlog = pubs.run(broker.host, broker.port, None, BACKLOG_MAX_S)[0]
+                with _reference(kind, url, broker, workers):
+                    w = _drain_window(url, seconds, backlog * size)
+            finally:
+                broker.kill()
+            out[kind] = {
+                "readings_per_s": round(w.readings_per_s),
+                "backlog_at_end": w.backlog_at_end,
+            }
+            say(f"size {size}: {kind} {w.readings_per_s:,.0f} readings/s")
+
+        _reset(url)
+        broker = fresh_broker()
+        try:
+            _prime(broker, [f"trialstream-gw-{i}" for i in range(workers)], SHARED_SUBSCRIPTION)
+            backlog = pubs.run(broker.host, broker.port, None, BACKLOG_MAX_S)[0]
+            with _gateway(url, broker, workdir, workers) as pid, _Memory(pid) as mem:
+                m0 = time.monotonic()
+                w = _drain_window(url, seconds, backlog * size)
+                peak_memory = mem.summary(m0, time.monotonic())
+        finally:
+            broker.kill()
+        bare = out["bare"]["readings_per_s"] or 1
+        naive = out["naive"]["readings_per_s"] or 1
+        out["gateway"] = {
+            "readings_per_s": round(w.readings_per_s),
+            "backlog_at_end": w.backlog_at_end,
+            "ratio_to_bare": round(w.readings_per_s / bare, 2),
+            "ratio_to_naive": round(w.readings_per_s / naive, 1),
+            "memory_at_peak": peak_memory,
+        }
+        out["naive"]["ratio_to_bare"] = round(naive / bare, 3)
+        say(
+            f"size {size}: gateway {w.readings_per_s:,.0f} readings/s "
+            f"({w.readings_per_s / bare:.2f}x bare, {w.readings_per_s / naive:.1f}x naive)"
+        )
+
+        # Latency at half the gateway's peak.
+        _reset(url)
+        rate = max(1.0, w.readings_per_s / 2 / size)
+        broker = fresh_broker()
+        try:
+            with _gateway(url, broker, workdir, workers) as pid, _Memory(pid) as mem:
+                receipts = _Receipts(broker)
+                m0 = time.monotonic()
+                sent, _, published = pubs.run(broker.host, broker.port, rate, seconds)
+                deadline = time.monotonic() + 30
+                while len(receipts.by_envelope()) < sent and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                half_memory = mem.summary(m0, time.monotonic())
+                receipts.close()
+        finally:
+            broker.kill()
+        got = receipts.by_envelope()
+        latencies = [
+            (got[k][0] - t) * 1000 for k, t in published.items() if k in got and got[k][0] >= t
+        ]
+        out["gateway"]["at_half_peak"] = {
+            "envelopes_per_s": round(rate, 1),
+            "envelopes": sent,
+            "receipts": sum(1 for k in published if k in got),
+            "latency_ms": {
+                "p50": round(_quantile(latencies, 0.5), 1) if latencies else None,
+                "p99": round(_quantile(latencies, 0.99), 1) if latencies else None,
+                "max": round(max(latencies), 1) if latencies else None,
+                "mean": round(statistics.fmean(latencies), 1) if latencies else None,
+            },
+            "memory": half_memory,
+        }
+        say(
+            f"size {size}: at {rate:,.0f} envelopes/s p50 "
+            f"{out['gateway']['at_half_peak']['latency_ms']['p50']} ms, p99 "
+            f"{out['gateway']['at_half_peak']['latency_ms']['p99']} ms"
+        )
+
+        if slow_db:
+            _reset(url)
+            _slow_database(url, True)
+            broker = fresh_broker()
+            try:
+                with _gateway(url, broker, workdir, workers) as pid, _Memory(pid) as mem:
+                    m0 = time.monotonic()
+                    w = _live_window(url, pubs, broker, seconds * 2, size)
+                    slow_memory = mem.summary(m0, time.monotonic())
+            finally:
+                broker.kill()
+                _slow_database(url, False)
+            out["gateway"]["database_slowed"] = {
+                "statement_delay_s": SLOW_STATEMENT_S,
+                "readings_per_s": round(w.readings_per_s),
+                "backlog_at_end": w.backlog_at_end,
+                "memory": slow_memory,
+            }
+            say(f"size {size}: database slowed, memory {slow_memory}")
+    finally:
+        pubs.close()
+    return out
+
+
+async def run(
+    server_url: str,
+    *,
+    seconds: float = 4.0,
+    sizes: Sequence[int] = SIZES,
+    workers: int = WORKERS,
+    hubs: int = HUBS,
+    progress: TextIO | None = None,
+) -> dict[str, Any]:
+    say = Progress(progress)
+    scratch = f"trialstream_bench_ingest_{os.getpid()}"
+    async with db.connection(server_url, autocommit=True) as admin:
+        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
+        cur = await admin.execute("SHOW server_version")
+        version = await cur.fetchone()
+    url = conninfo.make_conninfo(server_url, dbname=scratch)
+    results: list[dict[str, Any]] = []
+    try:
+        t0_ms = int((time.time() - 86_400) * 1000)
+        simulated = await _create_trial(url, hubs, t0_ms - 86_400_000, 3 * 86_400_000)
+        say(f"scratch database {scratch}: {hubs} hubs, participants consented")
+        with tempfile.TemporaryDirectory(prefix="trialstream-bench-ingest-") as tmp:
+            results.extend(
+                _run_size(
+                    url,
+                    simulated,
+                    size,
+                    seconds,
+                    workers,
+                    Path(tmp),
+                    say,
+                    slow_db=size == 10 or len(sizes) == 1,
+                )
+                for size in sizes
+            )
+    finally:
+        async with db.connection(server_url, autocommit=True) as admin:
+            await admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
+            )
+    return {
+        "benchmark": "ingest",
+        "machine": machine(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "postgresql": str(version[0]) if version else None,
+        "method": {
+            "window_s": seconds,
+            "warmup_s": WARMUP_S,
+            "hubs": hubs,
+            "publisher_processes": PUBLISHERS,
+            "consumer_processes": workers,
+            "broker": "private Mosquitto, plain loopback, fresh per measurement",
+            "throughput": "committed readings/s over the window (count(*) at both ends)",
+            "bare": "paho -> CBOR decode -> binary COPY per batch (no verify/consent/dedupe)",
+            "naive": "paho -> INSERT per reading, commit per message",
+            "latency": "publish() -> receipt arrival, at half the gateway's peak rate",
+        },
+        "results": results,
+    }
