@@ -380,6 +380,28 @@ def _reading_to_obj(reading: Reading, i: int) -> list[Any]:
 
 
 def _reading_from_obj(obj: object, i: int) -> Reading:
+    # Fast path for the common, well-formed reading: the same checks as the slow path
+    # (ASCII text within its byte limit, an int64 time, a finite-range number), without
+    # building messages. Anything else takes the slow path, which says what is wrong.
+    if type(obj) is list and len(obj) == 5:
+        t_ms, metric, value, unit, sensor = obj
+        if (
+            type(t_ms) is int
+            and INT64_MIN <= t_ms <= INT64_MAX
+            and type(metric) is str
+            and 0 < len(metric) <= MAX_METRIC_BYTES
+            and metric.isascii()
+            and type(unit) is str
+            and 0 < len(unit) <= MAX_UNIT_BYTES
+            and unit.isascii()
+            and type(sensor) is str
+            and 0 < len(sensor) <= MAX_SENSOR_BYTES
+            and sensor.isascii()
+        ):
+            if type(value) is float:
+                return Reading(t_ms, metric, value, unit, sensor)
+            if type(value) is int and -(2**53) <= value <= 2**53:
+                return Reading(t_ms, metric, float(value), unit, sensor)
     if not isinstance(obj, list) or len(obj) != 5:
         raise EnvelopeError(Reason.MALFORMED, f"r[{i}] must be [t_ms, metric, value, unit, sensor]")
     t_ms, metric, value, unit, sensor = _reading_to_obj(Reading(*obj), i)
@@ -532,22 +554,44 @@ def _head(data: bytes, pos: int, what: str) -> tuple[int, int, int, int]:
 
 
 def _scan(data: bytes, what: str, tag: int | None) -> None:
-    """Walk every CBOR head once, iteratively; raise unless the input is in the profile."""
+    """Walk every CBOR head once, iteratively; raise unless the input is in the profile.
+
+    The head decoding of ``_head`` is inlined here: this loop runs for every item of every
+    envelope, and a function call per item was most of the gateway's decoding time.
+    """
     n = len(data)
     pos = 0
     if tag is not None:
         major, _, arg, pos = _head(data, pos, what)
         if major != 6 or arg != tag:
             raise EnvelopeError(Reason.MALFORMED, f"{what}: expected CBOR tag {tag}")
-    # Open containers: [items still expected, map key identities or None for arrays].
-    stack: list[tuple[list[int], set[tuple[int, int | bytes]] | None]] = [([1], None)]
-    while stack:
-        remaining, keys = stack[-1]
+    from_bytes = int.from_bytes
+    # Open containers: items still expected, and map key identities (None for arrays).
+    counts = [1]
+    keysets: list[set[tuple[int, int | bytes]] | None] = [None]
+    while counts:
         start = pos
-        major, info, arg, pos = _head(data, pos, what)
-        if keys is not None and remaining[0] % 2 == 0:
+        if pos >= n:
+            raise EnvelopeError(Reason.MALFORMED, f"{what}: truncated CBOR")
+        initial = data[pos]
+        major = initial >> 5
+        info = initial & 0x1F
+        pos += 1
+        if info < 24:
+            arg = info
+        elif info <= 27:
+            width = 1 << (info - 24)
+            if pos + width > n:
+                raise EnvelopeError(Reason.MALFORMED, f"{what}: truncated CBOR")
+            arg = from_bytes(data[pos : pos + width], "big")
+            pos += width
+        else:
+            kind = "indefinite length" if info == 31 else "reserved additional info"
+            raise EnvelopeError(Reason.MALFORMED, f"{what}: {kind} at byte {start}")
+        keys = keysets[-1]
+        if keys is not None and counts[-1] % 2 == 0:
             key: tuple[int, int | bytes]
-            if major in (0, 1):
+            if major == 0 or major == 1:
                 key = (major, arg)
             elif major == 3:
                 key = (major, data[pos : pos + arg])
@@ -556,23 +600,25 @@ def _scan(data: bytes, what: str, tag: int | None) -> None:
             if key in keys:
                 raise EnvelopeError(Reason.MALFORMED, f"{what}: duplicate map key at {start}")
             keys.add(key)
-        remaining[0] -= 1
-        if major in (2, 3):
+        counts[-1] -= 1
+        if major == 2 or major == 3:
             if arg > n - pos:
                 raise EnvelopeError(Reason.MALFORMED, f"{what}: string longer than input")
             pos += arg
-        elif major in (4, 5):
+        elif major == 4 or major == 5:
             items = arg * 2 if major == 5 else arg
             if items > n - pos:
                 raise EnvelopeError(Reason.MALFORMED, f"{what}: container longer than input")
-            if len(stack) > _MAX_DEPTH:
+            if len(counts) > _MAX_DEPTH:
                 raise EnvelopeError(Reason.MALFORMED, f"{what}: nested too deep")
-            stack.append(([items], set() if major == 5 else None))
+            counts.append(items)
+            keysets.append(set() if major == 5 else None)
         elif major == 6:
             raise EnvelopeError(Reason.MALFORMED, f"{what}: unexpected tag {arg}")
         elif major == 7 and info not in (20, 21, 22, 25, 26, 27):
             raise EnvelopeError(Reason.MALFORMED, f"{what}: unsupported simple value")
-        while stack and stack[-1][0][0] == 0:
-            stack.pop()
+        while counts and counts[-1] == 0:
+            counts.pop()
+            keysets.pop()
     if pos != n:
         raise EnvelopeError(Reason.MALFORMED, f"{what}: {n - pos} trailing bytes")
