@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -96,6 +97,19 @@ UNKNOWN_PROFILE: Final = "unknown"
 GLUCOSE_CURSOR: Final = "glucose_sequence"
 _MAX_SEQUENCE: Final = 0xFFFF
 
+RR_INTERVAL: Final = "rr_interval"
+CLOCK_JUMP: Final = "clock_jump"
+# A backwards step of the hub's wall clock larger than this is a jump. NTP daemons step a
+# clock that is off by more than their threshold (chrony's packaged default: `makestep 1`,
+# i.e. 1 s) and slew below it, so routine corrections stay under this; a hub whose clock
+# was set by hand, lost its battery-backed time or picked up a wrong time zone moves by
+# minutes to hours. Readings are at most a few per second per wearable, so a sub-2 s step
+# makes no meaningful repetition.
+CLOCK_JUMP_TOLERANCE_S: Final = 2.0
+# Jumps noticed but not yet handed to the sink; past this many (a clock flapping back and
+# forth) the newest is widened to cover the next, so none is lost and memory stays bounded.
+MAX_PENDING_JUMPS: Final = 64
+
 # Reconnect backoff: first retry after 1 s (a wearable briefly out of reach comes back
 # fast), doubling to 60 s (a strap left in another room should not drain the hub).
 RECONNECT_MIN_S = 1.0
@@ -126,6 +140,68 @@ class SensorInfo:
     firmware: str | None = None
     hardware: str | None = None
     battery_level: int | None = None
+
+
+class HubClock:
+    """The hub's wall clock for stamping readings; it notices when it jumps backwards.
+
+    A call returns the wall time unchanged: readings keep the time the hub had, even after a
+    jump (an invented time would be worse than a repeated one). A step back of more than
+    ``tolerance_s`` below the latest time returned so far is remembered as a ``clock_jump``
+    gap from the new time to that latest one: the span whose times may now occur twice.
+    :meth:`take_jumps` hands those gaps over once (the hub's sink records them). Safe to
+    call from any thread (bleak callbacks, worker threads).
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], float] = time.time,
+        *,
+        tolerance_s: float = CLOCK_JUMP_TOLERANCE_S,
+    ) -> None:
+        if tolerance_s < 0:
+            raise ValueError("tolerance_s must not be negative")
+        self._read = read
+        self.tolerance_s = tolerance_s
+        self._lock = threading.Lock()
+        self._latest: float | None = None
+        self._jumps: list[Gap] = []
+        self.jumps_seen = 0
+
+    def __call__(self) -> float:
+        now = self._read()
+        with self._lock:
+            latest = self._latest
+            if latest is None or now > latest:
+                self._latest = now
+            elif now < latest - self.tolerance_s:
+                self._latest = now
+                self.jumps_seen += 1
+                self._remember(Gap(int(now * 1000), int(latest * 1000), CLOCK_JUMP))
+                log.warning("hub clock jumped backwards back_s=%.3f", latest - now)
+        return now
+
+    def _remember(self, gap: Gap) -> None:
+        if len(self._jumps) < MAX_PENDING_JUMPS:
+            self._jumps.append(gap)
+            return
+        last = self._jumps[-1]
+        self._jumps[-1] = Gap(
+            min(last.from_ms, gap.from_ms), max(last.to_ms, gap.to_ms), CLOCK_JUMP
+        )
+
+    def take_jumps(self) -> list[Gap]:
+        """The jumps noticed since the last call, oldest first."""
+        with self._lock:
+            jumps, self._jumps = self._jumps, []
+        return jumps
+
+    def give_back(self, jumps: Sequence[Gap]) -> None:
+        """Put back jumps that could not be recorded, ahead of newer ones."""
+        with self._lock:
+            pending, self._jumps = self._jumps, []
+            for gap in [*jumps, *pending]:
+                self._remember(gap)
 
 
 class DriverError(DeviceDriverError):
@@ -355,16 +431,26 @@ def _restore(state: HubState, address: str, before: PairedWearable | None) -> No
         state.remember(before)
 
 
-def _readings(measured: Sequence[Measurement], received_ms: int, sensor: str) -> list[Reading]:
+def to_readings(measured: Sequence[Measurement], received_ms: int, sensor: str) -> list[Reading]:
+    """The readings of one notified or indicated value that arrived at ``received_ms``.
+
+    A measurement with a device time keeps it; one without gets the arrival time, except
+    RR intervals: the beats of one Heart Rate notification ended one after the other, the
+    last at the notification, so each earlier interval ends that much earlier
+    (``t_k = received - sum of the intervals after k``, rounded to the millisecond).
+    """
+    times = [received_ms] * len(measured)
+    after_ms = 0.0
+    for i in range(len(measured) - 1, -1, -1):
+        m = measured[i]
+        if m.time is not None:
+            times[i] = int(m.time.timestamp() * 1000)
+        elif m.metric == RR_INTERVAL:
+            times[i] = received_ms - round(after_ms)
+            after_ms += m.value
     return [
-        Reading(
-            int(m.time.timestamp() * 1000) if m.time is not None else received_ms,
-            m.metric,
-            m.value,
-            m.unit,
-            sensor,
-        )
-        for m in measured
+        Reading(t_ms, m.metric, m.value, m.unit, sensor)
+        for t_ms, m in zip(times, measured, strict=True)
     ]
 
 
@@ -530,7 +616,7 @@ class WearableSession:
                 await self._on_glucose(value)
             else:
                 measured = registry.decode_to_measurements(value.char_id, value.data)
-                await self._store(_readings(measured, value.t_ms, self.spec.sensor))
+                await self._store(to_readings(measured, value.t_ms, self.spec.sensor))
         except GattError as exc:
             self.stats.malformed += 1
             log.warning(
@@ -563,7 +649,7 @@ class WearableSession:
         if self._held_sequence is not None and sequence <= self._held_sequence:
             self.stats.records_already_held += 1
             return
-        await self._store(_readings(glucose.measurements(record), value.t_ms, self.spec.sensor))
+        await self._store(to_readings(glucose.measurements(record), value.t_ms, self.spec.sensor))
         self.stats.records_fetched += 1
         if self._durable_sequence is None or sequence > self._durable_sequence:
             self._durable_sequence = sequence
@@ -650,5 +736,7 @@ class WearableSession:
         self.stats.clock_writes += 1
 
     async def _gap(self, from_ms: int, to_ms: int, reason: str) -> None:
+        # A span that crosses a backwards clock jump ends "before" it starts; its ends are
+        # put in order (the clock_jump gap marks those times as ambiguous).
         self.stats.gaps += 1
-        await self.sink.gap(Gap(from_ms, to_ms, reason))
+        await self.sink.gap(Gap(min(from_ms, to_ms), max(from_ms, to_ms), reason))

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_drivers.driver import ReadingSink, SensorInfo, WearableSession
+from device_drivers.driver import HubClock, ReadingSink, SensorInfo, WearableSession
 from device_drivers.outbox import Outbox, OutboxFull
 from device_drivers.relay import Relay
 from ingest.model import Gap, Reading, SensorReport
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # is restarted after this pause, so a fault that repeats does not spin the hub's CPU.
 RESTART_PAUSE_S = 5.0
 STATUS_INTERVAL_S = 2.0
+OUTBOX_FULL = "outbox_full"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -37,32 +38,54 @@ def _atomic_write(path: Path, text: str) -> None:
 
 @dataclass
 class OutboxSink(ReadingSink):
-    """Makes readings durable in the outbox; provenance is kept for the hub's status."""
+    """Makes readings durable in the outbox; provenance is kept for the hub's status.
+
+    ``clock`` is the hub's wall clock: the sessions that feed this sink stamp readings with
+    it (``WearableSession(..., clock=sink.clock)``), and the backward jumps it notices are
+    recorded here as ``clock_jump`` gaps, ahead of the readings that follow them.
+    """
 
     outbox: Outbox
+    clock: HubClock = field(default_factory=HubClock)
     sensors: dict[str, SensorInfo] = field(default_factory=dict)
     refused_full: int = 0
     # (time, value) of the newest reading per metric: the participant's own hub shows it.
     latest: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # An outbox_full span not yet recorded (the gap itself found no room): kept, widened by
+    # later refusals, and recorded as soon as the outbox takes a gap again.
+    _unrecorded_full: Gap | None = field(default=None, init=False, repr=False)
 
     async def readings(self, readings: Sequence[Reading]) -> None:
+        await self._record_pending()
         try:
             await asyncio.to_thread(self.outbox.add_readings, readings)
-            for r in readings:
-                if r.t_ms >= self.latest.get(r.metric, (-1, 0.0))[0]:
-                    self.latest[r.metric] = (r.t_ms, r.value)
-        except OutboxFull:
-            # The bound is reached: the readings cannot be kept, and the span says so.
+        except OutboxFull as exc:
+            # The bound (or the disk) is reached: the readings cannot be kept; the span says so.
             self.refused_full += len(readings)
             times = [r.t_ms for r in readings]
-            await asyncio.to_thread(self.outbox.add_gap, Gap(min(times), max(times), "outbox_full"))
-            log.error("outbox full: %d readings not kept, gap recorded", len(readings))
+            span = Gap(min(times), max(times), OUTBOX_FULL)
+            if self._unrecorded_full is not None:
+                span = _widen(self._unrecorded_full, span)
+            self._unrecorded_full = span
+            log.error(
+                "outbox full: readings not kept count=%d used_bytes=%d max_bytes=%d",
+                len(readings),
+                exc.used_bytes,
+                exc.max_bytes,
+            )
+            await self._record_pending()
+            return
+        for r in readings:
+            if r.t_ms >= self.latest.get(r.metric, (-1, 0.0))[0]:
+                self.latest[r.metric] = (r.t_ms, r.value)
 
     async def gap(self, gap: Gap) -> None:
+        await self._record_pending()
         await asyncio.to_thread(self.outbox.add_gap, gap)
 
     async def sensor(self, info: SensorInfo) -> None:
         """Record what the wearable says about itself; it travels with the next envelope."""
+        await self._record_pending()
         self.sensors[info.sensor] = info
         report = SensorReport(
             info.sensor,
@@ -74,6 +97,34 @@ class OutboxSink(ReadingSink):
             info.battery_level,
         )
         await asyncio.to_thread(self.outbox.add_sensor, report)
+
+    async def _record_pending(self) -> None:
+        """Record the clock jumps noticed so far, and an outbox_full span still unrecorded.
+
+        Either kind that finds the outbox full stays pending (nothing is lost) and is tried
+        again on the next call.
+        """
+        self.clock()  # a jump is noticed here too, even if no session read the clock since
+        jumps = self.clock.take_jumps()
+        for i, jump in enumerate(jumps):
+            try:
+                await asyncio.to_thread(self.outbox.add_gap, jump)
+            except OutboxFull:
+                self.clock.give_back(jumps[i:])
+                log.error("outbox full: clock jump gap kept in memory count=%d", len(jumps) - i)
+                break
+            log.warning("clock jump recorded as a gap span_ms=%d", jump.to_ms - jump.from_ms)
+        if self._unrecorded_full is not None:
+            try:
+                await asyncio.to_thread(self.outbox.add_gap, self._unrecorded_full)
+            except OutboxFull:
+                log.error("outbox full: the gap saying so is kept in memory until it fits")
+            else:
+                self._unrecorded_full = None
+
+
+def _widen(a: Gap, b: Gap) -> Gap:
+    return Gap(min(a.from_ms, b.from_ms), max(a.to_ms, b.to_ms), a.reason)
 
 
 class Hub:
@@ -124,6 +175,7 @@ class Hub:
                 for metric, (t, v) in (self.sink.latest.items() if self.sink else ())
             },
             "refused_outbox_full": self.sink.refused_full if self.sink else 0,
+            "clock_jumps": self.sink.clock.jumps_seen if self.sink else 0,
         }
 
     async def _write_status(self, path: Path) -> None:

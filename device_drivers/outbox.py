@@ -471,7 +471,9 @@ class Outbox:
         """Envelopes to send now, oldest first, at most ``limit``.
 
         Never sent, or last sent at least ``resend_after_ms`` ago (the relay passes a
-        jittered value). Rejected envelopes are never due.
+        jittered value), or last sent "after" ``now_ms``: the wall clock went back since,
+        so how long ago is unknown, and a resend costs less than a wait of unknown length.
+        Rejected envelopes are never due.
         """
         with self._lock:
             rows = (
@@ -479,8 +481,8 @@ class Outbox:
                 .execute(
                     "SELECT seq, sealed, created_ms, readings, gaps, attempts, last_sent_ms"
                     " FROM envelopes WHERE last_sent_ms IS NULL OR last_sent_ms <= ?"
-                    " ORDER BY seq LIMIT ?",
-                    (now_ms - resend_after_ms, limit),
+                    " OR last_sent_ms > ? ORDER BY seq LIMIT ?",
+                    (now_ms - resend_after_ms, now_ms, limit),
                 )
                 .fetchall()
             )

@@ -12,6 +12,9 @@ Policy (the numbers are ``RelayConfig`` defaults):
   gateway key) removes an envelope from the outbox; a forged one is counted and ignored.
 - paho reconnects on its own (1 s to 30 s backoff); the persistent session
   (``clean_start=False``, session expiry) keeps the receipt subscription across reconnects.
+- When to seal and when to resend is timed on the monotonic clock, so a wall clock that
+  jumps (either way) neither holds envelopes back nor floods the broker; the wall clock only
+  stamps ``sent`` and the outbox's bookkeeping.
 
 paho's callbacks only hand off to the event loop; the outbox (SQLite, synchronous) is called
 from worker threads.
@@ -45,6 +48,9 @@ RECEIPT_QUEUE = 1000
 SESSION_EXPIRY_S = 7 * 86_400
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
+# After a failed seal (a full disk frees up in minutes, not milliseconds) wait this long
+# before trying again, so the log gets one line per attempt, not five a second.
+SEAL_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,10 @@ class RelayStats:
     receipts_accepted: int = 0
     receipts_rejected: int = 0
     receipts_ignored: int = 0
+    # A receipt for an envelope already receipted (it was resent before the first arrived).
+    receipts_repeated: int = 0
+    # Outbox writes that failed (a full disk, an I/O error): retried on the next tick.
+    outbox_errors: int = 0
     connected: bool = False
 
 
@@ -81,6 +91,7 @@ class Relay:
         gateway_key: ec.EllipticCurvePublicKey,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         configure_client: Callable[[mqtt.Client], None] | None = None,
     ) -> None:
         self.config = config
@@ -89,9 +100,12 @@ class Relay:
         self._key = key
         self._gateway_key = gateway_key
         self._clock = clock
+        self._monotonic = monotonic
         self._receipts: asyncio.Queue[bytes] = asyncio.Queue(maxsize=RECEIPT_QUEUE)
+        # seq -> monotonic time of its last send, for envelopes not yet due for a resend.
         self._inflight: dict[int, float] = {}
-        self._last_seal = clock()
+        self._last_seal = monotonic()
+        self._seal_retry_at = 0.0
         self._online = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client = make_client(config.device_id, mqtt5=config.mqtt5)
@@ -192,30 +206,48 @@ class Relay:
     async def tick(self) -> None:
         """One round: seal what is due for sealing, then (re)send what is due for sending."""
         now = self._clock()
+        mono = self._monotonic()
         stats = await asyncio.to_thread(self._outbox.stats)
         if stats.pending_readings or stats.pending_gaps:
             full = stats.pending_readings >= self.config.seal_max_readings
-            if full or now - self._last_seal >= self.config.seal_max_age_s:
-                await asyncio.to_thread(
-                    self._outbox.seal_pending,
-                    self._key,
-                    int(now * 1000),
-                    self.config.seal_max_readings,
-                )
-                self._last_seal = now
+            aged = mono - self._last_seal >= self.config.seal_max_age_s
+            if (full or aged) and mono >= self._seal_retry_at:
+                try:
+                    await asyncio.to_thread(
+                        self._outbox.seal_pending,
+                        self._key,
+                        int(now * 1000),
+                        self.config.seal_max_readings,
+                    )
+                except OutboxError as exc:
+                    # Nothing changed (sealing is one transaction): the readings stay pending
+                    # and are tried again after SEAL_RETRY_S; what is sealed is still sent.
+                    self.stats.outbox_errors += 1
+                    self._seal_retry_at = mono + SEAL_RETRY_S
+                    log.error(
+                        "sealing failed device=%s error=%s",
+                        self.config.device_id,
+                        type(exc).__name__,
+                    )
+                else:
+                    self._last_seal = mono
         else:
-            self._last_seal = now
+            self._last_seal = mono
         if not self.stats.connected:
             return
         resend_after = self.config.resend_after_s * random.uniform(0.8, 1.2)  # noqa: S311
-        self._inflight = {s: t for s, t in self._inflight.items() if now - t < resend_after}
+        self._inflight = {s: t for s, t in self._inflight.items() if mono - t < resend_after}
         room = self.config.max_inflight - len(self._inflight)
         if room <= 0:
             return
+        # The outbox's own filter (by the wall clock it recorded) finds what waits; what this
+        # relay sent within resend_after (by the monotonic clock) is skipped.
         due = await asyncio.to_thread(
             self._outbox.due, int(now * 1000), int(resend_after * 1000), room + len(self._inflight)
         )
-        for env in due:
+        for env in (e for e in due if e.seq not in self._inflight):
+            if room <= 0:
+                break
             info = self._client.publish(up_topic(self.config.device_id), env.data, qos=1)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self.stats.publish_refused += 1
@@ -226,8 +258,19 @@ class Relay:
                     info.rc,
                 )
                 break
-            await asyncio.to_thread(self._outbox.mark_sent, env.seq, int(now * 1000))
-            self._inflight[env.seq] = now
+            try:
+                await asyncio.to_thread(self._outbox.mark_sent, env.seq, int(now * 1000))
+            except OutboxError as exc:
+                # Only the bookkeeping of the send is missing: it is sent again later.
+                self.stats.outbox_errors += 1
+                log.error(
+                    "send not recorded device=%s seq=%d error=%s",
+                    self.config.device_id,
+                    env.seq,
+                    type(exc).__name__,
+                )
+            self._inflight[env.seq] = mono
+            room -= 1
             if env.attempts:
                 self.stats.resent += 1
             else:
@@ -250,12 +293,15 @@ class Relay:
             log.warning("receipt for another device ignored device=%s", self.config.device_id)
             return
         try:
-            await asyncio.to_thread(self._outbox.receipt, receipt)
+            applied = await asyncio.to_thread(self._outbox.receipt, receipt)
         except OutboxError as exc:
             self.stats.receipts_ignored += 1
             log.warning("receipt not applied device=%s: %s", self.config.device_id, exc)
             return
         self._inflight.pop(receipt.seq, None)
+        if not applied:
+            self.stats.receipts_repeated += 1
+            return
         if receipt.status == RECEIPT_REJECTED:
             self.stats.receipts_rejected += 1
             log.warning(

@@ -407,7 +407,13 @@ async def _enroll_cohort(
         for sensor, wearable in wearables.items():
             await stack.enter_async_context(wearable.running(radio))
             sessions.append(
-                WearableSession(WearableSpec(wearable.address, sensor), sink, backends, state=state)
+                WearableSession(
+                    WearableSpec(wearable.address, sensor),
+                    sink,
+                    backends,
+                    clock=sink.clock,
+                    state=state,
+                )
             )
         strap = wearables["hr-strap"]
         relay = Relay(

@@ -144,7 +144,9 @@ async def _run_hub(
         configure_client=configure_tls(identity.tls),
     )
     async with contextlib.AsyncExitStack() as stack:
-        sessions = [WearableSession(WearableSpec(a, s), sink) for a, s in wearables]
+        sessions = [
+            WearableSession(WearableSpec(a, s), sink, clock=sink.clock) for a, s in wearables
+        ]
         if simulate:
             from device_drivers import sim
 
@@ -156,7 +158,12 @@ async def _run_hub(
                 wearable = getattr(sim, _SIMULATED[kind])(f"TS-{kind.upper()}-{i:04d}", seed=i)
                 await stack.enter_async_context(wearable.running(radio))
                 sessions.append(
-                    WearableSession(WearableSpec(wearable.address, f"{kind}-{i}"), sink, backends)
+                    WearableSession(
+                        WearableSpec(wearable.address, f"{kind}-{i}"),
+                        sink,
+                        backends,
+                        clock=sink.clock,
+                    )
                 )
         hub = Hub(relay, sessions, sink, status_path=identity.directory / "status.json")
         try:

@@ -173,6 +173,21 @@ def test_due_resend_and_receipt(path: Path, key: ec.EllipticCurvePrivateKey) -> 
         assert (stats.last_receipt_seq, stats.last_receipt_status) == (1, "accepted")
 
 
+def test_sent_after_now_is_due_after_the_clock_went_back(
+    path: Path, key: ec.EllipticCurvePrivateKey
+) -> None:
+    with Outbox.open(path, DEV) as outbox:
+        outbox.add_readings(readings(4))
+        outbox.seal_pending(key, T0, max_readings=2)
+        assert outbox.mark_sent(1, T0)
+        assert outbox.mark_sent(2, T0 - 3_600_000 + 1)
+        hour_back = T0 - 3_600_000 + 5_000
+        # 1 was sent "in the future" of the new clock: how long ago is unknown, so it is due;
+        # 2 was sent on the new clock 4 s ago: not yet.
+        assert [e.seq for e in outbox.due(hour_back, 30_000, limit=10)] == [1]
+        assert [e.seq for e in outbox.due(T0, 30_000, limit=10)] == [2]
+
+
 def test_rejected_stops_resending_and_is_recorded(
     path: Path, key: ec.EllipticCurvePrivateKey
 ) -> None:
