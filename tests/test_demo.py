@@ -175,3 +175,45 @@ def test_without_mosquitto_the_demo_runs_on_amqtt_and_says_so(tmp_path: Path) ->
     assert "REDUCED MODE" in result.stdout
     assert "stored" in result.stdout
     assert leftovers(str(data_dir)) == []
+
+
+@pytest.mark.slow
+def test_the_demo_starts_from_a_clean_checkout_with_a_fresh_virtualenv(tmp_path: Path) -> None:
+    """The README's first command, as a newcomer runs it: a clone of what is committed, a
+    virtualenv made by the script itself, the embedded database, nothing configured."""
+    repo = Path(__file__).resolve().parents[1]
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(repo), str(checkout)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
+    env["TRIALSTREAM_VENV"] = str(tmp_path / "venv")
+    result = subprocess.run(
+        [
+            str(checkout / "scripts" / "demo"),
+            "--duration",
+            "15",
+            "--participants",
+            "2",
+            "--http-port",
+            str(free_port()),
+            "--episode-after",
+            "5",
+            "--withdraw-after",
+            "8",
+            "--offline-after",
+            "3",
+            "--offline-for",
+            "5",
+        ],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert (tmp_path / "venv" / "bin" / "trialstream").exists()
+    assert "embedded PostgreSQL" in result.stdout
+    assert "[6/6] running" in result.stdout
+    assert "stored" in result.stdout
+    assert "stopping" in result.stdout
