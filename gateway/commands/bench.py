@@ -7,6 +7,7 @@ import json
 import sys
 
 from gateway.commands.common import Subparsers, add_database_flags, run
+from gateway.errors import ConfigError
 from gateway.settings import Settings
 
 
@@ -48,6 +49,74 @@ def register(sub: Subparsers) -> None:
     bd.add_argument("--seconds", type=float, default=10.0, help="measured window (default: 10)")
     bd.add_argument("--out", help="also write the JSON result to this file")
     bd.set_defaults(handler=_cmd_bench_drivers)
+    bi = bench_sub.add_parser(
+        "ingest",
+        help="the gateway end to end vs the bare path and a naive subscriber",
+        description="committed readings/s, publish->receipt latency and gateway memory for "
+        "signed envelopes through a private Mosquitto into the gateway processes, against "
+        "the bare path (paho -> COPY, no checks) and a naive subscriber (INSERT per reading) "
+        "on the same load; needs mosquitto on PATH.",
+    )
+    add_database_flags(bi)
+    bi.add_argument(
+        "--seconds", type=float, default=4.0, help="measured window per run (default: 4)"
+    )
+    bi.add_argument(
+        "--sizes",
+        default="1,10,100",
+        help="readings per envelope, comma-separated (default: 1,10,100)",
+    )
+    bi.add_argument("--workers", type=int, default=2, help="consumer processes (default: 2)")
+    bi.add_argument("--hubs", type=int, default=200, help="simulated hubs (default: 200)")
+    bi.add_argument("--out", help="also write the JSON result to this file")
+    bi.set_defaults(handler=_cmd_bench_ingest)
+    be = bench_sub.add_parser(
+        "export",
+        help="streaming exports (Parquet, FHIR) vs fetchall-then-write",
+        description="readings/s and peak memory of the Parquet and FHIR exports of N readings "
+        "in a scratch database, against a naive fetchall-then-write baseline.",
+    )
+    add_database_flags(be)
+    be.add_argument("--rows", type=int, default=5_000_000, help="readings (default: 5000000)")
+    be.add_argument(
+        "--baseline-rows", type=int, default=1_000_000, help="baseline's readings (1000000)"
+    )
+    be.add_argument("--out", help="also write the JSON result to this file")
+    be.set_defaults(handler=_cmd_bench_export)
+    ba = bench_sub.add_parser(
+        "alerts",
+        help="alert latency to a monitor's page; what connected people cost ingest",
+        description="publish->SSE latency of alert events (p50/p99) under half the gateway's "
+        "measured peak load, and committed readings/s with 0 and with N people on the pages "
+        "(alert streams and live-view polling), in a scratch database with a private "
+        "Mosquitto; needs mosquitto on PATH.",
+    )
+    add_database_flags(ba)
+    ba.add_argument("--hubs", type=int, default=100, help="load hubs (default: 100)")
+    ba.add_argument("--people", type=int, default=200, help="connected people (default: 200)")
+    ba.add_argument("--probes", type=int, default=200, help="alert probes per run (200)")
+    ba.add_argument(
+        "--seconds", type=float, default=6.0, help="work per throughput run (default: 6)"
+    )
+    ba.add_argument("--out", help="also write the JSON result to this file")
+    ba.set_defaults(handler=_cmd_bench_alerts)
+    bh = bench_sub.add_parser(
+        "hub",
+        help="outbox sealing vs bare CBOR; relay to a local broker vs raw QoS 1 publishing",
+        description="envelopes/s sealed and signed by the outbox against cbor2 alone, and "
+        "readings/s the relay gets receipted through a private Mosquitto against a bare paho "
+        "QoS 1 publisher of the same bytes, at 1, 10 and 100 readings per envelope; needs "
+        "mosquitto on PATH.",
+    )
+    bh.add_argument(
+        "--seal-envelopes", type=int, default=2_000, help="envelopes sealed per size (2000)"
+    )
+    bh.add_argument(
+        "--relay-envelopes", type=int, default=1_000, help="envelopes relayed per size (1000)"
+    )
+    bh.add_argument("--dir", help="where the outbox files go (default: the system temp dir)")
+    bh.add_argument("--out", help="also write the JSON result to this file")
+    bh.set_defaults(handler=_cmd_bench_hub)
 
 
 def _cmd_bench_storage(args: argparse.Namespace, settings: Settings) -> int:
@@ -72,6 +141,99 @@ def _cmd_bench_drivers(args: argparse.Namespace, settings: Settings) -> int:
             iterations=args.iterations,
             wearables=args.wearables,
             rate_hz=args.rate_hz,
+            seconds=args.seconds,
+            progress=sys.stderr,
+        )
+    )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _cmd_bench_export(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import export as export_bench
+
+    result = run(
+        export_bench.run(
+            settings.require_database_url(),
+            rows=args.rows,
+            baseline_rows=args.baseline_rows,
+            progress=sys.stderr,
+        )
+    )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import ingest as ingest_bench
+
+    try:
+        sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--sizes {args.sizes!r}: expected numbers like 1,10,100") from None
+    if not sizes or any(not 1 <= s <= 1000 for s in sizes):
+        raise ConfigError(f"--sizes {args.sizes!r}: each must be 1..1000")
+    result = run(
+        ingest_bench.run(
+            settings.require_database_url(),
+            seconds=args.seconds,
+            sizes=sizes,
+            workers=args.workers,
+            hubs=args.hubs,
+            progress=sys.stderr,
+        )
+    )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _cmd_bench_hub(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from bench import hub as hub_bench
+
+    if args.seal_envelopes < 1 or args.relay_envelopes < 1:
+        raise ConfigError("--seal-envelopes and --relay-envelopes must be at least 1")
+    result = run(
+        hub_bench.run(
+            seal_envelopes=args.seal_envelopes,
+            relay_envelopes=args.relay_envelopes,
+            workdir=Path(args.dir) if args.dir else None,
+            progress=sys.stderr,
+        )
+    )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def _cmd_bench_alerts(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import alerts as alerts_bench
+
+    for name in ("hubs", "people", "probes"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1")
+    result = run(
+        alerts_bench.run(
+            settings.require_database_url(),
+            hubs=args.hubs,
+            clients=args.people,
+            probes=args.probes,
             seconds=args.seconds,
             progress=sys.stderr,
         )

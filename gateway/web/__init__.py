@@ -2,7 +2,8 @@
 under ``/api/v1`` with its OpenAPI document, live alert events, and the pages.
 
 ``setup_web(app)`` adds it to the gateway's aiohttp application (``gateway.app``): the
-routes, the alert feed that wakes live pages, and the rollup refresher of plain mode.
+routes, the alert feed that wakes live pages, the rollup refresher of plain mode, and the
+runner of export jobs (``gateway.web.exports``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.web import auth, pages, sse
 from gateway.web.api import ENDPOINTS
+from gateway.web.exports import EXPORT_RUNNER, ExportRunner
 from gateway.web.spec import handler_for
 from storage import sessions, views
 from storage.errors import DatabaseUnavailable
@@ -60,16 +62,24 @@ async def _web(app: web.Application) -> AsyncIterator[None]:
     from gateway.app import MODE, POOL, SETTINGS  # gateway.app imports this package
 
     pool = app[POOL]
+    settings = app[SETTINGS]
     app[auth.POOL_KEY] = pool
-    feed = sse.feed_ctx(app, app[SETTINGS].require_database_url())
+    feed = sse.feed_ctx(app, settings.require_database_url())
     await anext(feed)
-    task = asyncio.create_task(_maintenance(pool, app[MODE]), name="web-maintenance")
+    runner = ExportRunner(settings.require_database_url(), settings.data_dir / "exports")
+    app[EXPORT_RUNNER] = runner
+    tasks = [
+        asyncio.create_task(_maintenance(pool, app[MODE]), name="web-maintenance"),
+        asyncio.create_task(runner.run(), name="web-export-runner"),
+    ]
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         with contextlib.suppress(StopAsyncIteration):
             await anext(feed)
 

@@ -7,6 +7,7 @@ checked parameters and check the site themselves (``gateway.web.access``).
 
 from __future__ import annotations
 
+import base64
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from consent import errors as consent_errors
 from consent import records
 from gateway import enrollment
-from gateway.web import auth, sse
+from gateway.web import auth, qr, sse
 from gateway.web.access import (
     ADMIN_ONLY,
     CLINICAL,
@@ -31,15 +32,26 @@ from gateway.web.access import (
     visible_sites,
 )
 from gateway.web.errors import BadInput, Conflict, Forbidden, NotFound, WebError
+from gateway.web.exports import EXPORT_RUNNER
 from gateway.web.spec import Ctx, Endpoint, Field, openapi_document
 from ingest.metrics import METRICS
 from storage import alerts as alert_store
 from storage import audit, registry, users, views
+from storage.exports import errors as export_errors
+from storage.exports import jobs
+from storage.exports.selection import ExportKind, ExportRequest
+from storage.exports.selection import participants as export_participants
 from storage.timeconv import to_ms
 
 log = logging.getLogger(__name__)
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# An ISO 8601 time with its zone (Z or an offset), as the exports need.
+TIME_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
 USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
 SEVERITIES = ("info", "warning", "critical")
 STATES = ("open", "acknowledged", "resolved", "unresolved")
@@ -67,6 +79,7 @@ TIME = {"type": "string", "format": "date-time"}
 NULL_TIME = {"type": "string", "format": "date-time", "nullable": True}
 NULL_STR = {"type": "string", "nullable": True}
 NULL_INT = {"type": "integer", "nullable": True}
+BOOL = {"type": "boolean"}
 STRS = {"type": "array", "items": STR}
 
 
@@ -268,7 +281,66 @@ USER_ROW = obj(
         "created_at": TIME,
     }
 )
-CODE = obj({"code": STR, "participant_id": STR, "study_id": STR, "expires_at": TIME})
+CODE = obj(
+    {
+        "code": STR,
+        "participant_id": STR,
+        "study_id": STR,
+        "expires_at": TIME,
+        "qr_payload": STR,
+        "qr_svg": STR,
+    }
+)
+CONSENT_DOCUMENT = obj(
+    {
+        "document_id": INT,
+        "title": STR,
+        "version": STR,
+        "language": STR,
+        "text": NULL_STR,
+        "uri": NULL_STR,
+        "sha256": STR,
+        "scopes": STRS,
+        "optional_scopes": STRS,
+        "effective_at": TIME,
+        "signed": BOOL,
+        "signed_scopes": STRS,
+        "reconsent_by": NULL_TIME,
+        "overdue": BOOL,
+    }
+)
+CONSENT_DOCUMENTS = obj(
+    {
+        "participant_id": STR,
+        "witness_required": BOOL,
+        "in_force": {
+            **obj({"consent_id": INT, "document_id": INT, "scopes": STRS}),
+            "nullable": True,
+        },
+        "documents": arr(CONSENT_DOCUMENT),
+    }
+)
+EXPORT_FILE = obj(
+    {"index": INT, "path": STR, "sha256": STR, "bytes": INT, "rows": INT, "href": STR}
+)
+EXPORT_JOB = obj(
+    {
+        "job_id": STR,
+        "kind": STR,
+        "study_id": STR,
+        "participant_id": NULL_STR,
+        "from": NULL_TIME,
+        "to": NULL_TIME,
+        "requested_by": STR,
+        "state": {"type": "string", "enum": [s.value for s in jobs.JobState]},
+        "submitted_at": TIME,
+        "started_at": NULL_TIME,
+        "finished_at": NULL_TIME,
+        "rows_written": INT,
+        "error": NULL_STR,
+        "files": arr(EXPORT_FILE),
+    }
+)
 
 
 # --- converters ---------------------------------------------------------------------------
@@ -518,12 +590,15 @@ async def create_enrollment_code(ctx: Ctx) -> web.StreamResponse:
         issued = await enrollment.issue_code(
             conn, pid, created_by=ctx.user.username, ttl=timedelta(hours=ctx.body["ttl_hours"])
         )
+    payload = qr.enrollment_payload(str(ctx.request.url.origin()), issued.code)
     return web.json_response(
         {
             "code": issued.code,
             "participant_id": issued.participant_id,
             "study_id": issued.study_id,
             "expires_at": _t(issued.expires_at),
+            "qr_payload": payload,
+            "qr_svg": qr.svg(payload),
         },
         status=201,
     )
@@ -591,6 +666,68 @@ async def get_rollups(ctx: Ctx) -> web.StreamResponse:
                 }
                 for r in rows
             ],
+        }
+    )
+
+
+async def list_consent_documents(ctx: Ctx) -> web.StreamResponse:
+    pid = ctx.path["participant_id"]
+    async with _pool(ctx).connection() as conn:
+        study_id, _site = await require_participant(ctx.user, pid, conn)
+        docs = await views.consent_documents_in_effect(conn, study_id)
+        deadlines = await views.reconsent_deadlines(conn, study_id)
+        witness = await views.consent_witness_required(conn, study_id)
+        await conn.commit()
+        now = datetime.now(UTC)
+        async with conn.transaction():
+            state = (await records.snapshot(conn, [pid])).state_at(pid, to_ms(now))
+            signed_doc = None
+            if state is not None and state.consent_id is not None:
+                signed_doc = await views.consent_document_of(conn, state.consent_id)
+    out = []
+    for d in docs:
+        signed = signed_doc == d.document_id
+        # Re-consent: the consent in force is on an older version of this document and a
+        # version up to this one set a deadline (the earliest such deadline applies).
+        due = None
+        if state is not None and state.document == records.document_key(study_id, d.title):
+            by = [
+                x.reconsent_by
+                for x in deadlines
+                if x.title == d.title and state.rank < x.rank <= d.rank
+            ]
+            due = min(by) if by else None
+        out.append(
+            {
+                "document_id": d.document_id,
+                "title": d.title,
+                "version": d.version,
+                "language": d.language,
+                "text": d.text,
+                "uri": d.uri,
+                "sha256": d.sha256.hex(),
+                "scopes": list(d.scopes),
+                "optional_scopes": list(d.optional_scopes),
+                "effective_at": _t(d.effective_at),
+                "signed": signed,
+                "signed_scopes": sorted(state.scopes) if signed and state is not None else [],
+                "reconsent_by": _t(due),
+                "overdue": due is not None and due <= now,
+            }
+        )
+    in_force = None
+    if state is not None and state.consent_id is not None and signed_doc is not None:
+        in_force = {
+            "consent_id": state.consent_id,
+            "document_id": signed_doc,
+            "scopes": sorted(state.scopes),
+        }
+    return web.json_response(
+        {
+            "participant_id": pid,
+            "witness_required": witness,
+            "in_force": in_force,
+            "documents": out,
         }
     )
 
@@ -713,6 +850,140 @@ async def resolve_alert(ctx: Ctx) -> web.StreamResponse:
     return await _transition(ctx, acknowledge=False)
 
 
+# --- handlers: exports ----------------------------------------------------------------------
+
+
+def _when(name: str, raw: str | None) -> datetime | None:
+    if raw is None:
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise BadInput(f"{name!r} is not a date and time", field=name) from exc
+    if t.tzinfo is None:
+        raise BadInput(f"{name!r} needs a time zone", field=name)
+    return t
+
+
+def job_json(job: jobs.ExportJob) -> dict[str, Any]:
+    r = job.request
+    return {
+        "job_id": job.job_id,
+        "kind": r.kind.value,
+        "study_id": r.study_id,
+        "participant_id": r.participant_id,
+        "from": _t(r.from_time),
+        "to": _t(r.to_time),
+        "requested_by": job.requested_by,
+        "state": job.state.value,
+        "submitted_at": _t(job.submitted_at),
+        "started_at": _t(job.started_at),
+        "finished_at": _t(job.finished_at),
+        "rows_written": job.rows_written,
+        "error": job.error,
+        "files": [
+            {
+                "index": i,
+                "path": f.path,
+                "sha256": f.sha256,
+                "bytes": f.bytes,
+                "rows": f.rows,
+                "href": f"{V1}/exports/{job.job_id}/files/{i}",
+            }
+            for i, f in enumerate(job.files)
+        ],
+    }
+
+
+async def submit_export(ctx: Ctx) -> web.StreamResponse:
+    b = ctx.body
+    request = ExportRequest(
+        ExportKind(b["kind"]),
+        b["study_id"],
+        b["participant_id"],
+        _when("from", b["from"]),
+        _when("to", b["to"]),
+    )
+    if request.from_time and request.to_time and request.from_time >= request.to_time:
+        raise BadInput("'from' must be before 'to'", field="to")
+    async with _pool(ctx).connection() as conn:
+        try:
+            job = await jobs.submit(conn, _actor(ctx.user), request)
+        except export_errors.InvalidExportRequest as exc:
+            raise BadInput(str(exc)) from exc
+        except (
+            export_errors.UnknownStudy,
+            export_errors.UnknownParticipant,
+            export_errors.ExportNotPermitted,
+        ) as exc:
+            raise NotFound(str(exc)) from exc
+    runner = ctx.request.app.get(EXPORT_RUNNER)
+    if runner is not None:
+        runner.wake()
+    return web.json_response(
+        job_json(job), status=202, headers={"Location": f"{V1}/exports/{job.job_id}"}
+    )
+
+
+async def _visible_job(ctx: Ctx, conn: Any, job_id: str) -> jobs.ExportJob:
+    try:
+        return await jobs.status(conn, _actor(ctx.user), job_id)
+    except export_errors.JobNotFound as exc:
+        raise NotFound(str(exc)) from exc
+
+
+async def get_export(ctx: Ctx) -> web.StreamResponse:
+    async with _pool(ctx).connection() as conn:
+        job = await _visible_job(ctx, conn, ctx.path["job_id"])
+    return web.json_response(job_json(job))
+
+
+async def download_export_file(ctx: Ctx) -> web.StreamResponse:
+    job_id, index = ctx.path["job_id"], ctx.path["index"]
+    actor = _actor(ctx.user)
+    async with _pool(ctx).connection() as conn:
+        job = await _visible_job(ctx, conn, job_id)
+        if job.state is not jobs.JobState.DONE:
+            raise Conflict(f"export job {job_id} is {job.state.value}, not done")
+        if index >= len(job.files):
+            raise NotFound(f"export job {job_id} has no file {index}")
+        file = job.files[index]
+        # The files hold what the requester could export when the job ran: they are handed
+        # out only while the requester may still export that request.
+        try:
+            async with conn.transaction():
+                await export_participants(conn, actor, job.request)
+        except export_errors.ExportError as exc:
+            raise NotFound(f"no export job {job_id!r}") from exc
+        path = ctx.request.app[EXPORT_RUNNER].file_path(job_id, file)
+        if path is None:
+            raise NotFound(f"file {index} of export job {job_id} is not on this gateway's disk")
+        detail: dict[str, object] = {"job_id": job_id, "path": file.path, "sha256": file.sha256}
+        if job.request.participant_id is not None:
+            detail["participant_id"] = job.request.participant_id
+        async with conn.transaction():
+            await audit.append(
+                conn,
+                actor=ctx.user.username,
+                action="export.downloaded",
+                entity="study",
+                entity_id=job.request.study_id,
+                detail=detail,
+            )
+    digest = base64.b64encode(bytes.fromhex(file.sha256)).decode()
+    name = file.path.rsplit("/", 1)[-1]
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{name}"',
+            "Repr-Digest": f"sha-256=:{digest}:",
+            "X-Content-SHA256": file.sha256,
+            "Cache-Control": "no-store",
+        },
+    )
+
+
 # --- handlers: users ------------------------------------------------------------------------
 
 
@@ -770,6 +1041,8 @@ SITE_ID = Field("site_id", pattern=ID_PATTERN, max_len=64)
 PARTICIPANT_ID = Field("participant_id", pattern=ID_PATTERN, max_len=64)
 ALERT_ID = Field("alert_id", kind="integer", minimum=1, maximum=2**62)
 NOTE = (Field("note", required=False, max_len=500, description="why, in a few words"),)
+JOB_ID = Field("job_id", pattern=UUID_PATTERN, max_len=36, min_len=36)
+FILE_INDEX = Field("index", kind="integer", minimum=0, maximum=1_000_000)
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
@@ -898,6 +1171,21 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ok_schema=ROLLUPS,
     ),
     Endpoint(
+        "GET",
+        f"{V1}/participants/{{participant_id}}/consent-documents",
+        "list_consent_documents",
+        "List consent documents to sign",
+        list_consent_documents,
+        EVERYONE,
+        "participants",
+        path_params=(PARTICIPANT_ID,),
+        ok_schema=CONSENT_DOCUMENTS,
+        description="The consent document versions in effect for the participant's study "
+        "(the newest version of each document, in each language): text or uri, scopes and "
+        "optional scopes, whether the consent in force is on that version, and the "
+        "re-consent deadline when the consent in force is on an older version.",
+    ),
+    Endpoint(
         "POST",
         f"{V1}/participants/{{participant_id}}/consents",
         "sign_consent",
@@ -984,6 +1272,64 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=NOTE,
         ok_schema=ALERT,
         conflicts=True,
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/exports",
+        "submit_export",
+        "Submit an export job",
+        submit_export,
+        STAFF_AND_ADMIN,
+        "exports",
+        body=(
+            Field("kind", enum=tuple(k.value for k in ExportKind)),
+            Field("study_id", pattern=ID_PATTERN, max_len=64),
+            Field("participant_id", required=False, pattern=ID_PATTERN, max_len=64),
+            Field(
+                "from",
+                required=False,
+                pattern=TIME_PATTERN,
+                max_len=40,
+                description="inclusive, by measurement time, with a time zone",
+            ),
+            Field(
+                "to",
+                required=False,
+                pattern=TIME_PATTERN,
+                max_len=40,
+                description="exclusive, by measurement time, with a time zone",
+            ),
+        ),
+        ok_status=202,
+        ok_schema=EXPORT_JOB,
+        extra_statuses=(404,),
+        description="Queues an export of the study (or one participant) for the user's sites; "
+        "it runs in the background. Poll the job, then download its files.",
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/exports/{{job_id}}",
+        "get_export",
+        "Show an export job",
+        get_export,
+        STAFF_AND_ADMIN,
+        "exports",
+        path_params=(JOB_ID,),
+        ok_schema=EXPORT_JOB,
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/exports/{{job_id}}/files/{{index}}",
+        "download_export_file",
+        "Download a file of an export job",
+        download_export_file,
+        STAFF_AND_ADMIN,
+        "exports",
+        path_params=(JOB_ID, FILE_INDEX),
+        ok_content_type="application/octet-stream",
+        conflicts=True,
+        description="The file's bytes, streamed from disk; its SHA-256 is in the Repr-Digest "
+        "(base64) and X-Content-SHA256 (hex) headers.",
     ),
     Endpoint(
         "GET",

@@ -1,12 +1,16 @@
 """Alert events to pages as server-sent events, resumable with ``Last-Event-ID``.
 
 One listening connection per gateway process (``AlertFeed``) hears ``NOTIFY
-trialstream_alerts`` and wakes every open stream; each stream then reads the feed
-(``storage.alerts.alert_events_since``) after the last event id it sent, for the user's
-sites only. The id of each SSE message is the event id, so a browser that reconnects sends
-``Last-Event-ID`` and gets exactly what it missed: the feed, not the notification, is the
-source of truth (a notification lost while the listener reconnects costs at most
-``POLL_S`` of delay, never an event).
+trialstream_alerts`` and wakes every open stream. The feed (``storage.alerts.alert_events_since``)
+is then read once per process, not once per stream: the first stream to wake reads the
+events committed since the last read, with their alerts' current state, into a bounded
+in-memory window, and every stream sends from it the events after the last id it sent, of
+the user's sites only. A stream that starts (or falls) behind the window reads the database
+itself until it has caught up. The id of each SSE message is the event id, so a browser
+that reconnects sends ``Last-Event-ID`` and gets exactly what it missed: the feed, not the
+notification, is the source of truth (a notification lost while the listener reconnects
+costs at most ``POLL_S`` of delay, never an event; event ids are committed in increasing
+order, so reading after the last id read misses nothing).
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Collection
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from aiohttp import web
-from psycopg_pool import PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.web import auth
 from gateway.web.access import visible_sites
@@ -40,19 +46,69 @@ POLL_S = 5.0
 # Browsers wait this long before reconnecting a dropped stream.
 RETRY_MS = 2000
 LISTEN_RETRY_CEILING_S = 10.0
+# Events kept in memory for the streams (a few MB); a stream further behind reads the
+# database until it has caught up.
+WINDOW_EVENTS = 10_000
 _CONNECTION_ERRORS = (psycopg.OperationalError, DatabaseUnavailable, PoolTimeout)
 
 
+Sent = tuple[alert_store.AlertEvent, dict[str, Any] | None]
+
+
 class AlertFeed:
-    """Wakes waiting streams whenever an alert event is committed."""
+    """Wakes waiting streams whenever an alert event is committed, and holds the latest
+    events (with their alerts' state then) for every stream of the process to send."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.closing = False
+        self._window: deque[Sent] = deque()
+        self._start: int | None = None  # the window holds every event after this id
+        self._head = 0  # ... up to this one
+        self._stale = True
+        self._read_at = 0.0
+        self._reading = asyncio.Lock()
 
     def wake(self) -> None:
+        self._stale = True
         self._event.set()
         self._event = asyncio.Event()
+
+    async def refresh(self, pool: AsyncConnectionPool) -> None:
+        """Read the events committed since the last read into the window, once for all
+        streams (also every ``POLL_S`` without a notification)."""
+        async with self._reading:
+            if not self._stale and time.monotonic() - self._read_at < POLL_S:
+                return
+            self._stale = False
+            self._read_at = time.monotonic()
+            async with pool.connection() as conn:
+                if self._start is None:
+                    self._head = self._start = await views.last_alert_event_id(conn)
+                sites = [s.site_id for s in await views.sites(conn, None)]
+                while True:
+                    batch = await _read(conn, self._head, sites)
+                    for sent in batch:
+                        self._window.append(sent)
+                        self._head = sent[0].event_id
+                    while len(self._window) > WINDOW_EVENTS:
+                        self._start = self._window.popleft()[0].event_id
+                    if len(batch) < alert_store.EVENTS_PAGE:
+                        break
+
+    @property
+    def head(self) -> int:
+        """The newest event id read into the window."""
+        return self._head
+
+    def after(self, last: int, sites: Collection[str]) -> list[Sent] | None:
+        """The window's events after ``last`` of ``sites``; None when the window does not
+        reach back to ``last`` (the caller reads the database)."""
+        if self._start is None or last < self._start:
+            return None
+        if last >= self._head:
+            return []
+        return [s for s in self._window if s[0].event_id > last and s[0].site_id in sites]
 
     async def wait(self, within_s: float) -> None:
         if self.closing:
@@ -128,9 +184,20 @@ def message(event: alert_store.AlertEvent, alert: dict[str, Any] | None) -> byte
     return f"id: {event.event_id}\nevent: alert\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def alert_events(ctx: Ctx) -> web.StreamResponse:
+async def _read(conn: db.Conn, last: int, sites: Collection[str]) -> list[Sent]:
+    """Events after ``last`` of ``sites`` from the database, with their alerts' state."""
     from gateway.web.api import alert_json
 
+    events = await alert_store.alert_events_since(conn, last, sites)
+    ids = {e.alert_id for e in events}
+    current = {
+        a.alert_id: alert_json(a)
+        for a in await views.alerts(conn, sites, alert_ids=ids, limit=len(ids))
+    }
+    return [(e, current.get(e.alert_id)) for e in events]
+
+
+async def alert_events(ctx: Ctx) -> web.StreamResponse:
     request = ctx.request
     principal = ctx.user
     last = _start_after(request)
@@ -146,24 +213,39 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write(f"retry: {RETRY_MS}\n\n".encode())
     log.info("alert stream opened user=%s after=%d", principal.username, last)
+    checked_at = -POLL_S
+    sites: list[str] = []
     try:
         while not feed.closing:
-            async with pool.connection() as conn:
-                if await sessions.lookup(conn, principal.token) is None:
-                    await resp.write(b"event: signed-out\ndata: {}\n\n")
-                    break
-                sites = await visible_sites(conn, principal)
-                events = await alert_store.alert_events_since(conn, last, sites)
-                ids = {e.alert_id for e in events}
-                current = {
-                    a.alert_id: alert_json(a)
-                    for a in await views.alerts(conn, sites, alert_ids=ids, limit=len(ids))
-                }
-            for ev in events:
-                await resp.write(message(ev, current.get(ev.alert_id)))
-                last = ev.event_id
-            if len(events) >= alert_store.EVENTS_PAGE:
-                continue
+            if time.monotonic() - checked_at >= POLL_S:
+                # The session (ended by signing out or expiry) and the user's sites are
+                # checked again every POLL_S, not at every event.
+                async with pool.connection() as conn:
+                    if await sessions.lookup(conn, principal.token) is None:
+                        await resp.write(b"event: signed-out\ndata: {}\n\n")
+                        break
+                    sites = await visible_sites(conn, principal)
+                checked_at = time.monotonic()
+            await feed.refresh(pool)
+            batch = feed.after(last, sites)
+            if batch is None:
+                head = feed.head
+                async with pool.connection() as conn:
+                    batch = await _read(conn, last, sites)
+                for ev, alert in batch:
+                    await resp.write(message(ev, alert))
+                    last = ev.event_id
+                if len(batch) >= alert_store.EVENTS_PAGE:
+                    continue
+                # Everything of these sites up to the window's head was committed before
+                # this read, so it was in it: from here on the window serves this stream.
+                last = max(last, head)
+            else:
+                for ev, alert in batch:
+                    await resp.write(message(ev, alert))
+                    last = ev.event_id
+                if batch:
+                    continue  # more may have been committed while these were written
             await feed.wait(POLL_S)
             await resp.write(b": alive\n\n")
     except (ConnectionResetError, *_CONNECTION_ERRORS) as exc:

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -42,9 +43,11 @@ class Browser:
 
     async def wait_for(self, what: str, check: Callable[[webdriver.Chrome], T]) -> T:
         def step(d: webdriver.Chrome) -> T:
-            return WebDriverWait(d, WAIT_S, poll_frequency=0.1).until(
-                check, message=f"not within {WAIT_S:.0f} s: {what}"
-            )
+            # The pages re-render what they show: an element read while being replaced is
+            # simply looked up again at the next poll.
+            return WebDriverWait(
+                d, WAIT_S, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+            ).until(check, message=f"not within {WAIT_S:.0f} s: {what}")
 
         return await self.run(step)
 

@@ -18,6 +18,7 @@ from storage import alerts, db, registry, users
 from storage.users import Role
 from tests.fixtures.gateway import RunningGateway
 from tests.fixtures.trial import Trial
+from tests.fixtures.waiting import wait_until
 from tests.web.browser import chromium  # noqa: F401 - a fixture for the page tests
 
 PASSWORD = "correct horse battery staple"
@@ -54,6 +55,7 @@ class Web:
     trial: Trial
     gateway: RunningGateway
     signed: dict[str, Signed] = field(default_factory=dict)
+    finished_jobs: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -89,6 +91,36 @@ class Web:
         resp = await self.gateway.client.request(method, path, json=json, headers=h)
         await resp.read()
         return resp
+
+    async def export_job(self, key: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Submit an export job as ``key`` through the API and poll it until it ends."""
+        resp = await self.call(
+            key, "POST", "/api/v1/exports", json=dict(body or {"kind": "fhir", "study_id": "S1"})
+        )
+        assert resp.status == 202, await resp.text()
+        job_id = (await resp.json())["job_id"]
+        assert resp.headers["Location"] == f"/api/v1/exports/{job_id}"
+        job: dict[str, Any] = {}
+
+        async def ended() -> bool:
+            nonlocal job
+            got = await self.call(key, "GET", f"/api/v1/exports/{job_id}")
+            assert got.status == 200, await got.text()
+            job = await got.json()
+            return job["state"] in ("done", "failed")
+
+        await wait_until(ended, f"export job {job_id} ended")
+        return job
+
+    async def finished_job(self, key: str) -> str:
+        """The id of a done export job (FHIR, participant P1) of ``key``, made once."""
+        if key not in self.finished_jobs:
+            job = await self.export_job(
+                key, {"kind": "fhir", "study_id": "S1", "participant_id": "P1"}
+            )
+            assert job["state"] == "done", job
+            self.finished_jobs[key] = job["job_id"]
+        return self.finished_jobs[key]
 
     async def new_alert(self, participant_id: str = "P1") -> int:
         """An open alert of ``participant_id`` (each call a new episode of its own rule)."""

@@ -99,11 +99,28 @@ CLINICAL = frozenset({"clinician", "monitor", "admin"})
 COORDINATION = frozenset({"coordinator", "admin"})
 
 
+# The submitter of an export job used for each account: itself where it may export at
+# SITE-A (it sees only its own jobs), SITE-A's monitor otherwise (so another site's staff
+# ask for a job that is not theirs, and roles without access are refused before any lookup).
+def job_owner(key: str | None) -> str:
+    return key if key in STAFF else "monitor"
+
+
+async def export_job(w: Web, key: str | None) -> tuple[str, Any]:
+    return f"/api/v1/exports/{await w.finished_job(job_owner(key))}", None
+
+
+async def export_file(w: Web, key: str | None) -> tuple[str, Any]:
+    return f"/api/v1/exports/{await w.finished_job(job_owner(key))}/files/0", None
+
+
 @dataclass(frozen=True)
 class Expect:
     allowed: frozenset[str] | str  # roles (as account keys at SITE-A) or PUBLIC
     build: Build
     status: int = 200
+    # Instead of build, for requests that depend on who asks.
+    build_for: Callable[[Web, str | None], Awaitable[tuple[str, Any]]] | None = None
 
 
 EXPECTED: dict[str, Expect] = {
@@ -121,6 +138,14 @@ EXPECTED: dict[str, Expect] = {
     "get_readings": Expect(CLINICAL, fixed("/api/v1/participants/P1/readings?minutes=5")),
     "get_rollups": Expect(CLINICAL, fixed("/api/v1/participants/P1/rollups?days=2")),
     "sign_consent": Expect(frozenset({"participant", "coordinator", "admin"}), new_version, 201),
+    "list_consent_documents": Expect(ANY, fixed("/api/v1/participants/P1/consent-documents")),
+    "submit_export": Expect(
+        STAFF,
+        fixed("/api/v1/exports", {"kind": "fhir", "study_id": "S1", "participant_id": "P1"}),
+        202,
+    ),
+    "get_export": Expect(STAFF, fixed(""), build_for=export_job),
+    "download_export_file": Expect(STAFF, fixed(""), build_for=export_file),
     "list_alerts": Expect(CLINICAL, fixed("/api/v1/alerts?site=SITE-A")),
     "alert_events": Expect(CLINICAL, fixed("/api/v1/alerts/events")),
     "get_alert": Expect(CLINICAL, any_alert),
@@ -143,7 +168,7 @@ def mentions_site_a(value: Any) -> bool:
 
 
 async def attempt(w: Web, key: str | None, method: str, exp: Expect) -> tuple[int, Any]:
-    path, body = await exp.build(w)
+    path, body = await (exp.build(w) if exp.build_for is None else exp.build_for(w, key))
     if path.endswith("/alerts/events"):
         # A live stream: read its first line only, then let it go.
         headers = {} if key is None else (await w.sign_in(key)).headers()
@@ -155,6 +180,8 @@ async def attempt(w: Web, key: str | None, method: str, exp: Expect) -> tuple[in
                 return 200, None
             return resp.status, await resp.json()
     resp = await w.call(key, method, path, json=body)
+    if resp.status < 400 and resp.content_type != "application/json":
+        return resp.status, None  # a file
     text = await resp.text()
     if resp.status >= 400:
         assert resp.content_type == "application/problem+json", (resp.status, text)

@@ -231,6 +231,28 @@ async def test_site_and_participant_pages_show_their_data_and_render_names_inert
         "an enrollment code", lambda d: d.find_element(By.ID, "code").text or None
     )
     assert "valid until" in code
+    # The code list reloads with the new code in it, made by this user and not yet used.
+    codes = await browser.wait_for(
+        "the new code in the list",
+        lambda d: next(
+            (
+                s.text
+                for s in d.find_elements(By.CSS_SELECTOR, "section.card")
+                if s.text.startswith("Enrollment codes") and "coord2" in s.text
+            ),
+            None,
+        ),
+    )
+    assert "not yet" in codes
+    # The same code as a QR image drawn by the gateway (an SVG data URI, nothing fetched).
+    qr = await browser.css("img#code-qr")
+    src = await browser.run(lambda _: qr.get_attribute("src"))
+    assert src.startswith("data:image/svg+xml")
+    assert await browser.wait_for(
+        "the QR image decoded", lambda d: d.execute_script("return arguments[0].naturalWidth", qr)
+    )
+    assert code.split()[0] in await browser.run(lambda _: qr.get_attribute("alt"))
+    assert await browser.run(lambda d: d.switch_to.active_element.get_attribute("id")) == "code"
     await browser.screenshot("site-page.png")
 
     await browser.run(lambda d: d.delete_all_cookies())
@@ -243,3 +265,12 @@ async def test_site_and_participant_pages_show_their_data_and_render_names_inert
         ),
     )
     await browser.screenshot("participant-page.png")
+    # No card shows its title twice (a heading, and a table caption saying the same).
+    doubled = await browser.run(
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('section.card')].filter((s) =>"
+            " [...s.querySelectorAll('caption')].some((c) =>"
+            " c.textContent === s.querySelector('h2').textContent)).length"
+        )
+    )
+    assert doubled == 0

@@ -82,8 +82,20 @@ const TS = (() => {
     );
   }
 
+  let sections = 0;
+
+  // A card with a heading. A table in it captioned like the heading loses that caption (the
+  // heading names it instead), so the title is not shown twice.
   function section(title, ...content) {
-    return el("section", { class: "card" }, el("h2", {}, title), ...content);
+    const id = `section-${++sections}`;
+    for (const c of content.flat()) {
+      const caption = c instanceof HTMLTableElement ? c.caption : null;
+      if (caption && caption.textContent === title) {
+        caption.remove();
+        c.setAttribute("aria-labelledby", id);
+      }
+    }
+    return el("section", { class: "card", "aria-labelledby": id }, el("h2", { id }, title), ...content);
   }
 
   function link(href, text) {

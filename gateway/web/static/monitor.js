@@ -113,6 +113,68 @@
     });
   }
 
+  // Exports of the user's sites, run by the gateway in the background: submit, watch the
+  // job's state, download its files (each listed with its SHA-256).
+  const EXPORT_POLL_MS = 2000;
+
+  function exportsPanel(sites) {
+    const studies = [...new Set(sites.map((s) => s.study_id))];
+    const kind = el("select", { id: "export-kind" },
+      el("option", { value: "parquet" }, "Parquet (analysis)"),
+      el("option", { value: "fhir" }, "FHIR R4 NDJSON"),
+      el("option", { value: "sdtm" }, "SDTM VS (CSV + XPT)"));
+    const study = el("select", { id: "export-study" }, studies.map((s) => el("option", { value: s }, s)));
+    const who = el("input", { id: "export-participant", maxlength: "64", placeholder: "all of my sites",
+      pattern: "[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}" });
+    const list = el("ul", { id: "export-jobs", class: "jobs", "aria-live": "polite" });
+    const form = el("form", { class: "inline", id: "export-form" },
+      el("label", { for: "export-kind" }, "Format "), kind,
+      el("label", { for: "export-study" }, "Study "), study,
+      el("label", { for: "export-participant" }, "Participant "), who,
+      el("button", { type: "submit" }, "Export"));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const body = { kind: kind.value, study_id: study.value };
+      if (who.value.trim()) body.participant_id = who.value.trim();
+      try {
+        const job = await api("/api/v1/exports", { method: "POST", body });
+        const item = el("li", { "data-job-id": job.job_id });
+        list.prepend(item);
+        watch(job, item);
+      } catch (e) {
+        status(`Export not started: ${e.message}`);
+      }
+    });
+    return el("section", { class: "card", "aria-labelledby": "exports-title" },
+      el("h2", { id: "exports-title" }, "Exports"), form, list);
+  }
+
+  function showJob(job, item) {
+    const what = `${job.kind.toUpperCase()} of ${job.study_id}${job.participant_id ? " / " + job.participant_id : ""}`;
+    const state = job.state === "running" ? `running, ${job.rows_written} rows so far` : job.state;
+    const files = job.files.map((f) => el("li", {},
+      el("a", { href: f.href, download: f.path.split("/").pop() }, f.path),
+      ` · ${f.rows} rows · ${f.bytes} bytes · SHA-256 `, el("code", {}, f.sha256)));
+    item.dataset.state = job.state;
+    item.replaceChildren(`${what}: ${state}${job.error ? " (" + job.error + ")" : ""}`,
+      files.length ? el("ul", {}, files) : "");
+  }
+
+  async function watch(job, item) {
+    showJob(job, item);
+    while (job.state === "queued" || job.state === "running") {
+      await new Promise((r) => setTimeout(r, EXPORT_POLL_MS));
+      try {
+        job = await api(`/api/v1/exports/${job.job_id}`);
+      } catch (e) {
+        status(`Export ${job.job_id}: ${e.message}`);
+        return;
+      }
+      showJob(job, item);
+    }
+    status(`Export ${job.state}.`);
+  }
+
   async function start() {
     await session();
     const main = document.getElementById("main");
@@ -137,6 +199,7 @@
         el("label", { for: "filter-resolved" }, resolved, " show resolved"),
         el("span", { id: "live", class: "live off", role: "status" }, "Connecting…")),
       board,
+      exportsPanel(sites),
     );
     const first = await api("/api/v1/alerts?state=unresolved");
     for (const a of first.alerts) alerts.set(a.alert_id, a);

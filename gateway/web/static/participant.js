@@ -1,13 +1,172 @@
 "use strict";
-// One participant: paired hubs and wearables, what the hubs sent and what the gateway
-// received or refused (and why), and the consent history.
+// One participant: the consent documents to read and sign, paired hubs and wearables, what
+// the hubs sent and what the gateway received or refused (and why), and the consent history.
 (() => {
   const { el, api, session, time, ago, section, table, link, status } = TS;
   const pid = document.body.dataset.participant;
   const role = document.body.dataset.role;
+  // Who may record a signature here (the participant, or site staff signing in clinic).
+  const signs = ["participant", "site_coordinator", "admin"].includes(role);
+  let me = null;
 
-  async function load() {
-    const d = await api(`/api/v1/participants/${encodeURIComponent(pid)}`);
+  const SCOPE_NAMES = {
+    heart_rate: "Heart rate",
+    temperature: "Body temperature",
+    blood_pressure: "Blood pressure",
+    spo2: "Blood oxygen (SpO2)",
+    glucose: "Blood glucose",
+    weight: "Weight and body composition",
+  };
+  const scopeName = (s) => SCOPE_NAMES[s] || s.replaceAll("_", " ");
+
+  // Problem types of the sign endpoint -> the field they are about and what to tell the signer.
+  const SIGN_ERRORS = {
+    "reauthentication-failed": ["password",
+      "The password was not accepted, so nothing was signed. Check it and try again " +
+      "(after 5 wrong tries in a row the account is locked for 15 minutes)."],
+    "already-signed": [null, "This version is already signed with exactly these choices."],
+    "invalid-scopes": ["scopes", "These choices cannot be signed: "],
+    "witness-required": ["witness", "This study needs a witness: enter the witness's name."],
+    "superseded-version": [null, "A newer version of this document is now in effect: reload the page to read it."],
+  };
+
+  function signingState(doc) {
+    if (doc.signed) {
+      return el("p", { class: "ok" },
+        `Signed. Sharing: ${doc.signed_scopes.map(scopeName).join(", ") || "nothing"}.`);
+    }
+    if (doc.reconsent_by) {
+      return el("p", { class: doc.overdue ? "error" : "warn" },
+        `This new version must be signed by ${time(doc.reconsent_by)}` +
+        (doc.overdue ? ": the deadline has passed, and data is not being stored until it is signed." : "."));
+    }
+    return el("p", {}, "Not signed yet.");
+  }
+
+  function field(id, label, attrs, hint) {
+    const input = el("input", { id, name: id, ...attrs, "aria-describedby": hint ? `${id}-hint` : null });
+    return el("div", { class: "field" },
+      el("label", { for: id }, label), input,
+      hint ? el("p", { class: "hint", id: `${id}-hint` }, hint) : null);
+  }
+
+  function signingForm(doc, witnessRequired) {
+    const key = doc.document_id;
+    const ids = {
+      name: `sign-name-${key}`, username: `sign-username-${key}`, password: `sign-password-${key}`,
+      witness: `sign-witness-${key}`, scopes: `sign-scopes-${key}`, error: `sign-error-${key}`,
+    };
+    const boxes = doc.scopes.map((s) => {
+      const optional = doc.optional_scopes.includes(s);
+      const id = `sign-scope-${key}-${s}`;
+      return el("div", { class: "check" },
+        el("input", {
+          type: "checkbox", id, value: s,
+          checked: !optional || (doc.signed ? doc.signed_scopes.includes(s) : false),
+          disabled: !optional,
+        }),
+        el("label", { for: id }, scopeName(s), optional ? " (optional: you may leave this out)" : " (required)"));
+    });
+    const error = el("p", { id: ids.error, class: "error", role: "alert", tabindex: "-1" });
+    const scopes = el("fieldset", { id: ids.scopes }, el("legend", {}, "What you agree to share"), boxes);
+    const participantSigns = role === "participant";
+    const form = el("form", { class: "sign", id: `sign-${key}`, novalidate: true },
+      scopes,
+      field(ids.name, "Printed name", { autocomplete: "name", maxlength: "200", required: true },
+        "Type your full name as your signature."),
+      field(ids.username, participantSigns ? "User name" : "The participant's user name", {
+        autocomplete: participantSigns ? "username" : "off", maxlength: "128", required: true,
+        value: participantSigns && me ? me.username : null, readonly: participantSigns,
+      }),
+      field(ids.password, participantSigns ? "Your password" : "The participant's password", {
+        type: "password", autocomplete: participantSigns ? "current-password" : "off",
+        maxlength: "1024", required: true,
+      }, "Entering the password again confirms that this signature is yours."),
+      witnessRequired ? field(ids.witness, "Witness", { maxlength: "200", required: true }) : null,
+      error,
+      el("button", { type: "submit" }, doc.signed ? `Sign version ${doc.version} again with these choices` : `Sign version ${doc.version}`));
+
+    const inputs = (n) => document.getElementById(ids[n]);
+    function showError(where, text) {
+      error.textContent = text;
+      const target = where ? inputs(where) : null;
+      if (target) {
+        target.setAttribute("aria-invalid", "true");
+        target.setAttribute("aria-describedby", [target.getAttribute("aria-describedby"), ids.error].filter(Boolean).join(" "));
+        if (where === "password") target.value = "";
+        (where === "scopes" ? target.querySelector("input:not([disabled])") || error : target).focus();
+      } else {
+        error.focus();
+      }
+    }
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      error.textContent = "";
+      for (const n of ["name", "username", "password", "witness", "scopes"]) {
+        const node = inputs(n);
+        if (node) node.removeAttribute("aria-invalid");
+      }
+      const name = inputs("name").value.trim();
+      const username = inputs("username").value.trim();
+      const password = inputs("password").value;
+      const witness = witnessRequired ? inputs("witness").value.trim() : "";
+      if (!name) return showError("name", "Type your printed name to sign.");
+      if (!username) return showError("username", "Enter the participant's user name.");
+      if (!password) return showError("password", "Enter the password to sign.");
+      if (witnessRequired && !witness) return showError("witness", "Enter the witness's name.");
+      const chosen = [...form.querySelectorAll("fieldset input[type=checkbox]")]
+        .filter((b) => b.checked).map((b) => b.value);
+      const body = { document_id: key, scopes: chosen, printed_name: name, username, password };
+      if (witnessRequired) body.witness = witness;
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      try {
+        const rec = await api(`/api/v1/participants/${encodeURIComponent(pid)}/consents`,
+          { method: "POST", body });
+        status(`Consent signed: version ${rec.version}.`);
+        await load(`Signed version ${rec.version} on ${time(rec.effective_at)}. ` +
+          `Sharing: ${rec.scopes.map(scopeName).join(", ")}.`);
+      } catch (e) {
+        button.disabled = false;
+        const kind = e.problem && e.problem.type ? e.problem.type.split("/").pop() : "";
+        const known = SIGN_ERRORS[kind];
+        if (known) {
+          showError(known[0], known[0] === "scopes" ? known[1] + e.message : known[1]);
+        } else if (kind === "invalid-field" && e.problem.field) {
+          const f = { printed_name: "name", username: "username", password: "password", witness: "witness", scopes: "scopes" }[e.problem.field];
+          showError(f || null, `Not signed: ${e.message}`);
+        } else {
+          showError(null, `Not signed: ${e.message}`);
+        }
+      }
+    });
+    return form;
+  }
+
+  function documentBlock(doc, witnessRequired) {
+    const headingId = `doc-${doc.document_id}`;
+    const text = doc.text !== null
+      ? el("div", {
+        class: "document", id: `doc-text-${doc.document_id}`, tabindex: "0", role: "region",
+        "aria-label": `${doc.title}, version ${doc.version}`,
+      }, doc.text)
+      : el("p", {}, link(doc.uri, `Read ${doc.title}, version ${doc.version}`));
+    return el("article", { class: "consent-document", "aria-labelledby": headingId, "data-document-id": doc.document_id },
+      el("h3", { id: headingId }, `${doc.title}, version ${doc.version} (${doc.language})`),
+      el("p", { class: "lead" }, `In effect since ${time(doc.effective_at)}.`),
+      signingState(doc),
+      text,
+      !signs ? null : doc.signed
+        ? el("details", {}, el("summary", {}, "Change what you share (sign this version again)"),
+          signingForm(doc, witnessRequired))
+        : signingForm(doc, witnessRequired));
+  }
+
+  async function load(done) {
+    const [d, docs] = await Promise.all([
+      api(`/api/v1/participants/${encodeURIComponent(pid)}`),
+      api(`/api/v1/participants/${encodeURIComponent(pid)}/consent-documents`),
+    ]);
     const p = d.participant;
     const devices = table("Paired devices",
       ["Hub", "Wearable", "Model", "Battery", "Last seen", "Envelopes", "Readings stored", "Refused"],
@@ -41,14 +200,28 @@
     if (role !== "participant") {
       links.push(" · ", link(`/sites/${encodeURIComponent(p.site_id)}`, "Site page"));
     }
+    const signed = done ? el("p", { id: "signed-message", class: "ok", tabindex: "-1" }, done) : null;
+    const documents = section("Consent documents",
+      signed,
+      docs.documents.length
+        ? docs.documents.map((doc) => documentBlock(doc, docs.witness_required))
+        : el("p", { class: "empty" }, "No consent document is in effect for this study."));
+    documents.id = "consent-documents";
+    const history = section("Consent", consents);
+    history.id = "consent-history";
     document.getElementById("main").replaceChildren(
       el("p", { class: "lead" }, head.join(" · "), ...links),
+      documents,
       section("Devices", devices),
       section("What was sent and received", sent, refused),
-      section("Consent", consents),
+      history,
     );
+    if (signed) signed.focus();
   }
 
   document.addEventListener("DOMContentLoaded", () =>
-    session().then(load).catch((e) => status(e.message)));
+    session().then((user) => {
+      me = user;
+      return load(null);
+    }).catch((e) => status(e.message)));
 })();

@@ -6,6 +6,7 @@
   const site = document.body.dataset.site;
   const role = document.body.dataset.role;
   const coordinates = role === "site_coordinator" || role === "admin";
+  let lastCode = null; // the code made last on this page: shown again after the lists reload
 
   function consentText(c) {
     if (!c.action) return "no consent";
@@ -69,22 +70,37 @@
       }
     });
     const who = el("select", { id: "code-participant" },
-      participants.map((x) => el("option", { value: x.participant_id }, x.participant_id)));
-    const shown = el("output", { id: "code", class: "code" });
+      participants.map((x) => el("option", {
+        value: x.participant_id,
+        selected: lastCode !== null && lastCode.participant_id === x.participant_id,
+      }, x.participant_id)));
+    const shown = el("output", { id: "code", class: "code", for: "code-participant", tabindex: "-1" },
+      lastCode ? `${lastCode.code} (valid until ${time(lastCode.expires_at)})` : "");
     const code = el("form", { class: "inline" },
       el("label", { for: "code-participant" }, "Enrollment code for "), who,
       el("button", { type: "submit" }, "Make code"), shown);
     code.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       try {
-        const c = await api(`/api/v1/participants/${encodeURIComponent(who.value)}/enrollment-codes`,
+        lastCode = await api(`/api/v1/participants/${encodeURIComponent(who.value)}/enrollment-codes`,
           { method: "POST", body: {} });
-        shown.textContent = `${c.code} (valid until ${time(c.expires_at)})`;
+        status(`Enrollment code made for ${lastCode.participant_id}.`);
+        await load();
+        document.getElementById("code").focus();
       } catch (e) {
         status(e.message);
       }
     });
-    return section("Register and enroll", add, code);
+    const blocks = [add, code];
+    if (lastCode) {
+      // The QR image is drawn by the gateway (SVG) and shown as an image: nothing in it runs.
+      blocks.push(el("img", {
+        id: "code-qr", class: "qr",
+        src: "data:image/svg+xml;charset=utf-8," + encodeURIComponent(lastCode.qr_svg),
+        alt: `QR code of enrollment code ${lastCode.code} for ${lastCode.participant_id}, for the hub's camera`,
+      }), el("p", { class: "hint" }, "Scan with the hub, or type the code on it. It works once."));
+    }
+    return section("Register and enroll", ...blocks);
   }
 
   document.addEventListener("DOMContentLoaded", () =>
