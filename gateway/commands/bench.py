@@ -125,12 +125,7 @@ def _cmd_bench_storage(args: argparse.Namespace, settings: Settings) -> int:
     result = run(
         storage_bench.run(settings.require_database_url(), rows=args.rows, progress=sys.stderr)
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return 0
+    return _emit(result, args.out)
 
 
 def _cmd_bench_drivers(args: argparse.Namespace, settings: Settings) -> int:
@@ -145,12 +140,7 @@ def _cmd_bench_drivers(args: argparse.Namespace, settings: Settings) -> int:
             progress=sys.stderr,
         )
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return 0
+    return _emit(result, args.out)
 
 
 def _cmd_bench_export(args: argparse.Namespace, settings: Settings) -> int:
@@ -164,12 +154,7 @@ def _cmd_bench_export(args: argparse.Namespace, settings: Settings) -> int:
             progress=sys.stderr,
         )
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return 0
+    return _emit(result, args.out)
 
 
 def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
@@ -191,12 +176,7 @@ def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
             progress=sys.stderr,
         )
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return 0
+    return _emit(result, args.out)
 
 
 def _cmd_bench_hub(args: argparse.Namespace, settings: Settings) -> int:
@@ -214,12 +194,7 @@ def _cmd_bench_hub(args: argparse.Namespace, settings: Settings) -> int:
             progress=sys.stderr,
         )
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    return 0
+    return _emit(result, args.out)
 
 
 def _cmd_bench_alerts(args: argparse.Namespace, settings: Settings) -> int:
@@ -238,9 +213,14 @@ def _cmd_bench_alerts(args: argparse.Namespace, settings: Settings) -> int:
             progress=sys.stderr,
         )
     )
+    return _emit(result, args.out)
+
+
+def _emit(result: object, out: str | None) -> int:
+    """Print a benchmark's JSON result, and write it to ``out`` when asked."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     return 0
