@@ -46,8 +46,10 @@ log = logging.getLogger(__name__)
 # full is counted and dropped: its envelope is sent again and receipted again.
 RECEIPT_QUEUE = 1000
 SESSION_EXPIRY_S = 7 * 86_400
-RECONNECT_MIN_S = 1
-RECONNECT_MAX_S = 30
+# paho doubles its reconnect delay from min to max but adds no jitter: each hub draws its
+# own bounds, so thousands of hubs do not come back in step after a broker restart.
+RECONNECT_MIN_S = (1, 4)
+RECONNECT_MAX_S = (20, 40)
 # After a failed seal (a full disk frees up in minutes, not milliseconds) wait this long
 # before trying again, so the log gets one line per attempt, not five a second.
 SEAL_RETRY_S = 5.0
@@ -112,7 +114,10 @@ class Relay:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        self._client.reconnect_delay_set(
+            random.randint(*RECONNECT_MIN_S),  # noqa: S311 - jitter, not secrets
+            random.randint(*RECONNECT_MAX_S),  # noqa: S311
+        )
         if configure_client is not None:
             configure_client(self._client)
 
