@@ -349,6 +349,10 @@ async def test_vanishing_wearable_is_reconnected_and_the_gap_recorded(
     assert s.stats.connects >= 2
 
 
+def cursor(path: Path) -> int | None:
+    return HubState.open(path).cursor("glu", GLUCOSE_CURSOR)
+
+
 async def test_glucose_racp_fetches_only_new_records_across_reconnect_and_hub_restart(
     radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path
 ) -> None:
@@ -361,11 +365,13 @@ async def test_glucose_racp_fetches_only_new_records_across_reconnect_and_hub_re
         with no_errors(s):
             async with running(s):
                 await wait_until(lambda: s.stats.racp_completed >= 1, "first fetch")
-                assert HubState.open(path).cursor("glu", GLUCOSE_CURSOR) == 5
+                # The cursor is saved once the sink has made the records durable: wait for it.
+                await wait_until(lambda: cursor(path) == 5, "cursor 5 saved")
                 meter.measure()
                 meter.measure()
                 await meter.go_out_of_range(duration=0.3)
                 await wait_until(lambda: s.stats.racp_completed >= 2, "fetch after reconnect")
+                await wait_until(lambda: cursor(path) == 7, "cursor 7 saved")
         assert [r.value for r in first.of("glu")] == [float(r.mg_dl) for r in meter.records]
         assert s.stats.records_fetched == 7
         assert s.stats.records_already_held == 0
@@ -380,6 +386,7 @@ async def test_glucose_racp_fetches_only_new_records_across_reconnect_and_hub_re
         with no_errors(restarted):
             async with running(restarted):
                 await wait_until(lambda: restarted.stats.racp_completed >= 1, "fetch after restart")
+                await wait_until(lambda: cursor(path) == 8, "cursor 8 saved")
         assert meter.racp_requests[-1] == racp.report_records_from(8)
         assert [r.value for r in second.of("glu")] == [float(meter.records[-1].mg_dl)]
         assert HubState.open(path).cursor("glu", GLUCOSE_CURSOR) == 8
