@@ -7,6 +7,14 @@ class ConsentError(Exception):
     """Base of every error raised by ``consent``."""
 
 
+class ConsentChanged(ConsentError):
+    """A consent row of the batch's participants was written after its consent was read.
+
+    Raised inside the gateway's write transaction (``records.confirm_unchanged``), which
+    rolls back; the gateway judges the batch again on fresh consent.
+    """
+
+
 class UnknownConsentAction(ConsentError):
     """A consent event whose action the gate does not know: database and code disagree."""
 

@@ -141,6 +141,10 @@ class ConsentSnapshot:
 
     _states: Mapping[str, tuple[ConsentState, ...]] = field(default_factory=dict)
     _deadlines: Mapping[str, _Deadlines] = field(default_factory=dict)
+    # The highest consent_id among the events read. Consent rows are written one at a time
+    # under the exclusive consent lock, so a row with a higher id was written after these
+    # events were read: the snapshot is stale for its participants.
+    watermark: int = 0
 
     @classmethod
     def from_events(
@@ -149,14 +153,17 @@ class ConsentSnapshot:
         requirements: Iterable[ReconsentRequirement] = (),
     ) -> ConsentSnapshot:
         by_participant: dict[str, list[ConsentEvent]] = {}
+        watermark = 0
         for e in events:
             by_participant.setdefault(e.participant_id, []).append(e)
+            watermark = max(watermark, e.consent_id)
         by_document: dict[str, list[ReconsentRequirement]] = {}
         for r in requirements:
             by_document.setdefault(r.document, []).append(r)
         return cls(
             {pid: tuple(_states(evs)) for pid, evs in by_participant.items()},
             {doc: _deadlines(reqs) for doc, reqs in by_document.items()},
+            watermark,
         )
 
     def decide(self, participant_id: str, scope: str, t_ms: int) -> Decision:

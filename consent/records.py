@@ -7,7 +7,10 @@ Consent rows are only inserted (a trigger refuses UPDATE and DELETE). Every chan
 exclusive consent lock and stamps its effective time with ``clock_timestamp()`` after taking
 it; the gateway reads consent under the shared lock (:func:`snapshot`). So a batch whose
 consent was read before a withdrawal committed was read before the withdrawal's effective
-time, and holds no reading measured after it (docs/consent.md).
+time, and holds no reading measured after it; and its write transaction checks, under the
+same lock held to COMMIT, that no consent row was written since (:func:`confirm_unchanged`),
+so a ``delete`` withdrawal never runs between a batch's judgement and its commit
+(docs/consent.md).
 """
 
 from __future__ import annotations
@@ -391,6 +394,33 @@ async def snapshot(conn: Conn, participants: Collection[str]) -> ConsentSnapshot
         for s, t, r, d in await cur.fetchall()
     ]
     return ConsentSnapshot.from_events(events, reqs)
+
+
+_CHANGED_SINCE = (
+    "SELECT consent_id FROM consents WHERE participant_id = ANY(%s) AND consent_id > %s LIMIT 1"
+)
+
+
+async def confirm_unchanged(
+    conn: Conn, participants: Collection[str], snapshot: ConsentSnapshot
+) -> None:
+    """First statement of a write transaction whose readings were judged on ``snapshot``.
+
+    Takes the shared consent lock until COMMIT, so no consent change can commit between this
+    check and the batch's commit; then raises :class:`errors.ConsentChanged` if one committed
+    since the snapshot was read. A withdrawal therefore either precedes the batch (which is
+    judged again, on consent that includes it) or waits for its commit (and its ``delete``
+    policy then deletes the batch's readings too).
+    """
+    if not participants:
+        return
+    await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (CONSENT_LOCK_KEY,))
+    cur = await conn.execute(_CHANGED_SINCE, (list(participants), snapshot.watermark))
+    row = await cur.fetchone()
+    if row is not None:
+        raise errors.ConsentChanged(
+            f"consent row {row[0]} was written after the batch's consent was read"
+        )
 
 
 # --- participants and permissions -----------------------------------------------------------

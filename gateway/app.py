@@ -203,6 +203,12 @@ async def metrics(request: web.Request) -> web.Response:
             [(w, s.database_retries)],
         ),
         *_family(
+            "trialstream_consent_rechecks_total",
+            "counter",
+            "Batches judged again because consent changed before they could commit.",
+            [(w, s.consent_rechecks)],
+        ),
+        *_family(
             "trialstream_receipt_publish_failures_total",
             "counter",
             "Receipts the MQTT client refused to queue (the hub will republish).",

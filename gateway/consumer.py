@@ -19,12 +19,13 @@ which the broker delivers the unacknowledged messages again (stored once: the de
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -35,11 +36,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from consent import records
+from consent.errors import ConsentChanged
+from consent.gate import ConsentSnapshot
 from gateway.directory import Directory
 from ingest import pipeline
 from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, seal_receipt
 from ingest.model import AcceptedEnvelope, Batch, Reason, Receipt, RejectedEnvelope
 from ingest.transport import connect_async, make_client
+from storage.db import Conn
 from storage.errors import BatchWriteError, DatabaseUnavailable
 from storage.writer import CHECKOUT_TIMEOUT_S, BulkWriter, EnvelopeOutcome, InTransaction
 
@@ -99,6 +104,8 @@ class Stats:
     rejected_envelopes: Counter[str] = field(default_factory=Counter)
     receipt_publish_failures: int = 0
     database_retries: int = 0
+    # Batches judged again because consent changed between reading it and committing.
+    consent_rechecks: int = 0
     mqtt_connected: bool = False
 
 
@@ -244,16 +251,31 @@ class Consumer:
             else:
                 decoded.append((m, d))
         now_ms = self._now_ms()
-        accepted, more_rejected = await self._verify_and_admit(decoded, now_ms)
-        rejected.extend(more_rejected)
-        outcomes = await self._store(accepted, rejected, now_ms)
-        self._finish(accepted, rejected, outcomes, now_ms)
+        while True:
+            accepted, more_rejected, consent = await self._verify_and_admit(decoded, now_ms)
+            unchanged = functools.partial(
+                records.confirm_unchanged,
+                participants={a.participant_id for _, a in accepted},
+                snapshot=consent,
+            )
+            try:
+                outcomes = await self._store(accepted, rejected + more_rejected, now_ms, unchanged)
+                break
+            except ConsentChanged as exc:
+                # Judged on consent that changed before the batch could commit: judge again.
+                self.stats.consent_rechecks += 1
+                log.info("consent changed while the batch was judged; judging again: %s", exc)
+        self._finish(accepted, rejected + more_rejected, outcomes, now_ms)
 
     async def _verify_and_admit(
         self, decoded: Sequence[tuple[_Message, pipeline.Decoded]], now_ms: int
-    ) -> tuple[list[tuple[_Message, AcceptedEnvelope]], list[tuple[_Message, RejectedEnvelope]]]:
+    ) -> tuple[
+        list[tuple[_Message, AcceptedEnvelope]],
+        list[tuple[_Message, RejectedEnvelope]],
+        ConsentSnapshot,
+    ]:
         if not decoded:
-            return [], []
+            return [], [], ConsentSnapshot()
         delay = 0.1
         while True:
             try:
@@ -288,7 +310,7 @@ class Consumer:
                 accepted.append((m, r))
             else:
                 rejected.append((m, r))
-        return accepted, rejected
+        return accepted, rejected, consent
 
     async def _outage_pause(self, delay: float, exc: BaseException) -> float:
         self.stats.database_retries += 1
@@ -305,8 +327,12 @@ class Consumer:
         accepted: list[tuple[_Message, AcceptedEnvelope]],
         rejected: list[tuple[_Message, RejectedEnvelope]],
         now_ms: int,
+        first: Callable[[Conn], Awaitable[None]],
     ) -> dict[_Key, EnvelopeOutcome]:
         """Write the batch; the outcome per (device, seq, digest). Retries until committed.
+
+        ``first`` opens each write transaction (the consent check); what it raises reaches
+        the caller with nothing of that transaction stored.
 
         The same envelope twice in one batch (a republish racing its first copy) is stored
         once and both messages get its outcome. Different content under one (device, seq)
@@ -325,13 +351,19 @@ class Consumer:
         result: dict[_Key, EnvelopeOutcome] = {}
         envelope_rejections = [r for _, r in rejected]
         for envelopes in rounds or [{}]:
-            result.update(await self._commit(list(envelopes.values()), envelope_rejections, now_ms))
+            result.update(
+                await self._commit(list(envelopes.values()), envelope_rejections, now_ms, first)
+            )
             envelope_rejections = []
         self.stats.batches += 1
         return result
 
     async def _commit(
-        self, to_store: list[AcceptedEnvelope], rejected: list[RejectedEnvelope], now_ms: int
+        self,
+        to_store: list[AcceptedEnvelope],
+        rejected: list[RejectedEnvelope],
+        now_ms: int,
+        first: Callable[[Conn], Awaitable[None]],
     ) -> dict[_Key, EnvelopeOutcome]:
         refused_by_db: list[AcceptedEnvelope] = []
         delay = 0.1
@@ -342,7 +374,7 @@ class Consumer:
                 now_ms,
             )
             try:
-                outcomes = await self._writer.write(batch, also=self._also)
+                outcomes = await self._writer.write(batch, first=first, also=self._also)
                 break
             except BatchWriteError as exc:
                 culprit = next((a for a in to_store if (a.dev, a.seq) == exc.envelope), None)
@@ -351,7 +383,7 @@ class Consumer:
                     isolated: dict[_Key, EnvelopeOutcome] = {}
                     for i, one in enumerate(to_store):
                         isolated.update(
-                            await self._commit([one], rejected if i == 0 else [], now_ms)
+                            await self._commit([one], rejected if i == 0 else [], now_ms, first)
                         )
                     return isolated
                 if culprit is None:

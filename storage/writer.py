@@ -159,13 +159,19 @@ class BulkWriter:
         self._partitions: set[int] | None = None
 
     async def write(
-        self, batch: Batch, *, also: InTransaction | None = None
+        self,
+        batch: Batch,
+        *,
+        first: Callable[[Conn], Awaitable[None]] | None = None,
+        also: InTransaction | None = None,
     ) -> list[EnvelopeOutcome]:
         """Store ``batch`` in one transaction, retrying lost connections; see the module doc.
 
-        ``also`` runs inside the same transaction after the readings are copied, with the
-        envelopes that were new: work derived from readings (alert evaluation) then commits
-        atomically with them, or not at all.
+        ``first`` runs as the transaction's first statement (the gateway's consent check: it
+        may raise to roll the batch back, and the exception reaches the caller). ``also``
+        runs inside the same transaction after the readings are copied, with the envelopes
+        that were new: work derived from readings (alert evaluation) then commits atomically
+        with them, or not at all.
         """
         delay = RETRY_BASE_S
         for attempt in range(1, RETRY_ATTEMPTS + 1):
@@ -173,6 +179,8 @@ class BulkWriter:
                 async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
                     await self._prepare_partitions(conn, batch)
                     async with conn.transaction():
+                        if first is not None:
+                            await first(conn)
                         outcomes, fresh = await self._write(conn, batch)
                         if also is not None and fresh:
                             await also(conn, fresh)

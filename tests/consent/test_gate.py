@@ -213,3 +213,10 @@ def test_state_at_reports_the_consent_in_force() -> None:
     assert (state.consent_id, state.scopes) == (1, frozenset("a"))
     assert snap.state_at("P1", 50) is None
     assert snap.state_at("P2", 250) is None
+
+
+def test_watermark_is_the_newest_consent_row_read() -> None:
+    """What ``records.confirm_unchanged`` compares with: any row above it is newer."""
+    assert ConsentSnapshot().watermark == 0
+    events = [consent(7, 100, "ab"), withdraw(3, 50), consent(5, 300, "a")]
+    assert ConsentSnapshot.from_events(events).watermark == 7

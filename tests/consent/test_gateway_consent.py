@@ -15,7 +15,7 @@ from consent import records
 from consent.records import Initiator
 from gateway.broker import MosquittoBroker
 from ingest.envelope import RECEIPT_ACCEPTED, open_receipt, seal
-from ingest.model import Payload, Reading, Receipt
+from ingest.model import AcceptedEnvelope, Batch, Payload, Reading, Receipt
 from ingest.pipeline import up_topic
 from storage import db
 from storage.timeconv import to_ms
@@ -154,6 +154,77 @@ async def test_delete_policy_deletes_held_data_and_refuses_late_arrivals(
         "SELECT readings_deleted FROM withdrawal_deletions WHERE consent_id = %s",
         w.consent_id,
     ) == [(3,)]
+
+
+async def _delete_policy_with_held_data(trial: Trial, probe: MqttProbe, gw: RunningGateway) -> Hub:
+    async with db.connection(trial.url, autocommit=True) as conn:
+        await conn.execute("UPDATE studies SET withdrawal_policy = 'delete'")
+    hub = await trial.add_participant("P2", "hub-2")
+    r = await send(probe, gw, hub, 1, [(now_ms() - 30 * MIN, "heart_rate")] * 2)
+    assert r.stored == 2
+    return hub
+
+
+async def test_delete_withdrawal_between_judging_and_committing_a_batch(
+    trial: Trial, gateway: RunningGateway, probe: MqttProbe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's consent is read, then a delete-policy withdrawal commits, then the batch
+    writes: it must be judged again (its readings refused), not stored after the deletion."""
+    hub = await _delete_policy_with_held_data(trial, probe, gateway)
+    consumer = gateway.consumer
+    real_write = consumer._writer.write
+    withdrawals: list[records.Withdrawal] = []
+
+    async def withdraw_first(batch: Batch, **kw: Any) -> Any:
+        if not withdrawals and any(e.dev == "hub-2" for e in batch.accepted):
+            withdrawals.append(await withdraw(trial))
+        return await real_write(batch, **kw)
+
+    monkeypatch.setattr(consumer._writer, "write", withdraw_first)
+    r = await send(probe, gateway, hub, 2, [(now_ms() - 20 * MIN, "heart_rate")] * 3)
+
+    assert withdrawals[0].readings_deleted == 2
+    assert (r.stored, r.refused) == (0, 3)
+    assert consumer.stats.consent_rechecks == 1
+    assert await rows(trial.url, "SELECT count(*) FROM readings WHERE device_id = 'hub-2'") == [
+        (0,)
+    ]
+    assert await rejections(trial.url, "hub-2") == [("no_consent", "heart_rate", 3)]
+
+
+async def test_delete_withdrawal_waits_for_a_batch_being_committed(
+    trial: Trial, gateway: RunningGateway, probe: MqttProbe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A withdrawal started while a batch's transaction is open waits for its COMMIT, and
+    then deletes that batch's readings with the rest."""
+    hub = await _delete_policy_with_held_data(trial, probe, gateway)
+    consumer = gateway.consumer
+    real_write = consumer._writer.write
+    pending: list[asyncio.Task[records.Withdrawal]] = []
+
+    async def withdraw_during(batch: Batch, **kw: Any) -> Any:
+        also = kw.pop("also", None)
+
+        async def start_withdrawal(conn: db.Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
+            if also is not None:
+                await also(conn, fresh)
+            if not pending and any(e.dev == "hub-2" for e in fresh):
+                pending.append(asyncio.create_task(withdraw(trial)))
+                await asyncio.sleep(0.5)  # long enough for the withdrawal to block on the lock
+                assert not pending[0].done(), "the withdrawal did not wait for the batch"
+
+        return await real_write(batch, also=start_withdrawal, **kw)
+
+    monkeypatch.setattr(consumer._writer, "write", withdraw_during)
+    r = await send(probe, gateway, hub, 2, [(now_ms() - 20 * MIN, "heart_rate")] * 3)
+    assert (r.stored, r.refused) == (3, 0)
+    w = await pending[0]
+
+    assert w.readings_deleted == 5
+    assert consumer.stats.consent_rechecks == 0
+    assert await rows(trial.url, "SELECT count(*) FROM readings WHERE device_id = 'hub-2'") == [
+        (0,)
+    ]
 
 
 async def test_after_a_reconsent_deadline_until_the_new_version_is_signed(
