@@ -21,9 +21,12 @@ published at QoS 1.
    Once with only that monitor connected, once with ``clients`` more connected.
 3. **Clients**: peak readings/s with 0 and with ``clients`` connected people, alternated
    ``CLIENT_ROUNDS`` times: half monitors holding an alert stream open, half clinicians
-   polling the live view's readings every ``POLL_EVERY_S`` (as ``live.js`` does; each load
-   participant has the last 10 minutes of 1 Hz heart rate, so a poll answers about 600
-   readings), each with a session of its own. The result is the ratio of the medians.
+   polling a load participant's live view as ``live.js`` does (the 10-minute window whole,
+   about 600 readings of 1 Hz heart rate, then every ``POLL_EVERY_S`` what was received
+   since the previous answer's cursor, and whole again every ``FULL_EVERY`` polls), each with
+   a session of its own, while a feeder stores 1 Hz heart rate for every watched participant
+   so the incremental polls find what a streaming wearable would give them. The result is
+   the ratio of the medians.
 """
 
 from __future__ import annotations
@@ -83,8 +86,11 @@ LIVE_HZ = 1
 # Throughput runs per condition (0 and N people, alternated); the median of each counts.
 CLIENT_ROUNDS = 3
 HIGH = 150.0
-# The live view reads the last minutes of readings this often (gateway/web/static/live.js).
+# The live view (gateway/web/static/live.js) reads its window whole, then this often only
+# what the gateway received since the previous answer's cursor, and whole again every
+# FULL_EVERY polls.
 POLL_EVERY_S = 2.0
+FULL_EVERY = 30
 TARGET_P99_MS = 500.0
 TARGET_MAX_SLOWDOWN = 0.10
 # Envelopes of the first peak measurement, which sizes the later batches.
@@ -111,6 +117,7 @@ class _Hub:
 
 @dataclass
 class _Trial:
+    url: str
     load: list[_Hub]
     probes: list[_Hub]
     monitor_tokens: list[str] = field(default_factory=list)
@@ -119,6 +126,8 @@ class _Trial:
     # duplicate, stored once) and whether its alert is open.
     probe_seqs: dict[str, int] = field(default_factory=dict)
     probe_open: dict[str, bool] = field(default_factory=dict)
+    # Readings in each live-view answer, across runs.
+    live_answers: list[int] = field(default_factory=list)
 
 
 # --- the scratch trial ----------------------------------------------------------------------
@@ -134,7 +143,7 @@ async def _create_trial(url: str, hubs: int, clients: int) -> _Trial:
             await ensure_partitions(
                 conn, {partition_start_ms(to_ms(now) + k * day) for k in range(-1, 3)}
             )
-    trial = _Trial([], [])
+    trial = _Trial(url, [], [])
     async with db.connection(url) as conn:
         async with conn.transaction():
             await registry.create_study(conn, "BENCH", "Alerts benchmark")
@@ -226,25 +235,21 @@ async def _prefill_live(conn: db.Conn, hubs: list[_Hub], now: datetime) -> None:
                 " VALUES (%s, 0, %s, %s, %s, %s, %s, %s, 0)",
                 (h.device_id, h.participant_id, now, now, os.urandom(32), n, n),
             )
-            async with conn.cursor().copy(
-                "COPY readings (time, participant_id, metric, value, unit, device_id, seq,"
-                " sensor, received_at) FROM STDIN"
-            ) as copy:
+            async with conn.cursor().copy(_COPY_LIVE) as copy:
                 for i in range(n):
                     t = start + timedelta(seconds=i / LIVE_HZ)
-                    await copy.write_row(
-                        (
-                            t,
-                            h.participant_id,
-                            "heart_rate",
-                            60.0 + i % 30,
-                            "/min",
-                            h.device_id,
-                            0,
-                            "hr-1",
-                            now,
-                        )
-                    )
+                    await copy.write_row(_live_row(h, t, 60.0 + i % 30, now))
+
+
+_COPY_LIVE = (
+    "COPY readings (time, participant_id, metric, value, unit, device_id, seq, sensor,"
+    " received_at) FROM STDIN"
+)
+
+
+def _live_row(hub: _Hub, t: datetime, value: float, received: datetime) -> tuple[object, ...]:
+    """A heart-rate reading of the live data, in the prefilled envelope (seq 0)."""
+    return (t, hub.participant_id, "heart_rate", value, "/min", hub.device_id, 0, "hr-1", received)
 
 
 # --- the load publisher (a process of its own) ---------------------------------------------
@@ -436,17 +441,46 @@ async def _monitor(
 
 
 async def _clinician(
-    http: aiohttp.ClientSession, base: str, token: str, participant: str, ready: asyncio.Event
+    http: aiohttp.ClientSession,
+    base: str,
+    token: str,
+    participant: str,
+    ready: asyncio.Event,
+    answered: list[int],
 ) -> None:
-    path = f"{base}/api/v1/participants/{participant}/readings?minutes=10"
+    """Polls a participant's live view as live.js does; appends each answer's reading count."""
+    path = f"{base}/api/v1/participants/{participant}/readings?minutes={LIVE_MINUTES}"
+    cursor: int | None = None
+    polls = 0
     while True:
         t = time.monotonic()
-        async with http.get(path, headers=_cookie(token)) as resp:
+        full = cursor is None or polls % FULL_EVERY == 0
+        polls += 1
+        url = path if full else f"{path}&received_after={cursor}"
+        async with http.get(url, headers=_cookie(token)) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"live view refused: {resp.status}")
-            await resp.read()
+            body = await resp.json()
+        cursor = body["cursor"]
+        answered.append(len(body["readings"]))
         ready.set()
         await asyncio.sleep(max(0.0, POLL_EVERY_S - (time.monotonic() - t)))
+
+
+async def _live_feed(url: str, hubs: list[_Hub]) -> None:
+    """Until cancelled: a 1 Hz heart rate for each watched participant, received now, so
+    the live views' polls after the first find what a streaming wearable would give them.
+    Stored directly (one COPY a second), not through the gateway whose throughput is being
+    measured."""
+    async with db.connection(url) as conn:
+        i = 0
+        while True:
+            now = datetime.now(UTC)
+            async with conn.transaction(), conn.cursor().copy(_COPY_LIVE) as copy:
+                for h in hubs:
+                    await copy.write_row(_live_row(h, now, 60.0 + i % 30, now))
+            i += 1
+            await asyncio.sleep(1 / LIVE_HZ)
 
 
 @contextlib.asynccontextmanager
@@ -456,6 +490,9 @@ async def _people(
     """``count`` people on the pages (half monitors, half clinicians), all connected."""
     readies: list[asyncio.Event] = []
     tasks: list[asyncio.Task[None]] = []
+    watched = trial.load[: min(len(trial.load), count // 2)]
+    if watched:
+        tasks.append(asyncio.create_task(_live_feed(trial.url, watched), name="bench-live-feed"))
     for i in range(count):
         ready = asyncio.Event()
         readies.append(ready)
@@ -465,7 +502,7 @@ async def _people(
         else:
             token = trial.clinician_tokens[i // 2]
             participant = trial.load[(i // 2) % len(trial.load)].participant_id
-            coro = _clinician(http, base, token, participant, ready)
+            coro = _clinician(http, base, token, participant, ready, trial.live_answers)
         tasks.append(asyncio.create_task(coro, name=f"bench-person-{i}"))
         await asyncio.sleep(POLL_EVERY_S / max(count, 1))  # spread the pollers' phases
     try:
@@ -752,8 +789,16 @@ async def run(
             "probes": probes,
             "probe_interval_s": PROBE_INTERVAL_S,
             "poll_every_s": POLL_EVERY_S,
+            "full_window_every_polls": FULL_EVERY,
         },
         "peak": peak,
         "latency": latency,
         "clients": crowd,
+        "live_view_answers": {
+            "polls": len(trial.live_answers),
+            "mean_readings": round(statistics.fmean(trial.live_answers), 1)
+            if trial.live_answers
+            else None,
+            "max_readings": max(trial.live_answers, default=None),
+        },
     }

@@ -28,6 +28,11 @@ from storage.migrate import StorageMode
 ROLLUP_OVERLAP = timedelta(minutes=5)
 # At most this many readings come back for one window (about 1 Hz for 1 hour of 3 metrics).
 MAX_WINDOW_READINGS = 20_000
+# A reading's received_at is stamped when the gateway takes its batch, before the batch
+# commits, so a poll's cursor is set this far before the poll: a batch committed within
+# that long after it was received is still in the next poll (the page drops duplicates).
+# A page also reloads its whole window now and then, which catches anything slower.
+RECEIVED_OVERLAP_MS = 15_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,20 +298,24 @@ async def readings_window(
     since: datetime,
     *,
     metrics: Collection[str] | None = None,
+    received_after: datetime | None = None,
     limit: int = MAX_WINDOW_READINGS,
 ) -> list[ReadingRow]:
     """Stored readings of the participant measured at or after ``since``, oldest first (the
-    newest ``limit`` when there are more)."""
+    newest ``limit`` when there are more); with ``received_after``, only those the gateway
+    received after it (a live view's poll after its first)."""
     cur = await conn.execute(
         "SELECT time, metric, value, unit, device_id, sensor FROM ("
         " SELECT time, metric, value, unit, device_id, sensor FROM readings"
         " WHERE participant_id = %(pid)s AND time >= %(since)s"
         " AND (%(metrics)s::text[] IS NULL OR metric = ANY(%(metrics)s))"
+        " AND (%(after)s::timestamptz IS NULL OR received_at > %(after)s)"
         " ORDER BY time DESC LIMIT %(limit)s) w ORDER BY time, metric",
         {
             "pid": participant_id,
             "since": since,
             "metrics": None if metrics is None else list(metrics),
+            "after": received_after,
             "limit": limit,
         },
     )

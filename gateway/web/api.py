@@ -41,7 +41,7 @@ from storage.exports import errors as export_errors
 from storage.exports import jobs
 from storage.exports.selection import ExportKind, ExportRequest
 from storage.exports.selection import participants as export_participants
-from storage.timeconv import to_ms
+from storage.timeconv import from_ms, to_ms
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ READINGS = obj(
         "participant_id": STR,
         "from": TIME,
         "to": TIME,
+        "cursor": INT,
         "readings": arr(
             obj(
                 {
@@ -609,10 +610,15 @@ async def get_readings(ctx: Ctx) -> web.StreamResponse:
     now = datetime.now(UTC)
     since = now - timedelta(minutes=ctx.query["minutes"])
     metric = ctx.query["metric"]
+    after = ctx.query["received_after"]
     async with _pool(ctx).connection() as conn:
         await require_participant(ctx.user, pid, conn)
         rows = await views.readings_window(
-            conn, pid, since, metrics=None if metric is None else [metric]
+            conn,
+            pid,
+            since,
+            metrics=None if metric is None else [metric],
+            received_after=None if after is None else from_ms(after),
         )
         gaps = await views.gaps_window(conn, pid, since)
     return web.json_response(
@@ -620,6 +626,7 @@ async def get_readings(ctx: Ctx) -> web.StreamResponse:
             "participant_id": pid,
             "from": _t(since),
             "to": _t(now),
+            "cursor": to_ms(now) - views.RECEIVED_OVERLAP_MS,
             "readings": [
                 {
                     "t": to_ms(r.time),
@@ -1152,6 +1159,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=(
             Field("metric", required=False, enum=METRIC_NAMES),
             Field("minutes", kind="integer", required=False, minimum=1, maximum=1440, default=10),
+            Field(
+                "received_after",
+                kind="integer",
+                required=False,
+                minimum=0,
+                maximum=253_402_300_799_999,  # 9999-12-31T23:59:59.999Z
+                description="the previous answer's cursor: only readings received since then",
+            ),
         ),
         ok_schema=READINGS,
     ),

@@ -1,5 +1,5 @@
 """Read queries behind the pages: hourly rollups kept up to date incrementally in plain mode,
-reading windows and gaps."""
+reading windows and gaps, and the live view's incremental polls."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from storage import db, partitions, views
 from storage.migrate import StorageMode
 from storage.timeconv import to_ms
 from tests.fixtures.trial import Trial
+from tests.web.conftest import Web
 
 
 async def store(trial: Trial, rows: list[tuple[datetime, float]], received: datetime) -> None:
@@ -77,3 +78,48 @@ async def test_reading_window_and_gaps_are_the_participants_own(trial: Trial) ->
             await views.readings_window(conn, "P1", now - timedelta(hours=1), metrics=["spo2"])
             == []
         )
+
+
+async def test_a_poll_with_received_after_answers_only_what_arrived_since(trial: Trial) -> None:
+    now = datetime.now(UTC)
+    async with db.connection(trial.url) as conn, conn.transaction():
+        await partitions.ensure_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
+    first = now - timedelta(seconds=30)
+    await store(trial, [(now - timedelta(minutes=5), 61.0)], first)
+    # Measured earlier than the first reading but received later (a hub catching up).
+    await store(trial, [(now - timedelta(minutes=6), 62.0), (now, 63.0)], now)
+    async with db.connection(trial.url) as conn:
+        since = now - timedelta(minutes=10)
+        everything = await views.readings_window(conn, "P1", since)
+        assert [r.value for r in everything] == [62.0, 61.0, 63.0]
+        newer = await views.readings_window(conn, "P1", since, received_after=first)
+        assert [r.value for r in newer] == [62.0, 63.0]
+        assert await views.readings_window(conn, "P1", since, received_after=now) == []
+
+
+async def test_the_live_view_api_hands_out_a_cursor_that_overlaps_the_commit_delay(
+    web: Web,
+) -> None:
+    trial = web.trial
+    now = datetime.now(UTC)
+    async with db.connection(trial.url) as conn, conn.transaction():
+        await partitions.ensure_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
+    path = "/api/v1/participants/P1/readings?minutes=10"
+    await store(trial, [(now - timedelta(minutes=1), 70.0)], now - timedelta(minutes=2))
+
+    resp = await web.call("clinician", "GET", path)
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert [r["value"] for r in body["readings"]] == [70.0]
+    cursor = body["cursor"]
+    assert abs(cursor - (to_ms(now) - views.RECEIVED_OVERLAP_MS)) < 5_000
+
+    # A batch received just before the poll but committed after it is still in the next.
+    await store(trial, [(now, 71.0)], now - timedelta(seconds=1))
+    resp = await web.call("clinician", "GET", f"{path}&received_after={cursor}")
+    assert [r["value"] for r in (await resp.json())["readings"]] == [71.0]
+
+    for bad in ("-1", "soon", "253402300800000"):
+        resp = await web.call("clinician", "GET", f"{path}&received_after={bad}")
+        assert resp.status == 400, bad
+        assert (await resp.json())["field"] == "received_after"

@@ -1,14 +1,20 @@
 "use strict";
-// A clinician's live view of one participant: each metric over the last minutes (read again
-// every few seconds), the last days from hourly rollups, gaps drawn as gaps, and each
-// wearable's battery and last contact.
+// A clinician's live view of one participant: each metric over the last minutes, the last
+// days from hourly rollups, gaps drawn as gaps, and each wearable's battery and last contact.
+// The window is read whole once, then every few seconds only what the gateway received
+// since the previous answer's cursor (merged here, duplicates dropped), and whole again
+// every FULL_EVERY polls, which also catches anything a cursor could miss.
 (() => {
   const { el, api, session, time, ago, section, table, status } = TS;
   const SVG = "http://www.w3.org/2000/svg";
   const MINUTES = 10;
   const REFRESH_MS = 2000;
+  const FULL_EVERY = 30;
   const pid = document.body.dataset.participant;
   const panels = new Map();
+  const held = new Map(); // metric -> Map(key -> point), the window's readings
+  let cursor = null;
+  let polls = 0;
 
   function svg(tag, attrs) {
     const n = document.createElementNS(SVG, tag);
@@ -90,15 +96,22 @@
   }
 
   async function refreshLive() {
-    const data = await api(`/api/v1/participants/${encodeURIComponent(pid)}/readings?minutes=${MINUTES}`);
+    const full = cursor === null || polls % FULL_EVERY === 0;
+    polls += 1;
+    const since = full ? "" : `&received_after=${cursor}`;
+    const data = await api(`/api/v1/participants/${encodeURIComponent(pid)}/readings?minutes=${MINUTES}${since}`);
     const from = Date.parse(data.from), to = Date.parse(data.to);
-    const by = new Map();
+    if (full) held.clear();
     for (const r of data.readings) {
-      if (!by.has(r.metric)) by.set(r.metric, []);
-      by.get(r.metric).push({ t: r.t, v: r.value, unit: r.unit });
+      if (!held.has(r.metric)) held.set(r.metric, new Map());
+      held.get(r.metric).set(`${r.t}|${r.device_id}|${r.sensor}`, { t: r.t, v: r.value, unit: r.unit });
     }
+    cursor = data.cursor;
     const gaps = data.gaps.map((g) => ({ from: g.from, to: g.to, reason: g.reason }));
-    for (const [metric, points] of by) {
+    for (const [metric, byKey] of held) {
+      for (const [k, p] of byKey) if (p.t < from) byKey.delete(k);
+      const points = [...byKey.values()].sort((a, b) => a.t - b.t);
+      if (!points.length) continue;
       const p = panel(metric);
       const last = points[points.length - 1];
       p.latest.textContent = `${last.v} ${last.unit} at ${new Date(last.t).toLocaleTimeString()}`;
