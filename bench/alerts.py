@@ -491,8 +491,11 @@ async def _people(
     readies: list[asyncio.Event] = []
     tasks: list[asyncio.Task[None]] = []
     watched = trial.load[: min(len(trial.load), count // 2)]
-    if watched:
-        tasks.append(asyncio.create_task(_live_feed(trial.url, watched), name="bench-live-feed"))
+    feed = (
+        asyncio.create_task(_live_feed(trial.url, watched), name="bench-live-feed")
+        if watched
+        else None
+    )
     for i in range(count):
         ready = asyncio.Event()
         readies.append(ready)
@@ -515,9 +518,10 @@ async def _people(
                     task.result()  # raises what went wrong
         yield
     finally:
-        for task in tasks:
+        everything = [*tasks, *([feed] if feed is not None else [])]
+        for task in everything:
             task.cancel()
-        for task in tasks:
+        for task in everything:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await task
 
