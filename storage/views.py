@@ -32,7 +32,7 @@ MAX_WINDOW_READINGS = 20_000
 # commits, so a poll's cursor is set this far before the poll: a batch committed within
 # that long after it was received is still in the next poll (the page drops duplicates).
 # A page also reloads its whole window now and then, which catches anything slower.
-RECEIVED_OVERLAP_MS = 15_000
+RECEIVED_OVERLAP_MS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
