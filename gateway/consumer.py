@@ -19,6 +19,7 @@ which the broker delivers the unacknowledged messages again (stored once: the de
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -218,11 +219,19 @@ class Consumer:
             receive_maximum=RECEIVE_MAXIMUM,
         )
         self._client.loop_start()
+        # Two batches in flight: while one is written and receipted, the next is collected,
+        # decoded and verified (signature checks in a thread: the CPU work overlaps the
+        # database's). Batches are stored and acknowledged strictly in order.
+        judging = asyncio.create_task(self._collect_and_judge(), name="consumer-judge")
         try:
             while True:
-                batch = await self._collect()
-                await self._process(batch)
+                judged = await judging
+                judging = asyncio.create_task(self._collect_and_judge(), name="consumer-judge")
+                await self._store_and_finish(judged)
         finally:
+            judging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await judging
             self._stopping.set()
             self._client.disconnect()
             self._client.loop_stop()
@@ -240,32 +249,48 @@ class Consumer:
                 break
         return items
 
-    async def _process(self, messages: Sequence[_Message]) -> None:
+    async def _collect_and_judge(self) -> _Judged:
+        return await self._judge(await self._collect())
+
+    async def _judge(self, messages: Sequence[_Message]) -> _Judged:
+        """Decode, verify and admit a batch (nothing written yet)."""
         self.stats.messages += len(messages)
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(None, _decode_all, messages)
         decoded: list[tuple[_Message, pipeline.Decoded]] = []
-        rejected: list[tuple[_Message, RejectedEnvelope]] = []
-        for m in messages:
-            d = pipeline.decode(pipeline.Inbound(m.topic, m.payload, m.received_ms))
+        undecodable: list[tuple[_Message, RejectedEnvelope]] = []
+        for m, d in zip(messages, results, strict=True):
             if isinstance(d, RejectedEnvelope):
-                rejected.append((m, d))
+                undecodable.append((m, d))
             else:
                 decoded.append((m, d))
-        now_ms = self._now_ms()
+        judged = _Judged(decoded, undecodable, self._now_ms())
+        await self._admit(judged)
+        return judged
+
+    async def _admit(self, judged: _Judged) -> None:
+        judged.accepted, judged.refused, judged.consent = await self._verify_and_admit(
+            judged.decoded, judged.now_ms
+        )
+
+    async def _store_and_finish(self, judged: _Judged) -> None:
         while True:
-            accepted, more_rejected, consent = await self._verify_and_admit(decoded, now_ms)
             unchanged = functools.partial(
                 records.confirm_unchanged,
-                participants={a.participant_id for _, a in accepted},
-                snapshot=consent,
+                participants={a.participant_id for _, a in judged.accepted},
+                snapshot=judged.consent,
             )
             try:
-                outcomes = await self._store(accepted, rejected + more_rejected, now_ms, unchanged)
+                outcomes = await self._store(
+                    judged.accepted, judged.rejected, judged.now_ms, unchanged
+                )
                 break
             except ConsentChanged as exc:
                 # Judged on consent that changed before the batch could commit: judge again.
                 self.stats.consent_rechecks += 1
                 log.info("consent changed while the batch was judged; judging again: %s", exc)
-        self._finish(accepted, rejected + more_rejected, outcomes, now_ms)
+                await self._admit(judged)
+        await self._finish(judged.accepted, judged.rejected, outcomes, judged.now_ms)
 
     async def _verify_and_admit(
         self, decoded: Sequence[tuple[_Message, pipeline.Decoded]], now_ms: int
@@ -407,60 +432,50 @@ class Consumer:
             )
         return result
 
-    def _finish(
+    async def _finish(
         self,
         accepted: list[tuple[_Message, AcceptedEnvelope]],
         rejected: list[tuple[_Message, RejectedEnvelope]],
         outcomes: dict[_Key, EnvelopeOutcome],
         now_ms: int,
     ) -> None:
-        """After COMMIT: acknowledge to the broker and send a signed receipt per envelope."""
-        for m, a in accepted:
-            o = outcomes[_key(a)]
-            if o.refused_by_db:
-                self.stats.rejected_envelopes[Reason.STORAGE_REFUSED.value] += 1
-                self._receipt(
-                    Receipt(
-                        a.dev,
-                        a.seq,
-                        RECEIPT_REJECTED,
-                        0,
-                        o.refused,
-                        now_ms,
-                        Reason.STORAGE_REFUSED.value,
-                    )
-                )
-                self._ack(m)
-                continue
-            if o.conflict:
-                self.stats.rejected_envelopes[Reason.DUPLICATE.value] += 1
-                self._receipt(
-                    Receipt(
-                        a.dev, a.seq, RECEIPT_REJECTED, 0, o.refused, now_ms, Reason.DUPLICATE.value
-                    )
-                )
-                self._ack(m)
-                continue
-            if o.new:
-                self.stats.envelopes_new += 1
-                self.stats.readings_stored += o.stored
-                for f in a.refusals:
-                    self.stats.rejected_readings[f.reason.value] += f.count
-            else:
-                self.stats.envelopes_replayed += 1
-            # Accepted even when consent refused every reading: the envelope was processed,
-            # and ``refused`` tells the hub how many readings were not stored.
-            self._receipt(Receipt(a.dev, a.seq, RECEIPT_ACCEPTED, o.stored, o.refused, now_ms))
-            self._ack(m)
-        for m, r in rejected:
+        """After COMMIT: a signed receipt per envelope, and the acknowledgement to the broker.
+
+        The receipts are signed in a thread (the signatures are most of the work), then
+        published and the messages acknowledged in the batch's order.
+        """
+        receipts: list[Receipt | None] = []
+        for _, a in accepted:
+            receipts.append(self._accepted_receipt(a, outcomes[_key(a)], now_ms))
+        for _, r in rejected:
             self.stats.rejected_envelopes[r.reason.value] += 1
-            if r.dev is not None and r.seq is not None and r.reason is not Reason.TOPIC_MISMATCH:
-                self._receipt(
-                    Receipt(
-                        r.dev, r.seq, RECEIPT_REJECTED, 0, r.reading_count, now_ms, r.reason.value
-                    )
-                )
+            receipts.append(_rejected_receipt(r, now_ms))
+        key = self._receipt_key
+        sealed = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [None if r is None else seal_receipt(r, key) for r in receipts]
+        )
+        messages = [m for m, _ in accepted] + [m for m, _ in rejected]
+        for m, receipt, data in zip(messages, receipts, sealed, strict=True):
+            if receipt is not None and data is not None:
+                self._publish_receipt(receipt, data)
             self._ack(m)
+
+    def _accepted_receipt(self, a: AcceptedEnvelope, o: EnvelopeOutcome, now_ms: int) -> Receipt:
+        """The receipt of a verified envelope, counted in the stats."""
+        if o.refused_by_db or o.conflict:
+            reason = Reason.STORAGE_REFUSED if o.refused_by_db else Reason.DUPLICATE
+            self.stats.rejected_envelopes[reason.value] += 1
+            return Receipt(a.dev, a.seq, RECEIPT_REJECTED, 0, o.refused, now_ms, reason.value)
+        if o.new:
+            self.stats.envelopes_new += 1
+            self.stats.readings_stored += o.stored
+            for f in a.refusals:
+                self.stats.rejected_readings[f.reason.value] += f.count
+        else:
+            self.stats.envelopes_replayed += 1
+        # Accepted even when consent refused every reading: the envelope was processed, and
+        # ``refused`` tells the hub how many readings were not stored.
+        return Receipt(a.dev, a.seq, RECEIPT_ACCEPTED, o.stored, o.refused, now_ms)
 
     def _ack(self, m: _Message) -> None:
         self._client.ack(m.mid, m.qos)
@@ -470,16 +485,42 @@ class Consumer:
         """Publish with QoS 1 on this worker's broker connection (alert events)."""
         return self._client.publish(topic, payload, qos=1)
 
-    def _receipt(self, receipt: Receipt) -> None:
-        info = self._client.publish(
-            pipeline.down_topic(receipt.dev), seal_receipt(receipt, self._receipt_key), qos=1
-        )
+    def _publish_receipt(self, receipt: Receipt, data: bytes) -> None:
+        info = self._client.publish(pipeline.down_topic(receipt.dev), data, qos=1)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             # The envelope is stored; the hub will republish it and get the receipt again.
             self.stats.receipt_publish_failures += 1
             log.warning(
                 "receipt not published device=%s seq=%d rc=%s", receipt.dev, receipt.seq, info.rc
             )
+
+
+@dataclass(slots=True)
+class _Judged:
+    """A batch between judging and storing: what was decoded, and what admission made of it."""
+
+    decoded: list[tuple[_Message, pipeline.Decoded]]
+    undecodable: list[tuple[_Message, RejectedEnvelope]]
+    now_ms: int
+    accepted: list[tuple[_Message, AcceptedEnvelope]] = field(default_factory=list)
+    refused: list[tuple[_Message, RejectedEnvelope]] = field(default_factory=list)
+    consent: ConsentSnapshot = field(default_factory=ConsentSnapshot)
+
+    @property
+    def rejected(self) -> list[tuple[_Message, RejectedEnvelope]]:
+        return self.undecodable + self.refused
+
+
+def _decode_all(messages: Sequence[_Message]) -> list[pipeline.Decoded | RejectedEnvelope]:
+    return [pipeline.decode(pipeline.Inbound(m.topic, m.payload, m.received_ms)) for m in messages]
+
+
+def _rejected_receipt(r: RejectedEnvelope, now_ms: int) -> Receipt | None:
+    """The receipt of an envelope refused whole; None when there is nobody to send it to (no
+    device and sequence number, or a topic that names another device)."""
+    if r.dev is None or r.seq is None or r.reason is Reason.TOPIC_MISMATCH:
+        return None
+    return Receipt(r.dev, r.seq, RECEIPT_REJECTED, 0, r.reading_count, now_ms, r.reason.value)
 
 
 _Key = tuple[str, int, bytes]
