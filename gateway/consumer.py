@@ -198,9 +198,12 @@ class Consumer:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         # Blocks paho's network thread while MAX_UNACKED messages wait: back-pressure by TCP.
-        while not self._slots.acquire(timeout=_SLOT_POLL_S):
+        # Once stopping, every message is let go at once (not acknowledged: the broker
+        # delivers it again to this session), or a backlog in the socket would hold the
+        # shutdown for _SLOT_POLL_S per message.
+        while self._stopping.is_set() or not self._slots.acquire(timeout=_SLOT_POLL_S):
             if self._stopping.is_set():
-                return  # not acknowledged: the broker delivers it again to this session
+                return
         item = _Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._now_ms())
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 # A worker that keeps dying is restarted at most this often, so a broken setting does not
 # spin the machine.
 RESTART_MIN_INTERVAL_S = 5.0
+# Workers get this long, together, to finish their batch and close after SIGTERM.
+STOP_GRACE_S = 15.0
+# How often a worker checks that its supervisor is still there.
+PARENT_CHECK_S = 1.0
 
 
 async def serve_worker(settings: Settings, worker: int, stop: asyncio.Event) -> None:
@@ -60,9 +64,24 @@ def _worker_main(settings: Settings, worker: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve_worker(settings, worker, stop)
+        watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+        try:
+            await serve_worker(settings, worker, stop)
+        finally:
+            watch.cancel()
 
     asyncio.run(main())
+
+
+async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
+    """Stop the worker if its supervisor is gone (killed without stopping it): a worker
+    left behind would keep consuming beside the next deployment's."""
+    while True:
+        await asyncio.sleep(PARENT_CHECK_S)
+        if os.getppid() != parent:
+            break
+    log.error("supervisor pid=%d is gone; stopping", parent)
+    stop.set()
 
 
 async def prepare(settings: Settings) -> None:
@@ -115,8 +134,10 @@ def run(settings: Settings, workers: int) -> int:
         if p.is_alive() and p.pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
     for p in procs.values():
-        p.join(timeout=15)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
         if p.is_alive():
+            log.error("worker pid=%s did not stop within %.0f s; killed", p.pid, STOP_GRACE_S)
             p.kill()
     return 0

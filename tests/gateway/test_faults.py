@@ -27,9 +27,12 @@ from psycopg import conninfo, sql
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway.broker import MosquittoBroker, free_port
+from gateway.consumer import MAX_UNACKED
+from gateway.serve import STOP_GRACE_S
 from ingest import keys
 from ingest.model import Reading
 from storage import db
+from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.trial import Hub, Trial
 from tests.fixtures.waiting import wait_until
 
@@ -446,3 +449,60 @@ async def test_database_outage_holds_messages_and_resumes_exactly_once(
             await drained(running, within=90)
             await assert_stored_exactly_once(trial.url, running)
             assert all(h.produced == 3000 for h in running)
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+async def test_a_stopped_gateway_lets_its_backlog_go_and_exits_promptly(
+    trial: Trial, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A worker holding MAX_UNACKED messages, with more waiting in its socket, stops at once
+    on SIGINT: what it holds is not acknowledged (the broker delivers it again)."""
+    with gateway_process(trial.url, mosquitto, tmp_path / "gw", workers=1) as gw:
+        await gw.healthy()
+        workers = gw.worker_pids()
+        probe = MqttProbe(mosquitto, "backlog-publisher")
+        try:
+            async with db.connection(trial.url) as blocker:
+                # Every batch's rejection rows now wait for this lock: the worker fills up.
+                await blocker.execute("LOCK TABLE rejections IN ACCESS EXCLUSIVE MODE")
+                infos = [
+                    probe.client.publish(f"dct/v1/junk-{i % 7}/up", b"not an envelope", qos=1)
+                    for i in range(MAX_UNACKED + 2000)
+                ]
+                await asyncio.to_thread(infos[-1].wait_for_publish, 30)
+                assert all(i.is_published() for i in infos)  # all at the broker
+                await wait_until(
+                    lambda: gw.metric("trialstream_messages_total") > 0, "the worker taking them"
+                )
+                started = time.monotonic()
+                gw.stop()
+                took = time.monotonic() - started
+        finally:
+            probe.close()
+    assert took < STOP_GRACE_S, gw.log_tail()
+    assert "did not stop" not in gw.log_tail()
+    assert not any(_running(p) for p in workers)
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    trial: Trial, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    with gateway_process(trial.url, mosquitto, tmp_path / "gw", workers=2) as gw:
+        await gw.healthy()
+        workers = gw.worker_pids()
+        assert len(workers) == 2
+        assert gw.proc is not None
+        os.kill(gw.proc.pid, signal.SIGKILL)  # the supervisor only
+        gw.proc.wait()
+        await wait_until(
+            lambda: not any(_running(p) for p in workers),
+            "the orphaned workers stopping by themselves",
+            within=20,
+        )
