@@ -9,7 +9,10 @@ classes bound to it::
     scanner = BleakScanner(service_uuids=[HR_SERVICE], backend=adapter.scanner_backend)
     client = BleakClient(ble_device, backend=adapter.client_backend)
 
-Everything above those two constructors is unmodified bleak.
+Everything above those two constructors is unmodified bleak. The adapter's controller is
+either on a radio in this process (:meth:`SimAdapter.create`) or reached over a HCI transport
+(:meth:`SimAdapter.connect_hci`), e.g. a radio in a child process
+(:class:`~device_drivers.sim.process.RadioProcess`).
 """
 
 from __future__ import annotations
@@ -39,9 +42,12 @@ from bumble import att, core, hci
 from bumble.core import AdvertisingData
 from bumble.device import Advertisement, Connection, Device, Peer
 from bumble.gatt_client import CharacteristicProxy, DescriptorProxy, ServiceProxy
+from bumble.host import Host
 from bumble.pairing import PairingDelegate
+from bumble.transport import open_transport
+from bumble.transport.common import Transport
 
-from device_drivers.sim.link import SimError, VirtualRadio
+from device_drivers.sim.link import REMOTE_HOST_ADDRESS, SimError, VirtualRadio, make_device
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +157,25 @@ class _AgentDelegate(PairingDelegate):
 
 
 class SimAdapter:
-    """The hub's Bluetooth adapter: one bumble central on a virtual radio.
+    """The hub's Bluetooth adapter: one bumble central on a virtual radio (directly or over HCI).
 
     It owns what an OS Bluetooth stack owns for bleak: one scan shared by every scanner,
     one connection attempt at a time (controllers allow one pending LE Create Connection),
     the bond store and the pairing agent.
     """
 
-    def __init__(self, device: Device, *, agent: PairingAgent | None = None) -> None:
+    def __init__(
+        self,
+        device: Device,
+        *,
+        agent: PairingAgent | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        """Wrap a powered-on central; ``transport``, if given, is its HCI transport, which
+        the adapter then owns and closes on :meth:`close`."""
         self.device = device
         self.agent = agent
+        self._transport = transport
         self._connect_lock = asyncio.Lock()
         self._scan_lock = asyncio.Lock()
         self._scan_listeners: dict[Hashable, Callable[[Advertisement], None]] = {}
@@ -180,20 +195,50 @@ class SimAdapter:
         *,
         agent: PairingAgent | None = None,
     ) -> SimAdapter:
-        def delegate(connection: Connection) -> PairingDelegate:
-            if agent is None:
-                return PairingDelegate()
-            return _AgentDelegate(agent, _address_string(connection.peer_address))
-
-        device = await radio.create_device(name, pairing_delegate=delegate)
+        """An adapter whose controller is on ``radio``, in this process."""
+        device = await radio.create_device(name, pairing_delegate=_pairing_delegate(agent))
         return cls(device, agent=agent)
+
+    @classmethod
+    async def connect_hci(
+        cls,
+        spec: str,
+        name: str = "trialstream-hub",
+        *,
+        address: hci.Address = REMOTE_HOST_ADDRESS,
+        agent: PairingAgent | None = None,
+    ) -> SimAdapter:
+        """An adapter whose controller is reached over a HCI transport, as a real hub's is.
+
+        ``spec`` is a bumble transport name, e.g. ``"tcp-client:127.0.0.1:9001"`` for a
+        controller that :meth:`VirtualRadio.add_remote_host_controller` serves with
+        ``"tcp-server:127.0.0.1:9001"``, possibly in another process. Only the host stack
+        (bumble's host, GATT client, SMP) then runs here, which is what lets a benchmark
+        measure the hub without the radio. ``address`` is the hub's random static address;
+        give each hub on one radio its own. The adapter closes the transport on
+        :meth:`close`.
+        """
+        transport = await open_transport(spec)
+        try:
+            device = make_device(
+                name,
+                Host(transport.source, transport.sink),
+                address,
+                pairing_delegate=_pairing_delegate(agent),
+            )
+            await device.power_on()
+        except BaseException:
+            await transport.close()
+            raise
+        return cls(device, agent=agent, transport=transport)
 
     @property
     def address(self) -> str:
         return _address_string(self.device.random_address)
 
     async def close(self) -> None:
-        """Disconnect every client, stop scanning and stop listening to the central."""
+        """Disconnect every client, stop scanning, stop listening to the central and close
+        its HCI transport if the adapter owns one."""
         if self._closed:
             return
         self._closed = True
@@ -205,6 +250,8 @@ class SimAdapter:
                 await self.device.stop_scanning()
         self.device.remove_listener(Device.EVENT_ADVERTISEMENT, self._on_advertisement)
         self.device.remove_listener(Device.EVENT_CONNECTION, self._on_connection)
+        if self._transport is not None:
+            await self._transport.close()
 
     async def is_bonded(self, address: str) -> bool:
         keystore = self.device.keystore
@@ -608,6 +655,17 @@ class SimBleakClient(BaseBleakClient):
     async def _drop(self) -> None:
         if self._connection is not None:
             await self.disconnect()
+
+
+def _pairing_delegate(agent: PairingAgent | None) -> Callable[[Connection], PairingDelegate]:
+    """The hub's SMP delegate for a connection: Just Works, or ``agent`` answering."""
+
+    def delegate(connection: Connection) -> PairingDelegate:
+        if agent is None:
+            return PairingDelegate()
+        return _AgentDelegate(agent, _address_string(connection.peer_address))
+
+    return delegate
 
 
 def _bind_backends(

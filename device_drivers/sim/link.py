@@ -2,7 +2,9 @@
 
 Every device on a :class:`VirtualRadio` is a full bumble stack (host + controller) whose
 controller talks to the others over a :class:`bumble.link.LocalLink`. The hub's adapter is one
-central device; each virtual wearable is a peripheral device. Nothing here knows about bleak;
+central device; each virtual wearable is a peripheral device. A controller can also serve a
+host elsewhere over a HCI transport (:meth:`VirtualRadio.add_remote_host_controller`), as a
+dongle serves the host stack of a real hub. Nothing here knows about bleak;
 ``device_drivers.sim.backend`` puts bleak on top of a central device.
 """
 
@@ -22,7 +24,8 @@ from bumble.host import Host
 from bumble.keys import MemoryKeyStore
 from bumble.link import LocalLink
 from bumble.pairing import PairingConfig, PairingDelegate
-from bumble.transport.common import AsyncPipeSink
+from bumble.transport import open_transport
+from bumble.transport.common import AsyncPipeSink, Transport
 
 from device_drivers.errors import DeviceDriverError
 
@@ -32,6 +35,9 @@ logger = logging.getLogger(__name__)
 # The second octet makes simulated devices easy to spot in logs.
 _STATIC_ADDRESS_PREFIX: Final = "C0:5E"
 _MAX_DEVICES: Final = 0xFFFF
+# A host reaching the radio over HCI picks its own address; this default is outside the
+# C0:5E:00:00:xx:xx range the radio allocates, so it never collides with a wearable's.
+REMOTE_HOST_ADDRESS: Final = hci.Address("C0:5E:01:00:00:01", hci.Address.RANDOM_DEVICE_ADDRESS)
 
 
 class SimError(DeviceDriverError):
@@ -92,6 +98,7 @@ class VirtualRadio:
     def __init__(self) -> None:
         self._link = LocalLink()  # type: ignore[no-untyped-call]  # bumble leaves it unannotated
         self._devices: list[tuple[Device, Controller]] = []
+        self._remote_controllers: list[tuple[Controller, Transport]] = []
         self._serial = itertools.count(1)
         self._closed = False
 
@@ -122,36 +129,46 @@ class VirtualRadio:
         address: hci.Address | None = None,
         pairing_delegate: Callable[[Connection], PairingDelegate] | None = None,
     ) -> Device:
-        """Create, power on and return a bumble device on this radio.
-
-        ``pairing_delegate`` makes the SMP delegate (IO capability, passkey, confirmation)
-        for a connection; without it the device pairs with Just Works.
-
-        The device's identity address is its random static address (the RANDOM identity
-        address type): bumble otherwise distributes a public identity address it does not
-        have, and the bond is then filed under the wrong address and never found again on
-        reconnection. Keys are kept in memory only.
-        """
+        """Create, power on and return a bumble device on this radio (see :func:`make_device`)."""
         if self._closed:
             raise RadioClosedError("the virtual radio is closed")
         own_address = address if address is not None else self.allocate_address()
         controller = CancellableController(name, link=self._link)
         controller.random_address = own_address
-        config = DeviceConfiguration()
-        config.name = name
-        config.address = own_address
-        config.identity_address_type = hci.Address.RANDOM_DEVICE_ADDRESS
-        config.irk = (bytes(own_address) * 3)[:16]
-        device = Device(
-            config=config,
-            host=Host(controller, AsyncPipeSink(controller)),
+        device = make_device(
+            name,
+            Host(controller, AsyncPipeSink(controller)),
+            own_address,
+            pairing_delegate=pairing_delegate,
         )
-        device.keystore = MemoryKeyStore()
-        device.pairing_config_factory = _pairing_config_factory(pairing_delegate)
         self._devices.append((device, controller))
         await device.power_on()
         logger.debug("sim device up name=%s address=%s", name, own_address)
         return device
+
+    async def add_remote_host_controller(
+        self, spec: str, name: str = "remote-host-controller"
+    ) -> Controller:
+        """Put one more controller on this radio, its host at the far end of a HCI transport.
+
+        This is how a real hub is split: the controller (a USB dongle) does the radio work
+        and a host stack in another process talks HCI to it. ``spec`` is a bumble transport
+        name for the controller's side, e.g. ``"tcp-server:127.0.0.1:9001"``; the host opens
+        the other side (``"tcp-client:127.0.0.1:9001"``, see
+        :meth:`~device_drivers.sim.backend.SimAdapter.connect_hci`), which may be in another
+        process, so the radio's CPU cost and the host's can be measured apart. The host sets
+        the controller's address over HCI. The radio closes the transport when it closes:
+        to the host that is the dongle being unplugged.
+        """
+        if self._closed:
+            raise RadioClosedError("the virtual radio is closed")
+        transport = await open_transport(spec)
+        controller = CancellableController(
+            name, host_source=transport.source, host_sink=transport.sink, link=self._link
+        )
+        self._remote_controllers.append((controller, transport))
+        logger.debug("sim remote host controller up name=%s spec=%s", name, spec)
+        return controller
 
     async def remove_device(self, device: Device) -> None:
         """Power a device off and take its controller off the link."""
@@ -168,6 +185,39 @@ class VirtualRadio:
         devices, self._devices = self._devices, []
         for device, controller in devices:
             await _shut_down(device, controller, self._link)
+        # After the devices: their disconnections still reach the remote hosts.
+        remotes, self._remote_controllers = self._remote_controllers, []
+        for controller, transport in remotes:
+            _detach(controller, self._link)
+            await _close_transport(transport)
+
+
+def make_device(
+    name: str,
+    host: Host,
+    address: hci.Address,
+    *,
+    pairing_delegate: Callable[[Connection], PairingDelegate] | None = None,
+) -> Device:
+    """A bumble device (not yet powered on) configured as every simulated device is.
+
+    ``pairing_delegate`` makes the SMP delegate (IO capability, passkey, confirmation)
+    for a connection; without it the device pairs with Just Works.
+
+    The device's identity address is its random static address (the RANDOM identity
+    address type): bumble otherwise distributes a public identity address it does not
+    have, and the bond is then filed under the wrong address and never found again on
+    reconnection. Keys are kept in memory only.
+    """
+    config = DeviceConfiguration()
+    config.name = name
+    config.address = address
+    config.identity_address_type = hci.Address.RANDOM_DEVICE_ADDRESS
+    config.irk = (bytes(address) * 3)[:16]
+    device = Device(config=config, host=host)
+    device.keystore = MemoryKeyStore()
+    device.pairing_config_factory = _pairing_config_factory(pairing_delegate)
+    return device
 
 
 def _pairing_config_factory(
@@ -189,8 +239,29 @@ async def _shut_down(device: Device, controller: Controller, link: LocalLink) ->
     for connection in list(device.connections.values()):
         with contextlib.suppress(hci.HCI_Error, asyncio.TimeoutError):
             await connection.disconnect()
+    _detach(controller, link)
+    await device.power_off()
+
+
+def _detach(controller: Controller, link: LocalLink) -> None:
+    """Take a controller off the air: no advertising, no pending connection, off the link."""
     controller.le_legacy_advertiser.stop()
     controller.pending_le_connection = None
     with contextlib.suppress(KeyError):
         link.remove_controller(controller)
-    await device.power_off()
+
+
+async def _close_transport(transport: Transport) -> None:
+    """Close a controller's HCI transport, including what bumble's ``close()`` leaves open.
+
+    bumble's TCP server transport (0.0.236) closes neither its listening socket nor the
+    host's connection; both are closed here, so the host sees the transport lost and the
+    port is free again.
+    """
+    await transport.close()
+    server = getattr(transport, "server", None)
+    if isinstance(server, asyncio.AbstractServer):
+        server.close()
+    connection = getattr(transport.sink, "transport", None)
+    if isinstance(connection, asyncio.BaseTransport):
+        connection.close()
