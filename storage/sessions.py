@@ -68,28 +68,38 @@ async def create_session(
 
 
 _LOOKUP = """
-UPDATE web_sessions s SET last_seen_at = now(),
-       idle_expires_at = least(s.expires_at, now() + %(idle)s)
-FROM users u
-WHERE s.token_sha256 = %(digest)s AND u.user_id = s.user_id
+SELECT u.user_id, u.username, u.display_name, u.role, u.participant_id,
+       coalesce((SELECT array_agg(site_id) FROM user_sites x WHERE x.user_id = u.user_id),
+                '{}'),
+       s.csrf_token, s.created_at, s.expires_at,
+       s.last_seen_at < now() - %(touch)s
+FROM web_sessions s JOIN users u ON u.user_id = s.user_id
+WHERE s.token_sha256 = %(digest)s
   AND s.ended_at IS NULL AND s.idle_expires_at > now() AND s.expires_at > now()
   AND u.disabled_at IS NULL
-RETURNING u.user_id, u.username, u.display_name, u.role, u.participant_id,
-          coalesce((SELECT array_agg(site_id) FROM user_sites x WHERE x.user_id = u.user_id),
-                   '{}'),
-          s.csrf_token, s.created_at, s.expires_at
 """
+_TOUCH = """
+UPDATE web_sessions s SET last_seen_at = now(),
+       idle_expires_at = least(s.expires_at, now() + %(idle)s)
+WHERE s.token_sha256 = %(digest)s AND s.ended_at IS NULL
+"""
+# A session's idle expiry restarts on use, written at most this often: a page polling every
+# few seconds then costs a read per request, not a write (and a commit) per request.
+TOUCH_EVERY = timedelta(seconds=60)
 
 
 async def lookup(conn: Conn, token: str, *, idle: timedelta = IDLE_TIMEOUT) -> Session | None:
-    """The live session of ``token`` (its idle time restarts), or None."""
+    """The live session of ``token`` (its idle time restarts, to within TOUCH_EVERY), or None."""
     if not token or len(token) > 128:
         return None
-    cur = await conn.execute(_LOOKUP, {"digest": token_digest(token), "idle": idle})
+    digest = token_digest(token)
+    cur = await conn.execute(_LOOKUP, {"digest": digest, "touch": TOUCH_EVERY})
     row = await cur.fetchone()
     if row is None:
         return None
-    uid, username, display, role, pid, sites, csrf, created, expires = row
+    uid, username, display, role, pid, sites, csrf, created, expires, stale = row
+    if stale:
+        await conn.execute(_TOUCH, {"digest": digest, "idle": idle})
     user = User(int(uid), str(username), str(display), Role(role), pid, frozenset(sites))
     return Session(user, str(csrf), created, expires)
 

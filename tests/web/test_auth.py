@@ -125,6 +125,36 @@ async def test_a_forged_or_expired_cookie_is_not_a_session(web: Web) -> None:
     assert resp.status == 401
 
 
+async def test_use_restarts_the_idle_expiry_with_at_most_one_write_a_minute(web: Web) -> None:
+    signed = await web.sign_in("clinician")
+
+    async def session_times() -> tuple[object, object]:
+        async with db.connection(web.trial.url) as conn:
+            cur = await conn.execute(
+                "SELECT last_seen_at, idle_expires_at FROM web_sessions s"
+                " JOIN users u USING (user_id) WHERE u.username = 'clinician'"
+                " AND s.ended_at IS NULL"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return row[0], row[1]
+
+    before = await session_times()
+    assert (await web.gateway.client.get(LOGIN, headers=signed.headers())).status == 200
+    assert await session_times() == before  # used again within TOUCH_EVERY: nothing written
+    async with db.connection(web.trial.url) as conn:
+        await conn.execute(
+            "UPDATE web_sessions SET last_seen_at = now() - interval '2 min',"
+            " idle_expires_at = now() + interval '1 min'"
+        )
+        await conn.commit()
+    stale = await session_times()
+    assert (await web.gateway.client.get(LOGIN, headers=signed.headers())).status == 200
+    seen, idle = await session_times()
+    assert seen > stale[0]  # type: ignore[operator]
+    assert idle > stale[1]  # type: ignore[operator]
+
+
 async def test_pages_send_the_signed_out_to_sign_in_and_carry_a_strict_policy(web: Web) -> None:
     resp = await web.gateway.client.get("/monitor", allow_redirects=False)
     assert resp.status == 303
