@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 SETTINGS = web.AppKey("settings", Settings)
 WORKER = web.AppKey("worker", int)
 POOL = web.AppKey("pool", AsyncConnectionPool)
+# The consumer's own connections: the pages' and API's load can never take the ones the
+# ingest path needs (one batch being judged, one being written).
+INGEST_POOL = web.AppKey("ingest_pool", AsyncConnectionPool)
 MODE = web.AppKey("mode", StorageMode)
 CONSUMER = web.AppKey("consumer", Consumer)
 CONSUMER_TASK = web.AppKey("consumer_task", asyncio.Task[None])
@@ -67,8 +70,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         report = await migrate(conn, settings.storage_mode)
     app[MODE] = report.mode
     app[POOL] = await db.open_pool(url, min_size=1, max_size=4)
+    app[INGEST_POOL] = await db.open_pool(url, min_size=2, max_size=2)
     log.info("database ready mode=%s schema=%d", report.mode, report.version)
     yield
+    await app[INGEST_POOL].close()
     await app[POOL].close()
 
 
@@ -93,8 +98,8 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
         tls = app[STUDY_CA].issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
     consumer = Consumer(
         config,
-        app[POOL],
-        BulkWriter(app[POOL], app[MODE]),
+        app[INGEST_POOL],
+        BulkWriter(app[INGEST_POOL], app[MODE]),
         app[RECEIPT_KEY],
         configure_client=configure_tls(tls),
         also=app[ALERT_ENGINE],

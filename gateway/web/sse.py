@@ -108,7 +108,16 @@ class AlertFeed:
             return None
         if last >= self._head:
             return []
-        return [s for s in self._window if s[0].event_id > last and s[0].site_id in sites]
+        # Event ids increase along the window, and a stream asks for its newest few: walk
+        # back from the end (a stream waking per event costs what is new, not the window).
+        out: list[Sent] = []
+        for sent in reversed(self._window):
+            if sent[0].event_id <= last:
+                break
+            if sent[0].site_id in sites:
+                out.append(sent)
+        out.reverse()
+        return out
 
     async def wait(self, within_s: float) -> None:
         if self.closing:
