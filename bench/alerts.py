@@ -26,7 +26,8 @@ published at QoS 1.
    since the previous answer's cursor, and whole again every ``FULL_EVERY`` polls), each with
    a session of its own, while a feeder stores 1 Hz heart rate for every watched participant
    so the incremental polls find what a streaming wearable would give them. The result is
-   the ratio of the medians.
+   the ratio of the medians. The people run in a process of their own, whose CPU use is
+   reported (on this machine their client work shares the gateway's two cores).
 """
 
 from __future__ import annotations
@@ -526,6 +527,73 @@ async def _people(
                 await task
 
 
+@dataclass(frozen=True, slots=True)
+class _CrowdReport:
+    live_answers: list[int]
+    cpu_s: float
+    wall_s: float
+
+    @property
+    def cpu_pct(self) -> float:
+        return 100 * self.cpu_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def _crowd_main(conn: Connection, base: str, trial: _Trial, count: int) -> None:
+    """The connected people, in a process of their own: their client work (HTTP, JSON,
+    SSE parsing) must neither delay the latency probe's event loop nor hide in its CPU."""
+
+    async def main() -> None:
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            try:
+                async with _people(http, base, trial, count):
+                    cpu, wall = time.process_time(), time.monotonic()
+                    conn.send(("ready", None))
+                    await asyncio.to_thread(conn.recv)  # until told to stop
+                    report = _CrowdReport(
+                        trial.live_answers,
+                        time.process_time() - cpu,
+                        time.monotonic() - wall,
+                    )
+            except Exception as exc:  # reported to the parent, which raises
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                return
+        conn.send(("done", report))
+
+    asyncio.run(main())
+
+
+@contextlib.asynccontextmanager
+async def _crowd(base: str, trial: _Trial, count: int) -> AsyncIterator[list[_CrowdReport]]:
+    """``count`` people connected (in a child process) while the block runs; the list it
+    yields gets the crowd's report when the block ends."""
+    reports: list[_CrowdReport] = []
+    if count == 0:
+        yield reports
+        return
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_crowd_main, args=(child, base, trial, count), daemon=True)
+    proc.start()
+    try:
+        kind, detail = await asyncio.to_thread(conn.recv)
+        if kind != "ready":
+            raise RuntimeError(f"the people could not connect: {detail}")
+        yield reports
+        conn.send("stop")
+        kind, detail = await asyncio.to_thread(conn.recv)
+        if kind != "done":
+            raise RuntimeError(f"the people failed: {detail}")
+        reports.append(detail)
+        trial.live_answers.extend(detail.live_answers)
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 # --- measurements ---------------------------------------------------------------------------
 
 
@@ -614,7 +682,7 @@ async def _latency(
             raise TimeoutError("the probe publisher could not connect")
         async with asyncio.timeout(30):
             await ready.wait()
-        async with _people(http, base, trial, people):
+        async with _crowd(base, trial, people) as crowd:
             publishing = publisher.start_publishing(load_envelopes_per_s)
             hubs = [(h, h.key()) for h in trial.probes]
             last: list[asyncio.Event | None] = [None] * len(hubs)
@@ -671,6 +739,7 @@ async def _latency(
     ms = [s * 1000 for s in latencies]
     return {
         "people_connected": people + 1,
+        "people_process_cpu_pct": round(crowd[0].cpu_pct, 1) if crowd else 0.0,
         "load_readings_per_s": round(load_envelopes_per_s * READINGS_PER_ENVELOPE, 1),
         "probes": probes,
         "events_timed": len(ms),
@@ -695,10 +764,14 @@ async def _clients(
 ) -> dict[str, Any]:
     runs = []
     for count in (0, people) * CLIENT_ROUNDS:
-        async with _people(http, base, trial, count):
+        async with _crowd(base, trial, count) as crowd:
             got = await _peak(http, base, publisher, envelopes)
-        say(f"clients: {count} connected -> {got['readings_per_s']:,.0f} readings/s")
-        runs.append({"people_connected": count, **got})
+        cpu = round(crowd[0].cpu_pct, 1) if crowd else 0.0
+        say(
+            f"clients: {count} connected -> {got['readings_per_s']:,.0f} readings/s"
+            f" (their client process: {cpu}% of a core)"
+        )
+        runs.append({"people_connected": count, "people_process_cpu_pct": cpu, **got})
     without = statistics.median(r["readings_per_s"] for r in runs if r["people_connected"] == 0)
     with_people = statistics.median(
         r["readings_per_s"] for r in runs if r["people_connected"] == people
