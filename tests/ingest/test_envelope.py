@@ -640,7 +640,12 @@ def sample(key: ec.EllipticCurvePrivateKey) -> bytes:
 @FUZZ
 @given(st.data())
 def test_mutated_envelopes_open_or_envelope_error(sample: bytes, data: st.DataObject) -> None:
-    buffer = bytearray(sample)
+    check_any_bytes(mutate(sample, data))
+
+
+def mutate(original: bytes, data: st.DataObject) -> bytes:
+    """``original`` with 1-4 bits flipped, bytes set, inserted or deleted."""
+    buffer = bytearray(original)
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, len(buffer) - 1))
         action = data.draw(st.sampled_from(["flip", "set", "insert", "delete"]))
@@ -652,7 +657,7 @@ def test_mutated_envelopes_open_or_envelope_error(sample: bytes, data: st.DataOb
             buffer[at:at] = data.draw(st.binary(min_size=1, max_size=9))
         elif len(buffer) > 1:
             del buffer[at]
-    check_any_bytes(bytes(buffer))
+    return bytes(buffer)
 
 
 cbor_values = st.recursive(

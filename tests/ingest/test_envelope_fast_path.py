@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ingest import envelope as env
 from ingest.envelope import EnvelopeError, open_envelope, open_receipt, seal, seal_receipt
 from ingest.model import Payload, Reading, Reason, Receipt
-from tests.ingest.test_envelope import FUZZ, int64, raw_sign1, utf8_text
+from tests.ingest.test_envelope import FUZZ, int64, mutate, raw_sign1, utf8_text
 
 gapless = st.builds(
     Payload,
@@ -70,22 +70,6 @@ def test_envelopes_with_gaps_or_sensor_reports_take_the_slow_path(
     assert with_gaps is not None
     assert env._loads_canonical_payload(with_gaps[2]) is None
     assert open_envelope(seal(make_payload(3), key)).payload == make_payload(3)
-
-
-def mutate(data: bytes, draw: st.DataObject) -> bytes:
-    buffer = bytearray(data)
-    for _ in range(draw.draw(st.integers(1, 4))):
-        at = draw.draw(st.integers(0, len(buffer) - 1))
-        action = draw.draw(st.sampled_from(["flip", "set", "insert", "delete"]))
-        if action == "flip":
-            buffer[at] ^= 1 << draw.draw(st.integers(0, 7))
-        elif action == "set":
-            buffer[at] = draw.draw(st.integers(0, 255))
-        elif action == "insert":
-            buffer[at:at] = draw.draw(st.binary(min_size=1, max_size=9))
-        elif len(buffer) > 1:
-            del buffer[at]
-    return bytes(buffer)
 
 
 def slow_or_error(fn: Any, data: bytes) -> Any:
