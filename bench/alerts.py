@@ -53,12 +53,13 @@ from typing import Any, TextIO
 
 import aiohttp
 import paho.mqtt.client as mqtt
+import psutil  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from psycopg import conninfo, sql
 
-from bench.common import Progress, machine
+from bench.common import Progress, cpu_seconds, machine
 from gateway.broker import MosquittoBroker, free_port
 from gateway.web.auth import COOKIE
 from ingest import keys
@@ -597,11 +598,33 @@ async def _crowd(base: str, trial: _Trial, count: int) -> AsyncIterator[list[_Cr
 # --- measurements ---------------------------------------------------------------------------
 
 
+def _gateway_and_database() -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """The gateway's processes (started by this benchmark) and PostgreSQL's."""
+    gateway = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if any("gateway.cli" in part for part in _cmdline(p))
+    ]
+    gateway += [c for p in gateway for c in p.children(recursive=True)]
+    database = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+    return gateway, database
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return list(process.cmdline())
+    except psutil.Error:
+        return []
+
+
 async def _peak(
     http: aiohttp.ClientSession, base: str, publisher: _Publisher, envelopes: int
 ) -> dict[str, Any]:
-    """Committed readings/s while the gateway works through a backlog of ``envelopes``."""
+    """Committed readings/s while the gateway works through a backlog of ``envelopes``, and
+    the CPU the gateway and PostgreSQL used meanwhile (% of one core)."""
     await publisher.seal(envelopes)
+    gateway, database = _gateway_and_database()
+    cpu0 = (cpu_seconds(gateway), cpu_seconds(database), time.monotonic())
     total = envelopes * READINGS_PER_ENVELOPE
     first = await _stored(http, base)
     assert first is not None
@@ -626,10 +649,13 @@ async def _peak(
     t10 = next(t for t, n in samples if n >= total * 0.1)
     n10 = next(n for t, n in samples if n >= total * 0.1)
     t90, n90 = next((t, n) for t, n in samples if n >= total * 0.9)
+    wall = time.monotonic() - cpu0[2]
     return {
         "readings": total,
         "envelopes": sent,
         "readings_per_s": round((n90 - n10) / (t90 - t10), 1),
+        "gateway_cpu_pct": round(100 * (cpu_seconds(gateway) - cpu0[0]) / wall, 1),
+        "postgres_cpu_pct": round(100 * (cpu_seconds(database) - cpu0[1]) / wall, 1),
         # The publisher ahead of the gateway for the whole window: a backlog all along.
         "backlog_in_window": published_at <= t90,
     }
@@ -769,7 +795,8 @@ async def _clients(
         cpu = round(crowd[0].cpu_pct, 1) if crowd else 0.0
         say(
             f"clients: {count} connected -> {got['readings_per_s']:,.0f} readings/s"
-            f" (their client process: {cpu}% of a core)"
+            f" (CPU, % of a core: gateway {got['gateway_cpu_pct']}, PostgreSQL"
+            f" {got['postgres_cpu_pct']}, the people {cpu})"
         )
         runs.append({"people_connected": count, "people_process_cpu_pct": cpu, **got})
     without = statistics.median(r["readings_per_s"] for r in runs if r["people_connected"] == 0)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
+from collections.abc import Iterable
 from typing import Any, TextIO
+
+import psutil  # type: ignore[import-untyped]
 
 
 def machine() -> dict[str, Any]:
@@ -26,3 +30,13 @@ class Progress:
     def __call__(self, message: str) -> None:
         if self._out is not None:
             print(f"[{time.perf_counter() - self._t0:7.1f}s] {message}", file=self._out, flush=True)
+
+
+def cpu_seconds(processes: Iterable[psutil.Process]) -> float:
+    """User + system CPU time these processes have used so far (one that is gone counts 0)."""
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += float(times.user + times.system)
+    return total

@@ -36,7 +36,7 @@ import psutil  # type: ignore[import-untyped]
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
 
-from bench.common import Progress, machine
+from bench.common import Progress, cpu_seconds, machine
 from device_drivers.driver import BleBackends, SensorInfo, WearableSession, WearableSpec
 from device_drivers.gatt import (
     blood_pressure,
@@ -220,11 +220,6 @@ async def _split_radio(
             await adapter.close()
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
 @dataclass(frozen=True, slots=True)
 class Window:
     """One measured window: what was counted, its wall time and each process's CPU time."""
@@ -252,10 +247,10 @@ async def _measure(
     one window of ``seconds``."""
     hub, radio = psutil.Process(), psutil.Process(radio_pid)
     counts0 = {name: counter() for name, counter in counters.items()}
-    hub0, radio0, wall0 = _cpu_seconds(hub), _cpu_seconds(radio), time.perf_counter()
+    hub0, radio0, wall0 = cpu_seconds([hub]), cpu_seconds([radio]), time.perf_counter()
     await asyncio.sleep(seconds)
     wall = time.perf_counter() - wall0
-    hub_cpu, radio_cpu = _cpu_seconds(hub) - hub0, _cpu_seconds(radio) - radio0
+    hub_cpu, radio_cpu = cpu_seconds([hub]) - hub0, cpu_seconds([radio]) - radio0
     counts = {name: counter() - counts0[name] for name, counter in counters.items()}
     return Window(counts, wall, hub_cpu, radio_cpu)
 
