@@ -601,7 +601,9 @@ class _Receipts:
             client_id=f"bench-receipts-{os.getpid()}",
             protocol=mqtt.MQTTv5,
         )
-        self._client.on_connect = lambda c, *_: c.subscribe("dct/v1/+/down", qos=0)
+        # QoS 1: a QoS 0 subscriber may be dropped messages by a busy broker, which would
+        # read as receipts the gateway never sent.
+        self._client.on_connect = lambda c, *_: c.subscribe("dct/v1/+/down", qos=1)
         self._client.on_subscribe = lambda *_: ready.set()
         self._client.on_message = lambda _c, _u, m: self.arrivals.append(
             (time.monotonic(), bytes(m.payload))
