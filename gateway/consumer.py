@@ -19,7 +19,6 @@ which the broker delivers the unacknowledged messages again (stored once: the de
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
@@ -131,12 +130,8 @@ class Consumer:
         self._receipt_key = receipt_key
         self._clock = clock
         self._directory = Directory()
-        # Messages handed over by paho's thread: unbounded as a deque, bounded by the slots
-        # (one per message until it is acked). The thread wakes the event loop once per
-        # burst, not once per message.
-        self._inbox: collections.deque[_Message] = collections.deque()
-        self._arrived = asyncio.Event()
-        self._wake_scheduled = False
+        # Unbounded as a queue; bounded by the slots (one per message until it is acked).
+        self._queue: asyncio.Queue[_Message] = asyncio.Queue()
         self._slots = threading.BoundedSemaphore(MAX_UNACKED)
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -210,16 +205,8 @@ class Consumer:
             if self._stopping.is_set():
                 return
         item = _Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._now_ms())
-        self._inbox.append(item)
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._wake)
-
-    def _wake(self) -> None:
-        # Reset before waking: a message appended after this gets a wake of its own.
-        self._wake_scheduled = False
-        self._arrived.set()
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     # --- event loop ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -253,37 +240,17 @@ class Consumer:
             self._client.loop_stop()
 
     async def _collect(self) -> list[_Message]:
-        """The next batch: what has arrived, then more until ``max_batch`` or ``max_wait_s``
-        after the first."""
-        await self._until_arrived(None)
+        items = [await self._queue.get()]
         deadline = asyncio.get_running_loop().time() + self.config.max_wait_s
-        items: list[_Message] = []
-        while True:
-            while self._inbox and len(items) < self.config.max_batch:
-                items.append(self._inbox.popleft())
-            if len(items) >= self.config.max_batch:
-                return items
-            if not await self._until_arrived(deadline):
-                return items
-
-    async def _until_arrived(self, deadline: float | None) -> bool:
-        """Wait until the inbox holds a message (True) or the loop clock passes ``deadline``."""
-        while not self._inbox:
-            self._arrived.clear()
-            if self._inbox:  # appended between the check and the clear
-                break
-            if deadline is None:
-                await self._arrived.wait()
-                continue
+        while len(items) < self.config.max_batch:
             timeout = deadline - asyncio.get_running_loop().time()
             if timeout <= 0:
-                return False
+                break
             try:
-                async with asyncio.timeout(timeout):
-                    await self._arrived.wait()
+                items.append(await asyncio.wait_for(self._queue.get(), timeout))
             except TimeoutError:
-                return bool(self._inbox)
-        return True
+                break
+        return items
 
     async def _collect_and_judge(self) -> _Judged:
         return await self._judge(await self._collect())
