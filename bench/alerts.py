@@ -54,20 +54,16 @@ from typing import Any, TextIO
 import aiohttp
 import paho.mqtt.client as mqtt
 import psutil  # type: ignore[import-untyped]
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from psycopg import conninfo, sql
 
-from bench.common import Progress, cpu_seconds, machine
+from bench.common import BenchHub, Progress, add_consented_hub, cpu_seconds, create_study, machine
 from gateway.broker import MosquittoBroker, free_port
 from gateway.web.auth import COOKIE
-from ingest import keys
 from ingest.envelope import seal
-from ingest.metrics import METRICS
 from ingest.model import Payload, Reading
 from ingest.pipeline import up_topic
-from storage import alerts, db, registry, sessions, users
+from storage import alerts, db, sessions, users
 from storage.migrate import StorageMode, migrate
 from storage.partitions import ensure_partitions, partition_start_ms
 from storage.timeconv import to_ms
@@ -105,23 +101,11 @@ SAMPLE_EVERY_S = 0.05
 PASSWORD = "bench password, not a secret"
 
 
-@dataclass(frozen=True, slots=True)
-class _Hub:
-    device_id: str
-    participant_id: str
-    key_der: bytes
-
-    def key(self) -> ec.EllipticCurvePrivateKey:
-        key = serialization.load_der_private_key(self.key_der, None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        return key
-
-
 @dataclass
 class _Trial:
     url: str
-    load: list[_Hub]
-    probes: list[_Hub]
+    load: list[BenchHub]
+    probes: list[BenchHub]
     monitor_tokens: list[str] = field(default_factory=list)
     clinician_tokens: list[str] = field(default_factory=list)
     # Per probe hub, across runs: the last sequence number sent (a repeated one would be a
@@ -137,7 +121,6 @@ class _Trial:
 
 async def _create_trial(url: str, hubs: int, clients: int) -> _Trial:
     now = datetime.now(UTC)
-    scopes = {m.scope for m in METRICS.values()}
     async with db.connection(url, autocommit=True) as conn:
         report = await migrate(conn)
         if report.mode is StorageMode.PLAIN:
@@ -148,49 +131,13 @@ async def _create_trial(url: str, hubs: int, clients: int) -> _Trial:
     trial = _Trial(url, [], [])
     async with db.connection(url) as conn:
         async with conn.transaction():
-            await registry.create_study(conn, "BENCH", "Alerts benchmark")
-            await registry.create_site(conn, "BENCH-SITE", "BENCH", "Bench site")
-            doc = await registry.create_consent_document(
-                conn,
-                "BENCH",
-                "ICF",
-                "1.0",
-                "Benchmark consent.",
-                scopes,
-                effective_at=now - timedelta(days=30),
-            )
+            doc = await create_study(conn, "Alerts benchmark", now)
             for i in range(hubs + PROBE_HUBS):
                 probe = i >= hubs
                 pid = f"AP{i:04d}" if probe else f"LP{i:04d}"
                 dev = f"alert-probe-{i:04d}" if probe else f"load-hub-{i:04d}"
-                key = keys.generate_private_key()
-                await registry.create_participant(
-                    conn, pid, "BENCH", "BENCH-SITE", enrolled_at=now - timedelta(days=3)
-                )
-                await registry.add_device(
-                    conn,
-                    dev,
-                    pid,
-                    keys.public_key_to_der(key.public_key()),
-                    keys.fingerprint(key.public_key()),
-                )
-                await registry.record_consent(
-                    conn,
-                    pid,
-                    doc,
-                    "consent",
-                    scopes,
-                    effective_at=now - timedelta(days=2),
-                    recorded_by="bench",
-                    signer_name=pid,
-                    meaning="consent",
-                )
-                der = key.private_bytes(
-                    serialization.Encoding.DER,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-                (trial.probes if probe else trial.load).append(_Hub(dev, pid, der))
+                hub = await add_consented_hub(conn, doc, pid, dev, now)
+                (trial.probes if probe else trial.load).append(hub)
         await _prefill_live(conn, trial.load, now)
         await alerts.add_rule(
             conn,
@@ -224,7 +171,7 @@ async def _create_trial(url: str, hubs: int, clients: int) -> _Trial:
     return trial
 
 
-async def _prefill_live(conn: db.Conn, hubs: list[_Hub], now: datetime) -> None:
+async def _prefill_live(conn: db.Conn, hubs: list[BenchHub], now: datetime) -> None:
     """The last LIVE_MINUTES of 1 Hz heart rate for each load participant, stored as one
     envelope (seq 0) each: what a clinician's live view then reads on every poll."""
     n = LIVE_MINUTES * 60 * LIVE_HZ
@@ -249,7 +196,7 @@ _COPY_LIVE = (
 )
 
 
-def _live_row(hub: _Hub, t: datetime, value: float, received: datetime) -> tuple[object, ...]:
+def _live_row(hub: BenchHub, t: datetime, value: float, received: datetime) -> tuple[object, ...]:
     """A heart-rate reading of the live data, in the prefilled envelope (seq 0)."""
     return (t, hub.participant_id, "heart_rate", value, "/min", hub.device_id, 0, "hr-1", received)
 
@@ -257,7 +204,7 @@ def _live_row(hub: _Hub, t: datetime, value: float, received: datetime) -> tuple
 # --- the load publisher (a process of its own) ---------------------------------------------
 
 
-def _publisher_main(conn: Connection, hubs: list[_Hub], host: str, port: int) -> None:
+def _publisher_main(conn: Connection, hubs: list[BenchHub], host: str, port: int) -> None:
     """Seals load envelopes on command, then publishes them at a rate or as fast as it can."""
     loaded = [(h.device_id, h.key()) for h in hubs]
     seqs = [0] * len(loaded)
@@ -333,7 +280,7 @@ def _publish(
 
 
 class _Publisher:
-    def __init__(self, hubs: list[_Hub], broker: MosquittoBroker) -> None:
+    def __init__(self, hubs: list[BenchHub], broker: MosquittoBroker) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
@@ -469,7 +416,7 @@ async def _clinician(
         await asyncio.sleep(max(0.0, POLL_EVERY_S - (time.monotonic() - t)))
 
 
-async def _live_feed(url: str, hubs: list[_Hub]) -> None:
+async def _live_feed(url: str, hubs: list[BenchHub]) -> None:
     """Until cancelled: a 1 Hz heart rate for each watched participant, received now, so
     the live views' polls after the first find what a streaming wearable would give them.
     Stored directly (one COPY a second), not through the gateway whose throughput is being

@@ -7,9 +7,21 @@ import os
 import platform
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, TextIO
 
 import psutil  # type: ignore[import-untyped]
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ingest import keys
+from ingest.metrics import METRICS
+from storage import db, registry
+
+STUDY = "BENCH"
+SITE = "BENCH-SITE"
+SCOPES = frozenset(m.scope for m in METRICS.values())
 
 
 def machine() -> dict[str, Any]:
@@ -40,3 +52,68 @@ def cpu_seconds(processes: Iterable[psutil.Process]) -> float:
             times = process.cpu_times()
             total += float(times.user + times.system)
     return total
+
+
+@dataclass(frozen=True, slots=True)
+class BenchHub:
+    """A simulated hub of a benchmark's scratch study. The key is kept as DER bytes so the
+    hub pickles to publisher processes."""
+
+    device_id: str
+    participant_id: str
+    key_der: bytes
+
+    def key(self) -> ec.EllipticCurvePrivateKey:
+        key = serialization.load_der_private_key(self.key_der, None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return key
+
+
+async def create_study(conn: db.Conn, title: str, now: datetime) -> int:
+    """The scratch study, its site and a consent document covering every scope; its id."""
+    await registry.create_study(conn, STUDY, title)
+    await registry.create_site(conn, SITE, STUDY, "Bench site")
+    return await registry.create_consent_document(
+        conn,
+        STUDY,
+        "ICF",
+        "1.0",
+        "Benchmark consent.",
+        SCOPES,
+        effective_at=now - timedelta(days=30),
+    )
+
+
+async def add_consented_hub(
+    conn: db.Conn, document_id: int, participant_id: str, device_id: str, now: datetime
+) -> BenchHub:
+    """A participant enrolled three days ago, consented to every scope two days ago, with one
+    hub of a fresh key."""
+    key = keys.generate_private_key()
+    await registry.create_participant(
+        conn, participant_id, STUDY, SITE, enrolled_at=now - timedelta(days=3)
+    )
+    await registry.add_device(
+        conn,
+        device_id,
+        participant_id,
+        keys.public_key_to_der(key.public_key()),
+        keys.fingerprint(key.public_key()),
+    )
+    await registry.record_consent(
+        conn,
+        participant_id,
+        document_id,
+        "consent",
+        SCOPES,
+        effective_at=now - timedelta(days=2),
+        recorded_by="bench",
+        signer_name=participant_id,
+        meaning="consent",
+    )
+    der = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return BenchHub(device_id, participant_id, der)

@@ -38,7 +38,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,21 +47,17 @@ import cbor2
 import paho.mqtt.client as mqtt
 import psutil  # type: ignore[import-untyped]
 import psycopg
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from psycopg import conninfo, sql
 
-from bench.common import Progress, machine
+from bench.common import BenchHub, Progress, add_consented_hub, create_study, machine
 from gateway.broker import MosquittoBroker, free_port
 from gateway.consumer import SHARED_SUBSCRIPTION
-from ingest import keys
 from ingest.envelope import seal
-from ingest.metrics import METRICS
 from ingest.model import Payload, Reading
-from storage import db, registry
+from storage import db
 from storage.migrate import StorageMode, migrate
 from storage.partitions import ensure_partitions, partition_start_ms
 from storage.timeconv import from_ms
@@ -92,20 +88,12 @@ BARE_MAX_WAIT_S = 0.05
 _METRICS = (("heart_rate", "/min", 72.0), ("spo2", "%", 97.0))
 
 
-@dataclass(frozen=True, slots=True)
-class _Hub:
-    device_id: str
-    participant_id: str
-    key_der: bytes
-
-
 # --- the scratch trial ----------------------------------------------------------------------
 
 
-async def _create_trial(url: str, hubs: int, t0_ms: int, span_ms: int) -> list[_Hub]:
+async def _create_trial(url: str, hubs: int, t0_ms: int, span_ms: int) -> list[BenchHub]:
     now = datetime.now(UTC)
-    out: list[_Hub] = []
-    scopes = {m.scope for m in METRICS.values()}
+    out: list[BenchHub] = []
     async with db.connection(url, autocommit=True) as conn:
         report = await migrate(conn)
         if report.mode is StorageMode.PLAIN:
@@ -113,59 +101,18 @@ async def _create_trial(url: str, hubs: int, t0_ms: int, span_ms: int) -> list[_
             starts.add(partition_start_ms(t0_ms + span_ms))
             await ensure_partitions(conn, starts)
     async with db.connection(url) as conn, conn.transaction():
-        await registry.create_study(conn, "BENCH", "Ingest benchmark")
-        await registry.create_site(conn, "BENCH-SITE", "BENCH", "Bench site")
-        doc = await registry.create_consent_document(
-            conn,
-            "BENCH",
-            "ICF",
-            "1.0",
-            "Benchmark consent.",
-            scopes,
-            effective_at=now - timedelta(days=30),
-        )
+        doc = await create_study(conn, "Ingest benchmark", now)
         for i in range(hubs):
-            pid, dev = f"BP{i:04d}", f"bench-hub-{i:04d}"
-            key = keys.generate_private_key()
-            await registry.create_participant(
-                conn, pid, "BENCH", "BENCH-SITE", enrolled_at=now - timedelta(days=3)
-            )
-            await registry.add_device(
-                conn,
-                dev,
-                pid,
-                keys.public_key_to_der(key.public_key()),
-                keys.fingerprint(key.public_key()),
-            )
-            await registry.record_consent(
-                conn,
-                pid,
-                doc,
-                "consent",
-                scopes,
-                effective_at=now - timedelta(days=2),
-                recorded_by="bench",
-                signer_name=pid,
-                meaning="consent",
-            )
-            der = key.private_bytes(
-                serialization.Encoding.DER,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            out.append(_Hub(dev, pid, der))
+            hub = await add_consented_hub(conn, doc, f"BP{i:04d}", f"bench-hub-{i:04d}", now)
+            out.append(hub)
     return out
 
 
 # --- publishers (separate processes) --------------------------------------------------------
 
 
-def _seal_pool(hubs: Sequence[_Hub], size: int, per_hub: int, t0_ms: int) -> list[bytes]:
-    loaded = []
-    for h in hubs:
-        key = serialization.load_der_private_key(h.key_der, None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        loaded.append((h.device_id, key))
+def _seal_pool(hubs: Sequence[BenchHub], size: int, per_hub: int, t0_ms: int) -> list[bytes]:
+    loaded = [(h.device_id, h.key()) for h in hubs]
     pool: list[bytes] = []
     for seq in range(1, per_hub + 1):
         for dev, key in loaded:
@@ -185,7 +132,7 @@ def _seal_pool(hubs: Sequence[_Hub], size: int, per_hub: int, t0_ms: int) -> lis
 
 
 def _publisher_main(
-    conn: Connection, hubs: list[_Hub], size: int, per_hub: int, t0_ms: int, name: str
+    conn: Connection, hubs: list[BenchHub], size: int, per_hub: int, t0_ms: int, name: str
 ) -> None:
     pool = _seal_pool(hubs, size, per_hub, t0_ms)
     topics = [f"dct/v1/{h.device_id}/up" for h in hubs]
@@ -259,7 +206,7 @@ def _publish(
 
 
 class _Publishers:
-    def __init__(self, hubs: Sequence[_Hub], size: int, count: int, t0_ms: int) -> None:
+    def __init__(self, hubs: Sequence[BenchHub], size: int, count: int, t0_ms: int) -> None:
         ctx = mp.get_context("spawn")
         n = PUBLISHERS
         shares = [list(hubs[i::n]) for i in range(n)]
@@ -689,7 +636,7 @@ def _slow_database(url: str, on: bool) -> None:
 
 def _run_size(
     url: str,
-    hubs: list[_Hub],
+    hubs: list[BenchHub],
     size: int,
     seconds: float,
     workers: int,
