@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.web.errors import NotFound
-from storage import views
+from storage import sessions, views
 from storage.db import Conn
 from storage.users import Role, User
 
@@ -86,3 +86,12 @@ async def require_participant(
     if home is None or not principal.covers_participant(participant_id, home[1]):
         raise NotFound(f"no participant {participant_id!r}")
     return home
+
+
+async def still_signed_in(conn: Conn, principal: Principal) -> Principal | None:
+    """The principal as its session says now (its sites and role may have changed), or None
+    once the session has ended: what a long-lived stream checks now and then."""
+    session = await sessions.lookup(conn, principal.token)
+    if session is None:
+        return None
+    return Principal(session.user, session.csrf_token, principal.token)

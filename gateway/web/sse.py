@@ -29,10 +29,10 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.web import auth
-from gateway.web.access import visible_sites
+from gateway.web.access import still_signed_in, visible_sites
 from gateway.web.errors import BadInput
 from storage import alerts as alert_store
-from storage import db, sessions, views
+from storage import db, views
 from storage.errors import DatabaseUnavailable
 
 if TYPE_CHECKING:
@@ -230,9 +230,11 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
                 # The session (ended by signing out or expiry) and the user's sites are
                 # checked again every POLL_S, not at every event.
                 async with pool.connection() as conn:
-                    if await sessions.lookup(conn, principal.token) is None:
+                    current = await still_signed_in(conn, principal)
+                    if current is None:
                         await resp.write(b"event: signed-out\ndata: {}\n\n")
                         break
+                    principal = current
                     sites = await visible_sites(conn, principal)
                 checked_at = time.monotonic()
             await feed.refresh(pool)

@@ -4,13 +4,16 @@ a reconnect with Last-Event-ID gets exactly what it missed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from aiohttp import ClientResponse
 
+from gateway.web import sse
 from storage import alerts, db
 from tests.web.conftest import Web
 
@@ -83,3 +86,23 @@ async def test_each_site_gets_its_events_once_in_order_and_resumes_after_the_las
         ]
         newest = await web.new_alert("P1")
         assert summary(await again.next_events(1)) == [(newest, "opened", "P1")]
+
+
+async def test_a_stream_follows_the_users_sites_as_they_change(
+    web: Web, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sse, "POLL_S", 0.2)
+    async with stream(web, "monitor") as a:
+        first = await web.new_alert("P1")
+        assert summary(await a.next_events(1)) == [(first, "opened", "P1")]
+        # The monitor moves from SITE-A to SITE-B while the stream is open.
+        async with db.connection(web.trial.url) as conn:
+            await conn.execute(
+                "UPDATE user_sites SET site_id = 'SITE-B' WHERE user_id ="
+                " (SELECT user_id FROM users WHERE username = 'monitor')"
+            )
+            await conn.commit()
+        await asyncio.sleep(3 * sse.POLL_S)
+        await web.new_alert("P1")
+        p2 = await web.new_alert("P2")
+        assert summary(await a.next_events(1)) == [(p2, "opened", "P2")]
