@@ -21,13 +21,14 @@ published at QoS 1.
    Once with only that monitor connected, once with ``clients`` more connected.
 3. **Clients**: peak readings/s with 0 and with ``clients`` connected people, alternated
    ``CLIENT_ROUNDS`` times: half monitors holding an alert stream open, half clinicians
-   polling a load participant's live view as ``live.js`` does (the 10-minute window whole,
-   about 600 readings of 1 Hz heart rate, then every ``POLL_EVERY_S`` what was received
-   since the previous answer's cursor, and whole again every ``FULL_EVERY`` polls), each with
-   a session of its own, while a feeder stores 1 Hz heart rate for every watched participant
-   so the incremental polls find what a streaming wearable would give them. The result is
-   the ratio of the medians. The people run in a process of their own, whose CPU use is
-   reported (on this machine their client work shares the gateway's two cores).
+   following a load participant's live view as ``live.js`` does (its stream sends the
+   10-minute window whole, about 600 readings of 1 Hz heart rate, then what the gateway
+   stores as it arrives, and the window again every minute), each with a session of its
+   own, while a feeder stores 1 Hz heart rate for every watched participant so the streams
+   carry what a streaming wearable would give them; each reading's delay from being stored
+   to reaching its clinician is reported. The result is the ratio of the medians. The
+   people run in a process of their own, whose CPU use is reported (on this machine their
+   client work shares the gateway's two cores).
 """
 
 from __future__ import annotations
@@ -84,11 +85,8 @@ LIVE_HZ = 1
 # Throughput runs per condition (0 and N people, alternated); the median of each counts.
 CLIENT_ROUNDS = 3
 HIGH = 150.0
-# The live view (gateway/web/static/live.js) reads its window whole, then this often only
-# what the gateway received since the previous answer's cursor, and whole again every
-# FULL_EVERY polls.
-POLL_EVERY_S = 2.0
-FULL_EVERY = 30
+# The people connect over this long, not all at once.
+CONNECT_SPREAD_S = 2.0
 TARGET_P99_MS = 500.0
 TARGET_MAX_SLOWDOWN = 0.10
 # Envelopes of the first peak measurement, which sizes the later batches.
@@ -102,6 +100,21 @@ PASSWORD = "bench password, not a secret"
 
 
 @dataclass
+class _LiveSeen:
+    """What the clinicians' live streams delivered: windows, increments (readings in each)
+    and each new reading's delay from being stored (its time) to reaching the client."""
+
+    windows: int = 0
+    increments: list[int] = field(default_factory=list)
+    delays_ms: list[float] = field(default_factory=list)
+
+    def add(self, other: _LiveSeen) -> None:
+        self.windows += other.windows
+        self.increments.extend(other.increments)
+        self.delays_ms.extend(other.delays_ms)
+
+
+@dataclass
 class _Trial:
     url: str
     load: list[BenchHub]
@@ -112,8 +125,8 @@ class _Trial:
     # duplicate, stored once) and whether its alert is open.
     probe_seqs: dict[str, int] = field(default_factory=dict)
     probe_open: dict[str, bool] = field(default_factory=dict)
-    # Readings in each live-view answer, across runs.
-    live_answers: list[int] = field(default_factory=list)
+    # What the live views got, across runs.
+    live: _LiveSeen = field(default_factory=lambda: _LiveSeen())
 
 
 # --- the scratch trial ----------------------------------------------------------------------
@@ -395,25 +408,28 @@ async def _clinician(
     token: str,
     participant: str,
     ready: asyncio.Event,
-    answered: list[int],
+    seen: _LiveSeen,
 ) -> None:
-    """Polls a participant's live view as live.js does; appends each answer's reading count."""
-    path = f"{base}/api/v1/participants/{participant}/readings?minutes={LIVE_MINUTES}"
-    cursor: int | None = None
-    polls = 0
-    while True:
-        t = time.monotonic()
-        full = cursor is None or polls % FULL_EVERY == 0
-        polls += 1
-        url = path if full else f"{path}&received_after={cursor}"
-        async with http.get(url, headers=_cookie(token)) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"live view refused: {resp.status}")
-            body = await resp.json()
-        cursor = body["cursor"]
-        answered.append(len(body["readings"]))
-        ready.set()
-        await asyncio.sleep(max(0.0, POLL_EVERY_S - (time.monotonic() - t)))
+    """Follows a participant's live stream as live.js does."""
+    path = f"{base}/api/v1/participants/{participant}/readings/live?minutes={LIVE_MINUTES}"
+    async with http.get(path, headers=_cookie(token)) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"live view refused: {resp.status} {await resp.text()}")
+        name = b""
+        async for line in resp.content:
+            if line.startswith(b"event: "):
+                name = line[7:].strip()
+            elif line.startswith(b"data: "):
+                body = json.loads(line[6:])
+                if name == b"window":
+                    seen.windows += 1
+                    ready.set()
+                elif name == b"readings":
+                    now = time.time() * 1000
+                    seen.increments.append(len(body["readings"]))
+                    seen.delays_ms.extend(now - r["t"] for r in body["readings"])
+                else:
+                    raise RuntimeError(f"live view ended: {name.decode()}")
 
 
 async def _live_feed(url: str, hubs: list[BenchHub]) -> None:
@@ -454,9 +470,9 @@ async def _people(
         else:
             token = trial.clinician_tokens[i // 2]
             participant = trial.load[(i // 2) % len(trial.load)].participant_id
-            coro = _clinician(http, base, token, participant, ready, trial.live_answers)
+            coro = _clinician(http, base, token, participant, ready, trial.live)
         tasks.append(asyncio.create_task(coro, name=f"bench-person-{i}"))
-        await asyncio.sleep(POLL_EVERY_S / max(count, 1))  # spread the pollers' phases
+        await asyncio.sleep(CONNECT_SPREAD_S / max(count, 1))
     try:
         async with asyncio.timeout(60):
             for ready, task in zip(readies, tasks, strict=True):
@@ -477,7 +493,7 @@ async def _people(
 
 @dataclass(frozen=True, slots=True)
 class _CrowdReport:
-    live_answers: list[int]
+    live: _LiveSeen
     cpu_s: float
     wall_s: float
 
@@ -490,6 +506,8 @@ def _crowd_main(conn: Connection, base: str, trial: _Trial, count: int) -> None:
     """The connected people, in a process of their own: their client work (HTTP, JSON,
     SSE parsing) must neither delay the latency probe's event loop nor hide in its CPU."""
 
+    trial.live = _LiveSeen()  # this crowd's own: the parent adds it to what came before
+
     async def main() -> None:
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
@@ -500,7 +518,7 @@ def _crowd_main(conn: Connection, base: str, trial: _Trial, count: int) -> None:
                     conn.send(("ready", None))
                     await asyncio.to_thread(conn.recv)  # until told to stop
                     report = _CrowdReport(
-                        trial.live_answers,
+                        trial.live,
                         time.process_time() - cpu,
                         time.monotonic() - wall,
                     )
@@ -534,7 +552,7 @@ async def _crowd(base: str, trial: _Trial, count: int) -> AsyncIterator[list[_Cr
         if kind != "done":
             raise RuntimeError(f"the people failed: {detail}")
         reports.append(detail)
-        trial.live_answers.extend(detail.live_answers)
+        trial.live.add(detail.live)
     finally:
         proc.join(10)
         if proc.is_alive():
@@ -839,17 +857,22 @@ async def run(
             "people": clients,
             "probes": probes,
             "probe_interval_s": PROBE_INTERVAL_S,
-            "poll_every_s": POLL_EVERY_S,
-            "full_window_every_polls": FULL_EVERY,
+            "live_view": "server-sent events (readings/live), window whole every minute",
         },
         "peak": peak,
         "latency": latency,
         "clients": crowd,
-        "live_view_answers": {
-            "polls": len(trial.live_answers),
-            "mean_readings": round(statistics.fmean(trial.live_answers), 1)
-            if trial.live_answers
+        "live_views": {
+            "windows": trial.live.windows,
+            "increments": len(trial.live.increments),
+            "mean_readings_per_increment": round(statistics.fmean(trial.live.increments), 1)
+            if trial.live.increments
             else None,
-            "max_readings": max(trial.live_answers, default=None),
+            "delay_ms_p50": round(_percentile(trial.live.delays_ms, 0.5))
+            if trial.live.delays_ms
+            else None,
+            "delay_ms_p99": round(_percentile(trial.live.delays_ms, 0.99))
+            if trial.live.delays_ms
+            else None,
         },
     }

@@ -325,6 +325,38 @@ async def readings_window(
     ]
 
 
+async def readings_received(
+    conn: Conn,
+    participant_ids: Collection[str],
+    metrics: Collection[str],
+    since: datetime,
+    received_after: datetime,
+    *,
+    limit: int = MAX_WINDOW_READINGS,
+) -> list[tuple[str, ReadingRow, datetime]]:
+    """``(participant, reading, received_at)`` of the readings of ``participant_ids``
+    measured at or after ``since`` that the gateway received after ``received_after``, oldest
+    first, at most ``limit``: one query for every live view a gateway process serves. Naming
+    every metric lets the (participant, metric, time) index bound the time range as well."""
+    cur = await conn.execute(
+        "SELECT participant_id, time, metric, value, unit, device_id, sensor, received_at"
+        " FROM readings WHERE participant_id = ANY(%(pids)s) AND metric = ANY(%(metrics)s)"
+        " AND time >= %(since)s AND received_at > %(after)s"
+        " ORDER BY time, participant_id LIMIT %(limit)s",
+        {
+            "pids": list(participant_ids),
+            "metrics": list(metrics),
+            "since": since,
+            "after": received_after,
+            "limit": limit,
+        },
+    )
+    return [
+        (str(p), ReadingRow(t, str(m), float(v), str(u), str(d), str(s)), r)
+        for p, t, m, v, u, d, s, r in await cur.fetchall()
+    ]
+
+
 async def gaps_window(conn: Conn, participant_id: str, since: datetime) -> list[GapRow]:
     """Spans without data that the participant's hubs reported, overlapping ``since``..now."""
     cur = await conn.execute(

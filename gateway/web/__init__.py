@@ -17,7 +17,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.web import auth, pages, sse
+from gateway.web import auth, live, pages, sse
 from gateway.web.api import ENDPOINTS
 from gateway.web.exports import EXPORT_RUNNER, ExportRunner
 from gateway.web.spec import handler_for
@@ -66,6 +66,8 @@ async def _web(app: web.Application) -> AsyncIterator[None]:
     app[auth.POOL_KEY] = pool
     feed = sse.feed_ctx(app, settings.require_database_url())
     await anext(feed)
+    live_feed = live.live_ctx(app, pool)
+    await anext(live_feed)
     runner = ExportRunner(settings.require_database_url(), settings.data_dir / "exports")
     app[EXPORT_RUNNER] = runner
     tasks = [
@@ -80,14 +82,20 @@ async def _web(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        with contextlib.suppress(StopAsyncIteration):
-            await anext(feed)
+        for ctx in (live_feed, feed):
+            with contextlib.suppress(StopAsyncIteration):
+                await anext(ctx)
+
+
+async def _close_live_streams(app: web.Application) -> None:
+    live.close_streams(app)
 
 
 def setup_web(app: web.Application) -> None:
     """Add the API, the pages and their background work to the gateway's application."""
     app.cleanup_ctx.append(_web)
     app.on_shutdown.append(sse.close_streams)
+    app.on_shutdown.append(_close_live_streams)
     for ep in ENDPOINTS:
         if ep.routed:
             app.router.add_route(ep.method, ep.aiohttp_path, handler_for(ep))

@@ -19,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 from consent import errors as consent_errors
 from consent import records
 from gateway import enrollment
-from gateway.web import auth, qr, sse
+from gateway.web import auth, live, qr, sse
 from gateway.web.access import (
     ADMIN_ONLY,
     CLINICAL,
@@ -607,48 +607,17 @@ async def create_enrollment_code(ctx: Ctx) -> web.StreamResponse:
 
 async def get_readings(ctx: Ctx) -> web.StreamResponse:
     pid = ctx.path["participant_id"]
-    now = datetime.now(UTC)
-    since = now - timedelta(minutes=ctx.query["minutes"])
-    metric = ctx.query["metric"]
     after = ctx.query["received_after"]
     async with _pool(ctx).connection() as conn:
         await require_participant(ctx.user, pid, conn)
-        rows = await views.readings_window(
+        body = await live.window(
             conn,
             pid,
-            since,
-            metrics=None if metric is None else [metric],
+            ctx.query["minutes"],
+            metric=ctx.query["metric"],
             received_after=None if after is None else from_ms(after),
         )
-        gaps = await views.gaps_window(conn, pid, since)
-    return web.json_response(
-        {
-            "participant_id": pid,
-            "from": _t(since),
-            "to": _t(now),
-            "cursor": to_ms(now) - views.RECEIVED_OVERLAP_MS,
-            "readings": [
-                {
-                    "t": to_ms(r.time),
-                    "metric": r.metric,
-                    "value": r.value,
-                    "unit": r.unit,
-                    "device_id": r.device_id,
-                    "sensor": r.sensor,
-                }
-                for r in rows
-            ],
-            "gaps": [
-                {
-                    "device_id": g.device_id,
-                    "from": to_ms(g.from_time),
-                    "to": to_ms(g.to_time),
-                    "reason": g.reason,
-                }
-                for g in gaps
-            ],
-        }
-    )
+    return web.json_response(body)
 
 
 async def get_rollups(ctx: Ctx) -> web.StreamResponse:
@@ -1169,6 +1138,30 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ),
         ),
         ok_schema=READINGS,
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/participants/{{participant_id}}/readings/live",
+        "follow_readings",
+        "Follow readings live",
+        live.live_readings,
+        CLINICAL,
+        "participants",
+        path_params=(PARTICIPANT_ID,),
+        query=(
+            Field(
+                "minutes",
+                kind="integer",
+                required=False,
+                minimum=1,
+                maximum=live.MAX_MINUTES,
+                default=10,
+            ),
+        ),
+        ok_content_type="text/event-stream",
+        description="Server-sent events: `window` (the last `minutes` whole, as "
+        "get_readings answers, again every minute), then `readings` (what the gateway stores "
+        "as it arrives); `signed-out` or `forbidden` end the stream.",
     ),
     Endpoint(
         "GET",

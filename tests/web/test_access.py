@@ -136,6 +136,7 @@ EXPECTED: dict[str, Expect] = {
         COORDINATION, fixed("/api/v1/participants/P1/enrollment-codes", {"ttl_hours": 2}), 201
     ),
     "get_readings": Expect(CLINICAL, fixed("/api/v1/participants/P1/readings?minutes=5")),
+    "follow_readings": Expect(CLINICAL, fixed("/api/v1/participants/P1/readings/live?minutes=5")),
     "get_rollups": Expect(CLINICAL, fixed("/api/v1/participants/P1/rollups?days=2")),
     "sign_consent": Expect(frozenset({"participant", "coordinator", "admin"}), new_version, 201),
     "list_consent_documents": Expect(ANY, fixed("/api/v1/participants/P1/consent-documents")),
@@ -169,7 +170,7 @@ def mentions_site_a(value: Any) -> bool:
 
 async def attempt(w: Web, key: str | None, method: str, exp: Expect) -> tuple[int, Any]:
     path, body = await (exp.build(w) if exp.build_for is None else exp.build_for(w, key))
-    if path.endswith("/alerts/events"):
+    if path.endswith(("/alerts/events", "/readings/live?minutes=5")):
         # A live stream: read its first line only, then let it go.
         headers = {} if key is None else (await w.sign_in(key)).headers()
         async with w.gateway.client.get(path, headers=headers) as resp:

@@ -1,20 +1,19 @@
 "use strict";
 // A clinician's live view of one participant: each metric over the last minutes, the last
 // days from hourly rollups, gaps drawn as gaps, and each wearable's battery and last contact.
-// The window is read whole once, then every few seconds only what the gateway received
-// since the previous answer's cursor (merged here, duplicates dropped), and whole again
-// every FULL_EVERY polls, which also catches anything a cursor could miss.
+// The last minutes come over one server-sent event stream: the window whole ("window", again
+// every minute, with the hubs' reported gaps), then what the gateway stores as it arrives
+// ("readings"), merged here with repeats dropped. The browser reconnects a dropped stream,
+// and a reconnected stream starts with the window whole.
 (() => {
   const { el, api, session, time, ago, section, table, status } = TS;
   const SVG = "http://www.w3.org/2000/svg";
   const MINUTES = 10;
-  const REFRESH_MS = 2000;
-  const FULL_EVERY = 30;
+  const SCROLL_MS = 2000;
   const pid = document.body.dataset.participant;
   const panels = new Map();
   const held = new Map(); // metric -> Map(key -> point), the window's readings
-  let cursor = null;
-  let polls = 0;
+  let gaps = [];
 
   function svg(tag, attrs) {
     const n = document.createElementNS(SVG, tag);
@@ -95,19 +94,28 @@
     return panels.get(metric);
   }
 
-  async function refreshLive() {
-    const full = cursor === null || polls % FULL_EVERY === 0;
-    polls += 1;
-    const since = full ? "" : `&received_after=${cursor}`;
-    const data = await api(`/api/v1/participants/${encodeURIComponent(pid)}/readings?minutes=${MINUTES}${since}`);
-    const from = Date.parse(data.from), to = Date.parse(data.to);
-    if (full) held.clear();
+  // The window ends at the server's clock of the last event, moved on by the time passed
+  // here since, so the charts keep scrolling while nothing arrives.
+  let serverTo = null, heardAt = 0;
+
+  function merge(data, whole) {
+    serverTo = Date.parse(data.to);
+    heardAt = Date.now();
+    if (whole) {
+      held.clear();
+      gaps = data.gaps.map((g) => ({ from: g.from, to: g.to, reason: g.reason }));
+    }
     for (const r of data.readings) {
       if (!held.has(r.metric)) held.set(r.metric, new Map());
       held.get(r.metric).set(`${r.t}|${r.device_id}|${r.sensor}`, { t: r.t, v: r.value, unit: r.unit });
     }
-    cursor = data.cursor;
-    const gaps = data.gaps.map((g) => ({ from: g.from, to: g.to, reason: g.reason }));
+    render();
+    document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  }
+
+  function render() {
+    if (serverTo === null) return;
+    const to = serverTo + (Date.now() - heardAt), from = to - MINUTES * 60000;
     for (const [metric, byKey] of held) {
       for (const [k, p] of byKey) if (p.t < from) byKey.delete(k);
       const points = [...byKey.values()].sort((a, b) => a.t - b.t);
@@ -119,7 +127,31 @@
       p.live.dataset.count = String(points.length);
       p.live.replaceChildren(chart(points, gaps, from, to, `${metric}, last ${MINUTES} minutes`, false));
     }
-    document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
+  }
+
+  function follow() {
+    const state = document.getElementById("live-state");
+    const source = new EventSource(`/api/v1/participants/${encodeURIComponent(pid)}/readings/live?minutes=${MINUTES}`);
+    source.onopen = () => {
+      state.textContent = "Live";
+      state.className = "live on";
+    };
+    source.onerror = () => {
+      state.textContent = "Reconnecting…";
+      state.className = "live off";
+    };
+    source.addEventListener("window", (m) => merge(JSON.parse(m.data), true));
+    source.addEventListener("readings", (m) => merge(JSON.parse(m.data), false));
+    source.addEventListener("signed-out", () => {
+      source.close();
+      location.assign("/login?next=" + encodeURIComponent(location.pathname));
+    });
+    source.addEventListener("forbidden", () => {
+      source.close();
+      state.textContent = "Not allowed";
+      state.className = "live off";
+      status("You may no longer see this participant.");
+    });
   }
 
   async function refreshDays() {
@@ -163,11 +195,13 @@
     await session();
     document.getElementById("main").replaceChildren(
       el("p", { class: "toolbar" }, el("a", { href: `/participants/${encodeURIComponent(pid)}` }, "Participant page"),
+        " · ", el("span", { id: "live-state", class: "live off" }, "Connecting…"),
         " · ", el("span", { id: "updated" }, "")),
       el("div", { id: "devices", class: "card" }),
       el("div", { id: "metrics" }),
     );
-    loop(refreshLive, REFRESH_MS);
+    follow();
+    setInterval(render, SCROLL_MS);
     loop(refreshDays, 60000);
     loop(refreshDevices, 10000);
   }
