@@ -744,10 +744,17 @@ async def _delete_held(
     conn: Conn, actor: Actor, consent_id: int, participant_id: str, scopes: frozenset[str]
 ) -> int:
     metrics = sorted(m.name for m in METRICS.values() if m.scope in scopes)
+    # The hourly rollups of what is deleted are recomputed (to nothing) by the next refresh.
     cur = await conn.execute(
-        "WITH gone AS (DELETE FROM readings WHERE participant_id = %s AND metric = ANY(%s)"
-        " RETURNING time) SELECT count(*), min(time), max(time) FROM gone",
-        (participant_id, metrics),
+        "WITH gone AS (DELETE FROM readings WHERE participant_id = %(pid)s"
+        " AND metric = ANY(%(metrics)s) RETURNING time, metric),"
+        " hours AS (SELECT DISTINCT metric, floor(extract(epoch FROM time) / 3600)::bigint AS h"
+        " FROM gone),"
+        " noted AS (INSERT INTO rollup_invalidations (participant_ids, metrics, hours)"
+        " SELECT array_agg(%(pid)s::text), array_agg(metric), array_agg(h) FROM hours"
+        " HAVING count(*) > 0)"
+        " SELECT count(*), min(time), max(time) FROM gone",
+        {"pid": participant_id, "metrics": metrics},
     )
     row = await cur.fetchone()
     assert row is not None

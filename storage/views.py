@@ -8,24 +8,22 @@ logs them.
 Rollups: ``readings_1h`` holds hourly count/mean/min/max per participant and metric. On
 TimescaleDB it is a continuous aggregate with real-time aggregation (its policy refreshes
 it). On plain PostgreSQL it is a table that :func:`refresh_rollups` brings up to date: it
-finds the hours touched by envelopes received since its last run (by ``received_at``, with
-an overlap so a batch that committed late is still seen) and recomputes exactly those hours.
+takes the hours that stored batches and withdrawals marked in ``rollup_invalidations``
+(each in its own transaction, so none is missed however late it commits) and recomputes
+exactly those hours.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from storage.alerts import Alert, AlertEvent
 from storage.db import Conn
 from storage.migrate import StorageMode
 
-# A batch's received_at is taken before its transaction commits; recomputing hours touched in
-# the last few minutes again catches batches that committed after a refresh had run.
-ROLLUP_OVERLAP = timedelta(minutes=5)
 # At most this many readings come back for one window (about 1 Hz for 1 hour of 3 metrics).
 MAX_WINDOW_READINGS = 20_000
 # A reading's received_at is stamped when the gateway takes its batch, before the batch
@@ -395,10 +393,11 @@ async def rollups(
 # An arbitrary, fixed key for pg_advisory_xact_lock: one rollup refresher at a time.
 ROLLUP_LOCK_KEY = 0x726F_6C6C_7570
 
-_TOUCHED = """
-SELECT DISTINCT r.participant_id, r.metric, date_trunc('hour', r.time)
-FROM envelopes e JOIN readings r ON (r.device_id, r.seq) = (e.device_id, e.seq)
-WHERE e.received_at > %s AND e.received_at <= %s
+_TAKE_INVALIDATIONS = """
+WITH taken AS (DELETE FROM rollup_invalidations RETURNING participant_ids, metrics, hours)
+SELECT DISTINCT u.participant_id, u.metric, to_timestamp(u.hour * 3600)
+FROM taken,
+    unnest(taken.participant_ids, taken.metrics, taken.hours) AS u(participant_id, metric, hour)
 """
 
 _RECOMPUTE = """
@@ -423,21 +422,32 @@ ON CONFLICT (participant_id, metric, bucket) DO UPDATE SET
 """
 
 
+HOUR_MS = 3_600_000
+
+
+async def invalidate_rollups(
+    conn: Conn, participant_ids: Sequence[str], metrics: Sequence[str], hours: Sequence[int]
+) -> None:
+    """Mark hours (since the epoch) of participants' metrics for the next refresh, in the
+    caller's transaction: the writer calls it with each batch it stores (plain mode)."""
+    if participant_ids:
+        await conn.execute(
+            "INSERT INTO rollup_invalidations (participant_ids, metrics, hours)"
+            " VALUES (%s, %s, %s)",
+            (list(participant_ids), list(metrics), list(hours)),
+        )
+
+
 async def refresh_rollups(conn: Conn, mode: StorageMode) -> int:
-    """Bring ``readings_1h`` up to date (plain mode; TimescaleDB refreshes its own).
-    Returns the number of hours recomputed. Runs in one transaction of its own."""
-    if mode is StorageMode.TIMESCALEDB:
-        return 0
+    """Bring ``readings_1h`` up to date (plain mode; TimescaleDB refreshes its own): recompute
+    the hours marked since the last refresh, in one transaction of its own. Returns the
+    number of hours recomputed."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (ROLLUP_LOCK_KEY,))
-        cur = await conn.execute(
-            "SELECT received_until, now() FROM rollup_progress WHERE name = 'readings_1h'"
-            " FOR UPDATE"
-        )
-        row = await cur.fetchone()
-        assert row is not None, "migration 0005 inserts the progress row"
-        until, now = row
-        cur = await conn.execute(_TOUCHED, (until - ROLLUP_OVERLAP, now))
+        if mode is StorageMode.TIMESCALEDB:
+            await conn.execute("DELETE FROM rollup_invalidations")
+            return 0
+        cur = await conn.execute(_TAKE_INVALIDATIONS)
         touched = await cur.fetchall()
         if touched:
             await conn.execute(
@@ -448,9 +458,6 @@ async def refresh_rollups(conn: Conn, mode: StorageMode) -> int:
                     "buckets": [t[2] for t in touched],
                 },
             )
-        await conn.execute(
-            "UPDATE rollup_progress SET received_until = %s WHERE name = 'readings_1h'", (now,)
-        )
     return len(touched)
 
 

@@ -36,6 +36,7 @@ from storage.errors import BatchWriteError, DatabaseUnavailable, first_line
 from storage.migrate import StorageMode
 from storage.partitions import ensure_partitions, existing_partitions, partition_start_ms
 from storage.timeconv import from_ms
+from storage.views import HOUR_MS, invalidate_rollups
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,8 @@ class BulkWriter:
         new_keys = await self._insert_envelopes(conn, batch.accepted, received)
         fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
         await self._copy_readings(conn, fresh, batch.received_ms)
+        if self._mode is StorageMode.PLAIN:
+            await _invalidate_rollups(conn, fresh)
         outcomes = await self._outcomes(conn, batch.accepted, new_keys)
         conflicts = [e for e, o in zip(batch.accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
@@ -462,3 +465,13 @@ def _copy_error_owner(
             if int(m.group(1)) >= 1 and i < len(owners):
                 return owners[i]
     return None
+
+
+async def _invalidate_rollups(conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
+    """Mark the hours the batch's readings fall in for the plain-mode rollup refresh."""
+    touched = {
+        (env.participant_id, r.metric, r.t_ms // HOUR_MS) for env in fresh for r in env.readings
+    }
+    if touched:
+        pids, metrics, hours = zip(*touched, strict=True)
+        await invalidate_rollups(conn, pids, metrics, hours)

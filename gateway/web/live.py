@@ -10,9 +10,11 @@ gaps and anything an increment could have missed. Both carry the same fields as
 Increments come from one :class:`LiveFeed` per gateway process. Every ``TICK_S``, while any
 stream is open, one query reads the readings of every watched participant that the gateway
 received since the previous read (less ``views.RECEIVED_OVERLAP_MS``: ``received_at`` is
-stamped before a batch commits), and each stream is handed those of its participant that it
-was not handed before. A hundred open views cost one query per tick, not a hundred requests
-with their session, access and window queries each.
+stamped before a batch commits) and that were measured at most ``LATE_S`` before it, and
+each stream is handed those of its participant that it was not handed before. A hundred open
+views cost one query per tick, not a hundred requests with their session, access and window
+queries each. A reading that reaches the gateway more than ``LATE_S`` after it was measured
+(a hub catching up after being offline) is in the stream's next window.
 
 A stream checks its session and the participant's site again every ``POLL_S``: it ends with
 ``event: signed-out`` when the session ends and ``event: forbidden`` when the user may no
@@ -54,8 +56,14 @@ TICK_S = 2.0
 POLL_S = 5.0
 # A stream sends its window whole this often.
 FULL_EVERY_S = 60.0
-# The longest window a live stream serves; the feed reads readings measured this far back.
+# The longest window a live stream serves.
 MAX_MINUTES = 60
+# A feed read looks for readings measured at most this long before the previous read (and
+# within the longest open window): a hub's readings reach the gateway seconds after they are
+# measured. Later ones (a hub catching up after being offline) come with the stream's next
+# whole window instead, within FULL_EVERY_S; reading every watched participant's whole
+# window on every tick is what this spares the database.
+LATE_S = 60.0
 # Readings one stream may have waiting before it is sent the window whole instead.
 MAX_PENDING = 5_000
 # Readings one feed read takes; a read that fills it sends every stream its window.
@@ -144,6 +152,7 @@ class Watch:
     """One open stream's share of the feed."""
 
     participant_id: str
+    minutes: int = MAX_MINUTES
     pending: list[views.ReadingRow] = field(default_factory=list)
     behind: bool = False
     _event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -192,8 +201,8 @@ class LiveFeed:
     def streams(self) -> int:
         return sum(len(w) for w in self._watches.values())
 
-    def watch(self, participant_id: str) -> Watch:
-        w = Watch(participant_id)
+    def watch(self, participant_id: str, minutes: int = MAX_MINUTES) -> Watch:
+        w = Watch(participant_id, minutes)
         self._watches.setdefault(participant_id, set()).add(w)
         self._wanted.set()
         return w
@@ -214,13 +223,10 @@ class LiveFeed:
         now = datetime.now(UTC)
         overlap = timedelta(milliseconds=views.RECEIVED_OVERLAP_MS)
         after = self._after if self._after is not None else now - overlap
+        widest = max(w.minutes for watches in self._watches.values() for w in watches)
+        since = max(now - timedelta(minutes=widest), after - timedelta(seconds=LATE_S))
         rows = await views.readings_received(
-            conn,
-            list(self._watches),
-            METRICS,
-            now - timedelta(minutes=MAX_MINUTES),
-            after,
-            limit=READ_LIMIT,
+            conn, list(self._watches), METRICS, since, after, limit=READ_LIMIT
         )
         self.reads += 1
         self._after = now - overlap
@@ -333,7 +339,7 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write(f"retry: {RETRY_MS}\n\n".encode())
     log.info("live stream opened user=%s participant=%s", principal.username, pid)
-    watch = feed.watch(pid)
+    watch = feed.watch(pid, minutes)
     checked_at = time.monotonic()
     full_at = -FULL_EVERY_S
     in_window: set[_Key] = set()

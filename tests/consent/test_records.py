@@ -10,8 +10,9 @@ import pytest
 
 from consent import errors, records
 from consent.records import Initiator
-from storage import audit, partitions, registry, users
+from storage import audit, partitions, registry, users, views
 from storage.db import Conn
+from storage.migrate import StorageMode
 from tests.consent.conftest import (
     ADMIN,
     CHEAP_HASHER,
@@ -326,10 +327,21 @@ async def test_withdrawal_under_delete_policy_deletes_held_readings_with_a_recor
                 " %s, 1, 'u', 'hub-1', 1, 's', now())",
                 (i + 1, metric),
             )
+    hour = now_ms // views.HOUR_MS  # the readings lie in this hour or the one before
+    await views.invalidate_rollups(
+        conn, ["P1"] * 4, ["heart_rate", "glucose"] * 2, [hour, hour, hour - 1, hour - 1]
+    )
+    await views.refresh_rollups(conn, StorageMode.PLAIN)
+    cur = await conn.execute("SELECT DISTINCT metric FROM readings_1h ORDER BY metric")
+    assert await cur.fetchall() == [("glucose",), ("heart_rate",)]
     part = await records.withdraw(
         conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE, scopes={"glucose"}
     )
     assert (part.data_policy, part.readings_deleted) == ("delete", 2)
+    # Their hourly rollups go with them at the next refresh; the rest stay.
+    await views.refresh_rollups(conn, StorageMode.PLAIN)
+    cur = await conn.execute("SELECT DISTINCT metric FROM readings_1h")
+    assert await cur.fetchall() == [("heart_rate",)]
     full = await records.withdraw(
         conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE
     )
@@ -342,6 +354,9 @@ async def test_withdrawal_under_delete_policy_deletes_held_readings_with_a_recor
     assert [(r[0], r[2]) for r in rows] == [(part.consent_id, 2), (full.consent_id, 3)]
     assert "glucose" in rows[0][1]
     cur = await conn.execute("SELECT count(*) FROM readings")
+    assert await cur.fetchone() == (0,)
+    await views.refresh_rollups(conn, StorageMode.PLAIN)
+    cur = await conn.execute("SELECT count(*) FROM readings_1h")
     assert await cur.fetchone() == (0,)
     actions = [a for a, _ in await audit_actions(conn)]
     assert actions.count("consent.data_deleted") == 2

@@ -51,11 +51,20 @@ async def test_feed_hands_each_stream_its_participants_new_readings_once(trial: 
         # The next read covers the same received times again (the overlap): nothing repeats.
         await feed.read(conn)
         assert mine.take() == []
-    # A late reading (measured minutes ago, received now) is new all the same.
-    await store(trial, [(now - timedelta(minutes=5), 64.0)], datetime.now(UTC))
+    # A late reading (measured 30 s ago, received now) is new all the same; one measured
+    # longer than LATE_S ago is left to the stream's next whole window.
+    late = datetime.now(UTC)
+    await store(
+        trial,
+        [
+            (late - timedelta(seconds=live.LATE_S + 30), 64.0),
+            (late - timedelta(seconds=30), 66.0),
+        ],
+        late,
+    )
     async with db.connection(trial.url) as conn:
         await feed.read(conn)
-    assert [r.value for r in mine.take()] == [64.0]
+    assert [r.value for r in mine.take()] == [66.0]
     assert feed.reads == 3
 
 
@@ -196,8 +205,20 @@ async def test_stream_sends_the_window_then_each_new_reading_of_its_participant_
         # a late one of this participant: the next event holds that late one only.
         await asyncio.sleep(3 * live.TICK_S)
         await sender.send("hub-2", [99.0])
-        await sender.send("hub-1", [65.0], t0=now_ms() - 4 * 60_000)
+        await sender.send("hub-1", [65.0], t0=now_ms() - 30_000)
         assert await s.next_readings() == [65.0]
+
+
+async def test_a_reading_later_than_late_s_comes_with_the_next_window(
+    quick: None, web: Web, sender: Sender, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(live, "FULL_EVERY_S", 2.0)
+    async with stream(web, "clinician") as s:
+        assert (await s.next_event())[0] == "window"
+        await sender.send("hub-1", [65.0], t0=now_ms() - 4 * 60_000)
+        name, data = await s.next_event()
+        assert name == "window"
+        assert [r["value"] for r in data["readings"]] == [65.0]
 
 
 async def test_a_reader_behind_gets_the_window_whole(

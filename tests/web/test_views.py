@@ -28,6 +28,11 @@ async def store(trial: Trial, rows: list[tuple[datetime, float]], received: date
                 " 's', %s)",
                 (t, v, seq, received),
             )
+        # As the gateway's writer does in the same transaction (plain mode).
+        hours = sorted({to_ms(t) // views.HOUR_MS for t, _ in rows})
+        await views.invalidate_rollups(
+            conn, ["P1"] * len(hours), ["heart_rate"] * len(hours), hours
+        )
 
 
 async def test_rollups_recompute_only_the_hours_new_data_touched(trial: Trial) -> None:
