@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -68,20 +69,20 @@ async def create_session(
 
 
 _LOOKUP = """
-SELECT u.user_id, u.username, u.display_name, u.role, u.participant_id,
+SELECT s.token_sha256, u.user_id, u.username, u.display_name, u.role, u.participant_id,
        coalesce((SELECT array_agg(site_id) FROM user_sites x WHERE x.user_id = u.user_id),
                 '{}'),
        s.csrf_token, s.created_at, s.expires_at,
        s.last_seen_at < now() - %(touch)s
 FROM web_sessions s JOIN users u ON u.user_id = s.user_id
-WHERE s.token_sha256 = %(digest)s
+WHERE s.token_sha256 = ANY(%(digests)s)
   AND s.ended_at IS NULL AND s.idle_expires_at > now() AND s.expires_at > now()
   AND u.disabled_at IS NULL
 """
 _TOUCH = """
 UPDATE web_sessions s SET last_seen_at = now(),
        idle_expires_at = least(s.expires_at, now() + %(idle)s)
-WHERE s.token_sha256 = %(digest)s AND s.ended_at IS NULL
+WHERE s.token_sha256 = ANY(%(digests)s) AND s.ended_at IS NULL
 """
 # A session's idle expiry restarts on use, written at most this often: a page polling every
 # few seconds then costs a read per request, not a write (and a commit) per request.
@@ -90,18 +91,41 @@ TOUCH_EVERY = timedelta(seconds=60)
 
 async def lookup(conn: Conn, token: str, *, idle: timedelta = IDLE_TIMEOUT) -> Session | None:
     """The live session of ``token`` (its idle time restarts, to within TOUCH_EVERY), or None."""
-    if not token or len(token) > 128:
-        return None
-    digest = token_digest(token)
-    cur = await conn.execute(_LOOKUP, {"digest": digest, "touch": TOUCH_EVERY})
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    uid, username, display, role, pid, sites, csrf, created, expires, stale = row
+    return (await lookup_many(conn, [token], idle=idle)).get(token)
+
+
+async def lookup_many(
+    conn: Conn, tokens: Collection[str], *, idle: timedelta = IDLE_TIMEOUT
+) -> dict[str, Session]:
+    """The live sessions among ``tokens``, by token, in one query (a gateway process checks
+    the sessions of all its open streams at once); each one's idle time restarts as in
+    :func:`lookup`."""
+    by_digest = {token_digest(t): t for t in tokens if t and len(t) <= 128}
+    if not by_digest:
+        return {}
+    cur = await conn.execute(_LOOKUP, {"digests": list(by_digest), "touch": TOUCH_EVERY})
+    found: dict[str, Session] = {}
+    stale: list[bytes] = []
+    for (
+        digest,
+        uid,
+        username,
+        display,
+        role,
+        pid,
+        sites,
+        csrf,
+        created,
+        expires,
+        old,
+    ) in await cur.fetchall():
+        user = User(int(uid), str(username), str(display), Role(role), pid, frozenset(sites))
+        found[by_digest[bytes(digest)]] = Session(user, str(csrf), created, expires)
+        if old:
+            stale.append(bytes(digest))
     if stale:
-        await conn.execute(_TOUCH, {"digest": digest, "idle": idle})
-    user = User(int(uid), str(username), str(display), Role(role), pid, frozenset(sites))
-    return Session(user, str(csrf), created, expires)
+        await conn.execute(_TOUCH, {"digests": stale, "idle": idle})
+    return found
 
 
 async def end_session(conn: Conn, token: str, *, reason: str = "signed_out") -> bool:

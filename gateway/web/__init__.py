@@ -18,6 +18,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.web import auth, live, pages, sse
+from gateway.web.access import SessionChecks
 from gateway.web.api import ENDPOINTS
 from gateway.web.exports import EXPORT_RUNNER, ExportRunner
 from gateway.web.spec import handler_for
@@ -64,6 +65,7 @@ async def _web(app: web.Application) -> AsyncIterator[None]:
     pool = app[POOL]
     settings = app[SETTINGS]
     app[auth.POOL_KEY] = pool
+    app[auth.SESSION_CHECKS_KEY] = SessionChecks()
     feed = sse.feed_ctx(app, settings.require_database_url())
     await anext(feed)
     live_feed = live.live_ctx(app, pool)

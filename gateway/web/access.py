@@ -11,7 +11,12 @@ Two checks, in this order, on every API call and page:
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+
+from psycopg_pool import AsyncConnectionPool
 
 from gateway.web.errors import NotFound
 from storage import sessions, views
@@ -88,10 +93,59 @@ async def require_participant(
     return home
 
 
-async def still_signed_in(conn: Conn, principal: Principal) -> Principal | None:
-    """The principal as its session says now (its sites and role may have changed), or None
-    once the session has ended: what a long-lived stream checks now and then."""
-    session = await sessions.lookup(conn, principal.token)
-    if session is None:
-        return None
-    return Principal(session.user, session.csrf_token, principal.token)
+# Open streams' sessions are checked again this often.
+STREAM_CHECK_S = 5.0
+
+# How the sessions of many tokens are read at once (storage.sessions.lookup_many).
+LookupMany = Callable[[Conn, Collection[str]], Awaitable[dict[str, sessions.Session]]]
+
+
+class SessionChecks:
+    """The sessions of a process's open streams (alert board, live views), checked again
+    together: one query every ``every_s`` for all of them, not one per stream. A stream asks
+    :meth:`current` for its user as the session says now (sites and role may have changed);
+    None means the session has ended."""
+
+    def __init__(
+        self, every_s: float | None = None, lookup_many: LookupMany = sessions.lookup_many
+    ) -> None:
+        self.every_s = every_s  # None: STREAM_CHECK_S, as it is at each check
+        self._lookup_many = lookup_many
+        self._open: dict[str, int] = {}  # token -> streams open with it
+        self._current: dict[str, Principal] = {}
+        self._checked_at = time.monotonic()
+        self._checking = asyncio.Lock()
+        self.checks = 0
+
+    def opened(self, principal: Principal) -> None:
+        """A stream opened with a session its request has just checked."""
+        self._open[principal.token] = self._open.get(principal.token, 0) + 1
+        self._current.setdefault(principal.token, principal)
+
+    def closed(self, principal: Principal) -> None:
+        left = self._open.get(principal.token, 0) - 1
+        if left > 0:
+            self._open[principal.token] = left
+        else:
+            self._open.pop(principal.token, None)
+            self._current.pop(principal.token, None)
+
+    async def current(self, pool: AsyncConnectionPool, principal: Principal) -> Principal | None:
+        async with self._checking:
+            every = STREAM_CHECK_S if self.every_s is None else self.every_s
+            if time.monotonic() - self._checked_at >= every:
+                asked = list(self._open)
+                async with pool.connection() as conn:
+                    found = await self._lookup_many(conn, asked)
+                current = {
+                    token: Principal(s.user, s.csrf_token, token)
+                    for token, s in found.items()
+                    if token in self._open  # not closed during the query
+                }
+                for token in self._open.keys() - set(asked):  # opened during the query
+                    if token in self._current:
+                        current[token] = self._current[token]
+                self._current = current
+                self._checked_at = time.monotonic()
+                self.checks += 1
+        return self._current.get(principal.token)

@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from gateway.web.access import Principal
+from gateway.web.access import Principal, SessionChecks
 from gateway.web.errors import Forbidden, Unauthenticated
 from storage import audit, sessions, users
 
@@ -35,6 +35,7 @@ REQUEST_PRINCIPAL = web.RequestKey("principal", Principal)
 REQUEST_LOOKED_UP = web.RequestKey("principal_looked_up", bool)
 REQUEST_USER = web.RequestKey("username", str)
 POOL_KEY = web.AppKey("web_pool", AsyncConnectionPool)
+SESSION_CHECKS_KEY = web.AppKey("session_checks", SessionChecks)
 
 
 def _pool(request: web.Request) -> AsyncConnectionPool:

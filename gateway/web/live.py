@@ -16,10 +16,14 @@ views cost one query per tick, not a hundred requests with their session, access
 queries each. A reading that reaches the gateway more than ``LATE_S`` after it was measured
 (a hub catching up after being offline) is in the stream's next window.
 
-A stream checks its session and the participant's site again every ``POLL_S``: it ends with
+A stream asks for its user as the session says now every ``POLL_S``
+(``access.SessionChecks``: one query every ``access.STREAM_CHECK_S`` for all of a process's
+open streams) and reads the participant's site again with each whole window: it ends with
 ``event: signed-out`` when the session ends and ``event: forbidden`` when the user may no
-longer see the participant. A stream whose client falls ``MAX_PENDING`` readings behind drops
-them and is sent the window whole instead, so a slow reader cannot grow the gateway's memory.
+longer see the participant (the user lost the site within seconds; the participant moved to
+another site within ``FULL_EVERY_S``). A stream whose client falls ``MAX_PENDING`` readings
+behind drops them and is sent the window whole instead, so a slow reader cannot grow the
+gateway's memory.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.web import auth
-from gateway.web.access import CLINICAL, require_participant, still_signed_in
+from gateway.web.access import CLINICAL, require_participant
 from ingest.metrics import METRICS
 from storage import db, views
 from storage.errors import DatabaseUnavailable
@@ -327,8 +331,9 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
     minutes = ctx.query["minutes"]
     feed = request.app[LIVE_KEY]
     pool = request.app[auth.POOL_KEY]
+    home: tuple[str, str] | None
     async with pool.connection() as conn:
-        await require_participant(principal, pid, conn)  # 404 before the stream starts
+        home = await require_participant(principal, pid, conn)  # 404 before the stream starts
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -339,6 +344,8 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write(f"retry: {RETRY_MS}\n\n".encode())
     log.info("live stream opened user=%s participant=%s", principal.username, pid)
+    checks = request.app[auth.SESSION_CHECKS_KEY]
+    checks.opened(principal)
     watch = feed.watch(pid, minutes)
     checked_at = time.monotonic()
     full_at = -FULL_EVERY_S
@@ -348,22 +355,25 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
     try:
         while not feed.closing:
             if time.monotonic() - checked_at >= POLL_S:
-                async with pool.connection() as conn:
-                    current = await still_signed_in(conn, principal)
-                    if current is None:
-                        await resp.write(_event("signed-out", {}))
-                        break
-                    principal = current
-                    home = await views.participant_home(conn, pid)
-                if (
-                    principal.role not in CLINICAL
-                    or home is None
-                    or not principal.covers_participant(pid, home[1])
-                ):
-                    await resp.write(_event("forbidden", {"participant_id": pid}))
+                current = await checks.current(pool, principal)
+                if current is None:
+                    await resp.write(_event("signed-out", {}))
                     break
+                principal = current
                 checked_at = time.monotonic()
-            if watch.behind or time.monotonic() - full_at >= FULL_EVERY_S:
+            full = watch.behind or time.monotonic() - full_at >= FULL_EVERY_S
+            if full and full_at >= 0:
+                # The participant's site, read again with each whole window.
+                async with pool.connection() as conn:
+                    home = await views.participant_home(conn, pid)
+            if (
+                principal.role not in CLINICAL
+                or home is None
+                or not principal.covers_participant(pid, home[1])
+            ):
+                await resp.write(_event("forbidden", {"participant_id": pid}))
+                break
+            if full:
                 watch.take()
                 watch.behind = False
                 async with pool.connection() as conn:
@@ -390,4 +400,5 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
         log.info("live stream ended user=%s reason=%s", principal.username, type(exc).__name__)
     finally:
         feed.unwatch(watch)
+        checks.closed(principal)
     return resp

@@ -29,7 +29,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.web import auth
-from gateway.web.access import still_signed_in, visible_sites
+from gateway.web.access import visible_sites
 from gateway.web.errors import BadInput
 from storage import alerts as alert_store
 from storage import db, views
@@ -222,6 +222,8 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
     await resp.prepare(request)
     await resp.write(f"retry: {RETRY_MS}\n\n".encode())
     log.info("alert stream opened user=%s after=%d", principal.username, last)
+    checks = request.app[auth.SESSION_CHECKS_KEY]
+    checks.opened(principal)
     checked_at = -POLL_S
     sites: list[str] = []
     try:
@@ -229,13 +231,16 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
             if time.monotonic() - checked_at >= POLL_S:
                 # The session (ended by signing out or expiry) and the user's sites are
                 # checked again every POLL_S, not at every event.
-                async with pool.connection() as conn:
-                    current = await still_signed_in(conn, principal)
-                    if current is None:
-                        await resp.write(b"event: signed-out\ndata: {}\n\n")
-                        break
-                    principal = current
-                    sites = await visible_sites(conn, principal)
+                current = await checks.current(pool, principal)
+                if current is None:
+                    await resp.write(b"event: signed-out\ndata: {}\n\n")
+                    break
+                principal = current
+                if principal.site_ids is not None:
+                    sites = sorted(principal.site_ids)
+                else:
+                    async with pool.connection() as conn:
+                        sites = await visible_sites(conn, principal)
                 checked_at = time.monotonic()
             await feed.refresh(pool)
             batch = feed.after(last, sites)
@@ -261,4 +266,6 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
             await resp.write(b": alive\n\n")
     except (ConnectionResetError, *_CONNECTION_ERRORS) as exc:
         log.info("alert stream ended user=%s reason=%s", principal.username, type(exc).__name__)
+    finally:
+        checks.closed(principal)
     return resp

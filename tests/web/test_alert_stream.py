@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 
-from gateway.web import sse
+from gateway.web import access, sse
 from storage import alerts, db
 from tests.web.conftest import Web
 
@@ -92,6 +92,7 @@ async def test_a_stream_follows_the_users_sites_as_they_change(
     web: Web, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sse, "POLL_S", 0.2)
+    monkeypatch.setattr(access, "STREAM_CHECK_S", 0.2)
     async with stream(web, "monitor") as a:
         first = await web.new_alert("P1")
         assert summary(await a.next_events(1)) == [(first, "opened", "P1")]

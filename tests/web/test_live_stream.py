@@ -18,7 +18,7 @@ import pytest
 from aiohttp import ClientResponse
 
 from gateway.broker import MosquittoBroker
-from gateway.web import live
+from gateway.web import access, live
 from ingest.envelope import seal
 from ingest.model import Payload, Reading
 from ingest.pipeline import up_topic
@@ -182,6 +182,7 @@ def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ticks and checks a few times a second, so the tests wait for the stream, not a clock."""
     monkeypatch.setattr(live, "TICK_S", 0.2)
     monkeypatch.setattr(live, "POLL_S", 0.5)
+    monkeypatch.setattr(access, "STREAM_CHECK_S", 0.5)
 
 
 @pytest.fixture
