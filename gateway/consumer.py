@@ -240,14 +240,21 @@ class Consumer:
             self._client.loop_stop()
 
     async def _collect(self) -> list[_Message]:
-        items = [await self._queue.get()]
-        deadline = asyncio.get_running_loop().time() + self.config.max_wait_s
-        while len(items) < self.config.max_batch:
-            timeout = deadline - asyncio.get_running_loop().time()
-            if timeout <= 0:
+        """A batch: the first message, then whatever arrives within ``max_wait_s``, up to
+        ``max_batch``. What is queued already is taken without waiting: a timer per message
+        (``wait_for``) cost more than the rest of the hand-off under a backlog."""
+        queue, most = self._queue, self.config.max_batch
+        loop = asyncio.get_running_loop()
+        items = [await queue.get()]
+        deadline = loop.time() + self.config.max_wait_s
+        while len(items) < most:
+            while len(items) < most and not queue.empty():
+                items.append(queue.get_nowait())
+            timeout = deadline - loop.time()
+            if len(items) >= most or timeout <= 0:
                 break
             try:
-                items.append(await asyncio.wait_for(self._queue.get(), timeout))
+                items.append(await asyncio.wait_for(queue.get(), timeout))
             except TimeoutError:
                 break
         return items
