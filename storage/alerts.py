@@ -354,8 +354,8 @@ async def save_states(conn: Conn, states: Mapping[tuple[str, int], RuleState]) -
     await conn.execute(
         "INSERT INTO alert_state (participant_id, rule_id, evaluated_until, run_start, run_last,"
         " active_since)"
-        " SELECT * FROM unnest(%s::text[], %s::int8[], %s::timestamptz[], %s::timestamptz[],"
-        " %s::timestamptz[], %s::timestamptz[])"
+        " SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::timestamptz[],"
+        " %b::timestamptz[], %b::timestamptz[])"  # binary: see storage.writer
         " ON CONFLICT (participant_id, rule_id) DO UPDATE SET"
         " evaluated_until = excluded.evaluated_until, run_start = excluded.run_start,"
         " run_last = excluded.run_last, active_since = excluded.active_since, updated_at = now()",

@@ -433,7 +433,7 @@ async def invalidate_rollups(
     if participant_ids:
         await conn.execute(
             "INSERT INTO rollup_invalidations (participant_ids, metrics, hours)"
-            " VALUES (%s, %s, %s)",
+            " VALUES (%b::text[], %b::text[], %b::int8[])",  # binary: see storage.writer
             (list(participant_ids), list(metrics), list(hours)),
         )
 
