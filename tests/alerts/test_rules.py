@@ -443,3 +443,17 @@ def test_replay_of_the_whole_history_matches_judging_it_in_order(
     whole = run(rule, series(*sorted(readings)))
     fresh = replay(rule, RuleState(), series(*readings), [], P, late_ms=0)
     assert fresh == whole
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False)),
+        max_size=30,
+    )
+)
+@example([(1, 1.0), (1, 2.0), (0, 3.0)])  # a tie after an out-of-order reading
+@example([(0, 1.0), (0, 2.0), (1, 3.0)])  # in order with a tie: kept as given
+def test_a_series_is_its_readings_stably_sorted_by_time(pairs: list[tuple[int, float]]) -> None:
+    s = Series.of([t for t, _ in pairs], [v for _, v in pairs])
+    expected = sorted(pairs, key=lambda p: p[0])  # sorted() is stable
+    assert list(zip(s.times.to_pylist(), s.values.to_pylist(), strict=True)) == expected
