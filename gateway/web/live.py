@@ -29,7 +29,6 @@ gateway's memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -42,7 +41,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.web import auth
+from gateway.web import auth, streams
 from gateway.web.access import CLINICAL, require_participant
 from ingest.metrics import METRICS
 from storage import db, views
@@ -304,15 +303,9 @@ class LiveFeed:
 LIVE_KEY = web.AppKey("live_feed", LiveFeed)
 
 
-async def live_ctx(app: web.Application, pool: AsyncConnectionPool) -> AsyncIterator[None]:
+def live_ctx(app: web.Application, pool: AsyncConnectionPool) -> AsyncIterator[None]:
     feed = LiveFeed()
-    app[LIVE_KEY] = feed
-    task = asyncio.create_task(feed.run(pool), name="web-live-feed")
-    yield
-    feed.close()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    return streams.run_feed(app, LIVE_KEY, feed, lambda: feed.run(pool), "web-live-feed")
 
 
 def close_streams(app: web.Application) -> None:
@@ -334,15 +327,7 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
     home: tuple[str, str] | None
     async with pool.connection() as conn:
         home = await require_participant(principal, pid, conn)  # 404 before the stream starts
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-store",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await resp.prepare(request)
-    await resp.write(f"retry: {RETRY_MS}\n\n".encode())
+    resp = await streams.open_stream(request, RETRY_MS)
     log.info("live stream opened user=%s participant=%s", principal.username, pid)
     checks = request.app[auth.SESSION_CHECKS_KEY]
     checks.opened(principal)

@@ -28,7 +28,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.web import auth
+from gateway.web import auth, streams
 from gateway.web.access import visible_sites
 from gateway.web.errors import BadInput
 from storage import alerts as alert_store
@@ -154,15 +154,11 @@ class AlertFeed:
 FEED_KEY = web.AppKey("alert_feed", AlertFeed)
 
 
-async def feed_ctx(app: web.Application, database_url: str) -> AsyncIterator[None]:
+def feed_ctx(app: web.Application, database_url: str) -> AsyncIterator[None]:
     feed = AlertFeed()
-    app[FEED_KEY] = feed
-    task = asyncio.create_task(feed.listen(database_url), name="web-alert-feed")
-    yield
-    feed.close()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    return streams.run_feed(
+        app, FEED_KEY, feed, lambda: feed.listen(database_url), "web-alert-feed"
+    )
 
 
 async def close_streams(app: web.Application) -> None:
@@ -212,15 +208,7 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
     last = _start_after(request)
     feed = request.app[FEED_KEY]
     pool = request.app[auth.POOL_KEY]
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-store",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await resp.prepare(request)
-    await resp.write(f"retry: {RETRY_MS}\n\n".encode())
+    resp = await streams.open_stream(request, RETRY_MS)
     log.info("alert stream opened user=%s after=%d", principal.username, last)
     checks = request.app[auth.SESSION_CHECKS_KEY]
     checks.opened(principal)
