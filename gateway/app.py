@@ -18,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway import enrollment
 from gateway.alerts import AlertEngine, AlertService, MqttPublisher
-from gateway.consumer import Consumer, ConsumerConfig
+from gateway.consumer import Consumer, ConsumerConfig, Histogram
 from gateway.pki import GATEWAY_IDENTITY, PkiError, StudyCA
 from gateway.problems import problem, problem_middleware, read_json_object, require_str
 from gateway.settings import Settings
@@ -167,6 +167,18 @@ def _family(
     return out
 
 
+def _histogram(
+    name: str, help_text: str, series: list[tuple[dict[str, str], Histogram]]
+) -> list[str]:
+    out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    for labels, h in series:
+        text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        out.extend(f'{name}_bucket{{{text},le="{le}"}} {n}' for le, n in h.cumulative())
+        out.append(f"{name}_sum{{{text}}} {h.total:.6f}")
+        out.append(f"{name}_count{{{text}}} {h.n}")
+    return out
+
+
 async def metrics(request: web.Request) -> web.Response:
     s = request.app[CONSUMER].stats
     w = {"worker": str(request.app[WORKER])}
@@ -218,6 +230,19 @@ async def metrics(request: web.Request) -> web.Response:
             "counter",
             "Receipts the MQTT client refused to queue (the hub will republish).",
             [(w, s.receipt_publish_failures)],
+        ),
+        *_family("trialstream_batches_total", "counter", "Batches stored.", [(w, s.batches)]),
+        *_histogram(
+            "trialstream_batch_duration_seconds",
+            "Seconds per batch in each phase: judge (decode, verify, consent), store (the"
+            " transaction, with retries through an outage), finish (receipts and acks).",
+            [({**w, "phase": phase}, h) for phase, h in s.batch_seconds.items()],
+        ),
+        *_histogram(
+            "trialstream_receipt_duration_seconds",
+            "Seconds from a message's arrival at the worker to its acknowledgement (and"
+            " receipt, where one is sent).",
+            [(w, s.receipt_seconds)],
         ),
         *_family(
             "trialstream_mqtt_connected",

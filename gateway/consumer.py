@@ -19,6 +19,7 @@ which the broker delivers the unacknowledged messages again (stored once: the de
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import logging
@@ -95,6 +96,38 @@ class _Message:
     received_ms: int
 
 
+# Upper bounds (seconds) of the consumer's latency histograms on /metrics: a batch's phases
+# take milliseconds when all is well and seconds when the database or the machine struggles;
+# an outage shows as a store of many seconds (retried until the database answers).
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_PHASES = ("judge", "store", "finish")
+
+
+@dataclass
+class Histogram:
+    """Observations counted by upper bound, as a Prometheus histogram reports them."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
+        self.total += value
+        self.n += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, observations <= le)`` per bound, then ``("+Inf", all)``."""
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            out.append((f"{bound:g}", running))
+        out.append(("+Inf", self.n))
+        return out
+
+
 @dataclass
 class Stats:
     """Counters of this worker since start (the database holds the durable truth)."""
@@ -111,6 +144,13 @@ class Stats:
     # Batches judged again because consent changed between reading it and committing.
     consent_rechecks: int = 0
     mqtt_connected: bool = False
+    # Seconds per batch in each phase: judge (decode, verify, consent), store (the
+    # transaction, retries through an outage included), finish (receipts and acks).
+    batch_seconds: dict[str, Histogram] = field(
+        default_factory=lambda: {phase: Histogram() for phase in BATCH_PHASES}
+    )
+    # Seconds from a message's arrival at this worker to its acknowledgement (and receipt).
+    receipt_seconds: Histogram = field(default_factory=Histogram)
 
 
 class Inbox(Generic[T]):
@@ -315,6 +355,7 @@ class Consumer:
     async def _judge(self, messages: Sequence[_Message]) -> _Judged:
         """Decode, verify and admit a batch (nothing written yet)."""
         self.stats.messages += len(messages)
+        started = time.monotonic()
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(None, _decode_all, messages)
         decoded: list[tuple[_Message, pipeline.Decoded]] = []
@@ -326,6 +367,7 @@ class Consumer:
                 decoded.append((m, d))
         judged = _Judged(decoded, undecodable, self._now_ms())
         await self._admit(judged)
+        self.stats.batch_seconds["judge"].observe(time.monotonic() - started)
         return judged
 
     async def _admit(self, judged: _Judged) -> None:
@@ -334,6 +376,7 @@ class Consumer:
         )
 
     async def _store_and_finish(self, judged: _Judged) -> None:
+        started = time.monotonic()
         while True:
             unchanged = functools.partial(
                 records.confirm_unchanged,
@@ -350,7 +393,10 @@ class Consumer:
                 self.stats.consent_rechecks += 1
                 log.info("consent changed while the batch was judged; judging again: %s", exc)
                 await self._admit(judged)
+        stored = time.monotonic()
+        self.stats.batch_seconds["store"].observe(stored - started)
         await self._finish(judged.accepted, judged.rejected, outcomes, judged.now_ms)
+        self.stats.batch_seconds["finish"].observe(time.monotonic() - stored)
 
     async def _verify_and_admit(
         self, decoded: Sequence[tuple[_Message, pipeline.Decoded]], now_ms: int
@@ -519,6 +565,9 @@ class Consumer:
             if receipt is not None and data is not None:
                 self._publish_receipt(receipt, data)
             self._ack(m)
+        done_ms = self._now_ms()
+        for m in messages:
+            self.stats.receipt_seconds.observe(max(0, done_ms - m.received_ms) / 1000)
 
     def _accepted_receipt(self, a: AcceptedEnvelope, o: EnvelopeOutcome, now_ms: int) -> Receipt:
         """The receipt of a verified envelope, counted in the stats."""

@@ -214,6 +214,31 @@ async def test_healthz_and_metrics(trial: Trial, gateway: RunningGateway, probe:
     await receipt(probe, gateway)
     text = await (await gateway.client.get("/metrics")).text()
     assert 'trialstream_readings_stored_total{worker="0"} 5' in text
+    samples = _samples(text)
+    assert samples['trialstream_batches_total{worker="0"}'] >= 1
+    batch = "trialstream_batch_duration_seconds"
+    for name, labels in (
+        (batch, 'worker="0",phase="judge"'),
+        (batch, 'worker="0",phase="store"'),
+        (batch, 'worker="0",phase="finish"'),
+        ("trialstream_receipt_duration_seconds", 'worker="0"'),
+    ):
+        count = samples[f"{name}_count{{{labels}}}"]
+        assert count >= 1
+        buckets = [v for k, v in samples.items() if k.startswith(f"{name}_bucket{{{labels},le=")]
+        assert buckets == sorted(buckets)  # cumulative
+        assert buckets[-1] == samples[f'{name}_bucket{{{labels},le="+Inf"}}'] == count
+        assert samples[f"{name}_sum{{{labels}}}"] >= 0
+
+
+def _samples(text: str) -> dict[str, float]:
+    """Prometheus text as ``{"name{labels}": value}`` (comments left out)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
 
 
 async def test_reused_seq_with_different_content_is_rejected_as_duplicate(
