@@ -64,6 +64,7 @@ from gateway.web.auth import COOKIE
 from ingest.envelope import seal
 from ingest.model import Payload, Reading
 from ingest.pipeline import up_topic
+from ingest.transport import stop_client
 from storage import alerts, db, sessions, users
 from storage.migrate import StorageMode, migrate
 from storage.partitions import ensure_partitions, partition_start_ms
@@ -288,8 +289,7 @@ def _publish(
             window.acquire()
         return len(pool), time.monotonic() - start
     finally:
-        client.disconnect()
-        client.loop_stop()
+        stop_client(client)
 
 
 class _Publisher:
@@ -725,8 +725,7 @@ async def _latency(
         # aiohttp reports a read cancelled mid-line as a timeout.
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await watcher
-        client.disconnect()
-        client.loop_stop()
+        stop_client(client)
     ms = [s * 1000 for s in latencies]
     return {
         "people_connected": people + 1,

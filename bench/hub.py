@@ -45,6 +45,7 @@ from ingest import keys
 from ingest.envelope import RECEIPT_ACCEPTED, open_envelope, seal, seal_receipt
 from ingest.model import Payload, Reading, Receipt
 from ingest.pipeline import down_topic, up_topic
+from ingest.transport import stop_client
 
 BATCH_SIZES = (1, 10, 100)
 T0_MS = 1_795_000_000_000
@@ -174,8 +175,7 @@ class Receipter:
         self.receipted += 1
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        stop_client(self.client)
 
 
 async def _wait(check: Callable[[], bool], what: str) -> None:
@@ -249,8 +249,7 @@ def _raw_publish(broker: MosquittoBroker, data: list[bytes]) -> float:
             raise TimeoutError("raw baseline: PUBACKs missing")
         return time.perf_counter() - t0
     finally:
-        client.disconnect()
-        client.loop_stop()
+        stop_client(client)
 
 
 async def relaying(

@@ -57,6 +57,7 @@ from gateway.broker import MosquittoBroker, free_port
 from gateway.consumer import SHARED_SUBSCRIPTION
 from ingest.envelope import seal
 from ingest.model import Payload, Reading
+from ingest.transport import stop_client
 from storage import db
 from storage.migrate import StorageMode, migrate
 from storage.partitions import ensure_partitions, partition_start_ms
@@ -202,8 +203,7 @@ def _publish(
             if rate is not None:
                 time.sleep(0.001)
     finally:
-        client.disconnect()
-        client.loop_stop()
+        stop_client(client)
     return sent, times
 
 
@@ -299,8 +299,7 @@ def _prime(broker: MosquittoBroker, client_ids: Sequence[str], subscription: str
             if not done.wait(10):
                 raise RuntimeError(f"could not prime the session of {client_id}")
         finally:
-            client.disconnect()
-            client.loop_stop()
+            stop_client(client)
 
 
 def _rows(
@@ -367,8 +366,7 @@ def _bare_main(url: str, host: str, port: int, worker: int, ready: Any, stop: An
                     for row in _rows(payload, participants, received):
                         copy.write_row(row)
             conn.commit()
-    client.disconnect()
-    client.loop_stop()
+    stop_client(client)
 
 
 def _naive_main(url: str, host: str, port: int, worker: int, ready: Any, stop: Any) -> None:
@@ -389,8 +387,7 @@ def _naive_main(url: str, host: str, port: int, worker: int, ready: Any, stop: A
     client = _subscriber(host, port, f"bench-naive-{worker}", on_message, ready)
     client.loop_start()
     stop.wait()
-    client.disconnect()
-    client.loop_stop()
+    stop_client(client)
     conn.close()
 
 
@@ -571,8 +568,7 @@ class _Receipts:
             raise RuntimeError("receipt listener could not subscribe")
 
     def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        stop_client(self._client)
 
     def by_envelope(self) -> dict[tuple[str, int], tuple[float, int]]:
         out: dict[tuple[str, int], tuple[float, int]] = {}

@@ -38,7 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from device_drivers.outbox import Outbox, OutboxError
 from ingest.envelope import RECEIPT_REJECTED, EnvelopeError, open_receipt
 from ingest.pipeline import down_topic, up_topic
-from ingest.transport import connect_async, make_client
+from ingest.transport import connect_async, make_client, stop_client
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,7 @@ class Relay:
                 tg.create_task(self._send_loop(), name=f"relay-send-{self.config.device_id}")
                 tg.create_task(self._receipt_loop(), name=f"relay-receipts-{self.config.device_id}")
         finally:
-            self._client.disconnect()
-            self._client.loop_stop()
+            stop_client(self._client)
 
     async def set_online(self, online: bool) -> None:
         """Drop or restore the network connection: a hub losing its Wi-Fi and getting it back.

@@ -46,7 +46,7 @@ from gateway.directory import Directory
 from ingest import pipeline
 from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, seal_receipt
 from ingest.model import AcceptedEnvelope, Batch, Reason, Receipt, RejectedEnvelope
-from ingest.transport import connect_async, make_client
+from ingest.transport import connect_async, make_client, stop_client
 from storage.db import Conn
 from storage.errors import BatchWriteError, DatabaseUnavailable
 from storage.writer import CHECKOUT_TIMEOUT_S, BulkWriter, EnvelopeOutcome, InTransaction
@@ -108,9 +108,12 @@ class Histogram:
     """Observations counted by upper bound, as a Prometheus histogram reports them."""
 
     bounds: tuple[float, ...] = LATENCY_BUCKETS_S
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    counts: list[int] = field(init=False)  # per bound, then past the last one
     total: float = 0.0
     n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
@@ -330,8 +333,7 @@ class Consumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await judging
             self._stopping.set()
-            self._client.disconnect()
-            self._client.loop_stop()
+            stop_client(self._client)
 
     async def _collect(self) -> list[_Message]:
         """A batch: the first message, then whatever arrives within ``max_wait_s``, up to

@@ -84,3 +84,13 @@ def connect_async(
     if receive_maximum is not None:
         props.ReceiveMaximum = receive_maximum
     client.connect_async(host, port, keepalive=keepalive, clean_start=False, properties=props)
+
+
+def stop_client(client: mqtt.Client) -> None:
+    """Disconnect ``client``, stop its network thread and release its sockets now. paho
+    closes them, the socket pair that wakes its loop included, only when the client object is
+    collected (eclipse-paho/paho.mqtt.python issue 627): a process that replaces clients
+    would otherwise leave descriptors to the garbage collector."""
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()  # paho has no public close

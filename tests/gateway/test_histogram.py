@@ -8,7 +8,7 @@ from gateway.consumer import Histogram
 
 
 def test_values_fall_under_the_first_bound_they_do_not_exceed() -> None:
-    h = Histogram(bounds=(0.1, 1.0), counts=[0, 0, 0])
+    h = Histogram(bounds=(0.1, 1.0))
     for v in (0.0, 0.1, 0.5, 1.0, 1.5, 40.0):
         h.observe(v)
     assert h.cumulative() == [("0.1", 2), ("1", 4), ("+Inf", 6)]
