@@ -67,12 +67,16 @@ class Principal:
         return self.covers_site(site_id)
 
 
-async def visible_sites(conn: Conn, principal: Principal) -> list[str]:
-    """Every site id the principal may see (for an admin: all of them)."""
+async def visible_sites(db: Conn | AsyncConnectionPool, principal: Principal) -> list[str]:
+    """Every site id the principal may see (for an admin: all of them, read from ``db``; a
+    pool is only drawn on then, so a stream re-checking its user's sites costs no query)."""
     sites = principal.site_ids
     if sites is not None:
         return sorted(sites)
-    return [s.site_id for s in await views.sites(conn, None)]
+    if isinstance(db, AsyncConnectionPool):
+        async with db.connection() as conn:
+            return [s.site_id for s in await views.sites(conn, None)]
+    return [s.site_id for s in await views.sites(db, None)]
 
 
 async def require_site(principal: Principal, site_id: str, conn: Conn) -> views.SiteRow:

@@ -224,11 +224,7 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
                     await resp.write(b"event: signed-out\ndata: {}\n\n")
                     break
                 principal = current
-                if principal.site_ids is not None:
-                    sites = sorted(principal.site_ids)
-                else:
-                    async with pool.connection() as conn:
-                        sites = await visible_sites(conn, principal)
+                sites = await visible_sites(pool, principal)
                 checked_at = time.monotonic()
             await feed.refresh(pool)
             batch = feed.after(last, sites)

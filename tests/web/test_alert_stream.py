@@ -107,3 +107,10 @@ async def test_a_stream_follows_the_users_sites_as_they_change(
         await web.new_alert("P1")
         p2 = await web.new_alert("P2")
         assert summary(await a.next_events(1)) == [(p2, "opened", "P2")]
+
+
+async def test_an_admins_stream_carries_every_sites_events(web: Web) -> None:
+    async with stream(web, "admin") as a:
+        p1 = await web.new_alert("P1")  # SITE-A
+        p2 = await web.new_alert("P2")  # SITE-B
+        assert summary(await a.next_events(2)) == [(p1, "opened", "P1"), (p2, "opened", "P2")]
