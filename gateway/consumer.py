@@ -161,27 +161,24 @@ class Inbox(Generic[T]):
     when it waits for one: a ``call_soon_threadsafe`` per message cost a self-pipe write and
     a loop iteration each (5% of a worker's samples under load), while under a backlog the
     loop finds the next items already queued. The flag and the queue change under one lock,
-    so an item put while the loop goes to sleep always wakes it."""
+    so an item put while the loop goes to sleep always wakes it; the loop woken is the one
+    that waits."""
 
     def __init__(self) -> None:
         self._items: deque[T] = deque()
         self._lock = threading.Lock()
         self._waiting = False
         self._ready = asyncio.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The loop that waits (before the first :meth:`put`)."""
-        self._loop = loop
+        self._loop: asyncio.AbstractEventLoop | None = None  # set whenever _waiting is
 
     def put(self, item: T) -> None:
         """Any thread."""
         with self._lock:
             self._items.append(item)
-            wake, self._waiting = self._waiting, False
-        if wake:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._ready.set)
+            loop = self._loop if self._waiting else None
+            self._waiting = False
+        if loop is not None:
+            loop.call_soon_threadsafe(self._ready.set)
 
     def take(self, most: int) -> list[T]:
         """Up to ``most`` queued items, oldest first (the loop's thread)."""
@@ -201,7 +198,7 @@ class Inbox(Generic[T]):
                 if left is not None and left <= 0:
                     self._waiting = False
                     return False
-                self._waiting = True
+                self._waiting, self._loop = True, loop
                 self._ready.clear()
             # A wake-up scheduled by an earlier put may arrive late: the loop checks again.
             with contextlib.suppress(TimeoutError):
@@ -308,7 +305,6 @@ class Consumer:
     async def run(self) -> None:
         """Connect and process batches until cancelled."""
         self._loop = asyncio.get_running_loop()
-        self._inbox.bind(self._loop)
         connect_async(
             self._client,
             self.config.host,

@@ -14,7 +14,6 @@ from gateway.consumer import Inbox
 
 async def test_items_from_several_threads_all_arrive_in_each_threads_order() -> None:
     inbox: Inbox[tuple[int, int]] = Inbox()
-    inbox.bind(asyncio.get_running_loop())
     threads, each = 4, 5_000
 
     def produce(t: int) -> None:
@@ -41,7 +40,6 @@ async def test_items_from_several_threads_all_arrive_in_each_threads_order() -> 
 
 async def test_wait_gives_up_after_its_time_with_nothing_put() -> None:
     inbox: Inbox[int] = Inbox()
-    inbox.bind(asyncio.get_running_loop())
     assert not await inbox.wait(0.05)
     assert not await inbox.wait(0)
     inbox.put(1)
@@ -51,7 +49,6 @@ async def test_wait_gives_up_after_its_time_with_nothing_put() -> None:
 
 async def test_a_put_from_another_thread_wakes_a_waiting_loop() -> None:
     inbox: Inbox[str] = Inbox()
-    inbox.bind(asyncio.get_running_loop())
     for round_ in range(200):
         waiting = asyncio.create_task(inbox.wait(None))
         await asyncio.sleep(0)  # the loop is now waiting
@@ -63,7 +60,6 @@ async def test_a_put_from_another_thread_wakes_a_waiting_loop() -> None:
 
 async def test_a_stale_wake_up_does_not_end_a_wait_with_nothing_queued() -> None:
     inbox: Inbox[int] = Inbox()
-    inbox.bind(asyncio.get_running_loop())
     waiting = asyncio.create_task(inbox.wait(None))
     await asyncio.sleep(0)
     inbox.put(1)  # schedules a wake-up
