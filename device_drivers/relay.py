@@ -262,6 +262,14 @@ class Relay:
                     info.rc,
                 )
                 break
+            # The publish has happened: it is counted before the bookkeeping awaits, so a
+            # relay stopped during that await still accounts for what it put on the wire.
+            self._inflight[env.seq] = mono
+            room -= 1
+            if env.attempts:
+                self.stats.resent += 1
+            else:
+                self.stats.sent += 1
             try:
                 await asyncio.to_thread(self._outbox.mark_sent, env.seq, int(now * 1000))
             except OutboxError as exc:
@@ -273,12 +281,6 @@ class Relay:
                     env.seq,
                     type(exc).__name__,
                 )
-            self._inflight[env.seq] = mono
-            room -= 1
-            if env.attempts:
-                self.stats.resent += 1
-            else:
-                self.stats.sent += 1
 
     async def _receipt_loop(self) -> None:
         while True:
