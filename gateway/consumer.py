@@ -44,7 +44,7 @@ from consent.errors import ConsentChanged
 from consent.gate import ConsentSnapshot
 from gateway.directory import Directory
 from ingest import pipeline
-from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, seal_receipt
+from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, seal_receipts
 from ingest.model import AcceptedEnvelope, Batch, Reason, Receipt, RejectedEnvelope
 from ingest.transport import connect_async, make_client, stop_client
 from storage.db import Conn
@@ -545,8 +545,8 @@ class Consumer:
     ) -> None:
         """After COMMIT: a signed receipt per envelope, and the acknowledgement to the broker.
 
-        The receipts are signed in a thread (the signatures are most of the work), then
-        published and the messages acknowledged in the batch's order.
+        The batch's receipts are signed together (one signature per tree of receipts) in a
+        thread, then published and the messages acknowledged in the batch's order.
         """
         receipts: list[Receipt | None] = []
         for _, a in accepted:
@@ -554,14 +554,14 @@ class Consumer:
         for _, r in rejected:
             self.stats.rejected_envelopes[r.reason.value] += 1
             receipts.append(_rejected_receipt(r, now_ms))
-        key = self._receipt_key
-        sealed = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: [None if r is None else seal_receipt(r, key) for r in receipts]
+        key, answered = self._receipt_key, [r for r in receipts if r is not None]
+        sealed = iter(
+            await asyncio.get_running_loop().run_in_executor(None, seal_receipts, answered, key)
         )
         messages = [m for m, _ in accepted] + [m for m, _ in rejected]
-        for m, receipt, data in zip(messages, receipts, sealed, strict=True):
-            if receipt is not None and data is not None:
-                self._publish_receipt(receipt, data)
+        for m, receipt in zip(messages, receipts, strict=True):
+            if receipt is not None:
+                self._publish_receipt(receipt, next(sealed))
             self._ack(m)
         done_ms = self._now_ms()
         for m in messages:

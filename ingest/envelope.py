@@ -1,8 +1,11 @@
 """The envelope codec: signed batches of readings (hub -> gateway) and signed receipts back.
 
-Both are COSE_Sign1 messages (RFC 9052, CBOR tag 18) signed with ES256; docs/protocol.md is
-the normative description and this module is its one implementation. Everything here is pure:
-bytes and keys in, frozen dataclasses or bytes out, no I/O and no clock.
+An envelope is a COSE_Sign1 message (RFC 9052, CBOR tag 18) signed with ES256. Receipts are
+signed a batch at a time: one ES256 signature over the root of an RFC 9162 Merkle tree of the
+batch's receipts, and each receipt travels with its inclusion proof as a COSE Receipt
+(RFC 9942). docs/protocol.md is the normative description and this module is its one
+implementation. Everything here is pure: bytes and keys in, frozen dataclasses or bytes out,
+no I/O and no clock (receipt salts and ECDSA nonces come from the operating system).
 
 Decoding is defensive in layers. The size is checked before a single byte is parsed. Then a
 small well-formedness scan walks the CBOR heads of the input without building anything and
@@ -18,7 +21,9 @@ error. Every failure of :func:`open_envelope` is an :class:`EnvelopeError` with 
 from __future__ import annotations
 
 import io
+import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -31,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from ingest import merkle
 from ingest.errors import IngestError
 from ingest.model import PROTOCOL_VERSION, Gap, Payload, Reading, Reason, Receipt, SensorReport
 
@@ -44,8 +50,14 @@ MAX_ENVELOPE_BYTES: Final = 256 * 1024
 # MAX_ENVELOPE_BYTES.
 MAX_ITEMS_PER_ENVELOPE: Final = 1000
 
-# A receipt is about 150 bytes; 1 KiB leaves room for a long reason code and nothing more.
+# A receipt message is about 450 bytes with the inclusion proof of a full tree (9 hashes of
+# 32 bytes); 1 KiB leaves room for a long device id and reason code and nothing more.
 MAX_RECEIPT_BYTES: Final = 1024
+# Receipts signed under one tree head: at most 512, so an inclusion path has at most 9 hashes.
+MAX_RECEIPT_TREE: Final = 512
+# Random bytes in every receipt, so that a hub cannot recover another hub's receipt (who sent
+# what, and when) from the sibling hashes of its own inclusion path.
+RECEIPT_SALT_BYTES: Final = 16
 
 # String bounds, in UTF-8 bytes. Device ids are MQTT topic segments, so they are also limited
 # to a character set that cannot contain topic separators or wildcards.
@@ -63,6 +75,12 @@ COSE_SIGN1_TAG: Final = 18
 HEADER_ALG: Final = 1
 HEADER_KID: Final = 4
 ALG_ES256: Final = -7
+# COSE Receipts (RFC 9942): the verifiable data structure (protected) and its proofs
+# (unprotected); RFC9162_SHA256 is structure 1, and its inclusion proofs are proof type -1.
+HEADER_VDS: Final = 395
+HEADER_VDP: Final = 396
+VDS_RFC9162_SHA256: Final = 1
+VDP_INCLUSION: Final = -1
 GATEWAY_KID: Final = "gateway"
 
 RECEIPT_ACCEPTED: Final = "accepted"
@@ -70,6 +88,8 @@ RECEIPT_REJECTED: Final = "rejected"
 
 # The protected header bstr content: the CBOR map {1: -7} (alg: ES256).
 _PROTECTED_ES256: Final = b"\xa1\x01\x26"
+# A receipt tree head's: {1: -7, 395: 1} (alg: ES256, vds: RFC9162_SHA256).
+_PROTECTED_RECEIPT: Final = b"\xa2\x01\x26\x19\x01\x8b\x01"
 _SIG_CONTEXT: Final = "Signature1"
 _SIGNATURE_BYTES: Final = 64
 _COORD_BYTES: Final = 32
@@ -84,7 +104,9 @@ _PAYLOAD_KEYS: Final = frozenset({"v", "dev", "seq", "sent", "r", "gaps"})
 _PAYLOAD_KEYS_WITH_SENSORS: Final = _PAYLOAD_KEYS | {"s"}
 MAX_SENSORS_PER_ENVELOPE: Final = 16
 MAX_SENSOR_FIELD_BYTES: Final = 64
-_RECEIPT_KEYS: Final = frozenset({"v", "dev", "seq", "status", "stored", "refused", "at", "reason"})
+_RECEIPT_KEYS: Final = frozenset(
+    {"v", "dev", "seq", "status", "stored", "refused", "at", "reason", "salt"}
+)
 # What the decoders accept: bytes, or a bytes-like buffer (copied once after the size check).
 Buffer = bytes | bytearray | memoryview
 _RECEIPT_STATUSES: Final = frozenset({RECEIPT_ACCEPTED, RECEIPT_REJECTED})
@@ -160,11 +182,67 @@ def verify(opened: Opened, public_key: ec.EllipticCurvePublicKey) -> None:
     _verify_sign1(opened.protected, opened.payload_bytes, opened.signature, public_key)
 
 
+def seal_receipts(
+    receipts: Sequence[Receipt], key: ec.EllipticCurvePrivateKey, *, kid: str = GATEWAY_KID
+) -> list[bytes]:
+    """Sign ``receipts`` with the gateway's key, one signature per ``MAX_RECEIPT_TREE`` of
+    them: the receipt messages, in order, each opening with :func:`open_receipt` alone."""
+    _check_signing_key(key)
+    kid_bytes = check_device_id(kid).encode("ascii")
+    out: list[bytes] = []
+    for start in range(0, len(receipts), MAX_RECEIPT_TREE):
+        chunk = receipts[start : start + MAX_RECEIPT_TREE]
+        salt, n = os.urandom(RECEIPT_SALT_BYTES * len(chunk)), RECEIPT_SALT_BYTES
+        entries = [
+            cbor2.dumps(_receipt_to_obj(r, salt[i * n : (i + 1) * n])) for i, r in enumerate(chunk)
+        ]
+        root, paths = merkle.tree(entries)
+        signature = _signature(key, _sig_structure(_PROTECTED_RECEIPT, root))
+        # The COSE Receipt, encoded by hand around the one part that differs per receipt
+        # (its proof): the same bytes cbor2 writes for
+        # 18([protected, {4: kid, 396: {-1: [proof]}}, nil, signature]).
+        head = (
+            b"\xd2\x84"
+            + _bstr(_PROTECTED_RECEIPT)
+            + b"\xa2\x04"
+            + _bstr(kid_bytes)
+            + b"\x19\x01\x8c\xa1\x20\x81"
+        )
+        tail = b"\xf6" + _bstr(signature)
+        size = _uint(len(chunk))
+        for i, (entry, path) in enumerate(zip(entries, paths, strict=True)):
+            # [size, index, path]: a path has at most 9 hashes, so its array head is one byte.
+            hashes = b"".join(b"\x58\x20" + h for h in path)
+            proof = b"\x83" + size + _uint(i) + bytes([0x80 | len(path)]) + hashes
+            out.append(b"\x82" + _bstr(entry) + _bstr(head + _bstr(proof) + tail))
+    return out
+
+
+def _uint(n: int) -> bytes:
+    """``n`` (0 <= n < 65536) as a CBOR unsigned integer with the shortest head (cbor2.dumps
+    costs microseconds a call, most of it set-up)."""
+    if n < 24:
+        return bytes([n])
+    if n < 0x100:
+        return bytes([0x18, n])
+    return b"\x19" + n.to_bytes(2, "big")
+
+
+def _bstr(data: bytes) -> bytes:
+    """``data`` (under 64 KiB) as a CBOR byte string with the shortest head."""
+    n = len(data)
+    if n < 24:
+        return bytes([0x40 | n]) + data
+    if n < 0x100:
+        return bytes([0x58, n]) + data
+    return b"\x59" + n.to_bytes(2, "big") + data
+
+
 def seal_receipt(
     receipt: Receipt, key: ec.EllipticCurvePrivateKey, *, kid: str = GATEWAY_KID
 ) -> bytes:
-    """Sign a receipt with the gateway's key."""
-    return _sign1(cbor2.dumps(_receipt_to_obj(receipt)), kid, key)
+    """Sign one receipt with the gateway's key (a tree of one)."""
+    return seal_receipts([receipt], key, kid=kid)[0]
 
 
 def open_receipt(
@@ -173,10 +251,25 @@ def open_receipt(
     *,
     max_size: int = MAX_RECEIPT_BYTES,
 ) -> Receipt:
-    """Decode a receipt and verify it against the gateway's key, before trusting any field."""
-    _, protected, payload_bytes, signature = _open_sign1(data, max_size)
-    _verify_sign1(protected, payload_bytes, signature, public_key)
-    return _receipt_from_obj(_loads(payload_bytes, "receipt"))
+    """Decode a receipt message and verify it against the gateway's key: its inclusion proof
+    leads to a root, and the signature covers that root. Nothing of the receipt is trusted
+    (or even decoded) before both hold."""
+    raw = _within(data, max_size)
+    message = _loads(raw, "receipt message")
+    if (
+        not isinstance(message, list)
+        or len(message) != 2
+        or not all(isinstance(part, bytes) for part in message)
+    ):
+        raise EnvelopeError(Reason.MALFORMED, "receipt message must be [bstr, bstr]")
+    entry, cose = message
+    signature, size, index, path = _open_cose_receipt(cose)
+    try:
+        root = merkle.root_from_inclusion(index, size, merkle.leaf_hash(entry), path)
+    except merkle.InclusionError as exc:
+        raise EnvelopeError(Reason.BAD_SIGNATURE, f"inclusion proof: {exc}") from None
+    _verify_sign1(_PROTECTED_RECEIPT, root, signature, public_key)
+    return _receipt_from_obj(_loads(entry, "receipt"))
 
 
 def check_device_id(device_id: object) -> str:
@@ -205,13 +298,21 @@ def _sig_structure(protected: bytes, payload_bytes: bytes) -> bytes:
     return cbor2.dumps([_SIG_CONTEXT, protected, b"", payload_bytes])
 
 
-def _sign1(payload_bytes: bytes, kid: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+def _check_signing_key(key: object) -> None:
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise TypeError("ES256 needs a P-256 private key")
+
+
+def _signature(key: ec.EllipticCurvePrivateKey, to_be_signed: bytes) -> bytes:
+    """An ES256 signature in COSE's form: r || s, 32 bytes each."""
+    r, s = decode_dss_signature(key.sign(to_be_signed, _ECDSA_SHA256))
+    return r.to_bytes(_COORD_BYTES, "big") + s.to_bytes(_COORD_BYTES, "big")
+
+
+def _sign1(payload_bytes: bytes, kid: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+    _check_signing_key(key)
     kid_bytes = check_device_id(kid).encode("ascii")
-    der = key.sign(_sig_structure(_PROTECTED_ES256, payload_bytes), _ECDSA_SHA256)
-    r, s = decode_dss_signature(der)
-    signature = r.to_bytes(_COORD_BYTES, "big") + s.to_bytes(_COORD_BYTES, "big")
+    signature = _signature(key, _sig_structure(_PROTECTED_ES256, payload_bytes))
     message = [_PROTECTED_ES256, {HEADER_KID: kid_bytes}, payload_bytes, signature]
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, message))
 
@@ -238,15 +339,56 @@ def _verify_sign1(
         raise EnvelopeError(Reason.BAD_SIGNATURE, "signature does not verify") from None
 
 
-def _open_sign1(data: Buffer, max_size: int) -> tuple[str, bytes, bytes, bytes]:
-    """Size, CBOR, tag and header checks shared by envelopes and receipts."""
+def _within(data: Buffer, max_size: int) -> bytes:
+    """``data`` as bytes, if it is bytes-like and at most ``max_size`` long."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise EnvelopeError(Reason.MALFORMED, "input is not bytes")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > max_size:
         raise EnvelopeError(Reason.TOO_LARGE, f"{size} bytes > {max_size}")
-    raw = bytes(data)
+    return bytes(data)
+
+
+def _open_sign1(data: Buffer, max_size: int) -> tuple[str, bytes, bytes, bytes]:
+    """Size, CBOR, tag and header checks of an envelope's frame."""
+    raw = _within(data, max_size)
     return _split_canonical_sign1(raw) or _split_sign1(raw)
+
+
+def _open_cose_receipt(data: bytes) -> tuple[bytes, int, int, list[bytes]]:
+    """A COSE Receipt's signature and inclusion proof (tree size, leaf index, path)."""
+    message = _loads(data, "COSE receipt", tag=COSE_SIGN1_TAG)
+    parts = message.value if isinstance(message, cbor2.CBORTag) else None
+    if not isinstance(parts, list) or len(parts) != 4:
+        raise EnvelopeError(Reason.MALFORMED, "COSE receipt must be a tagged array of 4")
+    protected, unprotected, payload, signature = parts
+    if protected != _PROTECTED_RECEIPT:
+        raise EnvelopeError(
+            Reason.MALFORMED, "COSE receipt protected header must be {1: -7, 395: 1}"
+        )
+    if not isinstance(unprotected, dict) or set(unprotected) != {HEADER_KID, HEADER_VDP}:
+        raise EnvelopeError(Reason.MALFORMED, "COSE receipt unprotected header: {4, 396}")
+    if not isinstance(unprotected[HEADER_KID], bytes):
+        raise EnvelopeError(Reason.MALFORMED, "kid must be a bstr")
+    proofs = unprotected[HEADER_VDP]
+    if not isinstance(proofs, dict) or set(proofs) != {VDP_INCLUSION}:
+        raise EnvelopeError(Reason.MALFORMED, "COSE receipt proofs must be {-1: [proof]}")
+    inclusion = proofs[VDP_INCLUSION]
+    if not isinstance(inclusion, list) or len(inclusion) != 1 or type(inclusion[0]) is not bytes:
+        raise EnvelopeError(Reason.MALFORMED, "COSE receipt must carry one inclusion proof")
+    if payload is not None:
+        raise EnvelopeError(Reason.MALFORMED, "COSE receipt payload must be detached (nil)")
+    if not isinstance(signature, bytes) or len(signature) != _SIGNATURE_BYTES:
+        raise EnvelopeError(Reason.MALFORMED, "signature must be a 64-byte bstr (r||s)")
+    proof = _loads(inclusion[0], "inclusion proof")
+    if not isinstance(proof, list) or len(proof) != 3:
+        raise EnvelopeError(Reason.MALFORMED, "inclusion proof must be [size, index, path]")
+    size, index, path = proof
+    if not _is_int(size) or not 1 <= size <= MAX_RECEIPT_TREE or not _is_int(index):
+        raise EnvelopeError(Reason.MALFORMED, f"inclusion proof size must be 1-{MAX_RECEIPT_TREE}")
+    if not isinstance(path, list) or not all(type(h) is bytes for h in path):
+        raise EnvelopeError(Reason.MALFORMED, "inclusion path must be an array of bstr")
+    return signature, size, index, path
 
 
 def _split_sign1(raw: bytes) -> tuple[str, bytes, bytes, bytes]:
@@ -548,7 +690,7 @@ def _gap_from_obj(obj: object, i: int) -> Gap:
     return Gap(from_ms=from_ms, to_ms=to_ms, reason=reason)
 
 
-def _receipt_to_obj(receipt: Receipt) -> dict[str, Any]:
+def _receipt_to_obj(receipt: Receipt, salt: bytes) -> dict[str, Any]:
     status = receipt.status
     if status not in _RECEIPT_STATUSES:
         raise EnvelopeError(Reason.MALFORMED, "receipt status must be accepted or rejected")
@@ -567,6 +709,7 @@ def _receipt_to_obj(receipt: Receipt) -> dict[str, Any]:
         "refused": _int(receipt.refused, "refused", lo=0),
         "at": _int(receipt.at_ms, "at"),
         "reason": reason,
+        "salt": salt,
     }
 
 
@@ -575,9 +718,11 @@ def _receipt_from_obj(obj: object) -> Receipt:
         raise EnvelopeError(Reason.MALFORMED, "receipt must be a map")
     _check_version(obj)
     _check_keys(obj, _RECEIPT_KEYS, "receipt")
-    status = obj["status"]
+    status, salt = obj["status"], obj["salt"]
     if not isinstance(status, str):
         raise EnvelopeError(Reason.MALFORMED, "receipt status must be a text string")
+    if not isinstance(salt, bytes) or len(salt) != RECEIPT_SALT_BYTES:
+        raise EnvelopeError(Reason.MALFORMED, f"receipt salt must be {RECEIPT_SALT_BYTES} bytes")
     receipt = Receipt(
         dev=obj["dev"],
         seq=obj["seq"],
@@ -587,7 +732,7 @@ def _receipt_from_obj(obj: object) -> Receipt:
         at_ms=obj["at"],
         reason=obj["reason"],
     )
-    _receipt_to_obj(receipt)
+    _receipt_to_obj(receipt, salt)
     return receipt
 
 

@@ -26,12 +26,10 @@ from ingest.envelope import (
     EnvelopeError,
     Opened,
     open_envelope,
-    open_receipt,
     seal,
-    seal_receipt,
     verify,
 )
-from ingest.model import Gap, Payload, Reading, Reason, Receipt
+from ingest.model import Gap, Payload, Reading, Reason
 
 DEV = "hub-0001"
 
@@ -499,110 +497,6 @@ def test_seal_refuses_invalid_payloads(
 def test_seal_needs_a_p256_key() -> None:
     with pytest.raises(TypeError):
         seal(make_payload(), ec.generate_private_key(ec.SECP384R1()))
-
-
-# --- receipts ---------------------------------------------------------------------------------
-
-
-def test_receipt_round_trip(key: ec.EllipticCurvePrivateKey) -> None:
-    for receipt in (
-        Receipt(dev=DEV, seq=7, status="accepted", stored=3, refused=0, at_ms=1_700_000_200_000),
-        Receipt(DEV, 8, "rejected", 0, 3, 1_700_000_200_001, reason=Reason.NO_CONSENT.value),
-        Receipt(DEV, 9, "accepted", 2, 1, 1_700_000_200_002, reason=Reason.NO_CONSENT.value),
-    ):
-        data = seal_receipt(receipt, key)
-        assert open_receipt(data, key.public_key()) == receipt
-        assert set(cbor2.loads(cbor2.loads(data).value[2])) == {
-            "v",
-            "dev",
-            "seq",
-            "status",
-            "stored",
-            "refused",
-            "at",
-            "reason",
-        }
-
-
-def test_receipt_kid(key: ec.EllipticCurvePrivateKey) -> None:
-    receipt = Receipt(DEV, 1, "accepted", 1, 0, 1)
-    assert cbor2.loads(seal_receipt(receipt, key)).value[1] == {4: b"gateway"}
-    assert cbor2.loads(seal_receipt(receipt, key, kid="gw-2")).value[1] == {4: b"gw-2"}
-
-
-def test_forged_receipt_is_refused(
-    key: ec.EllipticCurvePrivateKey, other_key: ec.EllipticCurvePrivateKey
-) -> None:
-    forged = seal_receipt(Receipt(DEV, 7, "accepted", 3, 0, 1), other_key)
-    with pytest.raises(EnvelopeError) as info:
-        open_receipt(forged, key.public_key())
-    assert info.value.reason is Reason.BAD_SIGNATURE
-
-
-def test_tampered_receipt_is_refused(key: ec.EllipticCurvePrivateKey) -> None:
-    data = bytearray(seal_receipt(Receipt(DEV, 7, "rejected", 0, 3, 1, "no_consent"), key))
-    at = data.index(b"rejected")
-    data[at : at + 8] = b"accepted"
-    with pytest.raises(EnvelopeError) as info:
-        open_receipt(bytes(data), key.public_key())
-    assert info.value.reason is Reason.BAD_SIGNATURE
-
-
-@pytest.mark.parametrize(
-    "obj",
-    [
-        pytest.param({"v": 1, "dev": DEV, "seq": 1}, id="missing-keys"),
-        pytest.param(
-            {
-                "v": 1,
-                "dev": DEV,
-                "seq": 1,
-                "status": "maybe",
-                "stored": 0,
-                "refused": 0,
-                "at": 1,
-                "reason": None,
-            },
-            id="unknown-status",
-        ),
-        pytest.param(
-            {
-                "v": 1,
-                "dev": DEV,
-                "seq": 1,
-                "status": "rejected",
-                "stored": 0,
-                "refused": 1,
-                "at": 1,
-                "reason": None,
-            },
-            id="rejected-without-reason",
-        ),
-        pytest.param(
-            {
-                "v": 1,
-                "dev": DEV,
-                "seq": 1,
-                "status": "accepted",
-                "stored": -1,
-                "refused": 0,
-                "at": 1,
-                "reason": None,
-            },
-            id="negative-count",
-        ),
-    ],
-)
-def test_malformed_receipt_is_refused(key: ec.EllipticCurvePrivateKey, obj: Any) -> None:
-    data = raw_sign1(obj, key, unprotected={4: b"gateway"})
-    with pytest.raises(EnvelopeError) as info:
-        open_receipt(data, key.public_key())
-    assert info.value.reason is Reason.MALFORMED
-
-
-def test_seal_receipt_refuses_rejected_without_reason(key: ec.EllipticCurvePrivateKey) -> None:
-    with pytest.raises(EnvelopeError):
-        seal_receipt(Receipt(DEV, 1, "rejected", 0, 1, 1), key)
 
 
 # --- properties -------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ingest import envelope as env
-from ingest.envelope import EnvelopeError, open_envelope, open_receipt, seal, seal_receipt
-from ingest.model import Payload, Reading, Reason, Receipt
+from ingest.envelope import EnvelopeError, open_envelope, seal
+from ingest.model import Payload, Reading, Reason
 from tests.ingest.test_envelope import FUZZ, int64, mutate, raw_sign1, utf8_text
 
 gapless = st.builds(
@@ -155,15 +155,3 @@ def test_a_maximal_envelope_takes_the_fast_path(key: ec.EllipticCurvePrivateKey)
     assert split is not None
     assert env._loads_canonical_payload(split[2]) is not None
     assert open_envelope(data).payload == payload
-
-
-def test_receipts_take_the_fast_frame_and_still_verify(key: ec.EllipticCurvePrivateKey) -> None:
-    receipt = Receipt("hub-0001", 3, "accepted", 2, 0, 1_700_000_000_000)
-    data = seal_receipt(receipt, key)
-    assert env._split_canonical_sign1(data) is not None
-    assert open_receipt(data, key.public_key()) == receipt
-    flipped = bytearray(data)
-    flipped[-1] ^= 1
-    with pytest.raises(EnvelopeError) as info:
-        open_receipt(bytes(flipped), key.public_key())
-    assert info.value.reason is Reason.BAD_SIGNATURE
