@@ -25,6 +25,7 @@ sleeps on every envelope insert) while the publishers keep pushing at full speed
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -36,7 +37,8 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -459,7 +461,10 @@ class _Memory:
 
 
 @contextlib.contextmanager
-def _gateway(url: str, broker: MosquittoBroker, workdir: Path, workers: int) -> Iterator[int]:
+def _gateway(
+    url: str, broker: MosquittoBroker, workdir: Path, workers: int
+) -> Iterator[tuple[int, int]]:
+    """The gateway's processes: (supervisor pid, HTTP port) once every worker is connected."""
     http_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
     env.update(
@@ -482,7 +487,7 @@ def _gateway(url: str, broker: MosquittoBroker, workdir: Path, workers: int) -> 
     )
     try:
         _wait_workers(proc, http_port, workers)
-        yield proc.pid
+        yield proc.pid, http_port
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -491,6 +496,59 @@ def _gateway(url: str, broker: MosquittoBroker, workdir: Path, workers: int) -> 
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _scrape(http_port: int, workers: int) -> dict[str, str]:
+    """The /metrics text of each worker, by worker label (each scrape lands on one)."""
+    texts: dict[str, str] = {}
+    deadline = time.monotonic() + 30
+    while len(texts) < workers and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        for line in text.splitlines():
+            if line.startswith("trialstream_messages_total{"):
+                texts[line.split('"')[1]] = text
+    return texts
+
+
+def _inside_gateway(texts: Mapping[str, str]) -> dict[str, Any]:
+    """What the workers' own histograms say of the same run: where a receipt's time went
+    between the message's arrival at a worker and its receipt (bucket bounds, so a
+    quantile reads "at most"), mean seconds per batch phase, and messages per batch."""
+    receipt: Counter[float] = Counter()
+    sums: dict[str, float] = {}
+    counts: Counter[str] = Counter()
+    messages = batches = 0
+    for text in texts.values():
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name.startswith("trialstream_receipt_duration_seconds_bucket{"):
+                le = name.split('le="')[1].rstrip('"}')
+                receipt[math.inf if le == "+Inf" else float(le)] += int(value)
+            elif name.startswith("trialstream_batch_duration_seconds_sum{"):
+                phase = name.split('phase="')[1].split('"')[0]
+                sums[phase] = sums.get(phase, 0.0) + float(value)
+            elif name.startswith("trialstream_batch_duration_seconds_count{"):
+                counts[name.split('phase="')[1].split('"')[0]] += int(value)
+            elif name.startswith("trialstream_messages_total{"):
+                messages += int(value)
+            elif name.startswith("trialstream_batches_total{"):
+                batches += int(value)
+    total = receipt[math.inf]
+
+    def at_most_ms(q: float) -> float | None:
+        for bound in sorted(receipt):
+            if total and receipt[bound] >= q * total:
+                return None if bound == math.inf else bound * 1000
+        return None
+
+    return {
+        "receipt_ms_at_most": {"p50": at_most_ms(0.5), "p99": at_most_ms(0.99)},
+        "batch_phase_mean_ms": {
+            phase: round(sums[phase] / counts[phase] * 1000, 1) for phase in counts if counts[phase]
+        },
+        "messages_per_batch": round(messages / batches, 1) if batches else None,
+    }
 
 
 def _wait_workers(proc: subprocess.Popen[bytes], http_port: int, workers: int) -> None:
@@ -573,7 +631,9 @@ class _Receipts:
     def by_envelope(self) -> dict[tuple[str, int], tuple[float, int]]:
         out: dict[tuple[str, int], tuple[float, int]] = {}
         for t, data in self.arrivals:
-            body = cbor2.loads(cbor2.loads(data).value[2])
+            # [receipt, COSE Receipt] (docs/protocol.md section 5); the signature is the
+            # hubs' business, the benchmark only needs which envelope each one answers.
+            body = cbor2.loads(cbor2.loads(data)[0])
             key = (str(body["dev"]), int(body["seq"]))
             if key not in out:
                 out[key] = (t, int(body["stored"]))
@@ -690,7 +750,7 @@ def _run_size(
         try:
             _prime(broker, [f"trialstream-gw-{i}" for i in range(workers)], SHARED_SUBSCRIPTION)
             backlog = pubs.run(broker.host, broker.port, None, BACKLOG_MAX_S)[0]
-            with _gateway(url, broker, workdir, workers) as pid, _Memory(pid) as mem:
+            with _gateway(url, broker, workdir, workers) as (pid, _), _Memory(pid) as mem:
                 m0 = time.monotonic()
                 w = _drain_window(url, seconds, backlog * size)
                 peak_memory = mem.summary(m0, time.monotonic())
@@ -718,7 +778,7 @@ def _run_size(
         rate = max(1.0, w.readings_per_s / 2 / size)
         broker = fresh_broker()
         try:
-            with _gateway(url, broker, workdir, workers) as pid, _Memory(pid) as mem:
+            with _gateway(url, broker, workdir, workers) as (pid, port), _Memory(pid) as mem:
                 receipts = _Receipts(broker)
                 m0 = time.monotonic()
                 sent, _, published = pubs.run(broker.host, broker.port, rate, seconds)
@@ -726,6 +786,7 @@ def _run_size(
                 while len(receipts.by_envelope()) < sent and time.monotonic() < deadline:
                     time.sleep(0.2)
                 half_memory = mem.summary(m0, time.monotonic())
+                inside = _inside_gateway(_scrape(port, workers))
                 receipts.close()
         finally:
             broker.kill()
@@ -744,11 +805,13 @@ def _run_size(
                 "mean": round(statistics.fmean(latencies), 1) if latencies else None,
             },
             "memory": half_memory,
+            "inside_gateway": inside,
         }
         say(
             f"size {size}: at {rate:,.0f} envelopes/s p50 "
             f"{out['gateway']['at_half_peak']['latency_ms']['p50']} ms, p99 "
-            f"{out['gateway']['at_half_peak']['latency_ms']['p99']} ms"
+            f"{out['gateway']['at_half_peak']['latency_ms']['p99']} ms; inside the gateway "
+            f"{inside}"
         )
 
         if slow_db:
@@ -756,7 +819,7 @@ def _run_size(
             _slow_database(url, True)
             broker = fresh_broker()
             try:
-                with _gateway(url, broker, workdir, workers) as pid, _Memory(pid) as mem:
+                with _gateway(url, broker, workdir, workers) as (pid, _), _Memory(pid) as mem:
                     m0 = time.monotonic()
                     w = _live_window(url, pubs, broker, seconds * 2, size)
                     slow_memory = mem.summary(m0, time.monotonic())
