@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 PROTOCOL_VERSION = 1
 
@@ -33,9 +34,13 @@ class Reason(StrEnum):
     STORAGE_REFUSED = "storage_refused"
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One measurement as carried in an envelope: ``[t_ms, metric, value, unit, sensor]``."""
+class Reading(NamedTuple):
+    """One measurement as carried in an envelope: ``[t_ms, metric, value, unit, sensor]``.
+
+    A named tuple rather than a frozen dataclass: the gateway builds one per reading it
+    receives, and a tuple is built from the decoded CBOR array in one step (``_make``),
+    about 3x faster than a frozen dataclass's ``__init__``.
+    """
 
     t_ms: int
     metric: str
