@@ -27,7 +27,7 @@ import random
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -65,6 +65,13 @@ RECEIVE_MAXIMUM = 2000
 MAX_UNACKED = RECEIVE_MAXIMUM
 # How often a paho thread waiting for a slot checks whether the consumer is stopping.
 _SLOT_POLL_S = 0.5
+# While a batch is collected, its messages are decoded and their signatures checked (with the
+# key each device had in an earlier batch) in chunks of this many: the batch then needs only
+# its database reads and admission once it closes. A chunk per message would cost an
+# executor hand-off each.
+EARLY_CHUNK = 32
+# Device keys remembered for those early checks; past this many the memory starts afresh.
+KNOWN_KEYS_MAX = 100_000
 # A worker's broker session outlives a crash or restart by this long (seconds).
 SESSION_EXPIRY_S = 14 * 86_400
 # Database outage: retry the same batch forever (nothing is acknowledged meanwhile), backing
@@ -225,6 +232,9 @@ class Consumer:
         self._receipt_key = receipt_key
         self._clock = clock
         self._directory = Directory()
+        # Device id -> the key its record held when last read (replaced, never changed in
+        # place: executor threads read it while the loop makes the next one).
+        self._known_keys: dict[str, ec.EllipticCurvePublicKey] = {}
         # Unbounded as a queue; bounded by the slots (one per message until it is acked).
         self._inbox: Inbox[_Message] = Inbox()
         self._slots = threading.BoundedSemaphore(MAX_UNACKED)
@@ -331,16 +341,21 @@ class Consumer:
             self._stopping.set()
             stop_client(self._client)
 
-    async def _collect(self) -> list[_Message]:
+    async def _collect(self, early: Callable[[list[_Message]], None]) -> list[_Message]:
         """A batch: the first message, then whatever arrives within ``max_wait_s``, up to
         ``max_batch``. What is queued already is taken at once, without a timer or a wake-up
-        per message."""
+        per message. Every ``EARLY_CHUNK`` messages taken while the batch is still open are
+        handed to ``early``."""
         inbox, most = self._inbox, self.config.max_batch
         loop = asyncio.get_running_loop()
         await inbox.wait(None)
         items = inbox.take(most)
+        handed = 0
         deadline = loop.time() + self.config.max_wait_s
         while len(items) < most:
+            if len(items) - handed >= EARLY_CHUNK:
+                early(items[handed:])
+                handed = len(items)
             left = deadline - loop.time()
             if left <= 0 or not await inbox.wait(left):
                 break
@@ -348,29 +363,51 @@ class Consumer:
         return items
 
     async def _collect_and_judge(self) -> _Judged:
-        return await self._judge(await self._collect())
+        """Collect a batch, decoding and checking its signatures as it fills, then judge it."""
+        loop = asyncio.get_running_loop()
+        keys = self._known_keys
+        chunks: list[asyncio.Future[list[_Early]]] = []
+        messages = await self._collect(
+            lambda chunk: chunks.append(loop.run_in_executor(None, _decode_and_check, chunk, keys))
+        )
+        return await self._judge(messages, chunks, keys)
 
-    async def _judge(self, messages: Sequence[_Message]) -> _Judged:
-        """Decode, verify and admit a batch (nothing written yet)."""
+    async def _judge(
+        self,
+        messages: Sequence[_Message],
+        chunks: Sequence[asyncio.Future[list[_Early]]],
+        keys: Mapping[str, ec.EllipticCurvePublicKey],
+    ) -> _Judged:
+        """Decode (what the early chunks did not), verify and admit a batch (nothing written
+        yet)."""
         self.stats.messages += len(messages)
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(None, _decode_all, messages)
+        results: list[_Early] = []
+        for chunk in chunks:
+            results.extend(await chunk)
+        if len(results) < len(messages):
+            results.extend(
+                await asyncio.get_running_loop().run_in_executor(
+                    None, _decode_and_check, messages[len(results) :], keys
+                )
+            )
         decoded: list[tuple[_Message, pipeline.Decoded]] = []
+        checks: list[pipeline.SignatureCheck | None] = []
         undecodable: list[tuple[_Message, RejectedEnvelope]] = []
-        for m, d in zip(messages, results, strict=True):
+        for m, (d, check) in zip(messages, results, strict=True):
             if isinstance(d, RejectedEnvelope):
                 undecodable.append((m, d))
             else:
                 decoded.append((m, d))
-        judged = _Judged(decoded, undecodable, self._now_ms())
+                checks.append(check)
+        judged = _Judged(decoded, undecodable, self._now_ms(), checks)
         await self._admit(judged)
         self.stats.batch_seconds["judge"].observe(time.monotonic() - started)
         return judged
 
     async def _admit(self, judged: _Judged) -> None:
         judged.accepted, judged.refused, judged.consent = await self._verify_and_admit(
-            judged.decoded, judged.now_ms
+            judged.decoded, judged.checks, judged.now_ms
         )
 
     async def _store_and_finish(self, judged: _Judged) -> None:
@@ -397,7 +434,10 @@ class Consumer:
         self.stats.batch_seconds["finish"].observe(time.monotonic() - stored)
 
     async def _verify_and_admit(
-        self, decoded: Sequence[tuple[_Message, pipeline.Decoded]], now_ms: int
+        self,
+        decoded: Sequence[tuple[_Message, pipeline.Decoded]],
+        checks: Sequence[pipeline.SignatureCheck | None],
+        now_ms: int,
     ) -> tuple[
         list[tuple[_Message, AcceptedEnvelope]],
         list[tuple[_Message, RejectedEnvelope]],
@@ -418,12 +458,13 @@ class Consumer:
                 break
             except _CONNECTION_ERRORS as exc:
                 delay = await self._outage_pause(delay, exc)
+        self._remember_keys(devices)
 
         def work() -> list[AcceptedEnvelope | RejectedEnvelope]:
             out: list[AcceptedEnvelope | RejectedEnvelope] = []
-            for _, d in decoded:
+            for (_, d), check in zip(decoded, checks, strict=True):
                 device = devices.get(d.opened.payload.dev)
-                refusal = pipeline.verify(d, device)
+                refusal = pipeline.verify(d, device, check)
                 if refusal is not None:
                     out.append(refusal)
                 else:
@@ -440,6 +481,14 @@ class Consumer:
             else:
                 rejected.append((m, r))
         return accepted, rejected, consent
+
+    def _remember_keys(self, devices: Mapping[str, pipeline.DeviceRecord]) -> None:
+        """Keep the keys just read for the next batches' early signature checks."""
+        known = self._known_keys
+        if all(known.get(dev) is record.public_key for dev, record in devices.items()):
+            return
+        fresh = {dev: record.public_key for dev, record in devices.items()}
+        self._known_keys = fresh if len(known) >= KNOWN_KEYS_MAX else {**known, **fresh}
 
     async def _outage_pause(self, delay: float, exc: BaseException) -> float:
         self.stats.database_retries += 1
@@ -609,6 +658,8 @@ class _Judged:
     decoded: list[tuple[_Message, pipeline.Decoded]]
     undecodable: list[tuple[_Message, RejectedEnvelope]]
     now_ms: int
+    # Per decoded envelope, its signature checked ahead with a key known then (or None).
+    checks: list[pipeline.SignatureCheck | None]
     accepted: list[tuple[_Message, AcceptedEnvelope]] = field(default_factory=list)
     refused: list[tuple[_Message, RejectedEnvelope]] = field(default_factory=list)
     consent: ConsentSnapshot = field(default_factory=ConsentSnapshot)
@@ -618,8 +669,24 @@ class _Judged:
         return self.undecodable + self.refused
 
 
-def _decode_all(messages: Sequence[_Message]) -> list[pipeline.Decoded | RejectedEnvelope]:
-    return [pipeline.decode(pipeline.Inbound(m.topic, m.payload, m.received_ms)) for m in messages]
+# A message decoded (or refused), with its signature checked ahead when its device's key was
+# known.
+_Early = tuple[pipeline.Decoded | RejectedEnvelope, pipeline.SignatureCheck | None]
+
+
+def _decode_and_check(
+    messages: Sequence[_Message], keys: Mapping[str, ec.EllipticCurvePublicKey]
+) -> list[_Early]:
+    out: list[_Early] = []
+    for m in messages:
+        d = pipeline.decode(pipeline.Inbound(m.topic, m.payload, m.received_ms))
+        check = None
+        if isinstance(d, pipeline.Decoded):
+            key = keys.get(d.opened.payload.dev)
+            if key is not None:
+                check = pipeline.check_signature(d, key)
+        out.append((d, check))
+    return out
 
 
 def _rejected_receipt(r: RejectedEnvelope, now_ms: int) -> Receipt | None:

@@ -3,7 +3,10 @@
 1. ``decode``: topic, size limit, CBOR and schema, ``dev`` equals the topic's device and the
    key id (reasons ``malformed``, ``too_large``, ``unsupported_version``, ``topic_mismatch``);
 2. ``verify``: the device is known and not revoked, and its key verifies the signature
-   (``unknown_device``, ``device_revoked``, ``bad_signature``); CPU-bound, run in an executor;
+   (``unknown_device``, ``device_revoked``, ``bad_signature``); CPU-bound, run in an executor.
+   The signature may be checked ahead (``check_signature``, with the key the device had in
+   an earlier batch); ``verify`` uses that result only when the key is the one the device
+   record of this batch holds;
 3. ``admit``: per reading, plausibility (known metric, canonical unit, finite value within
    physical bounds, time neither far in the future nor before the participant's enrollment)
    then the consent gate by the reading's own time (``no_consent``, ``scope_not_consented``).
@@ -125,8 +128,30 @@ def decode(inbound: Inbound) -> Decoded | RejectedEnvelope:
     return decoded
 
 
-def verify(decoded: Decoded, device: DeviceRecord | None) -> RejectedEnvelope | None:
-    """None when the envelope is authentic and its device may send; else the rejection."""
+@dataclass(frozen=True, slots=True)
+class SignatureCheck:
+    """The outcome of checking an envelope's signature with ``key``: None or the error."""
+
+    key: ec.EllipticCurvePublicKey
+    error: EnvelopeError | None
+
+
+def check_signature(decoded: Decoded, key: ec.EllipticCurvePublicKey) -> SignatureCheck:
+    try:
+        verify_signature(decoded.opened, key)
+    except EnvelopeError as exc:
+        return SignatureCheck(key, exc)
+    return SignatureCheck(key, None)
+
+
+def verify(
+    decoded: Decoded, device: DeviceRecord | None, checked: SignatureCheck | None = None
+) -> RejectedEnvelope | None:
+    """None when the envelope is authentic and its device may send; else the rejection.
+
+    ``checked``: a signature check made ahead; used only if made with the very key object of
+    ``device`` (keys are parsed once per DER encoding, so the same key is the same object).
+    """
     dev = decoded.opened.payload.dev
     if device is None:
         return _rejected(
@@ -145,14 +170,14 @@ def verify(decoded: Decoded, device: DeviceRecord | None) -> RejectedEnvelope | 
             decoded,
             device.participant_id,
         )
-    try:
-        verify_signature(decoded.opened, device.public_key)
-    except EnvelopeError as exc:
+    if checked is None or checked.key is not device.public_key:
+        checked = check_signature(decoded, device.public_key)
+    if checked.error is not None:
         return _rejected(
             decoded.inbound,
             decoded.envelope_sha256,
-            exc.reason,
-            exc.detail,
+            checked.error.reason,
+            checked.error.detail,
             decoded,
             device.participant_id,
         )

@@ -269,3 +269,35 @@ async def test_revoked_device_is_rejected_from_its_next_envelope(
     _, r = await receipt(probe, gateway)
     assert (r.status, r.reason) == (RECEIPT_REJECTED, "device_revoked")
     assert await rows(trial.url, "SELECT count(*) FROM readings") == [(5,)]
+
+
+async def test_a_device_key_changed_between_batches_is_the_one_that_counts(
+    trial: Trial, gateway: RunningGateway, probe: MqttProbe
+) -> None:
+    """The consumer checks signatures while a batch fills, with the key each device had in
+    an earlier batch; the batch's fresh device read decides which check counts. The key is
+    replaced in the database here as an operator re-keying the device would."""
+    hub = trial.hubs["hub-1"]
+    probe.publish(up_topic(hub.device_id), seal(hr_payload(hub.device_id, 1), hub.key))
+    assert (await receipt(probe, gateway))[1].status == RECEIPT_ACCEPTED
+    assert hub.device_id in gateway.consumer._known_keys
+    new_key = keys.generate_private_key()
+    async with db.connection(trial.url) as conn:
+        await conn.execute(
+            "UPDATE devices SET public_key = %s, key_fingerprint = %s WHERE device_id = %s",
+            (
+                keys.public_key_to_der(new_key.public_key()),
+                keys.fingerprint(new_key.public_key()),
+                hub.device_id,
+            ),
+        )
+        await conn.commit()
+    # Signed with the old key: checked ahead with it (and valid), refused all the same.
+    probe.publish(up_topic(hub.device_id), seal(hr_payload(hub.device_id, 2), hub.key))
+    _, r = await receipt(probe, gateway)
+    assert (r.seq, r.status, r.reason) == (2, RECEIPT_REJECTED, "bad_signature")
+    # Signed with the new key: the check ahead (old key) failed, the record's key verifies.
+    probe.publish(up_topic(hub.device_id), seal(hr_payload(hub.device_id, 3), new_key))
+    _, r = await receipt(probe, gateway)
+    assert (r.seq, r.status) == (3, RECEIPT_ACCEPTED)
+    assert await rows(trial.url, "SELECT count(*) FROM readings") == [(10,)]
