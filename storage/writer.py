@@ -81,7 +81,7 @@ _PG_EPOCH_MS: Final = 946_684_800_000
 _INT8: Final = struct.Struct(">q")
 
 
-class _EpochMsDumper(Dumper):
+class EpochMsDumper(Dumper):
     """Binary ``timestamptz`` straight from integer milliseconds since the Unix epoch.
 
     Registered on the COPY cursor by OID only, so the readings' times (already integers in
@@ -265,7 +265,7 @@ class BulkWriter:
         lines = 0
         try:
             async with conn.cursor() as cur:
-                cur.adapters.register_dumper(None, _EpochMsDumper)
+                cur.adapters.register_dumper(None, EpochMsDumper)
                 async with cur.copy(_COPY_READINGS) as copy:
                     copy.set_types(_READING_TYPES)
                     write = copy.write_row
