@@ -37,16 +37,6 @@ DEV = "hub-0001"
 FUZZ = settings(database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module")
-def key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-@pytest.fixture(scope="module")
-def other_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def make_payload(n: int = 3, *, dev: str = DEV, seq: int = 7) -> Payload:
     readings = tuple(
         Reading(

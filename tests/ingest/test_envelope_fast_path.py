@@ -36,11 +36,6 @@ gapless = st.builds(
 )
 
 
-@pytest.fixture(scope="module")
-def key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def slow_payload(payload_bytes: bytes) -> Any:
     return env._loads(payload_bytes, "payload")
 

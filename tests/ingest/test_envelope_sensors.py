@@ -15,11 +15,6 @@ from tests.ingest.test_envelope import make_payload, payload_obj, raw_sign1
 STRAP = SensorReport("hr-1", "Acme", "HRM-2", "SN-42", "1.4.2", "rev C", 87)
 
 
-@pytest.fixture(scope="module")
-def key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 def test_sensor_reports_round_trip(key: ec.EllipticCurvePrivateKey) -> None:
     payload = replace(make_payload(), sensors=(STRAP, SensorReport("spo2-1")))
     opened = open_envelope(seal(payload, key))

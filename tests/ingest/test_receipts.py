@@ -35,16 +35,6 @@ from tests.ingest.test_envelope import DEV, FUZZ, cose_key
 PROTECTED = b"\xa2\x01\x26\x19\x01\x8b\x01"  # {1: -7, 395: 1}
 
 
-@pytest.fixture(scope="module")
-def key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-@pytest.fixture(scope="module")
-def other_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
 # --- RFC 9162, transcribed literally ----------------------------------------------------------
 
 
