@@ -50,7 +50,7 @@ MAX_ENVELOPE_BYTES: Final = 256 * 1024
 # MAX_ENVELOPE_BYTES.
 MAX_ITEMS_PER_ENVELOPE: Final = 1000
 
-# A receipt message is about 450 bytes with the inclusion proof of a full tree (9 hashes of
+# A receipt message is about 520 bytes with the inclusion proof of a full tree (9 hashes of
 # 32 bytes); 1 KiB leaves room for a long device id and reason code and nothing more.
 MAX_RECEIPT_BYTES: Final = 1024
 # Receipts signed under one tree head: at most 512, so an inclusion path has at most 9 hashes.
