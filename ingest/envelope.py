@@ -89,7 +89,11 @@ RECEIPT_REJECTED: Final = "rejected"
 # The protected header bstr content: the CBOR map {1: -7} (alg: ES256).
 _PROTECTED_ES256: Final = b"\xa1\x01\x26"
 # A receipt tree head's: {1: -7, 395: 1} (alg: ES256, vds: RFC9162_SHA256).
-_PROTECTED_RECEIPT: Final = b"\xa2\x01\x26\x19\x01\x8b\x01"
+_PROTECTED_RECEIPT: Final = cbor2.dumps({HEADER_ALG: ALG_ES256, HEADER_VDS: VDS_RFC9162_SHA256})
+# In a COSE Receipt's unprotected map, after the kid: 396: {-1: [ (one inclusion proof).
+_RECEIPT_PROOFS_HEAD: Final = (
+    cbor2.dumps(HEADER_VDP) + b"\xa1" + cbor2.dumps(VDP_INCLUSION) + b"\x81"
+)
 _SIG_CONTEXT: Final = "Signature1"
 _SIGNATURE_BYTES: Final = 64
 _COORD_BYTES: Final = 32
@@ -209,7 +213,7 @@ def seal_receipts(
             + _bstr(_PROTECTED_RECEIPT)
             + b"\xa2\x04"
             + _bstr(kid_bytes)
-            + b"\x19\x01\x8c\xa1\x20\x81"
+            + _RECEIPT_PROOFS_HEAD
         )
         tail = b"\xf6" + _bstr(signature)
         size = _uint(len(chunk))

@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pycose.messages.sign1message import Sign1Message
 
+from ingest import envelope as env
 from ingest import merkle
 from ingest.envelope import (
     MAX_RECEIPT_BYTES,
@@ -221,6 +222,13 @@ def test_receipt_round_trip_of_each_status(key: ec.EllipticCurvePrivateKey) -> N
             "salt"
         }
     assert seal_receipts([], key) == []
+
+
+def test_the_receipt_header_bytes_are_the_named_constants() -> None:
+    assert PROTECTED == env._PROTECTED_RECEIPT
+    # In a one-entry map, the head and one proof make {396: {-1: [proof]}}.
+    proofs = cbor2.loads(b"\xa1" + env._RECEIPT_PROOFS_HEAD + cbor2.dumps(b"p"))
+    assert proofs == {396: {-1: [b"p"]}}
 
 
 def test_the_wire_form_is_a_cose_receipt(key: ec.EllipticCurvePrivateKey) -> None:
