@@ -36,7 +36,7 @@ from storage.errors import BatchWriteError, DatabaseUnavailable, first_line
 from storage.migrate import StorageMode
 from storage.partitions import ensure_partitions, existing_partitions, partition_start_ms
 from storage.timeconv import from_ms
-from storage.views import HOUR_MS, invalidate_rollups
+from storage.views import HourPartials, add_rollup_deltas, add_to_partials
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class BulkWriter:
         fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
         await self._copy_readings(conn, fresh, batch.received_ms)
         if self._mode is StorageMode.PLAIN:
-            await _invalidate_rollups(conn, fresh)
+            await _add_rollup_deltas(conn, fresh)
         outcomes = await self._outcomes(conn, batch.accepted, new_keys)
         conflicts = [e for e, o in zip(batch.accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
@@ -470,11 +470,9 @@ def _copy_error_owner(
     return None
 
 
-async def _invalidate_rollups(conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
-    """Mark the hours the batch's readings fall in for the plain-mode rollup refresh."""
-    touched = {
-        (env.participant_id, r.metric, r.t_ms // HOUR_MS) for env in fresh for r in env.readings
-    }
-    if touched:
-        pids, metrics, hours = zip(*touched, strict=True)
-        await invalidate_rollups(conn, pids, metrics, hours)
+async def _add_rollup_deltas(conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
+    """Record what the batch's readings add to each hour, for the plain-mode rollup refresh."""
+    partials: HourPartials = {}
+    for env in fresh:
+        add_to_partials(partials, env.participant_id, env.readings)
+    await add_rollup_deltas(conn, partials)

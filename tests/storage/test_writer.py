@@ -19,7 +19,7 @@ from ingest.model import (
     RejectedEnvelope,
     SensorReport,
 )
-from storage import db
+from storage import db, views
 from storage.errors import BatchWriteError
 from storage.migrate import StorageMode
 from storage.partitions import existing_partitions, partition_start_ms
@@ -312,3 +312,54 @@ async def test_hypertable_mode_stores_exactly_once_even_into_compressed_chunks(
             assert await cur.fetchone() == (4,)
     finally:
         await pool.close()
+
+
+async def rollups_and_truth(url: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """``readings_1h`` and the same hours computed from ``readings`` (means rounded)."""
+    async with db.connection(url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT participant_id, metric, bucket, n, round(mean::numeric, 9), min, max"
+            " FROM readings_1h ORDER BY 1, 2, 3"
+        )
+        stored = await cur.fetchall()
+        cur = await conn.execute(
+            "SELECT participant_id, metric, date_trunc('hour', time), count(*),"
+            " round(avg(value)::numeric, 9), min(value), max(value) FROM readings"
+            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        )
+        return stored, await cur.fetchall()
+
+
+async def test_plain_rollups_merge_each_stored_batch_once_and_recompute_withdrawn_hours(
+    pool: AsyncConnectionPool, database_url: str
+) -> None:
+    writer = BulkWriter(pool, StorageMode.PLAIN)
+    hour = 3_600_000
+    late = T0 - 5 * hour  # a backfilled hour, after the current one was rolled up
+    await writer.write(batch(envelope("A", 1, 4, value=50.0), envelope("B", 1, 3, value=90.0)))
+    await writer.write(batch(envelope("A", 2, 6, value=40.0), envelope("A", 1, 4, value=50.0)))
+    async with db.connection(database_url, autocommit=True) as conn:
+        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 2
+    stored, truth = await rollups_and_truth(database_url)
+    assert stored == truth
+    assert [r[3] for r in stored] == [10, 3]  # the replayed A#1 counted once
+    # More of the same hour, a backfilled hour, and A's readings of the backfilled hour
+    # withdrawn again before the next refresh, which must then recompute it to nothing.
+    await writer.write(batch(envelope("A", 3, 2, value=200.0), envelope("A", 4, 2, t0=late)))
+    await writer.write(batch(envelope("B", 2, 2, value=10.0, t0=late)))
+    async with db.connection(database_url) as conn, conn.transaction():
+        await conn.execute(
+            "DELETE FROM readings WHERE participant_id = 'P-A' AND time < to_timestamp(%s)",
+            ((T0 - hour) / 1000,),
+        )
+        await views.invalidate_rollups(conn, ["P-A"], ["heart_rate"], [(late + 40_000) // hour])
+    async with db.connection(database_url, autocommit=True) as conn:
+        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 3
+        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 0
+    stored, truth = await rollups_and_truth(database_url)
+    assert stored == truth
+    assert [(r[0], r[3], r[5], r[6]) for r in stored] == [
+        ("P-A", 12, 40.0, 201.0),
+        ("P-B", 2, 10.0, 11.0),
+        ("P-B", 3, 90.0, 92.0),
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from ingest.model import Reading
 from storage import db, partitions, views
 from storage.migrate import StorageMode
 from storage.timeconv import to_ms
@@ -29,13 +30,14 @@ async def store(trial: Trial, rows: list[tuple[datetime, float]], received: date
                 (t, v, seq, received),
             )
         # As the gateway's writer does in the same transaction (plain mode).
-        hours = sorted({to_ms(t) // views.HOUR_MS for t, _ in rows})
-        await views.invalidate_rollups(
-            conn, ["P1"] * len(hours), ["heart_rate"] * len(hours), hours
+        partials: views.HourPartials = {}
+        views.add_to_partials(
+            partials, "P1", [Reading(to_ms(t), "heart_rate", v, "/min", "s") for t, v in rows]
         )
+        await views.add_rollup_deltas(conn, partials)
 
 
-async def test_rollups_recompute_only_the_hours_new_data_touched(trial: Trial) -> None:
+async def test_rollups_merge_what_each_batch_added_into_its_hours(trial: Trial) -> None:
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
     now = datetime.now(UTC)
     async with db.connection(trial.url) as conn, conn.transaction():
@@ -49,8 +51,8 @@ async def test_rollups_recompute_only_the_hours_new_data_touched(trial: Trial) -
         assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 1
         (row,) = await views.rollups(conn, "P1", hour - timedelta(hours=1))
         assert (row.bucket, row.n, row.mean, row.min, row.max) == (hour, 2, 70.0, 60.0, 80.0)
-        # Nothing new: nothing recomputed beyond the overlap, same result.
-        await views.refresh_rollups(conn, StorageMode.PLAIN)
+        # Nothing new: nothing updated, same result.
+        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 0
         assert await views.rollups(conn, "P1", hour - timedelta(hours=1)) == [row]
     # A late reading of the same hour, and one of the next hour, arrive later.
     later = datetime.now(UTC)
