@@ -23,7 +23,8 @@ def register(sub: Subparsers) -> None:
         "storage",
         help="bulk writer vs per-row INSERT",
         description="rows/s of the bulk writer at batch sizes 100, 1k, 10k "
-        "against a naive per-row INSERT baseline.",
+        "against a naive per-row INSERT baseline; then (plain mode) the hourly rollup "
+        "refresh after a batch, merging its deltas against recomputing its hours.",
     )
     add_database_flags(bs)
     bs.add_argument(
@@ -31,6 +32,12 @@ def register(sub: Subparsers) -> None:
         type=int,
         default=50_000,
         help="readings per measured configuration (default: 50000)",
+    )
+    bs.add_argument(
+        "--hour-readings",
+        type=int,
+        default=10_000,
+        help="readings already in each rolled-up participant-hour (default: 10000)",
     )
     bs.add_argument("--out", help="also write the JSON result to this file")
     bs.set_defaults(handler=_cmd_bench_storage)
@@ -126,7 +133,12 @@ def _cmd_bench_storage(args: argparse.Namespace, settings: Settings) -> int:
     from bench import storage as storage_bench
 
     result = run(
-        storage_bench.run(settings.require_database_url(), rows=args.rows, progress=sys.stderr)
+        storage_bench.run(
+            settings.require_database_url(),
+            rows=args.rows,
+            hour_readings=args.hour_readings,
+            progress=sys.stderr,
+        )
     )
     return _emit(result, args.out)
 
