@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ingest.rules import Rule
 
 # The choices of ingest.rules and storage.alerts, spelled out so that `trialstream --help`
-# does not import pyarrow; tests/alerts/test_cli.py keeps them equal.
+# does not import the rule engine; tests/alerts/test_cli.py keeps them equal.
 KINDS = ("range", "missing_data")
 SEVERITIES = ("info", "warning", "critical")
 STATES = ("open", "acknowledged", "resolved")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,13 +25,12 @@ from pathlib import Path
 from typing import Protocol
 
 import psycopg
-import pyarrow as pa  # type: ignore[import-untyped]
 
 from consent.records import Actor
 from storage import audit, db
 from storage.db import Conn
 from storage.errors import DatabaseUnavailable, first_line
-from storage.exports import fhir, parquet, sdtm, source
+from storage.exports import fhir, sdtm, source
 from storage.exports.errors import ExportError, ExportWriteFailed
 from storage.exports.mapping import VS_METRICS
 from storage.exports.output import OpenFile, OutputDir, WrittenFile, open_for_writing
@@ -194,7 +194,12 @@ def _typed(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, psycopg.OperationalError):
         return DatabaseUnavailable(f"the export lost the database: {first_line(exc)}")
-    if isinstance(exc, OSError | pa.ArrowException | psycopg.Error):
+    # pyarrow is loaded only by a Parquet export (50 MB a process that never writes one
+    # does without); when it is not loaded, nothing raised is one of its errors.
+    arrow = sys.modules.get("pyarrow")
+    if isinstance(exc, OSError | psycopg.Error) or (
+        arrow is not None and isinstance(exc, arrow.ArrowException)
+    ):
         return ExportWriteFailed(f"the export could not be written: {first_line(exc)}")
     return exc
 
@@ -221,6 +226,10 @@ async def _write(
         return consume
 
     if request.kind is ExportKind.PARQUET:
+        import pyarrow as pa  # type: ignore[import-untyped]
+
+        from storage.exports import parquet
+
         pw = parquet.ParquetWriter(output, export_id)
         try:
             rows = await source.stream(

@@ -9,6 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ingest.rules import (
+    VECTOR_MIN,
     Change,
     Evaluation,
     Rule,
@@ -18,6 +19,7 @@ from ingest.rules import (
     RuleState,
     Series,
     Severity,
+    _fold,
     clear_band,
     effective_rules,
     evaluate,
@@ -456,4 +458,29 @@ def test_replay_of_the_whole_history_matches_judging_it_in_order(
 def test_a_series_is_its_readings_stably_sorted_by_time(pairs: list[tuple[int, float]]) -> None:
     s = Series.of([t for t, _ in pairs], [v for _, v in pairs])
     expected = sorted(pairs, key=lambda p: p[0])  # sorted() is stable
-    assert list(zip(s.times.to_pylist(), s.values.to_pylist(), strict=True)) == expected
+    assert list(zip(s.times, s.values, strict=True)) == expected
+
+
+@settings(max_examples=60, deadline=None)  # the first long series imports pyarrow
+@given(
+    values=st.lists(st.floats(60.0, 160.0), min_size=1, max_size=12),
+    copies=st.sampled_from([1, VECTOR_MIN]),
+    bounds=st.sampled_from([(None, 120.0), (50.0, None), (80.0, 120.0)]),
+    open_since=st.sampled_from([None, 0]),
+)
+def test_the_shortcuts_agree_with_folding_every_reading_short_or_vectorised(
+    values: list[float],
+    copies: int,
+    bounds: tuple[float | None, float | None],
+    open_since: int | None,
+) -> None:
+    """An idle rule with nothing breaching, or an open one with nothing in the clearing
+    band, is decided without the fold: in Python for a short series, in pyarrow from
+    VECTOR_MIN readings on. Either way the result is the fold's."""
+    rule = hr_high(low=bounds[0], high=bounds[1], hysteresis=5.0, sustained_s=2)
+    tiled = values * copies
+    assert (len(tiled) >= VECTOR_MIN) == (copies > 1)
+    s = Series.of([(i + 1) * S for i in range(len(tiled))], tiled)
+    state = RuleState(0, None, None, open_since)
+    folded, events = _fold(rule, state, s, P)
+    assert evaluate(rule, state, s, P) == Evaluation(folded, tuple(events))
