@@ -63,6 +63,15 @@ RECEIVE_MAXIMUM = 2000
 # Messages held between arrival and acknowledgement, whatever the broker sends: the batch
 # being written plus the next batches (about 2 MB at 1 KiB per envelope).
 MAX_UNACKED = RECEIVE_MAXIMUM
+# Publishes (receipts, alert events) the MQTT client may hold unacknowledged by the broker.
+# paho keeps them in memory without a bound by default; when the broker acknowledges them
+# more slowly than batches commit (measured: a broker busy taking a backlog while the
+# database was slowed), that queue grew by about 600 receipts a second per worker, 1.3 KB
+# each. Past the bound paho refuses the publish: the envelope is stored, and its hub gets
+# the receipt when it republishes (an alert event stays in the outbox and is sent again).
+# Waiting for room instead would deadlock: the PUBACKs that make room are read by paho's
+# network thread, which waits for a slot while the batch holds its acknowledgements.
+MAX_QUEUED_PUBLISHES = 2000
 # How often a paho thread waiting for a slot checks whether the consumer is stopping.
 _SLOT_POLL_S = 0.5
 # While a batch is collected, its messages are decoded and their signatures checked (with the
@@ -241,7 +250,7 @@ class Consumer:
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed = asyncio.Event()
-        self._client = make_client(config.client_id, mqtt5=config.mqtt5, manual_ack=True)
+        self._client = worker_client(config.client_id, mqtt5=config.mqtt5)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -649,6 +658,13 @@ class Consumer:
             log.warning(
                 "receipt not published device=%s seq=%d rc=%s", receipt.dev, receipt.seq, info.rc
             )
+
+
+def worker_client(client_id: str, *, mqtt5: bool) -> mqtt.Client:
+    """A worker's paho client: manual acknowledgement, publishes bounded in memory."""
+    client = make_client(client_id, mqtt5=mqtt5, manual_ack=True)
+    client.max_queued_messages_set(MAX_QUEUED_PUBLISHES)
+    return client
 
 
 @dataclass(slots=True)
