@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
@@ -83,6 +83,10 @@ BACKLOG_MAX_S = 120.0
 PUBLISH_WINDOW = 1000
 # The database slowed down: every envelope insert statement sleeps this long.
 SLOW_STATEMENT_S = 0.5
+# Envelopes/s published while the database is slowed: more than two workers can store then
+# (a batch of at most 500 per 0.5 s each), so the gateway is held back the whole window,
+# and little enough that the broker's backlog stays modest over a 10-minute window.
+SLOW_RATE = 2_500.0
 READING_STEP_MS = 10
 SESSION_EXPIRY_S = 3600
 REFERENCE_SUBSCRIPTION = "$share/bench/dct/v1/+/up"
@@ -147,8 +151,8 @@ def _publisher_main(
         cmd = conn.recv()
         if cmd is None:
             return
-        host, port, rate, start_at, duration = cmd
-        conn.send(_publish(pool, topics, host, port, rate, start_at, duration, name))
+        host, port, rate, start_at, duration, cycle = cmd
+        conn.send(_publish(pool, topics, host, port, rate, start_at, duration, name, cycle))
 
 
 def _publish(
@@ -160,10 +164,13 @@ def _publish(
     start_at: float,
     duration: float,
     name: str,
+    cycle: bool = False,
 ) -> tuple[int, list[tuple[int, float]]]:
     """Publish ``pool`` in order from ``start_at`` for ``duration`` s; at ``rate`` msg/s, or
-    as fast as the broker acknowledges when None. Returns the count and, when paced, the
-    monotonic time of each publish (by pool index)."""
+    as fast as the broker acknowledges when None. ``cycle``: start the pool over when it
+    runs out (the gateway stores each envelope once and receipts the copies again). Returns
+    the count and, when paced and not cycling, the monotonic time of each publish (by pool
+    index)."""
     window = threading.BoundedSemaphore(PUBLISH_WINDOW)
     connected = threading.Event()
     client = mqtt.Client(
@@ -185,20 +192,21 @@ def _publish(
             time.sleep(0.001)
         end = start_at + duration
         n_topics = len(topics)
-        while sent < len(pool):
+        limit = sys.maxsize if cycle else len(pool)
+        while sent < limit:
             now = time.monotonic()
             if now >= end:
                 break
-            due = len(pool) if rate is None else min(len(pool), int((now - start_at) * rate) + 1)
+            due = limit if rate is None else min(limit, int((now - start_at) * rate) + 1)
             while sent < due:
                 if not window.acquire(timeout=0.05):
                     break
                 t = time.monotonic()
-                info = client.publish(topics[sent % n_topics], pool[sent], qos=1)
+                info = client.publish(topics[sent % n_topics], pool[sent % len(pool)], qos=1)
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     window.release()
                     break
-                if rate is not None:
+                if rate is not None and not cycle:
                     times.append((sent, t))
                 sent += 1
                 if rate is None and sent % 256 == 0 and time.monotonic() >= end:
@@ -239,14 +247,15 @@ class _Publishers:
         self.sealed = sum(int(pipe.recv()) for pipe in self._pipes)
 
     def run(
-        self, host: str, port: int, rate: float | None, duration: float
+        self, host: str, port: int, rate: float | None, duration: float, *, cycle: bool = False
     ) -> tuple[int, float, dict[tuple[str, int], float]]:
-        """Publish (at ``rate`` msg/s in all, or full speed); returns the count, the start
-        time and, when paced, publish times by (device, seq)."""
+        """Publish (at ``rate`` msg/s in all, or full speed; ``cycle``: the pools over and
+        over); returns the count, the start time and, when paced, publish times by
+        (device, seq)."""
         start_at = time.monotonic() + 0.5
         share_rate = None if rate is None else rate / len(self._pipes)
         for pipe in self._pipes:
-            pipe.send((host, port, share_rate, start_at, duration))
+            pipe.send((host, port, share_rate, start_at, duration, cycle))
         total = 0
         times: dict[tuple[str, int], float] = {}
         for pipe, share in zip(self._pipes, self.shares, strict=True):
@@ -662,19 +671,32 @@ class _Window:
 
 
 def _live_window(
-    url: str, publishers: _Publishers, broker: MosquittoBroker, seconds: float, size: int
+    url: str,
+    publishers: _Publishers,
+    broker: MosquittoBroker,
+    seconds: float,
+    size: int,
+    rate: float | None = None,
+    every_minute: Callable[[], None] | None = None,
 ) -> _Window:
-    """Full-speed publishing; committed readings/s over the window after the warm-up."""
+    """Publishing at ``rate`` envelopes/s (None: full speed), the pools over and over;
+    committed readings/s over the window after the warm-up, with ``every_minute`` called
+    each minute of it."""
     result: dict[str, Any] = {}
 
     def publish() -> None:
-        result["run"] = publishers.run(broker.host, broker.port, None, WARMUP_S + seconds + 1)
+        result["run"] = publishers.run(
+            broker.host, broker.port, rate, WARMUP_S + seconds + 1, cycle=True
+        )
 
     thread = threading.Thread(target=publish, name="bench-publish")
     thread.start()
     time.sleep(0.5 + WARMUP_S)
     c0, t0 = _count(url), time.monotonic()
-    time.sleep(seconds)
+    while (left := t0 + seconds - time.monotonic()) > 0:
+        time.sleep(min(left, 60.0))
+        if every_minute is not None and left > 60.0:
+            every_minute()
     c1, t1 = _count(url), time.monotonic()
     thread.join()
     published = int(result["run"][0])
@@ -723,6 +745,7 @@ def _run_size(
     say: Progress,
     *,
     slow_db: bool,
+    slow_seconds: float,
 ) -> dict[str, Any]:
     pool_readings = int(POOL_READINGS_PER_S.get(size, 420_000) * (WARMUP_S + seconds + 1))
     count = max(len(hubs), pool_readings // size)
@@ -832,20 +855,41 @@ def _run_size(
             _slow_database(url, True)
             broker = fresh_broker()
             try:
-                with _gateway(url, broker, workdir, workers) as (pid, _), _Memory(pid) as mem:
+                with (
+                    _gateway(url, broker, workdir, workers) as (pid, port),
+                    _Memory(pid) as mem,
+                ):
                     m0 = time.monotonic()
-                    w = _live_window(url, pubs, broker, seconds * 2, size)
+                    w = _live_window(
+                        url,
+                        pubs,
+                        broker,
+                        slow_seconds,
+                        size,
+                        SLOW_RATE,
+                        lambda: say(
+                            f"size {size}: database slowed, memory so far "
+                            f"{mem.summary(m0, time.monotonic())}"
+                        ),
+                    )
                     slow_memory = mem.summary(m0, time.monotonic())
+                    slow_inside = _inside_gateway(_scrape(port, workers))
             finally:
                 broker.kill()
                 _slow_database(url, False)
             out["gateway"]["database_slowed"] = {
                 "statement_delay_s": SLOW_STATEMENT_S,
+                "window_s": slow_seconds,
+                "publish_rate_envelopes_per_s": SLOW_RATE,
                 "readings_per_s": round(w.readings_per_s),
                 "backlog_at_end": w.backlog_at_end,
                 "memory": slow_memory,
+                "inside_gateway": slow_inside,
             }
-            say(f"size {size}: database slowed, memory {slow_memory}")
+            say(
+                f"size {size}: database slowed, {w.readings_per_s:,.0f} readings/s, receipts"
+                f" refused {slow_inside.get('receipt_publish_failures')}, memory {slow_memory}"
+            )
     finally:
         pubs.close()
     return out
@@ -855,6 +899,7 @@ async def run(
     server_url: str,
     *,
     seconds: float = 4.0,
+    slow_seconds: float | None = None,
     sizes: Sequence[int] = SIZES,
     workers: int = WORKERS,
     hubs: int = HUBS,
@@ -883,6 +928,7 @@ async def run(
                     Path(tmp),
                     say,
                     slow_db=size == 10 or len(sizes) == 1,
+                    slow_seconds=seconds * 2 if slow_seconds is None else slow_seconds,
                 )
                 for size in sizes
             )
@@ -907,6 +953,8 @@ async def run(
             "bare": "paho -> CBOR decode -> binary COPY per batch (no verify/consent/dedupe)",
             "naive": "paho -> INSERT per reading, commit per message",
             "latency": "publish() -> receipt arrival, at half the gateway's peak rate",
+            "database_slowed": f"every envelope INSERT sleeps {SLOW_STATEMENT_S} s while"
+            f" {SLOW_RATE:,.0f} envelopes/s are published",
         },
         "results": results,
     }

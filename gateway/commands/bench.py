@@ -72,6 +72,12 @@ def register(sub: Subparsers) -> None:
         "--seconds", type=float, default=4.0, help="measured window per run (default: 4)"
     )
     bi.add_argument(
+        "--slow-seconds",
+        type=float,
+        help="window with the database slowed, at 10 readings per envelope (default: twice "
+        "--seconds; 600 for the 10-minute memory run)",
+    )
+    bi.add_argument(
         "--sizes",
         default="1,10,100",
         help="readings per envelope, comma-separated (default: 1,10,100)",
@@ -181,10 +187,13 @@ def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"--sizes {args.sizes!r}: expected numbers like 1,10,100") from None
     if not sizes or any(not 1 <= s <= 1000 for s in sizes):
         raise ConfigError(f"--sizes {args.sizes!r}: each must be 1..1000")
+    if args.slow_seconds is not None and args.slow_seconds <= 0:
+        raise ConfigError(f"--slow-seconds {args.slow_seconds}: must be > 0")
     result = run(
         ingest_bench.run(
             settings.require_database_url(),
             seconds=args.seconds,
+            slow_seconds=args.slow_seconds,
             sizes=sizes,
             workers=args.workers,
             hubs=args.hubs,
