@@ -63,14 +63,10 @@ RECEIVE_MAXIMUM = 2000
 # Messages held between arrival and acknowledgement, whatever the broker sends: the batch
 # being written plus the next batches (about 2 MB at 1 KiB per envelope).
 MAX_UNACKED = RECEIVE_MAXIMUM
-# Publishes (receipts, alert events) the MQTT client may hold unacknowledged by the broker.
-# paho keeps them in memory without a bound by default; when the broker acknowledges them
-# more slowly than batches commit (measured: a broker busy taking a backlog while the
-# database was slowed), that queue grew by about 600 receipts a second per worker, 1.3 KB
-# each. Past the bound paho refuses the publish: the envelope is stored, and its hub gets
-# the receipt when it republishes (an alert event stays in the outbox and is sent again).
-# Waiting for room instead would deadlock: the PUBACKs that make room are read by paho's
-# network thread, which waits for a slot while the batch holds its acknowledgements.
+# Publishes (receipts, alert events) a worker's publishing connection may hold
+# unacknowledged by the broker. paho keeps them in memory without a bound by default. Past
+# the bound paho refuses the publish: the envelope is stored, and its hub gets the receipt
+# when it republishes (an alert event stays in the outbox and is sent again).
 MAX_QUEUED_PUBLISHES = 2000
 # How often a paho thread waiting for a slot checks whether the consumer is stopping.
 _SLOT_POLL_S = 0.5
@@ -250,14 +246,22 @@ class Consumer:
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed = asyncio.Event()
-        self._client = worker_client(config.client_id, mqtt5=config.mqtt5)
+        self._client = make_client(config.client_id, mqtt5=config.mqtt5, manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
-        self._client.reconnect_delay_set(1, 10)
-        if configure_client is not None:
-            configure_client(self._client)
+        # Receipts and alert events go out on a connection of their own. On the consuming
+        # one, paho's network thread waits in on_message whenever MAX_UNACKED messages are
+        # held, and then reads no PUBACK either: with the database slowed and a backlog at
+        # the broker, its receipts were acknowledged a few a second, and queued (measured:
+        # 14,470 in paho's memory after 75 s, growing) or, once bounded, refused (99% of
+        # them over 10 minutes).
+        self._out = publisher_client(f"{config.client_id}-out", mqtt5=config.mqtt5)
+        for client in (self._client, self._out):
+            client.reconnect_delay_set(1, 10)
+            if configure_client is not None:
+                configure_client(client)
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -333,7 +337,16 @@ class Consumer:
             session_expiry_s=SESSION_EXPIRY_S,
             receive_maximum=RECEIVE_MAXIMUM,
         )
+        connect_async(
+            self._out,
+            self.config.host,
+            self.config.port,
+            keepalive=self.config.keepalive_s,
+            mqtt5=self.config.mqtt5,
+            session_expiry_s=SESSION_EXPIRY_S,
+        )
         self._client.loop_start()
+        self._out.loop_start()
         # Two batches in flight: while one is written and receipted, the next is collected,
         # decoded and verified (signature checks in a thread: the CPU work overlaps the
         # database's). Batches are stored and acknowledged strictly in order.
@@ -349,6 +362,7 @@ class Consumer:
                 await judging
             self._stopping.set()
             stop_client(self._client)
+            stop_client(self._out)
 
     async def _collect(self, early: Callable[[list[_Message]], None]) -> list[_Message]:
         """A batch: the first message, then whatever arrives within ``max_wait_s``, up to
@@ -647,11 +661,11 @@ class Consumer:
         self._slots.release()
 
     def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
-        """Publish with QoS 1 on this worker's broker connection (alert events)."""
-        return self._client.publish(topic, payload, qos=1)
+        """Publish with QoS 1 on this worker's publishing connection (alert events)."""
+        return self._out.publish(topic, payload, qos=1)
 
     def _publish_receipt(self, receipt: Receipt, data: bytes) -> None:
-        info = self._client.publish(pipeline.down_topic(receipt.dev), data, qos=1)
+        info = self._out.publish(pipeline.down_topic(receipt.dev), data, qos=1)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             # The envelope is stored; the hub will republish it and get the receipt again.
             self.stats.receipt_publish_failures += 1
@@ -660,9 +674,9 @@ class Consumer:
             )
 
 
-def worker_client(client_id: str, *, mqtt5: bool) -> mqtt.Client:
-    """A worker's paho client: manual acknowledgement, publishes bounded in memory."""
-    client = make_client(client_id, mqtt5=mqtt5, manual_ack=True)
+def publisher_client(client_id: str, *, mqtt5: bool) -> mqtt.Client:
+    """A worker's publishing connection: publishes bounded in memory."""
+    client = make_client(client_id, mqtt5=mqtt5)
     client.max_queued_messages_set(MAX_QUEUED_PUBLISHES)
     return client
 

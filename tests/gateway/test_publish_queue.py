@@ -1,6 +1,6 @@
-"""A worker's MQTT client holds a bounded number of unacknowledged publishes: paho keeps
-each QoS 1 publish in memory until the broker acknowledges it, without a bound unless one
-is set, and a broker slow to acknowledge receipts grew a worker by hundreds of MB."""
+"""A worker's publishing connection holds a bounded number of unacknowledged publishes:
+paho keeps each QoS 1 publish in memory until the broker acknowledges it, without a bound
+unless one is set, and a broker slow to acknowledge receipts grew a worker without end."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def queued_publishes(client: mqtt.Client) -> int:
 @pytest.fixture
 def client(mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> Iterator[mqtt.Client]:
     monkeypatch.setattr(consumer, "MAX_QUEUED_PUBLISHES", BOUND)
-    c = consumer.worker_client("publish-queue-test", mqtt5=True)
+    c = consumer.publisher_client("publish-queue-test", mqtt5=True)
     connected = threading.Event()
     c.on_connect = lambda *_: connected.set()
     c.connect(mosquitto.host, mosquitto.port)
@@ -47,7 +47,7 @@ def client(mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> Itera
 async def test_receipts_past_the_bound_are_refused_and_counted_while_the_broker_lags(
     mosquitto: MosquittoBroker, client: mqtt.Client
 ) -> None:
-    worker = SimpleNamespace(_client=client, stats=consumer.Stats())
+    worker = SimpleNamespace(_out=client, stats=consumer.Stats())
     pid = mosquitto.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)  # the broker acknowledges nothing
