@@ -323,7 +323,8 @@ async def rollups_and_truth(url: str) -> tuple[list[tuple[object, ...]], list[tu
         )
         stored = await cur.fetchall()
         cur = await conn.execute(
-            "SELECT participant_id, metric, date_trunc('hour', time), count(*),"
+            "SELECT participant_id, metric,"
+            " to_timestamp(floor(extract(epoch FROM time) / 3600) * 3600), count(*),"
             " round(avg(value)::numeric, 9), min(value), max(value) FROM readings"
             " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
         )
