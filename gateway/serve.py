@@ -88,9 +88,11 @@ async def prepare(settings: Settings) -> None:
     async with db.connection(settings.require_database_url(), autocommit=True) as conn:
         report = await migrate(conn, settings.storage_mode)
     log.info("schema ready mode=%s version=%d", report.mode, report.version)
+    # Made once here, before the workers start, so they never race to create them: every
+    # worker loads the study CA (enrollment issues hub certificates with it). Two workers
+    # creating it at once left one refusing to overwrite the other's key, and exiting.
+    ca = StudyCA.load_or_create(settings.ca_path)
     if settings.mqtt_tls:
-        # Made once here, before the workers start, so they never race to create them.
-        ca = StudyCA.load_or_create(settings.ca_path)
         ca.issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
 
 

@@ -26,9 +26,12 @@ from psycopg import conninfo, sql
 
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
+from gateway import serve
 from gateway.broker import MosquittoBroker, free_port
 from gateway.consumer import MAX_UNACKED
+from gateway.pki import StudyCA
 from gateway.serve import STOP_GRACE_S
+from gateway.settings import Settings
 from ingest import keys
 from ingest.model import Reading
 from storage import db
@@ -506,3 +509,17 @@ async def test_workers_stop_when_their_supervisor_is_killed(
             "the orphaned workers stopping by themselves",
             within=20,
         )
+
+
+async def test_the_supervisor_makes_the_study_ca_before_any_worker_starts(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Every worker loads the study CA; made by the first two at once, one of them found the
+    other's key half-written and exited (and two restarts left no worker for seconds)."""
+    settings = Settings(database_url=database_url, data_dir=tmp_path / "gw", mqtt_tls=False)
+    await serve.prepare(settings)
+    assert (settings.ca_path / "ca.key").exists()
+    assert (settings.ca_path / "ca.pem").exists()
+    first = StudyCA.load_or_create(settings.ca_path).cert
+    await serve.prepare(settings)  # a restart keeps it
+    assert StudyCA.load_or_create(settings.ca_path).cert == first
