@@ -37,6 +37,21 @@ ROLLUP_PARTICIPANTS = 50
 ROLLUP_ROUNDS = 6  # refreshes timed per method
 
 
+def _accepted(
+    dev: str, seq: int, participant_id: str, sent_ms: int, readings: tuple[Reading, ...]
+) -> AcceptedEnvelope:
+    return AcceptedEnvelope(
+        dev=dev,
+        seq=seq,
+        participant_id=participant_id,
+        sent_ms=sent_ms,
+        envelope_sha256=hashlib.sha256(f"{dev}{seq}".encode()).digest(),
+        reading_count=len(readings),
+        readings=readings,
+        consent_ids=(None,) * len(readings),
+    )
+
+
 def _envelopes(dev: str, first_seq: int, n_readings: int) -> list[AcceptedEnvelope]:
     out = []
     for k in range(n_readings // READINGS_PER_ENVELOPE):
@@ -51,18 +66,7 @@ def _envelopes(dev: str, first_seq: int, n_readings: int) -> list[AcceptedEnvelo
             )
             for i in range(READINGS_PER_ENVELOPE)
         )
-        out.append(
-            AcceptedEnvelope(
-                dev=dev,
-                seq=seq,
-                participant_id="P-bench",
-                sent_ms=T0_MS,
-                envelope_sha256=hashlib.sha256(f"{dev}{seq}".encode()).digest(),
-                reading_count=len(readings),
-                readings=readings,
-                consent_ids=(None,) * len(readings),
-            )
-        )
+        out.append(_accepted(dev, seq, "P-bench", T0_MS, readings))
     return out
 
 
@@ -147,18 +151,7 @@ def _hour_batch(round_no: int, hour_ms: int) -> Batch:
             )
             for i in range(READINGS_PER_ENVELOPE)
         )
-        envs.append(
-            AcceptedEnvelope(
-                dev=dev,
-                seq=seq,
-                participant_id=f"P-roll-{p}",
-                sent_ms=hour_ms,
-                envelope_sha256=hashlib.sha256(f"{dev}{seq}".encode()).digest(),
-                reading_count=len(readings),
-                readings=readings,
-                consent_ids=(None,) * len(readings),
-            )
-        )
+        envs.append(_accepted(dev, seq, f"P-roll-{p}", hour_ms, readings))
     return Batch(tuple(envs), (), hour_ms)
 
 

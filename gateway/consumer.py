@@ -328,25 +328,18 @@ class Consumer:
     async def run(self) -> None:
         """Connect and process batches until cancelled."""
         self._loop = asyncio.get_running_loop()
-        connect_async(
-            self._client,
-            self.config.host,
-            self.config.port,
-            keepalive=self.config.keepalive_s,
-            mqtt5=self.config.mqtt5,
-            session_expiry_s=SESSION_EXPIRY_S,
-            receive_maximum=RECEIVE_MAXIMUM,
-        )
-        connect_async(
-            self._out,
-            self.config.host,
-            self.config.port,
-            keepalive=self.config.keepalive_s,
-            mqtt5=self.config.mqtt5,
-            session_expiry_s=SESSION_EXPIRY_S,
-        )
-        self._client.loop_start()
-        self._out.loop_start()
+        # Only the consuming connection asks the broker for a cap on what it is sent.
+        for client, receive_maximum in ((self._client, RECEIVE_MAXIMUM), (self._out, None)):
+            connect_async(
+                client,
+                self.config.host,
+                self.config.port,
+                keepalive=self.config.keepalive_s,
+                mqtt5=self.config.mqtt5,
+                session_expiry_s=SESSION_EXPIRY_S,
+                receive_maximum=receive_maximum,
+            )
+            client.loop_start()
         # Two batches in flight: while one is written and receipted, the next is collected,
         # decoded and verified (signature checks in a thread: the CPU work overlaps the
         # database's). Batches are stored and acknowledged strictly in order.
