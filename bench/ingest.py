@@ -434,6 +434,74 @@ def _reset(url: str) -> None:
         conn.execute("VACUUM ANALYZE envelopes")
 
 
+def _cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
+class _Cpu:
+    """CPU time spent over a window, by part: the consumer's processes (given by their
+    roots, with their children), the broker, the database server, and the rest of the
+    machine; and how busy the machine's cores were.
+
+    Processes are read at both ends of the window; one born inside it counts from zero, one
+    that died inside it is missed (none do: consumers, broker and database backends live
+    through the window)."""
+
+    def __init__(self, consumer_roots: Sequence[int]) -> None:
+        self._roots = list(consumer_roots)
+        self._start = self._snapshot()
+        self._machine0 = psutil.cpu_times()
+        self._t0 = time.monotonic()
+
+    def _consumer_pids(self) -> set[int]:
+        pids: set[int] = set()
+        for pid in self._roots:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(pid)
+                pids.add(pid)
+                pids.update(c.pid for c in root.children(recursive=True))
+        return pids
+
+    def _snapshot(self) -> dict[int, tuple[str, float]]:
+        consumers = self._consumer_pids()
+        out: dict[int, tuple[str, float]] = {}
+        for proc in psutil.process_iter(["name"]):
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                name = proc.info["name"] or ""
+                if proc.pid in consumers:
+                    part = "consumer"
+                elif name == "mosquitto":
+                    part = "broker"
+                elif name == "postgres":
+                    part = "database"
+                else:
+                    part = "other"
+                out[proc.pid] = (part, _cpu_seconds(proc))
+        return out
+
+    def summary(self, envelopes: float) -> dict[str, Any]:
+        """CPU microseconds per envelope committed in the window, by part; cores busy."""
+        end = self._snapshot()
+        elapsed = time.monotonic() - self._t0
+        m1 = psutil.cpu_times()
+        idle = (m1.idle + getattr(m1, "iowait", 0.0)) - (
+            self._machine0.idle + getattr(self._machine0, "iowait", 0.0)
+        )
+        by_part: dict[str, float] = dict.fromkeys(("consumer", "broker", "database", "other"), 0.0)
+        for pid, (part, seconds) in end.items():
+            before = self._start.get(pid)
+            by_part[part] += seconds - (before[1] if before and before[0] == part else 0.0)
+        per = 1e6 / envelopes if envelopes > 0 else 0.0
+        out: dict[str, Any] = {
+            f"{part}_us_per_envelope": round(by_part[part] * per, 1)
+            for part in ("consumer", "broker", "database", "other")
+        }
+        out["total_us_per_envelope"] = round(sum(by_part.values()) * per, 1)
+        out["cores_busy"] = round(psutil.cpu_count() - idle / elapsed, 2) if elapsed else None
+        return out
+
+
 class _Memory:
     """Samples the resident set of a process tree in a thread."""
 
@@ -595,7 +663,7 @@ def _wait_workers(proc: subprocess.Popen[bytes], http_port: int, workers: int) -
 
 
 @contextlib.contextmanager
-def _reference(kind: str, url: str, broker: MosquittoBroker, workers: int) -> Iterator[None]:
+def _reference(kind: str, url: str, broker: MosquittoBroker, workers: int) -> Iterator[list[int]]:
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     readies = [ctx.Event() for _ in range(workers)]
@@ -614,7 +682,7 @@ def _reference(kind: str, url: str, broker: MosquittoBroker, workers: int) -> It
         for r in readies:
             if not r.wait(30):
                 raise RuntimeError(f"the {kind} subscriber did not subscribe within 30 s")
-        yield
+        yield [p.pid for p in procs if p.pid is not None]
     finally:
         stop.set()
         for p in procs:
@@ -703,13 +771,18 @@ def _live_window(
     return _Window((c1 - c0) / (t1 - t0), published, c1, c1 < published * size)
 
 
-def _drain_window(url: str, seconds: float, backlog_readings: int) -> _Window:
-    """Committed readings/s while a consumer drains a backlog (no publisher competing)."""
+def _drain_window(
+    url: str, seconds: float, backlog_readings: int, consumer_roots: Sequence[int], size: int
+) -> tuple[_Window, dict[str, Any]]:
+    """Committed readings/s while a consumer drains a backlog (no publisher competing), and
+    the CPU time each part of the machine spent per envelope committed meanwhile."""
     time.sleep(WARMUP_S)
     c0, t0 = _count(url), time.monotonic()
+    cpu = _Cpu(consumer_roots)
     time.sleep(seconds)
     c1, t1 = _count(url), time.monotonic()
-    return _Window((c1 - c0) / (t1 - t0), backlog_readings, c1, c1 < backlog_readings)
+    used = cpu.summary((c1 - c0) / size)
+    return _Window((c1 - c0) / (t1 - t0), backlog_readings, c1, c1 < backlog_readings), used
 
 
 # --- the benchmark --------------------------------------------------------------------------
@@ -771,15 +844,16 @@ def _run_size(
                     broker, [f"bench-{kind}-{i}" for i in range(workers)], REFERENCE_SUBSCRIPTION
                 )
                 backlog = pubs.run(broker.host, broker.port, None, BACKLOG_MAX_S)[0]
-                with _reference(kind, url, broker, workers):
-                    w = _drain_window(url, seconds, backlog * size)
+                with _reference(kind, url, broker, workers) as pids:
+                    w, cpu = _drain_window(url, seconds, backlog * size, pids, size)
             finally:
                 broker.kill()
             out[kind] = {
                 "readings_per_s": round(w.readings_per_s),
                 "backlog_at_end": w.backlog_at_end,
+                "cpu": cpu,
             }
-            say(f"size {size}: {kind} {w.readings_per_s:,.0f} readings/s")
+            say(f"size {size}: {kind} {w.readings_per_s:,.0f} readings/s; cpu {cpu}")
 
         _reset(url)
         broker = fresh_broker()
@@ -788,7 +862,7 @@ def _run_size(
             backlog = pubs.run(broker.host, broker.port, None, BACKLOG_MAX_S)[0]
             with _gateway(url, broker, workdir, workers) as (pid, _), _Memory(pid) as mem:
                 m0 = time.monotonic()
-                w = _drain_window(url, seconds, backlog * size)
+                w, cpu = _drain_window(url, seconds, backlog * size, [pid], size)
                 peak_memory = mem.summary(m0, time.monotonic())
             refused = _refused(url)
         finally:
@@ -802,11 +876,13 @@ def _run_size(
             "ratio_to_naive": round(w.readings_per_s / naive, 1),
             "readings_refused": refused,
             "memory_at_peak": peak_memory,
+            "cpu": cpu,
         }
         out["naive"]["ratio_to_bare"] = round(naive / bare, 3)
         say(
             f"size {size}: gateway {w.readings_per_s:,.0f} readings/s "
-            f"({w.readings_per_s / bare:.2f}x bare, {w.readings_per_s / naive:.1f}x naive)"
+            f"({w.readings_per_s / bare:.2f}x bare, {w.readings_per_s / naive:.1f}x naive); "
+            f"cpu {cpu}"
         )
 
         # Latency at half the gateway's peak.

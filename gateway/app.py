@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -182,6 +183,7 @@ def _histogram(
 async def metrics(request: web.Request) -> web.Response:
     s = request.app[CONSUMER].stats
     w = {"worker": str(request.app[WORKER])}
+    gc_stats = gc.get_stats()
     lines = [
         *_family(
             "trialstream_messages_total", "counter", "MQTT messages taken.", [(w, s.messages)]
@@ -249,6 +251,18 @@ async def metrics(request: web.Request) -> web.Response:
             "gauge",
             "1 while connected to the broker.",
             [(w, int(s.mqtt_connected))],
+        ),
+        *_family(
+            "trialstream_gc_collections_total",
+            "counter",
+            "Runs of the cyclic garbage collector, by generation.",
+            [({**w, "generation": str(g)}, st["collections"]) for g, st in enumerate(gc_stats)],
+        ),
+        *_family(
+            "trialstream_gc_frozen_objects",
+            "gauge",
+            "Objects of the worker's start-up kept out of the collector's sight (gc.freeze).",
+            [(w, gc.get_freeze_count())],
         ),
     ]
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

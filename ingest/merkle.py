@@ -39,19 +39,22 @@ def tree(entries: Sequence[bytes]) -> tuple[bytes, list[list[bytes]]]:
         raise ValueError("a Merkle tree needs at least one entry")
     leaves = [leaf_hash(e) for e in entries]
     paths: list[list[bytes]] = [[] for _ in entries]
+    return _subtree(leaves, paths, 0, len(entries)), paths
 
-    def subtree(lo: int, hi: int) -> bytes:
-        if hi - lo == 1:
-            return leaves[lo]
-        mid = lo + _split(hi - lo)
-        left, right = subtree(lo, mid), subtree(mid, hi)
-        for i in range(lo, mid):
-            paths[i].append(right)
-        for i in range(mid, hi):
-            paths[i].append(left)
-        return _node(left, right)
 
-    return subtree(0, len(entries)), paths
+def _subtree(leaves: Sequence[bytes], paths: list[list[bytes]], lo: int, hi: int) -> bytes:
+    """The hash of the subtree over ``leaves[lo:hi]``, appending each leaf's siblings to its
+    path. A function of its own, not a closure: a closure that calls itself is a reference
+    cycle, which would hold a batch's hashes until the garbage collector ran."""
+    if hi - lo == 1:
+        return leaves[lo]
+    mid = lo + _split(hi - lo)
+    left, right = _subtree(leaves, paths, lo, mid), _subtree(leaves, paths, mid, hi)
+    for i in range(lo, mid):
+        paths[i].append(right)
+    for i in range(mid, hi):
+        paths[i].append(left)
+    return _node(left, right)
 
 
 def root_from_inclusion(index: int, size: int, leaf: bytes, path: Sequence[bytes]) -> bytes:

@@ -523,3 +523,16 @@ async def test_the_supervisor_makes_the_study_ca_before_any_worker_starts(
     first = StudyCA.load_or_create(settings.ca_path).cert
     await serve.prepare(settings)  # a restart keeps it
     assert StudyCA.load_or_create(settings.ca_path).cert == first
+
+
+async def test_a_worker_keeps_the_collector_off_its_start_up_heap(
+    trial: Trial, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Under load the cyclic collector traversed every worker's whole heap over and over (14.5%
+    of the samples at 10 readings per envelope): a worker freezes what it holds once started."""
+    with gateway_process(trial.url, mosquitto, tmp_path / "gw", workers=1) as gw:
+        await gw.healthy()
+        assert gw.metric("trialstream_gc_frozen_objects") > 10_000, gw.log_tail()
+        # Collections are still counted, per generation.
+        _, text = gw.get("/metrics")
+        assert 'trialstream_gc_collections_total{worker="0",generation="2"}' in text

@@ -7,6 +7,7 @@ of the scheme is tested only against itself.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -206,6 +207,25 @@ def test_every_receipt_of_a_batch_opens_alone(key: ec.EllipticCurvePrivateKey, n
     signatures = {split(m)[1].value[3] for m in sealed}
     assert len(signatures) == -(-n // MAX_RECEIPT_TREE)
     assert {split(m)[2][0] for m in sealed[:MAX_RECEIPT_TREE]} == {min(n, MAX_RECEIPT_TREE)}
+
+
+def test_sealing_a_batch_of_receipts_leaves_no_garbage_cycles(
+    key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """Whatever a batch allocates is freed by reference counting as soon as it is dropped: a
+    self-recursive closure in the Merkle tree kept each batch's hashes for the collector."""
+    batch = receipts(100)
+    seal_receipts(batch, key)  # warm: first-call caches are not garbage
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        seal_receipts(batch, key)
+        merkle.tree([bytes([i]) for i in range(50)])
+        assert gc.collect() == 0
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def test_receipt_round_trip_of_each_status(key: ec.EllipticCurvePrivateKey) -> None:
