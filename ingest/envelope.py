@@ -95,6 +95,8 @@ _RECEIPT_PROOFS_HEAD: Final = (
     cbor2.dumps(HEADER_VDP) + b"\xa1" + cbor2.dumps(VDP_INCLUSION) + b"\x81"
 )
 _SIG_CONTEXT: Final = "Signature1"
+# A four-element array, then the context string.
+_SIG_STRUCTURE_HEAD: Final = b"\x84" + cbor2.dumps(_SIG_CONTEXT)
 _SIGNATURE_BYTES: Final = 64
 _COORD_BYTES: Final = 32
 _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
@@ -236,13 +238,15 @@ def _uint(n: int) -> bytes:
 
 
 def _bstr(data: bytes) -> bytes:
-    """``data`` (under 64 KiB) as a CBOR byte string with the shortest head."""
+    """``data`` (under 4 GiB) as a CBOR byte string with the shortest head."""
     n = len(data)
     if n < 24:
         return bytes([0x40 | n]) + data
     if n < 0x100:
         return bytes([0x58, n]) + data
-    return b"\x59" + n.to_bytes(2, "big") + data
+    if n < 0x10000:
+        return b"\x59" + n.to_bytes(2, "big") + data
+    return b"\x5a" + n.to_bytes(4, "big") + data
 
 
 def seal_receipt(
@@ -302,7 +306,10 @@ def check_gap(gap: Gap) -> None:
 
 
 def _sig_structure(protected: bytes, payload_bytes: bytes) -> bytes:
-    return cbor2.dumps([_SIG_CONTEXT, protected, b"", payload_bytes])
+    """``["Signature1", protected, h'', payload]`` (RFC 9052 4.4), written directly: the
+    bytes every signature is made and checked over. cbor2.dumps spent most of its time
+    setting up an encoder (3% of a worker's samples at one reading per envelope)."""
+    return _SIG_STRUCTURE_HEAD + _bstr(protected) + b"\x40" + _bstr(payload_bytes)
 
 
 def _check_signing_key(key: object) -> None:

@@ -606,3 +606,22 @@ def test_random_payloads_round_trip(key: ec.EllipticCurvePrivateKey, payload: Pa
     assert opened.payload == payload
     assert opened.kid == payload.dev
     verify(opened, key.public_key())
+
+
+_BOUNDARY_LENGTHS = [0, 1, 23, 24, 255, 256, 65_535, 65_536, env.MAX_ENVELOPE_BYTES]
+
+
+@given(
+    st.sampled_from(_BOUNDARY_LENGTHS) | st.integers(0, 70_000),
+    st.sampled_from(_BOUNDARY_LENGTHS) | st.integers(0, 300),
+)
+def test_the_signed_structure_is_the_cbor_of_rfc_9052(payload_len: int, protected_len: int) -> None:
+    """The bytes signed and checked, written without cbor2, are what cbor2 writes for
+    ``["Signature1", protected, h'', payload]`` at every length head."""
+    protected, payload = (
+        b"\xa1" * protected_len,
+        bytes(range(256)) * (payload_len // 256) + (b"p" * (payload_len % 256)),
+    )
+    assert env._sig_structure(protected, payload) == cbor2.dumps(
+        ["Signature1", protected, b"", payload]
+    )
