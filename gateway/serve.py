@@ -62,8 +62,8 @@ def _settle_heap() -> None:
     """Keep the cyclic garbage collector off the application's own objects, and run it
     less often.
 
-    A worker holds a few hundred thousand objects from its imports that live as long as
-    it does, and creates and drops tens of objects per message (paho's message and
+    A worker holds some 66,000 collector-tracked objects from its start-up that live as
+    long as it does, and creates and drops tens of objects per message (paho's message and
     publish records, CBOR items, rows). Under load the collector traversed the whole heap
     over and over: 14.5% of the workers' samples at 10 readings per envelope.
     ``gc.freeze()`` moves what exists once the worker is up out of the collector's sight;
