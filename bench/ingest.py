@@ -437,6 +437,14 @@ def _reset(url: str) -> None:
         conn.execute("VACUUM ANALYZE envelopes")
 
 
+# The parts of the machine whose CPU time a drain window reports.
+_CPU_PARTS = ("consumer", "broker", "database", "other")
+
+
+def _process_tree(root: psutil.Process) -> list[psutil.Process]:
+    return [root, *root.children(recursive=True)]
+
+
 def _cpu_seconds(proc: psutil.Process) -> float:
     t = proc.cpu_times()
     return float(t.user + t.system)
@@ -461,9 +469,7 @@ class _Cpu:
         pids: set[int] = set()
         for pid in self._roots:
             with contextlib.suppress(psutil.NoSuchProcess):
-                root = psutil.Process(pid)
-                pids.add(pid)
-                pids.update(c.pid for c in root.children(recursive=True))
+                pids.update(p.pid for p in _process_tree(psutil.Process(pid)))
         return pids
 
     def _snapshot(self) -> dict[int, tuple[str, float]]:
@@ -491,14 +497,13 @@ class _Cpu:
         idle = (m1.idle + getattr(m1, "iowait", 0.0)) - (
             self._machine0.idle + getattr(self._machine0, "iowait", 0.0)
         )
-        by_part: dict[str, float] = dict.fromkeys(("consumer", "broker", "database", "other"), 0.0)
+        by_part: dict[str, float] = dict.fromkeys(_CPU_PARTS, 0.0)
         for pid, (part, seconds) in end.items():
             before = self._start.get(pid)
             by_part[part] += seconds - (before[1] if before and before[0] == part else 0.0)
         per = 1e6 / envelopes if envelopes > 0 else 0.0
         out: dict[str, Any] = {
-            f"{part}_us_per_envelope": round(by_part[part] * per, 1)
-            for part in ("consumer", "broker", "database", "other")
+            f"{part}_us_per_envelope": round(by_part[part] * per, 1) for part in _CPU_PARTS
         }
         out["total_us_per_envelope"] = round(sum(by_part.values()) * per, 1)
         out["cores_busy"] = round(psutil.cpu_count() - idle / elapsed, 2) if elapsed else None
@@ -518,7 +523,7 @@ class _Memory:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                procs = [self._root, *self._root.children(recursive=True)]
+                procs = _process_tree(self._root)
                 rss = []
                 for p in procs:
                     with contextlib.suppress(psutil.NoSuchProcess):
