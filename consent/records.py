@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any
 
 from argon2 import PasswordHasher
+from psycopg import AsyncCursor
 from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 
@@ -348,7 +349,7 @@ WITH ranked AS (
 SELECT c.consent_id, c.participant_id, c.action, c.scopes, c.effective_at,
        r.study_id, r.title, r.rank, c.data_policy = 'delete'
 FROM consents c JOIN ranked r USING (document_id)
-WHERE c.participant_id = ANY(%s)
+WHERE c.participant_id {whose}
 """
 _REQUIREMENTS = """
 WITH ranked AS (
@@ -358,8 +359,16 @@ WITH ranked AS (
 )
 SELECT DISTINCT study_id, title, rank, reconsent_by FROM ranked
 WHERE reconsent_by IS NOT NULL AND study_id IN (
-    SELECT study_id FROM participants WHERE participant_id = ANY(%s))
+    SELECT study_id FROM participants WHERE participant_id {whose})
 """
+# Whose consent a snapshot reads: participants by id, or the participants owning devices.
+_OF_PARTICIPANTS = "= ANY(%s)"
+_OF_DEVICES = "IN (SELECT participant_id FROM devices WHERE device_id = ANY(%s))"
+# (events, requirements) statements by whose consent they read.
+_SNAPSHOT_SQL = {
+    whose: (_EVENTS.format(whose=whose), _REQUIREMENTS.format(whose=whose))
+    for whose in (_OF_PARTICIPANTS, _OF_DEVICES)
+}
 
 
 def _events(rows: Iterable[tuple[Any, ...]]) -> Iterable[ConsentEvent]:
@@ -381,19 +390,53 @@ async def snapshot(conn: Conn, participants: Collection[str]) -> ConsentSnapshot
 
     Takes the shared consent lock for the rest of the caller's transaction first, so a
     consent change being written is either complete in what is read or not yet effective.
+    The three statements go in one round trip.
     """
     if not participants:
         return ConsentSnapshot()
-    ids = list(participants)
+    async with conn.pipeline():
+        pending = await send_snapshot(conn, participants=participants)
+    return await pending.result()
+
+
+class PendingSnapshot:
+    """A consent snapshot whose statements are sent; ``result()`` reads it (in pipeline
+    mode, once the caller's pipeline has synced)."""
+
+    def __init__(self, events: AsyncCursor[Any], requirements: AsyncCursor[Any]) -> None:
+        self._events = events
+        self._requirements = requirements
+
+    async def result(self) -> ConsentSnapshot:
+        events = list(_events(await self._events.fetchall()))
+        reqs = [
+            Requirement(document_key(str(s), str(t)), int(r), to_ms(d))
+            for s, t, r, d in await self._requirements.fetchall()
+        ]
+        return ConsentSnapshot.from_events(events, reqs)
+
+
+async def send_snapshot(
+    conn: Conn,
+    *,
+    participants: Collection[str] | None = None,
+    devices: Collection[str] | None = None,
+) -> PendingSnapshot:
+    """Send the statements of a consent snapshot (as :func:`snapshot`) of these participants,
+    or of the participants owning these devices (one of the two), shared lock first.
+
+    In pipeline mode nothing waits: the statements travel with whatever else the caller
+    queues, and the gateway reads a batch's devices and their consent in one round trip."""
+    if (participants is None) == (devices is None):
+        raise TypeError("send_snapshot takes participants or devices")
+    if participants is not None:
+        (events_sql, requirements_sql), ids = _SNAPSHOT_SQL[_OF_PARTICIPANTS], list(participants)
+    else:
+        (events_sql, requirements_sql), ids = _SNAPSHOT_SQL[_OF_DEVICES], list(devices or ())
     await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (CONSENT_LOCK_KEY,))
-    cur = await conn.execute(_EVENTS, (ids,))
-    events = list(_events(await cur.fetchall()))
-    cur = await conn.execute(_REQUIREMENTS, (ids,))
-    reqs = [
-        Requirement(document_key(str(s), str(t)), int(r), to_ms(d))
-        for s, t, r, d in await cur.fetchall()
-    ]
-    return ConsentSnapshot.from_events(events, reqs)
+    events = await conn.execute(events_sql, (ids,))
+    requirements = await conn.execute(requirements_sql, (ids,))
+    return PendingSnapshot(events, requirements)
 
 
 _CHANGED_SINCE = (

@@ -465,11 +465,8 @@ class Consumer:
         while True:
             try:
                 async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
-                    devices = await self._directory.devices(
+                    devices, consent = await self._directory.read(
                         conn, pipeline.devices_of(d for _, d in decoded)
-                    )
-                    consent = await self._directory.consent(
-                        conn, {r.participant_id for r in devices.values()}
                     )
                 break
             except _CONNECTION_ERRORS as exc:

@@ -3,9 +3,12 @@
 Both are read fresh for every batch, for just the devices and participants in it (indexed
 queries). A revocation or a withdrawal committed before a batch is read therefore applies to
 that batch: no cache to invalidate, no notification to miss. Consent is read under the
-shared consent lock (``consent.records.snapshot``), so a withdrawal being written is either
-in what is read or effective only after the read (docs/consent.md). Parsed public keys are
-cached by their DER bytes, since parsing is the only costly part.
+shared consent lock (``consent.records.send_snapshot``), so a withdrawal being written is
+either in what is read or effective only after the read (docs/consent.md). The whole read
+(its transaction, the devices, the lock, the consent) is one round trip to the server: on a
+loaded machine each round trip costs milliseconds of waiting for the server and then for
+the interpreter lock. Parsed public keys are cached by their DER bytes, since parsing is the
+only costly part.
 """
 
 from __future__ import annotations
@@ -41,10 +44,27 @@ class Directory:
             key = self._keys[der] = loaded
         return key
 
-    async def devices(self, conn: Conn, ids: Collection[str]) -> dict[str, DeviceRecord]:
+    async def read(
+        self, conn: Conn, ids: Collection[str]
+    ) -> tuple[dict[str, DeviceRecord], ConsentSnapshot]:
+        """The devices with these ids (those the database knows) and their participants'
+        consent, read in one transaction and one round trip (``conn`` idle, outside a
+        transaction; it is left so, with its autocommit setting unchanged)."""
         if not ids:
-            return {}
-        cur = await conn.execute(_DEVICES, (list(ids),))
+            return {}, ConsentSnapshot()
+        wanted = list(ids)
+        # In autocommit and pipeline mode, what is sent before the pipeline's one Sync runs
+        # as a single implicit transaction, which holds the consent lock until the last
+        # read. A transaction of psycopg's own would cost two more round trips: it syncs
+        # after BEGIN and as the pipeline closes.
+        await conn.set_autocommit(True)
+        try:
+            async with conn.pipeline():
+                cur = await conn.execute(_DEVICES, (wanted,))
+                consent = await records.send_snapshot(conn, devices=wanted)
+        finally:
+            if not conn.closed:
+                await conn.set_autocommit(False)
         out: dict[str, DeviceRecord] = {}
         for dev, pid, der, enrolled, revoked in await cur.fetchall():
             out[str(dev)] = DeviceRecord(
@@ -54,7 +74,4 @@ class Directory:
                 participant_enrolled_ms=to_ms(enrolled),
                 revoked=bool(revoked),
             )
-        return out
-
-    async def consent(self, conn: Conn, participants: Collection[str]) -> ConsentSnapshot:
-        return await records.snapshot(conn, participants)
+        return out, await consent.result()
