@@ -17,12 +17,14 @@ Consumers, each run as its own processes (``workers`` of them, sharing one subsc
 Throughput is committed readings per second over a window while the consumer has a backlog
 (``count(*)`` of ``readings`` at both ends of the window). Latency (gateway only) is from
 ``publish()`` to the receipt's arrival on ``dct/v1/<dev>/down``, at half the gateway's
-measured peak rate. Memory is the resident set of the gateway's processes, sampled with
-psutil: at peak, at half peak, and with the database slowed down (a statement trigger that
-sleeps on every envelope insert) while the publishers keep pushing at full speed. Each
-drain window also records the CPU time the consumer's processes, the broker and PostgreSQL
-spent per envelope committed (``cpu``): with both cores busy, the ratio of two methods'
-totals is the ratio of their throughputs.
+measured peak rate (or at a fixed rate, ``--latency-rate``, to compare builds at one
+load). Memory is the resident set of the gateway's processes, sampled with psutil: at peak,
+at half peak, and with the database slowed down (a statement trigger that sleeps on every
+envelope insert) while the publishers keep pushing at full speed. Each drain window also
+records the CPU time the consumer's processes, the broker and PostgreSQL spent per envelope
+committed (``cpu``): with both cores busy, the ratio of two methods' totals is the ratio of
+their throughputs. The latency run records the same per envelope published, with the
+publishers and the receipt listener in ``other``, and how busy the cores were meanwhile.
 """
 
 from __future__ import annotations
@@ -52,12 +54,13 @@ import cbor2
 import paho.mqtt.client as mqtt
 import psutil  # type: ignore[import-untyped]
 import psycopg
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from psycopg import conninfo, sql
 
 from bench.common import BenchHub, Progress, add_consented_hub, create_study, machine
+from bench.mqtt_raw import MAX_PACKET_ID, RawClient, RawMqttError
 from gateway.broker import MosquittoBroker, free_port
 from gateway.consumer import SHARED_SUBSCRIPTION
 from ingest.envelope import seal
@@ -169,61 +172,57 @@ def _publish(
     name: str,
     cycle: bool = False,
 ) -> tuple[int, list[tuple[int, float]]]:
-    """Publish ``pool`` in order from ``start_at`` for ``duration`` s; at ``rate`` msg/s, or
-    as fast as the broker acknowledges when None. ``cycle``: start the pool over when it
+    """Publish ``pool`` in order from ``start_at`` for ``duration`` s (QoS 1, through
+    :mod:`bench.mqtt_raw`: the load costs the machine little); at ``rate`` msg/s, or as fast
+    as the broker acknowledges when None. ``cycle``: start the pool over when it
     runs out (the gateway stores each envelope once and receipts the copies again). Returns
     the count and, when paced and not cycling, the monotonic time of each publish (by pool
     index)."""
-    window = threading.BoundedSemaphore(PUBLISH_WINDOW)
-    connected = threading.Event()
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"bench-pub-{name}-{os.getpid()}-{time.monotonic_ns()}",
-        protocol=mqtt.MQTTv5,
-    )
-    client.max_inflight_messages_set(PUBLISH_WINDOW)
-    client.on_connect = lambda *_: connected.set()
-    client.on_publish = lambda *_: window.release()
-    client.connect(host, port)
-    client.loop_start()
+    client = RawClient(host, port, f"bench-pub-{name}-{os.getpid()}-{time.monotonic_ns()}")
+    window = min(PUBLISH_WINDOW, client.receive_maximum)
+    names = [RawClient.topic_name(t) for t in topics]
     times: list[tuple[int, float]] = []
-    sent = 0
+    sent = inflight = packet_id = 0
+
+    def take_acks(within_s: float) -> None:
+        nonlocal inflight
+        acked, _ = client.poll(within_s)
+        inflight -= len(acked)
+
     try:
-        if not connected.wait(10):
-            raise TimeoutError("publisher could not connect")
         while time.monotonic() < start_at:
             time.sleep(0.001)
         end = start_at + duration
-        n_topics = len(topics)
+        n_topics = len(names)
         limit = sys.maxsize if cycle else len(pool)
         while sent < limit:
             now = time.monotonic()
             if now >= end:
                 break
             due = limit if rate is None else min(limit, int((now - start_at) * rate) + 1)
-            while sent < due:
-                if not window.acquire(timeout=0.05):
-                    break
+            while sent < due and inflight < window:
+                packet_id = packet_id % MAX_PACKET_ID + 1  # in flight: at most `window` ids
                 t = time.monotonic()
-                info = client.publish(topics[sent % n_topics], pool[sent % len(pool)], qos=1)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    window.release()
-                    break
+                client.publish(names[sent % n_topics], pool[sent % len(pool)], packet_id)
+                inflight += 1
                 if rate is not None and not cycle:
                     times.append((sent, t))
                 sent += 1
-                if rate is None and sent % 256 == 0 and time.monotonic() >= end:
-                    break
-            if rate is not None:
-                time.sleep(0.001)
+                if rate is None and sent % 256 == 0:
+                    take_acks(0)
+                    if time.monotonic() >= end:
+                        break
+            # Paced: wait for the next due publish (an acknowledgement wakes it earlier).
+            take_acks(0.001 if rate is not None or inflight >= window else 0)
         # Every message counted as sent is acknowledged by the broker before the client
-        # goes: one still in paho's queue at disconnect would read as a missing receipt.
+        # goes: one unacknowledged at disconnect would read as a missing receipt.
         drained = time.monotonic() + 10
-        for _ in range(PUBLISH_WINDOW):
-            if not window.acquire(timeout=max(0.0, drained - time.monotonic())):
+        while inflight > 0:
+            if time.monotonic() > drained:
                 raise TimeoutError("the broker did not acknowledge every publish within 10 s")
+            take_acks(0.05)
     finally:
-        stop_client(client)
+        client.close()
     return sent, times
 
 
@@ -701,30 +700,37 @@ def _reference(kind: str, url: str, broker: MosquittoBroker, workers: int) -> It
 
 
 class _Receipts:
-    """Subscribes to every device's downlink and stamps each receipt's arrival."""
+    """Subscribes to every device's downlink and stamps each receipt's arrival (a thread of
+    its own on a :mod:`bench.mqtt_raw` connection)."""
 
     def __init__(self, broker: MosquittoBroker) -> None:
         self.arrivals: list[tuple[float, bytes]] = []
-        ready = threading.Event()
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"bench-receipts-{os.getpid()}",
-            protocol=mqtt.MQTTv5,
-        )
+        self._error: Exception | None = None
+        self._client = RawClient(broker.host, broker.port, f"bench-receipts-{os.getpid()}")
         # QoS 1: a QoS 0 subscriber may be dropped messages by a busy broker, which would
         # read as receipts the gateway never sent.
-        self._client.on_connect = lambda c, *_: c.subscribe("dct/v1/+/down", qos=1)
-        self._client.on_subscribe = lambda *_: ready.set()
-        self._client.on_message = lambda _c, _u, m: self.arrivals.append(
-            (time.monotonic(), bytes(m.payload))
-        )
-        self._client.connect(broker.host, broker.port)
-        self._client.loop_start()
-        if not ready.wait(10):
-            raise RuntimeError("receipt listener could not subscribe")
+        self._client.subscribe("dct/v1/+/down")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="bench-receipts", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        try:
+            while not self._stop.is_set():
+                _, got = self._client.poll(0.1)
+                if got:
+                    t = time.monotonic()
+                    self.arrivals.extend((t, payload) for _, payload in got)
+                self._client.ping_if_idle()
+        except (RawMqttError, OSError) as exc:
+            self._error = exc
 
     def close(self) -> None:
-        stop_client(self._client)
+        self._stop.set()
+        self._thread.join(5)
+        self._client.close()
+        if self._error is not None:
+            raise RuntimeError(f"receipt listener failed: {self._error}") from self._error
 
     def by_envelope(self) -> dict[tuple[str, int], tuple[float, int]]:
         out: dict[tuple[str, int], tuple[float, int]] = {}
@@ -827,6 +833,7 @@ def _run_size(
     *,
     slow_db: bool,
     slow_seconds: float,
+    latency_rate: float | None,
 ) -> dict[str, Any]:
     pool_readings = int(POOL_READINGS_PER_S.get(size, 420_000) * (WARMUP_S + seconds + 1))
     count = max(len(hubs), pool_readings // size)
@@ -893,15 +900,18 @@ def _run_size(
             f"cpu {cpu}"
         )
 
-        # Latency at half the gateway's peak.
+        # Latency at half the gateway's peak, or at the rate asked for.
         _reset(url)
-        rate = max(1.0, w.readings_per_s / 2 / size)
+        rate = latency_rate or max(1.0, w.readings_per_s / 2 / size)
         broker = fresh_broker()
         try:
             with _gateway(url, broker, workdir, workers) as (pid, port), _Memory(pid) as mem:
                 receipts = _Receipts(broker)
                 m0 = time.monotonic()
+                half_cpu = _Cpu([pid])
                 sent, _, published = pubs.run(broker.host, broker.port, rate, seconds)
+                # The publishers and the receipt listener count as "other" here.
+                half_cpu_used = half_cpu.summary(sent)
                 deadline = time.monotonic() + 30
                 while len(receipts.by_envelope()) < sent and time.monotonic() < deadline:
                     time.sleep(0.2)
@@ -916,6 +926,7 @@ def _run_size(
         ]
         out["gateway"]["at_half_peak"] = {
             "envelopes_per_s": round(rate, 1),
+            "fixed_rate": latency_rate is not None,
             "envelopes": sent,
             "receipts": sum(1 for k in published if k in got),
             "latency_ms": {
@@ -925,6 +936,7 @@ def _run_size(
                 "mean": round(statistics.fmean(latencies), 1) if latencies else None,
             },
             "memory": half_memory,
+            "cpu": half_cpu_used,
             "inside_gateway": inside,
         }
         say(
@@ -984,6 +996,7 @@ async def run(
     *,
     seconds: float = 4.0,
     slow_seconds: float | None = None,
+    latency_rate: float | None = None,
     sizes: Sequence[int] = SIZES,
     workers: int = WORKERS,
     hubs: int = HUBS,
@@ -1013,6 +1026,7 @@ async def run(
                     say,
                     slow_db=size == 10 or len(sizes) == 1,
                     slow_seconds=seconds * 2 if slow_seconds is None else slow_seconds,
+                    latency_rate=latency_rate,
                 )
                 for size in sizes
             )
@@ -1036,7 +1050,9 @@ async def run(
             "throughput": "committed readings/s over the window (count(*) at both ends)",
             "bare": "paho -> CBOR decode -> binary COPY per batch (no verify/consent/dedupe)",
             "naive": "paho -> INSERT per reading, commit per message",
-            "latency": "publish() -> receipt arrival, at half the gateway's peak rate",
+            "latency": "publish() -> receipt arrival, at half the gateway's peak rate"
+            if latency_rate is None
+            else f"publish() -> receipt arrival, at {latency_rate:g} envelopes/s (fixed)",
             "database_slowed": f"every envelope INSERT sleeps {SLOW_STATEMENT_S} s while"
             f" {SLOW_RATE:,.0f} envelopes/s are published",
         },

@@ -78,3 +78,18 @@ def test_missing_broker_binary(tmp_path: object) -> None:
     assert_one_clear_line(result, "/nonexistent/mosquitto", "not an executable")
     no_path = trialstream("broker", env={"PATH": "/nonexistent"})
     assert_one_clear_line(no_path, "mosquitto not found", "apt-get install mosquitto")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--latency-rate", "0"),
+        ("--latency-rate", "-5"),
+        ("--latency-rate", "nan"),
+        ("--slow-seconds", "0"),
+    ],
+)
+def test_bench_ingest_refuses_a_rate_or_window_that_is_not_positive(flag: str, value: str) -> None:
+    url = "postgresql://postgres@127.0.0.1:1/x"  # never reached: the flags are checked first
+    result = trialstream("bench", "ingest", "--database-url", url, flag, value)
+    assert_one_clear_line(result, flag, "must be > 0")

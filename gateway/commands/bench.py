@@ -82,6 +82,13 @@ def register(sub: Subparsers) -> None:
         default="1,10,100",
         help="readings per envelope, comma-separated (default: 1,10,100)",
     )
+    bi.add_argument(
+        "--latency-rate",
+        type=float,
+        metavar="ENVELOPES_PER_S",
+        help="publish rate of the latency run, in envelopes/s (default: half the gateway's "
+        "peak measured in the same run); a fixed rate compares two builds at the same load",
+    )
     bi.add_argument("--workers", type=int, default=2, help="consumer processes (default: 2)")
     bi.add_argument("--hubs", type=int, default=200, help="simulated hubs (default: 200)")
     bi.add_argument("--out", help="also write the JSON result to this file")
@@ -187,13 +194,18 @@ def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"--sizes {args.sizes!r}: expected numbers like 1,10,100") from None
     if not sizes or any(not 1 <= s <= 1000 for s in sizes):
         raise ConfigError(f"--sizes {args.sizes!r}: each must be 1..1000")
-    if args.slow_seconds is not None and args.slow_seconds <= 0:
-        raise ConfigError(f"--slow-seconds {args.slow_seconds}: must be > 0")
+    for flag, value in (
+        ("--slow-seconds", args.slow_seconds),
+        ("--latency-rate", args.latency_rate),
+    ):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} {value}: must be > 0")
     result = run(
         ingest_bench.run(
             settings.require_database_url(),
             seconds=args.seconds,
             slow_seconds=args.slow_seconds,
+            latency_rate=args.latency_rate,
             sizes=sizes,
             workers=args.workers,
             hubs=args.hubs,
