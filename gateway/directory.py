@@ -57,6 +57,7 @@ class Directory:
         # as a single implicit transaction, which holds the consent lock until the last
         # read. A transaction of psycopg's own would cost two more round trips: it syncs
         # after BEGIN and as the pipeline closes.
+        was_autocommit = conn.autocommit
         await conn.set_autocommit(True)
         try:
             async with conn.pipeline():
@@ -64,7 +65,7 @@ class Directory:
                 consent = await records.send_snapshot(conn, devices=wanted)
         finally:
             if not conn.closed:
-                await conn.set_autocommit(False)
+                await conn.set_autocommit(was_autocommit)
         out: dict[str, DeviceRecord] = {}
         for dev, pid, der, enrolled, revoked in await cur.fetchall():
             out[str(dev)] = DeviceRecord(

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 from psycopg import pq
 
@@ -127,6 +128,30 @@ async def test_a_batch_read_waits_for_a_consent_change_being_written_and_sees_it
     state = consent.state_at("P1", int(now.timestamp() * 1000))
     assert state is not None
     assert state.scopes == frozenset({"spo2"})
+
+
+async def test_a_batch_read_leaves_an_autocommit_connection_in_autocommit(trial: Trial) -> None:
+    async with db.connection(trial.url, autocommit=True) as conn:
+        devices, _ = await Directory().read(conn, ["hub-1"])
+        assert "hub-1" in devices
+        assert conn.autocommit is True
+
+
+async def test_a_failed_batch_read_raises_and_leaves_the_connection_usable(
+    trial: Trial, conn: Conn
+) -> None:
+    await conn.execute("ALTER TABLE devices RENAME TO devices_away")
+    await conn.commit()
+    try:
+        with pytest.raises(psycopg.errors.UndefinedTable):
+            await Directory().read(conn, ["hub-1"])
+        assert conn.info.transaction_status is pq.TransactionStatus.IDLE
+        assert conn.autocommit is False
+    finally:
+        await conn.execute("ALTER TABLE devices_away RENAME TO devices")
+        await conn.commit()
+    devices, _ = await Directory().read(conn, ["hub-1"])
+    assert "hub-1" in devices
 
 
 async def test_an_empty_batch_reads_nothing(trial: Trial, conn: Conn) -> None:
