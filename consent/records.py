@@ -457,8 +457,10 @@ async def confirm_unchanged(
     """
     if not participants:
         return
-    await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (CONSENT_LOCK_KEY,))
-    cur = await conn.execute(_CHANGED_SINCE, (list(participants), snapshot.watermark))
+    # Two statements, so the check's snapshot is taken once the lock is held; one round trip.
+    async with conn.pipeline():
+        await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (CONSENT_LOCK_KEY,))
+        cur = await conn.execute(_CHANGED_SINCE, (list(participants), snapshot.watermark))
     row = await cur.fetchone()
     if row is not None:
         raise errors.ConsentChanged(

@@ -10,7 +10,7 @@ import pytest
 
 from consent import errors, records
 from consent.records import Initiator
-from storage import audit, partitions, registry, users, views
+from storage import audit, db, partitions, registry, users, views
 from storage.db import Conn
 from storage.migrate import StorageMode
 from tests.consent.conftest import (
@@ -21,6 +21,7 @@ from tests.consent.conftest import (
     PASSWORD,
     Accounts,
 )
+from tests.fixtures.pgtrace import protocol_trace, waits
 from tests.fixtures.trial import ALL_SCOPES, Trial
 
 NOW = datetime.now(UTC)
@@ -406,3 +407,36 @@ async def test_lockout_applies_to_signing(trial: Trial, accounts: Accounts, conn
     with pytest.raises(errors.ReauthenticationFailed) as caught:
         await sign(conn, me, "P2", v2.document_id)  # right password, but locked
     assert isinstance(caught.value.__cause__, users.AccountLocked)
+
+
+async def test_confirming_a_batch_s_consent_is_one_round_trip_and_holds_the_lock(
+    trial: Trial,
+) -> None:
+    async with db.connection(trial.url) as conn:
+        async with conn.transaction():
+            snapshot = await records.snapshot(conn, ["P1"])
+        async with conn.transaction():
+            with protocol_trace(conn) as messages:
+                await records.confirm_unchanged(conn, ["P1"], snapshot)
+            assert waits(messages) == 1, messages
+            # Held until COMMIT: a consent change cannot take the exclusive lock meanwhile.
+            async with db.connection(trial.url, autocommit=True) as other:
+                cur = await other.execute(
+                    "SELECT pg_try_advisory_lock(%s)", (records.CONSENT_LOCK_KEY,)
+                )
+                assert await cur.fetchone() == (False,)
+        async with db.connection(trial.url) as writer, writer.transaction():
+            await registry.record_consent(
+                writer,
+                "P1",
+                trial.document_id,
+                "consent",
+                ["spo2"],
+                effective_at=datetime.now(UTC),
+                recorded_by="test",
+                signer_name="Participant P1",
+                meaning="consent",
+            )
+        with pytest.raises(errors.ConsentChanged, match="after the batch's consent was read"):
+            async with conn.transaction():
+                await records.confirm_unchanged(conn, ["P1"], snapshot)

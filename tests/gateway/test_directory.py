@@ -4,7 +4,6 @@ that it is one round trip, and that it leaves no transaction or consent lock beh
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ from consent.gate import ConsentSnapshot
 from gateway.directory import Directory
 from storage import db, registry
 from storage.db import Conn
+from tests.fixtures.pgtrace import protocol_trace, waits
 from tests.fixtures.trial import Trial
 
 
@@ -25,16 +25,6 @@ from tests.fixtures.trial import Trial
 async def conn(trial: Trial) -> AsyncIterator[Conn]:
     async with db.connection(trial.url) as c:
         yield c
-
-
-def _messages(trace: str) -> list[tuple[str, str]]:
-    """(F for the client or B for the server, message type) in order, from a libpq trace."""
-    out = []
-    for line in trace.splitlines():
-        fields = line.split("\t")
-        if len(fields) >= 3 and fields[0] in ("F", "B"):
-            out.append((fields[0], fields[2].split(" ")[0]))
-    return out
 
 
 async def test_a_batch_read_gives_its_devices_and_their_owners_consent_only(
@@ -72,15 +62,8 @@ async def test_a_batch_read_is_one_round_trip_and_releases_the_consent_lock(
 ) -> None:
     directory = Directory()
     await directory.read(conn, ["hub-1"])  # parse and cache the key first
-    with tempfile.TemporaryFile("w+") as trace:
-        conn.pgconn.trace(trace.fileno())
-        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-        try:
-            devices, _ = await directory.read(conn, ["hub-1"])
-        finally:
-            conn.pgconn.untrace()
-        trace.seek(0)
-        messages = _messages(trace.read())
+    with protocol_trace(conn) as messages:
+        devices, _ = await directory.read(conn, ["hub-1"])
     assert "hub-1" in devices
     # The devices, the lock and the two consent statements, then one Sync; the server's
     # answers all come after it: the client waited once.
@@ -88,9 +71,7 @@ async def test_a_batch_read_is_one_round_trip_and_releases_the_consent_lock(
     assert sent.count("Execute") == 4, sent
     assert sent.count("Sync") == 1, sent
     assert "Query" not in sent, sent
-    last_sent = max(i for i, (side, _) in enumerate(messages) if side == "F")
-    first_answer = min(i for i, (side, _) in enumerate(messages) if side == "B")
-    assert last_sent < first_answer, messages
+    assert waits(messages) == 1, messages
     # Left as found: no transaction open, autocommit off, and a consent change (the
     # exclusive lock) is not held up.
     assert conn.info.transaction_status is pq.TransactionStatus.IDLE
