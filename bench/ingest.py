@@ -436,7 +436,7 @@ def _reset(url: str) -> None:
         conn.execute("VACUUM ANALYZE envelopes")
 
 
-# The parts of the machine whose CPU time a drain window reports.
+# The parts of the machine whose CPU time a drain window and the latency run report.
 _CPU_PARTS = ("consumer", "broker", "database", "other")
 
 
@@ -709,7 +709,11 @@ class _Receipts:
         self._client = RawClient(broker.host, broker.port, f"bench-receipts-{os.getpid()}")
         # QoS 1: a QoS 0 subscriber may be dropped messages by a busy broker, which would
         # read as receipts the gateway never sent.
-        self._client.subscribe("dct/v1/+/down")
+        try:
+            self._client.subscribe("dct/v1/+/down")
+        except BaseException:
+            self._client.close()
+            raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, name="bench-receipts", daemon=True)
         self._thread.start()

@@ -116,18 +116,22 @@ class RawClient:
             + b"\x00"  # no properties
             + _utf8(client_id)
         )
-        self._send(bytes([CONNECT]) + varint(len(body)) + body)
-        deadline = time.monotonic() + timeout_s
-        kind, ack = self._next_packet(deadline)
-        if kind != CONNACK:
-            raise RawMqttError(f"expected CONNACK, got packet type 0x{kind:02x}")
-        if len(ack) < 2 or ack[1] >= 0x80:
-            raise RawMqttError(f"connection refused, reason 0x{ack[1]:02x}")
-        props, _ = _properties(ack, 2)
+        try:
+            self._send(bytes([CONNECT]) + varint(len(body)) + body)
+            kind, ack = self._next_packet(time.monotonic() + timeout_s)
+            if kind != CONNACK:
+                raise RawMqttError(f"expected CONNACK, got packet type 0x{kind:02x}")
+            if len(ack) < 2:
+                raise RawMqttError("malformed CONNACK from the broker")
+            if ack[1] >= 0x80:
+                raise RawMqttError(f"connection refused, reason 0x{ack[1]:02x}")
+            props, _ = _properties(ack, 2)
+        except BaseException:
+            self._sock.close()  # a failed handshake leaves no socket open
+            raise
         # How many QoS 1 publishes the broker takes unacknowledged (65,535 when it says not).
         self.receive_maximum = props.get(_RECEIVE_MAXIMUM, MAX_PACKET_ID)
         self.keep_alive_s = props.get(_SERVER_KEEP_ALIVE, self.keep_alive_s)
-        self._sock.settimeout(timeout_s)
 
     # --- sending -------------------------------------------------------------------------
     def _send(self, data: bytes) -> None:

@@ -3,6 +3,7 @@ acknowledgement accounted for, and the broker's refusals raised."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -127,3 +128,32 @@ def test_a_bad_packet_id_is_refused_before_sending(mosquitto: MosquittoBroker) -
 def test_no_broker_is_a_clear_error() -> None:
     with pytest.raises(OSError):
         RawClient("127.0.0.1", 1, "raw-test-nobody", timeout_s=2)
+
+
+@pytest.mark.parametrize(
+    ("connack", "error"),
+    [
+        (b"\x20\x01\x00", "malformed CONNACK"),
+        (b"\x20\x03\x00\x87\x00", "connection refused, reason 0x87"),
+        (b"\x90\x03\x00\x01\x00", "expected CONNACK"),
+    ],
+)
+def test_a_broker_that_refuses_or_garbles_the_connection_is_a_clear_error(
+    connack: bytes, error: str
+) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def answer() -> None:
+            peer, _ = server.accept()
+            with peer:
+                peer.recv(1024)  # the CONNECT
+                peer.sendall(connack)
+                peer.recv(1024)  # until the client goes
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        with pytest.raises(RawMqttError, match=error):
+            RawClient("127.0.0.1", server.getsockname()[1], "raw-test-refused", timeout_s=5)
+        thread.join(5)
