@@ -105,6 +105,12 @@ _ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())
 _MAX_DEPTH: Final = 4
 
 _DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+# Control characters (C0, DEL, C1): never part of a name, unit or reason, and NUL is what
+# PostgreSQL's text type cannot hold at all. Every text field refuses them.
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C1 controls in UTF-8 (U+0080..U+009F): the canonical pattern excludes C0 and DEL byte by
+# byte; a payload with this byte pair anywhere takes the slow path, which checks each text.
+_C1_UTF8_RE: Final = re.compile(rb"\xc2[\x80-\x9f]")
 _PAYLOAD_KEYS: Final = frozenset({"v", "dev", "seq", "sent", "r", "gaps"})
 # "s" (sensor reports) is optional: sent when a wearable (re)connects or its battery changes.
 _PAYLOAD_KEYS_WITH_SENSORS: Final = _PAYLOAD_KEYS | {"s"}
@@ -281,6 +287,11 @@ def open_receipt(
         raise EnvelopeError(Reason.BAD_SIGNATURE, f"inclusion proof: {exc}") from None
     _verify_sign1(_PROTECTED_RECEIPT, root, signature, public_key)
     return _receipt_from_obj(_loads(entry, "receipt"))
+
+
+def is_device_id(device_id: object) -> bool:
+    """Whether ``device_id`` is a valid device id (see ``check_device_id``)."""
+    return isinstance(device_id, str) and _DEVICE_ID_RE.fullmatch(device_id) is not None
 
 
 def check_device_id(device_id: object) -> str:
@@ -493,10 +504,12 @@ def _definite_bstr(data: bytes, pos: int) -> tuple[bytes | None, int]:
 
 
 def _text_pattern(max_bytes: int) -> bytes:
-    """A definite text string of 1..max_bytes bytes in its shortest head, as a regex."""
-    short = [re.escape(bytes([0x60 + n])) + b"(?s:.{%d})" % n for n in range(1, 24)]
+    """A definite text string of 1..max_bytes bytes in its shortest head, with no C0 control
+    or DEL byte (in UTF-8 no other character contains one), as a regex."""
+    char = rb"[^\x00-\x1f\x7f]"
+    short = [re.escape(bytes([0x60 + n])) + char + b"{%d}" % n for n in range(1, 24)]
     longer = [
-        b"\\x78" + re.escape(bytes([n])) + b"(?s:.{%d})" % n for n in range(24, max_bytes + 1)
+        b"\\x78" + re.escape(bytes([n])) + char + b"{%d}" % n for n in range(24, max_bytes + 1)
     ]
     return b"(?:" + b"|".join(short + longer) + b")"
 
@@ -554,7 +567,7 @@ def _loads_canonical_payload(data: bytes) -> Any:
     the input, and ``_payload_from_obj`` finds the payload's keys, which any disagreement
     between head and items would displace.
     """
-    if _CANONICAL_PAYLOAD.fullmatch(data) is None:
+    if _CANONICAL_PAYLOAD.fullmatch(data) is None or _C1_UTF8_RE.search(data) is not None:
         return None
     stream = io.BytesIO(data)
     try:
@@ -675,7 +688,7 @@ def _reading_to_obj(reading: Reading, i: int) -> list[Any]:
 
 def _reading_from_obj(obj: object, i: int) -> Reading:
     # Fast path for the common, well-formed reading: the same checks as the slow path
-    # (ASCII text within its byte limit, an int64 time, a finite-range number), without
+    # (printable ASCII text within its byte limit, an int64 time, a finite-range number), without
     # building messages. Anything else takes the slow path, which says what is wrong.
     if type(obj) is list and len(obj) == 5:
         t_ms, metric, value, unit, sensor = obj
@@ -685,12 +698,15 @@ def _reading_from_obj(obj: object, i: int) -> Reading:
             and type(metric) is str
             and 0 < len(metric) <= MAX_METRIC_BYTES
             and metric.isascii()
+            and metric.isprintable()
             and type(unit) is str
             and 0 < len(unit) <= MAX_UNIT_BYTES
             and unit.isascii()
+            and unit.isprintable()
             and type(sensor) is str
             and 0 < len(sensor) <= MAX_SENSOR_BYTES
             and sensor.isascii()
+            and sensor.isprintable()
         ):
             if type(value) is float:
                 return Reading(t_ms, metric, value, unit, sensor)
@@ -816,6 +832,8 @@ def _text(x: object, what: str, max_bytes: int) -> str:
         raise EnvelopeError(Reason.MALFORMED, f"{what} is not valid Unicode") from None
     if not 1 <= size <= max_bytes:
         raise EnvelopeError(Reason.MALFORMED, f"{what} must be 1-{max_bytes} UTF-8 bytes")
+    if _CONTROL_RE.search(x) is not None:
+        raise EnvelopeError(Reason.MALFORMED, f"{what} contains a control character")
     return x
 
 

@@ -8,9 +8,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycose.algorithms import Es256
@@ -30,6 +28,7 @@ from ingest.envelope import (
     verify,
 )
 from ingest.model import Gap, Payload, Reading, Reason
+from tests.fixtures import envelopes
 
 DEV = "hub-0001"
 
@@ -70,23 +69,9 @@ def payload_obj(**changes: Any) -> dict[str, Any]:
     return obj
 
 
-def raw_sign1(
-    payload: Any,
-    key: ec.EllipticCurvePrivateKey,
-    *,
-    protected: Any = b"\xa1\x01\x26",
-    unprotected: Any = None,
-    tag: int | None = 18,
-    encode_payload: bool = True,
-) -> bytes:
+def raw_sign1(payload: Any, key: ec.EllipticCurvePrivateKey, **kwargs: Any) -> bytes:
     """Build a COSE_Sign1 by hand (cbor2 + cryptography), independent of the codec."""
-    payload_bytes = cbor2.dumps(payload) if encode_payload else payload
-    if unprotected is None:
-        unprotected = {4: DEV.encode()}
-    to_sign = cbor2.dumps(["Signature1", protected, b"", payload_bytes])
-    r, s = decode_dss_signature(key.sign(to_sign, ec.ECDSA(hashes.SHA256())))
-    message = [protected, unprotected, payload_bytes, r.to_bytes(32, "big") + s.to_bytes(32, "big")]
-    return cbor2.dumps(cbor2.CBORTag(tag, message) if tag is not None else message)
+    return envelopes.raw_sign1(payload, key, kid=DEV, **kwargs)
 
 
 def reason_of(data: bytes, **kwargs: Any) -> Reason:
@@ -574,9 +559,10 @@ def test_arbitrary_payload_maps_open_or_envelope_error(
 
 
 def utf8_text(max_bytes: int) -> st.SearchStrategy[str]:
-    return st.text(min_size=1, max_size=max_bytes).filter(
-        lambda s: len(s.encode("utf-8")) <= max_bytes
-    )
+    """Text an envelope may carry: 1..max_bytes of UTF-8, no control character."""
+    return st.text(
+        st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=max_bytes
+    ).filter(lambda s: len(s.encode("utf-8")) <= max_bytes)
 
 
 int64 = st.integers(-(2**63), 2**63 - 1)
@@ -625,3 +611,47 @@ def test_the_signed_structure_is_the_cbor_of_rfc_9052(payload_len: int, protecte
     assert env._sig_structure(protected, payload) == cbor2.dumps(
         ["Signature1", protected, b"", payload]
     )
+
+
+CONTROLS = st.one_of(
+    st.characters(min_codepoint=0, max_codepoint=0x1F),
+    st.just("\x7f"),
+    st.characters(min_codepoint=0x80, max_codepoint=0x9F),
+)
+
+
+@FUZZ
+@given(st.data())
+def test_a_control_character_in_any_text_field_is_malformed(
+    key: ec.EllipticCurvePrivateKey, data: st.DataObject
+) -> None:
+    """NUL (which PostgreSQL's text cannot hold) and every other C0, DEL or C1 control, in
+    any of the texts a payload carries, on the canonical layout and off it."""
+    control = data.draw(CONTROLS)
+    t = 1_780_000_000_000
+    reading = [t, "heart_rate", 72.0, "/min", "hr-strap"]
+    gap = [t - 10, t, "out_of_range"]
+    sensor = ["hr-strap", "Acme", "HR-1", "SN1", "1.0", "rev A", 90]
+    field = data.draw(st.sampled_from(["metric", "unit", "sensor", "gap", "report", "name"]))
+    where = data.draw(st.sampled_from(["start", "middle", "end"]))
+
+    def spoil(text: str) -> str:
+        at = {"start": 0, "middle": len(text) // 2, "end": len(text)}[where]
+        return text[:at] + control + text[at:]
+
+    if field in ("metric", "unit", "sensor"):
+        i = {"metric": 1, "unit": 3, "sensor": 4}[field]
+        reading[i] = spoil(str(reading[i]))
+    elif field == "gap":
+        gap[2] = spoil(str(gap[2]))
+    elif field == "report":
+        sensor[1] = spoil(str(sensor[1]))
+    else:
+        sensor[0] = spoil(str(sensor[0]))
+    obj = {"v": 1, "dev": DEV, "seq": 1, "sent": t, "r": [reading], "gaps": [gap], "s": [sensor]}
+    if field in ("metric", "unit", "sensor") and data.draw(st.booleans()):
+        del obj["s"]
+        obj["gaps"] = []  # the canonical layout: the fast path's pattern sees it first
+    with pytest.raises(EnvelopeError, match="control character") as info:
+        open_envelope(raw_sign1(obj, key))
+    assert info.value.reason is Reason.MALFORMED
