@@ -22,6 +22,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
+import hashlib
 import logging
 import random
 import threading
@@ -32,23 +33,23 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import paho.mqtt.client as mqtt
-import psycopg
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from consent import records
 from consent.errors import ConsentChanged
 from consent.gate import ConsentSnapshot
 from gateway.directory import Directory
 from ingest import pipeline
-from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, seal_receipts
+from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, is_device_id, seal_receipts
 from ingest.model import AcceptedEnvelope, Batch, Reason, Receipt, RejectedEnvelope
 from ingest.transport import connect_async, make_client, stop_client
+from storage import faults
 from storage.db import Conn
-from storage.errors import BatchWriteError, DatabaseUnavailable
+from storage.errors import BatchWriteError, DatabaseUnavailable, first_line, is_transient
 from storage.writer import CHECKOUT_TIMEOUT_S, BulkWriter, EnvelopeOutcome, InTransaction
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,12 @@ SESSION_EXPIRY_S = 14 * 86_400
 # Database outage: retry the same batch forever (nothing is acknowledged meanwhile), backing
 # off to this ceiling between attempts.
 OUTAGE_RETRY_CEILING_S = 10.0
-_CONNECTION_ERRORS = (DatabaseUnavailable, psycopg.OperationalError, PoolTimeout)
+# A batch that fails with no cause found in its data (nothing of it stores, nothing says
+# why) is held and tried again; a message tried this many times is refused as ``poison``.
+# Each try waits as an outage does (0.1 s doubling), so a fault that lasts under about two
+# seconds (a schema migrating, a lock) costs nothing, and one that does not frees the
+# worker in seconds rather than never.
+POISON_AFTER = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,8 @@ class Stats:
     rejected_envelopes: Counter[str] = field(default_factory=Counter)
     receipt_publish_failures: int = 0
     database_retries: int = 0
+    # Tries of batches held because nothing of them stored and nothing in their data said why.
+    held_batches: int = 0
     # Batches judged again because consent changed between reading it and committing.
     consent_rechecks: int = 0
     mqtt_connected: bool = False
@@ -237,6 +245,8 @@ class Consumer:
         self._receipt_key = receipt_key
         self._clock = clock
         self._directory = Directory()
+        # Digests of messages with tries counted in message_faults (forgotten once handled).
+        self._faulted: set[bytes] = set()
         # Device id -> the key its record held when last read (replaced, never changed in
         # place: executor threads read it while the loop makes the next one).
         self._known_keys: dict[str, ec.EllipticCurvePublicKey] = {}
@@ -469,20 +479,19 @@ class Consumer:
                         conn, pipeline.devices_of(d for _, d in decoded)
                     )
                 break
-            except _CONNECTION_ERRORS as exc:
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
                 delay = await self._outage_pause(delay, exc)
         self._remember_keys(devices)
 
         def work() -> list[AcceptedEnvelope | RejectedEnvelope]:
             out: list[AcceptedEnvelope | RejectedEnvelope] = []
             for (_, d), check in zip(decoded, checks, strict=True):
-                device = devices.get(d.opened.payload.dev)
-                refusal = pipeline.verify(d, device, check)
-                if refusal is not None:
-                    out.append(refusal)
-                else:
-                    assert device is not None
-                    out.append(pipeline.admit(d, device, consent, now_ms))
+                try:
+                    out.append(_verify_and_admit_one(d, devices, check, consent, now_ms))
+                except Exception as exc:  # noqa: BLE001 - one message's fault is its own
+                    out.append(_faulted(d.inbound, d.envelope_sha256, "judging", exc, d))
             return out
 
         results = await asyncio.get_running_loop().run_in_executor(None, work)
@@ -555,48 +564,170 @@ class Consumer:
         rejected: list[RejectedEnvelope],
         now_ms: int,
         first: Callable[[Conn], Awaitable[None]],
+        *,
+        alone: bool = False,
     ) -> dict[_Key, EnvelopeOutcome]:
-        refused_by_db: list[AcceptedEnvelope] = []
+        """Store envelopes and rejection rows in one transaction, retrying through outages.
+
+        Whatever one item makes the database (or the building of its rows) refuse is found
+        and left out, so the rest is stored: an envelope whose data is refused is recorded
+        as a rejection (``storage_refused``), a rejection row that cannot be stored is
+        replaced by its bare minimum. A fault that is not a content error (a bug, a schema
+        that does not match) refuses an item only when other items stored beside it
+        (``_isolate``); when nothing stores, the batch is held and tried again, each try
+        counted against its messages, until those tried ``POISON_AFTER`` times are refused
+        as ``poison``. ``alone``: one item of an isolation; a fault raises ``_Fault``.
+        """
+        to_store, rejected = list(to_store), list(rejected)
+        result: dict[_Key, EnvelopeOutcome] = {}
+        bared: set[bytes] = set()
         delay = 0.1
         while True:
-            batch = Batch(
-                tuple(to_store),
-                tuple(rejected) + tuple(_as_rejected(a) for a in refused_by_db),
-                now_ms,
-            )
+            batch = Batch(tuple(to_store), tuple(rejected), now_ms)
             try:
                 outcomes = await self._writer.write(batch, first=first, also=self._also)
                 break
             except BatchWriteError as exc:
                 culprit = next((a for a in to_store if (a.dev, a.seq) == exc.envelope), None)
-                if culprit is None and len(to_store) > 1:
-                    # Not attributable: store the envelopes one by one to find it.
-                    isolated: dict[_Key, EnvelopeOutcome] = {}
-                    for i, one in enumerate(to_store):
-                        isolated.update(
-                            await self._commit([one], rejected if i == 0 else [], now_ms, first)
-                        )
-                    return isolated
-                if culprit is None:
-                    if not to_store:
-                        raise
-                    culprit = to_store[0]
-                log.warning(
-                    "database refused envelope device=%s seq=%d; recorded as rejected",
-                    culprit.dev,
-                    culprit.seq,
-                )
-                to_store.remove(culprit)
-                refused_by_db.append(culprit)
+                if culprit is None and len(to_store) + len(rejected) > 1:
+                    done, to_store, rejected = await self._isolate(
+                        to_store, rejected, now_ms, first
+                    )
+                    result.update(done)
+                    if not to_store and not rejected:
+                        return result
+                    # Nothing stored beside them: what is left is held below.
+                elif culprit is None and not to_store:
+                    (row,) = rejected
+                    if row.envelope_sha256 not in bared:
+                        bared.add(row.envelope_sha256)
+                        rejected = [_bare_rejection(row, exc)]
+                        continue
+                elif exc.content:
+                    self._refuse(
+                        culprit or to_store[0],
+                        Reason.STORAGE_REFUSED,
+                        exc,
+                        to_store,
+                        rejected,
+                        result,
+                    )
+                    continue
+                if alone:
+                    raise _Fault(exc) from exc
+                delay, poisoned = await self._hold(to_store, rejected, exc, delay)
+                rejected = [
+                    _bare_rejection(r, exc, Reason.POISON) if r.envelope_sha256 in poisoned else r
+                    for r in rejected
+                ]
+                for a in [a for a in to_store if a.envelope_sha256 in poisoned]:
+                    self._refuse(a, Reason.POISON, exc, to_store, rejected, result)
             except DatabaseUnavailable as exc:
                 delay = await self._outage_pause(delay, exc)
         by_key = {(a.dev, a.seq): _key(a) for a in to_store}
-        result = {by_key[(o.dev, o.seq)]: o for o in outcomes}
-        for a in refused_by_db:
-            result[_key(a)] = EnvelopeOutcome(
-                a.dev, a.seq, True, 0, a.reading_count, refused_by_db=True
-            )
+        result.update({by_key[(o.dev, o.seq)]: o for o in outcomes})
+        await self._forget_faults(batch)
         return result
+
+    def _refuse(
+        self,
+        a: AcceptedEnvelope,
+        reason: Reason,
+        exc: BaseException,
+        to_store: list[AcceptedEnvelope],
+        rejected: list[RejectedEnvelope],
+        result: dict[_Key, EnvelopeOutcome],
+    ) -> None:
+        """Take ``a`` out of what is stored: its rejection row joins ``rejected``, its outcome
+        ``result``."""
+        log.warning(
+            "envelope refused at storage device=%s seq=%d reason=%s", a.dev, a.seq, reason.value
+        )
+        to_store.remove(a)
+        rejected.append(_as_rejected(a, reason, exc))
+        result[_key(a)] = EnvelopeOutcome(a.dev, a.seq, True, 0, a.reading_count, refused_as=reason)
+
+    async def _isolate(
+        self,
+        envelopes: Sequence[AcceptedEnvelope],
+        rows: Sequence[RejectedEnvelope],
+        now_ms: int,
+        first: Callable[[Conn], Awaitable[None]],
+    ) -> tuple[dict[_Key, EnvelopeOutcome], list[AcceptedEnvelope], list[RejectedEnvelope]]:
+        """A refused batch whose culprit is not known: each item in a transaction of its own.
+
+        Returns the outcomes of what was stored (or refused for its content), and what is
+        left: nothing when some item stored, since the faults then lie with the items that
+        raised them and these are refused (``storage_refused``); otherwise the faulted items,
+        for the caller to hold.
+        """
+        done: dict[_Key, EnvelopeOutcome] = {}
+        faulted: list[tuple[AcceptedEnvelope, _Fault]] = []
+        faulted_rows: list[RejectedEnvelope] = []
+        stored = False
+        for one in envelopes:
+            try:
+                outcome = await self._commit([one], [], now_ms, first, alone=True)
+            except _Fault as fault:
+                faulted.append((one, fault))
+                continue
+            done.update(outcome)
+            stored = stored or outcome[_key(one)].refused_as is None
+        for row in rows:
+            try:
+                await self._commit([], [row], now_ms, first, alone=True)
+            except _Fault:
+                faulted_rows.append(row)
+                continue
+            stored = True
+        if not stored:
+            return done, [a for a, _ in faulted], faulted_rows
+        refusals: list[RejectedEnvelope] = []
+        for a, failed in faulted:
+            self._refuse(a, Reason.STORAGE_REFUSED, failed.error, [a], refusals, done)
+        if refusals:
+            done.update(await self._commit([], refusals, now_ms, first))
+        for row in faulted_rows:
+            log.error("rejection row not stored, even bare: digest=%s", row.envelope_sha256.hex())
+        return done, [], []
+
+    async def _hold(
+        self,
+        envelopes: Sequence[AcceptedEnvelope],
+        rows: Sequence[RejectedEnvelope],
+        exc: BaseException,
+        delay: float,
+    ) -> tuple[float, set[bytes]]:
+        """Nothing of a batch stores and nothing in it says why: count a try against each of
+        its messages (durably, by digest) and wait. Returns the next delay and the digests
+        tried ``POISON_AFTER`` times, which the caller refuses as ``poison``."""
+        self.stats.held_batches += 1
+        digests = {a.envelope_sha256 for a in envelopes} | {r.envelope_sha256 for r in rows}
+        log.error("batch held: refused with no cause in its data error=%s", first_line(exc))
+        tries: dict[bytes, int] = {}
+        try:
+            async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
+                tries = await faults.record(conn, digests, first_line(exc))
+        except Exception as counting:  # noqa: BLE001 - a count not kept is tried again
+            log.error("tries not counted: %s", first_line(counting))
+        self._faulted |= digests
+        poisoned = {d for d, n in tries.items() if n >= POISON_AFTER}
+        if poisoned:
+            return delay, poisoned
+        return await self._outage_pause(delay, exc), poisoned
+
+    async def _forget_faults(self, batch: Batch) -> None:
+        """Messages tried before and handled now lose their count."""
+        if not self._faulted:
+            return
+        done = {a.envelope_sha256 for a in batch.accepted}
+        done |= {r.envelope_sha256 for r in batch.rejected}
+        forget = self._faulted & done
+        if forget:
+            self._faulted -= forget
+            with contextlib.suppress(Exception):
+                async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
+                    await faults.forget(conn, forget)
 
     async def _finish(
         self,
@@ -631,8 +762,8 @@ class Consumer:
 
     def _accepted_receipt(self, a: AcceptedEnvelope, o: EnvelopeOutcome, now_ms: int) -> Receipt:
         """The receipt of a verified envelope, counted in the stats."""
-        if o.refused_by_db or o.conflict:
-            reason = Reason.STORAGE_REFUSED if o.refused_by_db else Reason.DUPLICATE
+        if o.refused_as is not None or o.conflict:
+            reason = o.refused_as or Reason.DUPLICATE
             self.stats.rejected_envelopes[reason.value] += 1
             return Receipt(a.dev, a.seq, RECEIPT_REJECTED, 0, o.refused, now_ms, reason.value)
         if o.new:
@@ -699,14 +830,58 @@ def _decode_and_check(
 ) -> list[_Early]:
     out: list[_Early] = []
     for m in messages:
-        d = pipeline.decode(pipeline.Inbound(m.topic, m.payload, m.received_ms))
-        check = None
-        if isinstance(d, pipeline.Decoded):
-            key = keys.get(d.opened.payload.dev)
-            if key is not None:
-                check = pipeline.check_signature(d, key)
-        out.append((d, check))
+        inbound = pipeline.Inbound(m.topic, m.payload, m.received_ms)
+        try:
+            d = pipeline.decode(inbound)
+            check = None
+            if isinstance(d, pipeline.Decoded):
+                key = keys.get(d.opened.payload.dev)
+                if key is not None:
+                    check = pipeline.check_signature(d, key)
+        except Exception as exc:  # noqa: BLE001 - one message's fault is its own
+            digest = hashlib.sha256(m.payload).digest()
+            out.append((_faulted(inbound, digest, "decoding", exc), None))
+        else:
+            out.append((d, check))
     return out
+
+
+def _verify_and_admit_one(
+    d: pipeline.Decoded,
+    devices: Mapping[str, pipeline.DeviceRecord],
+    check: pipeline.SignatureCheck | None,
+    consent: ConsentSnapshot,
+    now_ms: int,
+) -> AcceptedEnvelope | RejectedEnvelope:
+    device = devices.get(d.opened.payload.dev)
+    refusal = pipeline.verify(d, device, check)
+    if refusal is not None:
+        return refusal
+    assert device is not None
+    return pipeline.admit(d, device, consent, now_ms)
+
+
+def _faulted(
+    inbound: pipeline.Inbound,
+    digest: bytes,
+    stage: str,
+    exc: BaseException,
+    decoded: pipeline.Decoded | None = None,
+) -> RejectedEnvelope:
+    """A message whose pure stages raised where they never should: a fault of this code with
+    this input, which would recur on every try, so the message is refused at once as
+    ``poison`` (with the error on record) rather than tried again."""
+    log.error("message refused: %s raised topic=%r", stage, inbound.topic[:200], exc_info=exc)
+    p = decoded.opened.payload if decoded is not None else None
+    return RejectedEnvelope(
+        Reason.POISON,
+        f"{stage} raised {type(exc).__name__}: {first_line(exc)}",
+        inbound.topic,
+        digest,
+        dev=p.dev if p is not None else pipeline.topic_device(inbound.topic),
+        seq=p.seq if p is not None else None,
+        reading_count=len(p.readings) if p is not None else 0,
+    )
 
 
 def _rejected_receipt(r: RejectedEnvelope, now_ms: int) -> Receipt | None:
@@ -724,11 +899,12 @@ def _key(a: AcceptedEnvelope) -> _Key:
     return (a.dev, a.seq, a.envelope_sha256)
 
 
-def _as_rejected(a: AcceptedEnvelope) -> RejectedEnvelope:
+def _as_rejected(a: AcceptedEnvelope, reason: Reason, exc: BaseException) -> RejectedEnvelope:
+    """The rejection of an envelope verified but not stored, with the first line of why."""
     times = [r.t_ms for r in a.readings]
     return RejectedEnvelope(
-        Reason.STORAGE_REFUSED,
-        "the database refused this envelope's data",
+        reason,
+        first_line(exc),
         pipeline.up_topic(a.dev),
         a.envelope_sha256,
         dev=a.dev,
@@ -738,3 +914,28 @@ def _as_rejected(a: AcceptedEnvelope) -> RejectedEnvelope:
         first_ms=min(times, default=None),
         last_ms=max(times, default=None),
     )
+
+
+def _bare_rejection(
+    r: RejectedEnvelope, exc: BaseException, reason: Reason | None = None
+) -> RejectedEnvelope:
+    """What of ``r`` surely stores: its reason (or ``reason``), digest and counts, the
+    device only where it is a valid id, and why the full row was not stored."""
+    dev = r.dev if is_device_id(r.dev) else None
+    return RejectedEnvelope(
+        reason or r.reason,
+        f"row not stored as built: {first_line(exc)}" if reason is None else first_line(exc),
+        "",
+        r.envelope_sha256,
+        dev=dev,
+        seq=r.seq,
+        reading_count=r.reading_count,
+    )
+
+
+class _Fault(Exception):
+    """One item of an isolation failed with a fault that is not a content error."""
+
+    def __init__(self, error: BatchWriteError) -> None:
+        super().__init__(str(error))
+        self.error = error

@@ -25,10 +25,12 @@ from storage.db import Conn
 from storage.timeconv import to_ms
 
 _DEVICES = """
-SELECT d.device_id, d.participant_id, d.public_key, p.enrolled_at, d.revoked_at IS NOT NULL
-FROM devices d JOIN participants p USING (participant_id)
+SELECT d.device_id, d.participant_id, d.public_key, p.enrolled_at, d.revoked_at IS NOT NULL,
+       s.backfill_days
+FROM devices d JOIN participants p USING (participant_id) JOIN studies s USING (study_id)
 WHERE d.device_id = ANY(%s)
 """
+_DAY_MS = 86_400_000
 
 
 class Directory:
@@ -67,12 +69,13 @@ class Directory:
             if not conn.closed:
                 await conn.set_autocommit(was_autocommit)
         out: dict[str, DeviceRecord] = {}
-        for dev, pid, der, enrolled, revoked in await cur.fetchall():
+        for dev, pid, der, enrolled, revoked, backfill_days in await cur.fetchall():
             out[str(dev)] = DeviceRecord(
                 device_id=str(dev),
                 participant_id=str(pid),
                 public_key=self._key(bytes(der)),
                 participant_enrolled_ms=to_ms(enrolled),
                 revoked=bool(revoked),
+                backfill_ms=int(backfill_days) * _DAY_MS,
             )
         return out, await consent.result()

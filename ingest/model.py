@@ -32,6 +32,8 @@ class Reason(StrEnum):
     UNKNOWN_METRIC = "unknown_metric"
     WRONG_UNIT = "wrong_unit"
     STORAGE_REFUSED = "storage_refused"
+    # Handling the message failed every time it was tried, with no cause found in its data.
+    POISON = "poison"
 
 
 class Reading(NamedTuple):

@@ -27,16 +27,19 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from consent.gate import ConsentSnapshot
-from ingest.envelope import EnvelopeError, Opened, open_envelope
+from ingest.envelope import EnvelopeError, Opened, is_device_id, open_envelope
 from ingest.envelope import verify as verify_signature
 from ingest.metrics import METRICS
-from ingest.model import AcceptedEnvelope, Reading, Reason, Refusal, RejectedEnvelope
+from ingest.model import AcceptedEnvelope, Gap, Reading, Reason, Refusal, RejectedEnvelope
 
 TOPIC_PREFIX = "dct/v1/"
 UP_SUFFIX = "/up"
 # Hub clocks drift and are set from the phone or NTP; five minutes ahead of the gateway's
 # clock is already wrong, and 2099 certainly is.
 FUTURE_SKEW_MS = 5 * 60_000
+# How far back a hub may deliver data when its study sets nothing else (studies.backfill_days):
+# a hub offline for weeks, a glucose meter's memory of months. Older is a broken clock.
+DEFAULT_BACKFILL_MS = 365 * 86_400_000
 
 
 def up_topic(device_id: str) -> str:
@@ -51,7 +54,7 @@ def topic_device(topic: str) -> str | None:
     if not (topic.startswith(TOPIC_PREFIX) and topic.endswith(UP_SUFFIX)):
         return None
     dev = topic[len(TOPIC_PREFIX) : -len(UP_SUFFIX)]
-    return dev if dev and "/" not in dev else None
+    return dev if is_device_id(dev) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,15 @@ class DeviceRecord:
     public_key: ec.EllipticCurvePublicKey
     participant_enrolled_ms: int
     revoked: bool
+    # The study's backfill horizon: data older than this before the receipt is refused.
+    backfill_ms: int = DEFAULT_BACKFILL_MS
+
+    def window(self, now_ms: int) -> tuple[int, int]:
+        """The times (inclusive) this device's data may carry when received at ``now_ms``:
+        not before the participant's enrollment nor the study's backfill horizon, and not
+        ahead of the gateway's clock by more than the allowed skew. Always inside what
+        PostgreSQL and ``datetime`` can hold, so a time inside it converts safely."""
+        return max(self.participant_enrolled_ms, now_ms - self.backfill_ms), now_ms + FUTURE_SKEW_MS
 
 
 def _rejected(
@@ -184,7 +196,9 @@ def verify(
     return None
 
 
-def _plausibility(r: Reading, device: DeviceRecord, now_ms: int) -> tuple[Reason, str] | None:
+def _plausibility(
+    r: Reading, device: DeviceRecord, window: tuple[int, int]
+) -> tuple[Reason, str] | None:
     metric = METRICS.get(r.metric)
     if metric is None:
         return Reason.UNKNOWN_METRIC, f"unknown metric {r.metric!r}"
@@ -192,15 +206,28 @@ def _plausibility(r: Reading, device: DeviceRecord, now_ms: int) -> tuple[Reason
         return Reason.WRONG_UNIT, f"{r.metric} must be in {metric.unit!r}, got {r.unit!r}"
     if not math.isfinite(r.value) or not metric.low <= r.value <= metric.high:
         return Reason.IMPLAUSIBLE_VALUE, f"{r.metric} outside {metric.low}..{metric.high}"
-    if r.t_ms > now_ms + FUTURE_SKEW_MS:
-        return Reason.IMPLAUSIBLE_TIME, "reading time is in the future"
-    if r.t_ms < device.participant_enrolled_ms:
-        return Reason.IMPLAUSIBLE_TIME, "reading time is before the participant's enrollment"
+    return _time_problem(r.t_ms, "reading", device, window)
+
+
+def _time_problem(
+    t_ms: int, what: str, device: DeviceRecord, window: tuple[int, int]
+) -> tuple[Reason, str] | None:
+    """Why ``t_ms`` lies outside ``window`` (``DeviceRecord.window``), or None."""
+    earliest, latest = window
+    if t_ms > latest:
+        return Reason.IMPLAUSIBLE_TIME, f"{what} time is in the future"
+    if t_ms < earliest:
+        if t_ms < device.participant_enrolled_ms:
+            return Reason.IMPLAUSIBLE_TIME, f"{what} time is before the participant's enrollment"
+        return Reason.IMPLAUSIBLE_TIME, f"{what} time is older than the study's backfill horizon"
     return None
 
 
 def _admit_whole(
-    readings: tuple[Reading, ...], device: DeviceRecord, consent: ConsentSnapshot, now_ms: int
+    readings: tuple[Reading, ...],
+    device: DeviceRecord,
+    consent: ConsentSnapshot,
+    window: tuple[int, int],
 ) -> tuple[int | None, ...] | None:
     """The consent ids of ``readings`` when every one of them is plausible and consented;
     None when any is not (the caller then judges reading by reading).
@@ -218,8 +245,7 @@ def _admit_whole(
             by_metric[r.metric] = [r]
         else:
             group.append(r)
-    earliest_ok = device.participant_enrolled_ms
-    latest_ok = now_ms + FUTURE_SKEW_MS
+    earliest_ok, latest_ok = window
     consent_of: dict[str, int | None] = {}
     for name, group in by_metric.items():
         metric = METRICS.get(name)
@@ -254,10 +280,27 @@ def _admit_whole(
 
 def admit(
     decoded: Decoded, device: DeviceRecord, consent: ConsentSnapshot, now_ms: int
-) -> AcceptedEnvelope:
-    """Split a verified envelope's readings into those stored and those refused, with reasons."""
+) -> AcceptedEnvelope | RejectedEnvelope:
+    """Split a verified envelope's readings into those stored and those refused, with reasons.
+
+    Every time the envelope carries is judged against the device's window before anything
+    converts it: a ``sent`` time outside it refuses the whole envelope (the hub's clock is
+    wrong), a reading or gap outside it is refused on its own (``implausible_time``).
+    """
     payload = decoded.opened.payload
-    whole = _admit_whole(payload.readings, device, consent, now_ms)
+    window = device.window(now_ms)
+    problem = _time_problem(payload.sent_ms, "sent", device, window)
+    if problem is not None:
+        return _rejected(
+            decoded.inbound,
+            decoded.envelope_sha256,
+            problem[0],
+            problem[1],
+            decoded,
+            device.participant_id,
+        )
+    gaps, gap_refusals = _judge_gaps(payload.gaps, device, window)
+    whole = _admit_whole(payload.readings, device, consent, window)
     if whole is not None:
         return AcceptedEnvelope(
             dev=payload.dev,
@@ -268,14 +311,44 @@ def admit(
             reading_count=len(payload.readings),
             readings=payload.readings,
             consent_ids=whole,
-            gaps=payload.gaps,
+            refusals=gap_refusals,
+            gaps=gaps,
             sensors=payload.sensors,
         )
-    return _admit_each(decoded, device, consent, now_ms)
+    return _admit_each(decoded, device, consent, window, gaps, gap_refusals)
+
+
+def _judge_gaps(
+    gaps: tuple[Gap, ...], device: DeviceRecord, window: tuple[int, int]
+) -> tuple[tuple[Gap, ...], tuple[Refusal, ...]]:
+    """The gaps inside ``window`` (and in order), and a refusal (of no reading) for each other."""
+    if not gaps:
+        return gaps, ()
+    earliest, latest = window
+    if all(earliest <= g.from_ms <= g.to_ms <= latest for g in gaps):
+        return gaps, ()
+    kept: list[Gap] = []
+    refusals: list[Refusal] = []
+    for g in gaps:
+        problem = _time_problem(g.from_ms, "gap", device, window) or _time_problem(
+            g.to_ms, "gap", device, window
+        )
+        if problem is None and g.from_ms > g.to_ms:
+            problem = (Reason.IMPLAUSIBLE_TIME, "gap ends before it starts")
+        if problem is None:
+            kept.append(g)
+        else:
+            refusals.append(Refusal(problem[0], 0, g.from_ms, g.to_ms, None, problem[1]))
+    return tuple(kept), tuple(refusals)
 
 
 def _admit_each(
-    decoded: Decoded, device: DeviceRecord, consent: ConsentSnapshot, now_ms: int
+    decoded: Decoded,
+    device: DeviceRecord,
+    consent: ConsentSnapshot,
+    window: tuple[int, int],
+    gaps: tuple[Gap, ...],
+    gap_refusals: tuple[Refusal, ...],
 ) -> AcceptedEnvelope:
     """``admit`` reading by reading: each judged on its own, refusals grouped by reason."""
     payload = decoded.opened.payload
@@ -284,7 +357,7 @@ def _admit_each(
     refused: dict[tuple[Reason, str | None], list[int]] = {}
     details: dict[tuple[Reason, str | None], str] = {}
     for r in payload.readings:
-        problem = _plausibility(r, device, now_ms)
+        problem = _plausibility(r, device, window)
         if problem is None:
             decision = consent.decide(device.participant_id, METRICS[r.metric].scope, r.t_ms)
             if decision.allowed:
@@ -305,8 +378,8 @@ def _admit_each(
         reading_count=len(payload.readings),
         readings=tuple(kept),
         consent_ids=tuple(consent_ids),
-        refusals=_refusals(refused, details),
-        gaps=payload.gaps,
+        refusals=_refusals(refused, details) + gap_refusals,
+        gaps=gaps,
         sensors=payload.sensors,
     )
 

@@ -12,13 +12,23 @@ from datetime import datetime
 
 from storage.db import Conn
 
+# How far back hubs may deliver data, in days (studies.backfill_days and its bounds).
+BACKFILL_DAYS_DEFAULT = 365
+BACKFILL_DAYS_MAX = 3650
+
 
 async def create_study(
-    conn: Conn, study_id: str, name: str, *, withdrawal_policy: str = "retain"
+    conn: Conn,
+    study_id: str,
+    name: str,
+    *,
+    withdrawal_policy: str = "retain",
+    backfill_days: int = BACKFILL_DAYS_DEFAULT,
 ) -> None:
     await conn.execute(
-        "INSERT INTO studies (study_id, name, withdrawal_policy) VALUES (%s, %s, %s)",
-        (study_id, name, withdrawal_policy),
+        "INSERT INTO studies (study_id, name, withdrawal_policy, backfill_days)"
+        " VALUES (%s, %s, %s, %s)",
+        (study_id, name, withdrawal_policy, backfill_days),
     )
 
 

@@ -28,14 +28,20 @@ import psycopg
 from psycopg import postgres
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
 from storage.db import Conn
-from storage.errors import BatchWriteError, DatabaseUnavailable, first_line
+from storage.errors import (
+    BatchWriteError,
+    DatabaseUnavailable,
+    first_line,
+    is_content_error,
+    is_transient,
+)
 from storage.migrate import StorageMode
 from storage.partitions import ensure_partitions, existing_partitions, partition_start_ms
-from storage.timeconv import from_ms
+from storage.timeconv import from_ms, from_ms_or_none
 from storage.views import HourPartials, add_rollup_deltas, add_to_partials
 
 log = logging.getLogger(__name__)
@@ -112,11 +118,18 @@ WHERE (device_id, seq) IN (SELECT * FROM unnest(%b::text[], %b::int8[]))
 """
 _INSERT_REJECTIONS = """
 INSERT INTO rejections (received_at, device_id, seq, participant_id, reason, detail, metric,
-                        reading_count, first_time, last_time, topic, envelope_sha256)
+                        reading_count, first_time, last_time, topic, envelope_sha256,
+                        first_ms, last_ms)
 SELECT * FROM unnest(%b::timestamptz[], %b::text[], %b::int8[], %b::text[], %b::text[],
                      %b::text[], %b::text[], %b::int4[], %b::timestamptz[], %b::timestamptz[],
-                     %b::text[], %b::bytea[])
+                     %b::text[], %b::bytea[], %b::int8[], %b::int8[])
 """
+# Text a rejection row keeps of what a message claimed (its topic, the detail naming what
+# was wrong), in characters: enough to read, never enough to strain an index or a page.
+REJECTION_TEXT_MAX = 512
+# Characters PostgreSQL's text cannot hold (NUL) or a reader should not be handed raw
+# (other controls, lone surrogates): kept visible as escapes.
+_UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # A wearable's description: newest report wins, but a field it left out keeps what is known.
 _UPSERT_SENSOR = """
 INSERT INTO sensors (device_id, sensor, manufacturer, model, serial, firmware, hardware,
@@ -152,8 +165,9 @@ class EnvelopeOutcome:
     # The (device, seq) was stored earlier with different content: a hub that lost its
     # outbox state reuses numbers. Not a replay: rejected with reason ``duplicate``.
     conflict: bool = False
-    # Set by the gateway for an envelope the database refused (BatchWriteError).
-    refused_by_db: bool = False
+    # Set by the gateway for an envelope it could not store, and why (``storage_refused``:
+    # the database refused its data; ``poison``: every try to store it failed).
+    refused_as: Reason | None = None
 
 
 class BulkWriter:
@@ -185,11 +199,30 @@ class BulkWriter:
                     async with conn.transaction():
                         if first is not None:
                             await first(conn)
-                        outcomes, fresh = await self._write(conn, batch)
-                        if also is not None and fresh:
-                            await also(conn, fresh)
+                        try:
+                            outcomes, fresh = await self._write(conn, batch)
+                            if also is not None and fresh:
+                                await also(conn, fresh)
+                        except BatchWriteError:
+                            raise
+                        except Exception as exc:
+                            if is_transient(exc):
+                                raise
+                            # Anything else refuses this batch, typed, so the caller can
+                            # store the rest without whatever caused it.
+                            raise BatchWriteError(
+                                f"batch refused: {type(exc).__name__}: {first_line(exc)}",
+                                None,
+                                content=is_content_error(exc),
+                            ) from exc
                         return outcomes
-            except psycopg.OperationalError as exc:
+            except (psycopg.Error, PoolTimeout) as exc:
+                if not is_transient(exc):
+                    raise BatchWriteError(
+                        f"batch refused: {type(exc).__name__}: {first_line(exc)}",
+                        None,
+                        content=is_content_error(exc),
+                    ) from exc
                 if attempt == RETRY_ATTEMPTS:
                     raise DatabaseUnavailable(
                         f"batch not stored after {attempt} attempts: {first_line(exc)}"
@@ -440,20 +473,35 @@ def _rejection_row(
     topic: str | None,
     digest: bytes,
 ) -> tuple[object, ...]:
+    """A row that stores whatever the envelope claimed: times kept as milliseconds (and as
+    timestamps only where they convert), text escaped and cut to ``REJECTION_TEXT_MAX``."""
     return (
         received,
-        dev,
+        storable_text(dev),
         seq,
-        participant_id,
+        storable_text(participant_id),
         reason.value,
-        detail,
-        metric,
+        storable_text(detail),
+        storable_text(metric),
         count,
-        None if first_ms is None else from_ms(first_ms),
-        None if last_ms is None else from_ms(last_ms),
-        topic,
+        from_ms_or_none(first_ms),
+        from_ms_or_none(last_ms),
+        storable_text(topic),
         digest,
+        first_ms,
+        last_ms,
     )
+
+
+def storable_text(text: str | None, most: int = REJECTION_TEXT_MAX) -> str | None:
+    """``text`` as PostgreSQL's text can hold it and a person can read it: control
+    characters and lone surrogates as ``\\xNN`` / ``\\uNNNN`` escapes, at most ``most``
+    characters (an ellipsis marks a cut)."""
+    if text is None:
+        return None
+    if _UNSAFE_TEXT.search(text) is not None:
+        text = _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
+    return text if len(text) <= most else text[: most - 1] + "\u2026"
 
 
 def _copy_error_owner(

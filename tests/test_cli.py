@@ -93,3 +93,22 @@ def test_bench_ingest_refuses_a_rate_or_window_that_is_not_positive(flag: str, v
     url = "postgresql://postgres@127.0.0.1:1/x"  # never reached: the flags are checked first
     result = trialstream("bench", "ingest", "--database-url", url, flag, value)
     assert_one_clear_line(result, flag, "must be > 0")
+
+
+@pytest.mark.parametrize(
+    "value", ["0", "-1", "3651", "1e3", "nan", "99999999999999999999", "", "7\x00"]
+)
+def test_create_study_refuses_a_backfill_horizon_out_of_bounds(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["site", "create-study", "--study", "S1", "--name", "n", "--backfill-days", value]
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(args)
+    assert info.value.code == 2
+    assert "a whole number of days from 1 to 3650" in capsys.readouterr().err
+
+
+def test_create_study_backfill_horizon_default_and_bounds() -> None:
+    base = ["site", "create-study", "--study", "S1", "--name", "n"]
+    assert build_parser().parse_args(base).backfill_days == 365
+    assert build_parser().parse_args([*base, "--backfill-days", "3650"]).backfill_days == 3650

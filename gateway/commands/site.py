@@ -47,6 +47,15 @@ def register(sub: Subparsers) -> None:
         help="what happens to data already held when a participant withdraws "
         "(default: retain, as FDA guidance allows)",
     )
+    p.add_argument(
+        "--backfill-days",
+        type=_backfill_days,
+        default=registry.BACKFILL_DAYS_DEFAULT,
+        metavar="DAYS",
+        help="how old data a hub may still deliver, in days before it arrives; older data is "
+        f"refused as implausible_time (default: {registry.BACKFILL_DAYS_DEFAULT}, at most "
+        f"{registry.BACKFILL_DAYS_MAX})",
+    )
     p.set_defaults(handler=_create_study)
 
     p = action("add-site", "add a site to a study")
@@ -78,11 +87,23 @@ def register(sub: Subparsers) -> None:
     p.set_defaults(handler=_revoke)
 
 
+def _backfill_days(text: str) -> int:
+    """A whole number of days within the schema's bounds, checked before it goes anywhere."""
+    if not text.isdigit() or len(text) > 4 or not 1 <= int(text) <= registry.BACKFILL_DAYS_MAX:
+        most = registry.BACKFILL_DAYS_MAX
+        raise argparse.ArgumentTypeError(f"a whole number of days from 1 to {most}")
+    return int(text)
+
+
 def _create_study(args: argparse.Namespace, settings: Settings) -> int:
     async def go() -> None:
         async with db.connection(settings.require_database_url()) as conn, conn.transaction():
             await registry.create_study(
-                conn, args.study, args.name, withdrawal_policy=args.withdrawal_policy
+                conn,
+                args.study,
+                args.name,
+                withdrawal_policy=args.withdrawal_policy,
+                backfill_days=args.backfill_days,
             )
             await audit.append(
                 conn,
@@ -90,7 +111,11 @@ def _create_study(args: argparse.Namespace, settings: Settings) -> int:
                 action="study.create",
                 entity="study",
                 entity_id=args.study,
-                detail={"name": args.name, "withdrawal_policy": args.withdrawal_policy},
+                detail={
+                    "name": args.name,
+                    "withdrawal_policy": args.withdrawal_policy,
+                    "backfill_days": args.backfill_days,
+                },
             )
 
     run(go())
