@@ -64,6 +64,10 @@ RECEIVE_MAXIMUM = 2000
 # Messages held between arrival and acknowledgement, whatever the broker sends: the batch
 # being written plus the next batches (about 2 MB at 1 KiB per envelope).
 MAX_UNACKED = RECEIVE_MAXIMUM
+# Bytes of payload held between arrival and acknowledgement: the count cap alone would let
+# 2000 maximum-size envelopes (256 KiB each) hold 512 MB; 64 MiB is some 60,000 ordinary
+# envelopes, far more than a batch, and 256 of the largest.
+MAX_UNACKED_BYTES = 64 * 1024 * 1024
 # Publishes (receipts, alert events) a worker's publishing connection may hold
 # unacknowledged by the broker. paho keeps them in memory without a bound by default. Past
 # the bound paho refuses the publish: the envelope is stored, and its hub gets the receipt
@@ -176,6 +180,33 @@ class Stats:
     receipt_seconds: Histogram = field(default_factory=Histogram)
 
 
+class ByteBudget:
+    """Bytes held across threads, bounded: ``take`` waits (up to a timeout) for room, and a
+    single item larger than the whole budget is let in when nothing else is held, so it
+    cannot wait forever."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.held = 0
+        self._room = threading.Condition()
+
+    def take(self, n: int, timeout: float) -> bool:
+        """Hold ``n`` more bytes once they fit; False if they did not within ``timeout``."""
+        with self._room:
+            return self._room.wait_for(
+                lambda: self.held == 0 or self.held + n <= self.most, timeout
+            ) and self._add(n)
+
+    def _add(self, n: int) -> bool:
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        with self._room:
+            self.held -= n
+            self._room.notify_all()
+
+
 class Inbox(Generic[T]):
     """Items from another thread (paho's network loop) to the event loop, which is woken only
     when it waits for one: a ``call_soon_threadsafe`` per message cost a self-pipe write and
@@ -253,6 +284,7 @@ class Consumer:
         # Unbounded as a queue; bounded by the slots (one per message until it is acked).
         self._inbox: Inbox[_Message] = Inbox()
         self._slots = threading.BoundedSemaphore(MAX_UNACKED)
+        self._bytes = ByteBudget(MAX_UNACKED_BYTES)
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed = asyncio.Event()
@@ -325,14 +357,25 @@ class Consumer:
         log.warning("mqtt disconnected reason=%s", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        # Blocks paho's network thread while MAX_UNACKED messages wait: back-pressure by TCP.
-        # Once stopping, every message is let go at once (not acknowledged: the broker
-        # delivers it again to this session), or a backlog in the socket would hold the
-        # shutdown for _SLOT_POLL_S per message.
+        # Blocks paho's network thread while MAX_UNACKED messages or MAX_UNACKED_BYTES wait:
+        # back-pressure by TCP. Once stopping, every message is let go at once (not
+        # acknowledged: the broker delivers it again to this session), or a backlog in the
+        # socket would hold the shutdown for _SLOT_POLL_S per message.
+        payload = bytes(msg.payload)
         while self._stopping.is_set() or not self._slots.acquire(timeout=_SLOT_POLL_S):
             if self._stopping.is_set():
                 return
-        self._inbox.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._now_ms()))
+        while not self._bytes.take(len(payload), _SLOT_POLL_S):
+            if self._stopping.is_set():
+                self._slots.release()
+                return
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            # Refused at decode as not an uplink topic; an exception here would end paho's
+            # network thread, and with it every delivery to this worker.
+            topic = bytes(msg._topic).decode("utf-8", "backslashreplace")
+        self._inbox.put(_Message(topic, payload, msg.mid, msg.qos, self._now_ms()))
 
     # --- event loop ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -749,12 +792,14 @@ class Consumer:
             receipts.append(_rejected_receipt(r, now_ms))
         key, answered = self._receipt_key, [r for r in receipts if r is not None]
         sealed = iter(
-            await asyncio.get_running_loop().run_in_executor(None, seal_receipts, answered, key)
+            await asyncio.get_running_loop().run_in_executor(None, _seal_each, answered, key)
         )
         messages = [m for m, _ in accepted] + [m for m, _ in rejected]
         for m, receipt in zip(messages, receipts, strict=True):
             if receipt is not None:
-                self._publish_receipt(receipt, next(sealed))
+                data = next(sealed)
+                if data is not None:
+                    self._publish_receipt(receipt, data)
             self._ack(m)
         done_ms = self._now_ms()
         for m in messages:
@@ -779,6 +824,7 @@ class Consumer:
 
     def _ack(self, m: _Message) -> None:
         self._client.ack(m.mid, m.qos)
+        self._bytes.give(len(m.payload))
         self._slots.release()
 
     def publish(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
@@ -793,6 +839,24 @@ class Consumer:
             log.warning(
                 "receipt not published device=%s seq=%d rc=%s", receipt.dev, receipt.seq, info.rc
             )
+
+
+def _seal_each(receipts: Sequence[Receipt], key: ec.EllipticCurvePrivateKey) -> list[bytes | None]:
+    """The receipts sealed together; if that fails, one by one, with None for any that
+    cannot be sealed. Its envelope is committed: a receipt missing costs the hub a republish
+    (receipted then as a replay), while an exception here would stop the consumer."""
+    try:
+        return list(seal_receipts(receipts, key))
+    except Exception:
+        log.exception("receipts not sealed together; sealing one by one")
+    out: list[bytes | None] = []
+    for r in receipts:
+        try:
+            out.append(seal_receipts([r], key)[0])
+        except Exception:
+            log.exception("receipt not sealed device=%r seq=%r", r.dev, r.seq)
+            out.append(None)
+    return out
 
 
 def publisher_client(client_id: str, *, mqtt5: bool) -> mqtt.Client:

@@ -11,7 +11,13 @@ import pytest
 
 from gateway.broker import MosquittoBroker
 from ingest import keys
-from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, open_receipt, seal
+from ingest.envelope import (
+    MAX_ENVELOPE_BYTES,
+    RECEIPT_ACCEPTED,
+    RECEIPT_REJECTED,
+    open_receipt,
+    seal,
+)
 from ingest.model import Payload, Reading, Receipt
 from ingest.pipeline import down_topic, up_topic
 from storage import db, registry
@@ -147,8 +153,10 @@ async def test_unknown_device_is_rejected(
 async def test_malformed_and_oversized_payloads_are_rejected(
     trial: Trial, gateway: RunningGateway, probe: MqttProbe
 ) -> None:
+    """Past the envelope bound but inside the broker's packet bound: refused by the gateway.
+    (The broker refuses anything larger at the door: test_packets_past_the_bound_...)"""
     probe.publish(up_topic("hub-1"), b"\xff\x00 not cbor")
-    probe.publish(up_topic("hub-1"), b"\x00" * (300 * 1024))
+    probe.publish(up_topic("hub-1"), b"\x00" * (MAX_ENVELOPE_BYTES + 512))
     await wait_until(
         lambda: sum(gateway.consumer.stats.rejected_envelopes.values()) >= 2, "rejections"
     )
@@ -301,3 +309,22 @@ async def test_a_device_key_changed_between_batches_is_the_one_that_counts(
     _, r = await receipt(probe, gateway)
     assert (r.seq, r.status) == (3, RECEIPT_ACCEPTED)
     assert await rows(trial.url, "SELECT count(*) FROM readings") == [(10,)]
+
+
+async def test_packets_past_the_bound_are_refused_by_the_broker(
+    trial: Trial, gateway: RunningGateway, mosquitto: MosquittoBroker
+) -> None:
+    """A publish far over the envelope bound never reaches a gateway: Mosquitto's
+    max_packet_size disconnects the sender, and the gateway holds nothing of it."""
+    flooder = MqttProbe(mosquitto, "flooder")
+    reasons: list[str] = []
+    flooder.client.on_disconnect = lambda _c, _u, _f, reason, _p: reasons.append(str(reason))
+    try:
+        info = flooder.client.publish(up_topic("hub-1"), b"\x00" * (300 * 1024), qos=1)
+        await wait_until(lambda: bool(reasons), "the broker's disconnect")
+        assert reasons[0] == "Packet too large"
+        assert not info.is_published()
+    finally:
+        flooder.close()
+    assert gateway.consumer.stats.messages == 0
+    assert await rows(trial.url, "SELECT count(*) FROM rejections") == [(0,)]
