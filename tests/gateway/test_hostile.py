@@ -189,21 +189,21 @@ async def test_control_characters_in_text_are_malformed(
 # --- errors while storing: one envelope's failure never fails the others ---------------------
 
 
-async def refuse_gap_reasons(url: str, reason: str, sqlstate: str) -> None:
-    """A trigger that makes the database refuse gap rows with ``reason`` (a stand-in for any
-    error the write path did not foresee, raised by the real server)."""
+async def refuse_rows(url: str, table: str, condition: str, sqlstate: str) -> None:
+    """A trigger that makes the database refuse rows of ``table`` matching ``condition`` (a
+    stand-in for any error the write path did not foresee, raised by the real server)."""
     async with db.connection(url) as conn:
         await conn.execute(
             f"""
-            CREATE FUNCTION test_refuse_gap() RETURNS trigger LANGUAGE plpgsql AS $$
+            CREATE FUNCTION test_refuse_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                IF NEW.reason = '{reason}' THEN
+                IF {condition} THEN
                     RAISE EXCEPTION 'refused for the test' USING ERRCODE = '{sqlstate}';
                 END IF;
                 RETURN NEW;
             END $$;
-            CREATE TRIGGER test_refuse_gap BEFORE INSERT ON gaps
-                FOR EACH ROW EXECUTE FUNCTION test_refuse_gap();
+            CREATE TRIGGER test_refuse_{table} BEFORE INSERT ON {table}
+                FOR EACH ROW EXECUTE FUNCTION test_refuse_{table}();
             """.encode()
         )
         await conn.commit()
@@ -231,7 +231,7 @@ async def test_an_envelope_the_database_refuses_is_left_out_and_the_batch_stored
     """A content error refuses its envelope at once; a fault (no cause in the data) refuses it
     when another envelope stored beside it, else after POISON_AFTER tries. Either way the
     other hub's envelope is stored and both are receipted."""
-    await refuse_gap_reasons(hubs.url, "boom", sqlstate)
+    await refuse_rows(hubs.url, "gaps", "NEW.reason = 'boom'", sqlstate)
     probe.publish(up_topic("hub-1"), seal(with_gap("hub-1", 1, "boom"), hubs.hubs["hub-1"].key))
     probe.publish(up_topic("hub-2"), seal(with_gap("hub-2", 1, "fine"), hubs.hubs["hub-2"].key))
     got = await receipts(probe, gateway, 2)
@@ -253,7 +253,7 @@ async def test_an_envelope_the_database_refuses_is_left_out_and_the_batch_stored
 async def test_a_fault_alone_is_held_then_refused_as_poison(
     hubs: Trial, gateway: RunningGateway, probe: MqttProbe
 ) -> None:
-    await refuse_gap_reasons(hubs.url, "boom", "XX000")
+    await refuse_rows(hubs.url, "gaps", "NEW.reason = 'boom'", "XX000")
     probe.publish(up_topic("hub-1"), seal(with_gap("hub-1", 1, "boom"), hubs.hubs["hub-1"].key))
     (r,) = (await receipts(probe, gateway, 1)).values()
     assert (r.dev, r.status, r.reason) == ("hub-1", RECEIPT_REJECTED, "poison")
@@ -273,21 +273,7 @@ async def test_a_rejection_row_the_database_refuses_is_stored_bare(
 ) -> None:
     """Even the row that records a refusal may be refused (here: any row naming a topic);
     its bare minimum (reason, digest, counts) is stored in its place."""
-    async with db.connection(hubs.url) as conn:
-        await conn.execute(
-            b"""
-            CREATE FUNCTION test_refuse_topic() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.topic <> '' THEN
-                    RAISE EXCEPTION 'no topics' USING ERRCODE = '22023';
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER test_refuse_topic BEFORE INSERT ON rejections
-                FOR EACH ROW EXECUTE FUNCTION test_refuse_topic();
-            """
-        )
-        await conn.commit()
+    await refuse_rows(hubs.url, "rejections", "NEW.topic <> ''", "22023")
     stranger = seal(
         Payload("hub-9", 1, now_ms(), (Reading(now_ms(), "heart_rate", 70.0, "/min", "s"),)),
         hubs.hubs["hub-1"].key,
@@ -300,3 +286,4 @@ async def test_a_rejection_row_the_database_refuses_is_stored_bare(
     )
     assert (reason, dev, topic) == ("unknown_device", "hub-9", "")
     assert str(detail).startswith("row not stored as built:")
+    assert "refused for the test" in str(detail)
