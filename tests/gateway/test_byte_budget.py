@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from gateway.consumer import ByteBudget
+from gateway.flow import ByteBudget
 
 
 def test_bytes_past_the_budget_wait_until_given_back() -> None:

@@ -4,7 +4,7 @@ bound under ``+Inf`` only."""
 
 from __future__ import annotations
 
-from gateway.consumer import Histogram
+from gateway.consumer_stats import Histogram
 
 
 def test_values_fall_under_the_first_bound_they_do_not_exceed() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.broker import MosquittoBroker
-from gateway.consumer import POISON_AFTER
+from gateway.storing import POISON_AFTER
 from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, open_receipt, seal
 from ingest.model import Gap, Payload, Reading, Receipt
 from ingest.pipeline import up_topic

@@ -9,7 +9,7 @@ import random
 import threading
 import time
 
-from gateway.consumer import Inbox
+from gateway.flow import Inbox
 
 
 async def test_items_from_several_threads_all_arrive_in_each_threads_order() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.consumer import _seal_each
+from gateway.judging import seal_each
 from ingest import keys
 from ingest.envelope import RECEIPT_ACCEPTED, open_receipt
 from ingest.model import Receipt
@@ -12,7 +12,7 @@ def test_a_receipt_that_cannot_be_sealed_leaves_the_others_sealed() -> None:
     key = keys.generate_private_key()
     good = Receipt("hub-1", 1, RECEIPT_ACCEPTED, 3, 0, 1_780_000_000_000)
     bad = Receipt("not a device id!", 2, RECEIPT_ACCEPTED, 3, 0, 1_780_000_000_000)
-    sealed = _seal_each([good, bad, good], key)
+    sealed = seal_each([good, bad, good], key)
     assert sealed[1] is None
     for data in (sealed[0], sealed[2]):
         assert data is not None
