@@ -45,10 +45,12 @@ from gateway.judging import (
     Judged,
     Key,
     Message,
+    claimed_key,
     decode_and_check,
     faulted,
     key,
     rejected_receipt,
+    replay_of,
     seal_each,
     verify_and_admit_one,
 )
@@ -57,8 +59,14 @@ from ingest import pipeline
 from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED
 from ingest.model import AcceptedEnvelope, Reason, Receipt, RejectedEnvelope
 from ingest.transport import connect_async, make_client, stop_client
-from storage.errors import is_transient
-from storage.writer import CHECKOUT_TIMEOUT_S, BulkWriter, EnvelopeOutcome, InTransaction
+from storage.errors import first_line, is_transient
+from storage.writer import (
+    CHECKOUT_TIMEOUT_S,
+    BulkWriter,
+    EnvelopeOutcome,
+    InTransaction,
+    stored_envelopes,
+)
 
 __all__ = ["Consumer", "ConsumerConfig", "Histogram", "Stats"]
 
@@ -328,6 +336,43 @@ class Consumer:
         judged.accepted, judged.refused, judged.consent = await self._verify_and_admit(
             judged.decoded, judged.checks, judged.now_ms
         )
+        await self._find_replays(judged)
+
+    async def _find_replays(self, judged: Judged) -> None:
+        """Take byte-identical copies of envelopes stored earlier out of the refused: they
+        are replays, whatever judging them now says. Each was verified and admitted when it
+        was stored, and its hub, which republishes until it has a receipt, must be told so;
+        since then the window times are judged in has moved, or a key was rotated. Only the
+        refused are looked up: a copy judged as accepted is found by the writer's dedupe.
+        A message found here leaves ``decoded`` too, so that judging again cannot refuse it.
+        """
+        asked = {k for _, r in judged.rejected if (k := claimed_key(r)) is not None}
+        if not asked:
+            return
+        delay = 0.1
+        while True:
+            try:
+                async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
+                    stored = await stored_envelopes(conn, asked)
+                break
+            except Exception as exc:  # noqa: BLE001 - the refusals stand, the batch goes on
+                if not is_transient(exc):
+                    log.error("replays not looked up; refusals stand: %s", first_line(exc))
+                    return
+                delay = await outage_pause(self.stats, delay, exc)
+        found: set[Message] = set()
+        for m, r in judged.rejected:
+            outcome = replay_of(r, stored)
+            if outcome is not None:
+                judged.replays.append((m, outcome))
+                found.add(m)
+        if not found:
+            return
+        judged.undecodable = [(m, r) for m, r in judged.undecodable if m not in found]
+        judged.refused = [(m, r) for m, r in judged.refused if m not in found]
+        kept = [i for i, (m, _) in enumerate(judged.decoded) if m not in found]
+        judged.decoded = [judged.decoded[i] for i in kept]
+        judged.checks = [judged.checks[i] for i in kept]
 
     async def _store_and_finish(self, judged: Judged) -> None:
         started = time.monotonic()
@@ -352,7 +397,7 @@ class Consumer:
                 await self._admit(judged)
         stored = time.monotonic()
         self.stats.batch_seconds["store"].observe(stored - started)
-        await self._finish(judged.accepted, judged.rejected, outcomes, judged.now_ms)
+        await self._finish(judged, outcomes)
         self.stats.batch_seconds["finish"].observe(time.monotonic() - stored)
 
     async def _verify_and_admit(
@@ -408,37 +453,37 @@ class Consumer:
         fresh = {dev: record.public_key for dev, record in devices.items()}
         self._known_keys = fresh if len(known) >= KNOWN_KEYS_MAX else {**known, **fresh}
 
-    async def _finish(
-        self,
-        accepted: list[tuple[Message, AcceptedEnvelope]],
-        rejected: list[tuple[Message, RejectedEnvelope]],
-        outcomes: dict[Key, EnvelopeOutcome],
-        now_ms: int,
-    ) -> None:
+    async def _finish(self, judged: Judged, outcomes: dict[Key, EnvelopeOutcome]) -> None:
         """After COMMIT: a signed receipt per envelope, and the acknowledgement to the broker.
 
         The batch's receipts are signed together (one signature per tree of receipts) in a
         thread, then published and the messages acknowledged in the batch's order.
         """
-        receipts: list[Receipt | None] = []
-        for _, a in accepted:
-            receipts.append(self._accepted_receipt(a, outcomes[key(a)], now_ms))
-        for _, r in rejected:
+        now_ms = judged.now_ms
+        answers: list[tuple[Message, Receipt | None]] = []
+        for m, a in judged.accepted:
+            answers.append((m, self._accepted_receipt(a, outcomes[key(a)], now_ms)))
+        for m, r in judged.rejected:
             self.stats.rejected_envelopes[r.reason.value] += 1
-            receipts.append(rejected_receipt(r, now_ms))
-        signer, answered = self._receipt_key, [r for r in receipts if r is not None]
+            answers.append((m, rejected_receipt(r, now_ms)))
+        for m, o in judged.replays:
+            self.stats.envelopes_replayed += 1
+            answers.append(
+                (m, Receipt(o.dev, o.seq, RECEIPT_ACCEPTED, o.stored, o.refused, now_ms))
+            )
+        signer = self._receipt_key
+        answered = [r for _, r in answers if r is not None]
         sealed = iter(
             await asyncio.get_running_loop().run_in_executor(None, seal_each, answered, signer)
         )
-        messages = [m for m, _ in accepted] + [m for m, _ in rejected]
-        for m, receipt in zip(messages, receipts, strict=True):
+        for m, receipt in answers:
             if receipt is not None:
                 data = next(sealed)
                 if data is not None:
                     self._publish_receipt(receipt, data)
             self._ack(m)
         done_ms = self._now_ms()
-        for m in messages:
+        for m, _ in answers:
             self.stats.receipt_seconds.observe(max(0, done_ms - m.received_ms) / 1000)
 
     def _accepted_receipt(self, a: AcceptedEnvelope, o: EnvelopeOutcome, now_ms: int) -> Receipt:

@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from consent.gate import ConsentSnapshot
 from ingest import pipeline
-from ingest.envelope import RECEIPT_REJECTED, seal_receipts
+from ingest.envelope import INT64_MAX, RECEIPT_REJECTED, is_device_id, seal_receipts
 from ingest.model import AcceptedEnvelope, Reason, Receipt, RejectedEnvelope
 from storage.errors import first_line
+from storage.writer import EnvelopeOutcome, StoredEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class Judged:
     accepted: list[tuple[Message, AcceptedEnvelope]] = field(default_factory=list)
     refused: list[tuple[Message, RejectedEnvelope]] = field(default_factory=list)
     consent: ConsentSnapshot = field(default_factory=ConsentSnapshot)
+    # Byte-identical copies of envelopes stored earlier, with what was stored of them then.
+    replays: list[tuple[Message, EnvelopeOutcome]] = field(default_factory=list)
 
     @property
     def rejected(self) -> list[tuple[Message, RejectedEnvelope]]:
@@ -114,6 +117,24 @@ def faulted(
         seq=p.seq if p is not None else None,
         reading_count=len(p.readings) if p is not None else 0,
     )
+
+
+def claimed_key(r: RejectedEnvelope) -> tuple[str, int] | None:
+    """The (device, seq) ``r`` claims, where an envelope could have been stored under it."""
+    if r.dev is None or r.seq is None or not is_device_id(r.dev) or not 0 <= r.seq <= INT64_MAX:
+        return None
+    return (r.dev, r.seq)
+
+
+def replay_of(
+    r: RejectedEnvelope, stored: Mapping[tuple[str, int], StoredEnvelope]
+) -> EnvelopeOutcome | None:
+    """The outcome of the envelope ``r`` is a byte-identical copy of, if one was stored."""
+    claimed = claimed_key(r)
+    first = stored.get(claimed) if claimed is not None else None
+    if first is None or first.envelope_sha256 != r.envelope_sha256:
+        return None
+    return first.outcome()
 
 
 def rejected_receipt(r: RejectedEnvelope, now_ms: int) -> Receipt | None:

@@ -20,7 +20,7 @@ import logging
 import random
 import re
 import struct
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -28,6 +28,7 @@ import psycopg
 from psycopg import postgres
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
+from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
@@ -433,14 +434,9 @@ class BulkWriter:
     async def _outcomes(
         self, conn: Conn, accepted: Sequence[AcceptedEnvelope], new_keys: set[tuple[str, int]]
     ) -> list[EnvelopeOutcome]:
-        replayed = [e for e in accepted if (e.dev, e.seq) not in new_keys]
-        earlier: dict[tuple[str, int], tuple[int, int, bytes]] = {}
-        if replayed:
-            cur = await conn.execute(
-                _EXISTING_COUNTS, ([e.dev for e in replayed], [e.seq for e in replayed])
-            )
-            for dev, seq, stored, refused, digest in await cur.fetchall():
-                earlier[(str(dev), int(seq))] = (int(stored), int(refused), bytes(digest))
+        earlier = await stored_envelopes(
+            conn, [(e.dev, e.seq) for e in accepted if (e.dev, e.seq) not in new_keys]
+        )
         out: list[EnvelopeOutcome] = []
         for e in accepted:
             key = (e.dev, e.seq)
@@ -450,13 +446,39 @@ class BulkWriter:
                         e.dev, e.seq, True, len(e.readings), sum(r.count for r in e.refusals)
                     )
                 )
+            elif (first := earlier[key]).envelope_sha256 == e.envelope_sha256:
+                out.append(first.outcome())
             else:
-                stored, refused, digest = earlier[key]
-                if digest == e.envelope_sha256:
-                    out.append(EnvelopeOutcome(e.dev, e.seq, False, stored, refused))
-                else:
-                    out.append(EnvelopeOutcome(e.dev, e.seq, False, 0, e.reading_count, True))
+                out.append(EnvelopeOutcome(e.dev, e.seq, False, 0, e.reading_count, True))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEnvelope:
+    """An envelope as stored the first time (a row of ``envelopes``)."""
+
+    device_id: str
+    seq: int
+    stored_count: int
+    refused_count: int
+    envelope_sha256: bytes
+
+    def outcome(self) -> EnvelopeOutcome:
+        """What a byte-identical copy of it is receipted with: a replay, with these counts."""
+        return EnvelopeOutcome(
+            self.device_id, self.seq, False, self.stored_count, self.refused_count
+        )
+
+
+async def stored_envelopes(
+    conn: Conn, keys: Collection[tuple[str, int]]
+) -> dict[tuple[str, int], StoredEnvelope]:
+    """The envelopes stored under these (device, seq) keys, by key."""
+    if not keys:
+        return {}
+    async with conn.cursor(row_factory=class_row(StoredEnvelope)) as cur:
+        await cur.execute(_EXISTING_COUNTS, ([dev for dev, _ in keys], [seq for _, seq in keys]))
+        return {(s.device_id, s.seq): s for s in await cur.fetchall()}
 
 
 def _rejection_row(

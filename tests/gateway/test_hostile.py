@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -287,3 +288,27 @@ async def test_a_rejection_row_the_database_refuses_is_stored_bare(
     assert (reason, dev, topic) == ("unknown_device", "hub-9", "")
     assert str(detail).startswith("row not stored as built:")
     assert "refused for the test" in str(detail)
+
+
+@pytest.mark.parametrize("old", ["sent", "readings"])
+async def test_a_replay_is_receipted_as_stored_after_the_window_moved(
+    trial: Trial, gateway: RunningGateway, probe: MqttProbe, old: str
+) -> None:
+    """A hub republishes an envelope until it has a receipt. Once stored, the same bytes are
+    a replay, receipted with what was stored, even after the study's backfill horizon moved
+    past its times (which would refuse it as new: ``implausible_time``)."""
+    days_ago = datetime.now(UTC) - timedelta(days=3)
+    hub = await trial.add_participant("P3", "hub-3", consent_at=days_ago, enrolled_at=days_ago)
+    t = now_ms() - 36 * 3_600_000
+    sent = t if old == "sent" else now_ms()
+    data = raw_sign1(payload_obj("hub-3", 1, [reading(t)], sent=sent), hub.key, kid="hub-3")
+    for replay in (False, True):
+        if replay:
+            async with db.connection(trial.url, autocommit=True) as conn:
+                await conn.execute("UPDATE studies SET backfill_days = 1")
+        probe.publish(up_topic("hub-3"), data)
+        got = (await receipts(probe, gateway, 1))[("hub-3", 1)]
+        assert (got.status, got.stored, got.refused, got.reason) == (RECEIPT_ACCEPTED, 1, 0, None)
+    assert await rows(trial.url, "SELECT count(*) FROM rejections") == [(0,)]
+    assert await rows(trial.url, "SELECT count(*) FROM readings") == [(1,)]
+    assert gateway.consumer.stats.envelopes_replayed == 1
