@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,12 +51,13 @@ from gateway.judging import (
     decode_and_check,
     faulted,
     key,
+    poisoned_unread,
     rejected_receipt,
     replay_of,
     seal_each,
     verify_and_admit_one,
 )
-from gateway.storing import BatchStore, outage_pause
+from gateway.storing import POISON_AFTER, BatchStore, outage_pause
 from ingest import pipeline
 from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED
 from ingest.model import AcceptedEnvelope, Reason, Receipt, RejectedEnvelope
@@ -98,6 +101,9 @@ _SLOT_POLL_S = 0.5
 EARLY_CHUNK = 32
 # Device keys remembered for those early checks; past this many the memory starts afresh.
 KNOWN_KEYS_MAX = 100_000
+# A message delivered again after a batch holding it stopped a worker this many times (not
+# counting its first delivery) is handled in a batch of its own (``Consumer._triage``).
+ALONE_AFTER = 1
 # A worker's broker session outlives a crash or restart by this long (seconds).
 SESSION_EXPIRY_S = 14 * 86_400
 
@@ -139,6 +145,8 @@ class Consumer:
         # Device id -> the key its record held when last read (replaced, never changed in
         # place: executor threads read it while the loop makes the next one).
         self._known_keys: dict[str, ec.EllipticCurvePublicKey] = {}
+        # Messages set apart by _triage, each to be a batch of its own.
+        self._alone: deque[Message] = deque()
         # Unbounded as a queue; bounded by the slots (one per message until it is acked).
         self._inbox: Inbox[Message] = Inbox()
         self._slots = threading.BoundedSemaphore(MAX_UNACKED)
@@ -233,7 +241,7 @@ class Consumer:
             # Refused at decode as not an uplink topic; an exception here would end paho's
             # network thread, and with it every delivery to this worker.
             topic = bytes(msg._topic).decode("utf-8", "backslashreplace")
-        self._inbox.put(Message(topic, payload, msg.mid, msg.qos, self._now_ms()))
+        self._inbox.put(Message(topic, payload, msg.mid, msg.qos, self._now_ms(), bool(msg.dup)))
 
     # --- event loop ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -272,22 +280,69 @@ class Consumer:
         """A batch: the first message, then whatever arrives within ``max_wait_s``, up to
         ``max_batch``. What is queued already is taken at once, without a timer or a wake-up
         per message. Every ``EARLY_CHUNK`` messages taken while the batch is still open are
-        handed to ``early``."""
+        handed to ``early``, until a message that must be triaged first (``_triage``) is
+        taken. A message set aside to be handled alone is a batch of its own."""
+        if self._alone:
+            return [self._alone.popleft()]
         inbox, most = self._inbox, self.config.max_batch
         loop = asyncio.get_running_loop()
         await inbox.wait(None)
         items = inbox.take(most)
         handed = 0
+        early_ok = True
         deadline = loop.time() + self.config.max_wait_s
         while len(items) < most:
-            if len(items) - handed >= EARLY_CHUNK:
-                early(items[handed:])
-                handed = len(items)
+            if early_ok and len(items) - handed >= EARLY_CHUNK:
+                chunk = items[handed:]
+                early_ok = not any(self._needs_triage(m) for m in chunk)
+                if early_ok:
+                    early(chunk)
+                    handed = len(items)
             left = deadline - loop.time()
             if left <= 0 or not await inbox.wait(left):
                 break
             items.extend(inbox.take(most - len(items)))
         return items
+
+    def _needs_triage(self, m: Message) -> bool:
+        poisoned = self._storing.poisoned
+        return m.dup or (bool(poisoned) and hashlib.sha256(m.payload).digest() in poisoned)
+
+    async def _triage(
+        self, messages: Sequence[Message], *, alone: bool
+    ) -> tuple[list[Message], list[tuple[Message, RejectedEnvelope]]]:
+        """Before anything handles them: the messages to handle now, and those refused.
+
+        A message the broker delivers again (DUP) was held by a worker that stopped before
+        acknowledging it, perhaps killed by it without an exception to catch. Each batch that
+        holds such messages counts a try against them as it starts; one tried
+        ``POISON_AFTER`` times, or a copy of one refused as poison, is refused as ``poison``
+        unread. One tried ``ALONE_AFTER`` times is set apart to be a batch of its own, the
+        least tried first: what kills a worker is then found alone, and the messages that
+        were only beside it are handled.
+        """
+        poisoned = self._storing.poisoned
+        if not poisoned and not any(m.dup for m in messages):
+            return list(messages), []
+        digests = {m: hashlib.sha256(m.payload).digest() for m in messages}
+        tries = await self._storing.tries_of({digests[m] for m in messages if m.dup})
+        go: list[Message] = []
+        apart: list[tuple[int, Message]] = []
+        refused: list[tuple[Message, RejectedEnvelope]] = []
+        for m in messages:
+            digest, n = digests[m], tries.get(digests[m], 0)
+            if digest in poisoned or n >= POISON_AFTER:
+                self._storing.remember_poisoned([digest])
+                refused.append((m, poisoned_unread(m.topic, digest, n)))
+            elif n >= ALONE_AFTER and not alone:
+                apart.append((n, m))
+            else:
+                go.append(m)
+        self._alone.extend(m for _, m in sorted(apart, key=lambda item: item[0]))
+        await self._storing.count_redelivered({digests[m] for m in go if m.dup})
+        if refused or apart:
+            log.warning("redelivered messages: refused=%d set apart=%d", len(refused), len(apart))
+        return go, refused
 
     async def _collect_and_judge(self) -> Judged:
         """Collect a batch, decoding and checking its signatures as it fills, then judge it."""
@@ -307,21 +362,23 @@ class Consumer:
     ) -> Judged:
         """Decode (what the early chunks did not), verify and admit a batch (nothing written
         yet)."""
-        self.stats.messages += len(messages)
         started = time.monotonic()
         results: list[Early] = []
         for chunk in chunks:
             results.extend(await chunk)
-        if len(results) < len(messages):
+        handled = list(messages[: len(results)])
+        rest, unread = await self._triage(messages[len(results) :], alone=len(messages) == 1)
+        if rest:
             results.extend(
-                await asyncio.get_running_loop().run_in_executor(
-                    None, decode_and_check, messages[len(results) :], keys
-                )
+                await asyncio.get_running_loop().run_in_executor(None, decode_and_check, rest, keys)
             )
+            handled.extend(rest)
+        self.stats.messages += len(handled) + len(unread)
         decoded: list[tuple[Message, pipeline.Decoded]] = []
         checks: list[pipeline.SignatureCheck | None] = []
         undecodable: list[tuple[Message, RejectedEnvelope]] = []
-        for m, (d, check) in zip(messages, results, strict=True):
+        undecodable.extend(unread)
+        for m, (d, check) in zip(handled, results, strict=True):
             if isinstance(d, RejectedEnvelope):
                 undecodable.append((m, d))
             else:
@@ -376,7 +433,8 @@ class Consumer:
 
     async def _store_and_finish(self, judged: Judged) -> None:
         started = time.monotonic()
-        while True:
+        outcomes: dict[Key, EnvelopeOutcome] = {}
+        while judged.accepted or judged.rejected:  # not when all were replays or set apart
             unchanged = functools.partial(
                 records.confirm_unchanged,
                 participants={a.participant_id for _, a in judged.accepted},
@@ -466,6 +524,10 @@ class Consumer:
         for m, r in judged.rejected:
             self.stats.rejected_envelopes[r.reason.value] += 1
             answers.append((m, rejected_receipt(r, now_ms)))
+        if judged.replays:
+            await self._storing.forget(
+                {hashlib.sha256(m.payload).digest() for m, _ in judged.replays}
+            )
         for m, o in judged.replays:
             self.stats.envelopes_replayed += 1
             answers.append(

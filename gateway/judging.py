@@ -33,6 +33,8 @@ class Message:
     mid: int
     qos: int
     received_ms: int
+    # Delivered again by the broker (MQTT DUP): a worker stopped while holding it.
+    dup: bool = False
 
 
 @dataclass(slots=True)
@@ -135,6 +137,20 @@ def replay_of(
     if first is None or first.envelope_sha256 != r.envelope_sha256:
         return None
     return first.outcome()
+
+
+def poisoned_unread(topic: str, digest: bytes, tries: int) -> RejectedEnvelope:
+    """A message refused as ``poison`` without being read: it was delivered ``tries`` times
+    without its handling completing (0: a copy of one refused so before). Unread, it has no
+    device and seq a receipt could name; the device is the topic's."""
+    why = (
+        f"delivered {tries} times without its handling completing"
+        if tries
+        else "a copy of a message refused as poison"
+    )
+    return RejectedEnvelope(
+        Reason.POISON, f"{why}; not read", topic, digest, dev=pipeline.topic_device(topic)
+    )
 
 
 def rejected_receipt(r: RejectedEnvelope, now_ms: int) -> Receipt | None:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -39,6 +39,9 @@ OUTAGE_RETRY_CEILING_S = 10.0
 # seconds (a schema migrating, a lock) costs nothing, and one that does not frees the
 # worker in seconds rather than never.
 POISON_AFTER = 5
+# Poisoned digests a worker remembers; past this many the memory starts afresh (the counts
+# stay in message_faults, so a copy redelivered is refused at once all the same).
+POISONED_MAX = 10_000
 
 
 async def outage_pause(stats: Stats, delay: float, exc: BaseException) -> float:
@@ -69,6 +72,8 @@ class BatchStore:
         self.stats = stats
         # Digests of messages with tries counted in message_faults (forgotten once handled).
         self._faulted: set[bytes] = set()
+        # Digests refused as poison since this worker started: a copy is refused at once.
+        self.poisoned: set[bytes] = set()
 
     async def store(
         self,
@@ -252,27 +257,62 @@ class BatchStore:
         self.stats.held_batches += 1
         digests = {a.envelope_sha256 for a in envelopes} | {r.envelope_sha256 for r in rows}
         log.error("batch held: refused with no cause in its data error=%s", first_line(exc))
-        tries: dict[bytes, int] = {}
-        try:
-            async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
-                tries = await faults.record(conn, digests, first_line(exc))
-        except Exception as counting:  # noqa: BLE001 - a count not kept is tried again
-            log.error("tries not counted: %s", first_line(counting))
-        self._faulted |= digests
+        tries = await self._count(digests, first_line(exc))
         poisoned = {d for d, n in tries.items() if n >= POISON_AFTER}
         if poisoned:
             return delay, poisoned
         return await outage_pause(self.stats, delay, exc), poisoned
 
+    async def tries_of(self, digests: Collection[bytes]) -> dict[bytes, int]:
+        """The tries counted against these messages; none known when the database cannot
+        say (the messages are then simply handled)."""
+        try:
+            async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
+                return await faults.tries(conn, digests)
+        except Exception as exc:  # noqa: BLE001 - handled as if never tried
+            log.error("tries not read: %s", first_line(exc))
+            return {}
+
+    async def count_redelivered(self, digests: Collection[bytes]) -> None:
+        """Count a try against messages delivered again (MQTT DUP) as their handling starts:
+        a worker that stops while handling them (killed by one of them, perhaps, without an
+        exception to catch) leaves the count on record. Forgotten once they are handled."""
+        if digests:
+            await self._count(digests, "delivered again: a worker stopped while handling it")
+
+    async def _count(self, digests: Collection[bytes], error: str) -> dict[bytes, int]:
+        """One more try against each message, durably; a count not kept (the database away)
+        is an empty answer: the message is simply tried again."""
+        tries: dict[bytes, int] = {}
+        try:
+            async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
+                tries = await faults.record(conn, digests, error)
+        except Exception as counting:  # noqa: BLE001 - a count not kept is tried again
+            log.error("tries not counted: %s", first_line(counting))
+        self._faulted |= set(digests)
+        self.remember_poisoned(d for d, n in tries.items() if n >= POISON_AFTER)
+        return tries
+
+    def remember_poisoned(self, digests: Iterable[bytes]) -> None:
+        """Digests refused as poison: a copy delivered to this worker is refused at once."""
+        if len(self.poisoned) >= POISONED_MAX:
+            self.poisoned.clear()
+        self.poisoned.update(digests)
+
     async def _forget_faults(self, batch: Batch) -> None:
-        """Messages tried before and handled now lose their count."""
-        if not self._faulted:
-            return
         done = {a.envelope_sha256 for a in batch.accepted}
         done |= {r.envelope_sha256 for r in batch.rejected}
-        forget = self._faulted & done
+        await self.forget(done)
+
+    async def forget(self, handled: Collection[bytes]) -> None:
+        """Messages tried before and handled now lose their count, except those refused as
+        poison: their count stays, so a copy delivered later is refused at once."""
+        if not self._faulted:
+            return
+        forget = self._faulted & set(handled)
+        self._faulted -= forget
+        forget -= self.poisoned
         if forget:
-            self._faulted -= forget
             with contextlib.suppress(Exception):
                 async with self._pool.connection(timeout=CHECKOUT_TIMEOUT_S) as conn:
                     await faults.forget(conn, forget)

@@ -27,6 +27,10 @@ ON CONFLICT (envelope_sha256) DO UPDATE SET
 RETURNING envelope_sha256, attempts
 """
 )
+_TRIES = sql.SQL(
+    "SELECT envelope_sha256, attempts FROM message_faults"
+    " WHERE envelope_sha256 = ANY(%(digests)s::bytea[])"
+)
 _FORGET = sql.SQL("DELETE FROM message_faults WHERE envelope_sha256 = ANY(%(digests)s::bytea[])")
 
 
@@ -38,6 +42,15 @@ async def record(conn: Conn, digests: Collection[bytes], error: str) -> dict[byt
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(_RECORD, {"digests": list(digests), "error": storable_text(error)})
         return {bytes(row["envelope_sha256"]): int(row["attempts"]) for row in await cur.fetchall()}
+
+
+async def tries(conn: Conn, digests: Collection[bytes]) -> dict[bytes, int]:
+    """The tries counted so far against these messages (those with none are absent)."""
+    if not digests:
+        return {}
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(_TRIES, {"digests": list(digests)})
+    return {bytes(row["envelope_sha256"]): int(row["attempts"]) for row in await cur.fetchall()}
 
 
 async def forget(conn: Conn, digests: Collection[bytes]) -> None:

@@ -24,6 +24,7 @@ from tests.fixtures.envelopes import payload_obj, raw_sign1
 from tests.fixtures.gateway import RunningGateway
 from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.trial import Trial
+from tests.fixtures.waiting import wait_until
 
 FAR = 2**62  # milliseconds: some 146 million years from now
 
@@ -255,15 +256,25 @@ async def test_a_fault_alone_is_held_then_refused_as_poison(
     hubs: Trial, gateway: RunningGateway, probe: MqttProbe
 ) -> None:
     await refuse_rows(hubs.url, "gaps", "NEW.reason = 'boom'", "XX000")
-    probe.publish(up_topic("hub-1"), seal(with_gap("hub-1", 1, "boom"), hubs.hubs["hub-1"].key))
+    poison = seal(with_gap("hub-1", 1, "boom"), hubs.hubs["hub-1"].key)
+    probe.publish(up_topic("hub-1"), poison)
     (r,) = (await receipts(probe, gateway, 1)).values()
     assert (r.dev, r.status, r.reason) == ("hub-1", RECEIPT_REJECTED, "poison")
     assert gateway.consumer.stats.held_batches == POISON_AFTER
     assert await rows(hubs.url, "SELECT reason, device_id, seq FROM rejections") == [
         ("poison", "hub-1", 1)
     ]
-    # Handled at last: its count of tries is gone, and the next envelope goes through.
-    assert await rows(hubs.url, "SELECT count(*) FROM message_faults") == [(0,)]
+    # Its count stays on record, and a copy (the hub republishing) is refused unread, at
+    # once: no batch is held for it again.
+    assert await rows(hubs.url, "SELECT attempts FROM message_faults") == [(POISON_AFTER,)]
+    probe.publish(up_topic("hub-1"), poison)
+    await wait_until(
+        lambda: gateway.consumer.stats.rejected_envelopes["poison"] == 2, "the copy refused"
+    )
+    assert gateway.consumer.stats.held_batches == POISON_AFTER
+    assert await rows(hubs.url, "SELECT detail FROM rejections WHERE seq IS NULL") == [
+        ("a copy of a message refused as poison; not read",)
+    ]
     probe.publish(up_topic("hub-1"), seal(with_gap("hub-1", 2, "fine"), hubs.hubs["hub-1"].key))
     (r,) = (await receipts(probe, gateway, 1)).values()
     assert (r.seq, r.status, r.stored) == (2, RECEIPT_ACCEPTED, 3)
