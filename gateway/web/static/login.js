@@ -1,4 +1,19 @@
 "use strict";
+
+// Where to go after signing in: only a path on this gateway. The address is resolved as the
+// browser would resolve it ("/\\host", "//host", a tab or newline inside "//" all lead to
+// another host) and kept only if it stays on this origin.
+function localPath(next) {
+  if (!next || !next.startsWith("/")) return "/";
+  try {
+    const url = new URL(next, location.origin);
+    if (url.origin === location.origin) return url.pathname + url.search + url.hash;
+  } catch (e) {
+    // not an address at all
+  }
+  return "/";
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   const form = document.getElementById("login");
   const error = document.getElementById("login-error");
@@ -11,9 +26,7 @@ document.addEventListener("DOMContentLoaded", () => {
         noRedirect: true,
         body: { username: form.username.value, password: form.password.value },
       });
-      const next = new URLSearchParams(location.search).get("next") || "/";
-      // Only a path on this gateway: never an address elsewhere.
-      location.assign(next.startsWith("/") && !next.startsWith("//") ? next : "/");
+      location.assign(localPath(new URLSearchParams(location.search).get("next")));
     } catch (e) {
       error.textContent = e.message;
       form.password.value = "";
