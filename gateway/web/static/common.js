@@ -37,7 +37,9 @@ const TS = (() => {
     });
     if (resp.status === 401 && !opts.noRedirect) {
       location.assign("/login?next=" + encodeURIComponent(location.pathname));
-      throw new Error("signed out");
+      const err = new Error("signed out");
+      err.status = 401;
+      throw err;
     }
     const text = await resp.text();
     const data = text ? JSON.parse(text) : null;
@@ -105,12 +107,20 @@ const TS = (() => {
   document.addEventListener("DOMContentLoaded", () => {
     const out = document.getElementById("sign-out");
     if (out) {
+      // A page may not have asked for the session's CSRF token (the "not available" page
+      // runs no script of its own): sign-out asks first, and says so if it fails rather
+      // than leaving the session open behind the sign-in page.
       out.addEventListener("click", async () => {
         try {
-          await api("/api/v1/session", { method: "DELETE" });
-        } finally {
-          location.assign("/login");
+          if (!csrf) await session();
+          await api("/api/v1/session", { method: "DELETE", noRedirect: true });
+        } catch (e) {
+          if (e.status !== 401) {
+            status("Not signed out: " + e.message);
+            return;
+          }
         }
+        location.assign("/login");
       });
     }
   });

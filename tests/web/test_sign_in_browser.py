@@ -1,6 +1,6 @@
-"""After signing in, the sign-in page goes to its ``next`` address only when that stays on
-the gateway: addresses a browser resolves to another host are replaced by ``/`` (headless
-Chromium, as the pages are used)."""
+"""Signing in and out in headless Chromium, as the pages are used: after signing in, the
+sign-in page goes to its ``next`` address only when that stays on the gateway; signing out
+works from every page, the "not available" page included."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
+from storage import db
 from tests.web.browser import Browser
 from tests.web.conftest import PASSWORD, Web
 
@@ -21,12 +22,12 @@ async def browser(web: Web, chromium: webdriver.Chrome) -> Browser:
     return Browser(chromium, web.url)
 
 
-async def sign_in_with_next(browser: Browser, nxt: str) -> str:
+async def sign_in_with_next(browser: Browser, nxt: str, username: str = "monitor") -> str:
     """Sign in from ``/login?next=<nxt>``; the address the browser goes to then."""
     await browser.get(f"/login?next={quote(nxt, safe='')}")
 
     def fill(d: webdriver.Chrome) -> None:
-        d.find_element(By.ID, "username").send_keys("monitor")
+        d.find_element(By.ID, "username").send_keys(username)
         d.find_element(By.ID, "password").send_keys(PASSWORD)
         d.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
 
@@ -49,3 +50,21 @@ async def test_a_next_address_off_the_gateway_goes_home(browser: Browser, nxt: s
 
 async def test_a_next_path_on_the_gateway_is_kept(browser: Browser) -> None:
     assert await sign_in_with_next(browser, "/monitor?x=1") == browser.base_url + "/monitor?x=1"
+
+
+async def test_sign_out_from_the_not_available_page_ends_the_session(
+    web: Web, browser: Browser
+) -> None:
+    """That page runs no script of its own, so the sign-out button had no CSRF token: the
+    gateway refused the sign-out, and the page went to the sign-in page all the same,
+    leaving the session open."""
+    await sign_in_with_next(browser, "/monitor", "participant")
+    await browser.wait_for("the refusal", lambda d: "Not available" in d.title)
+    await browser.run(lambda d: d.find_element(By.ID, "sign-out").click())
+    await browser.wait_for("the sign-in page", lambda d: "/login" in d.current_url)
+    async with db.connection(web.trial.url) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM web_sessions s JOIN users u USING (user_id)"
+            " WHERE u.username = 'participant' AND s.ended_at IS NULL"
+        )
+        assert await cur.fetchone() == (0,)
