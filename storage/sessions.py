@@ -43,6 +43,8 @@ class Session:
     csrf_token: str
     created_at: datetime
     expires_at: datetime
+    # When it ends unless used before then (never after ``expires_at``).
+    idle_expires_at: datetime
 
 
 def token_digest(token: str) -> bytes:
@@ -72,7 +74,7 @@ _LOOKUP = """
 SELECT s.token_sha256, u.user_id, u.username, u.display_name, u.role, u.participant_id,
        coalesce((SELECT array_agg(site_id) FROM user_sites x WHERE x.user_id = u.user_id),
                 '{}'),
-       s.csrf_token, s.created_at, s.expires_at,
+       s.csrf_token, s.created_at, s.expires_at, s.idle_expires_at,
        s.last_seen_at < now() - %(touch)s
 FROM web_sessions s JOIN users u ON u.user_id = s.user_id
 WHERE s.token_sha256 = ANY(%(digests)s)
@@ -95,11 +97,12 @@ async def lookup(conn: Conn, token: str, *, idle: timedelta = IDLE_TIMEOUT) -> S
 
 
 async def lookup_many(
-    conn: Conn, tokens: Collection[str], *, idle: timedelta = IDLE_TIMEOUT
+    conn: Conn, tokens: Collection[str], *, idle: timedelta = IDLE_TIMEOUT, touch: bool = True
 ) -> dict[str, Session]:
     """The live sessions among ``tokens``, by token, in one query (a gateway process checks
     the sessions of all its open streams at once); each one's idle time restarts as in
-    :func:`lookup`."""
+    :func:`lookup`, unless ``touch`` is False: a check that is not a use of the session (an
+    open stream's) must not keep it alive."""
     by_digest = {token_digest(t): t for t in tokens if t and len(t) <= 128}
     if not by_digest:
         return {}
@@ -117,11 +120,12 @@ async def lookup_many(
         csrf,
         created,
         expires,
+        idle_expires,
         old,
     ) in await cur.fetchall():
         user = User(int(uid), str(username), str(display), Role(role), pid, frozenset(sites))
-        found[by_digest[bytes(digest)]] = Session(user, str(csrf), created, expires)
-        if old:
+        found[by_digest[bytes(digest)]] = Session(user, str(csrf), created, expires, idle_expires)
+        if old and touch:
             stale.append(bytes(digest))
     if stale:
         await conn.execute(_TOUCH, {"digests": stale, "idle": idle})

@@ -15,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 
 from psycopg_pool import AsyncConnectionPool
 
@@ -39,6 +40,8 @@ class Principal:
     user: User
     csrf_token: str
     token: str
+    # When the session ends unless used before then (None: not known to this request).
+    idle_expires_at: datetime | None = None
 
     @property
     def username(self) -> str:
@@ -104,15 +107,20 @@ STREAM_CHECK_S = 5.0
 LookupMany = Callable[[Conn, Collection[str]], Awaitable[dict[str, sessions.Session]]]
 
 
+async def _looked_at(conn: Conn, tokens: Collection[str]) -> dict[str, sessions.Session]:
+    """The sessions of open streams, as they are: watching a stream is not a use of the
+    session, so the check does not restart its idle time (an unattended screen is signed out
+    after ``sessions.IDLE_TIMEOUT`` like any other)."""
+    return await sessions.lookup_many(conn, tokens, touch=False)
+
+
 class SessionChecks:
     """The sessions of a process's open streams (alert board, live views), checked again
     together: one query every ``every_s`` for all of them, not one per stream. A stream asks
     :meth:`current` for its user as the session says now (sites and role may have changed);
     None means the session has ended."""
 
-    def __init__(
-        self, every_s: float | None = None, lookup_many: LookupMany = sessions.lookup_many
-    ) -> None:
+    def __init__(self, every_s: float | None = None, lookup_many: LookupMany = _looked_at) -> None:
         self.every_s = every_s  # None: STREAM_CHECK_S, as it is at each check
         self._lookup_many = lookup_many
         self._open: dict[str, int] = {}  # token -> streams open with it
@@ -142,7 +150,7 @@ class SessionChecks:
                 async with pool.connection() as conn:
                     found = await self._lookup_many(conn, asked)
                 current = {
-                    token: Principal(s.user, s.csrf_token, token)
+                    token: Principal(s.user, s.csrf_token, token, s.idle_expires_at)
                     for token, s in found.items()
                     if token in self._open  # not closed during the query
                 }

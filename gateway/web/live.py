@@ -333,6 +333,7 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
     checks.opened(principal)
     watch = feed.watch(pid, minutes)
     checked_at = time.monotonic()
+    warned: datetime | None = None
     full_at = -FULL_EVERY_S
     in_window: set[_Key] = set()
     # After this long, no feed read can return a reading this stream's window held.
@@ -345,6 +346,7 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
                     await resp.write(_event("signed-out", {}))
                     break
                 principal = current
+                warned = await streams.warn_before_idle_end(resp, principal, warned)
                 checked_at = time.monotonic()
             full = watch.behind or time.monotonic() - full_at >= FULL_EVERY_S
             if full and full_at >= 0:

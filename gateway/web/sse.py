@@ -22,6 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Collection
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -213,6 +214,7 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
     checks = request.app[auth.SESSION_CHECKS_KEY]
     checks.opened(principal)
     checked_at = -POLL_S
+    warned: datetime | None = None
     sites: list[str] = []
     try:
         while not feed.closing:
@@ -224,6 +226,7 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
                     await resp.write(b"event: signed-out\ndata: {}\n\n")
                     break
                 principal = current
+                warned = await streams.warn_before_idle_end(resp, principal, warned)
                 sites = await visible_sites(pool, principal)
                 checked_at = time.monotonic()
             await feed.refresh(pool)

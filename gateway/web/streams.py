@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
+
+from gateway.web.access import Principal
+
+# A stream tells its page this long before its session ends for inactivity, so the person
+# watching can stay signed in (watching a stream is not a use of the session).
+IDLE_WARNING = timedelta(minutes=2)
 
 
 class Feed(Protocol):
@@ -51,3 +59,16 @@ async def run_feed(
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def warn_before_idle_end(
+    resp: web.StreamResponse, principal: Principal, warned: datetime | None
+) -> datetime | None:
+    """Send ``session-idle`` (with the time the session ends) once per idle expiry, when it
+    is within ``IDLE_WARNING``; the expiry warned of."""
+    ends = principal.idle_expires_at
+    if ends is None or ends == warned or ends - datetime.now(UTC) > IDLE_WARNING:
+        return warned
+    body = json.dumps({"idle_expires_at": ends.isoformat()})
+    await resp.write(f"event: session-idle\ndata: {body}\n\n".encode())
+    return ends

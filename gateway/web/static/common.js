@@ -104,6 +104,30 @@ const TS = (() => {
     return el("a", { href }, text);
   }
 
+  // Watching a stream is not a use of the session: it ends after the idle time like any
+  // other. Shortly before, the stream says when; the page offers to stay signed in, which
+  // is a use of the session.
+  function warnBeforeIdleEnd(source) {
+    source.addEventListener("session-idle", (m) => {
+      const ends = JSON.parse(m.data).idle_expires_at;
+      let bar = document.getElementById("idle-warning");
+      if (!bar) {
+        bar = el("div", { id: "idle-warning", class: "idle-warning", role: "alert" });
+        document.body.prepend(bar);
+      }
+      const stay = el("button", { type: "button", id: "stay-signed-in" }, "Stay signed in");
+      stay.addEventListener("click", async () => {
+        try {
+          await session();
+          bar.remove();
+        } catch (e) {
+          status("Could not stay signed in: " + e.message);
+        }
+      });
+      bar.replaceChildren(`Signing out for inactivity at ${time(ends)}. `, stay);
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     const out = document.getElementById("sign-out");
     if (out) {
@@ -125,5 +149,5 @@ const TS = (() => {
     }
   });
 
-  return { el, api, session, time, ago, table, section, link, status };
+  return { el, api, session, time, ago, table, section, link, status, warnBeforeIdleEnd };
 })();

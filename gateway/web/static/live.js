@@ -142,6 +142,7 @@
     };
     source.addEventListener("window", (m) => merge(JSON.parse(m.data), true));
     source.addEventListener("readings", (m) => merge(JSON.parse(m.data), false));
+    TS.warnBeforeIdleEnd(source);
     source.addEventListener("signed-out", () => {
       source.close();
       location.assign("/login?next=" + encodeURIComponent(location.pathname));

@@ -107,6 +107,7 @@
       if (ev.event === "opened") status(`New ${ev.severity} alert for ${ev.participant_id}.`);
       render();
     });
+    TS.warnBeforeIdleEnd(source);
     source.addEventListener("signed-out", () => {
       source.close();
       location.assign("/login?next=/monitor");
