@@ -3,16 +3,26 @@
 ``create_app(settings)`` builds it; the pool and the consumer are resources of the app
 (``cleanup_ctx``), started with it and closed with it. ``/healthz`` answers 200 only while
 the database and the broker are both reachable; ``/metrics`` is Prometheus text.
+
+The consumer and the alert service run as tasks beside the HTTP server. When either ends
+with an error, the error is logged once with its traceback and the ``on_fatal`` callback
+given to ``create_app`` is called with ``EXIT_CONSUMER_DIED``: the process running the app
+stops it (``gateway.serve`` exits the worker, which its supervisor starts again), so a
+worker never goes on serving HTTP with nothing ingesting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
 
+import paho.mqtt.client as mqtt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg_pool import AsyncConnectionPool
@@ -22,13 +32,14 @@ from gateway.alerts import AlertEngine, AlertService, MqttPublisher
 from gateway.consumer import Consumer, ConsumerConfig, Histogram
 from gateway.pki import GATEWAY_IDENTITY, PkiError, StudyCA
 from gateway.problems import problem, problem_middleware, read_json_object, require_str
+from gateway.serve import EXIT_CONSUMER_DIED
 from gateway.settings import Settings
 from gateway.web import setup_web
 from ingest import keys
 from ingest.transport import configure_tls
 from storage import db
 from storage.migrate import StorageMode, migrate
-from storage.writer import BulkWriter
+from storage.writer import BulkWriter, InTransaction
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,47 @@ CONSUMER_TASK = web.AppKey("consumer_task", asyncio.Task[None])
 STUDY_CA = web.AppKey("study_ca", StudyCA)
 RECEIPT_KEY = web.AppKey("receipt_key", ec.EllipticCurvePrivateKey)
 ALERT_ENGINE = web.AppKey("alert_engine", AlertEngine)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDied:
+    """A background task of the app (the consumer, the alert service) ended with an error."""
+
+    exit_code: int
+    task: str
+    error: BaseException
+
+
+class ConsumerFactory(Protocol):
+    """Builds the app's consumer; ``Consumer`` itself, or a subclass of it."""
+
+    def __call__(
+        self,
+        config: ConsumerConfig,
+        pool: AsyncConnectionPool,
+        writer: BulkWriter,
+        receipt_key: ec.EllipticCurvePrivateKey,
+        *,
+        configure_client: Callable[[mqtt.Client], None] | None = None,
+        also: InTransaction | None = None,
+    ) -> Consumer: ...
+
+
+@dataclass
+class Lifecycle:
+    """How this app was started, and what it must do when a background task dies."""
+
+    on_fatal: Callable[[TaskDied], None] | None = None
+    consumer_factory: ConsumerFactory = Consumer
+    # Times this worker slot was started again after dying, and how the last one ended
+    # (None for a first start).
+    restarts: int = 0
+    last_exit_code: int | None = None
+    fatal: TaskDied | None = None
+    stopping: bool = False
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 # API bodies are small JSON documents; envelopes never come over HTTP.
 MAX_BODY_BYTES = 64 * 1024
@@ -97,7 +149,7 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
     tls = None
     if settings.mqtt_tls:
         tls = app[STUDY_CA].issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
-    consumer = Consumer(
+    consumer = app[LIFECYCLE].consumer_factory(
         config,
         app[INGEST_POOL],
         BulkWriter(app[INGEST_POOL], app[MODE]),
@@ -106,13 +158,11 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
         also=app[ALERT_ENGINE],
     )
     task = asyncio.create_task(consumer.run(), name=f"mqtt-consumer-{app[WORKER]}")
-    task.add_done_callback(_report_crash)
+    task.add_done_callback(functools.partial(_task_ended, app))
     app[CONSUMER] = consumer
     app[CONSUMER_TASK] = task
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await _stop_task(app, task)
 
 
 async def _alerts(app: web.Application) -> AsyncIterator[None]:
@@ -124,16 +174,32 @@ async def _alerts(app: web.Application) -> AsyncIterator[None]:
         MqttPublisher(app[CONSUMER].publish),
     )
     task = asyncio.create_task(service.run(), name=f"alerts-{app[WORKER]}")
-    task.add_done_callback(_report_crash)
+    task.add_done_callback(functools.partial(_task_ended, app))
     yield
+    await _stop_task(app, task)
+
+
+def _task_ended(app: web.Application, task: asyncio.Task[None]) -> None:
+    """A background task ended: unless the app is stopping, that is fatal to the worker."""
+    lifecycle = app[LIFECYCLE]
+    if task.cancelled() or lifecycle.stopping:
+        return
+    error = task.exception() or RuntimeError(f"task {task.get_name()} returned")
+    log.error("task stopped task=%s", task.get_name(), exc_info=error)
+    if lifecycle.fatal is not None:
+        return  # the first death already asked for the stop
+    lifecycle.fatal = TaskDied(EXIT_CONSUMER_DIED, task.get_name(), error)
+    if lifecycle.on_fatal is not None:
+        lifecycle.on_fatal(lifecycle.fatal)
+
+
+async def _stop_task(app: web.Application, task: asyncio.Task[None]) -> None:
+    app[LIFECYCLE].stopping = True
+    if task.done():
+        return  # its error, if any, was reported when it ended
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-def _report_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("task stopped task=%s", task.get_name(), exc_info=task.exception())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -152,6 +218,8 @@ async def healthz(request: web.Request) -> web.Response:
         "mqtt": consumer.stats.mqtt_connected,
         "consumer": not task.done(),
         "storage_mode": app[MODE].value,
+        "restarts": app[LIFECYCLE].restarts,
+        "last_exit_code": app[LIFECYCLE].last_exit_code,
     }
     ok = database and consumer.stats.mqtt_connected and not task.done()
     body["status"] = "ok" if ok else "unavailable"
@@ -247,6 +315,12 @@ async def metrics(request: web.Request) -> web.Response:
             [(w, s.receipt_seconds)],
         ),
         *_family(
+            "trialstream_worker_restarts_total",
+            "counter",
+            "Times this worker slot was started again after dying.",
+            [(w, request.app[LIFECYCLE].restarts)],
+        ),
+        *_family(
             "trialstream_mqtt_connected",
             "gauge",
             "1 while connected to the broker.",
@@ -311,10 +385,31 @@ async def post_enrollment(request: web.Request) -> web.Response:
     )
 
 
-def create_app(settings: Settings, *, worker: int = 0) -> web.Application:
+def create_app(
+    settings: Settings,
+    *,
+    worker: int = 0,
+    on_fatal: Callable[[TaskDied], None] | None = None,
+    restarts: int = 0,
+    last_exit_code: int | None = None,
+    consumer_factory: ConsumerFactory = Consumer,
+) -> web.Application:
+    """The gateway app for worker slot ``worker``.
+
+    ``on_fatal`` is called once, on the event loop, when the consumer or the alert service
+    ends with an error (``TaskDied.exit_code`` is ``EXIT_CONSUMER_DIED``); the caller stops
+    the app. Without it the error is only logged. ``restarts`` and ``last_exit_code`` describe
+    the slot's earlier lives, for ``/healthz`` and ``/metrics``.
+    """
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[problem_middleware])
     app[SETTINGS] = settings
     app[WORKER] = worker
+    app[LIFECYCLE] = Lifecycle(
+        on_fatal=on_fatal,
+        consumer_factory=consumer_factory,
+        restarts=restarts,
+        last_exit_code=last_exit_code,
+    )
     app[ALERT_ENGINE] = AlertEngine()
     app.cleanup_ctx.append(_identity)
     app.cleanup_ctx.append(_database)

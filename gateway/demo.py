@@ -8,6 +8,10 @@ the real API. A scripted scenario then plays: one participant has an abnormal ep
 withdraws consent, one hub goes offline and comes back with its backlog. Counters print
 until Ctrl-C or ``--duration``; shutdown stops everything it started and, unless ``--keep``,
 removes its files.
+
+The gateway runs in the demo's own process. Should its consumer (or alert service) die, the
+demo stops and cleans up as well, with ``ConsumerStopped``: the command prints one line and
+exits non-zero rather than playing on with nothing stored.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,9 +41,9 @@ from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from device_drivers.state import HubState
 from gateway import enrollment
-from gateway.app import create_app
+from gateway.app import TaskDied, create_app
 from gateway.broker import MosquittoBroker, find_mosquitto, free_port
-from gateway.errors import BrokerError
+from gateway.errors import BrokerError, GatewayError
 from gateway.pki import StudyCA
 from gateway.settings import Settings
 from ingest.metrics import METRICS
@@ -54,6 +58,10 @@ log = logging.getLogger(__name__)
 STUDY = "DEMO-01"
 SITE = "SITE-1"
 ALL_SCOPES = frozenset(m.scope for m in METRICS.values())
+
+
+class ConsumerStopped(GatewayError):
+    """The in-process gateway's consumer or alert service died; the demo cannot go on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,7 +310,13 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
                 ca_dir=ca.directory,
                 http_port=options.http_port,
             )
-            runner = web.AppRunner(create_app(settings), access_log=None)
+            died: asyncio.Future[TaskDied] = asyncio.get_running_loop().create_future()
+
+            def on_fatal(what: TaskDied) -> None:
+                if not died.done():
+                    died.set_result(what)
+
+            runner = web.AppRunner(create_app(settings, on_fatal=on_fatal), access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -348,7 +362,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
             _where_to_look(settings.gateway_url, cohort, out)
             scenario = asyncio.create_task(_scenario(options, cohort, url, document, state, out))
             try:
-                await _watch(options, url, state, out)
+                await _unless_died(_watch(options, url, state, out), died)
             finally:
                 scenario.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -586,6 +600,27 @@ async def _scenario(
             await result
         state.event(text)
         say(out, f"  >> {text}")
+
+
+async def _unless_died(work: Coroutine[Any, Any, None], died: asyncio.Future[TaskDied]) -> None:
+    """Run ``work``; raise ``ConsumerStopped`` as soon as the gateway's consumer dies."""
+    task = asyncio.create_task(work)
+    try:
+        either: set[asyncio.Future[Any]] = {task, died}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if died.done():
+        what = died.result()
+        error = " ".join(str(what.error).split())  # one line, whatever the error's text
+        raise ConsumerStopped(
+            f"the gateway's {what.task} task died ({type(what.error).__name__}: {error});"
+            " the demo stopped"
+        )
+    task.result()
 
 
 async def _watch(options: DemoOptions, url: str, state: DemoState, out: TextIO) -> None:

@@ -3,7 +3,14 @@ shared subscription.
 
 The parent applies migrations once, then starts the workers and waits; SIGINT or SIGTERM
 stops them all. A worker that dies is started again (its MQTT session is taken back by its
-stable client id, with the messages it had not acknowledged).
+stable client id, with the messages it had not acknowledged), after a wait that doubles
+with each death in a row: 1 s, 2 s, 4 s ... up to 60 s, and back to 1 s once a worker has
+stayed up 60 s (``next_backoff``).
+
+A worker whose consumer (or alert service) dies does not go on serving HTTP without
+ingesting: it logs the error, stops, and exits with ``EXIT_CONSUMER_DIED``. Each new worker
+is told how many times its slot was started again and how its last process ended; its
+``/healthz`` and ``/metrics`` report both.
 """
 
 from __future__ import annotations
@@ -15,19 +22,31 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from gateway.pki import GATEWAY_IDENTITY, StudyCA
 from gateway.settings import Settings
 from storage import db
 from storage.migrate import migrate
 
+if TYPE_CHECKING:
+    from gateway.app import TaskDied
+
 log = logging.getLogger(__name__)
 
-# A worker that keeps dying is restarted at most this often, so a broken setting does not
-# spin the machine.
-RESTART_MIN_INTERVAL_S = 5.0
+# A worker's exit status when its consumer or alert service ended with an error.
+EXIT_CONSUMER_DIED = 3
+# A worker that dies is started again after a wait: the first, then doubled with each death
+# in a row up to the cap, so a broken setting does not spin the machine and a passing fault
+# costs a second. A worker that stayed up RESTART_RESET_AFTER_S starts the series afresh.
+RESTART_BACKOFF_MIN_S = 1.0
+RESTART_BACKOFF_MAX_S = 60.0
+RESTART_RESET_AFTER_S = 60.0
+# How often the supervisor looks at its workers (and at SIGINT/SIGTERM, while it waits).
+SUPERVISE_POLL_S = 0.1
 # Workers get this long, together, to finish their batch and close after SIGTERM.
 STOP_GRACE_S = 15.0
 # How often a worker checks that its supervisor is still there.
@@ -36,14 +55,60 @@ PARENT_CHECK_S = 1.0
 GC_THRESHOLDS = (20_000, 10, 10)
 
 
-async def serve_worker(settings: Settings, worker: int, stop: asyncio.Event) -> None:
+def next_backoff(previous: float | None, uptime: float) -> float:
+    """Seconds to wait before starting a worker again, given the wait before its last start
+    (None when that was the slot's first start) and how long it then stayed up."""
+    if previous is None or uptime >= RESTART_RESET_AFTER_S:
+        return RESTART_BACKOFF_MIN_S
+    return min(previous * 2, RESTART_BACKOFF_MAX_S)
+
+
+def describe_exit(code: int | None) -> str:
+    if code == EXIT_CONSUMER_DIED:
+        return f"{code} (consumer died)"
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
+
+
+async def serve_worker(
+    settings: Settings,
+    worker: int,
+    stop: asyncio.Event,
+    *,
+    restarts: int = 0,
+    last_exit_code: int | None = None,
+) -> int:
+    """Serve until ``stop`` is set or a background task of the app dies; the exit status:
+    0, or ``EXIT_CONSUMER_DIED``."""
     # Imported here, in the worker: the supervisor never loads the application (about
     # 75 MB of modules it has no use for).
     from aiohttp import web
 
     from gateway.app import create_app
 
-    app = create_app(settings, worker=worker)
+    exit_code = 0
+
+    def on_fatal(died: TaskDied) -> None:
+        nonlocal exit_code
+        # The error and its traceback are logged by the app; one line here says what follows.
+        log.error(
+            "worker=%d task %s died; stopping with exit code %d",
+            worker,
+            died.task,
+            died.exit_code,
+        )
+        exit_code = died.exit_code
+        stop.set()
+
+    app = create_app(
+        settings,
+        worker=worker,
+        on_fatal=on_fatal,
+        restarts=restarts,
+        last_exit_code=last_exit_code,
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=True)
@@ -56,6 +121,7 @@ async def serve_worker(settings: Settings, worker: int, stop: asyncio.Event) -> 
         await stop.wait()
     finally:
         await runner.cleanup()
+    return exit_code
 
 
 def _settle_heap() -> None:
@@ -74,23 +140,29 @@ def _settle_heap() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def _worker_main(settings: Settings, worker: int) -> None:
+def _worker_main(
+    settings: Settings, worker: int, restarts: int = 0, last_exit_code: int | None = None
+) -> None:
     logging.basicConfig(
         level=settings.log_level, format=f"%(asctime)s %(levelname)s w{worker} %(name)s %(message)s"
     )
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
         try:
-            await serve_worker(settings, worker, stop)
+            return await serve_worker(
+                settings, worker, stop, restarts=restarts, last_exit_code=last_exit_code
+            )
         finally:
             watch.cancel()
 
-    asyncio.run(main())
+    code = asyncio.run(main())
+    if code:
+        sys.exit(code)
 
 
 async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:
@@ -121,6 +193,12 @@ def run(settings: Settings, workers: int) -> int:
     ctx = mp.get_context("spawn")
     procs: dict[int, mp.process.BaseProcess] = {}
     started: dict[int, float] = {}
+    # Per worker slot: times started again, how its last process ended, the wait before its
+    # last start (None: none yet), and when a dead one is due to start again.
+    restarts: dict[int, int] = dict.fromkeys(range(workers), 0)
+    last_exit: dict[int, int | None] = dict.fromkeys(range(workers))
+    backoff: dict[int, float | None] = dict.fromkeys(range(workers))
+    due: dict[int, float] = {}
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -131,7 +209,11 @@ def run(settings: Settings, workers: int) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     def start(i: int) -> None:
-        p = ctx.Process(target=_worker_main, args=(settings, i), name=f"gateway-worker-{i}")
+        p = ctx.Process(
+            target=_worker_main,
+            args=(settings, i, restarts[i], last_exit[i]),
+            name=f"gateway-worker-{i}",
+        )
         p.start()
         procs[i] = p
         started[i] = time.monotonic()
@@ -144,14 +226,30 @@ def run(settings: Settings, workers: int) -> int:
         flush=True,
     )
     while not stopping:
-        time.sleep(0.5)
+        # Short steps: SIGINT and SIGTERM are seen within one, also while a restart waits.
+        time.sleep(SUPERVISE_POLL_S)
+        now = time.monotonic()
         for i, p in list(procs.items()):
-            if not p.is_alive() and not stopping:
-                wait = RESTART_MIN_INTERVAL_S - (time.monotonic() - started[i])
-                log.error("worker %d exited with %s; restarting", i, p.exitcode)
-                if wait > 0:
-                    time.sleep(wait)
-                start(i)
+            if stopping:
+                break
+            if i in due:
+                if now >= due[i]:
+                    del due[i]
+                    restarts[i] += 1
+                    start(i)
+            elif not p.is_alive():
+                wait = next_backoff(backoff[i], now - started[i])
+                backoff[i] = wait
+                last_exit[i] = p.exitcode
+                due[i] = now + wait
+                log.error(
+                    "worker %d exited with code %s after %.1f s up; restart %d in %.0f s",
+                    i,
+                    describe_exit(p.exitcode),
+                    now - started[i],
+                    restarts[i] + 1,
+                    wait,
+                )
     for p in procs.values():
         if p.is_alive() and p.pid is not None:
             with contextlib.suppress(ProcessLookupError):

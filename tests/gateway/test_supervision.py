@@ -1,0 +1,413 @@
+"""A dead consumer never leaves a worker that looks alive: the app reports the death to its
+runner, the worker exits with ``EXIT_CONSUMER_DIED``, and the supervisor starts it again
+after a backoff, telling the new worker how many times its slot was restarted.
+
+Against the real PostgreSQL and a test-started Mosquitto. The consumer's death is caused
+in the consumer itself (its ``run`` ends with an error); nothing else is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import CONSUMER, ConsumerFactory, TaskDied, create_app
+from gateway.broker import MosquittoBroker, free_port
+from gateway.consumer import Consumer
+from gateway.demo import ConsumerStopped, _unless_died
+from gateway.errors import GatewayError
+from gateway.serve import (
+    EXIT_CONSUMER_DIED,
+    RESTART_BACKOFF_MAX_S,
+    RESTART_BACKOFF_MIN_S,
+    RESTART_RESET_AFTER_S,
+    next_backoff,
+)
+from gateway.settings import Settings
+from tests.fixtures.gateway import gateway_settings
+from tests.fixtures.waiting import wait_until
+
+RESTARTS_METRIC = "trialstream_worker_restarts_total"
+Client = TestClient[web.Request, web.Application]
+
+
+def dying_consumer(die: asyncio.Event) -> ConsumerFactory:
+    """The real consumer, until ``die`` is set: then its ``run`` ends with an error, as a
+    bug in it would."""
+
+    class DyingConsumer(Consumer):
+        async def run(self) -> None:
+            consuming = asyncio.create_task(super().run())
+            try:
+                await die.wait()
+            finally:
+                consuming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consuming
+            raise RuntimeError("the consumer broke")
+
+    return DyingConsumer
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, **kwargs: Any) -> AsyncIterator[Client]:
+    client: Client = TestClient(TestServer(create_app(settings, **kwargs)))
+    await client.start_server()
+    try:
+        async with asyncio.timeout(15):
+            await client.app[CONSUMER].wait_subscribed()
+        yield client
+    finally:
+        await client.close()
+
+
+async def health(client: Client) -> tuple[int, dict[str, Any]]:
+    response = await client.get("/healthz")
+    return response.status, await response.json()
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+async def test_a_consumer_that_dies_calls_on_fatal_and_healthz_says_so(
+    database_url: str, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    die = asyncio.Event()
+    fatal: list[TaskDied] = []
+    settings = gateway_settings(database_url, mosquitto, tmp_path / "gateway")
+    async with serving(
+        settings, on_fatal=fatal.append, consumer_factory=dying_consumer(die)
+    ) as client:
+
+        async def healthy() -> bool:
+            return (await health(client))[0] == 200
+
+        await wait_until(healthy, "healthz 200 while the consumer runs", within=10)
+        assert fatal == []
+
+        die.set()
+        await wait_until(lambda: bool(fatal), "on_fatal after the consumer died", within=5)
+        assert len(fatal) == 1
+        assert fatal[0].exit_code == EXIT_CONSUMER_DIED == 3
+        assert fatal[0].task == "mqtt-consumer-0"
+        assert isinstance(fatal[0].error, RuntimeError)
+        # Until its runner stops it, the worker says it is not ingesting.
+        status, body = await health(client)
+        assert status == 503
+        assert body["consumer"] is False
+        assert body["status"] == "unavailable"
+    assert len(fatal) == 1  # the stop that follows is no second death
+
+
+async def test_healthz_and_metrics_report_the_slots_restarts(
+    database_url: str, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    fatal: list[TaskDied] = []
+    settings = gateway_settings(database_url, mosquitto, tmp_path / "gateway")
+    async with serving(
+        settings, worker=2, on_fatal=fatal.append, restarts=4, last_exit_code=EXIT_CONSUMER_DIED
+    ) as client:
+
+        async def healthy() -> bool:
+            return (await health(client))[0] == 200
+
+        await wait_until(healthy, "healthz 200", within=10)
+        _, body = await health(client)
+        assert body["restarts"] == 4
+        assert body["last_exit_code"] == EXIT_CONSUMER_DIED
+        # The fields that were there before are still there.
+        assert {"database", "mqtt", "consumer", "storage_mode", "status"} <= set(body)
+        text = await (await client.get("/metrics")).text()
+        assert (
+            f"# HELP {RESTARTS_METRIC} Times this worker slot was started again after dying."
+            in text
+        )
+        assert f"# TYPE {RESTARTS_METRIC} counter" in text
+        assert f'{RESTARTS_METRIC}{{worker="2"}} 4' in text.splitlines()
+    # An orderly stop cancels the consumer: that is not a death.
+    assert fatal == []
+
+
+async def test_a_first_start_reports_no_restarts(
+    database_url: str, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    settings = gateway_settings(database_url, mosquitto, tmp_path / "gateway")
+    async with serving(settings) as client:
+        _, body = await health(client)
+        assert (body["restarts"], body["last_exit_code"]) == (0, None)
+        text = await (await client.get("/metrics")).text()
+        assert f'{RESTARTS_METRIC}{{worker="0"}} 0' in text.splitlines()
+
+
+# --- the demo, which runs the app in its own process ----------------------------------------
+
+
+async def test_the_demo_stops_with_one_line_when_the_consumer_dies() -> None:
+    died: asyncio.Future[TaskDied] = asyncio.get_running_loop().create_future()
+    watching = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def watch() -> None:
+        watching.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cancelled.set()
+
+    async def die_soon() -> None:
+        await watching.wait()
+        died.set_result(
+            TaskDied(EXIT_CONSUMER_DIED, "mqtt-consumer-0", RuntimeError("broke\non two lines"))
+        )
+
+    dying = asyncio.create_task(die_soon())
+    with pytest.raises(ConsumerStopped) as raised:
+        async with asyncio.timeout(5):
+            await _unless_died(watch(), died)
+    await dying
+    assert cancelled.is_set()
+    assert str(raised.value) == (
+        "the gateway's mqtt-consumer-0 task died (RuntimeError: broke on two lines);"
+        " the demo stopped"
+    )
+    assert isinstance(raised.value, GatewayError)  # the CLI prints it as one error: line
+
+
+async def test_the_demo_ends_normally_while_the_consumer_lives() -> None:
+    died: asyncio.Future[TaskDied] = asyncio.get_running_loop().create_future()
+    ran: list[bool] = []
+
+    async def watch() -> None:
+        ran.append(True)
+
+    await _unless_died(watch(), died)
+    assert ran == [True]
+
+
+# --- the backoff -----------------------------------------------------------------------------
+
+
+def test_the_restart_backoff_doubles_from_1_s_to_a_60_s_cap() -> None:
+    waits: list[float] = []
+    previous: float | None = None
+    for _ in range(9):
+        previous = next_backoff(previous, uptime=0.5)
+        waits.append(previous)
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    assert (RESTART_BACKOFF_MIN_S, RESTART_BACKOFF_MAX_S) == (1.0, 60.0)
+
+
+def test_the_restart_backoff_starts_afresh_after_60_s_up() -> None:
+    assert RESTART_RESET_AFTER_S == 60.0
+    assert next_backoff(32.0, uptime=59.9) == 60.0
+    assert next_backoff(32.0, uptime=60.0) == 1.0
+    assert next_backoff(60.0, uptime=3600.0) == 1.0
+    assert next_backoff(None, uptime=0.0) == 1.0
+
+
+# --- the supervisor, as a process ------------------------------------------------------------
+
+# Runs the supervisor (``serve.run``) with a consumer whose first ``DIE_TIMES`` lives end
+# with an error. The supervisor's workers are spawned: each imports this file again (as
+# ``__mp_main__``), so each gets the same consumer.
+SUPERVISOR_SCRIPT = """
+import os
+from pathlib import Path
+
+from gateway import serve
+from gateway.consumer import Consumer
+from gateway.demo import ConsumerStopped, _unless_died
+from gateway.errors import GatewayError
+from gateway.settings import Settings
+
+DEATHS = Path(os.environ["TEST_DEATHS_FILE"])
+DIE_TIMES = int(os.environ["TEST_DIE_TIMES"])
+_run = Consumer.run
+
+
+async def run_or_die(self):
+    died = len(DEATHS.read_text()) if DEATHS.exists() else 0
+    if died < DIE_TIMES:
+        with DEATHS.open("a") as f:
+            f.write("x")
+        raise RuntimeError("injected: this life of the consumer ends here")
+    await _run(self)
+
+
+Consumer.run = run_or_die
+
+if __name__ == "__main__":
+    raise SystemExit(serve.run(Settings.from_env(os.environ), 1))
+"""
+
+
+def gateway_env(
+    database_url: str, broker: MosquittoBroker, data_dir: Path, http_port: int
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
+    env.update(
+        {
+            "TRIALSTREAM_DATABASE_URL": database_url,
+            "TRIALSTREAM_MQTT_HOST": broker.host,
+            "TRIALSTREAM_MQTT_PORT": str(broker.port),
+            "TRIALSTREAM_DATA_DIR": str(data_dir),
+            "TRIALSTREAM_HTTP_PORT": str(http_port),
+            "TRIALSTREAM_STORAGE_MODE": "plain",
+            "TRIALSTREAM_LOG_LEVEL": "WARNING",
+        }
+    )
+    return env
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as resp:
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_for_health(
+    proc: subprocess.Popen[str], port: int, *, restarts: int, within: float
+) -> dict[str, Any]:
+    """The worker's /healthz body once it answers 200 with ``restarts``."""
+    deadline = time.monotonic() + within
+    last: object = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the supervisor exited"
+        with contextlib.suppress(OSError):
+            status, text = get(port, "/healthz")
+            body = json.loads(text)
+            last = (status, body)
+            if status == 200 and body["restarts"] == restarts:
+                return dict(body)
+        time.sleep(0.1)
+    raise AssertionError(f"not within {within:.0f} s: healthz 200 with {restarts=}; last {last}")
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """SIGINT, as Ctrl-C; the exit status and what the supervisor logged."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return proc.returncode, err
+
+
+Launch = Callable[[int], tuple[subprocess.Popen[str], int]]
+
+
+@pytest.fixture
+def supervisor(database_url: str, mosquitto: MosquittoBroker, tmp_path: Path) -> Iterator[Launch]:
+    """Starts ``serve.run`` with one worker whose consumer dies in its first ``die_times``
+    lives, then lives; the process and its HTTP port."""
+    launched: list[subprocess.Popen[str]] = []
+
+    def launch(die_times: int) -> tuple[subprocess.Popen[str], int]:
+        script = tmp_path / "supervise.py"
+        script.write_text(SUPERVISOR_SCRIPT)
+        port = free_port()
+        env = gateway_env(database_url, mosquitto, tmp_path / "gw", port)
+        env.update({"TEST_DEATHS_FILE": str(tmp_path / "deaths"), "TEST_DIE_TIMES": str(die_times)})
+        proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        launched.append(proc)
+        return proc, port
+
+    try:
+        yield launch
+    finally:
+        for proc in launched:
+            if proc.poll() is None:
+                stop(proc)
+
+
+@pytest.mark.slow
+def test_a_worker_whose_consumer_dies_exits_3_and_is_started_again(supervisor: Launch) -> None:
+    proc, port = supervisor(1)
+    body = wait_for_health(proc, port, restarts=1, within=14)
+    assert body["last_exit_code"] == EXIT_CONSUMER_DIED
+    assert body["consumer"] is True
+    status, text = get(port, "/metrics")
+    assert status == 200
+    assert f'{RESTARTS_METRIC}{{worker="0"}} 1' in text.splitlines()
+    code, err = stop(proc)
+    assert code == 0, err
+    # The error, with its traceback, once; the worker's reason to stop; the restart.
+    assert err.count("RuntimeError: injected: this life of the consumer ends here") == 1
+    assert err.count("Traceback") == 1
+    assert f"stopping with exit code {EXIT_CONSUMER_DIED}" in err
+    assert "worker 0 exited with code 3 (consumer died)" in err
+    assert "restart 1 in 1 s" in err
+
+
+@pytest.mark.slow
+def test_the_supervisor_doubles_its_wait_and_stops_at_once_during_it(
+    supervisor: Launch, tmp_path: Path
+) -> None:
+    proc, _ = supervisor(99)
+    deaths = tmp_path / "deaths"
+    deadline = time.monotonic() + 12
+    while not (deaths.exists() and len(deaths.read_text()) >= 2):
+        assert proc.poll() is None, "the supervisor exited"
+        assert time.monotonic() < deadline, "the worker did not die twice"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the second death seen: the supervisor now waits 2 s
+    asked = time.monotonic()
+    code, err = stop(proc)
+    assert time.monotonic() - asked < 1.0, err
+    assert code == 0, err
+    assert "restart 1 in 1 s" in err
+    assert "restart 2 in 2 s" in err
+    assert "restart 3" not in err
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_started_again_and_says_how_the_last_one_ended(
+    database_url: str, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = gateway_env(database_url, mosquitto, tmp_path / "gw", port)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "gateway", "--workers", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_health(proc, port, restarts=0, within=10)
+        workers = [
+            c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())
+        ]
+        assert len(workers) == 1
+        os.kill(workers[0].pid, signal.SIGKILL)
+        body = wait_for_health(proc, port, restarts=1, within=10)
+        assert body["last_exit_code"] == -signal.SIGKILL
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    assert "worker 0 exited with code -9 (SIGKILL)" in err
