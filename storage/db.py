@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import psycopg
-from psycopg import conninfo
+from psycopg import conninfo, sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
@@ -99,3 +99,27 @@ async def open_pool(url: str, *, min_size: int = 1, max_size: int = 4) -> AsyncC
         await conn.close()
         raise _unavailable(url, exc) from exc
     return pool
+
+
+class DatabaseNotCreated(DatabaseUnavailable):
+    """The server refused to create a database (no CREATEDB privilege, a name taken)."""
+
+
+async def create_database(server_url: str, name: str) -> str:
+    """Create the empty database ``name`` on the server of ``server_url``; its URL."""
+    async with connection(server_url, autocommit=True) as conn:
+        try:
+            await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.Error as exc:
+            raise DatabaseNotCreated(
+                f"cannot create the database {name} on {describe(server_url)}: {first_line(exc)}"
+            ) from exc
+    return conninfo.make_conninfo(server_url, dbname=name)
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    """Drop the database ``name`` (ending its connections) on the server of ``server_url``."""
+    async with connection(server_url, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )

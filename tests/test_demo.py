@@ -76,6 +76,7 @@ async def test_the_demo_plays_its_scenario_and_cleans_up(
         "12",
         "--database-url",
         empty_database_url,
+        "--into-database",
         "--data-dir",
         str(data_dir),
         "--report",

@@ -16,7 +16,8 @@ def register(sub: Subparsers) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole trial on embedded defaults",
-        description="Start an embedded PostgreSQL (unless --database-url), a private broker "
+        description="Start an embedded PostgreSQL (or a database of its own on the"
+        " --database-url server), a private broker "
         "(Mosquitto with TLS, or amqtt when Mosquitto is missing), the gateway and a cohort of "
         "virtual participants with hubs and wearables, then play a scenario: an abnormal "
         "episode, a consent withdrawal, a hub offline and back. Ctrl-C stops and cleans up.",
@@ -26,7 +27,17 @@ def register(sub: Subparsers) -> None:
         "--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)"
     )
     p.add_argument("--keep", action="store_true", help="keep the demo's files (database, hubs)")
-    p.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    p.add_argument(
+        "--database-url",
+        help="use this PostgreSQL server instead of an embedded one: the demo creates a"
+        " database of its own there (CREATEDB needed) and drops it at the end unless --keep",
+    )
+    p.add_argument(
+        "--into-database",
+        action="store_true",
+        help="write into the --database-url database itself instead; the demo creates"
+        " accounts there whose password it prints, so give it an empty database",
+    )
     p.add_argument(
         "--broker",
         choices=["auto", "mosquitto", "amqtt"],
@@ -72,11 +83,14 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
     if not 1 <= args.participants <= 50:
         raise ConfigError("--participants must be 1..50")
+    if args.into_database and not args.database_url:
+        raise ConfigError("--into-database needs --database-url")
     options = DemoOptions(
         participants=args.participants,
         duration_s=args.duration,
         keep=args.keep,
         database_url=args.database_url or settings.database_url,
+        into_database=args.into_database,
         broker=args.broker,
         http_port=args.http_port,
         data_dir=Path(args.data_dir) if args.data_dir else None,
