@@ -101,9 +101,15 @@ class Selection:
         )
 
 
+# Exports hold reading values: the roles that may read those (the API's CLINICAL roles).
+MAY_EXPORT = frozenset({Role.CLINICIAN, Role.MONITOR, Role.ADMIN})
+
+
 async def participants(conn: Conn, actor: Actor, request: ExportRequest) -> list[Participant]:
     """The participants of the request that the actor may export, or a typed refusal."""
     request.check()
+    if actor.role not in MAY_EXPORT:
+        raise ExportNotPermitted(f"a {actor.role.value} may not export reading values")
     cur = await conn.execute("SELECT 1 FROM studies WHERE study_id = %s", (request.study_id,))
     if await cur.fetchone() is None:
         raise UnknownStudy(f"no study {request.study_id!r}")

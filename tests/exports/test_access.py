@@ -84,8 +84,10 @@ async def test_a_study_export_holds_only_the_actors_sites(two_sites: Trial, tmp_
         Actor("p1", Role.PARTICIPANT, participant_id="P1"),
         Actor("nobody", Role.MONITOR, frozenset()),
         Actor("elsewhere", Role.MONITOR, frozenset({"SITE-Z"})),
+        # Site coordinators may not read reading values, so may not export them either.
+        Actor("coord", Role.SITE_COORDINATOR, frozenset({"SITE-A"})),
     ],
-    ids=["participant", "monitor-without-sites", "monitor-of-another-study"],
+    ids=["participant", "monitor-without-sites", "monitor-of-another-study", "coordinator"],
 )
 async def test_actors_without_a_site_of_the_study_are_refused(
     trial: Trial, tmp_path: Path, actor: Actor

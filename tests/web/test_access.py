@@ -102,8 +102,9 @@ COORDINATION = frozenset({"coordinator", "admin"})
 # The submitter of an export job used for each account: itself where it may export at
 # SITE-A (it sees only its own jobs), SITE-A's monitor otherwise (so another site's staff
 # ask for a job that is not theirs, and roles without access are refused before any lookup).
+# Exports hold reading values: only the roles that may read those may export.
 def job_owner(key: str | None) -> str:
-    return key if key in STAFF else "monitor"
+    return key if key in CLINICAL else "monitor"
 
 
 async def export_job(w: Web, key: str | None) -> tuple[str, Any]:
@@ -141,12 +142,12 @@ EXPECTED: dict[str, Expect] = {
     "sign_consent": Expect(frozenset({"participant", "coordinator", "admin"}), new_version, 201),
     "list_consent_documents": Expect(ANY, fixed("/api/v1/participants/P1/consent-documents")),
     "submit_export": Expect(
-        STAFF,
+        CLINICAL,
         fixed("/api/v1/exports", {"kind": "fhir", "study_id": "S1", "participant_id": "P1"}),
         202,
     ),
-    "get_export": Expect(STAFF, fixed(""), build_for=export_job),
-    "download_export_file": Expect(STAFF, fixed(""), build_for=export_file),
+    "get_export": Expect(CLINICAL, fixed(""), build_for=export_job),
+    "download_export_file": Expect(CLINICAL, fixed(""), build_for=export_file),
     "list_alerts": Expect(CLINICAL, fixed("/api/v1/alerts?site=SITE-A")),
     "alert_events": Expect(CLINICAL, fixed("/api/v1/alerts/events")),
     "get_alert": Expect(CLINICAL, any_alert),

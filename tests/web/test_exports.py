@@ -130,11 +130,14 @@ async def test_other_sites_and_other_users_get_404_for_a_job_and_its_files(web: 
     job = await web.export_job("monitor")
     assert job["state"] == "done", job
     paths = [f"/api/v1/exports/{job['job_id']}", f"/api/v1/exports/{job['job_id']}/files/0"]
-    for key in ("other_monitor", "other_clinician", "clinician", "coordinator"):
+    for key in ("other_monitor", "other_clinician", "clinician"):
         for path in paths:
             resp = await web.call(key, "GET", path)
             assert resp.status == 404, (key, path, await resp.text())
             assert (await resp.json())["type"].endswith("/not-found")
+    # A coordinator may not read reading values, so has no export jobs at all.
+    for path in paths:
+        assert (await web.call("coordinator", "GET", path)).status == 403
     # An admin sees every job.
     for path in paths:
         assert (await web.call("admin", "GET", path)).status == 200
