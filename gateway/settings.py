@@ -44,6 +44,14 @@ class Settings:
     ca_dir: Path | None = None
     # The gateway's address as hubs and browsers reach it (enrollment QR codes, links).
     public_url: str | None = None
+    # How `site revoke` makes the broker reload its CRL: a command (``systemctl reload
+    # mosquitto``), else SIGHUP to the pid in the broker's pid file (docs/broker.md).
+    broker_reload: str | None = None
+    broker_pid_file: Path | None = None
+    # Signed checkpoints of the audit chain, kept outside the database (docs/storage.md):
+    # the signing key and the append-only JSON-lines file they are written to.
+    audit_checkpoint_key: Path | None = None
+    audit_checkpoints: Path | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -57,6 +65,16 @@ class Settings:
     def gateway_key_path(self) -> Path:
         """The receipt-signing key: ``TRIALSTREAM_GATEWAY_KEY``, else under the data dir."""
         return self.gateway_key or self.data_dir / "keys" / "gateway.key"
+
+    @property
+    def audit_checkpoint_key_path(self) -> Path:
+        """The audit checkpoint key: ``TRIALSTREAM_AUDIT_CHECKPOINT_KEY``, else in the data dir."""
+        return self.audit_checkpoint_key or self.data_dir / "keys" / "audit-checkpoint.key"
+
+    @property
+    def audit_checkpoints_path(self) -> Path:
+        """The checkpoint file: ``TRIALSTREAM_AUDIT_CHECKPOINTS``, else in the data dir."""
+        return self.audit_checkpoints or self.data_dir / "audit" / "checkpoints.jsonl"
 
     log_level: str = "INFO"
 
@@ -100,7 +118,14 @@ def _convert(name: str, raw: str) -> Any:
         except ValueError:
             choices = ", ".join(m.value for m in ModeRequest)
             raise ConfigError(f"{var}={raw!r} is not valid: expected one of {choices}") from None
-    if name in {"data_dir", "gateway_key", "ca_dir"}:
+    if name in {
+        "data_dir",
+        "gateway_key",
+        "ca_dir",
+        "broker_pid_file",
+        "audit_checkpoint_key",
+        "audit_checkpoints",
+    }:
         return Path(raw)
     if name in {"mqtt_shared", "mqtt_tls", "mqtt_v5"}:
         if raw.lower() in {"1", "true", "yes", "on"}:

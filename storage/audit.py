@@ -11,17 +11,24 @@ alerts, exports) extend one chain; the lock is held until the appending transact
 which is what makes the next writer read the committed head. ``detail`` is hashed as
 PostgreSQL prints the stored ``jsonb`` (its text form is deterministic), so what is verified
 is exactly what is stored.
+
+The chain alone only shows the table is self-consistent: whoever owns the database can
+rewrite a row and recompute every hash after it. :func:`verify` therefore also takes
+*anchors*, chain heads recorded outside the database (signed checkpoints,
+:mod:`storage.audit_checkpoints`), and reports every anchor whose row no longer carries the
+recorded hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import psycopg
+from psycopg.rows import class_row
 
 from storage.db import Conn
 from storage.errors import StorageError, first_line
@@ -66,14 +73,51 @@ class BrokenLink:
 
 
 @dataclass(frozen=True, slots=True)
+class ChainHead:
+    """A point of the chain: the row ``audit_id``, its ``hash``, and ``count``, the number of
+    rows from the start of the chain up to and including it."""
+
+    audit_id: int
+    hash: bytes
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnchorFailure:
+    """An anchor (a chain head recorded outside the database) the database no longer matches."""
+
+    # Index of the anchor in the sequence given to :func:`verify`.
+    index: int
+    anchor: ChainHead
+    # 'hash_differs': the row is there but carries another hash (history up to it rewritten);
+    # 'count_differs': same hash but another number of rows before it;
+    # 'row_missing': no row with that id (removed, or the table cut back before it).
+    problem: str
+    # What the database holds instead: the row's hash and count, or None for 'row_missing'.
+    found: ChainHead | None
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyReport:
     rows_checked: int
     head_hash: bytes
     broken: BrokenLink | None
+    # The id of the last row verified (0 for an empty chain): with ``head_hash`` and
+    # ``rows_checked``, the head a checkpoint records.
+    head_id: int = 0
+    # Indices of the anchors whose row still carries the recorded hash, in chain order.
+    anchors_held: tuple[int, ...] = ()
+    anchor_failures: tuple[AnchorFailure, ...] = ()
+    # Anchors not reached because the chain broke before their row.
+    anchors_unchecked: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.broken is None
+        return self.broken is None and not self.anchor_failures and not self.anchors_unchecked
+
+    @property
+    def head(self) -> ChainHead:
+        return ChainHead(self.head_id, self.head_hash, self.rows_checked)
 
 
 def _json_default(value: object) -> object:
@@ -201,50 +245,120 @@ async def append(
     return int(inserted[0])
 
 
+@dataclass(frozen=True, slots=True)
+class _StoredRow:
+    audit_id: int
+    at: datetime
+    actor: str
+    action: str
+    entity: str
+    entity_id: str
+    detail_text: str
+    reason: str | None
+    prev_hash: bytes | None
+    hash: bytes
+
+
 _PAGE = """
-SELECT audit_id, at, actor, action, entity, entity_id, detail::text, reason, prev_hash, hash
+SELECT audit_id, at, actor, action, entity, entity_id, detail::text AS detail_text, reason,
+       prev_hash, hash
 FROM audit_log WHERE audit_id > %s ORDER BY audit_id LIMIT %s
 """
 
 
-async def verify(conn: Conn) -> VerifyReport:
-    """Walk the whole chain in order and report the first row where it does not hold."""
+class _Anchors:
+    """Anchors in chain order, compared with each row as :func:`verify` walks past it."""
+
+    def __init__(self, anchors: Sequence[ChainHead]) -> None:
+        self._anchors = anchors
+        self._order = sorted(range(len(anchors)), key=lambda i: anchors[i].audit_id)
+        self._next = 0
+        self.held: list[int] = []
+        self.failures: list[AnchorFailure] = []
+
+    def _missing_before(self, audit_id: int) -> None:
+        """Anchors whose row would come before ``audit_id`` but was not found."""
+        while self._next < len(self._order):
+            i = self._order[self._next]
+            if self._anchors[i].audit_id >= audit_id:
+                return
+            self.failures.append(AnchorFailure(i, self._anchors[i], "row_missing", None))
+            self._next += 1
+
+    def row(self, found: ChainHead) -> None:
+        self._missing_before(found.audit_id)
+        while self._next < len(self._order):
+            i = self._order[self._next]
+            anchor = self._anchors[i]
+            if anchor.audit_id != found.audit_id:
+                return
+            if anchor.hash != found.hash:
+                self.failures.append(AnchorFailure(i, anchor, "hash_differs", found))
+            elif anchor.count != found.count:
+                self.failures.append(AnchorFailure(i, anchor, "count_differs", found))
+            else:
+                self.held.append(i)
+            self._next += 1
+
+    def end_of_chain(self) -> None:
+        self._missing_before(2**63)
+
+    def report(
+        self, checked: int, head_hash: bytes, head_id: int, broken: BrokenLink | None
+    ) -> VerifyReport:
+        return VerifyReport(
+            checked,
+            head_hash,
+            broken,
+            head_id,
+            tuple(self.held),
+            tuple(self.failures),
+            len(self._order) - self._next,
+        )
+
+
+async def verify(conn: Conn, anchors: Sequence[ChainHead] = ()) -> VerifyReport:
+    """Walk the whole chain in order and report the first row where it does not hold, and
+    every anchor whose row no longer carries the anchored hash and count.
+
+    A rewrite that recomputed every hash leaves the chain consistent; only the anchors,
+    kept outside the database, show it. Anchors after the first broken row are not checked
+    (``anchors_unchecked``): the report is already a failure.
+    """
     expected_prev = GENESIS_HASH
     checked = 0
     last_id = 0
+    check = _Anchors(anchors)
     while True:
-        cur = await conn.execute(_PAGE, (last_id, VERIFY_PAGE_ROWS))
-        page = await cur.fetchall()
+        async with conn.cursor(row_factory=class_row(_StoredRow)) as cur:
+            await cur.execute(_PAGE, (last_id, VERIFY_PAGE_ROWS))
+            page = await cur.fetchall()
         if not page:
-            return VerifyReport(checked, expected_prev, None)
-        for audit_id, at, actor, action, entity, entity_id, detail_text, reason, prev, h in page:
-            last_id = int(audit_id)
-            stored_prev = bytes(prev) if prev is not None else GENESIS_HASH
-            stored_hash = bytes(h)
+            check.end_of_chain()
+            return check.report(checked, expected_prev, last_id, None)
+        for row in page:
+            stored_prev = bytes(row.prev_hash) if row.prev_hash is not None else GENESIS_HASH
+            stored_hash = bytes(row.hash)
             if stored_prev != expected_prev:
-                return VerifyReport(
-                    checked,
-                    expected_prev,
-                    BrokenLink(last_id, "chain_broken", expected_prev, stored_prev),
-                )
+                broken = BrokenLink(row.audit_id, "chain_broken", expected_prev, stored_prev)
+                return check.report(checked, expected_prev, last_id, broken)
             content = canonical(
-                at=at,
-                actor=str(actor),
-                action=str(action),
-                entity=str(entity),
-                entity_id=str(entity_id),
-                detail_text=str(detail_text),
-                reason=None if reason is None else str(reason),
+                at=row.at,
+                actor=row.actor,
+                action=row.action,
+                entity=row.entity,
+                entity_id=row.entity_id,
+                detail_text=row.detail_text,
+                reason=row.reason,
             )
             computed = chain_hash(stored_prev, content)
             if computed != stored_hash:
-                return VerifyReport(
-                    checked,
-                    expected_prev,
-                    BrokenLink(last_id, "content_changed", computed, stored_hash),
-                )
+                broken = BrokenLink(row.audit_id, "content_changed", computed, stored_hash)
+                return check.report(checked, expected_prev, last_id, broken)
             expected_prev = stored_hash
             checked += 1
+            last_id = row.audit_id
+            check.row(ChainHead(last_id, stored_hash, checked))
 
 
 _HISTORY = """
