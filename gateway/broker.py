@@ -7,21 +7,34 @@ same port and persistence file, which is what the fault tests do.
 
 Without ``tls`` the broker listens on loopback without certificates and without the ACL
 (identities come from certificates): a development mode only, never exposed beyond 127.0.0.1.
+With ``tls`` and a ``crlfile`` (the study CA's CRL) the broker refuses revoked hubs' TLS
+handshakes; it reads the CRL at start and again on SIGHUP (``reload``).
+
+Telling a running broker about a revocation (``gateway/revocation.py`` uses these):
+``reload_broker`` (SIGHUP to the pid in a pid file, or an operator's command such as
+``systemctl reload mosquitto``), ``handshake_refused`` (does the broker refuse a
+certificate?) and ``end_session`` (take over a client's MQTT session, which ends its open
+connection). See docs/broker.md, "Revocation".
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+from paho.mqtt.reasoncodes import ReasonCode
+
 from gateway.errors import BrokerError
-from ingest.transport import TlsFiles
+from ingest.transport import TlsFiles, configure_tls, make_client, stop_client
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +46,7 @@ _TLS_KEYS = (
     "cafile",
     "certfile",
     "keyfile",
+    "crlfile",
     "require_certificate",
     "use_identity_as_username",
     "tls_version",
@@ -63,8 +77,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def render_config(template: str, *, port: int, workdir: Path, tls: TlsFiles | None) -> str:
-    """The deploy config with its listener and paths pointed at ``port`` and ``workdir``."""
+def render_config(
+    template: str,
+    *,
+    port: int,
+    workdir: Path,
+    tls: TlsFiles | None,
+    crlfile: Path | None = None,
+) -> str:
+    """The deploy config with its listener and paths pointed at ``port`` and ``workdir``.
+
+    ``crlfile`` replaces the template's (a broker with TLS but without a CRL has none)."""
     out: list[str] = []
     for line in template.splitlines():
         stripped = line.strip()
@@ -73,6 +96,8 @@ def render_config(template: str, *, port: int, workdir: Path, tls: TlsFiles | No
             out.append(f"listener {port} 127.0.0.1")
         elif key == "persistence_location":
             out.append(f"persistence_location {workdir}/")
+        elif key == "pid_file":
+            out.append(f"pid_file {workdir / 'mosquitto.pid'}")
         elif key == "acl_file":
             if tls is not None:
                 out.append(f"acl_file {workdir / 'acl'}")
@@ -83,6 +108,9 @@ def render_config(template: str, *, port: int, workdir: Path, tls: TlsFiles | No
                 continue
             if key in ("cafile", "certfile", "keyfile"):
                 out.append(f"{key} {getattr(tls, key)}")
+            elif key == "crlfile":
+                if crlfile is not None:
+                    out.append(f"crlfile {crlfile}")
             else:
                 out.append(line)
         else:
@@ -105,6 +133,7 @@ class MosquittoBroker:
         *,
         port: int | None = None,
         tls: TlsFiles | None = None,
+        crlfile: Path | None = None,
         deploy_dir: Path = DEPLOY_DIR,
         binary: str | None = None,
     ) -> None:
@@ -112,6 +141,7 @@ class MosquittoBroker:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.tls = tls
+        self.crlfile = crlfile
         self._deploy_dir = deploy_dir
         self._binary = find_mosquitto(binary)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -124,6 +154,11 @@ class MosquittoBroker:
     def log_path(self) -> Path:
         return self.workdir / "mosquitto.log"
 
+    @property
+    def pid_path(self) -> Path:
+        """Written by mosquitto itself (``pid_file``) while it runs."""
+        return self.workdir / "mosquitto.pid"
+
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         template_path = self._deploy_dir / "mosquitto.conf"
         try:
@@ -135,7 +170,13 @@ class MosquittoBroker:
                 f"cannot prepare the broker config from {template_path}: {exc}"
             ) from exc
         self.config_path.write_text(
-            render_config(template, port=self.port, workdir=self.workdir, tls=self.tls),
+            render_config(
+                template,
+                port=self.port,
+                workdir=self.workdir,
+                tls=self.tls,
+                crlfile=self.crlfile,
+            ),
             encoding="utf-8",
         )
         self._proc = subprocess.Popen(  # noqa: S603 - fixed binary, our own config
@@ -173,6 +214,11 @@ class MosquittoBroker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc and self._proc.poll() is None else None
 
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its config, certificates and CRL (new connections)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGHUP)
+
     def kill(self) -> None:
         """SIGKILL: no chance to save; what it held since the last autosave is gone."""
         self._signal(signal.SIGKILL)
@@ -197,3 +243,99 @@ class MosquittoBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def reload_broker(*, pid_file: Path | None, command: str | None) -> str:
+    """Make a running broker re-read its config and CRL; returns what was done.
+
+    ``command`` (e.g. ``systemctl reload mosquitto``) wins; else SIGHUP goes to the pid in
+    ``pid_file`` (mosquitto's own ``pid_file``). ``BrokerError`` if neither is given or
+    the reload fails: the caller must say the broker does not know yet.
+    """
+    if command:
+        argv = shlex.split(command)
+        try:
+            done = subprocess.run(  # noqa: S603 - the operator's own configured command
+                argv, capture_output=True, text=True, timeout=30, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BrokerError(f"the broker reload command {command!r} failed: {exc}") from exc
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [""]
+            raise BrokerError(
+                f"the broker reload command {command!r} exited with status "
+                f"{done.returncode}: {detail[0]}"
+            )
+        return f"ran {command!r}"
+    if pid_file is None:
+        raise BrokerError(
+            "no way to reload the broker is configured: set TRIALSTREAM_BROKER_RELOAD "
+            "(e.g. 'systemctl reload mosquitto') or TRIALSTREAM_BROKER_PID_FILE"
+        )
+    try:
+        pid = int(pid_file.read_text(encoding="ascii").strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"cannot send SIGHUP to the broker in {pid_file}: {exc}") from exc
+    return f"sent SIGHUP to pid {pid} ({pid_file})"
+
+
+def handshake_refused(host: str, port: int, files: TlsFiles, *, timeout: float = 2.0) -> bool:
+    """Whether the broker refuses a TLS handshake with the certificate in ``files``.
+
+    True when the broker rejects the certificate (an alert, or the connection closed);
+    False when it accepts it and waits for an MQTT CONNECT. ``OSError`` when the broker
+    cannot be reached at all, which says nothing about the certificate.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.cafile))
+    ctx.load_cert_chain(str(files.certfile), str(files.keyfile))
+    with socket.create_connection((host, port), timeout=timeout) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                # TLS 1.3 reports a refused client certificate only after the handshake.
+                tls.settimeout(min(timeout, 0.5))
+                try:
+                    return tls.recv(1) == b""
+                except TimeoutError:
+                    return False
+        except (ssl.SSLError, ConnectionError):
+            return True
+
+
+def end_session(
+    host: str, port: int, files: TlsFiles, client_id: str, *, timeout: float = 5.0
+) -> None:
+    """End the connection and the session of the client ``client_id``.
+
+    Mosquitto 2.0 keeps a connection whose certificate a reloaded CRL revokes (the CRL is
+    checked at the TLS handshake only). A second connection with the same client id takes
+    the session over: the broker disconnects the first (MQTT 5 reason 0x8E, "session taken
+    over"). Connecting with a clean start and a session expiry of 0, then disconnecting,
+    leaves no session behind either. ``files`` must be a certificate the broker accepts
+    (the gateway's).
+    """
+    client = make_client(client_id)
+    configure = configure_tls(files)
+    assert configure is not None
+    configure(client)
+    connected = threading.Event()
+    result: list[ReasonCode] = []
+
+    def on_connect(_c: object, _u: object, _f: object, rc: ReasonCode, _p: object) -> None:
+        result.append(rc)
+        connected.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(host, port, clean_start=True)
+    except (OSError, ssl.SSLError) as exc:
+        stop_client(client)
+        raise BrokerError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
+    client.loop_start()
+    try:
+        if not connected.wait(timeout):
+            raise BrokerError(f"the broker did not answer CONNECT within {timeout:.0f} s")
+        if result[0].is_failure:
+            raise BrokerError(f"the broker refused the session take-over: {result[0]}")
+    finally:
+        stop_client(client)

@@ -78,6 +78,24 @@ async def revoke_device(conn: Conn, device_id: str, reason: str) -> bool:
     return cur.rowcount == 1
 
 
+async def device_certificate(conn: Conn, device_id: str) -> str | None:
+    """The certificate (PEM) issued to a device at enrollment, if one is on record."""
+    cur = await conn.execute(
+        "SELECT certificate_pem FROM devices WHERE device_id = %s", (device_id,)
+    )
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+async def revoked_certificates(conn: Conn) -> list[str]:
+    """The certificates (PEM) of every revoked device that has one: what the CRL lists."""
+    cur = await conn.execute(
+        "SELECT certificate_pem FROM devices"
+        " WHERE revoked_at IS NOT NULL AND certificate_pem IS NOT NULL ORDER BY device_id"
+    )
+    return [str(row[0]) for row in await cur.fetchall()]
+
+
 async def create_consent_document(
     conn: Conn,
     study_id: str,

@@ -1,10 +1,11 @@
-"""`trialstream broker`: a private Mosquitto from deploy/mosquitto/."""
+"""`trialstream broker`: a private Mosquitto from deploy/mosquitto/, and `trialstream broker
+publish-crl`, which re-issues the study CA's revocation list and makes the broker load it."""
 
 from __future__ import annotations
 
 import argparse
 
-from gateway.commands.common import Subparsers
+from gateway.commands.common import Subparsers, add_database_flags, run
 from gateway.settings import Settings
 
 
@@ -19,6 +20,33 @@ def register(sub: Subparsers) -> None:
     br.add_argument("--port", type=int, help="port (default: $TRIALSTREAM_MQTT_PORT or 1883)")
     br.add_argument("--workdir", help="persistence and log directory (default: <data dir>/broker)")
     br.set_defaults(handler=_cmd_broker)
+    actions = br.add_subparsers(dest="broker_command", metavar="ACTION", required=False)
+    crl = actions.add_parser(
+        "publish-crl",
+        help="re-issue the study CA's CRL from the database and make the broker reload it",
+        description="Re-issue the study CA's certificate revocation list (<CA dir>/crl.pem) "
+        "from the revoked devices in the database, reload the broker "
+        "(TRIALSTREAM_BROKER_RELOAD or TRIALSTREAM_BROKER_PID_FILE) and check that it "
+        "refuses a certificate the new list revokes. Run it daily (the CRL expires "
+        "after 30 days, and then the broker refuses every hub) and after restoring the CA.",
+    )
+    add_database_flags(crl)
+    crl.set_defaults(handler=_cmd_publish_crl)
+
+
+def _cmd_publish_crl(args: argparse.Namespace, settings: Settings) -> int:
+    import sys
+
+    from gateway import revocation
+
+    outcome = run(revocation.refresh(settings))
+    ca_crl = settings.ca_path / "crl.pem"
+    print(f"CRL published: {ca_crl}")
+    if outcome.crl_loaded_after_s is not None:
+        print(f"broker reloaded ({outcome.reload}) and refuses revoked certificates")
+    for problem in outcome.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return 1 if outcome.problems else 0
 
 
 def _cmd_broker(args: argparse.Namespace, settings: Settings) -> int:

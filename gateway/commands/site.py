@@ -81,7 +81,11 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(handler=_enroll_code)
 
-    p = action("revoke", "revoke a hub: its next envelope is rejected (device_revoked)")
+    p = action(
+        "revoke",
+        "revoke a hub: its next envelope is rejected (device_revoked), the study CA's CRL "
+        "lists its certificate and the broker reloads it and ends the hub's connection",
+    )
     p.add_argument("--device", required=True, help="device id")
     p.add_argument("--reason", required=True, help="why (recorded)")
     p.set_defaults(handler=_revoke)
@@ -209,15 +213,29 @@ def _enroll_code(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _revoke(args: argparse.Namespace, settings: Settings) -> int:
-    from gateway import enrollment
-
-    async def go() -> None:
-        async with db.connection(settings.require_database_url()) as conn:
-            await enrollment.revoke(conn, args.device, actor=_actor(args), reason=args.reason)
+    from gateway import enrollment, revocation
 
     try:
-        run(go())
+        outcome = run(
+            revocation.revoke_hub(settings, args.device, actor=_actor(args), reason=args.reason)
+        )
     except enrollment.EnrollmentError as exc:
         raise ConfigError(str(exc)) from exc
     print(f"device {args.device} revoked: its next envelope is rejected (device_revoked)")
-    return 0
+    if outcome.crl_loaded_after_s is not None and outcome.certificate_listed:
+        print(
+            f"broker reloaded ({outcome.reload}): it refuses the hub's certificate "
+            f"(after {outcome.crl_loaded_after_s:.1f} s)"
+        )
+    if outcome.session_ended:
+        print("the hub's open connection to the broker, if any, was ended")
+    for problem in outcome.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if outcome.crl_loaded_after_s is None:
+        print(
+            "warning: the CRL is published; the broker refuses the hub only once it reloads "
+            "(systemctl reload mosquitto, or SIGHUP), and `trialstream broker publish-crl` "
+            "does that with a check",
+            file=sys.stderr,
+        )
+    return 1 if outcome.problems else 0
