@@ -13,11 +13,15 @@ gateway, and keeps what comes back in the hub directory:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from cryptography import x509
@@ -30,6 +34,13 @@ from ingest import keys
 from ingest.transport import TlsFiles
 
 ENROLL_TIMEOUT_S = 30
+# What a site's QR code (or ``trialstream site enroll-code``) gives a hub: the gateway's
+# address, the single-use code and the SHA-256 of the study CA's certificate.
+ENROLL_URI_PREFIX = "trialstream:enroll?"
+MAX_ENROLL_URI = 1024
+MAX_GATEWAY_URL = 512
+_CODE = re.compile(r"[A-Za-z0-9-]{1,64}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class HubIdentityError(DeviceDriverError):
@@ -70,7 +81,7 @@ class HubIdentity:
         except FileNotFoundError as exc:
             raise HubIdentityError(
                 f"this hub is not enrolled ({directory / 'hub.json'} is missing): "
-                "run `trialstream hub enroll --gateway URL --code CODE`"
+                "run `trialstream hub enroll 'trialstream:enroll?...'` with the site's code"
             ) from exc
         except (OSError, json.JSONDecodeError) as exc:
             raise HubIdentityError(f"cannot read {directory / 'hub.json'}: {exc}") from exc
@@ -87,6 +98,86 @@ class HubIdentity:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise HubIdentityError(f"{directory / 'hub.json'} is incomplete: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentTicket:
+    """What enrolling needs: where the gateway is, the code, and the CA to pin."""
+
+    gateway_url: str
+    code: str
+    # SHA-256 (hex) of the study CA certificate's DER; None only for a loopback gateway.
+    ca_sha256: str | None = None
+
+
+def parse_enrollment(text: str) -> EnrollmentTicket:
+    """The ticket in a ``trialstream:enroll?gateway=...&code=...&ca=...`` text (a QR code's),
+    every part checked before use."""
+    if len(text) > MAX_ENROLL_URI or not text.isascii() or not text.isprintable():
+        raise HubIdentityError("not an enrollment code: too long, or not printable ASCII")
+    if not text.startswith(ENROLL_URI_PREFIX):
+        raise HubIdentityError(f"not an enrollment code: it must start with {ENROLL_URI_PREFIX}")
+    try:
+        fields = parse_qs(text[len(ENROLL_URI_PREFIX) :], strict_parsing=True, max_num_fields=3)
+    except ValueError as exc:
+        raise HubIdentityError(f"not an enrollment code: {exc}") from exc
+    if any(len(v) != 1 for v in fields.values()) or not {"gateway", "code"} <= fields.keys():
+        raise HubIdentityError("not an enrollment code: it needs one gateway and one code")
+    ca = fields.get("ca", [None])[0]
+    return checked_ticket(fields["gateway"][0], fields["code"][0], ca)
+
+
+def checked_ticket(gateway_url: str, code: str, ca_sha256: str | None) -> EnrollmentTicket:
+    """A ticket whose parts are well formed, whose gateway is reached over HTTPS (plain HTTP
+    only on this machine), and which pins the study CA unless the gateway is on this
+    machine: the code and the hub's certificate must not cross a network in clear, and the
+    CA that will verify the broker must be the one the site's code names."""
+    if not _CODE.fullmatch(code):
+        raise HubIdentityError("the enrollment code is malformed (letters, digits and -)")
+    if ca_sha256 is not None:
+        ca_sha256 = ca_sha256.lower().removeprefix("sha256:")
+        if not _SHA256_HEX.fullmatch(ca_sha256):
+            raise HubIdentityError("the CA fingerprint is not a SHA-256 in hex")
+    if len(gateway_url) > MAX_GATEWAY_URL or not gateway_url.isascii():
+        raise HubIdentityError("the gateway address is too long or not ASCII")
+    try:
+        url = urlsplit(gateway_url)
+        host = url.hostname
+        url.port  # noqa: B018 - raises on a port that is not a number in range
+    except ValueError as exc:
+        raise HubIdentityError(f"the gateway address is not a URL: {exc}") from exc
+    if url.scheme not in ("https", "http") or not host or url.username or url.password:
+        raise HubIdentityError("the gateway address must be https://host[:port]")
+    local = _is_loopback(host)
+    if url.scheme == "http" and not local:
+        raise HubIdentityError(
+            f"refusing plain http to {host}: the code and the hub's certificate would cross"
+            " the network in clear; use the gateway's https address"
+        )
+    if ca_sha256 is None and not local:
+        raise HubIdentityError(
+            "the enrollment code does not name the study CA (ca=...): use the whole code from"
+            " the site's QR code or `trialstream site enroll-code`"
+        )
+    return EnrollmentTicket(gateway_url.rstrip("/"), code, ca_sha256)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ca_fingerprint(ca_pem: str) -> str:
+    """SHA-256 (hex) of a CA certificate's DER, as enrollment codes carry it."""
+    try:
+        cert = x509.load_pem_x509_certificate(ca_pem.encode())
+    except ValueError as exc:
+        raise HubIdentityError(f"the gateway's CA certificate cannot be read: {exc}") from exc
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -137,14 +228,16 @@ def _store(directory: Path, gateway_url: str, body: dict[str, Any]) -> HubIdenti
     return HubIdentity.load(directory)
 
 
-async def enroll(directory: Path, gateway_url: str, code: str) -> HubIdentity:
-    """Enroll this hub with ``code``; refuses if the directory already holds an identity."""
+async def enroll(directory: Path, ticket: EnrollmentTicket) -> HubIdentity:
+    """Enroll this hub with ``ticket``; refuses if the directory already holds an identity,
+    and keeps nothing of an answer whose CA is not the one the ticket pins."""
+    ticket = checked_ticket(ticket.gateway_url, ticket.code, ticket.ca_sha256)
     key = await asyncio.to_thread(_prepare, directory)
-    url = gateway_url.rstrip("/") + "/api/v1/enrollments"
+    url = ticket.gateway_url + "/api/v1/enrollments"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ENROLL_TIMEOUT_S)) as http,
-            http.post(url, json={"code": code, "csr": make_csr(key).decode()}) as resp,
+            http.post(url, json={"code": ticket.code, "csr": make_csr(key).decode()}) as resp,
         ):
             body: dict[str, Any] = await resp.json(content_type=None)
             status = resp.status
@@ -153,4 +246,12 @@ async def enroll(directory: Path, gateway_url: str, code: str) -> HubIdentity:
     if status != 201:
         title = body.get("title") or body.get("detail") or f"HTTP {status}"
         raise HubIdentityError(f"the gateway refused the enrollment: {title}")
-    return await asyncio.to_thread(_store, directory, gateway_url, body)
+    ca_pem = body.get("ca_pem")
+    if not isinstance(ca_pem, str):
+        raise HubIdentityError("the gateway's enrollment answer has no CA certificate")
+    if ticket.ca_sha256 is not None and ca_fingerprint(ca_pem) != ticket.ca_sha256:
+        raise HubIdentityError(
+            "the gateway answered with a CA other than the one the enrollment code names;"
+            " nothing was kept (ask the site for a new code)"
+        )
+    return await asyncio.to_thread(_store, directory, ticket.gateway_url, body)

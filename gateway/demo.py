@@ -37,7 +37,7 @@ from consent.records import Actor, Initiator
 from device_drivers import sim
 from device_drivers.driver import BleBackends, WearableSession, WearableSpec
 from device_drivers.hub import Hub, OutboxSink
-from device_drivers.identity import HubIdentity, enroll
+from device_drivers.identity import HubIdentity, enroll, parse_enrollment
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from device_drivers.state import HubState
@@ -166,7 +166,7 @@ async def _broker(
         server = ca.issue_files(
             workdir / "certs", "broker", server_hosts=("127.0.0.1", "localhost")
         )
-        broker = MosquittoBroker(workdir / "mosquitto", tls=server)
+        broker = MosquittoBroker(workdir / "mosquitto", tls=server, crlfile=ca.crl_path)
         await asyncio.to_thread(broker.start)
         say(
             out,
@@ -417,6 +417,7 @@ async def _enroll_cohort(
     out: TextIO,
 ) -> list[Participant]:
     cohort: list[Participant] = []
+    ca = StudyCA.load_or_create(settings.ca_path)
     for i in range(1, options.participants + 1):
         pid = f"P-{i:03d}"
         async with db.connection(url) as conn:
@@ -425,7 +426,9 @@ async def _enroll_cohort(
             )
             await conn.commit()
             code = await enrollment.issue_code(conn, pid, created_by="demo-coordinator")
-        identity = await enroll(workdir / "hubs" / pid, settings.gateway_url, code.code)
+        # What the participant's hub reads from the site's QR code.
+        uri = enrollment.enrollment_uri(settings.gateway_url, code.code, ca)
+        identity = await enroll(workdir / "hubs" / pid, parse_enrollment(uri))
         await _consent(url, pid, document, options.password)
         outbox = await asyncio.to_thread(
             Outbox.open, identity.directory / "outbox.sqlite", identity.device_id

@@ -15,6 +15,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlencode
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -58,6 +59,19 @@ class Enrollment:
     certificate_pem: str
     ca_pem: str
     receipt_key_pem: str
+
+
+def ca_sha256(ca: StudyCA) -> str:
+    """The study CA's fingerprint as enrollment codes carry it: SHA-256 (hex) of its DER."""
+    return hashlib.sha256(ca.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def enrollment_uri(gateway_url: str, code: str, ca: StudyCA) -> str:
+    """What a hub's camera reads (the site's QR code) and ``site enroll-code`` prints: the
+    gateway's public address, the code and the CA the hub must find at that address
+    (``device_drivers.identity.parse_enrollment`` reads it)."""
+    fields = {"gateway": gateway_url.rstrip("/"), "code": code, "ca": ca_sha256(ca)}
+    return "trialstream:enroll?" + urlencode(fields)
 
 
 def normalize_code(text: str) -> str:

@@ -186,6 +186,13 @@ async def prepare(settings: Settings) -> None:
     ca = StudyCA.load_or_create(settings.ca_path)
     if settings.mqtt_tls:
         ca.issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
+    # The CRL as the database says, whatever the file holds (a restored backup, a CRL near
+    # its next update): the broker reads it at its next reload or start.
+    from gateway.revocation import publish_crl
+
+    async with db.connection(settings.require_database_url()) as conn:
+        crl = await publish_crl(conn, ca)
+    log.info("CRL published path=%s revoked=%d", ca.crl_path, len(list(crl)))
 
 
 def run(settings: Settings, workers: int) -> int:

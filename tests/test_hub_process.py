@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from device_drivers.outbox import Outbox
+from gateway import enrollment
 from gateway.broker import MosquittoBroker, free_port
 from gateway.pki import StudyCA
 from storage import db, registry
@@ -149,14 +150,14 @@ async def test_enrolled_hub_survives_sigkill_with_nothing_lost_or_doubled(
             meaning="consent",
         )
         await conn.commit()
-    code = json.loads(
+    issued = json.loads(
         cli(env, "site", "enroll-code", "--participant", "P1", "--json", "--by", "coord")
-    )["code"]
-    hub_dir = tmp_path / "hub"
-    gateway_url = f"http://127.0.0.1:{env['TRIALSTREAM_HTTP_PORT']}"
-    out = cli(
-        env, "hub", "enroll", "--gateway", gateway_url, "--code", code, "--hub-dir", str(hub_dir)
     )
+    # The whole code, as the hub reads it from the site's QR code: it pins the study CA.
+    ca = StudyCA.load_or_create(Path(env["TRIALSTREAM_CA_DIR"]))
+    assert f"ca={enrollment.ca_sha256(ca)}" in issued["uri"]
+    hub_dir = tmp_path / "hub"
+    out = cli(env, "hub", "enroll", issued["uri"], "--hub-dir", str(hub_dir))
     device = json.loads((hub_dir / "hub.json").read_text())["device_id"]
     assert device in out
 

@@ -8,11 +8,14 @@ import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.commands.common import Subparsers, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from device_drivers.identity import EnrollmentTicket
 
 
 def _hub_dir(args: argparse.Namespace, settings: Settings) -> Path:
@@ -32,10 +35,24 @@ def register(sub: Subparsers) -> None:
         "enroll",
         help="enroll this hub with a site's code",
         description="Make this hub's key (it never leaves the hub), send a "
-        "certificate request with the code, and keep the identity returned.",
+        "certificate request with the code, and keep the identity returned. The gateway must "
+        "be reached over https (plain http only on this machine), and the study CA it returns "
+        "must be the one the code names, or nothing is kept.",
     )
-    p.add_argument("--gateway", required=True, help="the gateway's URL, e.g. https://gw.example")
-    p.add_argument("--code", required=True, help="the enrollment code from the site")
+    p.add_argument(
+        "ticket",
+        nargs="?",
+        metavar="'trialstream:enroll?...'",
+        help="the site's enrollment code as its QR code or `site enroll-code` gives it"
+        " (gateway, code and the study CA's fingerprint)",
+    )
+    p.add_argument("--gateway", help="instead of the whole code: the gateway's https URL")
+    p.add_argument("--code", help="instead of the whole code: the code itself")
+    p.add_argument(
+        "--ca-sha256",
+        help="instead of the whole code: the study CA's SHA-256 fingerprint (hex); needed"
+        " unless the gateway is on this machine",
+    )
     p.add_argument("--hub-dir", help="where the hub keeps its identity (default: <data dir>/hub)")
     p.set_defaults(handler=_enroll)
 
@@ -80,7 +97,7 @@ def _enroll(args: argparse.Namespace, settings: Settings) -> int:
 
     directory = _hub_dir(args, settings)
     try:
-        identity = run(enroll(directory, args.gateway, args.code))
+        identity = run(enroll(directory, _ticket(args)))
     except HubIdentityError as exc:
         raise ConfigError(str(exc)) from exc
     print(
@@ -89,6 +106,18 @@ def _enroll(args: argparse.Namespace, settings: Settings) -> int:
         f"{' with TLS' if identity.broker_tls else ''}; identity in {directory}"
     )
     return 0
+
+
+def _ticket(args: argparse.Namespace) -> EnrollmentTicket:
+    from device_drivers.identity import HubIdentityError, checked_ticket, parse_enrollment
+
+    if args.ticket is not None:
+        if args.gateway or args.code or args.ca_sha256:
+            raise HubIdentityError("give the whole code, or --gateway and --code, not both")
+        return parse_enrollment(args.ticket)
+    if args.gateway and args.code:
+        return checked_ticket(args.gateway, args.code, args.ca_sha256)
+    raise HubIdentityError("give the site's whole code, or --gateway and --code")
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:

@@ -170,6 +170,7 @@ def _add_participant(args: argparse.Namespace, settings: Settings) -> int:
 
 def _enroll_code(args: argparse.Namespace, settings: Settings) -> int:
     from gateway import enrollment
+    from gateway.pki import StudyCA
 
     if args.ttl_hours <= 0:
         raise ConfigError("--ttl-hours must be positive")
@@ -185,6 +186,9 @@ def _enroll_code(args: argparse.Namespace, settings: Settings) -> int:
     except enrollment.EnrollmentError as exc:
         raise ConfigError(str(exc)) from exc
     gateway_url = args.gateway_url or settings.gateway_url
+    uri = enrollment.enrollment_uri(
+        gateway_url, issued.code, StudyCA.load_or_create(settings.ca_path)
+    )
     if args.json:
         print(
             json.dumps(
@@ -194,18 +198,19 @@ def _enroll_code(args: argparse.Namespace, settings: Settings) -> int:
                     "study_id": issued.study_id,
                     "expires_at": issued.expires_at.isoformat(),
                     "gateway_url": gateway_url,
+                    "uri": uri,
                 }
             )
         )
         return 0
     print(f"enrollment code for {issued.participant_id} ({issued.study_id}): {issued.code}")
     print(f"valid until {issued.expires_at:%Y-%m-%d %H:%M} UTC, once. On the hub:")
-    print(f"  trialstream hub enroll --gateway {gateway_url} --code {issued.code}")
+    print(f"  trialstream hub enroll '{uri}'")
     if not args.no_qr:
         import qrcode
 
         qr = qrcode.QRCode(border=1)
-        qr.add_data(f"trialstream:enroll?gateway={gateway_url}&code={issued.code}")
+        qr.add_data(uri)
         buffer = io.StringIO()
         qr.print_ascii(out=buffer, invert=True)
         sys.stdout.write(buffer.getvalue())

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from device_drivers.identity import HubIdentityError, enroll, make_csr
+from device_drivers.identity import EnrollmentTicket, HubIdentityError, enroll, make_csr
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway import enrollment
@@ -46,12 +46,17 @@ def url(gw: RunningGateway) -> str:
     return str(gw.client.make_url("/"))
 
 
+def ticket(gw: RunningGateway, code: str, ca: StudyCA | None = None) -> EnrollmentTicket:
+    """What the site's QR code gives the hub (the CA pinned when given)."""
+    return EnrollmentTicket(url(gw), code, enrollment.ca_sha256(ca) if ca else None)
+
+
 async def test_a_hub_enrolls_and_relays_over_tls(
     trial: Trial, secure_gateway: RunningGateway, study_ca: StudyCA, tmp_path: Path
 ) -> None:
     code = await new_code(trial)
     hub_dir = tmp_path / "hub"
-    identity = await enroll(hub_dir, url(secure_gateway), code)
+    identity = await enroll(hub_dir, ticket(secure_gateway, code, study_ca))
     assert identity.participant_id == "P9"
     assert stat.S_IMODE(identity.key_path.stat().st_mode) == 0o600
     cert_pem = (hub_dir / "hub.pem").read_bytes()
@@ -118,11 +123,11 @@ async def registry_consent(trial: Trial, participant: str) -> None:
 
 async def test_a_code_works_once(trial: Trial, gateway: RunningGateway, tmp_path: Path) -> None:
     code = await new_code(trial)
-    await enroll(tmp_path / "first", url(gateway), code)
+    await enroll(tmp_path / "first", ticket(gateway, code))
     with pytest.raises(HubIdentityError, match="already used"):
-        await enroll(tmp_path / "second", url(gateway), code)
+        await enroll(tmp_path / "second", ticket(gateway, code))
     with pytest.raises(HubIdentityError, match="already enrolled"):
-        await enroll(tmp_path / "first", url(gateway), code)
+        await enroll(tmp_path / "first", ticket(gateway, code))
 
 
 @pytest.mark.parametrize(
@@ -189,3 +194,17 @@ async def test_revocation_is_audited_and_refused_twice(trial: Trial) -> None:
         cur = await conn.execute("SELECT action, reason FROM audit_log WHERE entity = 'device'")
         rows = await cur.fetchall()
     assert rows == [("device.revoke", "hub lost")]
+
+
+async def test_a_gateway_that_answers_with_another_ca_is_not_trusted(
+    trial: Trial, secure_gateway: RunningGateway, tmp_path: Path
+) -> None:
+    """The code pins the study CA: a gateway (or someone in its place) answering with any
+    other CA gets nothing kept, so the hub never trusts a broker that CA vouches for."""
+    code = await new_code(trial)
+    other = StudyCA.load_or_create(tmp_path / "other-ca")
+    hub_dir = tmp_path / "hub"
+    with pytest.raises(HubIdentityError, match="CA other than the one the enrollment code names"):
+        await enroll(hub_dir, ticket(secure_gateway, code, other))
+    assert not (hub_dir / "hub.json").exists()
+    assert not (hub_dir / "ca.pem").exists()
