@@ -5,6 +5,15 @@ a participant signs consent). After ``MAX_FAILED_LOGINS`` failures in a row the 
 locked for ``LOCKOUT``; a success resets the count. An unknown user name costs the same hash
 as a wrong password and raises the same error, so neither timing nor type tells them apart.
 
+The lockout is counted before the password is checked: one ``UPDATE ... RETURNING`` reserves
+the attempt (counts it as a failure, and sets the lock when it is the last one allowed), then
+the hash is verified with no transaction or row lock held, and a right password resets the
+count. Concurrent guesses therefore never get more than ``MAX_FAILED_LOGINS`` checks.
+
+argon2 never runs on the event loop: hashing and verifying (also of the dummy hash) run on a
+small thread pool behind a semaphore of ``HASH_SLOTS`` (``hash_off_loop``), because the loop
+also serves the MQTT consumer.
+
 The counters must survive the failure they count: ``verify_password`` commits its own
 transaction, so call it on a connection with no transaction open (autocommit or idle).
 Account changes are audited (``storage.audit``) in the transaction that makes them.
@@ -12,21 +21,29 @@ Account changes are audited (``storage.audit``) in the transaction that makes th
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Collection
+import os
+import weakref
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from psycopg import errors as pg_errors
+from psycopg.rows import class_row
 
 from storage import audit
 from storage.db import Conn
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Five wrong passwords in a row, then 15 minutes locked: slows online guessing to a few
 # hundred tries a day per account while a participant who mistypes is not locked out for good.
@@ -35,6 +52,17 @@ LOCKOUT = timedelta(minutes=15)
 MIN_PASSWORD_LENGTH = 10
 
 DEFAULT_HASHER = PasswordHasher()
+
+# argon2 runs on threads, never on the event loop that also runs the MQTT consumer. Each
+# hash takes about 0.2 s of a core and 64 MiB with the default parameters; two at a time
+# bound that to 128 MiB and leave the other cores to ingestion, whatever the number of
+# sign-ins waiting (the web rate limits, gateway.web.ratelimit, bound that number).
+HASH_SLOTS = 2
+_hash_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): made once per process
+# One semaphore per event loop: an asyncio.Semaphore belongs to the loop it first waits on.
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Role(StrEnum):
@@ -100,7 +128,7 @@ async def create_user(
         raise InvalidUser("a participant account, and only one, names its participant")
     if not username or not username.isprintable() or username != username.strip():
         raise InvalidUser("user name must be printable without surrounding spaces")
-    pw_hash = hasher.hash(password)
+    pw_hash = await hash_off_loop(hasher.hash, password)
     try:
         async with conn.transaction():
             cur = await conn.execute(
@@ -153,6 +181,35 @@ async def get_user(conn: Conn, username: str) -> User | None:
     return User(int(row[0]), str(row[1]), str(row[2]), Role(row[3]), row[4], frozenset(row[10]))
 
 
+def _threads() -> ThreadPoolExecutor:
+    """The argon2 threads of this process (a forked child makes its own)."""
+    global _hash_pool
+    if _hash_pool is None or _hash_pool[0] != os.getpid():
+        pool = ThreadPoolExecutor(max_workers=HASH_SLOTS, thread_name_prefix="argon2")
+        _hash_pool = (os.getpid(), pool)
+    return _hash_pool[1]
+
+
+async def hash_off_loop(work: Callable[..., T], *args: object) -> T:
+    """``work(*args)`` on the argon2 threads, at most ``HASH_SLOTS`` at a time.
+
+    The slot is held until the thread ends, even when the caller is cancelled meanwhile,
+    so cancelled sign-ins cannot pile up argon2 work beyond the bound.
+    """
+    loop = asyncio.get_running_loop()
+    slots = _SLOTS.get(loop)
+    if slots is None:
+        slots = _SLOTS[loop] = asyncio.Semaphore(HASH_SLOTS)
+    await slots.acquire()
+    try:
+        done = loop.run_in_executor(_threads(), work, *args)
+    except BaseException:
+        slots.release()
+        raise
+    done.add_done_callback(lambda _: slots.release())
+    return await asyncio.shield(done)
+
+
 _DUMMY_HASHES: dict[tuple[int, int, int], str] = {}
 
 
@@ -166,6 +223,7 @@ def _dummy_hash(hasher: PasswordHasher) -> str:
 
 
 def _password_matches(hasher: PasswordHasher, pw_hash: str | None, password: str) -> bool:
+    """Blocking (argon2): call through ``hash_off_loop``."""
     try:
         if pw_hash is None:
             hasher.verify(_dummy_hash(hasher), password)
@@ -173,6 +231,60 @@ def _password_matches(hasher: PasswordHasher, pw_hash: str | None, password: str
         return hasher.verify(pw_hash, password)
     except (VerificationError, InvalidHashError):
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """An account whose sign-in attempt was reserved (counted as a failure until proven)."""
+
+    user_id: int
+    display_name: str
+    role: str
+    participant_id: str | None
+    password_hash: str | None
+    failed_logins: int
+    locks: bool  # this attempt is the last one allowed: it set the lock
+    sites: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    disabled: bool
+    locked_until: datetime | None
+
+
+# Only an enabled account that is not locked gets an attempt; the attempt that reaches the
+# limit sets the lock itself, so a concurrent one finds the account locked (PostgreSQL
+# re-checks the WHERE clause on the row a concurrent UPDATE committed).
+_RESERVE = """
+UPDATE users u SET failed_logins = u.failed_logins + 1,
+       locked_until = CASE WHEN u.failed_logins + 1 >= %(max)s THEN now() + %(lockout)s END
+WHERE u.username = %(username)s AND u.disabled_at IS NULL
+  AND (u.locked_until IS NULL OR u.locked_until <= now())
+RETURNING u.user_id, u.display_name, u.role, u.participant_id, u.password_hash,
+          u.failed_logins, u.locked_until IS NOT NULL AS locks,
+          coalesce((SELECT array_agg(s.site_id) FROM user_sites s WHERE s.user_id = u.user_id),
+                   '{}') AS sites
+"""
+
+_REFUSAL = """
+SELECT disabled_at IS NOT NULL AS disabled, locked_until FROM users WHERE username = %s
+"""
+
+
+async def _reserve_attempt(conn: Conn, username: str) -> _Attempt | _Refusal | None:
+    """Count an attempt on ``username`` before its password is checked; why not, if not."""
+    async with conn.transaction():
+        async with conn.cursor(row_factory=class_row(_Attempt)) as cur:
+            await cur.execute(
+                _RESERVE, {"max": MAX_FAILED_LOGINS, "lockout": LOCKOUT, "username": username}
+            )
+            attempt = await cur.fetchone()
+        if attempt is not None:
+            return attempt
+        async with conn.cursor(row_factory=class_row(_Refusal)) as cur:
+            await cur.execute(_REFUSAL, (username,))
+            return await cur.fetchone()
 
 
 async def verify_password(
@@ -183,66 +295,58 @@ async def verify_password(
     hasher: PasswordHasher = DEFAULT_HASHER,
 ) -> User:
     """The account if the password is right; else ``InvalidCredentials``, ``AccountLocked``
-    or ``AccountDisabled``. Counts failures and locks the account (audited ``user.locked``)."""
-    row = None
-    if "\x00" not in username:
-        async with conn.transaction():
-            cur = await conn.execute(_SELECT, (username,))
-            row = await cur.fetchone()
-    if row is None:
-        _password_matches(hasher, None, password)
+    or ``AccountDisabled``. Counts failures and locks the account (audited ``user.locked``).
+
+    The attempt counts as a failure from its start until the password proves right, so an
+    attempt cut short (cancelled, database gone) stays counted.
+    """
+    found = None if "\x00" in username else await _reserve_attempt(conn, username)
+    if found is None:
+        await hash_off_loop(_password_matches, hasher, None, password)
         raise InvalidCredentials("invalid user name or password")
-    (
-        user_id,
-        _,
-        display,
-        role,
-        participant_id,
-        pw_hash,
-        _failed,
-        locked_until,
-        disabled,
-        now,
-        sites,
-    ) = row
-    user = User(int(user_id), username, str(display), Role(role), participant_id, frozenset(sites))
-    if disabled:
-        raise AccountDisabled(f"account {username!r} is disabled")
-    if locked_until is not None and locked_until > now:
-        raise AccountLocked(username, locked_until)
-    if _password_matches(hasher, pw_hash, password):
+    if isinstance(found, _Refusal):
+        if found.disabled:
+            raise AccountDisabled(f"account {username!r} is disabled")
+        # Locked, or it was until a moment ago: refused either way, without a hash.
+        raise AccountLocked(username, found.locked_until or datetime.now(UTC))
+    a = found
+    user = User(
+        a.user_id, username, a.display_name, Role(a.role), a.participant_id, frozenset(a.sites)
+    )
+    if await hash_off_loop(_password_matches, hasher, a.password_hash, password):
         async with conn.transaction():
             await conn.execute(
                 "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE user_id = %s",
-                (user_id,),
+                (a.user_id,),
             )
-        if pw_hash is not None and hasher.check_needs_rehash(pw_hash):
+        if a.password_hash is not None and hasher.check_needs_rehash(a.password_hash):
+            new_hash = await hash_off_loop(hasher.hash, password)
             async with conn.transaction():
                 await conn.execute(
                     "UPDATE users SET password_hash = %s WHERE user_id = %s",
-                    (hasher.hash(password), user_id),
+                    (new_hash, a.user_id),
                 )
         return user
-    async with conn.transaction():
-        cur = await conn.execute(
-            "UPDATE users SET failed_logins = failed_logins + 1,"
-            " locked_until = CASE WHEN failed_logins + 1 >= %s THEN now() + %s END"
-            " WHERE user_id = %s RETURNING failed_logins, locked_until",
-            (MAX_FAILED_LOGINS, LOCKOUT, user_id),
-        )
-        counted = await cur.fetchone()
-        assert counted is not None
-        if counted[1] is not None:
-            await audit.append(
-                conn,
-                actor=username,
-                action="user.locked",
-                entity="user",
-                entity_id=username,
-                detail={"failed_logins": int(counted[0])},
-                reason="too many failed password attempts",
+    if a.locks:
+        async with conn.transaction():
+            # Still locked (a concurrent right password may have reset it): then audit it.
+            cur = await conn.execute(
+                "SELECT failed_logins FROM users WHERE user_id = %s AND locked_until > now()"
+                " FOR UPDATE",
+                (a.user_id,),
             )
-            log.warning("account locked username=%s failed=%d", username, counted[0])
+            counted = await cur.fetchone()
+            if counted is not None:
+                await audit.append(
+                    conn,
+                    actor=username,
+                    action="user.locked",
+                    entity="user",
+                    entity_id=username,
+                    detail={"failed_logins": int(counted[0])},
+                    reason="too many failed password attempts",
+                )
+                log.warning("account locked username=%s failed=%d", username, counted[0])
     raise InvalidCredentials("invalid user name or password")
 
 
@@ -267,6 +371,7 @@ async def disable_user(conn: Conn, *, actor: str, username: str, reason: str) ->
 
 __all__ = [
     "DEFAULT_HASHER",
+    "HASH_SLOTS",
     "LOCKOUT",
     "MAX_FAILED_LOGINS",
     "AccountDisabled",
@@ -280,5 +385,6 @@ __all__ = [
     "create_user",
     "disable_user",
     "get_user",
+    "hash_off_loop",
     "verify_password",
 ]

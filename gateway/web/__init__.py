@@ -2,8 +2,9 @@
 under ``/api/v1`` with its OpenAPI document, live alert events, and the pages.
 
 ``setup_web(app)`` adds it to the gateway's aiohttp application (``gateway.app``): the
-routes, the alert feed that wakes live pages, the rollup refresher of plain mode, and the
-runner of export jobs (``gateway.web.exports``).
+routes, the alert feed that wakes live pages, the rollup refresher of plain mode, the
+runner of export jobs (``gateway.web.exports``), and the rate limits on sign-in, enrollment
+and consent signing (``gateway.web.ratelimit``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gateway.web import auth, live, pages, sse
 from gateway.web.access import SessionChecks
 from gateway.web.api import ENDPOINTS
 from gateway.web.exports import EXPORT_RUNNER, ExportRunner
+from gateway.web.ratelimit import RATE_LIMITER, RateLimiter, rate_limit_middleware
 from gateway.web.spec import handler_for
 from storage import sessions, views
 from storage.errors import DatabaseUnavailable
@@ -95,6 +97,8 @@ async def _close_live_streams(app: web.Application) -> None:
 
 def setup_web(app: web.Application) -> None:
     """Add the API, the pages and their background work to the gateway's application."""
+    app[RATE_LIMITER] = RateLimiter()
+    app.middlewares.append(rate_limit_middleware)
     app.cleanup_ctx.append(_web)
     app.on_shutdown.append(sse.close_streams)
     app.on_shutdown.append(_close_live_streams)

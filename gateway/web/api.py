@@ -33,6 +33,7 @@ from gateway.web.access import (
 )
 from gateway.web.errors import BadInput, Conflict, Forbidden, NotFound, WebError
 from gateway.web.exports import EXPORT_RUNNER
+from gateway.web.ratelimit import check_request
 from gateway.web.spec import Ctx, Endpoint, Field, openapi_document
 from ingest.metrics import METRICS
 from storage import alerts as alert_store
@@ -722,6 +723,7 @@ _CONSENT_ERRORS: dict[type[consent_errors.ConsentError], tuple[type[WebError], s
 
 
 async def sign_consent(ctx: Ctx) -> web.StreamResponse:
+    check_request(ctx.request, lambda limits: limits.consent_per_account, ctx.user.username)
     pid = ctx.path["participant_id"]
     b = ctx.body
     async with _pool(ctx).connection() as conn:

@@ -3,7 +3,8 @@
 - Passwords are checked by ``storage.users.verify_password`` (argon2id, lockout after
   repeated failures). Every sign-in, failed sign-in and sign-out is in the audit trail; a
   failure answers the same whatever its cause (unknown name, wrong password, locked or
-  disabled account), and the audit record says which it was.
+  disabled account), and the audit record says which it was. Sign-in is rate limited per
+  client address and per user name (``gateway.web.ratelimit``): past a limit, 429.
 - The session is a random token in the cookie ``__Host-trialstream``: ``HttpOnly`` (no
   script reads it), ``Secure`` (sent over HTTPS only; browsers count loopback addresses as
   secure, so local development works), ``SameSite=Strict`` (never sent by another site's
@@ -25,6 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway.web.access import Principal, SessionChecks
 from gateway.web.errors import Forbidden, Unauthenticated
+from gateway.web.ratelimit import check_request
 from storage import audit, sessions, users
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,11 @@ def _remote(request: web.Request) -> str:
 
 
 async def sign_in(request: web.Request, username: str, password: str) -> web.Response:
-    """Check the password; on success start a session and set its cookie."""
+    """Check the password; on success start a session and set its cookie.
+
+    The per-address limit is the middleware's; the per-account one is taken here.
+    """
+    check_request(request, lambda limits: limits.login_per_account, username)
     pool = _pool(request)
     async with pool.connection() as conn:
         try:

@@ -1,6 +1,9 @@
 """People for the web tests: one account of each role at SITE-A (study S1, participant P1),
 and staff of a second site SITE-B (participant P2), with helpers that sign in and call the
-API the way a browser does (session cookie, CSRF header)."""
+API the way a browser does (session cookie, CSRF header).
+
+These tests sign in many times within seconds from one address, so the ``web`` fixture
+raises the gateway's rate limits; ``tests/web/test_rate_limits.py`` checks the real ones."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pytest
 from aiohttp import ClientResponse
 
 from gateway.web.auth import COOKIE, CSRF_HEADER
+from gateway.web.ratelimit import RATE_LIMITER, Limit
 from ingest.rules import Change, RuleEvent
 from storage import alerts, db, registry, users
 from storage.users import Role
@@ -168,7 +172,12 @@ async def add_people(trial: Trial) -> None:
         await conn.commit()
 
 
+RAISED_LIMIT = Limit(burst=100_000, per_minute=100_000)
+
+
 @pytest.fixture
 async def web(trial: Trial, gateway: RunningGateway) -> Web:
+    for buckets in gateway.client.app[RATE_LIMITER].all:  # type: ignore[index]
+        buckets.limit = RAISED_LIMIT
     await add_people(trial)
     return Web(trial, gateway)
