@@ -34,6 +34,10 @@ from ingest import keys
 from ingest.transport import TlsFiles
 
 ENROLL_TIMEOUT_S = 30
+# A gateway busy with enrollments from this address (429) is asked again after the wait it
+# names (at most ENROLL_BUSY_WAIT_S), this many times in all.
+ENROLL_BUSY_TRIES = 5
+ENROLL_BUSY_WAIT_S = 60.0
 # What a site's QR code (or ``trialstream site enroll-code``) gives a hub: the gateway's
 # address, the single-use code and the SHA-256 of the study CA's certificate.
 ENROLL_URI_PREFIX = "trialstream:enroll?"
@@ -180,6 +184,24 @@ def ca_fingerprint(ca_pem: str) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
+async def _post_enrollment(url: str, request: dict[str, str]) -> tuple[dict[str, Any], int, float]:
+    """The gateway's answer, its status and the wait it asks for (``Retry-After``, bounded)."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ENROLL_TIMEOUT_S)) as http,
+            http.post(url, json=request) as resp,
+        ):
+            body = await resp.json(content_type=None)
+            raw = resp.headers.get("Retry-After", "")
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+        raise HubIdentityError(f"cannot reach the gateway at {url}: {exc}") from exc
+    if not isinstance(body, dict):
+        raise HubIdentityError(f"the gateway at {url} did not answer with a JSON object")
+    wait = float(raw) if raw.isdigit() and len(raw) <= 4 else ENROLL_BUSY_WAIT_S
+    return body, status, min(max(wait, 1.0), ENROLL_BUSY_WAIT_S)
+
+
 def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
     """The CSR sent with the code; the gateway chooses the name (the device id) itself."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pending-enrollment")])
@@ -234,15 +256,13 @@ async def enroll(directory: Path, ticket: EnrollmentTicket) -> HubIdentity:
     ticket = checked_ticket(ticket.gateway_url, ticket.code, ticket.ca_sha256)
     key = await asyncio.to_thread(_prepare, directory)
     url = ticket.gateway_url + "/api/v1/enrollments"
-    try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ENROLL_TIMEOUT_S)) as http,
-            http.post(url, json={"code": ticket.code, "csr": make_csr(key).decode()}) as resp,
-        ):
-            body: dict[str, Any] = await resp.json(content_type=None)
-            status = resp.status
-    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
-        raise HubIdentityError(f"cannot reach the gateway at {url}: {exc}") from exc
+    request = {"code": ticket.code, "csr": make_csr(key).decode()}
+    for attempt in range(1, ENROLL_BUSY_TRIES + 1):
+        body, status, retry_after = await _post_enrollment(url, request)
+        if status != 429 or attempt == ENROLL_BUSY_TRIES:
+            break
+        # Too many enrollments from this address for now: wait as the gateway asks.
+        await asyncio.sleep(retry_after)
     if status != 201:
         title = body.get("title") or body.get("detail") or f"HTTP {status}"
         raise HubIdentityError(f"the gateway refused the enrollment: {title}")

@@ -47,6 +47,7 @@ from gateway.broker import MosquittoBroker, find_mosquitto, free_port
 from gateway.errors import BrokerError, GatewayError
 from gateway.pki import StudyCA
 from gateway.settings import Settings
+from gateway.web.ratelimit import RATE_LIMITER, Limit
 from ingest.metrics import METRICS
 from ingest.rules import RuleKind, Severity
 from ingest.transport import configure_tls
@@ -334,7 +335,12 @@ async def run_demo(options: DemoOptions, out: TextIO) -> dict[str, Any]:
                 if not died.done():
                     died.set_result(what)
 
-            runner = web.AppRunner(create_app(settings, on_fatal=on_fatal), access_log=None)
+            app = create_app(settings, on_fatal=on_fatal)
+            # Every demo hub enrolls from this machine's address, all within seconds.
+            app[RATE_LIMITER].enrollment_per_address.limit = Limit(
+                burst=options.participants, per_minute=options.participants
+            )
+            runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             site = web.TCPSite(runner, settings.http_host, settings.http_port)

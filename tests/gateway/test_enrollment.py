@@ -21,6 +21,7 @@ from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway import enrollment
 from gateway.pki import StudyCA, certificate_identity, verify_issued_by
+from gateway.web.ratelimit import RATE_LIMITER, Limit
 from ingest import keys
 from ingest.model import Reading
 from ingest.transport import configure_tls
@@ -208,3 +209,18 @@ async def test_a_gateway_that_answers_with_another_ca_is_not_trusted(
         await enroll(hub_dir, ticket(secure_gateway, code, other))
     assert not (hub_dir / "hub.json").exists()
     assert not (hub_dir / "ca.pem").exists()
+
+
+async def test_a_hub_told_to_wait_enrolls_after_the_wait(
+    trial: Trial, gateway: RunningGateway, tmp_path: Path
+) -> None:
+    """Enrollments from one address are rate limited: a hub answered 429 waits as
+    Retry-After says and asks again, rather than failing its participant's setup."""
+    limiter = gateway.client.app[RATE_LIMITER]  # type: ignore[index]
+    limiter.enrollment_per_address.limit = Limit(burst=1, per_minute=60)
+    first, second = await new_code(trial, "P8"), await new_code(trial, "P9")
+    await enroll(tmp_path / "first", ticket(gateway, first))
+    started = time.monotonic()
+    identity = await enroll(tmp_path / "second", ticket(gateway, second))
+    assert identity.participant_id == "P9"
+    assert time.monotonic() - started >= 0.5  # it did wait for the bucket to refill
