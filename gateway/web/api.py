@@ -592,7 +592,12 @@ async def create_enrollment_code(ctx: Ctx) -> web.StreamResponse:
         issued = await enrollment.issue_code(
             conn, pid, created_by=ctx.user.username, ttl=timedelta(hours=ctx.body["ttl_hours"])
         )
-    payload = qr.enrollment_payload(str(ctx.request.url.origin()), issued.code)
+    # The gateway's configured public address, never the request's origin (behind a TLS
+    # proxy that is the proxy's plain-http side), and the CA the hub must find there.
+    from gateway.app import SETTINGS, STUDY_CA  # gateway.app imports this package
+
+    app = ctx.request.app
+    payload = enrollment.enrollment_uri(app[SETTINGS].gateway_url, issued.code, app[STUDY_CA])
     return web.json_response(
         {
             "code": issued.code,
@@ -894,7 +899,12 @@ async def submit_export(ctx: Ctx) -> web.StreamResponse:
             export_errors.UnknownParticipant,
             export_errors.ExportNotPermitted,
         ) as exc:
-            raise NotFound(str(exc)) from exc
+            # One answer whatever the cause (the audit record keeps it): a participant of
+            # another site must not be told apart from one that does not exist.
+            who = f", participant {request.participant_id!r}" if request.participant_id else ""
+            raise NotFound(
+                f"nothing to export for study {request.study_id!r}{who} within your sites"
+            ) from exc
     runner = ctx.request.app.get(EXPORT_RUNNER)
     if runner is not None:
         runner.wake()
@@ -1035,6 +1045,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ok_schema={**SESSION, "properties": {**SESSION["properties"], "expires_at": TIME}},
         description="Checks the password (lockout after repeated failures) and sets the "
         "session cookie.",
+        extra_statuses=(429,),
     ),
     Endpoint(
         "GET",
@@ -1217,6 +1228,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         conflicts=True,
         description="The participant's e-signature: re-authenticates with the participant's "
         "own user name and password.",
+        extra_statuses=(429,),
     ),
     Endpoint(
         "GET",
@@ -1393,7 +1405,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 "topics": {"type": "object"},
             }
         ),
-        extra_statuses=(404, 409, 410),
+        extra_statuses=(404, 409, 410, 429),
         routed=False,
         description="A hub redeems a single-use enrollment code and a PEM certificate signing "
         "request for its identity (routed in gateway.app).",

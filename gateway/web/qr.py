@@ -6,11 +6,6 @@ import qrcode
 import qrcode.image.svg
 
 
-def enrollment_payload(gateway_url: str, code: str) -> str:
-    """What a hub's camera reads: the same text ``trialstream site enroll-code`` prints."""
-    return f"trialstream:enroll?gateway={gateway_url}&code={code}"
-
-
 def svg(data: str) -> str:
     """A QR code of ``data`` as a standalone SVG document (dark modules on white)."""
     qr = qrcode.QRCode(border=2, image_factory=qrcode.image.svg.SvgPathFillImage)

@@ -273,6 +273,8 @@ _STATUS_TEXT = {
     413: "The body is larger than the gateway accepts.",
     415: "The body must be application/json.",
     410: "The resource has expired.",
+    429: "Too many requests of this kind from this address or account; Retry-After says when"
+    " to ask again.",
 }
 
 

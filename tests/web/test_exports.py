@@ -295,3 +295,19 @@ async def test_the_monitor_boards_exports_panel_runs_a_job_and_links_its_files(
         p: f["href"] for p, f in files.items()
     }
     assert files["Observation.ndjson"]["sha256"] in text
+
+
+async def test_another_sites_participant_is_refused_as_if_unknown(web: Web) -> None:
+    """The refusal must not tell a participant of another site from one that does not exist
+    (the audit record says which it was)."""
+    answers = []
+    for pid in ("P1", "NOBODY"):
+        resp = await web.call(
+            "other_monitor",
+            "POST",
+            "/api/v1/exports",
+            json={"kind": "fhir", "study_id": "S1", "participant_id": pid},
+        )
+        assert resp.status == 404
+        answers.append((await resp.json())["title"].replace(pid, "<id>"))
+    assert answers[0] == answers[1]
