@@ -91,6 +91,13 @@ async def _web(app: web.Application) -> AsyncIterator[None]:
                 await anext(ctx)
 
 
+async def _no_store(request: web.Request, response: web.StreamResponse) -> None:
+    """Nothing but the static files may be kept by a browser or a proxy: answers carry
+    participants' health data and session state (a shared computer's cache, a proxy's disk)."""
+    if not request.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+
+
 async def _close_live_streams(app: web.Application) -> None:
     live.close_streams(app)
 
@@ -99,6 +106,7 @@ def setup_web(app: web.Application) -> None:
     """Add the API, the pages and their background work to the gateway's application."""
     app[RATE_LIMITER] = RateLimiter()
     app.middlewares.append(rate_limit_middleware)
+    app.on_response_prepare.append(_no_store)
     app.cleanup_ctx.append(_web)
     app.on_shutdown.append(sse.close_streams)
     app.on_shutdown.append(_close_live_streams)
