@@ -55,6 +55,11 @@ class ReauthenticationFailed(ConsentError):
     """The signer did not re-authenticate with the participant's own credential."""
 
 
+class IncompleteWithdrawal(ConsentError):
+    """A withdrawal recorded by staff without its reason, or without how a participant's
+    request was received (or with one where there is none)."""
+
+
 class AlreadySigned(ConsentError):
     """The participant's consent in force is already this version with these scopes."""
 

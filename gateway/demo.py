@@ -272,13 +272,17 @@ async def _consent(url: str, participant: str, document: int, password: str) -> 
         )
 
 
-async def _withdraw(url: str, participant: str) -> None:
+async def _withdraw(url: str, participant: str, password: str) -> None:
+    """The coordinator records the participant's request, received by phone, signing it."""
     async with db.connection(url) as conn:
         await records.withdraw(
             conn,
             Actor("coordinator", users.Role.SITE_COORDINATOR, frozenset({SITE})),
             participant_id=participant,
             initiated_by=Initiator.PARTICIPANT,
+            signature=records.WithdrawalSignature(
+                "coordinator", password, records.ReceivedVia.PHONE
+            ),
             reason="participant asked to stop (demo scenario)",
         )
 
@@ -587,7 +591,7 @@ async def _scenario(
     if len(cohort) >= 2:
 
         async def withdraw() -> None:
-            await _withdraw(url, cohort[1].participant_id)
+            await _withdraw(url, cohort[1].participant_id, options.password)
 
         steps.append(
             (

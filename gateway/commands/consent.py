@@ -97,14 +97,25 @@ def register(sub: Subparsers) -> None:
     wd = co_sub.add_parser(
         "withdraw",
         help="withdraw consent (all, or some scopes)",
-        description="End consent now, for all scopes or only --scopes. Data already held "
+        description="End consent now, for all scopes or only --scopes, as an e-signed act: "
+        "the actor's own password (prompted, or --password-stdin) signs it. Data already held "
         "follows the study's policy (retain, or delete with a recorded deletion).",
     )
     _common(wd)
     wd.add_argument("--participant", required=True)
     wd.add_argument("--scopes", type=_scopes, help="withdraw only these scopes")
     wd.add_argument("--initiated-by", choices=["participant", "site"], required=True)
-    wd.add_argument("--reason")
+    wd.add_argument("--reason", help="why (required when staff record the withdrawal)")
+    wd.add_argument(
+        "--received-via",
+        choices=["in_person", "phone", "video_visit", "letter", "email"],
+        help="how the participant's request reached the staff recording it",
+    )
+    wd.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the actor's password (which signs the withdrawal) as one line from stdin",
+    )
     wd.set_defaults(handler=_cmd_withdraw)
 
     pend = co_sub.add_parser(
@@ -185,13 +196,17 @@ def _cmd_document(args: argparse.Namespace, settings: Settings) -> int:
     return _run(settings, args, action)
 
 
+def _password(args: argparse.Namespace, username: str) -> str:
+    """The password that signs: one line of stdin with --password-stdin, else prompted."""
+    if args.password_stdin:
+        return sys.stdin.readline(1025).rstrip("\n")
+    return getpass.getpass(f"password for {username}: ")
+
+
 def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
     from consent import records
 
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = getpass.getpass(f"password for {args.username}: ")
+    password = _password(args, args.username)
 
     async def action(conn: object, actor: records.Actor) -> int:
         rec = await records.sign(
@@ -217,12 +232,16 @@ def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_withdraw(args: argparse.Namespace, settings: Settings) -> int:
     from consent import records
 
+    password = _password(args, args.actor)
+    received = records.ReceivedVia(args.received_via) if args.received_via else None
+
     async def action(conn: object, actor: records.Actor) -> int:
         w = await records.withdraw(
             conn,  # type: ignore[arg-type]
             actor,
             participant_id=args.participant,
             initiated_by=records.Initiator(args.initiated_by),
+            signature=records.WithdrawalSignature(actor.user, password, received),
             scopes=args.scopes,
             reason=args.reason,
         )

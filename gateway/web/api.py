@@ -724,7 +724,20 @@ _CONSENT_ERRORS: dict[type[consent_errors.ConsentError], tuple[type[WebError], s
     consent_errors.WitnessRequired: (BadInput, "witness-required"),
     consent_errors.NotPermitted: (NotFound, "not-found"),
     consent_errors.UnknownParticipant: (NotFound, "not-found"),
+    consent_errors.IncompleteWithdrawal: (BadInput, "incomplete-withdrawal"),
+    consent_errors.ScopeNotGranted: (BadInput, "scope-not-granted"),
+    consent_errors.NotConsented: (Conflict, "not-consented"),
 }
+
+
+def _consent_refusal(exc: consent_errors.ConsentError) -> WebError:
+    """The HTTP answer to a refused consent act (a type not mapped is a fault: re-raised)."""
+    for kind, (error, name) in _CONSENT_ERRORS.items():
+        if isinstance(exc, kind):
+            err = error(str(exc))
+            err.kind = name
+            return err
+    raise exc
 
 
 async def sign_consent(ctx: Ctx) -> web.StreamResponse:
@@ -747,18 +760,47 @@ async def sign_consent(ctx: Ctx) -> web.StreamResponse:
                 witness=b["witness"],
             )
         except consent_errors.ConsentError as exc:
-            for kind, (error, name) in _CONSENT_ERRORS.items():
-                if isinstance(exc, kind):
-                    err = error(str(exc))
-                    err.kind = name
-                    raise err from exc
-            raise
+            raise _consent_refusal(exc) from exc
     return web.json_response(
         {
             "consent_id": rec.consent_id,
             "version": rec.version,
             "scopes": sorted(rec.scopes),
             "effective_at": _t(rec.valid_from),
+        },
+        status=201,
+    )
+
+
+async def withdraw_consent(ctx: Ctx) -> web.StreamResponse:
+    check_request(ctx.request, lambda limits: limits.consent_per_account, ctx.user.username)
+    pid = ctx.path["participant_id"]
+    b = ctx.body
+    received = records.ReceivedVia(b["received_via"]) if b["received_via"] else None
+    async with _pool(ctx).connection() as conn:
+        await require_participant(ctx.user, pid, conn)
+        await conn.commit()
+        try:
+            w = await records.withdraw(
+                conn,
+                _actor(ctx.user),
+                participant_id=pid,
+                initiated_by=records.Initiator(b["initiated_by"]),
+                signature=records.WithdrawalSignature(b["username"], b["password"], received),
+                scopes=b["scopes"],
+                reason=b["reason"],
+            )
+        except consent_errors.ConsentError as exc:
+            raise _consent_refusal(exc) from exc
+    return web.json_response(
+        {
+            "consent_id": w.consent_id,
+            "participant_id": w.participant_id,
+            "scopes": sorted(w.scopes),
+            "full": w.full,
+            "data_policy": w.data_policy,
+            "readings_deleted": w.readings_deleted,
+            "effective_at": _t(w.effective_at),
         },
         status=201,
     )
@@ -1229,6 +1271,53 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         description="The participant's e-signature: re-authenticates with the participant's "
         "own user name and password.",
         extra_statuses=(429,),
+    ),
+    Endpoint(
+        "POST",
+        f"{V1}/participants/{{participant_id}}/withdrawals",
+        "withdraw_consent",
+        "Withdraw consent",
+        withdraw_consent,
+        frozenset({users.Role.PARTICIPANT, users.Role.SITE_COORDINATOR, users.Role.ADMIN}),
+        "participants",
+        path_params=(PARTICIPANT_ID,),
+        body=(
+            Field("initiated_by", enum=tuple(i.value for i in records.Initiator)),
+            Field(
+                "received_via",
+                required=False,
+                enum=tuple(r.value for r in records.ReceivedVia),
+                description="staff recording a participant's request: how it came",
+            ),
+            Field("reason", required=False, max_len=500),
+            Field(
+                "scopes",
+                kind="array",
+                required=False,
+                max_len=64,
+                description="withdraw only these scopes (default: all consent)",
+            ),
+            Field("username", max_len=128),
+            Field("password", max_len=1024),
+        ),
+        ok_status=201,
+        ok_schema=obj(
+            {
+                "consent_id": INT,
+                "participant_id": STR,
+                "scopes": STRS,
+                "full": BOOL,
+                "data_policy": STR,
+                "readings_deleted": INT,
+                "effective_at": TIME,
+            }
+        ),
+        conflicts=True,
+        extra_statuses=(429,),
+        description="An e-signed act: whoever records it re-authenticates with their own user "
+        "name and password. A participant withdraws for themself; site staff record a "
+        "withdrawal for their sites with a reason, and for a participant's request, how it "
+        "was received. Data already held follows the study's withdrawal policy.",
     ),
     Endpoint(
         "GET",

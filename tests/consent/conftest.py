@@ -6,16 +6,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from argon2 import PasswordHasher
 
 from consent.records import Actor
 from storage import db, users
 from storage.db import Conn
+from tests.fixtures.signers import CHEAP_HASHER, PASSWORD
 from tests.fixtures.trial import Trial
 
-# Real argon2id with the smallest parameters: tests hash dozens of passwords.
-CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
-PASSWORD = "correct horse battery"
+__all__ = ["CHEAP_HASHER", "PASSWORD"]
 
 ADMIN = Actor("admin", users.Role.ADMIN)
 COORDINATOR = Actor("coord-a", users.Role.SITE_COORDINATOR, frozenset({"SITE-A"}))

@@ -83,10 +83,16 @@ def test_document_sign_pending_withdraw_history(
 
     withdraw = [
         "consent", "withdraw", *url, "--actor", "coord", "--participant", "P1",
-        "--initiated-by", "site", "--reason", "moved",
+        "--initiated-by", "site", "--reason", "moved", "--password-stdin",
     ]  # fmt: skip
+    # A withdrawal is signed with the actor's own password.
+    monkeypatch.setattr("sys.stdin", io.StringIO("not the password\n"))
+    assert main(withdraw) == 2
+    assert capsys.readouterr().err.startswith("error: ReauthenticationFailed:")
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
     assert main(withdraw) == 0
     assert "withdrawn P1: all consent" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
     assert main(withdraw) == 2
     assert capsys.readouterr().err.startswith("error: NotConsented:")
 

@@ -20,6 +20,7 @@ from ingest.pipeline import up_topic
 from storage import db
 from storage.timeconv import to_ms
 from tests.consent.conftest import ADMIN, CHEAP_HASHER, COORDINATOR, PASSWORD, Accounts
+from tests.fixtures import signers
 from tests.fixtures.gateway import RunningGateway
 from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.trial import ALL_SCOPES, Hub, Trial
@@ -79,12 +80,8 @@ async def rejections(url: str, device: str) -> list[tuple[Any, ...]]:
 
 async def withdraw(trial: Trial, **kw: object) -> records.Withdrawal:
     async with db.connection(trial.url, autocommit=True) as conn:
-        return await records.withdraw(
-            conn,
-            COORDINATOR,
-            participant_id="P2",
-            initiated_by=Initiator.SITE,
-            **kw,  # type: ignore[arg-type]
+        return await signers.withdraw(
+            conn, COORDINATOR, participant_id="P2", initiated_by=Initiator.SITE, **kw
         )
 
 

@@ -22,6 +22,7 @@ from tests.consent.conftest import (
     Accounts,
 )
 from tests.fixtures.pgtrace import protocol_trace, waits
+from tests.fixtures.signers import add_signer, signed, withdraw
 from tests.fixtures.trial import ALL_SCOPES, Trial
 
 NOW = datetime.now(UTC)
@@ -259,36 +260,34 @@ async def test_withdrawal_full_partial_and_twice(
     await trial.add_participant("P2", "hub-2")
     p1 = await accounts.participant("P1")
     with pytest.raises(errors.ScopeNotGranted):
-        await records.withdraw(
+        await withdraw(
             conn, p1, participant_id="P1", initiated_by=Initiator.PARTICIPANT, scopes={"mood"}
         )
     with pytest.raises(errors.InvalidScopes):
-        await records.withdraw(
+        await withdraw(
             conn, p1, participant_id="P1", initiated_by=Initiator.PARTICIPANT, scopes=set()
         )
-    part = await records.withdraw(
+    part = await withdraw(
         conn, p1, participant_id="P1", initiated_by=Initiator.PARTICIPANT, scopes={"glucose"}
     )
     assert (part.full, part.scopes, part.data_policy) == (False, frozenset({"glucose"}), "retain")
     with pytest.raises(errors.ScopeNotGranted):  # that scope is gone already
-        await records.withdraw(
+        await withdraw(
             conn, p1, participant_id="P1", initiated_by=Initiator.PARTICIPANT, scopes={"glucose"}
         )
     with pytest.raises(errors.NotPermitted):  # participants withdraw only themselves
-        await records.withdraw(conn, p1, participant_id="P2", initiated_by=Initiator.PARTICIPANT)
+        await withdraw(conn, p1, participant_id="P2", initiated_by=Initiator.PARTICIPANT)
     with pytest.raises(errors.NotPermitted):  # nor claim the site initiated it
-        await records.withdraw(conn, p1, participant_id="P1", initiated_by=Initiator.SITE)
+        await withdraw(conn, p1, participant_id="P1", initiated_by=Initiator.SITE)
     with pytest.raises(errors.NotPermitted):
-        await records.withdraw(
-            conn, OTHER_COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE
-        )
-    full = await records.withdraw(
+        await withdraw(conn, OTHER_COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE)
+    full = await withdraw(
         conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE, reason="moved away"
     )
     assert full.full
     assert full.scopes == ALL_SCOPES - {"glucose"}
     with pytest.raises(errors.NotConsented):
-        await records.withdraw(conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE)
+        await withdraw(conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE)
 
     history = await records.history(conn, COORDINATOR, "P1")
     assert [(h.action, h.initiated_by, h.valid_to is None) for h in history] == [
@@ -335,7 +334,7 @@ async def test_withdrawal_under_delete_policy_deletes_held_readings_with_a_recor
     await views.refresh_rollups(conn, StorageMode.PLAIN)
     cur = await conn.execute("SELECT DISTINCT metric FROM readings_1h ORDER BY metric")
     assert await cur.fetchall() == [("glucose",), ("heart_rate",)]
-    part = await records.withdraw(
+    part = await withdraw(
         conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE, scopes={"glucose"}
     )
     assert (part.data_policy, part.readings_deleted) == ("delete", 2)
@@ -343,9 +342,7 @@ async def test_withdrawal_under_delete_policy_deletes_held_readings_with_a_recor
     await views.refresh_rollups(conn, StorageMode.PLAIN)
     cur = await conn.execute("SELECT DISTINCT metric FROM readings_1h")
     assert await cur.fetchall() == [("heart_rate",)]
-    full = await records.withdraw(
-        conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE
-    )
+    full = await withdraw(conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE)
     assert full.readings_deleted == 3
     cur = await conn.execute(
         "SELECT consent_id, metrics, readings_deleted FROM withdrawal_deletions"
@@ -394,7 +391,13 @@ async def test_functions_refuse_to_run_inside_an_open_transaction(trial: Trial) 
     async with db.connection(trial.url) as c:
         await c.execute("SELECT 1")
         with pytest.raises(errors.TransactionOpen):
-            await records.withdraw(c, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE)
+            await records.withdraw(
+                c,
+                COORDINATOR,
+                participant_id="P1",
+                initiated_by=Initiator.SITE,
+                signature=signed(COORDINATOR),
+            )
 
 
 async def test_lockout_applies_to_signing(trial: Trial, accounts: Accounts, conn: Conn) -> None:
@@ -440,3 +443,87 @@ async def test_confirming_a_batch_s_consent_is_one_round_trip_and_holds_the_lock
         with pytest.raises(errors.ConsentChanged, match="after the batch's consent was read"):
             async with conn.transaction():
                 await records.confirm_unchanged(conn, ["P1"], snapshot)
+
+
+async def test_a_withdrawal_is_signed_with_the_actors_own_password(
+    trial: Trial, accounts: Accounts, conn: Conn
+) -> None:
+    """A withdrawal ends data collection (and under the delete policy, deletes data): like
+    a consent signature it is e-signed, by whoever records it, with their own password."""
+    p1 = await accounts.participant("P1")
+    await add_signer(conn, COORDINATOR)
+    refusals: list[tuple[records.WithdrawalSignature, str | None, type[Exception]]] = [
+        # A wrong password, or another person's credential.
+        (
+            records.WithdrawalSignature("coord-a", "wrong password", records.ReceivedVia.PHONE),
+            "asked by phone",
+            errors.ReauthenticationFailed,
+        ),
+        (
+            records.WithdrawalSignature("user-P1", PASSWORD, records.ReceivedVia.PHONE),
+            "asked by phone",
+            errors.ReauthenticationFailed,
+        ),
+        # Staff recording the participant's request: how it came, and why, are required.
+        (records.WithdrawalSignature("coord-a", PASSWORD), "asked", errors.IncompleteWithdrawal),
+        (signed(COORDINATOR, records.ReceivedVia.PHONE), None, errors.IncompleteWithdrawal),
+        (signed(COORDINATOR, records.ReceivedVia.PHONE), "  ", errors.IncompleteWithdrawal),
+    ]
+    for signature, reason, error in refusals:
+        with pytest.raises(error):
+            await records.withdraw(
+                conn,
+                COORDINATOR,
+                participant_id="P1",
+                initiated_by=Initiator.PARTICIPANT,
+                signature=signature,
+                reason=reason,
+                hasher=CHEAP_HASHER,
+            )
+    # A participant's own withdrawal was not "received" by anyone.
+    with pytest.raises(errors.IncompleteWithdrawal):
+        await records.withdraw(
+            conn,
+            p1,
+            participant_id="P1",
+            initiated_by=Initiator.PARTICIPANT,
+            signature=signed(p1, records.ReceivedVia.EMAIL),
+            hasher=CHEAP_HASHER,
+        )
+    cur = await conn.execute("SELECT count(*) FROM consents WHERE action <> 'consent'")
+    assert await cur.fetchone() == (0,)
+
+    part = await records.withdraw(
+        conn,
+        COORDINATOR,
+        participant_id="P1",
+        initiated_by=Initiator.PARTICIPANT,
+        signature=signed(COORDINATOR, records.ReceivedVia.VIDEO_VISIT),
+        scopes={"glucose"},
+        reason="asked during the video visit",
+        hasher=CHEAP_HASHER,
+    )
+    full = await records.withdraw(
+        conn,
+        p1,
+        participant_id="P1",
+        initiated_by=Initiator.PARTICIPANT,
+        signature=signed(p1),
+        hasher=CHEAP_HASHER,
+    )
+    cur = await conn.execute(
+        "SELECT c.consent_id, c.signer_name, u.username, c.meaning, c.received_via"
+        " FROM consents c JOIN users u ON u.user_id = c.signer_user_id"
+        " WHERE c.action <> 'consent' ORDER BY c.consent_id"
+    )
+    assert await cur.fetchall() == [
+        (part.consent_id, "Coord-A", "coord-a", records.MEANING_REQUEST_RECORDED, "video_visit"),
+        (full.consent_id, "Participant P1", "user-P1", records.MEANING_BY_PARTICIPANT, None),
+    ]
+    cur = await conn.execute(
+        "SELECT detail->>'signer', detail->>'received_via' FROM audit_log"
+        " WHERE action = 'consent.withdraw' ORDER BY audit_id"
+    )
+    assert await cur.fetchall() == [("coord-a", "video_visit"), ("user-P1", None)]
+    refused = [e for a, e in await audit_actions(conn) if a == "consent.withdraw.refused"]
+    assert refused == ["ReauthenticationFailed"] * 2 + ["IncompleteWithdrawal"] * 4

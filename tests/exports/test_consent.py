@@ -29,6 +29,7 @@ from tests.exports.conftest import (
     read_dataset,
     store,
 )
+from tests.fixtures import signers
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 
@@ -86,7 +87,7 @@ def test_an_open_ended_consent_clipped_at_the_end() -> None:
 async def _withdraw(url: str, participant_id: str, scopes: set[str] | None = None) -> int:
     """Withdraw now; returns the withdrawal's effective time (ms)."""
     async with db.connection(url, autocommit=True) as conn:
-        w = await records.withdraw(
+        w = await signers.withdraw(
             conn,
             ADMIN,
             participant_id=participant_id,

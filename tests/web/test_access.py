@@ -69,6 +69,31 @@ async def new_version(w: Web) -> tuple[str, Any]:
     return "/api/v1/participants/P1/consents", body
 
 
+async def withdrawal(w: Web, key: str | None) -> tuple[str, Any]:
+    """P1's consent in force again, and a withdrawal of it signed with the caller's own
+    password: by the participant themself, or recorded by staff as a phoned-in request."""
+    async with db.connection(w.trial.url) as conn, conn.transaction():
+        await registry.record_consent(
+            conn,
+            "P1",
+            w.trial.document_id,
+            "consent",
+            ALL_SCOPES,
+            effective_at=datetime.now(UTC),  # after the withdrawal the last call made
+            recorded_by="test",
+            signer_name="Participant One",
+            meaning="consent",
+        )
+    body: dict[str, Any] = {
+        "initiated_by": "participant",
+        "username": key or "nobody",
+        "password": PASSWORD,
+    }
+    if key is not None and key.removeprefix("other_") != "participant":
+        body |= {"received_via": "phone", "reason": "asked by phone"}
+    return "/api/v1/participants/P1/withdrawals", body
+
+
 async def new_user(w: Web) -> tuple[str, Any]:
     n = next(_counter)
     body = {
@@ -140,6 +165,9 @@ EXPECTED: dict[str, Expect] = {
     "follow_readings": Expect(CLINICAL, fixed("/api/v1/participants/P1/readings/live?minutes=5")),
     "get_rollups": Expect(CLINICAL, fixed("/api/v1/participants/P1/rollups?days=2")),
     "sign_consent": Expect(frozenset({"participant", "coordinator", "admin"}), new_version, 201),
+    "withdraw_consent": Expect(
+        frozenset({"participant", "coordinator", "admin"}), fixed(""), 201, build_for=withdrawal
+    ),
     "list_consent_documents": Expect(ANY, fixed("/api/v1/participants/P1/consent-documents")),
     "submit_export": Expect(
         CLINICAL,

@@ -68,3 +68,37 @@ async def test_sign_out_from_the_not_available_page_ends_the_session(
             " WHERE u.username = 'participant' AND s.ended_at IS NULL"
         )
         assert await cur.fetchone() == (0,)
+
+
+async def test_a_participant_withdraws_on_their_page_signing_with_their_password(
+    web: Web, browser: Browser
+) -> None:
+    await sign_in_with_next(browser, "/participants/P1", "participant")
+    await browser.wait_for("the withdrawal", lambda d: d.find_elements(By.ID, "withdraw-details"))
+
+    def withdraw(password: str):  # type: ignore[no-untyped-def]
+        def step(d: webdriver.Chrome) -> None:
+            d.find_element(By.CSS_SELECTOR, "#withdraw-details summary").click()
+            box = d.find_element(By.ID, "withdraw-password")
+            box.clear()
+            box.send_keys(password)
+            d.find_element(By.CSS_SELECTOR, "#withdraw button[type=submit]").click()
+
+        return step
+
+    await browser.run(withdraw("not my password"))
+    await browser.wait_for(
+        "the refusal", lambda d: "Not withdrawn" in d.find_element(By.ID, "withdraw-error").text
+    )
+    await browser.run(lambda d: d.find_element(By.ID, "withdraw-password").send_keys(PASSWORD))
+    await browser.run(lambda d: d.find_element(By.CSS_SELECTOR, "#withdraw button").click())
+    await browser.wait_for(
+        "the confirmation",
+        lambda d: "Consent withdrawn" in d.find_element(By.ID, "signed-message").text,
+    )
+    assert not await browser.run(lambda d: d.find_elements(By.ID, "withdraw-details"))
+    async with db.connection(web.trial.url) as conn:
+        cur = await conn.execute(
+            "SELECT c.action, c.meaning FROM consents c WHERE c.action <> 'consent'"
+        )
+        assert await cur.fetchall() == [("withdraw", "withdrawal of consent, by the participant")]

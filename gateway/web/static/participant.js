@@ -143,6 +143,64 @@
     return form;
   }
 
+  // How a participant's request to withdraw reached the staff member who records it; or the
+  // site's own decision.
+  const RECEIVED = [
+    ["in_person", "The participant asked in person"],
+    ["phone", "The participant asked by phone"],
+    ["video_visit", "The participant asked during a video visit"],
+    ["letter", "The participant asked by letter"],
+    ["email", "The participant asked by email"],
+    ["site", "The site decided (not the participant's request)"],
+  ];
+
+  // Withdrawal is an e-signed act: whoever records it enters their own password again.
+  function withdrawalForm() {
+    const own = role === "participant";
+    const error = el("p", { class: "error", id: "withdraw-error", role: "alert", tabindex: "-1" });
+    const how = own ? null : el("select", { id: "withdraw-how", required: true },
+      el("option", { value: "" }, "Choose…"), RECEIVED.map(([v, text]) => el("option", { value: v }, text)));
+    const reason = own ? null : el("input", { id: "withdraw-reason", type: "text", maxlength: "500", required: true });
+    const password = el("input", { id: "withdraw-password", type: "password", required: true,
+      autocomplete: "current-password" });
+    const kept = "Readings already stored are kept or deleted as the consent document says.";
+    const form = el("form", { class: "withdraw", id: "withdraw", novalidate: true },
+      el("p", {}, own
+        ? "Withdrawing ends all data collection from now on. " + kept
+        : "Record a withdrawal for this participant: data collection ends from now on. " + kept),
+      how ? el("p", {}, el("label", { for: "withdraw-how" }, "How the withdrawal came "), how) : null,
+      reason ? el("p", {}, el("label", { for: "withdraw-reason" }, "Reason "), reason) : null,
+      el("p", {}, el("label", { for: "withdraw-password" }, `Your password (${me.username}) `), password,
+        el("span", { class: "hint" }, " Entering your password again signs this withdrawal.")),
+      error,
+      el("button", { type: "submit", class: "danger" }, own ? "Withdraw my consent" : "Record the withdrawal"));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      error.textContent = "";
+      if (how && !how.value) { error.textContent = "Choose how the withdrawal came."; return how.focus(); }
+      if (reason && !reason.value.trim()) { error.textContent = "Give the reason."; return reason.focus(); }
+      if (!password.value) { error.textContent = "Enter your password to sign."; return password.focus(); }
+      const body = { username: me.username, password: password.value,
+        initiated_by: own || how.value !== "site" ? "participant" : "site" };
+      if (!own) body.reason = reason.value.trim();
+      if (how && how.value !== "site") body.received_via = how.value;
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      try {
+        const w = await api(`/api/v1/participants/${encodeURIComponent(pid)}/withdrawals`,
+          { method: "POST", body });
+        status("Consent withdrawn.");
+        await load(`Consent withdrawn on ${time(w.effective_at)}: no data is collected from now on.`);
+      } catch (e) {
+        button.disabled = false;
+        password.value = "";
+        error.textContent = `Not withdrawn: ${e.message}`;
+        error.focus();
+      }
+    });
+    return form;
+  }
+
   function documentBlock(doc, witnessRequired) {
     const headingId = `doc-${doc.document_id}`;
     const text = doc.text !== null
@@ -207,7 +265,11 @@
         ? docs.documents.map((doc) => documentBlock(doc, docs.witness_required))
         : el("p", { class: "empty" }, "No consent document is in effect for this study."));
     documents.id = "consent-documents";
-    const history = section("Consent", consents);
+    const inForce = d.consents.some((c) => !c.valid_to && c.action !== "withdraw");
+    const history = section("Consent", consents,
+      signs && inForce ? el("details", { id: "withdraw-details" },
+        el("summary", {}, role === "participant" ? "Withdraw my consent" : "Record a withdrawal"),
+        withdrawalForm()) : null);
     history.id = "consent-history";
     document.getElementById("main").replaceChildren(
       el("p", { class: "lead" }, head.join(" · "), ...links),
