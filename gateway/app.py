@@ -35,9 +35,10 @@ from gateway.problems import problem, problem_middleware, read_json_object, requ
 from gateway.serve import EXIT_CONSUMER_DIED
 from gateway.settings import Settings
 from gateway.web import setup_web
+from gateway.web.ratelimit import client_address
 from ingest import keys
 from ingest.transport import configure_tls
-from storage import db
+from storage import audit, db
 from storage.migrate import StorageMode, migrate
 from storage.writer import BulkWriter, InTransaction
 
@@ -363,8 +364,10 @@ async def post_enrollment(request: web.Request) -> web.Response:
                 conn, code, csr.encode(), app[STUDY_CA], app[RECEIPT_KEY].public_key()
             )
     except enrollment.EnrollmentError as exc:
+        await _enrollment_refused(request, exc.kind)
         return problem(ENROLLMENT_STATUS.get(exc.kind, 400), exc.kind.replace("_", "-"), str(exc))
     except PkiError as exc:
+        await _enrollment_refused(request, "invalid_csr")
         return problem(400, "invalid-csr", str(exc))
     return web.json_response(
         {
@@ -383,6 +386,24 @@ async def post_enrollment(request: web.Request) -> web.Response:
         },
         status=201,
     )
+
+
+async def _enrollment_refused(request: web.Request, kind: str) -> None:
+    """A failed enrollment attempt on record: who tried (the client's address), and why. The
+    code itself is never recorded (a valid one could still be used)."""
+    address = client_address(request)
+    try:
+        async with request.app[POOL].connection() as conn, conn.transaction():
+            await audit.append(
+                conn,
+                actor=f"hub@{address}",
+                action="enrollment.refused",
+                entity="enrollment",
+                entity_id=address,
+                detail={"kind": kind},
+            )
+    except Exception:  # the refusal stands; the log says it went unrecorded
+        log.exception("refused enrollment not recorded address=%s kind=%s", address, kind)
 
 
 def create_app(

@@ -1155,6 +1155,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "participants",
         path_params=(PARTICIPANT_ID,),
         ok_schema=PARTICIPANT_PAGE,
+        audit_read=True,
     ),
     Endpoint(
         "POST",
@@ -1193,6 +1194,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ),
         ),
         ok_schema=READINGS,
+        audit_read=True,
     ),
     Endpoint(
         "GET",
@@ -1232,6 +1234,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Field("days", kind="integer", required=False, minimum=1, maximum=90, default=7),
         ),
         ok_schema=ROLLUPS,
+        audit_read=True,
     ),
     Endpoint(
         "GET",
@@ -1334,6 +1337,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ),
         ok_schema=ALERT_LIST,
         extra_statuses=(404,),
+        audit_read=True,
     ),
     Endpoint(
         "GET",
@@ -1357,6 +1361,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "alerts",
         path_params=(ALERT_ID,),
         ok_schema=ALERT_PAGE,
+        audit_read=True,
     ),
     Endpoint(
         "POST",

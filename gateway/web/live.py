@@ -41,7 +41,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.web import auth, streams
+from gateway.web import auth, streams, trail
 from gateway.web.access import CLINICAL, require_participant
 from ingest.metrics import METRICS
 from storage import db, views
@@ -327,6 +327,9 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
     home: tuple[str, str] | None
     async with pool.connection() as conn:
         home = await require_participant(principal, pid, conn)  # 404 before the stream starts
+    await trail.record(
+        request, principal, trail.READ, "follow_readings", participant_id=pid, query=ctx.query
+    )
     resp = await streams.open_stream(request, RETRY_MS)
     log.info("live stream opened user=%s participant=%s", principal.username, pid)
     checks = request.app[auth.SESSION_CHECKS_KEY]

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.problems import problem, read_json_object
-from gateway.web import auth
+from gateway.web import auth, trail
 from gateway.web.access import Principal
 from gateway.web.errors import BadInput, Forbidden, Unauthenticated, WebError
 from storage.users import Role
@@ -174,6 +174,9 @@ class Endpoint:
     extra_statuses: tuple[int, ...] = ()
     # False: documented here, routed elsewhere (the hubs' enrollment, in gateway.app).
     routed: bool = True
+    # A read of participants' health data, recorded in the audit trail (gateway.web.trail);
+    # streams record themselves as they open.
+    audit_read: bool = False
 
     @property
     def aiohttp_path(self) -> str:
@@ -227,10 +230,12 @@ async def _checked(ep: Endpoint, request: web.Request) -> Ctx:
 
 
 def handler_for(ep: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    about_participant = any(p.name == "participant_id" for p in ep.path_params)
+
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             ctx = await _checked(ep, request)
-            return await ep.handler(ctx)
+            resp = await ep.handler(ctx)
         except WebError as exc:
             if exc.status in (401, 403):
                 log.info(
@@ -239,15 +244,58 @@ def handler_for(ep: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamRes
                     exc.status,
                     request.get(auth.REQUEST_USER, "-"),
                 )
+            principal = request.get(auth.REQUEST_PRINCIPAL)
+            if about_participant and exc.status in (403, 404) and principal is not None:
+                await _record_refusal(request, principal, ep.operation_id, exc.status)
             return _problem_of(exc)
         except web.HTTPException:
             raise
         except Exception:
             log.exception("operation failed operation=%s", ep.operation_id)
             return problem(500, "internal-error", "the gateway could not answer this request")
+        if ep.audit_read and ctx.principal is not None:
+            try:
+                await trail.record(
+                    request,
+                    ctx.principal,
+                    trail.READ,
+                    ep.operation_id,
+                    participant_id=ctx.path.get("participant_id"),
+                    query=ctx.query,
+                )
+            except Exception:
+                # Fail closed: a read that is not on record is not answered.
+                log.exception("read not recorded; not answered operation=%s", ep.operation_id)
+                return problem(500, "internal-error", "the gateway could not record this read")
+        return resp
 
     handle.__name__ = ep.operation_id
     return handle
+
+
+async def _record_refusal(
+    request: web.Request, principal: Principal, operation: str, status: int
+) -> None:
+    try:
+        await trail.record(
+            request,
+            principal,
+            trail.REFUSED,
+            operation,
+            participant_id=_claimed_participant(request),
+            status=status,
+        )
+    except Exception:  # the refusal stands; the log says it went unrecorded
+        log.exception("refusal not recorded operation=%s", operation)
+
+
+_CLAIMED_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _claimed_participant(request: web.Request) -> str:
+    """The participant id a refused request named, as far as it is a valid id."""
+    claimed = request.match_info.get("participant_id", "")
+    return claimed if _CLAIMED_ID.fullmatch(claimed) else "(not a valid id)"
 
 
 # --- the OpenAPI document -----------------------------------------------------------------

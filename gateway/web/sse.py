@@ -29,7 +29,7 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from gateway.web import auth, streams
+from gateway.web import auth, streams, trail
 from gateway.web.access import visible_sites
 from gateway.web.errors import BadInput
 from storage import alerts as alert_store
@@ -209,6 +209,9 @@ async def alert_events(ctx: Ctx) -> web.StreamResponse:
     last = _start_after(request)
     feed = request.app[FEED_KEY]
     pool = request.app[auth.POOL_KEY]
+    await trail.record(
+        request, principal, trail.READ, "alert_events", participant_id=None, query={"after": last}
+    )
     resp = await streams.open_stream(request, RETRY_MS)
     log.info("alert stream opened user=%s after=%d", principal.username, last)
     checks = request.app[auth.SESSION_CHECKS_KEY]

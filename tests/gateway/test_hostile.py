@@ -23,6 +23,7 @@ from storage import db
 from tests.fixtures.envelopes import payload_obj, raw_sign1
 from tests.fixtures.gateway import RunningGateway
 from tests.fixtures.mqtt import MqttProbe
+from tests.fixtures.refusals import refuse_rows
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 
@@ -189,26 +190,6 @@ async def test_control_characters_in_text_are_malformed(
 
 
 # --- errors while storing: one envelope's failure never fails the others ---------------------
-
-
-async def refuse_rows(url: str, table: str, condition: str, sqlstate: str) -> None:
-    """A trigger that makes the database refuse rows of ``table`` matching ``condition`` (a
-    stand-in for any error the write path did not foresee, raised by the real server)."""
-    async with db.connection(url) as conn:
-        await conn.execute(
-            f"""
-            CREATE FUNCTION test_refuse_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF {condition} THEN
-                    RAISE EXCEPTION 'refused for the test' USING ERRCODE = '{sqlstate}';
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER test_refuse_{table} BEFORE INSERT ON {table}
-                FOR EACH ROW EXECUTE FUNCTION test_refuse_{table}();
-            """.encode()
-        )
-        await conn.commit()
 
 
 def with_gap(dev: str, seq: int, reason: str) -> Payload:
