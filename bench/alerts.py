@@ -58,7 +58,16 @@ import psutil  # type: ignore[import-untyped]
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from psycopg import conninfo, sql
 
-from bench.common import BenchHub, Progress, add_consented_hub, cpu_seconds, create_study, machine
+from bench.common import (
+    METRICS_HEADERS,
+    METRICS_TOKEN,
+    BenchHub,
+    Progress,
+    add_consented_hub,
+    cpu_seconds,
+    create_study,
+    machine,
+)
 from gateway.broker import MosquittoBroker, free_port
 from gateway.web.auth import COOKIE
 from ingest.envelope import seal
@@ -332,6 +341,7 @@ def _gateway(url: str, broker: MosquittoBroker, workdir: Path) -> Iterator[str]:
         TRIALSTREAM_HTTP_PORT=str(port),
         TRIALSTREAM_STORAGE_MODE="plain",
         TRIALSTREAM_LOG_LEVEL="WARNING",
+        TRIALSTREAM_METRICS_TOKEN=METRICS_TOKEN,
     )
     with (workdir / "gateway.log").open("ab") as log:
         proc = subprocess.Popen(
@@ -354,7 +364,7 @@ def _gateway(url: str, broker: MosquittoBroker, workdir: Path) -> Iterator[str]:
 async def _stored(http: aiohttp.ClientSession, base: str) -> int | None:
     """The gateway's count of committed readings, or None while it does not answer."""
     try:
-        async with http.get(f"{base}/metrics") as resp:
+        async with http.get(f"{base}/metrics", headers=METRICS_HEADERS) as resp:
             text = await resp.text()
     except aiohttp.ClientError:
         return None

@@ -22,6 +22,9 @@ from storage import db, registry
 STUDY = "BENCH"
 SITE = "BENCH-SITE"
 SCOPES = frozenset(m.scope for m in METRICS.values())
+# The token the benchmarks' gateways accept on /metrics (TRIALSTREAM_METRICS_TOKEN).
+METRICS_TOKEN = "bench-metrics-token"
+METRICS_HEADERS = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def machine() -> dict[str, Any]:

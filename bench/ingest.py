@@ -59,7 +59,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from psycopg import conninfo, sql
 
-from bench.common import BenchHub, Progress, add_consented_hub, create_study, machine
+from bench.common import (
+    METRICS_HEADERS,
+    METRICS_TOKEN,
+    BenchHub,
+    Progress,
+    add_consented_hub,
+    create_study,
+    machine,
+)
 from bench.mqtt_raw import MAX_PACKET_ID, RawClient, RawMqttError
 from gateway.broker import MosquittoBroker, free_port
 from gateway.consumer import SHARED_SUBSCRIPTION
@@ -569,6 +577,7 @@ def _gateway(
             "TRIALSTREAM_HTTP_PORT": str(http_port),
             "TRIALSTREAM_STORAGE_MODE": "plain",
             "TRIALSTREAM_LOG_LEVEL": "WARNING",
+            "TRIALSTREAM_METRICS_TOKEN": METRICS_TOKEN,
         }
     )
     log = (workdir / "gateway.log").open("ab")
@@ -596,7 +605,10 @@ def _scrape(http_port: int, workers: int) -> dict[str, str]:
     texts: dict[str, str] = {}
     deadline = time.monotonic() + 30
     while len(texts) < workers and time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as resp:
+        scrape = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/metrics", headers=METRICS_HEADERS
+        )
+        with urllib.request.urlopen(scrape, timeout=5) as resp:
             text = resp.read().decode()
         for line in text.splitlines():
             if line.startswith("trialstream_messages_total{"):
@@ -658,7 +670,10 @@ def _wait_workers(proc: subprocess.Popen[bytes], http_port: int, workers: int) -
         if time.monotonic() > deadline:
             raise RuntimeError("the gateway workers did not connect within 60 s")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=2) as resp:
+            scrape = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/metrics", headers=METRICS_HEADERS
+            )
+            with urllib.request.urlopen(scrape, timeout=2) as resp:
                 text = resp.read().decode()
         except OSError:
             time.sleep(0.1)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -34,12 +35,13 @@ from gateway.pki import GATEWAY_IDENTITY, PkiError, StudyCA
 from gateway.problems import problem, problem_middleware, read_json_object, require_str
 from gateway.serve import EXIT_CONSUMER_DIED
 from gateway.settings import Settings
-from gateway.web import setup_web
+from gateway.web import auth, setup_web
 from gateway.web.ratelimit import client_address
 from ingest import keys
 from ingest.transport import configure_tls
 from storage import audit, db
 from storage.migrate import StorageMode, migrate
+from storage.users import Role
 from storage.writer import BulkWriter, InTransaction
 
 log = logging.getLogger(__name__)
@@ -249,7 +251,27 @@ def _histogram(
     return out
 
 
+async def _refuse_scrape(request: web.Request) -> web.Response | None:
+    """``/metrics`` is for the scraper holding the metrics token, or a signed-in admin: it
+    shows the study's volume and the gateway's state to no one else."""
+    token = request.app[SETTINGS].metrics_token
+    sent = request.headers.get("Authorization", "")
+    if token and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        return None
+    principal = await auth.principal_of(request)
+    if principal is not None and principal.role is Role.ADMIN:
+        return None
+    if principal is None:
+        resp = problem(401, "unauthenticated", "send the metrics token, or sign in as an admin")
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="trialstream-metrics"'
+        return resp
+    return problem(403, "forbidden", "only an admin or the metrics scraper reads /metrics")
+
+
 async def metrics(request: web.Request) -> web.Response:
+    refused = await _refuse_scrape(request)
+    if refused is not None:
+        return refused
     s = request.app[CONSUMER].stats
     w = {"worker": str(request.app[WORKER])}
     gc_stats = gc.get_stats()

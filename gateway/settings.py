@@ -52,6 +52,9 @@ class Settings:
     # the signing key and the append-only JSON-lines file they are written to.
     audit_checkpoint_key: Path | None = None
     audit_checkpoints: Path | None = None
+    # The bearer token a metrics scraper (Prometheus' ``authorization``) sends for
+    # ``/metrics``; without it only a signed-in admin may read them.
+    metrics_token: str | None = None
 
     @property
     def gateway_url(self) -> str:

@@ -1510,8 +1510,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "get_openapi",
         "This document",
         get_openapi,
-        None,
+        ADMIN_ONLY,
         "meta",
         ok_schema={"type": "object"},
+        description="For admins: it maps every operation the gateway offers.",
     ),
 )

@@ -35,6 +35,7 @@ from gateway.settings import Settings
 from ingest import keys
 from ingest.model import Reading
 from storage import db
+from tests.fixtures.gateway import METRICS_HEADERS, METRICS_TOKEN
 from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.trial import Hub, Trial
 from tests.fixtures.waiting import wait_until
@@ -124,7 +125,8 @@ class GatewayProcess:
 
     def get(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(self.http + path, timeout=3) as resp:
+            request = urllib.request.Request(self.http + path, headers=METRICS_HEADERS)
+            with urllib.request.urlopen(request, timeout=3) as resp:
                 return int(resp.status), resp.read().decode()
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode()
@@ -174,6 +176,7 @@ def gateway_env(
             "TRIALSTREAM_STORAGE_MODE": "plain",
             "TRIALSTREAM_LOG_LEVEL": "WARNING",
             "TRIALSTREAM_NODE": node,
+            "TRIALSTREAM_METRICS_TOKEN": METRICS_TOKEN,
         }
     )
     return env

@@ -21,7 +21,7 @@ from ingest.envelope import (
 from ingest.model import Payload, Reading, Receipt
 from ingest.pipeline import down_topic, up_topic
 from storage import db, registry
-from tests.fixtures.gateway import RunningGateway
+from tests.fixtures.gateway import METRICS_HEADERS, RunningGateway
 from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.trial import Hub, Trial
 from tests.fixtures.waiting import wait_until
@@ -220,7 +220,7 @@ async def test_healthz_and_metrics(trial: Trial, gateway: RunningGateway, probe:
     hub: Hub = trial.hubs["hub-1"]
     probe.publish(up_topic(hub.device_id), seal(hr_payload(hub.device_id, 1), hub.key))
     await receipt(probe, gateway)
-    text = await (await gateway.client.get("/metrics")).text()
+    text = await (await gateway.client.get("/metrics", headers=METRICS_HEADERS)).text()
     assert 'trialstream_readings_stored_total{worker="0"} 5' in text
     samples = _samples(text)
     assert samples['trialstream_batches_total{worker="0"}'] >= 1

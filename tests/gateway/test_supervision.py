@@ -40,7 +40,7 @@ from gateway.serve import (
     next_backoff,
 )
 from gateway.settings import Settings
-from tests.fixtures.gateway import gateway_settings
+from tests.fixtures.gateway import METRICS_HEADERS, METRICS_TOKEN, gateway_settings
 from tests.fixtures.waiting import wait_until
 
 RESTARTS_METRIC = "trialstream_worker_restarts_total"
@@ -133,7 +133,7 @@ async def test_healthz_and_metrics_report_the_slots_restarts(
         assert body["last_exit_code"] == EXIT_CONSUMER_DIED
         # The fields that were there before are still there.
         assert {"database", "mqtt", "consumer", "storage_mode", "status"} <= set(body)
-        text = await (await client.get("/metrics")).text()
+        text = await (await client.get("/metrics", headers=METRICS_HEADERS)).text()
         assert (
             f"# HELP {RESTARTS_METRIC} Times this worker slot was started again after dying."
             in text
@@ -151,7 +151,7 @@ async def test_a_first_start_reports_no_restarts(
     async with serving(settings) as client:
         _, body = await health(client)
         assert (body["restarts"], body["last_exit_code"]) == (0, None)
-        text = await (await client.get("/metrics")).text()
+        text = await (await client.get("/metrics", headers=METRICS_HEADERS)).text()
         assert f'{RESTARTS_METRIC}{{worker="0"}} 0' in text.splitlines()
 
 
@@ -268,6 +268,7 @@ def gateway_env(
             "TRIALSTREAM_MQTT_PORT": str(broker.port),
             "TRIALSTREAM_DATA_DIR": str(data_dir),
             "TRIALSTREAM_HTTP_PORT": str(http_port),
+            "TRIALSTREAM_METRICS_TOKEN": METRICS_TOKEN,
             "TRIALSTREAM_STORAGE_MODE": "plain",
             "TRIALSTREAM_LOG_LEVEL": "WARNING",
         }
@@ -277,7 +278,8 @@ def gateway_env(
 
 def get(port: int, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as resp:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=METRICS_HEADERS)
+        with urllib.request.urlopen(request, timeout=1) as resp:
             return int(resp.status), resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from device_drivers.identity import make_csr
 from gateway import enrollment
 from ingest import keys
 from storage import alerts, db, registry
+from tests.fixtures.gateway import METRICS_HEADERS
 from tests.fixtures.trial import ALL_SCOPES
 from tests.web.conftest import ACCOUNTS, PASSWORD, Web
 
@@ -151,7 +154,7 @@ class Expect:
 
 EXPECTED: dict[str, Expect] = {
     "login": Expect(PUBLIC, login_body),
-    "get_openapi": Expect(PUBLIC, fixed("/api/v1/openapi.json")),
+    "get_openapi": Expect(frozenset({"admin"}), fixed("/api/v1/openapi.json")),
     "enroll_hub": Expect(PUBLIC, enrollment_body, 201),
     "get_session": Expect(ANY, fixed("/api/v1/session")),
     "list_sites": Expect(STAFF, fixed("/api/v1/sites")),
@@ -219,7 +222,7 @@ async def attempt(w: Web, key: str | None, method: str, exp: Expect) -> tuple[in
 
 
 async def test_every_operation_answers_only_the_right_roles_and_sites(web: Web) -> None:
-    resp = await web.call(None, "GET", "/api/v1/openapi.json")
+    resp = await web.call("admin", "GET", "/api/v1/openapi.json")
     document = await resp.json()
     operations = [
         (method.upper(), path, op["operationId"])
@@ -312,3 +315,28 @@ async def test_every_page_checks_role_and_site(web: Web) -> None:
             if resp.status != want:
                 failures.append(f"{path} as {key}: {resp.status}, expected {want}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    ("key", "headers", "status"),
+    [
+        (None, {}, 401),
+        (None, {"Authorization": "Bearer not-the-token"}, 401),
+        ("participant", {}, 403),
+        ("clinician", {}, 403),
+        ("monitor", {}, 403),
+        ("admin", {}, 200),
+        (None, METRICS_HEADERS, 200),
+    ],
+)
+async def test_metrics_are_for_the_scraper_and_admins(
+    web: Web, key: str | None, headers: dict[str, str], status: int
+) -> None:
+    resp = await web.call(key, "GET", "/metrics", headers=headers)
+    assert resp.status == status
+    if status == 401:
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    if status == 200:
+        assert "trialstream_messages_total" in await resp.text()
+    else:
+        assert "trialstream_" not in await resp.text()
