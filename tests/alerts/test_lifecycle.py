@@ -8,12 +8,14 @@ from datetime import datetime
 
 import pytest
 
+from consent import records
 from gateway.alerts import AlertEngine, drain, event_message
 from ingest.rules import Rule, RuleKind, Severity
-from storage import alerts, db, registry
+from storage import alerts, db, registry, users
 from storage.timeconv import from_ms, to_ms
 from tests.alerts.conftest import Clock, Ingest, S, base_ms
 from tests.alerts.test_engine import add_hr_rule, rows, steps
+from tests.fixtures import signers
 from tests.fixtures.trial import Trial
 
 
@@ -311,13 +313,9 @@ async def test_missing_data_counts_from_enrolment_when_nothing_arrived(
 
 async def test_missing_data_skips_withdrawn_participants(trial: Trial, ingest: Ingest) -> None:
     await add_missing_rule(trial.url)
-    async with db.connection(trial.url) as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO consents (participant_id, document_id, action, scopes, signed_at,"
-            " recorded_by, effective_at, data_policy)"
-            " VALUES ('P1', %s, 'withdraw', '{}', now(), 'site', now(), 'retain')",
-            (trial.document_id,),
-        )
+    site = records.Actor("coord", users.Role.SITE_COORDINATOR, frozenset({trial.site_id}))
+    async with db.connection(trial.url, autocommit=True) as conn:
+        await signers.withdraw(conn, site, participant_id="P1", initiated_by=records.Initiator.SITE)
     assert await sweep(trial.url, ingest.engine, ingest.clock.now_ms + 86_400 * S) == []
 
 
