@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,26 +22,15 @@ from gateway import enrollment
 from gateway.broker import MosquittoBroker, free_port
 from gateway.pki import StudyCA
 from storage import db, registry
+from tests.fixtures.gateway import gateway_env
 
 
 def cli_env(
     database_url: str, broker: MosquittoBroker, ca: StudyCA, data_dir: Path, http_port: int
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
-    env.update(
-        {
-            "TRIALSTREAM_DATABASE_URL": database_url,
-            "TRIALSTREAM_MQTT_HOST": broker.host,
-            "TRIALSTREAM_MQTT_PORT": str(broker.port),
-            "TRIALSTREAM_MQTT_TLS": "true",
-            "TRIALSTREAM_CA_DIR": str(ca.directory),
-            "TRIALSTREAM_DATA_DIR": str(data_dir),
-            "TRIALSTREAM_HTTP_PORT": str(http_port),
-            "TRIALSTREAM_STORAGE_MODE": "plain",
-            "TRIALSTREAM_LOG_LEVEL": "WARNING",
-        }
+    return gateway_env(
+        database_url, broker, data_dir, http_port, MQTT_TLS="true", CA_DIR=str(ca.directory)
     )
-    return env
 
 
 def cli(env: dict[str, str], *args: str) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from psycopg import errors as pg_errors
@@ -740,27 +741,38 @@ def _consent_refusal(exc: consent_errors.ConsentError) -> WebError:
     raise exc
 
 
-async def sign_consent(ctx: Ctx) -> web.StreamResponse:
+T = TypeVar("T")
+
+
+async def _consent_act(ctx: Ctx, act: Callable[[Any, records.Actor], Awaitable[T]]) -> T:
+    """A signed consent act on the path's participant (signing, withdrawing): rate limited
+    per account, the participant checked within the user's sites, refusals as problems."""
     check_request(ctx.request, lambda limits: limits.consent_per_account, ctx.user.username)
-    pid = ctx.path["participant_id"]
-    b = ctx.body
     async with _pool(ctx).connection() as conn:
-        await require_participant(ctx.user, pid, conn)
+        await require_participant(ctx.user, ctx.path["participant_id"], conn)
         await conn.commit()
         try:
-            rec = await records.sign(
-                conn,
-                _actor(ctx.user),
-                participant_id=pid,
-                document_id=b["document_id"],
-                scopes=b["scopes"],
-                printed_name=b["printed_name"],
-                username=b["username"],
-                password=b["password"],
-                witness=b["witness"],
-            )
+            return await act(conn, _actor(ctx.user))
         except consent_errors.ConsentError as exc:
             raise _consent_refusal(exc) from exc
+
+
+async def sign_consent(ctx: Ctx) -> web.StreamResponse:
+    b = ctx.body
+    rec = await _consent_act(
+        ctx,
+        lambda conn, actor: records.sign(
+            conn,
+            actor,
+            participant_id=ctx.path["participant_id"],
+            document_id=b["document_id"],
+            scopes=b["scopes"],
+            printed_name=b["printed_name"],
+            username=b["username"],
+            password=b["password"],
+            witness=b["witness"],
+        ),
+    )
     return web.json_response(
         {
             "consent_id": rec.consent_id,
@@ -773,25 +785,20 @@ async def sign_consent(ctx: Ctx) -> web.StreamResponse:
 
 
 async def withdraw_consent(ctx: Ctx) -> web.StreamResponse:
-    check_request(ctx.request, lambda limits: limits.consent_per_account, ctx.user.username)
-    pid = ctx.path["participant_id"]
     b = ctx.body
     received = records.ReceivedVia(b["received_via"]) if b["received_via"] else None
-    async with _pool(ctx).connection() as conn:
-        await require_participant(ctx.user, pid, conn)
-        await conn.commit()
-        try:
-            w = await records.withdraw(
-                conn,
-                _actor(ctx.user),
-                participant_id=pid,
-                initiated_by=records.Initiator(b["initiated_by"]),
-                signature=records.WithdrawalSignature(b["username"], b["password"], received),
-                scopes=b["scopes"],
-                reason=b["reason"],
-            )
-        except consent_errors.ConsentError as exc:
-            raise _consent_refusal(exc) from exc
+    w = await _consent_act(
+        ctx,
+        lambda conn, actor: records.withdraw(
+            conn,
+            actor,
+            participant_id=ctx.path["participant_id"],
+            initiated_by=records.Initiator(b["initiated_by"]),
+            signature=records.WithdrawalSignature(b["username"], b["password"], received),
+            scopes=b["scopes"],
+            reason=b["reason"],
+        ),
+    )
     return web.json_response(
         {
             "consent_id": w.consent_id,

@@ -35,7 +35,8 @@ from gateway.settings import Settings
 from ingest import keys
 from ingest.model import Reading
 from storage import db
-from tests.fixtures.gateway import METRICS_HEADERS, METRICS_TOKEN
+from tests.fixtures.gateway import METRICS_HEADERS
+from tests.fixtures.gateway import gateway_env as shared_env
 from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.trial import Hub, Trial
 from tests.fixtures.waiting import wait_until
@@ -165,21 +166,7 @@ class GatewayProcess:
 def gateway_env(
     database_url: str, broker: MosquittoBroker, data_dir: Path, *, node: str = "gw"
 ) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
-    env.update(
-        {
-            "TRIALSTREAM_DATABASE_URL": database_url,
-            "TRIALSTREAM_MQTT_HOST": broker.host,
-            "TRIALSTREAM_MQTT_PORT": str(broker.port),
-            "TRIALSTREAM_DATA_DIR": str(data_dir),
-            "TRIALSTREAM_HTTP_PORT": str(free_port()),
-            "TRIALSTREAM_STORAGE_MODE": "plain",
-            "TRIALSTREAM_LOG_LEVEL": "WARNING",
-            "TRIALSTREAM_NODE": node,
-            "TRIALSTREAM_METRICS_TOKEN": METRICS_TOKEN,
-        }
-    )
-    return env
+    return shared_env(database_url, broker, data_dir, free_port(), NODE=node)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from gateway.serve import (
     next_backoff,
 )
 from gateway.settings import Settings
-from tests.fixtures.gateway import METRICS_HEADERS, METRICS_TOKEN, gateway_settings
+from tests.fixtures.gateway import METRICS_HEADERS, gateway_env, gateway_settings
 from tests.fixtures.waiting import wait_until
 
 RESTARTS_METRIC = "trialstream_worker_restarts_total"
@@ -255,25 +255,6 @@ Consumer.run = run_or_die
 if __name__ == "__main__":
     raise SystemExit(serve.run(Settings.from_env(os.environ), 1))
 """
-
-
-def gateway_env(
-    database_url: str, broker: MosquittoBroker, data_dir: Path, http_port: int
-) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
-    env.update(
-        {
-            "TRIALSTREAM_DATABASE_URL": database_url,
-            "TRIALSTREAM_MQTT_HOST": broker.host,
-            "TRIALSTREAM_MQTT_PORT": str(broker.port),
-            "TRIALSTREAM_DATA_DIR": str(data_dir),
-            "TRIALSTREAM_HTTP_PORT": str(http_port),
-            "TRIALSTREAM_METRICS_TOKEN": METRICS_TOKEN,
-            "TRIALSTREAM_STORAGE_MODE": "plain",
-            "TRIALSTREAM_LOG_LEVEL": "WARNING",
-        }
-    )
-    return env
 
 
 def get(port: int, path: str) -> tuple[int, str]:
