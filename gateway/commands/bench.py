@@ -93,6 +93,33 @@ def register(sub: Subparsers) -> None:
     bi.add_argument("--hubs", type=int, default=200, help="simulated hubs (default: 200)")
     bi.add_argument("--out", help="also write the JSON result to this file")
     bi.set_defaults(handler=_cmd_bench_ingest)
+    bm = bench_sub.add_parser(
+        "memory",
+        help="one gateway worker's memory under a flood of the largest envelopes",
+        description="resident memory of one gateway worker (idle, peak, steady) while a flood "
+        "of the largest envelopes it stores (1000 readings, 170 KB each) arrives far faster "
+        "than it stores them, so that its byte budget of unacknowledged messages is what "
+        "bounds it; against the same worker at rest and under a flood of ordinary 10-reading "
+        "envelopes, each through a private Mosquitto into a fresh gateway, in a scratch "
+        "database. Every envelope published must end up stored with all its readings; the "
+        "command exits 1 if one is not. Needs mosquitto on PATH; one to two minutes.",
+    )
+    add_database_flags(bm)
+    bm.add_argument(
+        "--envelopes",
+        type=int,
+        default=3_200,
+        help="largest envelopes in the flood (default: 3200, eight byte budgets)",
+    )
+    bm.add_argument(
+        "--ordinary-envelopes",
+        type=int,
+        default=30_000,
+        help="10-reading envelopes in the baseline flood (default: 30000)",
+    )
+    bm.add_argument("--hubs", type=int, default=8, help="simulated hubs (default: 8)")
+    bm.add_argument("--out", help="also write the JSON result to this file")
+    bm.set_defaults(handler=_cmd_bench_memory)
     be = bench_sub.add_parser(
         "export",
         help="streaming exports (Parquet, FHIR) vs fetchall-then-write",
@@ -213,6 +240,28 @@ def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
         )
     )
     return _emit(result, args.out)
+
+
+def _cmd_bench_memory(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import memory as memory_bench
+
+    for name in ("envelopes", "ordinary_envelopes", "hubs"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+    result = run(
+        memory_bench.run(
+            settings.require_database_url(),
+            envelopes=args.envelopes,
+            ordinary_envelopes=args.ordinary_envelopes,
+            hubs=args.hubs,
+            progress=sys.stderr,
+        )
+    )
+    status = _emit(result, args.out)
+    if not result["summary"]["all_stored"]:
+        print("bench memory: not every envelope published was stored", file=sys.stderr)
+        return 1
+    return status
 
 
 def _cmd_bench_hub(args: argparse.Namespace, settings: Settings) -> int:
