@@ -84,9 +84,11 @@ RECEIVE_MAXIMUM = 2000
 # being written plus the next batches (about 2 MB at 1 KiB per envelope).
 MAX_UNACKED = RECEIVE_MAXIMUM
 # Bytes of payload held between arrival and acknowledgement: the count cap alone would let
-# 2000 maximum-size envelopes (256 KiB each) hold 512 MB; 64 MiB is some 60,000 ordinary
-# envelopes, far more than a batch, and 256 of the largest.
-MAX_UNACKED_BYTES = 64 * 1024 * 1024
+# 2000 maximum-size envelopes (256 KiB each) hold 512 MB. A decoded envelope costs about four
+# times its size (measured: 657 KB for one of 170 KB with 1000 readings), so 16 MiB of
+# payload is some 64 MiB of the worker's memory (docs/performance.md, bench memory); it is
+# still some 15,000 ordinary envelopes, far more than the count cap lets in.
+MAX_UNACKED_BYTES = 16 * 1024 * 1024
 # Publishes (receipts, alert events) a worker's publishing connection may hold
 # unacknowledged by the broker. paho keeps them in memory without a bound by default. Past
 # the bound paho refuses the publish: the envelope is stored, and its hub gets the receipt
