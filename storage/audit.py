@@ -21,9 +21,11 @@ recorded hash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -41,6 +43,21 @@ GENESIS_HASH = bytes(32)
 CANONICAL_VERSION = 1
 # verify() reads the chain in pages of this many rows: bounded memory for any length.
 VERIFY_PAGE_ROWS = 5000
+
+# Where the records appended in this context come from, beyond their actor: an
+# authenticated command line sets it (``via``, the operating-system user, the host), and each
+# record's detail carries it, whichever module appends.
+_ORIGIN: ContextVar[Mapping[str, object] | None] = ContextVar("audit_origin", default=None)
+
+
+@contextlib.contextmanager
+def origin(stamp: Mapping[str, object]) -> Iterator[None]:
+    """Every record appended within adds ``stamp`` to its detail."""
+    token = _ORIGIN.set(stamp)
+    try:
+        yield
+    finally:
+        _ORIGIN.reset(token)
 
 
 class AuditError(StorageError):
@@ -199,9 +216,13 @@ async def append(
             raise AuditError(f"audit {name} must be a non-empty string without NUL")
     if reason is not None and "\x00" in reason:
         raise AuditError("audit reason must not contain NUL")
+    stamp = _ORIGIN.get()
     try:
         detail_json = json.dumps(
-            dict(detail or {}), default=_json_default, allow_nan=False, ensure_ascii=False
+            {**(detail or {}), **(stamp or {})},
+            default=_json_default,
+            allow_nan=False,
+            ensure_ascii=False,
         )
     except (TypeError, ValueError) as exc:
         raise AuditError(f"audit detail for {action} is not JSON-encodable: {exc}") from exc

@@ -369,22 +369,67 @@ async def disable_user(conn: Conn, *, actor: str, username: str, reason: str) ->
         )
 
 
+class AdminExists(UserError):
+    """The first admin account exists: further accounts are made by an admin."""
+
+
+# An arbitrary, fixed key for pg_advisory_xact_lock: "trialstream first admin".
+FIRST_ADMIN_LOCK_KEY = 0x7472_6669_7273_74
+
+
+async def has_admin(conn: Conn) -> bool:
+    """Whether any admin account exists (a disabled one counts)."""
+    cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM users WHERE role = 'admin')")
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def create_first_admin(
+    conn: Conn,
+    *,
+    actor: str,
+    username: str,
+    display_name: str,
+    password: str,
+    hasher: PasswordHasher = DEFAULT_HASHER,
+) -> User:
+    """Create the first admin account (audited ``user.create``); ``AdminExists`` once any
+    admin account exists. Concurrent calls are serialised, so only one of them succeeds."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (FIRST_ADMIN_LOCK_KEY,))
+        if await has_admin(conn):
+            raise AdminExists("an admin account exists: an admin creates further accounts")
+        return await create_user(
+            conn,
+            actor=actor,
+            username=username,
+            display_name=display_name,
+            role=Role.ADMIN,
+            password=password,
+            hasher=hasher,
+        )
+
+
 __all__ = [
     "DEFAULT_HASHER",
+    "FIRST_ADMIN_LOCK_KEY",
     "HASH_SLOTS",
     "LOCKOUT",
     "MAX_FAILED_LOGINS",
     "AccountDisabled",
     "AccountLocked",
+    "AdminExists",
     "DuplicateUser",
     "InvalidCredentials",
     "InvalidUser",
     "Role",
     "User",
     "UserError",
+    "create_first_admin",
     "create_user",
     "disable_user",
     "get_user",
+    "has_admin",
     "hash_off_loop",
     "verify_password",
 ]

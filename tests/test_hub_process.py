@@ -20,9 +20,12 @@ import pytest
 from device_drivers.outbox import Outbox
 from gateway import enrollment
 from gateway.broker import MosquittoBroker, free_port
+from gateway.commands.operator import PASSWORD_FILE_ENV
 from gateway.pki import StudyCA
 from storage import db, registry
+from storage.users import Role
 from tests.fixtures.gateway import gateway_env
+from tests.fixtures.signers import add_operators, password_file
 
 
 def cli_env(
@@ -100,8 +103,10 @@ async def readings_of(url: str, device: str) -> int:
 async def test_enrolled_hub_survives_sigkill_with_nothing_lost_or_doubled(
     database_url: str, gateway_process: dict[str, str], tmp_path: Path
 ) -> None:
-    env = gateway_process
-    cli(env, "site", "create-study", "--study", "S1", "--name", "Study one", "--by", "admin")
+    # Site commands run as authenticated accounts; the password comes from a file.
+    env = {**gateway_process, PASSWORD_FILE_ENV: str(password_file(tmp_path))}
+    await add_operators(database_url, ("admin", Role.ADMIN, ()))
+    cli(env, "site", "create-study", "--study", "S1", "--name", "Study one", "--as", "admin")
     cli(
         env,
         "site",
@@ -112,10 +117,11 @@ async def test_enrolled_hub_survives_sigkill_with_nothing_lost_or_doubled(
         "S1",
         "--name",
         "Site A",
-        "--by",
+        "--as",
         "admin",
     )
-    cli(env, "site", "add-participant", "--participant", "P1", "--site", "SITE-A", "--by", "coord")
+    await add_operators(database_url, ("coord", Role.SITE_COORDINATOR, ["SITE-A"]))
+    cli(env, "site", "add-participant", "--participant", "P1", "--site", "SITE-A", "--as", "coord")
     async with db.connection(database_url) as conn:
         doc = await registry.create_consent_document(
             conn,
@@ -139,7 +145,7 @@ async def test_enrolled_hub_survives_sigkill_with_nothing_lost_or_doubled(
         )
         await conn.commit()
     issued = json.loads(
-        cli(env, "site", "enroll-code", "--participant", "P1", "--json", "--by", "coord")
+        cli(env, "site", "enroll-code", "--participant", "P1", "--json", "--as", "coord")
     )
     # The whole code, as the hub reads it from the site's QR code: it pins the study CA.
     ca = StudyCA.load_or_create(Path(env["TRIALSTREAM_CA_DIR"]))

@@ -27,11 +27,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from device_drivers.identity import make_csr
 from gateway import enrollment, revocation
 from gateway.broker import MosquittoBroker, handshake_refused
+from gateway.commands.operator import PASSWORD_FILE_ENV
 from gateway.errors import BrokerError
 from gateway.pki import CRL_VALIDITY, StudyCA, certificate_serial
 from ingest import keys
 from ingest.transport import TlsFiles, configure_tls
 from storage import db, registry
+from storage.users import Role
+from tests.fixtures.signers import add_operators, password_file
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 
@@ -228,8 +231,14 @@ def crl_broker(tmp_path: Path, revocation_ca: StudyCA) -> Iterator[MosquittoBrok
         broker.kill()
 
 
-def cli_env(trial: Trial, ca: StudyCA, broker: MosquittoBroker, tmp_path: Path) -> dict[str, str]:
+async def cli_env(
+    trial: Trial, ca: StudyCA, broker: MosquittoBroker, tmp_path: Path
+) -> dict[str, str]:
+    """The command line's environment; site commands run as the coordinator ``coord``, with
+    the password from a file."""
+    await add_operators(trial.url, ("coord", Role.SITE_COORDINATOR, [trial.site_id]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
+    env[PASSWORD_FILE_ENV] = str(password_file(tmp_path))
     env.update(
         TRIALSTREAM_DATABASE_URL=trial.url,
         TRIALSTREAM_CA_DIR=str(ca.directory),
@@ -269,8 +278,9 @@ async def test_site_revoke_makes_the_real_broker_refuse_and_drop_the_hub(
         await wait_until(lambda: lost_conn.connected and other_conn.connected, "both hubs up")
         started = time.monotonic()
         result = await trialstream(
-            cli_env(trial, ca, crl_broker, tmp_path),
+            await cli_env(trial, ca, crl_broker, tmp_path),
             "site", "revoke", "--device", device_id(lost), "--reason", "hub stolen",
+            "--as", "coord",
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert "refuses the hub's certificate" in result.stdout
@@ -306,13 +316,21 @@ async def test_revocations_in_quick_succession_all_reach_the_broker(
     """Two CRLs within one second: the broker must use the later one, with both hubs."""
     ca = revocation_ca
     hubs = [await enroll_hub(trial, ca, f"P-{i}", tmp_path / f"hub-{i}") for i in range(3)]
-    env = cli_env(trial, ca, crl_broker, tmp_path)
+    env = await cli_env(trial, ca, crl_broker, tmp_path)
     # The reload as a command (what `systemctl reload mosquitto` does: SIGHUP).
     env.pop("TRIALSTREAM_BROKER_PID_FILE")
     env["TRIALSTREAM_BROKER_RELOAD"] = f"kill -HUP {crl_broker.pid}"
     for files in hubs[:2]:
         result = await trialstream(
-            env, "site", "revoke", "--device", device_id(files), "--reason", "withdrawn"
+            env,
+            "site",
+            "revoke",
+            "--device",
+            device_id(files),
+            "--reason",
+            "withdrawn",
+            "--as",
+            "coord",
         )
         assert result.returncode == 0, result.stderr
     assert not await attempt(crl_broker, hubs[0], device_id(hubs[0]))
@@ -325,10 +343,10 @@ async def test_without_a_way_to_reload_the_broker_revoke_says_so(
     trial: Trial, revocation_ca: StudyCA, crl_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     hub = await enroll_hub(trial, revocation_ca, "P-X", tmp_path / "x")
-    env = cli_env(trial, revocation_ca, crl_broker, tmp_path)
+    env = await cli_env(trial, revocation_ca, crl_broker, tmp_path)
     env.pop("TRIALSTREAM_BROKER_PID_FILE")
     result = await trialstream(
-        env, "site", "revoke", "--device", device_id(hub), "--reason", "lost"
+        env, "site", "revoke", "--device", device_id(hub), "--reason", "lost", "--as", "coord"
     )
     assert result.returncode == 1
     assert "revoked" in result.stdout
@@ -365,8 +383,10 @@ async def test_revoking_a_device_without_a_certificate_on_record_says_so(
     trial: Trial, revocation_ca: StudyCA, crl_broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     """hub-1 of the trial fixture was registered without enrollment: no certificate."""
-    env = cli_env(trial, revocation_ca, crl_broker, tmp_path)
-    result = await trialstream(env, "site", "revoke", "--device", "hub-1", "--reason", "lost")
+    env = await cli_env(trial, revocation_ca, crl_broker, tmp_path)
+    result = await trialstream(
+        env, "site", "revoke", "--device", "hub-1", "--reason", "lost", "--as", "coord"
+    )
     assert result.returncode == 1
     assert "device hub-1 revoked" in result.stdout
     assert "refuses the hub's certificate" not in result.stdout

@@ -1,4 +1,7 @@
-"""`trialstream alerts`: rules, the study's escalation time, and the alert lifecycle."""
+"""`trialstream alerts`: rules, the study's escalation time, and the alert lifecycle.
+
+Changes are made as an authenticated clinician, monitor or admin (``--as``,
+:mod:`gateway.commands.operator`) and audited with that user."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import json
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from gateway.commands import operator
 from gateway.commands.common import Subparsers, add_database_flags, run
 from gateway.settings import Settings
 
@@ -48,8 +52,8 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
 
 
-def _by(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--by", required=True, help="user name of the person acting (audited)")
+def _as(p: argparse.ArgumentParser) -> None:
+    operator.add_operator_flags(p)
 
 
 def register(sub: Subparsers) -> None:
@@ -98,7 +102,7 @@ def register(sub: Subparsers) -> None:
         type=_positive,
         help="escalate when unacknowledged this long (default: the study's time)",
     )
-    _by(add)
+    _as(add)
     add.set_defaults(handler=_cmd_rules_add)
     ls_rules = rules_sub.add_parser(
         "list", help="list rules", description="List alert rules, of one study or all."
@@ -119,7 +123,7 @@ def register(sub: Subparsers) -> None:
     when = esc.add_mutually_exclusive_group(required=True)
     when.add_argument("--after-s", type=_positive, help="seconds unacknowledged")
     when.add_argument("--never", action="store_true", help="no escalation")
-    _by(esc)
+    _as(esc)
     esc.set_defaults(handler=_cmd_escalation)
 
     ls = al_sub.add_parser("list", help="list alerts", description="List alerts, oldest first.")
@@ -141,11 +145,12 @@ def register(sub: Subparsers) -> None:
         p = al_sub.add_parser(name, help=verb, description=f"{verb.capitalize()} (audited).")
         add_database_flags(p)
         p.add_argument("alert_id", type=_positive, metavar="ID", help="alert id")
-        _by(p)
+        _as(p)
         p.add_argument("--note", help="what was done, or why")
         p.set_defaults(handler=handler)
 
 
+@operator.authenticated("alerts rules add")
 def _cmd_rules_add(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.rules import RuleKind, Severity
     from storage import alerts, db
@@ -159,7 +164,7 @@ def _cmd_rules_add(args: argparse.Namespace, settings: Settings) -> int:
                 study_id=args.study,
                 name=args.name,
                 metric=args.metric,
-                created_by=args.by,
+                created_by=operator.current().actor,
                 kind=RuleKind(args.kind),
                 low=args.low,
                 high=args.high,
@@ -233,6 +238,7 @@ def _cmd_rules_list(args: argparse.Namespace, settings: Settings) -> int:
     return int(run(go()))
 
 
+@operator.authenticated("alerts escalation")
 def _cmd_escalation(args: argparse.Namespace, settings: Settings) -> int:
     from storage import alerts, db
 
@@ -241,7 +247,9 @@ def _cmd_escalation(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> int:
         async with db.connection(url, autocommit=True) as conn:
-            await alerts.set_study_escalation(conn, args.study, seconds, actor=args.by)
+            await alerts.set_study_escalation(
+                conn, args.study, seconds, actor=operator.current().actor
+            )
         print(
             f"study {args.study}: "
             + ("alerts never escalate" if seconds is None else f"escalate after {seconds} s")
@@ -303,6 +311,7 @@ def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return int(run(go()))
 
 
+@operator.authenticated("alerts ack")
 def _cmd_ack(args: argparse.Namespace, settings: Settings) -> int:
     from storage import alerts, db
 
@@ -310,13 +319,16 @@ def _cmd_ack(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> int:
         async with db.connection(url, autocommit=True) as conn:
-            ev = await alerts.acknowledge(conn, args.alert_id, by=args.by, note=args.note)
+            ev = await alerts.acknowledge(
+                conn, args.alert_id, by=operator.current().actor, note=args.note
+            )
         print(f"alert {ev.alert_id} acknowledged by {ev.actor} (event {ev.event_id})")
         return 0
 
     return int(run(go()))
 
 
+@operator.authenticated("alerts resolve")
 def _cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
     from storage import alerts, db
 
@@ -324,7 +336,9 @@ def _cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> int:
         async with db.connection(url, autocommit=True) as conn:
-            ev = await alerts.resolve(conn, args.alert_id, by=args.by, note=args.note)
+            ev = await alerts.resolve(
+                conn, args.alert_id, by=operator.current().actor, note=args.note
+            )
         print(f"alert {ev.alert_id} resolved by {ev.actor} (event {ev.event_id})")
         return 0
 

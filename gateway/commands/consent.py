@@ -1,7 +1,8 @@
 """`trialstream consent`: consent documents, signatures, withdrawals, re-consents, history.
 
-Every action names the acting user (``--actor``, a row in ``users``): their role and sites
-decide what they may do, exactly as for the HTTP API, which calls the same functions.
+Every action is run as an authenticated user (``--as``, :mod:`gateway.commands.operator`):
+their role and sites decide what they may do, exactly as for the HTTP API, which calls the
+same functions. A withdrawal is signed with the same password that authenticated them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 from datetime import date, datetime
 from pathlib import Path
 
+from gateway.commands import operator
 from gateway.commands.common import Subparsers, add_database_flags, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
@@ -42,7 +44,7 @@ def _scopes(text: str) -> frozenset[str]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     add_database_flags(p)
-    p.add_argument("--actor", required=True, help="user name of the person acting")
+    operator.add_operator_flags(p)
 
 
 def register(sub: Subparsers) -> None:
@@ -81,8 +83,9 @@ def register(sub: Subparsers) -> None:
         "sign",
         help="record a participant's e-signature",
         description="Sign a document version for a participant. The participant "
-        "re-authenticates with their own account (--username; password prompted, or one "
-        "line on stdin with --password-stdin).",
+        "re-authenticates with their own account (--username): when they run the command "
+        "themself (--as is --username) their password does both; else it is prompted, or "
+        "read as the next line of stdin with --signer-password-stdin.",
     )
     _common(sign)
     sign.add_argument("--participant", required=True)
@@ -90,7 +93,11 @@ def register(sub: Subparsers) -> None:
     sign.add_argument("--scopes", type=_scopes, required=True, help="scopes granted")
     sign.add_argument("--name", required=True, help="the signer's printed name")
     sign.add_argument("--username", required=True, help="the participant's user name")
-    sign.add_argument("--password-stdin", action="store_true")
+    sign.add_argument(
+        "--signer-password-stdin",
+        action="store_true",
+        help="read the participant's password from stdin (after yours, with --password-stdin)",
+    )
     sign.add_argument("--witness", help="witness or verifier, where the study requires one")
     sign.set_defaults(handler=_cmd_sign)
 
@@ -98,7 +105,7 @@ def register(sub: Subparsers) -> None:
         "withdraw",
         help="withdraw consent (all, or some scopes)",
         description="End consent now, for all scopes or only --scopes, as an e-signed act: "
-        "the actor's own password (prompted, or --password-stdin) signs it. Data already held "
+        "the password that authenticates you (--as) signs it. Data already held "
         "follows the study's policy (retain, or delete with a recorded deletion).",
     )
     _common(wd)
@@ -110,11 +117,6 @@ def register(sub: Subparsers) -> None:
         "--received-via",
         choices=["in_person", "phone", "video_visit", "letter", "email"],
         help="how the participant's request reached the staff recording it",
-    )
-    wd.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the actor's password (which signs the withdrawal) as one line from stdin",
     )
     wd.set_defaults(handler=_cmd_withdraw)
 
@@ -144,26 +146,25 @@ def _refused(exc: Exception) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace, action: object) -> int:
-    """Connect, resolve --actor, run ``action(conn, actor)``; typed refusals become one line."""
+    """Connect, run ``action(conn, actor)`` as the operator; typed refusals become one line."""
     from consent.errors import ConsentError
     from consent.records import Actor
-    from storage import db, users
+    from storage import db
 
     url = settings.require_database_url()
+    actor = Actor.of(operator.current().require())
 
     async def go() -> int:
         async with db.connection(url, autocommit=True) as conn:
-            user = await users.get_user(conn, args.actor)
-            if user is None:
-                raise ConfigError(f"no user {args.actor!r} (--actor names a user account)")
             try:
-                return int(await action(conn, Actor.of(user)))  # type: ignore[operator]
+                return int(await action(conn, actor))  # type: ignore[operator]
             except ConsentError as exc:
                 return _refused(exc)
 
     return int(run(go()))
 
 
+@operator.authenticated("consent document")
 def _cmd_document(args: argparse.Namespace, settings: Settings) -> int:
     from consent import records
 
@@ -196,17 +197,24 @@ def _cmd_document(args: argparse.Namespace, settings: Settings) -> int:
     return _run(settings, args, action)
 
 
-def _password(args: argparse.Namespace, username: str) -> str:
-    """The password that signs: one line of stdin with --password-stdin, else prompted."""
-    if args.password_stdin:
-        return sys.stdin.readline(1025).rstrip("\n")
-    return getpass.getpass(f"password for {username}: ")
+def _signer_password(args: argparse.Namespace) -> str:
+    """The participant's password that signs: the operator's own when they sign for
+    themself, else the next line of stdin (--signer-password-stdin) or a prompt."""
+    op = operator.current()
+    if op.actor == args.username:
+        return op.password
+    if args.signer_password_stdin:
+        return operator.read_line(args.username)
+    if sys.stdin is not None and sys.stdin.isatty():
+        return getpass.getpass(f"password for {args.username}: ")
+    raise ConfigError(f"no password for the signer {args.username}: use --signer-password-stdin")
 
 
+@operator.authenticated("consent sign")
 def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
     from consent import records
 
-    password = _password(args, args.username)
+    password = _signer_password(args)
 
     async def action(conn: object, actor: records.Actor) -> int:
         rec = await records.sign(
@@ -229,10 +237,11 @@ def _cmd_sign(args: argparse.Namespace, settings: Settings) -> int:
     return _run(settings, args, action)
 
 
+@operator.authenticated("consent withdraw")
 def _cmd_withdraw(args: argparse.Namespace, settings: Settings) -> int:
     from consent import records
 
-    password = _password(args, args.actor)
+    password = operator.current().password
     received = records.ReceivedVia(args.received_via) if args.received_via else None
 
     async def action(conn: object, actor: records.Actor) -> int:
@@ -256,6 +265,7 @@ def _cmd_withdraw(args: argparse.Namespace, settings: Settings) -> int:
     return _run(settings, args, action)
 
 
+@operator.authenticated("consent pending")
 def _cmd_pending(args: argparse.Namespace, settings: Settings) -> int:
     from consent import records
 
@@ -278,6 +288,7 @@ def _cmd_pending(args: argparse.Namespace, settings: Settings) -> int:
     return _run(settings, args, action)
 
 
+@operator.authenticated("consent history")
 def _cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     from consent import records
 

@@ -1,7 +1,8 @@
 """`trialstream export`: readings out as Parquet, FHIR R4 NDJSON or an SDTM VS dataset.
 
-The acting user (``--actor``, a row in ``users``) decides what may be exported: their role
-and sites, exactly as for the API's export jobs. Consent is honoured and every export is
+The command runs as an authenticated clinician, monitor or admin (``--as``,
+:mod:`gateway.commands.operator`), whose sites decide what may be exported, exactly as for
+the API's export jobs. Consent is honoured and every export is
 audited with the SHA-256 of each file (docs/exports.md).
 """
 
@@ -13,8 +14,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from gateway.commands import operator
 from gateway.commands.common import Subparsers, add_database_flags, run
-from gateway.errors import ConfigError
 from gateway.settings import Settings
 
 
@@ -40,20 +41,20 @@ def register(sub: Subparsers) -> None:
         "export",
         help="export readings (Parquet, FHIR, SDTM)",
         description="Export a study's (or one participant's) readings. Only readings whose "
-        "consent held at their time, only participants of the actor's sites; audited.",
+        "consent held at their time, only participants of your sites (--as); audited.",
     )
     ex_sub = ex.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
     for name, text in FORMATS.items():
         p = ex_sub.add_parser(name, help=text, description=text + ".")
         add_database_flags(p)
-        p.add_argument("--actor", required=True, help="user name of the person exporting")
+        operator.add_operator_flags(p)
         p.add_argument("--study", required=True, help="study id")
         p.add_argument("--participant", help="only this participant")
         p.add_argument("--from", dest="from_time", type=_when, help="from (ISO 8601, inclusive)")
         p.add_argument("--to", dest="to_time", type=_when, help="to (ISO 8601, exclusive)")
         p.add_argument("--out", type=Path, required=True, help="output directory (absent or empty)")
         p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-        p.set_defaults(handler=_cmd_export, export_kind=name)
+        p.set_defaults(handler=_export_handler, export_kind=name)
 
     jobs = ex_sub.add_parser(
         "run-jobs",
@@ -66,9 +67,14 @@ def register(sub: Subparsers) -> None:
     jobs.set_defaults(handler=_cmd_run_jobs)
 
 
+def _export_handler(args: argparse.Namespace, settings: Settings) -> int:
+    """The export of ``args.export_kind``, authenticated as that command."""
+    handler = _AUTHENTICATED[args.export_kind]
+    return handler(args, settings)
+
+
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from consent.records import Actor
-    from storage import db, users
     from storage.exports import ExportKind, ExportRequest, export
 
     url = settings.require_database_url()
@@ -82,12 +88,10 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             rate = rows / max(time.perf_counter() - t0, 1e-9)
             print(f"\r{rows:,} rows ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
 
+    actor = Actor.of(operator.current().require())
+
     async def go() -> int:
-        async with db.connection(url, autocommit=True) as conn:
-            user = await users.get_user(conn, args.actor)
-        if user is None:
-            raise ConfigError(f"no user {args.actor!r} (--actor names a user account)")
-        result = await export(url, Actor.of(user), request, args.out, on_progress=progress)
+        result = await export(url, actor, request, args.out, on_progress=progress)
         if not args.quiet:
             print(file=sys.stderr)
         print(
@@ -99,6 +103,9 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return run(go())
+
+
+_AUTHENTICATED = {kind: operator.authenticated(f"export {kind}")(_cmd_export) for kind in FORMATS}
 
 
 def _cmd_run_jobs(args: argparse.Namespace, settings: Settings) -> int:

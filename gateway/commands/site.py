@@ -1,31 +1,33 @@
 """`trialstream site`: a site coordinator's work: studies, sites, participants, enrollment
-codes (text and QR), device revocation. Every change is audited with who did it."""
+codes (text and QR), device revocation. Every change is made as an authenticated user
+(``--as``, :mod:`gateway.commands.operator`) and audited with who did it."""
 
 from __future__ import annotations
 
 import argparse
-import getpass
 import io
 import json
 import sys
 from datetime import timedelta
 
+from gateway.commands import operator
 from gateway.commands.common import Subparsers, add_database_flags, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from storage import audit, db, registry
 
 
-def _actor(args: argparse.Namespace) -> str:
-    return str(args.by) if args.by else f"cli:{getpass.getuser()}"
+def _actor() -> str:
+    return operator.current().actor
 
 
 def register(sub: Subparsers) -> None:
     site = sub.add_parser(
         "site",
         help="studies, sites, participants, enrollment codes, revocation",
-        description="A site coordinator's commands. Every change is recorded in the audit trail "
-        "with --by (default: cli:<login name>).",
+        description="A site coordinator's commands, run as your user account (--as USER, a "
+        "site coordinator or an admin, authenticated with its password). Every change is "
+        "recorded in the audit trail with that user and your login name.",
     )
     actions = site.add_subparsers(dest="site_command", metavar="ACTION", required=True)
 
@@ -34,7 +36,7 @@ def register(sub: Subparsers) -> None:
             name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
         )
         add_database_flags(p)
-        p.add_argument("--by", help="who does this (recorded in the audit trail)")
+        operator.add_operator_flags(p)
         return p
 
     p = action("create-study", "create a study")
@@ -99,6 +101,7 @@ def _backfill_days(text: str) -> int:
     return int(text)
 
 
+@operator.authenticated("site create-study")
 def _create_study(args: argparse.Namespace, settings: Settings) -> int:
     async def go() -> None:
         async with db.connection(settings.require_database_url()) as conn, conn.transaction():
@@ -111,7 +114,7 @@ def _create_study(args: argparse.Namespace, settings: Settings) -> int:
             )
             await audit.append(
                 conn,
-                actor=_actor(args),
+                actor=_actor(),
                 action="study.create",
                 entity="study",
                 entity_id=args.study,
@@ -127,13 +130,14 @@ def _create_study(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@operator.authenticated("site add-site")
 def _add_site(args: argparse.Namespace, settings: Settings) -> int:
     async def go() -> None:
         async with db.connection(settings.require_database_url()) as conn, conn.transaction():
             await registry.create_site(conn, args.site, args.study, args.name)
             await audit.append(
                 conn,
-                actor=_actor(args),
+                actor=_actor(),
                 action="site.create",
                 entity="site",
                 entity_id=args.site,
@@ -145,7 +149,10 @@ def _add_site(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@operator.authenticated("site add-participant")
 def _add_participant(args: argparse.Namespace, settings: Settings) -> int:
+    operator.current().check_site(args.site)
+
     async def go() -> str:
         async with db.connection(settings.require_database_url()) as conn, conn.transaction():
             cur = await conn.execute("SELECT study_id FROM sites WHERE site_id = %s", (args.site,))
@@ -155,7 +162,7 @@ def _add_participant(args: argparse.Namespace, settings: Settings) -> int:
             await registry.create_participant(conn, args.participant, str(row[0]), args.site)
             await audit.append(
                 conn,
-                actor=_actor(args),
+                actor=_actor(),
                 action="participant.create",
                 entity="participant",
                 entity_id=args.participant,
@@ -168,17 +175,22 @@ def _add_participant(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@operator.authenticated("site enroll-code")
 def _enroll_code(args: argparse.Namespace, settings: Settings) -> int:
     from gateway import enrollment
     from gateway.pki import StudyCA
+    from storage import views
 
     if args.ttl_hours <= 0:
         raise ConfigError("--ttl-hours must be positive")
 
     async def go() -> enrollment.IssuedCode:
-        async with db.connection(settings.require_database_url()) as conn:
+        async with db.connection(settings.require_database_url(), autocommit=True) as conn:
+            home = await views.participant_home(conn, args.participant)
+            if home is not None:
+                operator.current().check_site(home[1])
             return await enrollment.issue_code(
-                conn, args.participant, created_by=_actor(args), ttl=timedelta(hours=args.ttl_hours)
+                conn, args.participant, created_by=_actor(), ttl=timedelta(hours=args.ttl_hours)
             )
 
     try:
@@ -217,12 +229,13 @@ def _enroll_code(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+@operator.authenticated("site revoke")
 def _revoke(args: argparse.Namespace, settings: Settings) -> int:
     from gateway import enrollment, revocation
 
     try:
         outcome = run(
-            revocation.revoke_hub(settings, args.device, actor=_actor(args), reason=args.reason)
+            revocation.revoke_hub(settings, args.device, actor=_actor(), reason=args.reason)
         )
     except enrollment.EnrollmentError as exc:
         raise ConfigError(str(exc)) from exc

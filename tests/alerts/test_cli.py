@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from gateway.commands import alerts as cli_alerts
+from gateway.commands.operator import PASSWORD_FILE_ENV
 from ingest.rules import DEFAULT_MAX_GAP_S, RuleKind, Severity
 from storage.alerts import AlertState
+from storage.users import Role
 from tests.alerts.conftest import Ingest, base_ms
 from tests.alerts.test_engine import rows, steps
+from tests.fixtures.signers import add_operators, password_file
 from tests.fixtures.trial import Trial
-from tests.test_cli import assert_one_clear_line, trialstream
+from tests.test_cli import assert_one_clear_line
+from tests.test_cli import trialstream as run_trialstream
+
+# Commands run as these accounts, whose password the file of PASSWORD_FILE_ENV holds.
+_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+async def _operators(trial: Trial, tmp_path: Path) -> None:
+    await add_operators(trial.url, ("admin", Role.ADMIN, ()), ("ann", Role.MONITOR, ["SITE-A"]))
+    _ENV[PASSWORD_FILE_ENV] = str(password_file(tmp_path))
+
+
+def trialstream(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_trialstream(*args, env=_ENV)
 
 
 def test_cli_choices_are_the_engines() -> None:
@@ -25,13 +46,13 @@ async def test_rules_add_and_list(trial: Trial) -> None:
     added = trialstream(
         "alerts", "rules", "add", *db, "--study", "S1", "--name", "hr-high",
         "--metric", "heart_rate", "--high", "120", "--sustained-s", "60",
-        "--hysteresis", "5", "--severity", "critical", "--by", "admin",
+        "--hysteresis", "5", "--severity", "critical", "--as", "admin",
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
     assert "'hr-high' (study): heart_rate > 120 for 60 s, hysteresis 5 [critical]" in added.stdout
     override = trialstream(
         "alerts", "rules", "add", *db, "--study", "S1", "--name", "hr-high",
-        "--metric", "heart_rate", "--high", "140", "--participant", "P1", "--by", "admin",
+        "--metric", "heart_rate", "--high", "140", "--participant", "P1", "--as", "admin",
     )  # fmt: skip
     assert override.returncode == 0, override.stderr
     assert "(participant P1)" in override.stdout
@@ -49,7 +70,7 @@ async def test_rules_add_and_list(trial: Trial) -> None:
 
 async def test_bad_rules_get_one_clear_line(trial: Trial) -> None:
     db = ("--database-url", trial.url)
-    base = ("alerts", "rules", "add", *db, "--study", "S1", "--name", "r", "--by", "admin")
+    base = ("alerts", "rules", "add", *db, "--study", "S1", "--name", "r", "--as", "admin")
     no_bounds = trialstream(*base, "--metric", "heart_rate")
     assert_one_clear_line(no_bounds, "needs low, high or both")
     unknown_metric = trialstream(*base, "--metric", "mood", "--high", "3")
@@ -67,7 +88,7 @@ async def test_list_ack_resolve(trial: Trial, ingest: Ingest) -> None:
     db = ("--database-url", trial.url)
     assert trialstream(
         "alerts", "rules", "add", *db, "--study", "S1", "--name", "hr-high",
-        "--metric", "heart_rate", "--high", "120", "--by", "admin",
+        "--metric", "heart_rate", "--high", "120", "--as", "admin",
     ).returncode == 0  # fmt: skip
     await ingest(steps(base_ms(), 0, 2, 1, 130.0))
     ((alert_id,),) = await rows(trial.url, "SELECT alert_id FROM alerts")
@@ -80,17 +101,17 @@ async def test_list_ack_resolve(trial: Trial, ingest: Ingest) -> None:
         "P1",
         "hr-high",
     )
-    premature = trialstream("alerts", "resolve", str(alert_id), *db, "--by", "ann")
+    premature = trialstream("alerts", "resolve", str(alert_id), *db, "--as", "ann")
     assert_one_clear_line(premature, "acknowledge it before resolving it")
-    ack = trialstream("alerts", "ack", str(alert_id), *db, "--by", "ann", "--note", "on it")
+    ack = trialstream("alerts", "ack", str(alert_id), *db, "--as", "ann", "--note", "on it")
     assert ack.returncode == 0, ack.stderr
     assert f"alert {alert_id} acknowledged by ann" in ack.stdout
-    done = trialstream("alerts", "resolve", str(alert_id), *db, "--by", "ann", "--note", "ok")
+    done = trialstream("alerts", "resolve", str(alert_id), *db, "--as", "ann", "--note", "ok")
     assert done.returncode == 0, done.stderr
     assert trialstream("alerts", "list", *db, "--state", "open").stdout == ""
     text = trialstream("alerts", "list", *db).stdout
     assert f"{alert_id}  resolved" in text
-    missing = trialstream("alerts", "ack", "999", *db, "--by", "ann")
+    missing = trialstream("alerts", "ack", "999", *db, "--as", "ann")
     assert_one_clear_line(missing, "no alert 999")
     assert await rows(
         trial.url,
@@ -104,11 +125,15 @@ async def test_list_ack_resolve(trial: Trial, ingest: Ingest) -> None:
 
 async def test_escalation_setting(trial: Trial) -> None:
     db = ("--database-url", trial.url)
-    on = trialstream("alerts", "escalation", *db, "--study", "S1", "--after-s", "900", "--by", "a")
+    on = trialstream(
+        "alerts", "escalation", *db, "--study", "S1", "--after-s", "900", "--as", "admin"
+    )
     assert on.returncode == 0, on.stderr
     assert await rows(trial.url, "SELECT alert_escalation_s FROM studies") == [(900,)]
-    off = trialstream("alerts", "escalation", *db, "--study", "S1", "--never", "--by", "a")
+    off = trialstream("alerts", "escalation", *db, "--study", "S1", "--never", "--as", "admin")
     assert off.returncode == 0, off.stderr
     assert await rows(trial.url, "SELECT alert_escalation_s FROM studies") == [(None,)]
-    unknown = trialstream("alerts", "escalation", *db, "--study", "NOPE", "--never", "--by", "a")
+    unknown = trialstream(
+        "alerts", "escalation", *db, "--study", "NOPE", "--never", "--as", "admin"
+    )
     assert_one_clear_line(unknown, "no study 'NOPE'")

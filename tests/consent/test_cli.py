@@ -43,17 +43,24 @@ def test_document_sign_pending_withdraw_history(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     asyncio.run(setup(database_url))
-    url = ["--database-url", database_url]
+    url = ["--database-url", database_url, "--password-stdin"]
     text = tmp_path / "icf.txt"
     text.write_text("I agree.", encoding="utf-8")
+
+    def as_(user: str, argv: list[str], stdin: str = PASSWORD + "\n") -> int:
+        """The command run as ``user``, whose password is the first line of stdin."""
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        return main([*argv, "--as", user])
+
     assert (
-        main(
+        as_(
+            "admin",
             [
-                "consent", "document", *url, "--actor", "admin", "--study", "S1",
+                "consent", "document", *url, "--study", "S1",
                 "--title", "ICF", "--version", "1.0", "--text-file", str(text),
                 "--scopes", "heart_rate,spo2", "--optional-scopes", "spo2",
                 "--effective-at", "2024-01-01T00:00:00+00:00",
-            ]
+            ],
         )
         == 0
     )  # fmt: skip
@@ -61,53 +68,53 @@ def test_document_sign_pending_withdraw_history(
     assert out.startswith("document ")
     doc_id = out.split()[1].rstrip(":")
 
-    # The argon2 parameters of the stored hash are used to verify: the CLI's default hasher
-    # verifies the cheap test hash.
-    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    # The participant runs it: their password authenticates them and signs. The argon2
+    # parameters of the stored hash are used to verify: the CLI's default hasher verifies the
+    # cheap test hash.
     sign = [
-        "consent", "sign", *url, "--actor", "user-P1", "--participant", "P1",
+        "consent", "sign", *url, "--participant", "P1",
         "--document-id", doc_id, "--scopes", "heart_rate", "--name", "Pat One",
-        "--username", "user-P1", "--password-stdin",
+        "--username", "user-P1",
     ]  # fmt: skip
-    assert main(sign) == 0
+    assert as_("user-P1", sign) == 0
     assert "P1 signed version 1.0" in capsys.readouterr().out
 
-    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
-    assert main(sign) == 2
+    # Staff in clinic: their own password first, then the participant's.
+    two = f"{PASSWORD}\n{PASSWORD}\n"
+    assert as_("coord", [*sign, "--signer-password-stdin"], two) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("error: AlreadySigned:")
 
-    assert main(["consent", "pending", *url, "--actor", "coord"]) == 0
+    assert as_("coord", ["consent", "pending", *url]) == 0
     assert capsys.readouterr().out.strip() == "no re-consents pending"
 
     withdraw = [
-        "consent", "withdraw", *url, "--actor", "coord", "--participant", "P1",
-        "--initiated-by", "site", "--reason", "moved", "--password-stdin",
+        "consent", "withdraw", *url, "--participant", "P1",
+        "--initiated-by", "site", "--reason", "moved",
     ]  # fmt: skip
-    # A withdrawal is signed with the actor's own password.
-    monkeypatch.setattr("sys.stdin", io.StringIO("not the password\n"))
-    assert main(withdraw) == 2
-    assert capsys.readouterr().err.startswith("error: ReauthenticationFailed:")
-    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
-    assert main(withdraw) == 0
+    # A withdrawal is signed with the password that authenticates the actor.
+    assert as_("coord", withdraw, "not the password\n") == 2
+    assert capsys.readouterr().err.startswith("error: authentication failed for 'coord'")
+    assert as_("coord", withdraw) == 0
     assert "withdrawn P1: all consent" in capsys.readouterr().out
-    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
-    assert main(withdraw) == 2
+    assert as_("coord", withdraw) == 2
     assert capsys.readouterr().err.startswith("error: NotConsented:")
 
-    assert main(["consent", "history", *url, "--actor", "coord", "--participant", "P1"]) == 0
+    assert as_("coord", ["consent", "history", *url, "--participant", "P1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in lines] == ["consent", "withdraw"]
     assert "signed by 'Pat One'" in lines[0]
 
 
 def test_unknown_actor_is_one_clear_line(
-    database_url: str, capsys: pytest.CaptureFixture[str]
+    database_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asyncio.run(setup(database_url))
-    code = main(["consent", "pending", "--database-url", database_url, "--actor", "ghost"])
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    argv = ["consent", "pending", "--database-url", database_url, "--as", "ghost"]
+    code = main([*argv, "--password-stdin"])
     assert code == 2
     assert capsys.readouterr().err.strip() == (
-        "error: no user 'ghost' (--actor names a user account)"
+        "error: authentication failed for 'ghost': invalid user name or password"
     )

@@ -9,10 +9,12 @@ import pytest
 from argon2 import PasswordHasher
 
 from gateway.cli import main
+from gateway.commands.operator import PASSWORD_FILE_ENV
 from ingest.metrics import METRICS
 from storage import db, users
 from storage.exports.mapping import EXPORTED, VS_METRICS
 from tests.exports.conftest import hr, names_in, now_ms, store
+from tests.fixtures.signers import CHEAP_HASHER, PASSWORD, password_file
 from tests.fixtures.trial import Trial
 
 
@@ -23,7 +25,11 @@ def test_every_metric_has_an_export_mapping() -> None:
 
 
 async def test_export_commands_write_and_report_files(
-    trial: Trial, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trial: Trial,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     async with db.connection(trial.url) as conn:
         await users.create_user(
@@ -32,15 +38,17 @@ async def test_export_commands_write_and_report_files(
             username="mon",
             display_name="Monitor",
             role=users.Role.MONITOR,
-            password="correct horse battery",
+            password=PASSWORD,
             sites={"SITE-A"},
-            hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1),
+            hasher=CHEAP_HASHER,
         )
         await conn.commit()
     await store(trial.url, "P1", "hub-1", 1, [hr(now_ms() - 1000, 70.0)])
+    secret = password_file(tmp_path_factory.mktemp("operator"))
+    monkeypatch.setenv(PASSWORD_FILE_ENV, str(secret))
     base = ["export"]
     for kind in ("parquet", "fhir", "sdtm"):
-        argv = [*base, kind, "--database-url", trial.url, "--actor", "mon", "--study", "S1"]
+        argv = [*base, kind, "--database-url", trial.url, "--as", "mon", "--study", "S1"]
         code = await asyncio.to_thread(main, [*argv, "--out", str(tmp_path / kind), "--quiet"])
         assert code == 0
     out = capsys.readouterr().out
@@ -53,7 +61,7 @@ async def test_export_commands_write_and_report_files(
         "fhir",
         "--database-url",
         trial.url,
-        "--actor",
+        "--as",
         "nobody",
         "--study",
         "S1",
@@ -61,7 +69,7 @@ async def test_export_commands_write_and_report_files(
         str(tmp_path / "x"),
     ]
     assert await asyncio.to_thread(main, refused) == 2
-    assert "no user 'nobody'" in capsys.readouterr().err
+    assert "authentication failed for 'nobody'" in capsys.readouterr().err
     bad_time = [*refused[:-2], "--from", "2026-01-01T00:00", "--out", str(tmp_path / "y")]
     with pytest.raises(SystemExit):
         await asyncio.to_thread(main, bad_time)
