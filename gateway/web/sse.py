@@ -192,7 +192,7 @@ def message(event: alert_store.AlertEvent, alert: dict[str, Any] | None) -> byte
 
 async def _read(conn: db.Conn, last: int, sites: Collection[str]) -> list[Sent]:
     """Events after ``last`` of ``sites`` from the database, with their alerts' state."""
-    from gateway.web.api import alert_json
+    from gateway.web.api_alerts import alert_json
 
     events = await alert_store.alert_events_since(conn, last, sites)
     ids = {e.alert_id for e in events}
