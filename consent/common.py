@@ -11,11 +11,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from argon2 import PasswordHasher
 from psycopg.pq import TransactionStatus
 
 from consent import errors
 from consent.actors import Actor
-from storage import audit
+from storage import audit, users
 from storage.db import Conn
 
 log = logging.getLogger(__name__)
@@ -100,3 +101,16 @@ async def _now(conn: Conn) -> datetime:
     assert row is not None
     now: datetime = row[0]
     return now
+
+
+async def _reauthenticate(
+    conn: Conn, username: str, password: str, hasher: PasswordHasher
+) -> users.User:
+    """The signer of an e-signed act, re-authenticated with the password entered for it
+    (a failure counts toward the account's lockout); else ``ReauthenticationFailed``."""
+    try:
+        return await users.verify_password(conn, username, password, hasher=hasher)
+    except users.UserError as exc:
+        raise errors.ReauthenticationFailed(
+            f"re-authentication failed: {type(exc).__name__}"
+        ) from exc

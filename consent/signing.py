@@ -9,7 +9,14 @@ from argon2 import PasswordHasher
 
 from consent import errors
 from consent.actors import Actor
-from consent.common import CONSENT_LOCK_KEY, _now, _participant, _refused, _require_idle
+from consent.common import (
+    CONSENT_LOCK_KEY,
+    _now,
+    _participant,
+    _reauthenticate,
+    _refused,
+    _require_idle,
+)
 from consent.documents import _DOC_BY_ID, _doc
 from consent.gate import CONSENT
 from consent.history import ConsentRecord
@@ -87,12 +94,7 @@ async def sign(
         if p.witness_required and not (witness and witness.strip()):
             raise errors.WitnessRequired(f"study {p.study_id} requires a witness")
         await conn.commit()
-        try:
-            signer = await users.verify_password(conn, username, password, hasher=hasher)
-        except users.UserError as exc:
-            raise errors.ReauthenticationFailed(
-                f"re-authentication failed: {type(exc).__name__}"
-            ) from exc
+        signer = await _reauthenticate(conn, username, password, hasher)
         if signer.role is not users.Role.PARTICIPANT or signer.participant_id != participant_id:
             raise errors.ReauthenticationFailed(
                 "the signature needs the participant's own credential"

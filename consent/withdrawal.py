@@ -13,7 +13,13 @@ from argon2 import PasswordHasher
 
 from consent import errors
 from consent.actors import Actor
-from consent.common import CONSENT_LOCK_KEY, _participant, _refused, _require_idle
+from consent.common import (
+    CONSENT_LOCK_KEY,
+    _participant,
+    _reauthenticate,
+    _refused,
+    _require_idle,
+)
 from consent.gate import WITHDRAW, WITHDRAW_SCOPE
 from consent.snapshots import _current
 from ingest.metrics import METRICS
@@ -105,7 +111,7 @@ async def withdraw(
             meaning = MEANING_BY_SITE
         _check_withdrawal_record(own, initiated_by, signature, reason)
         await conn.commit()
-        signer = await _reauthenticate(conn, actor, signature, hasher)
+        signer = await _own_signature(conn, actor, signature, hasher)
         await conn.commit()
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (CONSENT_LOCK_KEY,))
@@ -209,18 +215,11 @@ def _check_withdrawal_record(
         raise errors.IncompleteWithdrawal("a withdrawal the site decided was not 'received'")
 
 
-async def _reauthenticate(
+async def _own_signature(
     conn: Conn, actor: Actor, signature: WithdrawalSignature, hasher: PasswordHasher
 ) -> users.User:
     """The signer, re-authenticated with their own credential: the acting user's own."""
-    try:
-        signer = await users.verify_password(
-            conn, signature.username, signature.password, hasher=hasher
-        )
-    except users.UserError as exc:
-        raise errors.ReauthenticationFailed(
-            f"re-authentication failed: {type(exc).__name__}"
-        ) from exc
+    signer = await _reauthenticate(conn, signature.username, signature.password, hasher)
     if signer.username != actor.user:
         raise errors.ReauthenticationFailed("the signature needs the acting user's own credential")
     return signer
