@@ -44,8 +44,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         )
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
+        # ValueError covers JSONDecodeError and an integer of more digits than Python converts.
         raise _bad_request("malformed-json", "the body is not valid JSON", str(exc)) from exc
+    except RecursionError as exc:
+        raise _bad_request("malformed-json", "the body nests too deeply") from exc
     if not isinstance(body, dict):
         raise _bad_request("malformed-json", "the body must be a JSON object")
     return body

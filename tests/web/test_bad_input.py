@@ -22,6 +22,27 @@ CASES: list[tuple[str, str, str, Any, str, int, str]] = [
         "malformed-json",
     ),
     (
+        # Python refuses to convert an integer of more than 4300 digits (a ValueError that
+        # is not a JSONDecodeError): once a 500, now a refusal like any malformed body.
+        "integer_too_long",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        b'{"participant_id": ' + b"9" * 5000 + b"}",
+        "application/json",
+        400,
+        "malformed-json",
+    ),
+    (
+        # Nesting deeper than the recursion limit fits in the 64 KiB a body may have.
+        "nested_too_deep",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        b"[" * 30_000 + b"]" * 30_000,
+        "application/json",
+        400,
+        "malformed-json",
+    ),
+    (
         "not_an_object",
         "POST",
         "/api/v1/sites/SITE-A/participants",
