@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_drivers.credentials import CertificateKeeper
 from device_drivers.driver import HubClock, ReadingSink, SensorInfo, WearableSession
 from device_drivers.outbox import Outbox, OutboxFull
 from device_drivers.relay import Relay
@@ -135,11 +136,13 @@ class Hub:
         sink: OutboxSink | None = None,
         *,
         status_path: Path | None = None,
+        keeper: CertificateKeeper | None = None,
     ) -> None:
         self.relay = relay
         self.sessions = list(sessions)
         self.sink = sink
         self.status_path = status_path
+        self.keeper = keeper
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -148,6 +151,9 @@ class Hub:
                 tg.create_task(self._supervise(session), name=f"wearable-{session.spec.sensor}")
             if self.status_path is not None:
                 tg.create_task(self._write_status(self.status_path), name="hub-status")
+            if self.keeper is not None:
+                # Ends only by raising HubWithdrawn, which stops every other task too.
+                tg.create_task(self.keeper.run(), name="hub-credentials")
 
     def status(self) -> dict[str, Any]:
         """What ``trialstream hub status`` shows (besides the outbox, which it reads itself)."""
@@ -175,6 +181,11 @@ class Hub:
                 for metric, (t, v) in (self.sink.latest.items() if self.sink else ())
             },
             "refused_outbox_full": self.sink.refused_full if self.sink else 0,
+            "certificate": (
+                {"renewals": self.keeper.renewals, "last_error": self.keeper.last_error}
+                if self.keeper
+                else None
+            ),
             "clock_jumps": self.sink.clock.jumps_seen if self.sink else 0,
         }
 

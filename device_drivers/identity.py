@@ -33,11 +33,13 @@ from device_drivers.errors import DeviceDriverError
 from ingest import keys
 from ingest.transport import TlsFiles
 
-ENROLL_TIMEOUT_S = 30
+GATEWAY_TIMEOUT_S = 30
 # A gateway busy with enrollments from this address (429) is asked again after the wait it
 # names (at most ENROLL_BUSY_WAIT_S), this many times in all.
 ENROLL_BUSY_TRIES = 5
 ENROLL_BUSY_WAIT_S = 60.0
+# The gateway's answers are a few KiB (certificates); anything much larger is not one.
+MAX_ANSWER_BYTES = 256 * 1024
 # What a site's QR code (or ``trialstream site enroll-code``) gives a hub: the gateway's
 # address, the single-use code and the SHA-256 of the study CA's certificate.
 ENROLL_URI_PREFIX = "trialstream:enroll?"
@@ -184,18 +186,28 @@ def ca_fingerprint(ca_pem: str) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
-async def _post_enrollment(url: str, request: dict[str, str]) -> tuple[dict[str, Any], int, float]:
-    """The gateway's answer, its status and the wait it asks for (``Retry-After``, bounded)."""
+async def post_json(url: str, request: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
+    """POST ``request`` to the gateway: its answer (a JSON object), its status and the wait it
+    asks for (``Retry-After``, bounded). Anything else the gateway could send is refused here,
+    a body nested too deeply or a number too long to convert included."""
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ENROLL_TIMEOUT_S)) as http,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=GATEWAY_TIMEOUT_S)) as http,
             http.post(url, json=request) as resp,
         ):
-            body = await resp.json(content_type=None)
+            if (resp.content_length or 0) > MAX_ANSWER_BYTES:
+                raise HubIdentityError(f"the gateway at {url} sent an answer too large to read")
+            raw_body = await resp.content.read(MAX_ANSWER_BYTES + 1)
             raw = resp.headers.get("Retry-After", "")
             status = resp.status
-    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+    except (aiohttp.ClientError, TimeoutError) as exc:
         raise HubIdentityError(f"cannot reach the gateway at {url}: {exc}") from exc
+    if len(raw_body) > MAX_ANSWER_BYTES:
+        raise HubIdentityError(f"the gateway at {url} sent an answer too large to read")
+    try:
+        body = json.loads(raw_body)
+    except (ValueError, RecursionError) as exc:
+        raise HubIdentityError(f"the gateway at {url} did not answer with JSON") from exc
     if not isinstance(body, dict):
         raise HubIdentityError(f"the gateway at {url} did not answer with a JSON object")
     wait = float(raw) if raw.isdigit() and len(raw) <= 4 else ENROLL_BUSY_WAIT_S
@@ -258,7 +270,7 @@ async def enroll(directory: Path, ticket: EnrollmentTicket) -> HubIdentity:
     url = ticket.gateway_url + "/api/v1/enrollments"
     request = {"code": ticket.code, "csr": make_csr(key).decode()}
     for attempt in range(1, ENROLL_BUSY_TRIES + 1):
-        body, status, retry_after = await _post_enrollment(url, request)
+        body, status, retry_after = await post_json(url, request)
         if status != 429 or attempt == ENROLL_BUSY_TRIES:
             break
         # Too many enrollments from this address for now: wait as the gateway asks.

@@ -82,6 +82,10 @@ class RelayStats:
     # Outbox writes that failed (a full disk, an I/O error): retried on the next tick.
     outbox_errors: int = 0
     connected: bool = False
+    # Attempts to connect that failed since the last one that succeeded (a refused TLS
+    # handshake, a broker that cannot be reached, a refused CONNECT): after a few, the hub
+    # asks the gateway whether it is still in good standing (device_drivers/credentials.py).
+    connect_failures: int = 0
 
 
 class Relay:
@@ -112,6 +116,7 @@ class Relay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client = make_client(config.device_id, mqtt5=config.mqtt5)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(
@@ -131,10 +136,15 @@ class Relay:
         properties: Properties | None,
     ) -> None:
         if reason.is_failure:
+            self.stats.connect_failures += 1
             log.error("broker refused the hub device=%s reason=%s", self.config.device_id, reason)
             return
+        self.stats.connect_failures = 0
         self.stats.connected = True
         client.subscribe(down_topic(self.config.device_id), qos=1)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self.stats.connect_failures += 1
 
     def _on_disconnect(
         self,
@@ -144,6 +154,11 @@ class Relay:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        if not self.stats.connected:
+            # Lost before the broker's CONNACK: with TLS 1.3 a broker refuses a client
+            # certificate (revoked, expired) only after the handshake has completed on the
+            # hub's side, so the refusal arrives as a lost connection, not a failed connect.
+            self.stats.connect_failures += 1
         self.stats.connected = False
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:

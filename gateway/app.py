@@ -28,18 +28,17 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg_pool import AsyncConnectionPool
 
-from gateway import enrollment
+from gateway import hub_routes
 from gateway.alerts import AlertEngine, AlertService, MqttPublisher
 from gateway.consumer import Consumer, ConsumerConfig, Histogram
-from gateway.pki import GATEWAY_IDENTITY, PkiError, StudyCA
-from gateway.problems import problem, problem_middleware, read_json_object, require_str
+from gateway.pki import GATEWAY_IDENTITY, StudyCA
+from gateway.problems import problem, problem_middleware
 from gateway.serve import EXIT_CONSUMER_DIED
 from gateway.settings import Settings
 from gateway.web import auth, setup_web
-from gateway.web.ratelimit import client_address
 from ingest import keys
 from ingest.transport import configure_tls
-from storage import audit, db
+from storage import db
 from storage.migrate import StorageMode, migrate
 from storage.users import Role
 from storage.writer import BulkWriter, InTransaction
@@ -365,69 +364,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
-ENROLLMENT_STATUS = {
-    "malformed_code": 400,
-    "unknown_code": 404,
-    "code_used": 409,
-    "code_expired": 410,
-}
-
-
-async def post_enrollment(request: web.Request) -> web.Response:
-    """``POST /api/v1/enrollments`` {code, csr}: a hub redeems its code for an identity."""
-    body = await read_json_object(request)
-    code = require_str(body, "code", max_len=64)
-    csr = require_str(body, "csr", max_len=8_192)
-    app = request.app
-    settings = app[SETTINGS]
-    try:
-        async with app[POOL].connection() as conn:
-            result = await enrollment.enroll(
-                conn, code, csr.encode(), app[STUDY_CA], app[RECEIPT_KEY].public_key()
-            )
-    except enrollment.EnrollmentError as exc:
-        await _enrollment_refused(request, exc.kind)
-        return problem(ENROLLMENT_STATUS.get(exc.kind, 400), exc.kind.replace("_", "-"), str(exc))
-    except PkiError as exc:
-        await _enrollment_refused(request, "invalid_csr")
-        return problem(400, "invalid-csr", str(exc))
-    return web.json_response(
-        {
-            "device_id": result.device_id,
-            "participant_id": result.participant_id,
-            "study_id": result.study_id,
-            "certificate_pem": result.certificate_pem,
-            "ca_pem": result.ca_pem,
-            "receipt_key_pem": result.receipt_key_pem,
-            "broker": {
-                "host": settings.mqtt_host,
-                "port": settings.mqtt_port,
-                "tls": settings.mqtt_tls,
-            },
-            "topics": enrollment.topics(result.device_id),
-        },
-        status=201,
-    )
-
-
-async def _enrollment_refused(request: web.Request, kind: str) -> None:
-    """A failed enrollment attempt on record: who tried (the client's address), and why. The
-    code itself is never recorded (a valid one could still be used)."""
-    address = client_address(request)
-    try:
-        async with request.app[POOL].connection() as conn, conn.transaction():
-            await audit.append(
-                conn,
-                actor=f"hub@{address}",
-                action="enrollment.refused",
-                entity="enrollment",
-                entity_id=address,
-                detail={"kind": kind},
-            )
-    except Exception:  # the refusal stands; the log says it went unrecorded
-        log.exception("refused enrollment not recorded address=%s kind=%s", address, kind)
-
-
 def create_app(
     settings: Settings,
     *,
@@ -460,6 +396,6 @@ def create_app(
     app.cleanup_ctx.append(_alerts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/api/v1/enrollments", post_enrollment)
+    hub_routes.add_routes(app)
     setup_web(app)
     return app

@@ -4,7 +4,9 @@ A site coordinator makes a code for a participant (single use, expires; only its
 stored). The hub makes its own P-256 key, sends a CSR with the code, and receives its device
 id, a certificate for that id signed by the study CA, the CA certificate, the broker's
 address, its topics and the gateway's receipt key. The device row (with the hub's public key,
-which verifies every envelope) and the audit record commit together with the code's use.
+which verifies every envelope), its first certificate and the audit record commit together
+with the code's use. The hub renews the certificate itself before it expires
+(``gateway/renewal.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.errors import GatewayError
 from gateway.pki import StudyCA
+from gateway.renewal import issued
 from ingest import keys
 from ingest.pipeline import down_topic, up_topic
-from storage import audit, registry
+from storage import audit, certificates, registry
 from storage.db import Conn
 
 log = logging.getLogger(__name__)
@@ -138,10 +141,10 @@ async def enroll(
         found = await registry.lock_enrollment_code(conn, digest)
         if found is None:
             raise EnrollmentError("unknown_code", "this enrollment code is not known")
-        participant_id, study_id, expires_at, used_at = found
-        if used_at is not None:
+        participant_id, study_id = found.participant_id, found.study_id
+        if found.used_at is not None:
             raise EnrollmentError("code_used", "this enrollment code was already used")
-        if expires_at <= now:
+        if found.expires_at <= now:
             raise EnrollmentError("code_expired", "this enrollment code has expired")
         device_id = new_device_id()
         cert = ca.sign_csr(csr_pem, device_id)
@@ -156,6 +159,7 @@ async def enroll(
             keys.fingerprint(public_key),
             certificate_pem=cert_pem,
         )
+        await certificates.record(conn, issued(cert, device_id, "enrollment"))
         await registry.mark_enrollment_code_used(conn, digest, device_id)
         await audit.append(
             conn,
@@ -163,7 +167,12 @@ async def enroll(
             action="device.enroll",
             entity="participant",
             entity_id=participant_id,
-            detail={"device_id": device_id, "key_fingerprint": keys.fingerprint(public_key)},
+            detail={
+                "device_id": device_id,
+                "key_fingerprint": keys.fingerprint(public_key),
+                "serial": format(cert.serial_number, "x"),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+            },
         )
     log.info("hub enrolled device=%s study=%s", device_id, study_id)
     return Enrollment(

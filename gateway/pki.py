@@ -36,10 +36,15 @@ from ingest.transport import TlsFiles
 log = logging.getLogger(__name__)
 
 CA_VALIDITY = dt.timedelta(days=10 * 365)
-# A hub's certificate outlives a long trial with margin; revocation is by device status in
-# the gateway (checked on every envelope) and by the CRL the broker checks at every TLS
-# handshake, not by certificate expiry.
-HUB_VALIDITY = dt.timedelta(days=3 * 365)
+# A hub's certificate lasts 90 days and the hub renews it from half its life on (over HTTPS,
+# with a request signed by its key: gateway/renewal.py). Revocation is by device status in the
+# gateway (checked on every envelope and every renewal) and by the CRL the broker checks at
+# every TLS handshake; the short life bounds what a revocation that never reached a broker
+# (a stale CRL, a broker restored from a backup) leaves open to one quarter of a trial, not
+# its whole length. Renewing from half-life on, a hub unplugged for up to six weeks (a
+# holiday, a hospital stay) still renews on its own when it is back; one away longer than its
+# certificate's remaining life re-enrolls with a new code (docs/broker.md).
+HUB_VALIDITY = dt.timedelta(days=90)
 SERVICE_VALIDITY = dt.timedelta(days=2 * 365)
 # A CRL's nextUpdate. OpenSSL (so Mosquitto) refuses every client certificate once the CRL
 # it loaded is past nextUpdate, so the CRL is re-issued well before: on every revocation and
@@ -288,8 +293,11 @@ class StudyCA:
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return TlsFiles(self.cert_path, cert_path, key_path), cert.serial_number
 
-    def sign_csr(self, csr_pem: bytes, device_id: str) -> x509.Certificate:
-        """A hub certificate for ``device_id`` from its CSR; the CSR's own name is ignored."""
+    def sign_csr(
+        self, csr_pem: bytes, device_id: str, *, key_der: bytes | None = None
+    ) -> x509.Certificate:
+        """A hub certificate for ``device_id`` from its CSR; the CSR's own name is ignored.
+        With ``key_der`` (a renewal) the CSR's key must be that key (DER SubjectPublicKeyInfo)."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as exc:
@@ -302,6 +310,8 @@ class StudyCA:
             or public_key.curve.name != "secp256r1"
         ):
             raise PkiError("the CSR's key must be an EC P-256 key")
+        if key_der is not None and keys.public_key_to_der(public_key) != key_der:
+            raise PkiError("the CSR's key is not the key this device enrolled with")
         return self._issue(public_key, device_id, HUB_VALIDITY)
 
 

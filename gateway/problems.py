@@ -65,6 +65,18 @@ def require_str(body: dict[str, Any], name: str, *, max_len: int = 10_000) -> st
     return value
 
 
+def require_int(body: dict[str, Any], name: str, *, low: int, high: int) -> int:
+    """An integer field within [low, high] (a JSON number without a fraction; not a bool)."""
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad_request("invalid-field", f"{name!r} must be an integer", field=name)
+    if not low <= value <= high:
+        raise _bad_request(
+            "invalid-field", f"{name!r} must be between {low} and {high}", field=name
+        )
+    return value
+
+
 def _bad_request(
     kind: str, title: str, detail: str | None = None, **extra: Any
 ) -> web.HTTPBadRequest:

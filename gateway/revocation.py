@@ -2,8 +2,9 @@
 
 1. The device row is marked revoked (with its audit record): from the next batch on, the
    gateway refuses the hub's envelopes as ``device_revoked``.
-2. The study CA re-issues its CRL, whole, from the certificates of every revoked device,
-   plus the serial of a throwaway probe certificate.
+2. The study CA re-issues its CRL, whole, from every still-valid certificate of every
+   revoked device (a hub renews its certificate, so it may hold several), plus the serial of
+   a throwaway probe certificate.
 3. The broker is told to reload (``TRIALSTREAM_BROKER_RELOAD`` or SIGHUP via
    ``TRIALSTREAM_BROKER_PID_FILE``); Mosquitto re-reads the CRL for new TLS handshakes.
 4. The probe's handshake is tried until the broker refuses it: the broker then holds the
@@ -22,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -32,7 +34,7 @@ from gateway.errors import BrokerError
 from gateway.pki import GATEWAY_IDENTITY, StudyCA, certificate_serial
 from gateway.settings import Settings
 from ingest.transport import TlsFiles
-from storage import db, registry
+from storage import certificates, db, registry
 from storage.db import Conn
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,14 @@ class BrokerOutcome:
 async def publish_crl(
     conn: Conn, ca: StudyCA, *, extra_serials: Iterable[int] = ()
 ) -> x509.CertificateRevocationList:
-    """Re-issue the CA's CRL from the database: every revoked device's certificate.
+    """Re-issue the CA's CRL from the database: every revoked device's certificates.
 
     Serialised by the CA's lock, and the devices read under it, so of two revocations at
     once the later CRL lists both. Called on every revocation and by ``trialstream broker
     publish-crl``.
     """
     with ca.crl_lock():
-        pems = await registry.revoked_certificates(conn)
+        pems = await certificates.revoked(conn, now=datetime.now(UTC))
         return ca.publish_crl([*(certificate_serial(p) for p in pems), *extra_serials])
 
 

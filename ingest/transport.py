@@ -6,7 +6,6 @@ Only configuration lives here, shared by both sides; connecting is theirs to do.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,21 +24,33 @@ class TlsFiles:
     keyfile: Path
 
 
-def configure_tls(files: TlsFiles | None) -> Callable[[mqtt.Client], None] | None:
-    """A client configurator presenting ``files`` and verifying the broker, or None."""
-    if files is None:
-        return None
+class ClientTls:
+    """Configures a paho client to present ``files`` and verify the broker (TLS 1.2+).
 
-    def configure(client: mqtt.Client) -> None:
-        client.tls_set(
-            ca_certs=str(files.cafile),
-            certfile=str(files.certfile),
-            keyfile=str(files.keyfile),
-            cert_reqs=ssl.CERT_REQUIRED,
-            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+    One TLS context per client, kept here: ``reload()`` reads the certificate and key again
+    (a hub that renewed its certificate), and every handshake from then on presents the new
+    one; the connection already open is left as it is.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies peer and host name
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_verify_locations(cafile=str(files.cafile))
+        self.reload()
+
+    def reload(self) -> None:
+        self.context.load_cert_chain(
+            certfile=str(self.files.certfile), keyfile=str(self.files.keyfile)
         )
 
-    return configure
+    def __call__(self, client: mqtt.Client) -> None:
+        client.tls_set_context(self.context)
+
+
+def configure_tls(files: TlsFiles | None) -> ClientTls | None:
+    """A client configurator presenting ``files`` and verifying the broker, or None."""
+    return None if files is None else ClientTls(files)
 
 
 def make_client(client_id: str, *, mqtt5: bool = True, manual_ack: bool = False) -> mqtt.Client:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
+
+from psycopg.rows import class_row
 
 from storage.db import Conn
 
@@ -79,21 +82,12 @@ async def revoke_device(conn: Conn, device_id: str, reason: str) -> bool:
 
 
 async def device_certificate(conn: Conn, device_id: str) -> str | None:
-    """The certificate (PEM) issued to a device at enrollment, if one is on record."""
+    """The newest certificate (PEM) issued to a device, if one is on record."""
     cur = await conn.execute(
         "SELECT certificate_pem FROM devices WHERE device_id = %s", (device_id,)
     )
     row = await cur.fetchone()
     return None if row is None or row[0] is None else str(row[0])
-
-
-async def revoked_certificates(conn: Conn) -> list[str]:
-    """The certificates (PEM) of every revoked device that has one: what the CRL lists."""
-    cur = await conn.execute(
-        "SELECT certificate_pem FROM devices"
-        " WHERE revoked_at IS NOT NULL AND certificate_pem IS NOT NULL ORDER BY device_id"
-    )
-    return [str(row[0]) for row in await cur.fetchall()]
 
 
 async def create_consent_document(
@@ -176,17 +170,24 @@ async def create_enrollment_code(
     )
 
 
-async def lock_enrollment_code(
-    conn: Conn, code_sha256: bytes
-) -> tuple[str, str, datetime, datetime | None] | None:
-    """(participant, study, expires_at, used_at) of a code, locked for this transaction."""
-    cur = await conn.execute(
-        "SELECT c.participant_id, p.study_id, c.expires_at, c.used_at FROM enrollment_codes c"
-        " JOIN participants p USING (participant_id) WHERE c.code_sha256 = %s FOR UPDATE OF c",
-        (code_sha256,),
-    )
-    row = await cur.fetchone()
-    return None if row is None else (str(row[0]), str(row[1]), row[2], row[3])
+@dataclass(frozen=True, slots=True)
+class EnrollmentCode:
+    participant_id: str
+    study_id: str
+    expires_at: datetime
+    used_at: datetime | None
+
+
+async def lock_enrollment_code(conn: Conn, code_sha256: bytes) -> EnrollmentCode | None:
+    """A code's participant, study and dates, its row locked for this transaction."""
+    async with conn.cursor(row_factory=class_row(EnrollmentCode)) as cur:
+        await cur.execute(
+            "SELECT c.participant_id, p.study_id, c.expires_at, c.used_at"
+            " FROM enrollment_codes c JOIN participants p USING (participant_id)"
+            " WHERE c.code_sha256 = %s FOR UPDATE OF c",
+            (code_sha256,),
+        )
+        return await cur.fetchone()
 
 
 async def mark_enrollment_code_used(conn: Conn, code_sha256: bytes, device_id: str) -> None:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -28,7 +27,6 @@ from device_drivers.identity import make_csr
 from gateway import enrollment, revocation
 from gateway.broker import MosquittoBroker, handshake_refused
 from gateway.commands.operator import PASSWORD_FILE_ENV
-from gateway.errors import BrokerError
 from gateway.pki import CRL_VALIDITY, StudyCA, certificate_serial
 from ingest import keys
 from ingest.transport import TlsFiles, configure_tls
@@ -205,30 +203,6 @@ async def attempt(broker: MosquittoBroker, files: TlsFiles, client_id: str) -> b
     finally:
         conn.close()
         gc.collect()
-
-
-@pytest.fixture
-def revocation_ca(tmp_path: Path) -> StudyCA:
-    """A CA of this test's own: its CRL changes, unlike the session's ``study_ca``."""
-    return StudyCA.load_or_create(tmp_path / "ca")
-
-
-@pytest.fixture
-def crl_broker(tmp_path: Path, revocation_ca: StudyCA) -> Iterator[MosquittoBroker]:
-    server = revocation_ca.issue_files(
-        tmp_path / "broker-cert", "broker", server_hosts=("127.0.0.1", "localhost")
-    )
-    try:
-        broker = MosquittoBroker(
-            tmp_path / "mosquitto-crl", tls=server, crlfile=revocation_ca.crl_path
-        )
-        broker.start()
-    except BrokerError as exc:
-        pytest.fail(f"the TLS test broker could not start: {exc}")
-    try:
-        yield broker
-    finally:
-        broker.kill()
 
 
 async def cli_env(

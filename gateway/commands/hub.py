@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,11 +122,16 @@ def _ticket(args: argparse.Namespace) -> EnrollmentTicket:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from device_drivers.credentials import EXIT_WITHDRAWN, HubWithdrawn, check_not_withdrawn
     from device_drivers.identity import HubIdentity, HubIdentityError
 
     directory = _hub_dir(args, settings)
     try:
         identity = HubIdentity.load(directory)
+        check_not_withdrawn(directory)
+    except HubWithdrawn as exc:
+        print(f"hub {directory}: {exc}", file=sys.stderr)
+        return EXIT_WITHDRAWN
     except HubIdentityError as exc:
         raise ConfigError(str(exc)) from exc
     wearables: list[tuple[str, str]] = []
@@ -144,8 +150,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         f"broker {identity.broker_host}:{identity.broker_port}; Ctrl-C stops",
         flush=True,
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        run(_run_hub(identity, wearables, args.simulate, args.duration))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run(_run_hub(identity, wearables, args.simulate, args.duration))
+    except HubWithdrawn as exc:
+        print(f"hub {identity.device_id} stopped: {exc}", file=sys.stderr)
+        return EXIT_WITHDRAWN
     return 0
 
 
@@ -155,6 +165,7 @@ _SIMULATED = {"hr": "VirtualHeartRateStrap"}
 async def _run_hub(
     identity: Any, wearables: list[tuple[str, str]], simulate: list[str], duration: float | None
 ) -> None:
+    from device_drivers.credentials import CertificateKeeper, HubWithdrawn
     from device_drivers.driver import BleBackends, WearableSession, WearableSpec
     from device_drivers.hub import Hub, OutboxSink
     from device_drivers.outbox import Outbox
@@ -165,12 +176,18 @@ async def _run_hub(
         Outbox.open, identity.directory / "outbox.sqlite", identity.device_id
     )
     sink = OutboxSink(outbox)
+    tls = configure_tls(identity.tls)
     relay = Relay(
         RelayConfig(identity.device_id, identity.broker_host, identity.broker_port),
         outbox,
         identity.key(),
         identity.receipt_key(),
-        configure_client=configure_tls(identity.tls),
+        configure_client=tls,
+    )
+    keeper = CertificateKeeper(
+        identity,
+        connect_failures=lambda: relay.stats.connect_failures,
+        on_renewed=tls.reload if tls is not None else (lambda: None),
     )
     async with contextlib.AsyncExitStack() as stack:
         sessions = [
@@ -194,12 +211,16 @@ async def _run_hub(
                         clock=sink.clock,
                     )
                 )
-        hub = Hub(relay, sessions, sink, status_path=identity.directory / "status.json")
+        hub = Hub(
+            relay, sessions, sink, status_path=identity.directory / "status.json", keeper=keeper
+        )
         try:
             async with asyncio.timeout(duration):
                 await hub.run()
-        except TimeoutError:
+        except* TimeoutError:
             pass
+        except* HubWithdrawn as group:
+            raise group.exceptions[0] from None
         finally:
             outbox.close()
 
@@ -207,12 +228,14 @@ async def _run_hub(
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import asdict
 
+    from device_drivers.credentials import certificate_window, recorded_standing
     from device_drivers.identity import HubIdentity, HubIdentityError
     from device_drivers.outbox import Outbox, OutboxError
 
     directory = _hub_dir(args, settings)
     try:
         identity = HubIdentity.load(directory)
+        window = certificate_window(identity) if identity.broker_tls else None
         with Outbox.open(directory / "outbox.sqlite", identity.device_id) as outbox:
             stats = asdict(outbox.stats())
             rejected = [asdict(r) for r in outbox.rejected(10)]
@@ -222,9 +245,18 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         running: dict[str, Any] | None = json.loads((directory / "status.json").read_text())
     except (OSError, json.JSONDecodeError):
         running = None
+    standing = recorded_standing(directory)
     report = {
         "device_id": identity.device_id,
         "participant_id": identity.participant_id,
+        "standing": standing or {"status": "active"},
+        "certificate": None
+        if window is None
+        else {
+            "serial": window.serial,
+            "not_after": window.not_after.isoformat(),
+            "renew_from": window.renew_at().isoformat(),
+        },
         "outbox": stats,
         "rejected": rejected,
         "running": running,
@@ -234,6 +266,16 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     now_ms = int(time.time() * 1000)
     print(f"hub {identity.device_id} (participant {identity.participant_id})")
+    if standing is not None:
+        print(
+            f"  WITHDRAWN ({standing.get('status')}): this hub no longer relays; "
+            "contact the study site for a new enrollment code"
+        )
+    if window is not None:
+        print(
+            f"  certificate valid until {window.not_after:%Y-%m-%d %H:%M} UTC"
+            f" (renewed from {window.renew_at():%Y-%m-%d} on, while the gateway can be reached)"
+        )
     if running is None:
         print("  not running (no status written yet)")
     else:

@@ -8,6 +8,9 @@ memory by the worker process:
 - ``POST /api/v1/session`` (sign-in): ``LOGIN_PER_ADDRESS`` per client address and
   ``LOGIN_PER_ACCOUNT`` per user name tried (known or not, so the answer tells nothing).
 - ``POST /api/v1/enrollments``: ``ENROLLMENT_PER_ADDRESS`` per client address.
+- A hub's signed requests (``POST /api/v1/devices/{device_id}/certificates`` and
+  ``.../standing``): ``HUB_REQUESTS_PER_ADDRESS`` per client address. (A device renewing
+  again within minutes gets its newest certificate again: ``gateway/renewal.py``.)
 - ``POST /api/v1/participants/{participant_id}/consents`` (consent signing):
   ``CONSENT_PER_ACCOUNT`` per signed-in account.
 
@@ -63,6 +66,9 @@ LOGIN_PER_ADDRESS = Limit(burst=20, per_minute=20)
 LOGIN_PER_ACCOUNT = Limit(burst=10, per_minute=10)
 # A hub enrolls once; a site enrolling a few hubs in a row from one network stays under it.
 ENROLLMENT_PER_ADDRESS = Limit(burst=10, per_minute=10)
+# A hub asks for its standing a few times a day and renews every six weeks; many hubs behind
+# one clinic's address stay well under this.
+HUB_REQUESTS_PER_ADDRESS = Limit(burst=60, per_minute=60)
 # Each signature re-verifies a password; a participant signs a handful of documents.
 CONSENT_PER_ACCOUNT = Limit(burst=10, per_minute=10)
 # Keys tracked per bucket set: with a key of at most a few hundred bytes, a few MiB at most.
@@ -125,16 +131,22 @@ class RateLimiter:
         self.consent_per_account = Buckets(
             "consent-account", CONSENT_PER_ACCOUNT, max_keys=max_keys
         )
+        self.hub_requests_per_address = Buckets(
+            "hub-requests-address", HUB_REQUESTS_PER_ADDRESS, max_keys=max_keys
+        )
         self.all = (
             self.login_per_address,
             self.login_per_account,
             self.enrollment_per_address,
             self.consent_per_account,
+            self.hub_requests_per_address,
         )
         # (method, route path) -> the per-address limit of that route
         self.by_route: dict[tuple[str, str], Buckets] = {
             ("POST", "/api/v1/session"): self.login_per_address,
             ("POST", "/api/v1/enrollments"): self.enrollment_per_address,
+            ("POST", "/api/v1/devices/{device_id}/certificates"): self.hub_requests_per_address,
+            ("POST", "/api/v1/devices/{device_id}/standing"): self.hub_requests_per_address,
         }
 
 
@@ -203,6 +215,7 @@ async def rate_limit_middleware(
 __all__ = [
     "CONSENT_PER_ACCOUNT",
     "ENROLLMENT_PER_ADDRESS",
+    "HUB_REQUESTS_PER_ADDRESS",
     "LOGIN_PER_ACCOUNT",
     "LOGIN_PER_ADDRESS",
     "MAX_KEYS",

@@ -172,7 +172,7 @@ class Endpoint:
     conflicts: bool = False  # may answer 409
     description: str = ""
     extra_statuses: tuple[int, ...] = ()
-    # False: documented here, routed elsewhere (the hubs' enrollment, in gateway.app).
+    # False: documented here, routed elsewhere (the hubs' routes, in gateway.hub_routes).
     routed: bool = True
     # A read of participants' health data, recorded in the audit trail (gateway.web.trail);
     # streams record themselves as they open.

@@ -184,6 +184,11 @@ async def test_bad_enrollments_get_problem_details(
     async with db.connection(trial.url) as conn:
         cur = await conn.execute("SELECT count(*) FROM devices WHERE participant_id = 'P9'")
         assert await cur.fetchone() == (0,)
+        # Every refused attempt is on record, a body that could not be read included.
+        cur = await conn.execute(
+            "SELECT count(*) FROM audit_log WHERE action = 'enrollment.refused'"
+        )
+        assert await cur.fetchone() == (1,)
 
 
 async def test_revocation_is_audited_and_refused_twice(trial: Trial) -> None:

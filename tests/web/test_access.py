@@ -15,7 +15,8 @@ import pytest
 
 from device_drivers.identity import make_csr
 from gateway import enrollment
-from ingest import keys
+from gateway.app import STUDY_CA
+from ingest import hub_requests, keys
 from storage import alerts, db, registry
 from tests.fixtures.gateway import METRICS_HEADERS
 from tests.fixtures.trial import ALL_SCOPES
@@ -116,6 +117,43 @@ async def enrollment_body(w: Web) -> tuple[str, Any]:
     return "/api/v1/enrollments", {"code": issued.code, "csr": csr}
 
 
+async def enrolled_device(w: Web) -> tuple[str, Any]:
+    """A hub enrolled a day ago (so a renewal issues a new certificate): its id and key."""
+    key = keys.generate_private_key()
+    ca = w.gateway.client.app[STUDY_CA]  # type: ignore[attr-defined]
+    async with db.connection(w.trial.url) as conn:
+        issued = await enrollment.issue_code(conn, "P1", created_by="tester")
+        enrolled = await enrollment.enroll(
+            conn, issued.code, make_csr(key), ca, keys.generate_private_key().public_key()
+        )
+        await conn.execute(
+            "UPDATE device_certificates SET issued_at = issued_at - interval '1 day'"
+            " WHERE device_id = %s",
+            (enrolled.device_id,),
+        )
+        await conn.commit()
+    return enrolled.device_id, key
+
+
+def hub_signed(purpose: str, body: bytes, device_id: str, key: Any) -> dict[str, Any]:
+    signed_at = int(datetime.now(UTC).timestamp() * 1000)
+    signature = hub_requests.sign(key, purpose, device_id, signed_at, body)
+    return {"signed_at_ms": signed_at, "signature": signature}
+
+
+async def renewal_body(w: Web) -> tuple[str, Any]:
+    device_id, key = await enrolled_device(w)
+    csr = make_csr(key).decode()
+    body = {**hub_signed(hub_requests.PURPOSE_RENEW, csr.encode(), device_id, key), "csr": csr}
+    return f"/api/v1/devices/{device_id}/certificates", body
+
+
+async def standing_body(w: Web) -> tuple[str, Any]:
+    device_id, key = await enrolled_device(w)
+    body = hub_signed(hub_requests.PURPOSE_STANDING, b"", device_id, key)
+    return f"/api/v1/devices/{device_id}/standing", body
+
+
 async def login_body(w: Web) -> tuple[str, Any]:
     return "/api/v1/session", {"username": "admin", "password": PASSWORD}
 
@@ -156,6 +194,9 @@ EXPECTED: dict[str, Expect] = {
     "login": Expect(PUBLIC, login_body),
     "get_openapi": Expect(frozenset({"admin"}), fixed("/api/v1/openapi.json")),
     "enroll_hub": Expect(PUBLIC, enrollment_body, 201),
+    # A hub's own signature is the credential; a session neither helps nor hinders.
+    "renew_hub_certificate": Expect(PUBLIC, renewal_body, 201),
+    "hub_standing": Expect(PUBLIC, standing_body),
     "get_session": Expect(ANY, fixed("/api/v1/session")),
     "list_sites": Expect(STAFF, fixed("/api/v1/sites")),
     "get_site": Expect(STAFF, fixed("/api/v1/sites/SITE-A")),
