@@ -81,6 +81,23 @@ async def revoke_device(conn: Conn, device_id: str, reason: str) -> bool:
     return cur.rowcount == 1
 
 
+@dataclass(frozen=True, slots=True)
+class _Site:
+    site_id: str
+
+
+async def device_site(conn: Conn, device_id: str) -> str | None:
+    """The site of the participant a device belongs to (None: no such device)."""
+    async with conn.cursor(row_factory=class_row(_Site)) as cur:
+        await cur.execute(
+            "SELECT p.site_id FROM devices d JOIN participants p USING (participant_id)"
+            " WHERE d.device_id = %s",
+            (device_id,),
+        )
+        found = await cur.fetchone()
+    return None if found is None else found.site_id
+
+
 async def device_certificate(conn: Conn, device_id: str) -> str | None:
     """The newest certificate (PEM) issued to a device, if one is on record."""
     cur = await conn.execute(

@@ -314,7 +314,12 @@ async def test_a_role_or_site_the_user_lacks_is_refused(
     assert await cli(monkeypatch, [*code, "--as", "coord-b"], PASSWORD + "\n") == 2
     assert "coord-b does not work for site 'SITE-A'" in capsys.readouterr().err
     assert rows(trial.url, "SELECT count(*) FROM enrollment_codes") == [(0,)]
+    revoke = ["site", "revoke", *url, "--device", "hub-1", "--reason", "x", "--password-stdin"]
+    assert await cli(monkeypatch, [*revoke, "--as", "coord-b"], PASSWORD + "\n") == 2
+    assert "coord-b does not work for site 'SITE-A'" in capsys.readouterr().err
+    assert rows(trial.url, "SELECT revoked_at FROM devices WHERE device_id = 'hub-1'") == [(None,)]
     assert [(d["error"]) for _, _, d in refusals(trial.url)] == [  # type: ignore[index]
+        "NotPermitted",
         "NotPermitted",
         "NotPermitted",
     ]

@@ -16,6 +16,7 @@ from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from ingest.rules import Rule
+    from storage.db import Conn
 
 # The choices of ingest.rules and storage.alerts, spelled out so that `trialstream --help`
 # does not import the rule engine; tests/alerts/test_cli.py keeps them equal.
@@ -311,6 +312,15 @@ def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     return int(run(go()))
 
 
+async def _check_alert_site(conn: Conn, alert_id: int) -> None:
+    """Staff act on their own sites' alerts only (an unknown alert is left to the action)."""
+    from storage import alerts
+
+    found = await alerts.list_alerts(conn, alert_id=alert_id)
+    if found:
+        operator.current().check_site(found[0].site_id)
+
+
 @operator.authenticated("alerts ack")
 def _cmd_ack(args: argparse.Namespace, settings: Settings) -> int:
     from storage import alerts, db
@@ -319,6 +329,7 @@ def _cmd_ack(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> int:
         async with db.connection(url, autocommit=True) as conn:
+            await _check_alert_site(conn, args.alert_id)
             ev = await alerts.acknowledge(
                 conn, args.alert_id, by=operator.current().actor, note=args.note
             )
@@ -336,6 +347,7 @@ def _cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
 
     async def go() -> int:
         async with db.connection(url, autocommit=True) as conn:
+            await _check_alert_site(conn, args.alert_id)
             ev = await alerts.resolve(
                 conn, args.alert_id, by=operator.current().actor, note=args.note
             )

@@ -233,6 +233,14 @@ def _enroll_code(args: argparse.Namespace, settings: Settings) -> int:
 def _revoke(args: argparse.Namespace, settings: Settings) -> int:
     from gateway import enrollment, revocation
 
+    async def site_of_device() -> str | None:
+        async with db.connection(settings.require_database_url()) as conn:
+            return await registry.device_site(conn, args.device)
+
+    site = run(site_of_device())
+    if site is None:
+        raise ConfigError(f"no device {args.device!r}")
+    operator.current().check_site(site)
     try:
         outcome = run(
             revocation.revoke_hub(settings, args.device, actor=_actor(), reason=args.reason)

@@ -11,6 +11,7 @@ import pytest
 from gateway.commands import alerts as cli_alerts
 from gateway.commands.operator import PASSWORD_FILE_ENV
 from ingest.rules import DEFAULT_MAX_GAP_S, RuleKind, Severity
+from storage import db, registry
 from storage.alerts import AlertState
 from storage.users import Role
 from tests.alerts.conftest import Ingest, base_ms
@@ -26,7 +27,14 @@ _ENV: dict[str, str] = {}
 
 @pytest.fixture(autouse=True)
 async def _operators(trial: Trial, tmp_path: Path) -> None:
-    await add_operators(trial.url, ("admin", Role.ADMIN, ()), ("ann", Role.MONITOR, ["SITE-A"]))
+    async with db.connection(trial.url, autocommit=True) as conn:
+        await registry.create_site(conn, "SITE-B", "S1", "Site B")
+    await add_operators(
+        trial.url,
+        ("admin", Role.ADMIN, ()),
+        ("ann", Role.MONITOR, ["SITE-A"]),
+        ("bea", Role.MONITOR, ["SITE-B"]),
+    )
     _ENV[PASSWORD_FILE_ENV] = str(password_file(tmp_path))
 
 
@@ -101,6 +109,10 @@ async def test_list_ack_resolve(trial: Trial, ingest: Ingest) -> None:
         "P1",
         "hr-high",
     )
+    # Another site's monitor may not act on SITE-A's alert; the refusal is on record.
+    for verb in ("ack", "resolve"):
+        other = trialstream("alerts", verb, str(alert_id), *db, "--as", "bea")
+        assert_one_clear_line(other, "bea does not work for site 'SITE-A'")
     premature = trialstream("alerts", "resolve", str(alert_id), *db, "--as", "ann")
     assert_one_clear_line(premature, "acknowledge it before resolving it")
     ack = trialstream("alerts", "ack", str(alert_id), *db, "--as", "ann", "--note", "on it")
@@ -121,6 +133,12 @@ async def test_list_ack_resolve(trial: Trial, ingest: Ingest) -> None:
         ("ann", "alert.acknowledged"),
         ("ann", "alert.resolved"),
     ]
+    refused = await rows(
+        trial.url,
+        "SELECT detail->>'command' FROM audit_log WHERE action = 'cli.refused'"
+        " AND actor = 'bea' ORDER BY audit_id",
+    )
+    assert refused == [("alerts ack",), ("alerts resolve",)]
 
 
 async def test_escalation_setting(trial: Trial) -> None:
