@@ -56,7 +56,6 @@ import aiohttp
 import paho.mqtt.client as mqtt
 import psutil  # type: ignore[import-untyped]
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from psycopg import conninfo, sql
 
 from bench.common import (
     METRICS_HEADERS,
@@ -66,7 +65,9 @@ from bench.common import (
     add_consented_hub,
     cpu_seconds,
     create_study,
+    database_name,
     machine,
+    scratch_database,
 )
 from gateway.broker import MosquittoBroker, free_port
 from gateway.web.auth import COOKIE
@@ -799,13 +800,9 @@ async def run(
     progress: TextIO | None = None,
 ) -> dict[str, Any]:
     say = Progress(progress)
-    scratch = f"trialstream_bench_alerts_{os.getpid()}"
-    async with db.connection(server_url, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
-    url = conninfo.make_conninfo(server_url, dbname=scratch)
     publisher: _Publisher | None = None
-    try:
-        say(f"scratch database {scratch}: {hubs} load hubs, {PROBE_HUBS} probe hubs")
+    async with scratch_database(server_url, "trialstream_bench_alerts") as url:
+        say(f"scratch database {database_name(url)}: {hubs} load hubs, {PROBE_HUBS} probe hubs")
         trial = await _create_trial(url, hubs, clients)
         with tempfile.TemporaryDirectory(prefix="trialstream-bench-alerts-") as tmp:
             work = Path(tmp)
@@ -850,11 +847,6 @@ async def run(
                 if publisher is not None:
                     publisher.close()
                 broker.stop()
-    finally:
-        async with db.connection(server_url, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
-            )
     return {
         "benchmark": "alerts",
         "machine": machine(),

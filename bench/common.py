@@ -1,4 +1,5 @@
-"""What every benchmark records beside its figures: the machine and the software."""
+"""What every benchmark records beside its figures (the machine and the software), and
+what most of them set up: a scratch database, a study with consented hubs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TextIO
@@ -14,10 +15,11 @@ from typing import Any, TextIO
 import psutil  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from psycopg import conninfo
 
 from ingest import keys
 from ingest.metrics import METRICS
-from storage import db, registry
+from storage import db, registry, status
 
 STUDY = "BENCH"
 SITE = "BENCH-SITE"
@@ -25,6 +27,29 @@ SCOPES = frozenset(m.scope for m in METRICS.values())
 # The token the benchmarks' gateways accept on /metrics (TRIALSTREAM_METRICS_TOKEN).
 METRICS_TOKEN = "bench-metrics-token"
 METRICS_HEADERS = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(server_url: str, prefix: str) -> AsyncIterator[str]:
+    """An empty database ``<prefix>_<pid>`` on the server of ``server_url``, for one run of a
+    benchmark; its URL. Dropped on the way out (ending its connections), error or not."""
+    name = f"{prefix}_{os.getpid()}"
+    url = await db.create_database(server_url, name)
+    try:
+        yield url
+    finally:
+        await db.drop_database(server_url, name)
+
+
+def database_name(url: str) -> str:
+    """The database a URL names (for progress lines)."""
+    return str(conninfo.conninfo_to_dict(url).get("dbname", ""))
+
+
+async def server_version(url: str) -> str:
+    """The PostgreSQL version of the server of ``url``, as results record it."""
+    async with db.connection(url) as conn:
+        return (await status.status(conn)).server_version
 
 
 def machine() -> dict[str, Any]:

@@ -21,9 +21,7 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
@@ -31,9 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from psycopg import conninfo, sql
-
-from bench.common import Progress, machine
+from bench.common import Progress, machine, scratch_database, server_version
 from consent.records import Actor
 from storage import db, registry
 from storage.migrate import ModeRequest, StorageMode, migrate
@@ -237,38 +233,30 @@ async def run(
     say = Progress(progress)
     rows = max(rows - rows % (PARTICIPANTS * READINGS_PER_ENVELOPE), 10_000)
     baseline_rows = min(baseline_rows, rows)
-    scratch = f"trialstream_bench_export_{os.getpid()}"
-    async with db.connection(server_url, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
-        cur = await admin.execute("SHOW server_version")
-        version = await cur.fetchone()
-    url = conninfo.make_conninfo(server_url, dbname=scratch)
-    work = Path(tempfile.mkdtemp(prefix="trialstream-bench-export-"))
-    try:
+    async with scratch_database(server_url, "trialstream_bench_export") as url:
+        version = await server_version(url)
         await _setup(url, rows, say)
         say("scratch database ready")
         window = baseline_rows // PARTICIPANTS
-        results = {
-            "parquet": await _child(url, "parquet", work / "parquet", say),
-            "fhir": await _child(url, "fhir", work / "fhir", say),
-            "baseline_naive_parquet": await _child(url, f"naive@{window}", work / "naive", say),
-            # The streaming export of the baseline's rows: memory at equal row counts.
-            "parquet_at_baseline_rows": await _child(
-                url, f"parquet@{window}", work / "parquet-small", say
-            ),
-        }
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        async with db.connection(server_url, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
-            )
+        with tempfile.TemporaryDirectory(
+            prefix="trialstream-bench-export-", ignore_cleanup_errors=True
+        ) as tmp:
+            work = Path(tmp)
+            results = {
+                "parquet": await _child(url, "parquet", work / "parquet", say),
+                "fhir": await _child(url, "fhir", work / "fhir", say),
+                "baseline_naive_parquet": await _child(url, f"naive@{window}", work / "naive", say),
+                # The streaming export of the baseline's rows: memory at equal row counts.
+                "parquet_at_baseline_rows": await _child(
+                    url, f"parquet@{window}", work / "parquet-small", say
+                ),
+            }
     base = results["baseline_naive_parquet"]
     small = results["parquet_at_baseline_rows"]
     return {
         "benchmark": "export",
         "machine": machine(),
-        "postgresql": str(version[0]) if version else None,
+        "postgresql": version,
         "readings": rows,
         "participants": PARTICIPANTS,
         "target_peak_rss_mb": TARGET_MB,

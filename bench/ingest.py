@@ -25,64 +25,61 @@ records the CPU time the consumer's processes, the broker and PostgreSQL spent p
 committed (``cpu``): with both cores busy, the ratio of two methods' totals is the ratio of
 their throughputs. The latency run records the same per envelope published, with the
 publishers and the receipt listener in ``other``, and how busy the cores were meanwhile.
+
+The load and its publishers are :mod:`bench.load`; the gateway's processes, its receipts and
+the CPU and memory read of them are :mod:`bench.gateway_process` (shared with ``bench
+memory`` and ``bench login-flood``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing as mp
 import os
 import queue
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TextIO
 
 import cbor2
 import paho.mqtt.client as mqtt
-import psutil  # type: ignore[import-untyped]
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from psycopg import conninfo, sql
 
 from bench.common import (
-    METRICS_HEADERS,
-    METRICS_TOKEN,
     BenchHub,
     Progress,
-    add_consented_hub,
-    create_study,
+    database_name,
     machine,
+    scratch_database,
+    server_version,
 )
-from bench.mqtt_raw import MAX_PACKET_ID, RawClient, RawMqttError
-from gateway.broker import MosquittoBroker, free_port
+from bench.gateway_process import (
+    Cpu,
+    Memory,
+    Receipts,
+    gateway_processes,
+    inside_gateway,
+    quantile,
+    scrape,
+)
+from bench.load import PUBLISHERS, Publishers, create_trial, reset
+from gateway.broker import MosquittoBroker
 from gateway.consumer import SHARED_SUBSCRIPTION
-from ingest.envelope import seal
-from ingest.model import Payload, Reading
 from ingest.transport import stop_client
-from storage import db
-from storage.migrate import StorageMode, migrate
-from storage.partitions import ensure_partitions, partition_start_ms
 from storage.timeconv import from_ms
 from storage.writer import EpochMsDumper
 
 SIZES = (1, 10, 100)
 HUBS = 200
-PUBLISHERS = 3
 WORKERS = 2
 # The window starts this long after the publishers do: consumers connected, pools warm,
 # a backlog at the broker.
@@ -93,197 +90,16 @@ WARMUP_S = 1.5
 POOL_READINGS_PER_S = {1: 30_000, 10: 200_000, 100: 500_000}
 # Filling the backlog stops after this long whatever is left of the pool.
 BACKLOG_MAX_S = 120.0
-# Envelopes a publisher may have unacknowledged by the broker (its own flow control).
-PUBLISH_WINDOW = 1000
 # The database slowed down: every envelope insert statement sleeps this long.
 SLOW_STATEMENT_S = 0.5
 # Envelopes/s published while the database is slowed: more than two workers can store then
 # (a batch of at most 500 per 0.5 s each), so the gateway is held back the whole window,
 # and little enough that the broker's backlog stays modest over a 10-minute window.
 SLOW_RATE = 2_500.0
-READING_STEP_MS = 10
 SESSION_EXPIRY_S = 3600
 REFERENCE_SUBSCRIPTION = "$share/bench/dct/v1/+/up"
 BARE_MAX_BATCH = 500
 BARE_MAX_WAIT_S = 0.05
-
-# Base values; each reading adds 0-6, so every one is in range (SpO2 at most 99 %) and the
-# gateway is measured on the same stored readings as the references.
-_METRICS = (("heart_rate", "/min", 72.0), ("spo2", "%", 93.0))
-
-
-# --- the scratch trial ----------------------------------------------------------------------
-
-
-async def _create_trial(url: str, hubs: int, t0_ms: int, span_ms: int) -> list[BenchHub]:
-    now = datetime.now(UTC)
-    out: list[BenchHub] = []
-    async with db.connection(url, autocommit=True) as conn:
-        report = await migrate(conn)
-        if report.mode is StorageMode.PLAIN:
-            starts = {partition_start_ms(t) for t in range(t0_ms, t0_ms + span_ms, 86_400_000)}
-            starts.add(partition_start_ms(t0_ms + span_ms))
-            await ensure_partitions(conn, starts)
-    async with db.connection(url) as conn, conn.transaction():
-        doc = await create_study(conn, "Ingest benchmark", now)
-        for i in range(hubs):
-            hub = await add_consented_hub(conn, doc, f"BP{i:04d}", f"bench-hub-{i:04d}", now)
-            out.append(hub)
-    return out
-
-
-# --- publishers (separate processes) --------------------------------------------------------
-
-
-def _seal_pool(hubs: Sequence[BenchHub], size: int, per_hub: int, t0_ms: int) -> list[bytes]:
-    loaded = [(h.device_id, h.key()) for h in hubs]
-    pool: list[bytes] = []
-    for seq in range(1, per_hub + 1):
-        for dev, key in loaded:
-            base = t0_ms + (seq - 1) * size * READING_STEP_MS
-            readings = tuple(
-                Reading(
-                    base + i * READING_STEP_MS,
-                    _METRICS[i % 2][0],
-                    _METRICS[i % 2][2] + (seq + i) % 7,
-                    _METRICS[i % 2][1],
-                    "wrist-1",
-                )
-                for i in range(size)
-            )
-            pool.append(seal(Payload(dev, seq, base + size * READING_STEP_MS, readings), key))
-    return pool
-
-
-def _publisher_main(
-    conn: Connection, hubs: list[BenchHub], size: int, per_hub: int, t0_ms: int, name: str
-) -> None:
-    pool = _seal_pool(hubs, size, per_hub, t0_ms)
-    topics = [f"dct/v1/{h.device_id}/up" for h in hubs]
-    conn.send(len(pool))
-    while True:
-        cmd = conn.recv()
-        if cmd is None:
-            return
-        host, port, rate, start_at, duration, cycle = cmd
-        conn.send(_publish(pool, topics, host, port, rate, start_at, duration, name, cycle))
-
-
-def _publish(
-    pool: list[bytes],
-    topics: list[str],
-    host: str,
-    port: int,
-    rate: float | None,
-    start_at: float,
-    duration: float,
-    name: str,
-    cycle: bool = False,
-) -> tuple[int, list[tuple[int, float]]]:
-    """Publish ``pool`` in order from ``start_at`` for ``duration`` s (QoS 1, through
-    :mod:`bench.mqtt_raw`: the load costs the machine little); at ``rate`` msg/s, or as fast
-    as the broker acknowledges when None. ``cycle``: start the pool over when it
-    runs out (the gateway stores each envelope once and receipts the copies again). Returns
-    the count and, when paced and not cycling, the monotonic time of each publish (by pool
-    index)."""
-    client = RawClient(host, port, f"bench-pub-{name}-{os.getpid()}-{time.monotonic_ns()}")
-    window = min(PUBLISH_WINDOW, client.receive_maximum)
-    names = [RawClient.topic_name(t) for t in topics]
-    times: list[tuple[int, float]] = []
-    sent = inflight = packet_id = 0
-
-    def take_acks(within_s: float) -> None:
-        nonlocal inflight
-        acked, _ = client.poll(within_s)
-        inflight -= len(acked)
-
-    try:
-        while time.monotonic() < start_at:
-            time.sleep(0.001)
-        end = start_at + duration
-        n_topics = len(names)
-        limit = sys.maxsize if cycle else len(pool)
-        while sent < limit:
-            now = time.monotonic()
-            if now >= end:
-                break
-            due = limit if rate is None else min(limit, int((now - start_at) * rate) + 1)
-            while sent < due and inflight < window:
-                packet_id = packet_id % MAX_PACKET_ID + 1  # in flight: at most `window` ids
-                t = time.monotonic()
-                client.publish(names[sent % n_topics], pool[sent % len(pool)], packet_id)
-                inflight += 1
-                if rate is not None and not cycle:
-                    times.append((sent, t))
-                sent += 1
-                if rate is None and sent % 256 == 0:
-                    take_acks(0)
-                    if time.monotonic() >= end:
-                        break
-            # Paced: wait for the next due publish (an acknowledgement wakes it earlier).
-            take_acks(0.001 if rate is not None or inflight >= window else 0)
-        # Every message counted as sent is acknowledged by the broker before the client
-        # goes: one unacknowledged at disconnect would read as a missing receipt.
-        drained = time.monotonic() + 10
-        while inflight > 0:
-            if time.monotonic() > drained:
-                raise TimeoutError("the broker did not acknowledge every publish within 10 s")
-            take_acks(0.05)
-    finally:
-        client.close()
-    return sent, times
-
-
-class _Publishers:
-    def __init__(self, hubs: Sequence[BenchHub], size: int, count: int, t0_ms: int) -> None:
-        ctx = mp.get_context("spawn")
-        n = PUBLISHERS
-        shares = [list(hubs[i::n]) for i in range(n)]
-        per_hub = max(1, -(-count // len(hubs)))
-        self.per_hub = per_hub
-        self.shares = shares
-        self._pipes: list[Connection] = []
-        self._procs: list[mp.process.BaseProcess] = []
-        for i, share in enumerate(shares):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=_publisher_main,
-                args=(child, share, size, per_hub, t0_ms, f"{size}-{i}"),
-                name=f"bench-publisher-{i}",
-            )
-            p.start()
-            self._pipes.append(parent)
-            self._procs.append(p)
-        self.sealed = sum(int(pipe.recv()) for pipe in self._pipes)
-
-    def run(
-        self, host: str, port: int, rate: float | None, duration: float, *, cycle: bool = False
-    ) -> tuple[int, float, dict[tuple[str, int], float]]:
-        """Publish (at ``rate`` msg/s in all, or full speed; ``cycle``: the pools over and
-        over); returns the count, the start time and, when paced, publish times by
-        (device, seq)."""
-        start_at = time.monotonic() + 0.5
-        share_rate = None if rate is None else rate / len(self._pipes)
-        for pipe in self._pipes:
-            pipe.send((host, port, share_rate, start_at, duration, cycle))
-        total = 0
-        times: dict[tuple[str, int], float] = {}
-        for pipe, share in zip(self._pipes, self.shares, strict=True):
-            sent, stamps = pipe.recv()
-            total += sent
-            for index, t in stamps:
-                times[(share[index % len(share)].device_id, index // len(share) + 1)] = t
-        return total, start_at, times
-
-    def close(self) -> None:
-        for pipe in self._pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(None)
-        for p in self._procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-
 
 # --- the reference consumers (separate processes) -------------------------------------------
 
@@ -438,252 +254,6 @@ def _refused(url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _reset(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE readings, envelopes, rejections, gaps, sensors")
-        conn.execute("VACUUM ANALYZE envelopes")
-
-
-# The parts of the machine whose CPU time a drain window and the latency run report.
-_CPU_PARTS = ("consumer", "broker", "database", "other")
-
-
-def _process_tree(root: psutil.Process) -> list[psutil.Process]:
-    return [root, *root.children(recursive=True)]
-
-
-def _cpu_seconds(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return float(t.user + t.system)
-
-
-class _Cpu:
-    """CPU time spent over a window, by part: the consumer's processes (given by their
-    roots, with their children), the broker, the database server, and the rest of the
-    machine; and how busy the machine's cores were.
-
-    Processes are read at both ends of the window; one born inside it counts from zero, one
-    that died inside it is missed (none do: consumers, broker and database backends live
-    through the window)."""
-
-    def __init__(self, consumer_roots: Sequence[int]) -> None:
-        self._roots = list(consumer_roots)
-        self._start = self._snapshot()
-        self._machine0 = psutil.cpu_times()
-        self._t0 = time.monotonic()
-
-    def _consumer_pids(self) -> set[int]:
-        pids: set[int] = set()
-        for pid in self._roots:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                pids.update(p.pid for p in _process_tree(psutil.Process(pid)))
-        return pids
-
-    def _snapshot(self) -> dict[int, tuple[str, float]]:
-        consumers = self._consumer_pids()
-        out: dict[int, tuple[str, float]] = {}
-        for proc in psutil.process_iter(["name"]):
-            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                name = proc.info["name"] or ""
-                if proc.pid in consumers:
-                    part = "consumer"
-                elif name == "mosquitto":
-                    part = "broker"
-                elif name == "postgres":
-                    part = "database"
-                else:
-                    part = "other"
-                out[proc.pid] = (part, _cpu_seconds(proc))
-        return out
-
-    def summary(self, envelopes: float) -> dict[str, Any]:
-        """CPU microseconds per envelope committed in the window, by part; cores busy."""
-        end = self._snapshot()
-        elapsed = time.monotonic() - self._t0
-        m1 = psutil.cpu_times()
-        idle = (m1.idle + getattr(m1, "iowait", 0.0)) - (
-            self._machine0.idle + getattr(self._machine0, "iowait", 0.0)
-        )
-        by_part: dict[str, float] = dict.fromkeys(_CPU_PARTS, 0.0)
-        for pid, (part, seconds) in end.items():
-            before = self._start.get(pid)
-            by_part[part] += seconds - (before[1] if before and before[0] == part else 0.0)
-        per = 1e6 / envelopes if envelopes > 0 else 0.0
-        out: dict[str, Any] = {
-            f"{part}_us_per_envelope": round(by_part[part] * per, 1) for part in _CPU_PARTS
-        }
-        out["total_us_per_envelope"] = round(sum(by_part.values()) * per, 1)
-        out["cores_busy"] = round(psutil.cpu_count() - idle / elapsed, 2) if elapsed else None
-        return out
-
-
-class _Memory:
-    """Samples the resident set of a process tree in a thread."""
-
-    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
-        self._root = psutil.Process(pid)
-        self._interval = interval_s
-        self.samples: list[tuple[float, int, int]] = []  # (time, total, largest worker)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                procs = _process_tree(self._root)
-                rss = []
-                for p in procs:
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        rss.append(p.memory_info().rss)
-            except psutil.NoSuchProcess:
-                return
-            self.samples.append((time.monotonic(), sum(rss), max(rss[1:], default=0)))
-
-    def __enter__(self) -> _Memory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self, start: float, end: float) -> dict[str, Any]:
-        inside = [s for s in self.samples if start <= s[0] <= end]
-        if not inside:
-            return {}
-        third = max(1, len(inside) // 3)
-        mib = 1024 * 1024
-        return {
-            "peak_total_mib": round(max(s[1] for s in inside) / mib, 1),
-            "peak_worker_mib": round(max(s[2] for s in inside) / mib, 1),
-            "first_third_peak_total_mib": round(max(s[1] for s in inside[:third]) / mib, 1),
-            "last_third_peak_total_mib": round(max(s[1] for s in inside[-third:]) / mib, 1),
-        }
-
-
-@contextlib.contextmanager
-def _gateway(
-    url: str, broker: MosquittoBroker, workdir: Path, workers: int
-) -> Iterator[tuple[int, int]]:
-    """The gateway's processes: (supervisor pid, HTTP port) once every worker is connected."""
-    http_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
-    env.update(
-        {
-            "TRIALSTREAM_DATABASE_URL": url,
-            "TRIALSTREAM_MQTT_HOST": broker.host,
-            "TRIALSTREAM_MQTT_PORT": str(broker.port),
-            "TRIALSTREAM_DATA_DIR": str(workdir / "gateway"),
-            "TRIALSTREAM_HTTP_PORT": str(http_port),
-            "TRIALSTREAM_STORAGE_MODE": "plain",
-            "TRIALSTREAM_LOG_LEVEL": "WARNING",
-            "TRIALSTREAM_METRICS_TOKEN": METRICS_TOKEN,
-        }
-    )
-    log = (workdir / "gateway.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "gateway", "--workers", str(workers)],
-        env=env,
-        stdout=log,
-        stderr=log,
-    )
-    try:
-        _wait_workers(proc, http_port, workers)
-        yield proc.pid, http_port
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _scrape(http_port: int, workers: int) -> dict[str, str]:
-    """The /metrics text of each worker, by worker label (each scrape lands on one)."""
-    texts: dict[str, str] = {}
-    deadline = time.monotonic() + 30
-    while len(texts) < workers and time.monotonic() < deadline:
-        scrape = urllib.request.Request(
-            f"http://127.0.0.1:{http_port}/metrics", headers=METRICS_HEADERS
-        )
-        with urllib.request.urlopen(scrape, timeout=5) as resp:
-            text = resp.read().decode()
-        for line in text.splitlines():
-            if line.startswith("trialstream_messages_total{"):
-                texts[line.split('"')[1]] = text
-    return texts
-
-
-def _inside_gateway(texts: Mapping[str, str]) -> dict[str, Any]:
-    """What the workers' own histograms say of the same run: where a receipt's time went
-    between the message's arrival at a worker and its receipt (bucket bounds, so a
-    quantile reads "at most"), mean seconds per batch phase, and messages per batch."""
-    receipt: Counter[float] = Counter()
-    sums: dict[str, float] = {}
-    counts: Counter[str] = Counter()
-    messages = batches = failures = 0
-    for text in texts.values():
-        for line in text.splitlines():
-            name, _, value = line.rpartition(" ")
-            if name.startswith("trialstream_receipt_duration_seconds_bucket{"):
-                le = name.split('le="')[1].rstrip('"}')
-                receipt[math.inf if le == "+Inf" else float(le)] += int(value)
-            elif name.startswith("trialstream_batch_duration_seconds_sum{"):
-                phase = name.split('phase="')[1].split('"')[0]
-                sums[phase] = sums.get(phase, 0.0) + float(value)
-            elif name.startswith("trialstream_batch_duration_seconds_count{"):
-                counts[name.split('phase="')[1].split('"')[0]] += int(value)
-            elif name.startswith("trialstream_messages_total{"):
-                messages += int(value)
-            elif name.startswith("trialstream_batches_total{"):
-                batches += int(value)
-            elif name.startswith("trialstream_receipt_publish_failures_total{"):
-                failures += int(value)
-    total = receipt[math.inf]
-
-    def at_most_ms(q: float) -> float | None:
-        for bound in sorted(receipt):
-            if total and receipt[bound] >= q * total:
-                return None if bound == math.inf else bound * 1000
-        return None
-
-    return {
-        "receipt_ms_at_most": {"p50": at_most_ms(0.5), "p99": at_most_ms(0.99)},
-        "batch_phase_mean_ms": {
-            phase: round(sums[phase] / counts[phase] * 1000, 1) for phase in counts if counts[phase]
-        },
-        "messages_per_batch": round(messages / batches, 1) if batches else None,
-        "messages": messages,
-        "receipt_publish_failures": failures,
-    }
-
-
-def _wait_workers(proc: subprocess.Popen[bytes], http_port: int, workers: int) -> None:
-    """Until every worker reports an MQTT connection on /metrics (each scrape lands on one)."""
-    seen: set[str] = set()
-    deadline = time.monotonic() + 60
-    while len(seen) < workers:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the gateway exited with status {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError("the gateway workers did not connect within 60 s")
-        try:
-            scrape = urllib.request.Request(
-                f"http://127.0.0.1:{http_port}/metrics", headers=METRICS_HEADERS
-            )
-            with urllib.request.urlopen(scrape, timeout=2) as resp:
-                text = resp.read().decode()
-        except OSError:
-            time.sleep(0.1)
-            continue
-        for line in text.splitlines():
-            if line.startswith("trialstream_mqtt_connected{") and line.endswith(" 1"):
-                seen.add(line.split('"')[1])
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def _reference(kind: str, url: str, broker: MosquittoBroker, workers: int) -> Iterator[list[int]]:
     ctx = mp.get_context("spawn")
@@ -714,55 +284,6 @@ def _reference(kind: str, url: str, broker: MosquittoBroker, workers: int) -> It
                 p.join()
 
 
-class _Receipts:
-    """Subscribes to every device's downlink and stamps each receipt's arrival (a thread of
-    its own on a :mod:`bench.mqtt_raw` connection)."""
-
-    def __init__(self, broker: MosquittoBroker) -> None:
-        self.arrivals: list[tuple[float, bytes]] = []
-        self._error: Exception | None = None
-        self._client = RawClient(broker.host, broker.port, f"bench-receipts-{os.getpid()}")
-        # QoS 1: a QoS 0 subscriber may be dropped messages by a busy broker, which would
-        # read as receipts the gateway never sent.
-        try:
-            self._client.subscribe("dct/v1/+/down")
-        except BaseException:
-            self._client.close()
-            raise
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, name="bench-receipts", daemon=True)
-        self._thread.start()
-
-    def _listen(self) -> None:
-        try:
-            while not self._stop.is_set():
-                _, got = self._client.poll(0.1)
-                if got:
-                    t = time.monotonic()
-                    self.arrivals.extend((t, payload) for _, payload in got)
-                self._client.ping_if_idle()
-        except (RawMqttError, OSError) as exc:
-            self._error = exc
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._client.close()
-        if self._error is not None:
-            raise RuntimeError(f"receipt listener failed: {self._error}") from self._error
-
-    def by_envelope(self) -> dict[tuple[str, int], tuple[float, int]]:
-        out: dict[tuple[str, int], tuple[float, int]] = {}
-        for t, data in self.arrivals:
-            # [receipt, COSE Receipt] (docs/protocol.md section 5); the signature is the
-            # hubs' business, the benchmark only needs which envelope each one answers.
-            body = cbor2.loads(cbor2.loads(data)[0])
-            key = (str(body["dev"]), int(body["seq"]))
-            if key not in out:
-                out[key] = (t, int(body["stored"]))
-        return out
-
-
 @dataclass
 class _Window:
     readings_per_s: float
@@ -773,7 +294,7 @@ class _Window:
 
 def _live_window(
     url: str,
-    publishers: _Publishers,
+    publishers: Publishers,
     broker: MosquittoBroker,
     seconds: float,
     size: int,
@@ -811,7 +332,7 @@ def _drain_window(
     the CPU time each part of the machine spent per envelope committed meanwhile."""
     time.sleep(WARMUP_S)
     c0, t0 = _count(url), time.monotonic()
-    cpu = _Cpu(consumer_roots)
+    cpu = Cpu(consumer_roots)
     time.sleep(seconds)
     c1, t1 = _count(url), time.monotonic()
     used = cpu.summary((c1 - c0) / size)
@@ -819,11 +340,6 @@ def _drain_window(
 
 
 # --- the benchmark --------------------------------------------------------------------------
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _slow_database(url: str, on: bool) -> None:
@@ -858,7 +374,7 @@ def _run_size(
     count = max(len(hubs), pool_readings // size)
     t0_ms = int((time.time() - 86_400) * 1000)
     say(f"size {size}: sealing {count:,} envelopes in {PUBLISHERS} publisher processes")
-    pubs = _Publishers(hubs, size, count, t0_ms)
+    pubs = Publishers(hubs, size, count, t0_ms)
     out: dict[str, Any] = {"readings_per_envelope": size, "envelopes_sealed": pubs.sealed}
     run_no = 0
 
@@ -871,7 +387,7 @@ def _run_size(
 
     try:
         for kind in ("bare", "naive"):
-            _reset(url)
+            reset(url)
             broker = fresh_broker()
             try:
                 _prime(
@@ -889,12 +405,12 @@ def _run_size(
             }
             say(f"size {size}: {kind} {w.readings_per_s:,.0f} readings/s; cpu {cpu}")
 
-        _reset(url)
+        reset(url)
         broker = fresh_broker()
         try:
             _prime(broker, [f"trialstream-gw-{i}" for i in range(workers)], SHARED_SUBSCRIPTION)
             backlog = pubs.run(broker.host, broker.port, None, BACKLOG_MAX_S)[0]
-            with _gateway(url, broker, workdir, workers) as (pid, _), _Memory(pid) as mem:
+            with gateway_processes(url, broker, workdir, workers) as (pid, _), Memory(pid) as mem:
                 m0 = time.monotonic()
                 w, cpu = _drain_window(url, seconds, backlog * size, [pid], size)
                 peak_memory = mem.summary(m0, time.monotonic())
@@ -920,14 +436,17 @@ def _run_size(
         )
 
         # Latency at half the gateway's peak, or at the rate asked for.
-        _reset(url)
+        reset(url)
         rate = latency_rate or max(1.0, w.readings_per_s / 2 / size)
         broker = fresh_broker()
         try:
-            with _gateway(url, broker, workdir, workers) as (pid, port), _Memory(pid) as mem:
-                receipts = _Receipts(broker)
+            with (
+                gateway_processes(url, broker, workdir, workers) as (pid, port),
+                Memory(pid) as mem,
+            ):
+                receipts = Receipts(broker)
                 m0 = time.monotonic()
-                half_cpu = _Cpu([pid])
+                half_cpu = Cpu([pid])
                 sent, _, published = pubs.run(broker.host, broker.port, rate, seconds)
                 # The publishers and the receipt listener count as "other" here.
                 half_cpu_used = half_cpu.summary(sent)
@@ -935,7 +454,7 @@ def _run_size(
                 while len(receipts.by_envelope()) < sent and time.monotonic() < deadline:
                     time.sleep(0.2)
                 half_memory = mem.summary(m0, time.monotonic())
-                inside = _inside_gateway(_scrape(port, workers))
+                inside = inside_gateway(scrape(port, workers))
                 receipts.close()
         finally:
             broker.kill()
@@ -949,8 +468,8 @@ def _run_size(
             "envelopes": sent,
             "receipts": sum(1 for k in published if k in got),
             "latency_ms": {
-                "p50": round(_quantile(latencies, 0.5), 1) if latencies else None,
-                "p99": round(_quantile(latencies, 0.99), 1) if latencies else None,
+                "p50": round(quantile(latencies, 0.5), 1) if latencies else None,
+                "p99": round(quantile(latencies, 0.99), 1) if latencies else None,
                 "max": round(max(latencies), 1) if latencies else None,
                 "mean": round(statistics.fmean(latencies), 1) if latencies else None,
             },
@@ -966,13 +485,13 @@ def _run_size(
         )
 
         if slow_db:
-            _reset(url)
+            reset(url)
             _slow_database(url, True)
             broker = fresh_broker()
             try:
                 with (
-                    _gateway(url, broker, workdir, workers) as (pid, port),
-                    _Memory(pid) as mem,
+                    gateway_processes(url, broker, workdir, workers) as (pid, port),
+                    Memory(pid) as mem,
                 ):
                     m0 = time.monotonic()
                     w = _live_window(
@@ -988,7 +507,7 @@ def _run_size(
                         ),
                     )
                     slow_memory = mem.summary(m0, time.monotonic())
-                    slow_inside = _inside_gateway(_scrape(port, workers))
+                    slow_inside = inside_gateway(scrape(port, workers))
             finally:
                 broker.kill()
                 _slow_database(url, False)
@@ -1022,17 +541,12 @@ async def run(
     progress: TextIO | None = None,
 ) -> dict[str, Any]:
     say = Progress(progress)
-    scratch = f"trialstream_bench_ingest_{os.getpid()}"
-    async with db.connection(server_url, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
-        cur = await admin.execute("SHOW server_version")
-        version = await cur.fetchone()
-    url = conninfo.make_conninfo(server_url, dbname=scratch)
     results: list[dict[str, Any]] = []
-    try:
+    async with scratch_database(server_url, "trialstream_bench_ingest") as url:
+        version = await server_version(url)
         t0_ms = int((time.time() - 86_400) * 1000)
-        simulated = await _create_trial(url, hubs, t0_ms - 86_400_000, 3 * 86_400_000)
-        say(f"scratch database {scratch}: {hubs} hubs, participants consented")
+        simulated = await create_trial(url, hubs, t0_ms - 86_400_000, 3 * 86_400_000)
+        say(f"scratch database {database_name(url)}: {hubs} hubs, participants consented")
         with tempfile.TemporaryDirectory(prefix="trialstream-bench-ingest-") as tmp:
             results.extend(
                 _run_size(
@@ -1049,16 +563,11 @@ async def run(
                 )
                 for size in sizes
             )
-    finally:
-        async with db.connection(server_url, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
-            )
     return {
         "benchmark": "ingest",
         "machine": machine(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "postgresql": str(version[0]) if version else None,
+        "postgresql": version,
         "method": {
             "window_s": seconds,
             "warmup_s": WARMUP_S,

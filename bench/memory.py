@@ -47,24 +47,21 @@ from typing import Any, TextIO
 
 import psutil  # type: ignore[import-untyped]
 import psycopg
-from psycopg import conninfo, sql
 
-from bench.common import BenchHub, Progress, machine
-from bench.ingest import (
-    READING_STEP_MS,
-    _create_trial,
-    _gateway,
-    _inside_gateway,
-    _publish,
-    _reset,
-    _scrape,
-    _seal_pool,
+from bench.common import (
+    BenchHub,
+    Progress,
+    database_name,
+    machine,
+    scratch_database,
+    server_version,
 )
+from bench.gateway_process import gateway_processes, inside_gateway, scrape
+from bench.load import READING_STEP_MS, create_trial, publish, reset, seal_pool
 from gateway.broker import MosquittoBroker
 from gateway.consumer import MAX_UNACKED, MAX_UNACKED_BYTES
 from ingest.envelope import MAX_ENVELOPE_BYTES, MAX_ITEMS_PER_ENVELOPE, MAX_SENSOR_BYTES, seal
 from ingest.model import Payload, Reading
-from storage import db
 
 HUBS = 8
 PUBLISHERS = 2
@@ -101,7 +98,7 @@ def _sensor_name(dev: str) -> str:
 
 def _seal_large(hubs: Sequence[BenchHub], per_hub: int, t0_ms: int) -> list[bytes]:
     """``per_hub`` envelopes of ``LARGE_READINGS`` readings for each hub, in the order
-    :func:`bench.ingest._publish` sends them (hub after hub, then the next seq)."""
+    :func:`bench.load.publish` sends them (hub after hub, then the next seq)."""
     metric, unit, base_value = LARGE_METRIC
     loaded = [(h.device_id, h.key(), _sensor_name(h.device_id)) for h in hubs]
     pool: list[bytes] = []
@@ -129,14 +126,14 @@ def _publisher_main(
     if kind == "large":
         pool = _seal_large(hubs, per_hub, t0_ms)
     else:
-        pool = _seal_pool(hubs, ORDINARY_READINGS, per_hub, t0_ms)
+        pool = seal_pool(hubs, ORDINARY_READINGS, per_hub, t0_ms)
     conn.send((len(pool), sum(len(p) for p in pool), max(len(p) for p in pool)))
     cmd = conn.recv()
     if cmd is None:
         return
     host, port, start_at = cmd
     topics = [f"dct/v1/{h.device_id}/up" for h in hubs]
-    sent, _ = _publish(pool, topics, host, port, None, start_at, PUBLISH_MAX_S, name)
+    sent, _ = publish(pool, topics, host, port, None, start_at, PUBLISH_MAX_S, name)
     conn.send(sent)
 
 
@@ -346,13 +343,13 @@ def _run_flood(
     idle_s: float,
 ) -> dict[str, Any]:
     readings_per_envelope = LARGE_READINGS if kind == "large" else ORDINARY_READINGS
-    _reset(url)
+    reset(url)
     say(f"{kind}: sealing {envelopes:,} envelopes of {readings_per_envelope} readings")
     flood = _Flood(hubs, kind, envelopes, t0_ms)
     broker = MosquittoBroker(workdir / f"mosquitto-{kind}")
     broker.start()
     try:
-        with _gateway(url, broker, workdir, 1) as (supervisor, http_port):
+        with gateway_processes(url, broker, workdir, 1) as (supervisor, http_port):
             worker = _worker_pid(supervisor)
             with _Rss(worker) as rss:
                 time.sleep(idle_s)
@@ -370,7 +367,7 @@ def _run_flood(
                 now_worker: int | None = _worker_pid(supervisor)
             except RuntimeError:  # the worker died and is not back yet
                 now_worker = None
-            inside = _inside_gateway(_scrape(http_port, 1))
+            inside = inside_gateway(scrape(http_port, 1))
     finally:
         broker.kill()
         flood.close()
@@ -463,27 +460,17 @@ async def run(
     progress: TextIO | None = None,
 ) -> dict[str, Any]:
     say = Progress(progress)
-    scratch = f"trialstream_bench_memory_{os.getpid()}"
-    async with db.connection(server_url, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
-        cur = await admin.execute("SHOW server_version")
-        version = await cur.fetchone()
-    url = conninfo.make_conninfo(server_url, dbname=scratch)
     floods: dict[str, dict[str, Any]] = {}
-    try:
+    async with scratch_database(server_url, "trialstream_bench_memory") as url:
+        version = await server_version(url)
         t0_ms = int((time.time() - 86_400) * 1000)
-        simulated = await _create_trial(url, hubs, t0_ms - 86_400_000, 3 * 86_400_000)
-        say(f"scratch database {scratch}: {hubs} hubs, participants consented")
+        simulated = await create_trial(url, hubs, t0_ms - 86_400_000, 3 * 86_400_000)
+        say(f"scratch database {database_name(url)}: {hubs} hubs, participants consented")
         with tempfile.TemporaryDirectory(prefix="trialstream-bench-memory-") as tmp:
             for kind, count in (("ordinary", ordinary_envelopes), ("large", envelopes)):
                 floods[kind] = _run_flood(
                     url, simulated, kind, count, t0_ms, Path(tmp), say, idle_s
                 )
-    finally:
-        async with db.connection(server_url, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
-            )
     large, ordinary = floods["large"]["worker_rss_mib"], floods["ordinary"]["worker_rss_mib"]
     large_bytes = floods["large"]["envelope_bytes_mean"]
     budget_mib = MAX_UNACKED_BYTES / MIB
@@ -493,7 +480,7 @@ async def run(
         "benchmark": "memory",
         "machine": machine(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "postgresql": str(version[0]) if version else None,
+        "postgresql": version,
         "method": {
             "hubs": hubs,
             "publisher_processes": min(PUBLISHERS, hubs),

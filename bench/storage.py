@@ -15,14 +15,11 @@ them), alternating, same data.
 from __future__ import annotations
 
 import hashlib
-import os
 import statistics
 import time
 from typing import Any, TextIO
 
-from psycopg import conninfo, sql
-
-from bench.common import Progress, machine
+from bench.common import Progress, database_name, machine, scratch_database, server_version
 from ingest.model import AcceptedEnvelope, Batch, Reading
 from storage import db, views
 from storage.migrate import StorageMode, migrate
@@ -220,13 +217,8 @@ async def run(
 ) -> dict[str, Any]:
     say = Progress(progress)
     rows = max(rows - rows % BATCH_SIZES[-1], BATCH_SIZES[-1] * 2)
-    scratch = f"trialstream_bench_{os.getpid()}"
-    async with db.connection(server_url, autocommit=True) as admin:
-        await admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(scratch)))
-        cur = await admin.execute("SHOW server_version")
-        version = await cur.fetchone()
-    url = conninfo.make_conninfo(server_url, dbname=scratch)
-    try:
+    async with scratch_database(server_url, "trialstream_bench") as url:
+        version = await server_version(url)
         async with db.connection(url, autocommit=True) as conn:
             report = await migrate(conn)
             if report.mode is StorageMode.PLAIN:
@@ -234,7 +226,7 @@ async def run(
                 await ensure_partitions(
                     conn, {partition_start_ms(t) for t in range(T0_MS, T0_MS + span, 86_400_000)}
                 )
-        say(f"scratch database {scratch} ready, mode {report.mode}")
+        say(f"scratch database {database_name(url)} ready, mode {report.mode}")
         baseline_rows = max(rows // 5, BASELINE_COMMIT_EVERY)
         say(f"baseline: per-row INSERT of {baseline_rows} readings")
         baseline = await _naive(url, baseline_rows)
@@ -254,15 +246,10 @@ async def run(
         rollups = (
             await _rollups(url, hour_readings, say) if report.mode is StorageMode.PLAIN else None
         )
-    finally:
-        async with db.connection(server_url, autocommit=True) as admin:
-            await admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(scratch))
-            )
     return {
         "benchmark": "storage",
         "machine": machine(),
-        "postgresql": str(version[0]) if version else None,
+        "postgresql": version,
         "mode": str(report.mode),
         "rows_per_configuration": rows,
         "readings_per_envelope": READINGS_PER_ENVELOPE,

@@ -160,7 +160,14 @@ def _worker_main(
         finally:
             watch.cancel()
 
-    code = asyncio.run(main())
+    from storage import users
+
+    # The password hashing processes are ended with the worker: a process multiprocessing
+    # started waits at its exit for children that were not ended.
+    try:
+        code = asyncio.run(main())
+    finally:
+        users.stop_hashing()
     if code:
         sys.exit(code)
 

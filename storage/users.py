@@ -10,9 +10,12 @@ the attempt (counts it as a failure, and sets the lock when it is the last one a
 the hash is verified with no transaction or row lock held, and a right password resets the
 count. Concurrent guesses therefore never get more than ``MAX_FAILED_LOGINS`` checks.
 
-argon2 never runs on the event loop: hashing and verifying (also of the dummy hash) run on a
-small thread pool behind a semaphore of ``HASH_SLOTS`` (``hash_off_loop``), because the loop
-also serves the MQTT consumer.
+argon2 never runs on the event loop, nor at the priority of ingestion: hashing and verifying
+(also of the dummy hash) run in a helper process at the lowest CPU priority (nice 19), behind
+a semaphore of ``HASH_SLOTS`` (``hash_off_loop``). A thread was not enough: one verify with
+the default parameters keeps 1.5 of 2 cores busy for about 0.1 s (four lanes), and a flood of
+sign-ins pushed the gateway's p99 receipt latency from 0.1 s to 0.5-0.8 s (docs/performance.md,
+login flood). At nice 19 the hashes use the CPU that ingestion leaves.
 
 The counters must survive the failure they count: ``verify_password`` commits its own
 transaction, so call it on a connection with no transaction open (autocommit or idle).
@@ -23,10 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
+import sys
+import threading
+import time
 import weakref
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -53,12 +61,17 @@ MIN_PASSWORD_LENGTH = 10
 
 DEFAULT_HASHER = PasswordHasher()
 
-# argon2 runs on threads, never on the event loop that also runs the MQTT consumer. Each
-# hash takes about 0.2 s of a core and 64 MiB with the default parameters; two at a time
-# bound that to 128 MiB and leave the other cores to ingestion, whatever the number of
-# sign-ins waiting (the web rate limits, gateway.web.ratelimit, bound that number).
+# argon2 runs in a low-priority helper process, never on the event loop that also runs the
+# MQTT consumer. Each hash takes about 0.16 s of CPU and 64 MiB with the default parameters;
+# two at a time bound that to 128 MiB, whatever the number of sign-ins waiting (the web rate
+# limits, gateway.web.ratelimit, bound that number).
 HASH_SLOTS = 2
-_hash_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): made once per process
+HASH_NICENESS = 19
+# How soon a hashing process whose parent is gone ends.
+PARENT_CHECK_S = 1.0
+# (pid, pool): made once per process, on first use.
+_hash_pool: tuple[int, ProcessPoolExecutor] | None = None
+_hash_pool_lock = threading.Lock()
 # One semaphore per event loop: an asyncio.Semaphore belongs to the loop it first waits on.
 _SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()
@@ -181,33 +194,111 @@ async def get_user(conn: Conn, username: str) -> User | None:
     return User(int(row[0]), str(row[1]), str(row[2]), Role(row[3]), row[4], frozenset(row[10]))
 
 
-def _threads() -> ThreadPoolExecutor:
-    """The argon2 threads of this process (a forked child makes its own)."""
+def _start_hashing_process(parent: int) -> None:
+    """In the hashing process: yield the CPU to everything else (argon2's lane threads
+    inherit the niceness), and end with the process it hashes for. A pool's process does
+    not notice its parent's death by itself (it holds both ends of its own task queue), and a
+    killed gateway worker would leave it behind."""
+    os.nice(HASH_NICENESS)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _hashers() -> ProcessPoolExecutor:
+    """The argon2 processes of this process (a forked child makes its own), started on
+    first use. They are spawned, not forked (the gateway has threads, paho's and psycopg's,
+    that a fork would copy mid-flight), from a thread of their own whose priority is lowered
+    first: on Linux niceness is per thread and a process inherits its starter's, so the new
+    interpreters' start-up (imports: a second or more of CPU) is niced from its first
+    instruction, not only once the initializer runs."""
     global _hash_pool
-    if _hash_pool is None or _hash_pool[0] != os.getpid():
-        pool = ThreadPoolExecutor(max_workers=HASH_SLOTS, thread_name_prefix="argon2")
-        _hash_pool = (os.getpid(), pool)
-    return _hash_pool[1]
+    with _hash_pool_lock:
+        if _hash_pool is None or _hash_pool[0] != os.getpid():
+            pool = ProcessPoolExecutor(
+                max_workers=HASH_SLOTS,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_hashing_process,
+                initargs=(os.getpid(),),
+            )
+            starter = threading.Thread(
+                target=_spawn_niced, args=(pool,), name="start-hashing", daemon=True
+            )
+            starter.start()
+            starter.join()
+            _hash_pool = (os.getpid(), pool)
+        return _hash_pool[1]
+
+
+def _spawn_niced(pool: ProcessPoolExecutor) -> None:
+    try:
+        if sys.platform == "linux":
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICENESS)
+        for started in [pool.submit(os.getpid) for _ in range(HASH_SLOTS)]:
+            started.result()
+    except Exception:  # the pool starts what it lacks on its own, at the caller's priority
+        log.exception("the password hashing processes could not be started niced")
+
+
+def _replace_broken(pool: ProcessPoolExecutor) -> None:
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is not None and _hash_pool[1] is pool:
+            _hash_pool = None
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def stop_hashing() -> None:
+    """End the hashing processes (a server calls it as it stops). Left to the interpreter's
+    exit, a process started by ``multiprocessing`` itself (a gateway worker) waits for them
+    forever: it joins its children before the pool is told to end them."""
+    global _hash_pool
+    with _hash_pool_lock:
+        found, _hash_pool = _hash_pool, None
+    if found is not None and found[0] == os.getpid():
+        found[1].shutdown(wait=True, cancel_futures=True)
 
 
 async def hash_off_loop(work: Callable[..., T], *args: object) -> T:
-    """``work(*args)`` on the argon2 threads, at most ``HASH_SLOTS`` at a time.
+    """``work(*args)`` in the argon2 process, at most ``HASH_SLOTS`` at a time.
 
-    The slot is held until the thread ends, even when the caller is cancelled meanwhile,
-    so cancelled sign-ins cannot pile up argon2 work beyond the bound.
+    The slot is held until the work ends, even when the caller is cancelled meanwhile, so
+    cancelled sign-ins cannot pile up argon2 work beyond the bound. A hashing process that
+    died (killed for its memory) is replaced, and the work tried once more in the new one.
     """
     loop = asyncio.get_running_loop()
     slots = _SLOTS.get(loop)
     if slots is None:
         slots = _SLOTS[loop] = asyncio.Semaphore(HASH_SLOTS)
-    await slots.acquire()
-    try:
-        done = loop.run_in_executor(_threads(), work, *args)
-    except BaseException:
-        slots.release()
-        raise
-    done.add_done_callback(lambda _: slots.release())
-    return await asyncio.shield(done)
+    for attempt in (1, 2):
+        await slots.acquire()
+        found = _hash_pool
+        try:
+            if found is not None and found[0] == os.getpid():
+                pool = found[1]
+            else:  # started off the loop: spawning waits for the new interpreters
+                pool = await asyncio.to_thread(_hashers)
+        except BaseException:
+            slots.release()
+            raise
+        try:
+            done = loop.run_in_executor(pool, work, *args)
+        except BaseException:
+            slots.release()
+            raise
+        done.add_done_callback(lambda _: slots.release())
+        try:
+            return await asyncio.shield(done)
+        except BrokenProcessPool:
+            _replace_broken(pool)
+            if attempt == 2:
+                raise
+            log.error("the password hashing process died; starting another")
+    raise AssertionError("unreachable")
 
 
 _DUMMY_HASHES: dict[tuple[int, int, int], str] = {}
@@ -431,5 +522,6 @@ __all__ = [
     "get_user",
     "has_admin",
     "hash_off_loop",
+    "stop_hashing",
     "verify_password",
 ]
