@@ -36,6 +36,7 @@ from gateway.problems import problem, problem_middleware
 from gateway.serve import EXIT_CONSUMER_DIED
 from gateway.settings import Settings
 from gateway.web import auth, setup_web
+from gateway.web.ratelimit import TRUSTED_PROXIES, parse_networks
 from ingest import keys
 from ingest.transport import configure_tls
 from storage import db
@@ -398,4 +399,5 @@ def create_app(
     app.router.add_get("/metrics", metrics)
     hub_routes.add_routes(app)
     setup_web(app)
+    app[TRUSTED_PROXIES] = parse_networks(settings.trusted_proxies or "")
     return app

@@ -55,6 +55,9 @@ class Settings:
     # The bearer token a metrics scraper (Prometheus' ``authorization``) sends for
     # ``/metrics``; without it only a signed-in admin may read them.
     metrics_token: str | None = None
+    # Reverse proxies whose X-Forwarded-For is believed (networks or addresses, comma
+    # separated): the client address of rate limits and audit records (docs/api.md).
+    trusted_proxies: str | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -130,6 +133,17 @@ def _convert(name: str, raw: str) -> Any:
         "audit_checkpoints",
     }:
         return Path(raw)
+    if name == "trusted_proxies":
+        from gateway.web.ratelimit import parse_networks
+
+        try:
+            parse_networks(raw)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{var}={raw[:200]!r} is not valid: expected addresses or networks,"
+                f" comma separated ({exc})"
+            ) from None
+        return raw
     if name in {"mqtt_shared", "mqtt_tls", "mqtt_v5"}:
         if raw.lower() in {"1", "true", "yes", "on"}:
             return True

@@ -26,7 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway.web.access import Principal, SessionChecks
 from gateway.web.errors import Forbidden, Unauthenticated
-from gateway.web.ratelimit import check_request
+from gateway.web.ratelimit import check_request, client_address
 from storage import audit, sessions, users
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def user_json(user: users.User) -> dict[str, Any]:
 
 
 def _remote(request: web.Request) -> str:
-    return request.remote or "unknown"
+    return client_address(request)
 
 
 async def sign_in(request: web.Request, username: str, password: str) -> web.Response:

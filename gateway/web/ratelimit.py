@@ -19,9 +19,13 @@ in whole seconds. The address limits are applied by ``rate_limit_middleware`` be
 is read (the enrollment route belongs to ``gateway.app``); the account limits by the handlers,
 which know the account (``check``).
 
-The client address is the connection's peer (``request.remote``): the settings have no
-trusted proxy, so behind a reverse proxy every client shares the proxy's address. An IPv6
-address counts as its /64 network, since one host commonly holds a whole /64.
+The client address is the connection's peer (``request.remote``), unless that peer is one of
+the trusted proxies (``TRIALSTREAM_TRUSTED_PROXIES``, ``app[TRUSTED_PROXIES]``): then it is
+the rightmost address in ``X-Forwarded-For`` that is not itself a trusted proxy (what the
+nearest untrusted hop connected from; everything left of it could be written by the client).
+Behind a reverse proxy that is not declared, every client shares the proxy's address (and
+its limits). An IPv6 address counts as its /64 network, since one host commonly holds a
+whole /64.
 
 Memory is bounded: each bucket set tracks at most ``MAX_KEYS`` keys and forgets the least
 recently used one to make room (a forgotten key starts again with a full bucket). Limits are
@@ -153,6 +157,46 @@ class RateLimiter:
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)
+# Bounds on what is read of X-Forwarded-For: a real chain has a handful of hops.
+MAX_FORWARDED_CHARS = 1024
+MAX_FORWARDED_HOPS = 16
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """``10.0.0.0/8, 127.0.0.1, ::1``: networks or single addresses (ValueError if not)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if len(items) > 64:
+        raise ValueError("at most 64 trusted proxies")
+    return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+
+
+def _trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: tuple[Network, ...]) -> bool:
+    return any(ip in net for net in nets)
+
+
+def _forwarded_client(
+    request: web.Request, peer: ipaddress.IPv4Address | ipaddress.IPv6Address
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    nets: tuple[Network, ...] = request.app.get(TRUSTED_PROXIES, ())
+    if not nets or not _trusted(peer, nets):
+        return peer
+    header = ",".join(request.headers.getall("X-Forwarded-For", []))
+    if not header or len(header) > MAX_FORWARDED_CHARS:
+        return peer
+    client = peer
+    for hop in reversed(header.split(",")[-MAX_FORWARDED_HOPS:]):
+        try:
+            ip = ipaddress.ip_address(hop.strip())
+        except ValueError:
+            break  # not an address: nothing left of it can be trusted
+        client = ip
+        if not _trusted(ip, nets):
+            break
+    return client
+
+
 def client_address(request: web.Request) -> str:
     """The key of the request's client: its address, or its /64 network for IPv6."""
     remote = request.remote or "unknown"
@@ -160,6 +204,7 @@ def client_address(request: web.Request) -> str:
         ip = ipaddress.ip_address(remote)
     except ValueError:
         return remote
+    ip = _forwarded_client(request, ip)
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
@@ -220,12 +265,14 @@ __all__ = [
     "LOGIN_PER_ADDRESS",
     "MAX_KEYS",
     "RATE_LIMITER",
+    "TRUSTED_PROXIES",
     "Buckets",
     "Limit",
     "RateLimiter",
     "check",
     "check_request",
     "client_address",
+    "parse_networks",
     "rate_limit_middleware",
     "too_many_requests",
 ]

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import ClientResponse
 
+from gateway.broker import MosquittoBroker
 from gateway.web import ratelimit
 from gateway.web.ratelimit import RATE_LIMITER, Buckets, Limit, RateLimiter
-from tests.fixtures.gateway import RunningGateway
+from tests.fixtures.gateway import RunningGateway, gateway_settings, running_gateway
 from tests.fixtures.trial import Trial
 from tests.web.conftest import PASSWORD, Web, add_people
 
@@ -173,3 +176,84 @@ def test_client_address_keys() -> None:
     assert key("192.0.2.7") == "192.0.2.7"
     assert key("2001:db8:1:2:3:4:5:6") == key("2001:db8:1:2::9") == "2001:db8:1:2::/64"
     assert key("::ffff:192.0.2.7") == "192.0.2.7"
+
+
+def test_behind_a_trusted_proxy_the_client_is_the_forwarded_address() -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+    from multidict import CIMultiDict
+
+    app = web.Application()
+    app[ratelimit.TRUSTED_PROXIES] = ratelimit.parse_networks("127.0.0.1, 10.0.0.0/8")
+
+    def key(remote: str, *forwarded: str) -> str:
+        headers = CIMultiDict(("X-Forwarded-For", f) for f in forwarded)
+        request = make_mocked_request("POST", LOGIN, headers=headers, app=app)
+        return ratelimit.client_address(request.clone(remote=remote))
+
+    # The proxy's own view of its peer.
+    assert key("127.0.0.1", "203.0.113.9") == "203.0.113.9"
+    # What the client wrote to the left of it is not believed; trusted hops are skipped.
+    assert key("127.0.0.1", "198.51.100.1, 203.0.113.9, 10.1.1.1") == "203.0.113.9"
+    assert key("127.0.0.1", "198.51.100.1", "203.0.113.9") == "203.0.113.9"
+    # Garbage stops the walk at the last address read.
+    assert key("127.0.0.1", "<script>, 10.0.0.5") == "10.0.0.5"
+    assert key("127.0.0.1", "not an address") == "127.0.0.1"
+    # An untrusted peer's header is ignored, as is a header too long to be a real chain.
+    assert key("192.0.2.7", "203.0.113.9") == "192.0.2.7"
+    assert key("127.0.0.1", ", ".join(["10.0.0.1"] * 200)) == "127.0.0.1"
+    assert key("127.0.0.1") == "127.0.0.1"
+    assert key("127.0.0.1", "2001:db8:1:2::9") == "2001:db8:1:2::/64"
+
+
+def test_trusted_proxies_are_checked_when_read() -> None:
+    from gateway.errors import ConfigError
+    from gateway.settings import Settings
+
+    ok = Settings.from_env({"TRIALSTREAM_TRUSTED_PROXIES": "10.0.0.0/8, ::1"})
+    assert ok.trusted_proxies == "10.0.0.0/8, ::1"
+    for bad in ("10.0.0.0/33", "proxy.example", ",".join(["10.0.0.1"] * 65)):
+        with pytest.raises(ConfigError, match="TRIALSTREAM_TRUSTED_PROXIES"):
+            Settings.from_env({"TRIALSTREAM_TRUSTED_PROXIES": bad})
+
+
+async def test_without_a_trusted_proxy_x_forwarded_for_is_ignored(limited: Web) -> None:
+    spoofed = {"X-Forwarded-For": "203.0.113.50"}
+    for n in range(ratelimit.LOGIN_PER_ADDRESS.burst):
+        resp = await limited.gateway.client.post(
+            LOGIN, json={"username": f"nobody-{n}", "password": "x"}, headers=spoofed
+        )
+        assert resp.status == 401
+    resp = await limited.gateway.client.post(
+        LOGIN,
+        json={"username": "nobody-x", "password": "x"},
+        headers={"X-Forwarded-For": "203.0.113.51"},
+    )
+    assert resp.status == 429
+
+
+async def test_behind_a_trusted_proxy_each_client_has_its_limits_and_its_record(
+    trial: Trial, database_url: str, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    from storage import db
+
+    settings = replace(
+        gateway_settings(database_url, mosquitto, tmp_path / "gateway"),
+        trusted_proxies="127.0.0.1",
+    )
+    async with running_gateway(settings) as gw:
+        statuses = []
+        for n in range(ratelimit.LOGIN_PER_ADDRESS.burst + 5):
+            resp = await gw.client.post(
+                LOGIN,
+                json={"username": f"nobody-{n}", "password": "x"},
+                headers={"X-Forwarded-For": f"198.51.100.{n + 1}"},
+            )
+            statuses.append(resp.status)
+    assert statuses == [401] * (ratelimit.LOGIN_PER_ADDRESS.burst + 5)
+    async with db.connection(trial.url) as conn:
+        cur = await conn.execute(
+            "SELECT detail->>'remote' FROM audit_log WHERE action = 'user.login_failed'"
+            " ORDER BY audit_id LIMIT 2"
+        )
+        assert await cur.fetchall() == [("198.51.100.1",), ("198.51.100.2",)]
