@@ -19,7 +19,7 @@ import pytest
 
 from device_drivers import credentials
 from device_drivers.hub import Hub
-from device_drivers.identity import HubIdentity, enroll
+from device_drivers.identity import HubIdentity
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway import revocation
@@ -28,9 +28,9 @@ from gateway.pki import StudyCA
 from ingest.transport import ClientTls, TlsFiles
 from storage import db
 from tests.fixtures.gateway import RunningGateway, gateway_settings, running_gateway
+from tests.fixtures.hubs import enrolled_hub
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
-from tests.gateway.test_enrollment import new_code, ticket
 
 # paho drops its reference to a TLS socket the broker refuses without closing it (as in
 # test_revocation.py).
@@ -55,20 +55,6 @@ async def crl_gateway(
         yield gw
 
 
-async def enrolled(trial: Trial, gw: RunningGateway, directory: Path) -> HubIdentity:
-    """A hub enrolled through the API, its certificate issued a day ago as far as the gateway
-    knows (a renewal within minutes of the last certificate gets that one again)."""
-    identity = await enroll(directory, ticket(gw, await new_code(trial)))
-    async with db.connection(trial.url) as conn:
-        await conn.execute(
-            "UPDATE device_certificates SET issued_at = issued_at - interval '1 day'"
-            " WHERE device_id = %s",
-            (identity.device_id,),
-        )
-        await conn.commit()
-    return identity
-
-
 def relay_of(identity: HubIdentity, tls: ClientTls, outbox: Outbox) -> Relay:
     return Relay(
         RelayConfig(identity.device_id, identity.broker_host, identity.broker_port),
@@ -87,7 +73,7 @@ async def test_the_relay_presents_the_renewed_certificate_from_its_next_handshak
     revocation_ca: StudyCA,
     tmp_path: Path,
 ) -> None:
-    identity = await enrolled(trial, crl_gateway, tmp_path / "hub")
+    identity = await enrolled_hub(trial, crl_gateway, tmp_path / "hub")
     assert identity.tls is not None
     tls = ClientTls(identity.tls)
     outbox = Outbox.open(tmp_path / "outbox.sqlite", identity.device_id)
@@ -147,7 +133,7 @@ async def test_a_revoked_hub_is_told_stops_and_will_not_start_again(
     crl_gateway: RunningGateway,
     tmp_path: Path,
 ) -> None:
-    identity = await enrolled(trial, crl_gateway, tmp_path / "hub")
+    identity = await enrolled_hub(trial, crl_gateway, tmp_path / "hub")
     assert identity.tls is not None
     tls = ClientTls(identity.tls)
     outbox = Outbox.open(identity.directory / "outbox.sqlite", identity.device_id)

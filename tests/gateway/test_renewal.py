@@ -15,29 +15,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from device_drivers import credentials
-from device_drivers.identity import HubIdentity, enroll, make_csr
+from device_drivers.identity import HubIdentity, make_csr
 from gateway import enrollment, renewal, revocation
 from gateway.app import STUDY_CA
 from gateway.pki import HUB_VALIDITY, StudyCA, certificate_identity, verify_issued_by
 from ingest import hub_requests, keys
 from storage import certificates, db
 from tests.fixtures.gateway import RunningGateway
+from tests.fixtures.hubs import enrolled_hub
 from tests.fixtures.trial import Trial
-from tests.gateway.test_enrollment import new_code, ticket
-
-
-async def enrolled_hub(trial: Trial, gw: RunningGateway, directory: Path) -> HubIdentity:
-    """A hub enrolled through the API, its certificate issued (as the gateway has it) a day
-    ago: a renewal within minutes of the last certificate only gets that one again."""
-    identity = await enroll(directory, ticket(gw, await new_code(trial)))
-    async with db.connection(trial.url) as conn:
-        await conn.execute(
-            "UPDATE device_certificates SET issued_at = issued_at - interval '1 day'"
-            " WHERE device_id = %s",
-            (identity.device_id,),
-        )
-        await conn.commit()
-    return identity
 
 
 def signed_body(

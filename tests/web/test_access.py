@@ -19,6 +19,7 @@ from gateway.app import STUDY_CA
 from ingest import hub_requests, keys
 from storage import alerts, db, registry
 from tests.fixtures.gateway import METRICS_HEADERS
+from tests.fixtures.hubs import issued_a_day_ago
 from tests.fixtures.trial import ALL_SCOPES
 from tests.web.conftest import ACCOUNTS, PASSWORD, Web
 
@@ -126,12 +127,7 @@ async def enrolled_device(w: Web) -> tuple[str, Any]:
         enrolled = await enrollment.enroll(
             conn, issued.code, make_csr(key), ca, keys.generate_private_key().public_key()
         )
-        await conn.execute(
-            "UPDATE device_certificates SET issued_at = issued_at - interval '1 day'"
-            " WHERE device_id = %s",
-            (enrolled.device_id,),
-        )
-        await conn.commit()
+    await issued_a_day_ago(w.trial.url, enrolled.device_id)
     return enrolled.device_id, key
 
 
