@@ -96,6 +96,13 @@ async def _setup(url: str, rows: int, say: Progress) -> None:
                     " VALUES (%s, 'strap', 'Acme', 'HRM-9', %s, '4.1.7')",
                     (dev, f"SN-{p:05d}"),
                 )
+                # What the exports join readings to: the description valid at their time.
+                await conn.execute(
+                    "INSERT INTO sensor_descriptions (device_id, sensor, reported_at,"
+                    " manufacturer, model, serial, firmware)"
+                    " VALUES (%s, 'strap', %s, 'Acme', 'HRM-9', %s, '4.1.7')",
+                    (dev, T0 - timedelta(days=5), f"SN-{p:05d}"),
+                )
         cur = await conn.execute("SELECT participant_id, consent_id FROM consents")
         consent_of = {str(p): int(c) for p, c in await cur.fetchall()}
         say(f"generating {rows:,} readings by COPY")
@@ -176,7 +183,8 @@ async def _naive(url: str, out: Path, to_time: datetime) -> tuple[int, int]:
             " s.serial, s.firmware, s.hardware, r.consent_id, d.version, d.title"
             " FROM readings r"
             " LEFT JOIN envelopes e ON e.device_id = r.device_id AND e.seq = r.seq"
-            " LEFT JOIN sensors s ON s.device_id = r.device_id AND s.sensor = r.sensor"
+            " LEFT JOIN sensor_history s ON s.device_id = r.device_id AND s.sensor = r.sensor"
+            " AND r.time >= s.valid_from AND r.time < s.valid_to"
             " LEFT JOIN consents k ON k.consent_id = r.consent_id"
             " LEFT JOIN consent_documents d ON d.document_id = k.document_id"
             " WHERE r.time < %s ORDER BY r.participant_id, r.time",

@@ -5,6 +5,8 @@
    COPY stays fast; the envelopes primary key is what makes storage exactly-once).
 3. Rejection rows: for whole envelopes refused, and for the refused readings of new envelopes.
 4. Gaps of the new envelopes.
+5. Sensor reports of the new envelopes: ``sensors`` and the description history
+   (:mod:`storage.sensors`).
 
 A replayed envelope is found in step 1 and reported with the counts stored the first time,
 so its receipt can be sent again. A connection lost mid-batch rolls the whole batch back and
@@ -32,6 +34,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
+from storage import sensors
 from storage.db import Conn
 from storage.errors import (
     BatchWriteError,
@@ -131,20 +134,6 @@ REJECTION_TEXT_MAX = 512
 # Characters PostgreSQL's text cannot hold (NUL) or a reader should not be handed raw
 # (other controls, lone surrogates): kept visible as escapes.
 _UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-# A wearable's description: newest report wins, but a field it left out keeps what is known.
-_UPSERT_SENSOR = """
-INSERT INTO sensors (device_id, sensor, manufacturer, model, serial, firmware, hardware,
-                     battery_level, first_seen, last_seen)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (device_id, sensor) DO UPDATE SET
-    manufacturer = coalesce(EXCLUDED.manufacturer, sensors.manufacturer),
-    model = coalesce(EXCLUDED.model, sensors.model),
-    serial = coalesce(EXCLUDED.serial, sensors.serial),
-    firmware = coalesce(EXCLUDED.firmware, sensors.firmware),
-    hardware = coalesce(EXCLUDED.hardware, sensors.hardware),
-    battery_level = coalesce(EXCLUDED.battery_level, sensors.battery_level),
-    last_seen = greatest(sensors.last_seen, EXCLUDED.last_seen)
-"""
 _INSERT_GAPS = """
 INSERT INTO gaps (device_id, seq, from_time, to_time, reason)
 SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::timestamptz[], %b::text[])
@@ -263,7 +252,7 @@ class BulkWriter:
         conflicts = [e for e, o in zip(batch.accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
         await self._insert_gaps(conn, fresh)
-        await self._upsert_sensors(conn, fresh, received)
+        await sensors.record_reports(conn, fresh, received)
         return outcomes, fresh
 
     async def _insert_envelopes(
@@ -405,31 +394,6 @@ class BulkWriter:
         ]
         if rows:
             await conn.execute(_INSERT_GAPS, [list(col) for col in zip(*rows, strict=True)])
-
-    async def _upsert_sensors(
-        self, conn: Conn, fresh: Sequence[AcceptedEnvelope], received: object
-    ) -> None:
-        rows = [(e.dev, s) for e in fresh for s in e.sensors]
-        if rows:
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    _UPSERT_SENSOR,
-                    [
-                        (
-                            dev,
-                            s.sensor,
-                            s.manufacturer,
-                            s.model,
-                            s.serial,
-                            s.firmware,
-                            s.hardware,
-                            s.battery_level,
-                            received,
-                            received,
-                        )
-                        for dev, s in rows
-                    ],
-                )
 
     async def _outcomes(
         self, conn: Conn, accepted: Sequence[AcceptedEnvelope], new_keys: set[tuple[str, int]]

@@ -36,7 +36,7 @@ from gateway.web.schemas import (
 )
 from gateway.web.spec import Ctx, Endpoint, Field
 from ingest.metrics import METRICS
-from storage import audit, registry, views
+from storage import audit, registry, sensors, views
 from storage.timeconv import from_ms, to_ms
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,21 @@ def device_json(d: views.DeviceRow) -> dict[str, Any]:
             }
             for s in d.sensors
         ],
+    }
+
+
+def sensor_period_json(s: sensors.SensorPeriod) -> dict[str, Any]:
+    return {
+        "device_id": s.device_id,
+        "sensor": s.sensor,
+        "manufacturer": s.manufacturer,
+        "model": s.model,
+        "serial": s.serial,
+        "firmware": s.firmware,
+        "hardware": s.hardware,
+        "reported_at": iso(s.reported_at),
+        "valid_from": iso(s.valid_from),
+        "valid_to": iso(s.valid_to),
     }
 
 
@@ -187,6 +202,7 @@ async def get_participant(ctx: Ctx) -> web.StreamResponse:
         devices = await views.devices(conn, pid)
         envelopes = await views.recent_envelopes(conn, pid)
         rejections = await views.recent_rejections(conn, pid)
+        sensor_history = await sensors.participant_history(conn, pid)
         await conn.commit()
         history = await records.history(conn, actor_of(ctx.user), pid)
     return web.json_response(
@@ -232,6 +248,7 @@ async def get_participant(ctx: Ctx) -> web.StreamResponse:
                 }
                 for c in history
             ],
+            "sensor_history": [sensor_period_json(s) for s in sensor_history],
         }
     )
 

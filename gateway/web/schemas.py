@@ -48,6 +48,23 @@ SENSOR = obj(
         "last_seen": TIME,
     }
 )
+# One description of a wearable and the reading times it is valid for (storage.sensors):
+# valid_from null for a wearable's first description (it also covers the readings before its
+# report), valid_to null for the one valid now.
+SENSOR_PERIOD = obj(
+    {
+        "device_id": STR,
+        "sensor": STR,
+        "manufacturer": NULL_STR,
+        "model": NULL_STR,
+        "serial": NULL_STR,
+        "firmware": NULL_STR,
+        "hardware": NULL_STR,
+        "reported_at": TIME,
+        "valid_from": NULL_TIME,
+        "valid_to": NULL_TIME,
+    }
+)
 DEVICE = obj(
     {
         "device_id": STR,
@@ -152,6 +169,7 @@ PARTICIPANT_PAGE = obj(
             )
         ),
         "consents": arr(CONSENT_RECORD),
+        "sensor_history": arr(SENSOR_PERIOD),
     }
 )
 READINGS = obj(

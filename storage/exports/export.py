@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 import psycopg
+from psycopg.rows import class_row
 
 from consent.records import Actor
 from storage import audit, db
@@ -266,24 +267,24 @@ async def _write(
     return len(sw.records)
 
 
+# Each hub and description an exported reading referenced (sensor fields null for a wearable
+# never described), in the order a reader expects: by hub, sensor and report time.
 _DEVICES = """
-SELECT k.device_id, d.participant_id, p.study_id, d.revoked_at IS NOT NULL, k.sensor,
-       s.manufacturer, s.model, s.serial, s.firmware, s.hardware
-FROM unnest(%s::text[], %s::text[]) AS k (device_id, sensor)
+SELECT k.device_id, d.participant_id, p.study_id, d.revoked_at IS NOT NULL AS revoked,
+       k.sensor, s.manufacturer, s.model, s.serial, s.firmware, s.hardware, s.description_id
+FROM unnest(%s::text[], %s::text[], %s::int8[]) AS k (device_id, sensor, description_id)
 JOIN devices d ON d.device_id = k.device_id
 JOIN participants p ON p.participant_id = d.participant_id
-LEFT JOIN sensors s ON s.device_id = k.device_id AND s.sensor = k.sensor
-ORDER BY k.device_id, k.sensor
+LEFT JOIN sensor_descriptions s ON s.description_id = k.description_id
+ORDER BY k.device_id, k.sensor, s.reported_at NULLS FIRST, s.description_id
 """
 
 
-async def _devices(conn: Conn, seen: list[tuple[str, str]]) -> list[fhir.DeviceInfo]:
+async def _devices(conn: Conn, seen: list[fhir.SensorKey]) -> list[fhir.DeviceInfo]:
     if not seen:
         return []
-    cur = await conn.execute(_DEVICES, ([d for d, _ in seen], [s for _, s in seen]))
-    return [
-        fhir.DeviceInfo(
-            str(dev), str(pid), str(study), bool(revoked), str(sensor), man, model, serial, fw, hw
+    async with conn.cursor(row_factory=class_row(fhir.DeviceInfo)) as cur:
+        await cur.execute(
+            _DEVICES, ([k[0] for k in seen], [k[1] for k in seen], [k[2] for k in seen])
         )
-        for dev, pid, study, revoked, sensor, man, model, serial, fw, hw in await cur.fetchall()
-    ]
+        return await cur.fetchall()

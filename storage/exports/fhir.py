@@ -7,8 +7,11 @@ the Bulk Data completion response (``manifest.json``, with relative file names a
   (the Patient), device (the wearable's Device), category per metric (docs/exports.md).
 - Patient: pseudonymous: the study's participant id as an identifier, nothing else about
   the person, and the PSEUDED security label.
-- Device: the hub (``identifier`` = device id) and each wearable seen through it, with its
-  reported manufacturer, model, serial and firmware, its ``parent`` the hub.
+- Device: the hub (``identifier`` = device id) and each description of a wearable seen
+  through it that an exported reading was taken under (``sensor_history``): its reported
+  manufacturer, model, serial and firmware, its ``parent`` the hub. A strap replaced under
+  the same sensor name, or a firmware update, is another Device resource, and each
+  Observation references the one valid at its effectiveDateTime.
 
 Resource ids are derived (SHA-256, truncated) from what identifies the resource, so the same
 reading gets the same id in every export, and ids stay inside FHIR's id alphabet whatever
@@ -40,6 +43,7 @@ COLUMNS = (
     source.SEQ,
     source.SENSOR,
     source.RECEIVED_ISO,
+    source.DESCRIPTION_ID,
 )
 
 READING_SYSTEM = "urn:trialstream:reading"
@@ -70,8 +74,17 @@ def hub_device_id(device_id: str) -> str:
     return fhir_id("Device", device_id)
 
 
-def sensor_device_id(device_id: str, sensor: str) -> str:
-    return fhir_id("Device", device_id, sensor)
+def sensor_device_id(device_id: str, sensor: str, description_id: int | None = None) -> str:
+    """A wearable's Device: one per description of it (``sensor_descriptions`` row), or one
+    for a wearable the hub never described."""
+    if description_id is None:
+        return fhir_id("Device", device_id, sensor)
+    return fhir_id("Device", device_id, sensor, str(description_id))
+
+
+# A wearable seen through a hub under one description: (device id, sensor, description id,
+# None when never described).
+SensorKey = tuple[str, str, int | None]
 
 
 def _j(value: object) -> str:
@@ -90,7 +103,8 @@ def _code_fragment(metric: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
-    """A hub and one wearable seen through it (sensor fields None when never reported)."""
+    """A hub and one description of a wearable seen through it (``description_id`` and the
+    sensor fields None when never reported)."""
 
     device_id: str
     participant_id: str
@@ -102,6 +116,7 @@ class DeviceInfo:
     serial: str | None
     firmware: str | None
     hardware: str | None
+    description_id: int | None
 
 
 def patient(study_id: str, participant_id: str) -> dict[str, object]:
@@ -127,7 +142,7 @@ def hub_device(info: DeviceInfo) -> dict[str, object]:
 def sensor_device(info: DeviceInfo) -> dict[str, object]:
     resource: dict[str, object] = {
         "resourceType": "Device",
-        "id": sensor_device_id(info.device_id, info.sensor),
+        "id": sensor_device_id(info.device_id, info.sensor, info.description_id),
         "identifier": [{"system": SENSOR_SYSTEM, "value": f"{info.device_id}/{info.sensor}"}],
         "deviceName": [{"name": info.sensor, "type": "user-friendly-name"}],
         "patient": {"reference": f"Patient/{patient_id(info.study_id, info.participant_id)}"},
@@ -157,7 +172,7 @@ class FhirWriter:
         self._observations: BinaryIO = out.open("Observation.ndjson")
         self._codes: dict[str, str] = {}
         self._subjects: dict[tuple[str, str], str] = {}
-        self._devices: dict[tuple[str, str], str] = {}
+        self._devices: dict[SensorKey, str] = {}
         self.counts: dict[str, int] = dict.fromkeys(RESOURCE_FILES, 0)
 
     @property
@@ -166,22 +181,36 @@ class FhirWriter:
         return sorted(self._subjects)
 
     @property
-    def seen_sensors(self) -> list[tuple[str, str]]:
-        """(device id, sensor) of every Observation written, in order."""
-        return sorted(self._devices)
+    def seen_sensors(self) -> list[SensorKey]:
+        """(device id, sensor, description id) of every Observation written, in order."""
+        return sorted(self._devices, key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2]))
 
     def write(self, rows: Sequence[Row]) -> None:
         lines: list[str] = []
-        for participant, study, t, metric, value, unit, dev, seq, sensor, received in rows:
+        for (
+            participant,
+            study,
+            t,
+            metric,
+            value,
+            unit,
+            dev,
+            seq,
+            sensor,
+            received,
+            described,
+        ) in rows:
             code = self._codes.get(metric)
             if code is None:
                 code = self._codes[metric] = _code_fragment(metric)
             subject = self._subjects.get((study, participant))
             if subject is None:
                 subject = self._subjects[(study, participant)] = patient_id(study, participant)
-            device = self._devices.get((dev, sensor))
+            device = self._devices.get((dev, sensor, described))
             if device is None:
-                device = self._devices[(dev, sensor)] = sensor_device_id(dev, sensor)
+                device = self._devices[(dev, sensor, described)] = sensor_device_id(
+                    dev, sensor, described
+                )
             key = f"{dev}/{seq}/{sensor}/{metric}/{t}"
             v = repr(value)
             u = _j(unit)

@@ -7,8 +7,10 @@ binary, parsed by psycopg's C loaders a whole batch at a time, and the client ho
 too, but psycopg hands its rows over one at a time through the event loop: measured here it
 was about three times slower.) Readings are joined to the consent windows
 of :mod:`storage.exports.selection` (only those inside a window leave the database), to
-their envelope, their wearable's provenance (``sensors``, by device and sensor name: null
-columns where the hub never reported it) and the consent version that admitted them.
+their envelope, their wearable's provenance (``sensor_history``: the description of the
+wearable, by device and sensor name, valid at the reading's own time, so a strap replaced
+later does not rewrite it; null columns where the hub never reported it) and the consent
+version that admitted them.
 
 Rows come in order of participant and time. A producer task reads the COPY while the
 consumer (a writer, in a worker thread) handles the previous chunk; the queue between them
@@ -74,6 +76,7 @@ MODEL = Column("sensor_model", "s.model")
 SERIAL = Column("sensor_serial", "s.serial")
 FIRMWARE = Column("sensor_firmware", "s.firmware")
 HARDWARE = Column("sensor_hardware", "s.hardware")
+DESCRIPTION_ID = Column("sensor_description_id", "s.description_id")
 CONSENT_ID = Column("consent_id", "r.consent_id")
 CONSENT_VERSION = Column("consent_version", "d.version")
 CONSENT_DOCUMENT = Column("consent_document", "d.title")
@@ -95,7 +98,8 @@ _FROM = """
 _QUERY = f"""
     {_FROM}
     LEFT JOIN envelopes e ON e.device_id = r.device_id AND e.seq = r.seq
-    LEFT JOIN sensors s ON s.device_id = r.device_id AND s.sensor = r.sensor
+    LEFT JOIN sensor_history s ON s.device_id = r.device_id AND s.sensor = r.sensor
+        AND r.time >= s.valid_from AND r.time < s.valid_to
     LEFT JOIN consents k ON k.consent_id = r.consent_id
     LEFT JOIN consent_documents d ON d.document_id = k.document_id
     LEFT JOIN codes c ON c.metric = r.metric

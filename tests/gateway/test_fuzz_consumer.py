@@ -603,7 +603,8 @@ async def clear_ingested(url: str) -> None:
     async with db.connection(url) as conn:
         await conn.execute(
             b"DELETE FROM gaps; DELETE FROM readings; DELETE FROM rejections; "
-            b"DELETE FROM sensors; DELETE FROM envelopes; DELETE FROM message_faults; "
+            b"DELETE FROM sensor_descriptions; DELETE FROM sensors; DELETE FROM envelopes; "
+            b"DELETE FROM message_faults; "
             b"DELETE FROM rollup_deltas"
         )
         await conn.commit()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from ingest.model import Reading
+from ingest.model import AcceptedEnvelope, Batch, Reading, SensorReport
 from storage import db, partitions, views
 from storage.migrate import StorageMode
-from storage.timeconv import to_ms
+from storage.timeconv import from_ms, to_ms
+from storage.writer import BulkWriter
 from tests.fixtures.trial import Trial
 from tests.web.conftest import Web
 
@@ -130,3 +131,60 @@ async def test_the_live_view_api_hands_out_a_cursor_that_overlaps_the_commit_del
         resp = await web.call("clinician", "GET", f"{path}&received_after={bad}")
         assert resp.status == 400, bad
         assert (await resp.json())["field"] == "received_after"
+
+
+async def test_the_participant_api_lists_which_wearable_described_how_from_when_to_when(
+    web: Web,
+) -> None:
+    """A strap replaced under the same sensor name: both straps, each with its span."""
+    t1, t2 = to_ms(datetime.now(UTC) - timedelta(hours=2)), to_ms(datetime.now(UTC))
+    strap_a = SensorReport("hr-strap", "Acme", "HRM-2", "S1", "1.0", "rev-B", 90)
+    strap_b = SensorReport("hr-strap", None, "HRM-3", "S2", "2.0", None, 80)
+    pool = await db.open_pool(web.trial.url, min_size=1, max_size=1)
+    try:
+        writer = BulkWriter(pool, StorageMode.PLAIN)
+        for seq, sent, strap in ((1, t1, strap_a), (2, t2, strap_b), (3, t2 + 1, strap_b)):
+            await writer.write(
+                Batch(
+                    (
+                        AcceptedEnvelope(
+                            "hub-1", seq, "P1", sent, bytes([seq]) * 32, 0, (), (), sensors=(strap,)
+                        ),
+                    ),
+                    (),
+                    t2 + 1000,
+                )
+            )
+    finally:
+        await pool.close()
+    resp = await web.call("clinician", "GET", "/api/v1/participants/P1")
+    assert resp.status == 200, await resp.text()
+    swap = from_ms(t2).isoformat()
+    assert (await resp.json())["sensor_history"] == [
+        {
+            "device_id": "hub-1",
+            "sensor": "hr-strap",
+            "manufacturer": "Acme",
+            "model": "HRM-2",
+            "serial": "S1",
+            "firmware": "1.0",
+            "hardware": "rev-B",
+            "reported_at": from_ms(t1).isoformat(),
+            "valid_from": None,
+            "valid_to": swap,
+        },
+        {
+            "device_id": "hub-1",
+            "sensor": "hr-strap",
+            "manufacturer": None,
+            "model": "HRM-3",
+            "serial": "S2",
+            "firmware": "2.0",
+            "hardware": None,
+            "reported_at": swap,
+            "valid_from": swap,
+            "valid_to": None,
+        },
+    ]
+    # A participant of the same study sees none of it.
+    assert (await web.call("other_participant", "GET", "/api/v1/participants/P1")).status == 404

@@ -235,6 +235,13 @@
         ago(s ? s.last_seen : x.last_received), String(x.envelopes),
         String(x.readings_stored), String(x.readings_refused)])),
       "No devices paired yet.");
+    const wearables = table("Wearables over time",
+      ["Hub", "Wearable", "Manufacturer", "Model", "Serial", "Firmware", "Valid from", "Until"],
+      d.sensor_history.map((h) => [h.device_id, h.sensor, h.manufacturer || "—", h.model || "—",
+        h.serial || "—", h.firmware || "—",
+        h.valid_from ? time(h.valid_from) : `first readings (reported ${time(h.reported_at)})`,
+        h.valid_to ? time(h.valid_to) : "now"]),
+      "No wearable has described itself yet.");
     const sent = table("Sent and received",
       ["Hub", "Seq", "Sent", "Received", "Readings", "Stored", "Refused"],
       d.envelopes.map((e) => [e.device_id, String(e.seq), time(e.sent_at), time(e.received_at),
@@ -274,7 +281,7 @@
     document.getElementById("main").replaceChildren(
       el("p", { class: "lead" }, head.join(" · "), ...links),
       documents,
-      section("Devices", devices),
+      section("Devices", devices, wearables),
       section("What was sent and received", sent, refused),
       history,
     );
