@@ -207,13 +207,19 @@ class Publishers:
         return total, start_at, times
 
     def close(self) -> None:
-        for pipe in self._pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(None)
-        for p in self._procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+        stop_processes(self._pipes, self._procs)
+
+
+def stop_processes(pipes: Sequence[Connection], procs: Sequence[mp.process.BaseProcess]) -> None:
+    """Tell each publisher process to end (None on its pipe), then wait; kill a straggler."""
+    for pipe in pipes:
+        with contextlib.suppress(OSError):
+            pipe.send(None)
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def reset(url: str) -> None:

@@ -57,7 +57,14 @@ from bench.common import (
     server_version,
 )
 from bench.gateway_process import gateway_processes, inside_gateway, scrape
-from bench.load import READING_STEP_MS, create_trial, publish, reset, seal_pool
+from bench.load import (
+    READING_STEP_MS,
+    create_trial,
+    publish,
+    reset,
+    seal_pool,
+    stop_processes,
+)
 from gateway.broker import MosquittoBroker
 from gateway.consumer import MAX_UNACKED, MAX_UNACKED_BYTES
 from ingest.envelope import MAX_ENVELOPE_BYTES, MAX_ITEMS_PER_ENVELOPE, MAX_SENSOR_BYTES, seal
@@ -180,14 +187,7 @@ class _Flood:
         return sum(done) if len(done) == len(self._results) else None
 
     def close(self) -> None:
-        for pipe in self._pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(None)
-        for p in self._procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        stop_processes(self._pipes, self._procs)
 
 
 # --- the worker's memory --------------------------------------------------------------------
