@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -40,7 +39,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from device_drivers.identity import HubIdentity, HubIdentityError, make_csr, post_json
+from device_drivers.identity import (
+    HubIdentity,
+    HubIdentityError,
+    make_csr,
+    post_json,
+    write_whole,
+)
 from ingest import hub_requests
 
 log = logging.getLogger(__name__)
@@ -126,19 +131,7 @@ def check_not_withdrawn(directory: Path) -> None:
 
 def _record_standing(directory: Path, status: str, detail: dict[str, Any]) -> None:
     record = {"status": status, "told_at": datetime.now(UTC).isoformat(), "detail": detail}
-    tmp = directory / (STANDING_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / STANDING_FILE)
-
-
-def _write_certificate(directory: Path, pem: str) -> None:
-    """Replace ``hub.pem`` whole (a crash leaves the old one or the new one, never half)."""
-    tmp = directory / "hub.pem.tmp"
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(pem)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / "hub.pem")
+    write_whole(directory / STANDING_FILE, json.dumps(record, indent=2) + "\n")
 
 
 async def _signed(
@@ -154,7 +147,7 @@ async def _signed(
         request = {**fields, "signed_at_ms": signed_at, "signature": signature}
         answer, status, _wait = await post_json(url, request)
         server_time = answer.get("server_time_ms")
-        stale = status == 400 and str(answer.get("type", "")).endswith("/stale-request")
+        stale = status == 400 and _kind(answer) == "stale-request"
         if stale and isinstance(server_time, int) and not isinstance(server_time, bool):
             log.warning(
                 "hub clock off by %d ms; signing with the gateway's time", signed_at - server_time
@@ -165,8 +158,13 @@ async def _signed(
     return answer, status
 
 
+def _kind(answer: dict[str, Any]) -> str:
+    """The kind of a problem document the gateway answered (the last part of its type)."""
+    return str(answer.get("type", "")).rsplit("/", 1)[-1]
+
+
 def _refusal(answer: dict[str, Any], status: int) -> str:
-    kind = str(answer.get("type", "")).rsplit("/", 1)[-1] or f"http-{status}"
+    kind = _kind(answer) or f"http-{status}"
     return f"{kind}: {answer.get('title') or answer.get('detail') or status}"
 
 
@@ -187,7 +185,7 @@ async def renew(identity: HubIdentity) -> CertificateWindow:
     answer, status = await _signed(
         identity, "certificates", hub_requests.PURPOSE_RENEW, {"csr": csr}, csr.encode()
     )
-    kind = str(answer.get("type", "")).rsplit("/", 1)[-1]
+    kind = _kind(answer)
     if status == 403 and kind in ("device-revoked", "certificate-expired"):
         standing = "revoked" if kind == "device-revoked" else "expired"
         raise HubWithdrawn(standing, withdrawn_message(standing, {}))
@@ -210,7 +208,7 @@ async def renew(identity: HubIdentity) -> CertificateWindow:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
         raise HubIdentityError("the renewed certificate is for another key; it was not kept")
-    await asyncio.to_thread(_write_certificate, identity.directory, pem)
+    await asyncio.to_thread(write_whole, identity.directory / "hub.pem", pem, durable=True)
     window = certificate_window(identity)
     log.info("certificate renewed device=%s not_after=%s", identity.device_id, window.not_after)
     return window

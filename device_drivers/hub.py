@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 from device_drivers.credentials import CertificateKeeper
 from device_drivers.driver import HubClock, ReadingSink, SensorInfo, WearableSession
+from device_drivers.identity import write_whole
 from device_drivers.outbox import Outbox, OutboxFull
 from device_drivers.relay import Relay
 from ingest.model import Gap, Reading, SensorReport
@@ -29,12 +29,6 @@ log = logging.getLogger(__name__)
 RESTART_PAUSE_S = 5.0
 STATUS_INTERVAL_S = 2.0
 OUTBOX_FULL = "outbox_full"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -192,7 +186,7 @@ class Hub:
     async def _write_status(self, path: Path) -> None:
         while True:
             text = json.dumps(self.status(), indent=2) + "\n"
-            await asyncio.to_thread(_atomic_write, path, text)
+            await asyncio.to_thread(write_whole, path, text)
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     async def _supervise(self, session: WearableSession) -> None:

@@ -221,9 +221,16 @@ def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def _write(path: Path, data: str) -> None:
+def write_whole(path: Path, data: str, *, durable: bool = False) -> None:
+    """Replace ``path`` with ``data`` at once (a temporary file renamed over it): a reader or
+    a crash finds the old text or the new, never half. ``durable``: on disk before the
+    rename."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(data, encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -245,9 +252,9 @@ def _prepare(directory: Path) -> ec.EllipticCurvePrivateKey:
 
 def _store(directory: Path, gateway_url: str, body: dict[str, Any]) -> HubIdentity:
     try:
-        _write(directory / "hub.pem", body["certificate_pem"])
-        _write(directory / "ca.pem", body["ca_pem"])
-        _write(directory / "receipt.pem", body["receipt_key_pem"])
+        write_whole(directory / "hub.pem", body["certificate_pem"])
+        write_whole(directory / "ca.pem", body["ca_pem"])
+        write_whole(directory / "receipt.pem", body["receipt_key_pem"])
         record = {
             "device_id": body["device_id"],
             "participant_id": body["participant_id"],
@@ -258,7 +265,7 @@ def _store(directory: Path, gateway_url: str, body: dict[str, Any]) -> HubIdenti
         }
     except (KeyError, TypeError) as exc:
         raise HubIdentityError(f"the gateway's enrollment answer is incomplete: {exc}") from exc
-    _write(directory / "hub.json", json.dumps(record, indent=2) + "\n")
+    write_whole(directory / "hub.json", json.dumps(record, indent=2) + "\n")
     return HubIdentity.load(directory)
 
 

@@ -150,16 +150,13 @@ async def enroll(
         cert = ca.sign_csr(csr_pem, device_id)
         public_key = cert.public_key()
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
-        cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        fingerprint = keys.fingerprint(public_key)
         await registry.add_device(
-            conn,
-            device_id,
-            participant_id,
-            keys.public_key_to_der(public_key),
-            keys.fingerprint(public_key),
-            certificate_pem=cert_pem,
+            conn, device_id, participant_id, keys.public_key_to_der(public_key), fingerprint
         )
-        await certificates.record(conn, issued(cert, device_id, "enrollment"))
+        # Kept with the device's other certificates, and made its current one.
+        first = issued(cert, device_id, "enrollment")
+        await certificates.record(conn, first)
         await registry.mark_enrollment_code_used(conn, digest, device_id)
         await audit.append(
             conn,
@@ -169,9 +166,9 @@ async def enroll(
             entity_id=participant_id,
             detail={
                 "device_id": device_id,
-                "key_fingerprint": keys.fingerprint(public_key),
-                "serial": format(cert.serial_number, "x"),
-                "not_after": cert.not_valid_after_utc.isoformat(),
+                "key_fingerprint": fingerprint,
+                "serial": first.serial,
+                "not_after": first.not_after.isoformat(),
             },
         )
     log.info("hub enrolled device=%s study=%s", device_id, study_id)
@@ -179,7 +176,7 @@ async def enroll(
         device_id,
         participant_id,
         study_id,
-        cert_pem,
+        first.certificate_pem,
         ca.cert.public_bytes(serialization.Encoding.PEM).decode(),
         keys.public_key_to_pem(receipt_key).decode(),
     )

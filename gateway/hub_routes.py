@@ -48,58 +48,47 @@ MAX_CSR_CHARS = 8_192
 SIGNED_AT_BOUNDS = (0, 2**53)
 
 
-async def _body(
-    request: web.Request, on_refused: Callable[[str], Awaitable[None]]
-) -> dict[str, Any]:
-    """The JSON body; a malformed one is refused as ``read_json_object`` says, on record."""
+async def _record_refusal(
+    request: web.Request, *, action: str, entity: str, entity_id: str, kind: str
+) -> None:
+    """Put a refusal on record (who tried: the client's address; why: ``kind``) without
+    letting a failure to record it change the answer."""
+    from gateway.app import POOL  # gateway.app imports this module
+
+    address = client_address(request)
     try:
-        return await read_json_object(request)
-    except web.HTTPException:
-        await on_refused("malformed_request")
-        raise
-
-
-async def _refused(request: web.Request, kind: str, record: Callable[..., Awaitable[None]]) -> None:
-    """Put a refusal on record without letting a failure to record it change the answer."""
-    try:
-        from gateway.app import POOL  # gateway.app imports this module
-
-        async with request.app[POOL].connection() as conn:
-            await record(conn, kind)
+        async with request.app[POOL].connection() as conn, conn.transaction():
+            await audit.append(
+                conn,
+                actor=f"hub@{address}",
+                action=action,
+                entity=entity,
+                entity_id=entity_id,
+                detail={"kind": kind},
+            )
     except Exception:  # the refusal stands; the log says it went unrecorded
         log.exception(
             "refused hub request not recorded path=%s address=%s kind=%s",
             request.path,
-            client_address(request),
+            address,
             kind,
         )
-
-
-async def _enrollment_refused(request: web.Request, kind: str) -> None:
-    address = client_address(request)
-
-    async def record(conn: Any, kind: str) -> None:
-        async with conn.transaction():
-            await audit.append(
-                conn,
-                actor=f"hub@{address}",
-                action="enrollment.refused",
-                entity="enrollment",
-                entity_id=address,
-                detail={"kind": kind},
-            )
-
-    await _refused(request, kind, record)
 
 
 async def post_enrollment(request: web.Request) -> web.Response:
     from gateway.app import POOL, RECEIPT_KEY, SETTINGS, STUDY_CA
 
     async def refused(kind: str) -> None:
-        await _enrollment_refused(request, kind)
+        await _record_refusal(
+            request,
+            action="enrollment.refused",
+            entity="enrollment",
+            entity_id=client_address(request),
+            kind=kind,
+        )
 
-    body = await _body(request, refused)
     try:
+        body = await read_json_object(request)
         code = require_str(body, "code", max_len=64)
         csr = require_str(body, "csr", max_len=MAX_CSR_CHARS)
     except web.HTTPException:
@@ -149,16 +138,18 @@ async def _signed_request(
 ) -> tuple[str, dict[str, Any], Callable[[str], Awaitable[None]]]:
     """The device id, the checked body, and how to put a refusal of it on record."""
     device_id = _device_id(request)
-    address = client_address(request)
-
-    async def record(conn: Any, kind: str) -> None:
-        await renewal.record_refusal(conn, device_id, address, kind)
 
     async def refused(kind: str) -> None:
-        await _refused(request, kind, record)
+        await _record_refusal(
+            request,
+            action="device.request_refused",
+            entity="device",
+            entity_id=device_id,
+            kind=kind,
+        )
 
-    body = await _body(request, refused)
     try:
+        body = await read_json_object(request)
         fields: dict[str, Any] = {
             "signed_at_ms": require_int(
                 body, "signed_at_ms", low=SIGNED_AT_BOUNDS[0], high=SIGNED_AT_BOUNDS[1]

@@ -211,16 +211,3 @@ async def renew(
         )
     log.info("hub certificate renewed device=%s not_after=%s", device_id, record.not_after)
     return record
-
-
-async def record_refusal(conn: Conn, device_id: str, address: str, kind: str) -> None:
-    """A refused hub request on record: the device it named, from where, and why."""
-    async with conn.transaction():
-        await audit.append(
-            conn,
-            actor=f"hub@{address}",
-            action="device.request_refused",
-            entity="device",
-            entity_id=device_id,
-            detail={"kind": kind},
-        )

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from gateway.broker import MosquittoBroker, handshake_refused
 from gateway.pki import StudyCA
 from ingest.transport import ClientTls, TlsFiles
 from storage import db
-from tests.fixtures.gateway import RunningGateway, gateway_settings, running_gateway
+from tests.fixtures.gateway import RunningGateway, running_gateway, tls_gateway_settings
 from tests.fixtures.hubs import enrolled_hub
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
@@ -45,12 +44,7 @@ async def crl_gateway(
     database_url: str, crl_broker: MosquittoBroker, revocation_ca: StudyCA, tmp_path: Path
 ) -> AsyncIterator[RunningGateway]:
     """The gateway on a TLS broker whose CRL this test may change, told how to reload it."""
-    settings = replace(
-        gateway_settings(database_url, crl_broker, tmp_path / "gateway"),
-        mqtt_tls=True,
-        ca_dir=revocation_ca.directory,
-        broker_pid_file=crl_broker.pid_path,
-    )
+    settings = tls_gateway_settings(database_url, crl_broker, revocation_ca, tmp_path / "gateway")
     async with running_gateway(settings) as gw:
         yield gw
 
