@@ -42,9 +42,10 @@ from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway.broker import MosquittoBroker
 from ingest import keys
-from ingest.envelope import RECEIPT_ACCEPTED, open_envelope, seal, seal_receipt
+from ingest.envelope import open_envelope, seal
 from ingest.model import Payload, Reading, Receipt
 from ingest.pipeline import down_topic, up_topic
+from ingest.receipts import RECEIPT_ACCEPTED, seal_receipt
 from ingest.transport import stop_client
 
 BATCH_SIZES = (1, 10, 100)

@@ -129,7 +129,8 @@ QUEUE_SIZE = 4096
 
 @dataclass(frozen=True, slots=True)
 class SensorInfo:
-    """What a wearable says about itself: the provenance of its readings."""
+    """What a wearable says about itself: the provenance of its readings. ``paired_user`` is
+    the hub's: the participant's user index on a shared wearable, as it was paired."""
 
     sensor: str
     address: str
@@ -140,6 +141,7 @@ class SensorInfo:
     firmware: str | None = None
     hardware: str | None = None
     battery_level: int | None = None
+    paired_user: int | None = None
 
 
 class HubClock:
@@ -266,11 +268,14 @@ class WearableSpec:
 
     ``pair``: secure the link on connecting (with the bond, or by pairing if there is
     none); a session with a state file also does so for a wearable recorded as bonded.
+    ``user``: the participant's user index on a wearable shared by several people; its
+    readings of other users are refused by the gateway (``other_user``).
     """
 
     address: str
     sensor: str
     pair: bool = False
+    user: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,7 +454,7 @@ def to_readings(measured: Sequence[Measurement], received_ms: int, sensor: str) 
             times[i] = received_ms - round(after_ms)
             after_ms += m.value
     return [
-        Reading(t_ms, m.metric, m.value, m.unit, sensor)
+        Reading(t_ms, m.metric, m.value, m.unit, sensor, tuple(sorted(set(m.flags))), m.user)
         for t_ms, m in zip(times, measured, strict=True)
     ]
 
@@ -473,7 +478,8 @@ class WearableSession:
         cls, wearable: PairedWearable, sink: ReadingSink, state: HubState, **kwargs: Any
     ) -> WearableSession:
         """The session of a wearable remembered in ``state``."""
-        return cls(WearableSpec(wearable.address, wearable.sensor), sink, state=state, **kwargs)
+        spec = WearableSpec(wearable.address, wearable.sensor, user=wearable.user)
+        return cls(spec, sink, state=state, **kwargs)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -716,7 +722,9 @@ class WearableSession:
         with contextlib.suppress(BleakError, GattError):
             raw = await client.read_gatt_char(registry.full_uuid(BATTERY_LEVEL))
             fields["battery_level"] = battery.decode(bytes(raw)).percent
-        return SensorInfo(self.spec.sensor, self.spec.address, client.name, **fields)
+        return SensorInfo(
+            self.spec.sensor, self.spec.address, client.name, **fields, paired_user=self.spec.user
+        )
 
     async def _set_clock(self, client: BleakClient) -> None:
         char = client.services.get_characteristic(registry.full_uuid(CURRENT_TIME))

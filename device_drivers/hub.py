@@ -90,6 +90,7 @@ class OutboxSink(ReadingSink):
             info.firmware,
             info.hardware,
             info.battery_level,
+            info.paired_user,
         )
         await asyncio.to_thread(self.outbox.add_sensor, report)
 

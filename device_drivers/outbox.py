@@ -11,7 +11,7 @@ Nothing is dropped silently: when the file reaches its bound, :meth:`Outbox.add_
 raises :class:`OutboxFull` and the caller decides (typically: record a gap saying so; gaps
 have a small reserve beyond the bound for exactly that). The bound counts database pages in
 use (pages freed by receipts are reused before the file grows); the WAL file comes on top,
-a few MiB at most (checkpointed every 1000 pages, truncated to ``_JOURNAL_SIZE_LIMIT``).
+a few MiB at most (checkpointed every 1000 pages, truncated to ``outbox_file.JOURNAL_SIZE_LIMIT``).
 Rejected envelopes keep only their record, not their data: what the gateway refused (for
 example for lack of consent) does not linger on the hub.
 
@@ -21,7 +21,6 @@ from a worker thread or an executor, never from the event loop directly.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import struct
 import threading
@@ -34,25 +33,40 @@ from typing import Final, Self
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from device_drivers.errors import DeviceDriverError
+from device_drivers.outbox_file import (
+    FIRST_SEQ,
+    InvalidReading,
+    OutboxError,
+    OutboxFull,
+    create_private_file,
+    file_size,
+    immediate,
+    prepare,
+    used_bytes,
+)
 from ingest.envelope import (
     MAX_ITEMS_PER_ENVELOPE,
     MAX_SENSORS_PER_ENVELOPE,
-    RECEIPT_ACCEPTED,
-    RECEIPT_REJECTED,
-    EnvelopeError,
-    check_device_id,
     check_gap,
     check_reading,
     seal,
 )
-from ingest.model import Gap, Payload, Reading, Receipt, SensorReport
+from ingest.model import Gap, Payload, Reading, Reason, Receipt, SensorReport
+from ingest.receipts import RECEIPT_ACCEPTED, RECEIPT_REJECTED
+from ingest.wire import EnvelopeError, check_device_id
 
-# Marks the SQLite file as ours (PRAGMA application_id, ASCII "TSOB"), so an outbox is never
-# confused with another application's database.
-APPLICATION_ID: Final = 0x54534F42
-SCHEMA_VERSION: Final = 1
-FIRST_SEQ: Final = 1
+# The outbox's errors are defined with its file, and are part of this module's interface.
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "FIRST_SEQ",
+    "InvalidReading",
+    "Outbox",
+    "OutboxError",
+    "OutboxFull",
+    "OutboxStats",
+    "RejectedEnvelope",
+    "SealedEnvelope",
+]
 
 # 256 MiB: a pending reading costs about 60 bytes on disk, so this holds about four million
 # readings, weeks of several wearables at 1 Hz with the hub offline, and still fits on the
@@ -70,103 +84,11 @@ _ROW_OVERHEAD: Final = 40
 # Wait this long for another connection's write lock (a status tool reading the same file)
 # before failing: long enough to ride out one seal transaction, short enough to surface.
 _BUSY_TIMEOUT_S: Final = 5.0
-# Keep the WAL file from staying large after a checkpoint.
-_JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 
 # Reading values are stored as IEEE 754 binary64, big-endian, in an 8-byte BLOB: exact for
 # every float, including NaN (a REAL column would turn NaN into NULL). Whether a value is
 # plausible is decided at the gateway, where a refusal is recorded with its reason.
 _DOUBLE: Final = struct.Struct(">d")
-
-_SCHEMA: Final = (
-    """
-    CREATE TABLE meta (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        device_id TEXT NOT NULL,
-        next_seq INTEGER NOT NULL CHECK (next_seq >= 1),
-        last_receipt_seq INTEGER,
-        last_receipt_status TEXT,
-        last_receipt_at_ms INTEGER
-    ) STRICT
-    """,
-    """
-    CREATE TABLE pending_readings (
-        id INTEGER PRIMARY KEY,
-        t_ms INTEGER NOT NULL,
-        metric TEXT NOT NULL,
-        value BLOB NOT NULL CHECK (length(value) = 8),
-        unit TEXT NOT NULL,
-        sensor TEXT NOT NULL
-    ) STRICT
-    """,
-    """
-    CREATE TABLE pending_gaps (
-        id INTEGER PRIMARY KEY,
-        from_ms INTEGER NOT NULL,
-        to_ms INTEGER NOT NULL,
-        reason TEXT NOT NULL
-    ) STRICT
-    """,
-    """
-    CREATE TABLE pending_sensors (
-        sensor TEXT PRIMARY KEY,
-        manufacturer TEXT,
-        model TEXT,
-        serial TEXT,
-        firmware TEXT,
-        hardware TEXT,
-        battery_level INTEGER
-    ) STRICT
-    """,
-    """
-    CREATE TABLE envelopes (
-        seq INTEGER PRIMARY KEY,
-        sealed BLOB NOT NULL,
-        created_ms INTEGER NOT NULL,
-        readings INTEGER NOT NULL,
-        gaps INTEGER NOT NULL,
-        oldest_t_ms INTEGER,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        last_sent_ms INTEGER,
-        status TEXT NOT NULL DEFAULT 'sealed' CHECK (status IN ('sealed', 'sent'))
-    ) STRICT
-    """,
-    """
-    CREATE TABLE rejected (
-        seq INTEGER PRIMARY KEY,
-        reason TEXT NOT NULL,
-        readings INTEGER NOT NULL,
-        gaps INTEGER NOT NULL,
-        refused INTEGER NOT NULL,
-        created_ms INTEGER NOT NULL,
-        receipt_at_ms INTEGER NOT NULL
-    ) STRICT
-    """,
-)
-
-
-class OutboxError(DeviceDriverError):
-    """The outbox cannot do what was asked: corrupt file, wrong device, closed, I/O error."""
-
-
-class OutboxFull(OutboxError):
-    """The outbox reached its size bound; nothing of the refused batch was written."""
-
-    def __init__(self, used_bytes: int, max_bytes: int, needed_bytes: int) -> None:
-        super().__init__(used_bytes, max_bytes, needed_bytes)
-        self.used_bytes = used_bytes
-        self.max_bytes = max_bytes
-        self.needed_bytes = needed_bytes
-
-    def __str__(self) -> str:
-        return (
-            f"outbox full: {self.used_bytes} of {self.max_bytes} bytes used, "
-            f"{self.needed_bytes} more refused"
-        )
-
-
-class InvalidReading(OutboxError):
-    """A reading or gap that no envelope could carry (see ``ingest.envelope`` limits)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +162,7 @@ class Outbox:
             raise OutboxError(f"invalid device id {device_id!r}: {exc.detail}") from None
         if max_bytes < MIN_MAX_BYTES:
             raise ValueError(f"max_bytes must be at least {MIN_MAX_BYTES}")
-        _create_private_file(path)
+        create_private_file(path)
         try:
             connection = sqlite3.connect(
                 path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
@@ -248,7 +170,7 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open outbox {path}: {exc}") from exc
         try:
-            _prepare(connection, path, device_id)
+            prepare(connection, path, device_id)
         except sqlite3.DatabaseError as exc:
             connection.close()
             raise OutboxError(
@@ -292,6 +214,7 @@ class Outbox:
                 check_reading(reading)
             except EnvelopeError as exc:
                 raise InvalidReading(f"reading {i}: {exc.detail}") from None
+            flags = " ".join(reading.flags) if reading.flags else None
             rows.append(
                 (
                     reading.t_ms,
@@ -299,16 +222,22 @@ class Outbox:
                     _DOUBLE.pack(float(reading.value)),
                     reading.unit,
                     reading.sensor,
+                    flags,
+                    reading.user,
+                    reading.record,
                 )
             )
-            needed += _ROW_OVERHEAD + _utf8_len(reading.metric, reading.unit, reading.sensor)
+            needed += _ROW_OVERHEAD + _utf8_len(
+                reading.metric, reading.unit, reading.sensor, flags or "", reading.record or ""
+            )
         if not rows:
             return
         with self._transaction() as db:
             self._check_space(db, needed, self.max_bytes)
             db.executemany(
-                "INSERT INTO pending_readings (t_ms, metric, value, unit, sensor)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO pending_readings"
+                " (t_ms, metric, value, unit, sensor, flags, user, record)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -331,7 +260,7 @@ class Outbox:
         with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO pending_sensors (sensor, manufacturer, model, serial,"
-                " firmware, hardware, battery_level) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " firmware, hardware, battery_level, paired_user) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     report.sensor,
                     report.manufacturer,
@@ -340,6 +269,7 @@ class Outbox:
                     report.firmware,
                     report.hardware,
                     report.battery_level,
+                    report.paired_user,
                 ),
             )
 
@@ -365,29 +295,39 @@ class Outbox:
         sealed: list[SealedEnvelope] = []
         with self._transaction() as db:
             (seq,) = db.execute("SELECT next_seq FROM meta WHERE id = 1").fetchone()
+            limit = max_readings
             while max_envelopes is None or len(sealed) < max_envelopes:
                 gap_rows = db.execute(
                     "SELECT id, from_ms, to_ms, reason FROM pending_gaps ORDER BY id LIMIT ?",
-                    (max_readings,),
+                    (limit,),
                 ).fetchall()
                 reading_rows = db.execute(
-                    "SELECT id, t_ms, metric, value, unit, sensor FROM pending_readings"
-                    " ORDER BY id LIMIT ?",
-                    (max_readings - len(gap_rows),),
+                    "SELECT id, t_ms, metric, value, unit, sensor, flags, user, record"
+                    " FROM pending_readings ORDER BY id LIMIT ?",
+                    (limit - len(gap_rows),),
                 ).fetchall()
                 sensors = tuple(
                     SensorReport(*row)
                     for row in db.execute(
                         "SELECT sensor, manufacturer, model, serial, firmware, hardware,"
-                        " battery_level FROM pending_sensors ORDER BY sensor LIMIT ?",
+                        " battery_level, paired_user FROM pending_sensors ORDER BY sensor LIMIT ?",
                         (MAX_SENSORS_PER_ENVELOPE,),
                     ).fetchall()
                 )
                 if not gap_rows and not reading_rows and not sensors:
                     break
                 readings = tuple(
-                    Reading(t_ms, metric, _DOUBLE.unpack(value)[0], unit, sensor)
-                    for _, t_ms, metric, value, unit, sensor in reading_rows
+                    Reading(
+                        t_ms,
+                        metric,
+                        _DOUBLE.unpack(value)[0],
+                        unit,
+                        sensor,
+                        tuple(flags.split(" ")) if flags else (),
+                        user,
+                        record,
+                    )
+                    for _, t_ms, metric, value, unit, sensor, flags, user, record in reading_rows
                 )
                 gaps = tuple(Gap(a, b, reason) for _, a, b, reason in gap_rows)
                 payload = Payload(
@@ -401,7 +341,12 @@ class Outbox:
                 try:
                     data = seal(payload, key)
                 except EnvelopeError as exc:
+                    if exc.reason is Reason.TOO_LARGE and limit > 1:
+                        # Flagged readings can make a full batch too large: fewer this time.
+                        limit = max(1, (len(gap_rows) + len(reading_rows)) // 2)
+                        continue
                     raise OutboxError(f"cannot seal envelope {seq}: {exc}") from exc
+                limit = max_readings
                 oldest = min((r.t_ms for r in readings), default=None)
                 db.execute(
                     "INSERT INTO envelopes (seq, sealed, created_ms, readings, gaps, oldest_t_ms)"
@@ -435,7 +380,7 @@ class Outbox:
             return cursor.rowcount == 1
 
     def receipt(self, receipt: Receipt) -> bool:
-        """Apply a verified receipt (see ``ingest.envelope.open_receipt``).
+        """Apply a verified receipt (see ``ingest.receipts.open_receipt``).
 
         ``accepted`` deletes the envelope; ``rejected`` replaces it with a record in
         ``rejected`` and it is not sent again. Returns False when no waiting envelope had
@@ -518,8 +463,8 @@ class Outbox:
                 "SELECT next_seq, last_receipt_seq, last_receipt_status, last_receipt_at_ms"
                 " FROM meta WHERE id = 1"
             ).fetchone()
-            used = _used_bytes(db)
-        on_disk = sum(_file_size(Path(f"{self.path}{suffix}")) for suffix in ("", "-wal", "-shm"))
+            used = used_bytes(db)
+        on_disk = sum(file_size(Path(f"{self.path}{suffix}")) for suffix in ("", "-wal", "-shm"))
         return OutboxStats(
             device_id=self.device_id,
             pending_readings=pending,
@@ -550,103 +495,17 @@ class Outbox:
         with self._lock:
             db = self._db()
             try:
-                with _immediate(db):
+                with immediate(db):
                     yield db
             except sqlite3.Error as exc:
                 if exc.sqlite_errorname == "SQLITE_FULL":
-                    raise OutboxFull(_used_bytes(db), self.max_bytes, 0) from exc
+                    raise OutboxFull(used_bytes(db), self.max_bytes, 0) from exc
                 raise OutboxError(f"outbox {self.path}: {exc}") from exc
 
     def _check_space(self, db: sqlite3.Connection, needed: int, limit: int) -> None:
-        used = _used_bytes(db)
+        used = used_bytes(db)
         if used + needed > limit:
             raise OutboxFull(used, limit, needed)
-
-
-def _prepare(db: sqlite3.Connection, path: Path, device_id: str) -> None:
-    """Check the file is our outbox for ``device_id`` (creating the schema in a new file)."""
-    (app_id,) = db.execute("PRAGMA application_id").fetchone()
-    if app_id not in (0, APPLICATION_ID):
-        raise OutboxError(f"{path} is an SQLite database of another application")
-    problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
-    if problems != ["ok"]:
-        raise OutboxError(f"{path} is corrupt: {'; '.join(problems)}")
-    (mode,) = db.execute("PRAGMA journal_mode = WAL").fetchone()
-    if mode != "wal":
-        raise OutboxError(f"{path}: cannot use WAL journal mode (got {mode})")
-    db.execute("PRAGMA synchronous = FULL")
-    db.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
-    with _immediate(db):
-        (app_id,) = db.execute("PRAGMA application_id").fetchone()
-        if app_id == 0:
-            _create_schema(db, path, device_id)
-        else:
-            _check_owner(db, path, device_id)
-
-
-def _create_schema(db: sqlite3.Connection, path: Path, device_id: str) -> None:
-    (objects,) = db.execute("SELECT count(*) FROM sqlite_schema").fetchone()
-    if objects:
-        raise OutboxError(f"{path} is an SQLite database of another application")
-    for statement in _SCHEMA:
-        db.execute(statement)
-    db.execute(
-        "INSERT INTO meta (id, device_id, next_seq) VALUES (1, ?, ?)", (device_id, FIRST_SEQ)
-    )
-    db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-
-
-def _check_owner(db: sqlite3.Connection, path: Path, device_id: str) -> None:
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    if version != SCHEMA_VERSION:
-        raise OutboxError(
-            f"{path} has outbox schema {version}; this version reads {SCHEMA_VERSION}"
-        )
-    row = db.execute("SELECT device_id FROM meta WHERE id = 1").fetchone()
-    if row is None:
-        raise OutboxError(f"{path} is corrupt: no meta row")
-    if row[0] != device_id:
-        raise OutboxError(f"{path} belongs to device {row[0]!r}, not {device_id!r}")
-
-
-@contextmanager
-def _immediate(db: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the body raises."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-
-
-def _create_private_file(path: Path) -> None:
-    """Create an empty file with mode 0600 unless it exists (SQLite gives its WAL the same)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise OutboxError(f"cannot create outbox {path}: {exc.strerror}") from exc
-    os.close(fd)
-
-
-def _used_bytes(db: sqlite3.Connection) -> int:
-    """Bytes in pages that hold data (free pages are reused before the file grows)."""
-    (page_size,) = db.execute("PRAGMA page_size").fetchone()
-    (pages,) = db.execute("PRAGMA page_count").fetchone()
-    (free,) = db.execute("PRAGMA freelist_count").fetchone()
-    return int((pages - free) * page_size)
-
-
-def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def _utf8_len(*texts: str) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from device_drivers.errors import DeviceDriverError
+from ingest.model import MAX_DEVICE_USER
 
 __all__ = ["FORMAT_VERSION", "HubState", "PairedWearable", "StateError"]
 
@@ -38,6 +39,8 @@ class PairedWearable:
     sensor: str
     profile: str
     bonded: bool
+    # The participant's user index on a wearable shared by several people (None: not shared).
+    user: int | None = None
 
 
 def _wearable_from(raw: Any) -> PairedWearable:
@@ -56,7 +59,12 @@ def _wearable_from(raw: Any) -> PairedWearable:
         and isinstance(bonded, bool)
     ):
         raise StateError("a wearable entry lacks address, sensor, profile or bonded")
-    return PairedWearable(address, sensor, profile, bonded)
+    user = raw.get("user")
+    if user is not None and (
+        not isinstance(user, int) or isinstance(user, bool) or not 0 <= user <= MAX_DEVICE_USER
+    ):
+        raise StateError(f"a wearable's user must be 0-{MAX_DEVICE_USER}")
+    return PairedWearable(address, sensor, profile, bonded, user)
 
 
 def _cursors_from(raw: Any) -> dict[str, dict[str, int]]:
@@ -165,7 +173,13 @@ class HubState:
         return {
             "version": FORMAT_VERSION,
             "wearables": [
-                {"address": w.address, "sensor": w.sensor, "profile": w.profile, "bonded": w.bonded}
+                {
+                    "address": w.address,
+                    "sensor": w.sensor,
+                    "profile": w.profile,
+                    "bonded": w.bonded,
+                    **({} if w.user is None else {"user": w.user}),
+                }
                 for w in self._wearables.values()
             ],
             "cursors": self._cursors,

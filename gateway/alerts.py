@@ -33,8 +33,10 @@ from paho.mqtt.enums import MQTTErrorCode
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest import rules
+from ingest.flags import in_doubt
 from ingest.model import AcceptedEnvelope
 from ingest.rules import Rule, RuleEvent, RuleKind, RuleState, Series
+from storage import alert_state as state_store
 from storage import alerts as store
 from storage import db
 from storage.alerts import AlertEvent
@@ -83,17 +85,33 @@ class AlertEngine:
         by_participant = await store.rules_for(conn, participants)
         if not by_participant:
             return
-        await store.lock_participants(conn, by_participant)
-        states = await store.load_states(conn, list(by_participant))
+        await state_store.lock_participants(conn, by_participant)
+        states = await state_store.load_states(conn, list(by_participant))
         wanted = {(p, r.metric) for p, rs in by_participant.items() for r in rs}
         columns: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
+        doubted: dict[tuple[str, str], int] = {}
+        judging_doubtful: set[str] | None = None
         for env in fresh:
             for reading in env.readings:
                 key = (env.participant_id, reading.metric)
-                if key in wanted:
-                    times, values = columns.setdefault(key, ([], []))
-                    times.append(reading.t_ms)
-                    values.append(reading.value)
+                if key not in wanted:
+                    continue
+                if reading.flags and in_doubt(reading.flags):
+                    if judging_doubtful is None:
+                        judging_doubtful = await state_store.judging_doubtful(conn, by_participant)
+                    if env.participant_id not in judging_doubtful:
+                        doubted[key] = doubted.get(key, 0) + 1
+                        continue
+                times, values = columns.setdefault(key, ([], []))
+                times.append(reading.t_ms)
+                values.append(reading.value)
+        judging = judging_doubtful or set()
+        skipped = {
+            (participant, rule.rule_id): doubted[(participant, rule.metric)]
+            for participant, rs in by_participant.items()
+            for rule in rs
+            if (participant, rule.metric) in doubted
+        }
         now_ms = self._now_ms()
         changed: dict[tuple[str, int], RuleState] = {}
         events: list[RuleEvent] = []
@@ -111,33 +129,48 @@ class AlertEngine:
                     if late is None:
                         result = rules.evaluate(rule, prior, series, participant)
                     else:
-                        result = await self._replay(conn, rule, prior, participant, late)
+                        result = await self._replay(
+                            conn, rule, prior, participant, late, doubtful=participant in judging
+                        )
                 if result.state != prior:
                     changed[(participant, rule.rule_id)] = result.state
                 events.extend(result.events)
-        await store.save_states(conn, changed)
+        await state_store.save_states(conn, changed)
+        await state_store.count_skipped(conn, skipped)
         rules_by_id = {r.rule_id: r for rs in by_participant.values() for r in rs}
         recorded = await store.apply_events(conn, events, rules_by_id, now_ms)
         _log_recorded(recorded)
 
     async def _replay(
-        self, conn: Conn, rule: Rule, prior: RuleState, participant: str, late_ms: int
+        self,
+        conn: Conn,
+        rule: Rule,
+        prior: RuleState,
+        participant: str,
+        late_ms: int,
+        *,
+        doubtful: bool,
     ) -> rules.Evaluation:
         floor = late_ms - self._lookback_ms
-        reset = await store.reset_point(
+        reset = await state_store.reset_point(
             conn,
             participant,
             rule.metric,
             rules.clear_band(rule),
             before_ms=late_ms,
             not_before_ms=floor,
+            doubtful=doubtful,
         )
         start = RuleState()
         if reset is None and prior.active_since is not None and prior.active_since < floor:
             start = RuleState(active_since=prior.active_since)
         begin = floor if reset is None else reset
-        window = Series.of(*await store.stored_series(conn, participant, rule.metric, begin))
-        known = await store.known_starts(conn, participant, rule.rule_id, begin)
+        window = Series.of(
+            *await state_store.stored_series(
+                conn, participant, rule.metric, begin, doubtful=doubtful
+            )
+        )
+        known = await state_store.known_starts(conn, participant, rule.rule_id, begin)
         log.info(
             "late readings re-judged participant=%s rule_id=%d window_rows=%d",
             participant,
@@ -152,7 +185,7 @@ class AlertEngine:
         if not await store.try_sweep_lock(conn):
             return []
         candidates = await store.missing_data_rules(conn)
-        states = await store.load_states(conn, {p for p, _, _ in candidates})
+        states = await state_store.load_states(conn, {p for p, _, _ in candidates})
         due = [
             (p, rule, since)
             for p, rule, since in candidates
@@ -163,8 +196,8 @@ class AlertEngine:
         recorded: list[AlertEvent] = []
         if due:
             # Judge again under the participants' locks: a batch may have moved them on.
-            await store.lock_participants(conn, {p for p, _, _ in due})
-            states = await store.load_states(conn, {p for p, _, _ in due})
+            await state_store.lock_participants(conn, {p for p, _, _ in due})
+            states = await state_store.load_states(conn, {p for p, _, _ in due})
             changed: dict[tuple[str, int], RuleState] = {}
             events: list[RuleEvent] = []
             for p, rule, since in due:
@@ -173,7 +206,7 @@ class AlertEngine:
                 if result.state != prior:
                     changed[(p, rule.rule_id)] = result.state
                 events.extend(result.events)
-            await store.save_states(conn, changed)
+            await state_store.save_states(conn, changed)
             recorded += await store.apply_events(
                 conn, events, {rule.rule_id: rule for _, rule, _ in due}, now_ms
             )

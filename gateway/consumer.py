@@ -59,8 +59,8 @@ from gateway.judging import (
 )
 from gateway.storing import POISON_AFTER, BatchStore, outage_pause
 from ingest import pipeline
-from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED
 from ingest.model import AcceptedEnvelope, Reason, Receipt, RejectedEnvelope
+from ingest.receipts import RECEIPT_ACCEPTED, RECEIPT_REJECTED
 from ingest.transport import connect_async, make_client, stop_client
 from storage.errors import first_line, is_transient
 from storage.writer import (

@@ -26,7 +26,9 @@ from storage.timeconv import to_ms
 
 _DEVICES = """
 SELECT d.device_id, d.participant_id, d.public_key, p.enrolled_at, d.revoked_at IS NOT NULL,
-       s.backfill_days
+       s.backfill_days,
+       (SELECT jsonb_object_agg(w.sensor, w.paired_user) FROM sensors w
+        WHERE w.device_id = d.device_id AND w.paired_user IS NOT NULL) AS paired_users
 FROM devices d JOIN participants p USING (participant_id) JOIN studies s USING (study_id)
 WHERE d.device_id = ANY(%s)
 """
@@ -69,7 +71,7 @@ class Directory:
             if not conn.closed:
                 await conn.set_autocommit(was_autocommit)
         out: dict[str, DeviceRecord] = {}
-        for dev, pid, der, enrolled, revoked, backfill_days in await cur.fetchall():
+        for dev, pid, der, enrolled, revoked, backfill_days, paired in await cur.fetchall():
             out[str(dev)] = DeviceRecord(
                 device_id=str(dev),
                 participant_id=str(pid),
@@ -77,5 +79,6 @@ class Directory:
                 participant_enrolled_ms=to_ms(enrolled),
                 revoked=bool(revoked),
                 backfill_ms=int(backfill_days) * _DAY_MS,
+                paired_users={str(k): int(v) for k, v in (paired or {}).items()},
             )
         return out, await consent.result()

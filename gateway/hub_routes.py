@@ -24,7 +24,7 @@ from gateway import enrollment, renewal
 from gateway.pki import PkiError
 from gateway.problems import problem, read_json_object, require_int, require_str
 from gateway.web.ratelimit import client_address
-from ingest.envelope import is_device_id
+from ingest.wire import is_device_id
 from storage import audit
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from consent.gate import ConsentSnapshot
 from ingest import pipeline
-from ingest.envelope import INT64_MAX, RECEIPT_REJECTED, is_device_id, seal_receipts
 from ingest.model import AcceptedEnvelope, Reason, Receipt, RejectedEnvelope
+from ingest.receipts import RECEIPT_REJECTED, seal_receipts
+from ingest.wire import INT64_MAX, is_device_id
 from storage.errors import first_line
 from storage.writer import EnvelopeOutcome, StoredEnvelope
 

@@ -21,8 +21,8 @@ from psycopg_pool import AsyncConnectionPool
 from gateway.consumer_stats import Stats
 from gateway.judging import Key, key
 from ingest import pipeline
-from ingest.envelope import is_device_id
 from ingest.model import AcceptedEnvelope, Batch, Reason, RejectedEnvelope
+from ingest.wire import is_device_id
 from storage import faults
 from storage.db import Conn
 from storage.errors import BatchWriteError, DatabaseUnavailable, first_line

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
-PROTOCOL_VERSION = 1
+# The payload version a hub seals, and those a gateway reads (docs/protocol.md section 8).
+PROTOCOL_VERSION = 2
+PROTOCOL_VERSIONS = (1, 2)
+# A device's user index (Blood Pressure, Weight Scale, Body Composition: uint8; 255 is the
+# profiles' "unknown user").
+MAX_DEVICE_USER = 255
+UNKNOWN_DEVICE_USER = 255
 
 
 class Reason(StrEnum):
@@ -24,6 +30,10 @@ class Reason(StrEnum):
     BAD_SIGNATURE = "bad_signature"
     TOPIC_MISMATCH = "topic_mismatch"
     DUPLICATE = "duplicate"
+    # A device record (a meter's stored record, by its key) the participant already has.
+    DUPLICATE_RECORD = "duplicate_record"
+    # A shared wearable's reading of another of its users than the participant's.
+    OTHER_USER = "other_user"
     NO_CONSENT = "no_consent"
     SCOPE_NOT_CONSENTED = "scope_not_consented"
     RECONSENT_REQUIRED = "reconsent_required"
@@ -37,11 +47,19 @@ class Reason(StrEnum):
 
 
 class Reading(NamedTuple):
-    """One measurement as carried in an envelope: ``[t_ms, metric, value, unit, sensor]``.
+    """One measurement as carried in an envelope:
+    ``[t_ms, metric, value, unit, sensor]``, or in v2 with the device's own statement about
+    it, ``[t_ms, metric, value, unit, sensor, flags, user, record]``.
+
+    ``flags`` are the device's quality and context statements, sorted (``invalid_measurement``,
+    ``no_sensor_contact``, ``cuff_loose``, ``site_armpit``...: ingest.flags is their
+    registry); ``user`` is the device's user index on a shared wearable, None when the
+    profile has none; ``record`` is the device's own identity of a stored record (a glucose
+    meter's record: its sequence number and time), by which the gateway stores it once.
 
     A named tuple rather than a frozen dataclass: the gateway builds one per reading it
-    receives, and a tuple is built from the decoded CBOR array in one step (``_make``),
-    about 3x faster than a frozen dataclass's ``__init__``.
+    receives, and a tuple is built from the decoded CBOR array in one step, about 3x faster
+    than a frozen dataclass's ``__init__``.
     """
 
     t_ms: int
@@ -49,6 +67,9 @@ class Reading(NamedTuple):
     value: float
     unit: str
     sensor: str
+    flags: tuple[str, ...] = ()
+    user: int | None = None
+    record: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +84,8 @@ class Gap:
 @dataclass(frozen=True, slots=True)
 class SensorReport:
     """What a wearable says about itself (Device Information, Battery): the provenance of
-    the readings that carry its ``sensor`` name. Fields it does not serve are None."""
+    the readings that carry its ``sensor`` name. Fields it does not serve are None.
+    ``paired_user`` is the hub's, not the wearable's: whose readings it may store."""
 
     sensor: str
     manufacturer: str | None = None
@@ -72,6 +94,9 @@ class SensorReport:
     firmware: str | None = None
     hardware: str | None = None
     battery_level: int | None = None
+    # The user index the participant has on a shared wearable (v2), as the hub paired it;
+    # None for a wearable that is not shared. Readings of other users are refused.
+    paired_user: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@
    The signature may be checked ahead (``check_signature``, with the key the device had in
    an earlier batch); ``verify`` uses that result only when the key is the one the device
    record of this batch holds;
-3. ``admit``: per reading, plausibility (known metric, canonical unit, finite value within
+3. ``admit``: per reading, whose it is (a shared wearable's reading of another of its users
+   is ``other_user``), plausibility (known metric, canonical unit, finite value within
    physical bounds, time neither far in the future nor before the participant's enrollment)
    then the consent gate by the reading's own time (``no_consent``, ``scope_not_consented``).
    The common case is decided per envelope (see ``_admit_whole``), with the same outcome.
@@ -21,16 +22,25 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from consent.gate import ConsentSnapshot
-from ingest.envelope import EnvelopeError, Opened, is_device_id, open_envelope
+from ingest.envelope import Opened, open_envelope
 from ingest.envelope import verify as verify_signature
 from ingest.metrics import METRICS
-from ingest.model import AcceptedEnvelope, Gap, Reading, Reason, Refusal, RejectedEnvelope
+from ingest.model import (
+    AcceptedEnvelope,
+    Gap,
+    Payload,
+    Reading,
+    Reason,
+    Refusal,
+    RejectedEnvelope,
+)
+from ingest.wire import EnvelopeError, is_device_id
 
 TOPIC_PREFIX = "dct/v1/"
 UP_SUFFIX = "/up"
@@ -80,6 +90,22 @@ class DeviceRecord:
     revoked: bool
     # The study's backfill horizon: data older than this before the receipt is refused.
     backfill_ms: int = DEFAULT_BACKFILL_MS
+    # Sensor name -> the participant's user index on that shared wearable, as the hub's
+    # latest stored report paired it (wearables that are not shared are absent).
+    paired_users: Mapping[str, int] = field(default_factory=dict)
+
+    def paired_with(self, payload: Payload) -> Mapping[str, int]:
+        """The paired users in force for ``payload``: its own sensor reports (a v2 report
+        says the pairing whole, None for a wearable that is not shared) over the stored."""
+        if not payload.sensors:
+            return self.paired_users
+        paired = dict(self.paired_users)
+        for report in payload.sensors:
+            if report.paired_user is None:
+                paired.pop(report.sensor, None)
+            else:
+                paired[report.sensor] = report.paired_user
+        return paired
 
     def window(self, now_ms: int) -> tuple[int, int]:
         """The times (inclusive) this device's data may carry when received at ``now_ms``:
@@ -196,6 +222,18 @@ def verify(
     return None
 
 
+def _whose(r: Reading, paired: Mapping[str, int]) -> tuple[Reason, str] | None:
+    """``other_user`` for a shared wearable's reading that is not the participant's: another
+    user's, or one the device could not attribute (user 255, "unknown user")."""
+    expected = paired.get(r.sensor)
+    if r.user is None or expected is None or r.user == expected:
+        return None
+    return (
+        Reason.OTHER_USER,
+        f"{r.sensor} is paired for device user {expected}; this reading is device user {r.user}",
+    )
+
+
 def _plausibility(
     r: Reading, device: DeviceRecord, window: tuple[int, int]
 ) -> tuple[Reason, str] | None:
@@ -240,6 +278,8 @@ def _admit_whole(
     """
     by_metric: dict[str, list[Reading]] = {}
     for r in readings:
+        if r.user is not None:  # whose it is is judged reading by reading
+            return None
         group = by_metric.get(r.metric)
         if group is None:
             by_metric[r.metric] = [r]
@@ -352,12 +392,13 @@ def _admit_each(
 ) -> AcceptedEnvelope:
     """``admit`` reading by reading: each judged on its own, refusals grouped by reason."""
     payload = decoded.opened.payload
+    paired = device.paired_with(payload)
     kept: list[Reading] = []
     consent_ids: list[int | None] = []
     refused: dict[tuple[Reason, str | None], list[int]] = {}
     details: dict[tuple[Reason, str | None], str] = {}
     for r in payload.readings:
-        problem = _plausibility(r, device, window)
+        problem = _whose(r, paired) or _plausibility(r, device, window)
         if problem is None:
             decision = consent.decide(device.participant_id, METRICS[r.metric].scope, r.t_ms)
             if decision.allowed:

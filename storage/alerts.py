@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +35,6 @@ from ingest.rules import (
     RuleError,
     RuleEvent,
     RuleKind,
-    RuleState,
     Severity,
     effective_rules,
 )
@@ -49,11 +48,10 @@ log = logging.getLogger(__name__)
 NOTIFY_CHANNEL = "trialstream_alerts"
 SYSTEM_ACTOR = "system:alerts"
 CLEARED_NOTE = "cleared by data"
-# Arbitrary, fixed advisory lock keys: "alerts" (event order), "sweep" (one sweeper), and the
-# namespace of the per-participant locks (two-key form: namespace, hashtext(participant)).
+# Arbitrary, fixed advisory lock keys: "alerts" (event order), "sweep" (one sweeper); the
+# per-participant locks are storage.alert_state's.
 ALERTS_LOCK_KEY = 0x616C_6572_7473
 SWEEP_LOCK_KEY = 0x616C_7377_6565_70
-PARTICIPANT_LOCK_NAMESPACE = 0x616C_7274
 # A page reconnecting after a long absence pages through the feed in chunks of this many.
 EVENTS_PAGE = 1000
 
@@ -305,115 +303,6 @@ async def set_study_escalation(
             entity_id=study_id,
             detail={"alert_escalation_s": seconds},
         )
-
-
-# --- per-rule state -----------------------------------------------------------------------
-
-
-async def lock_participants(conn: Conn, participant_ids: Iterable[str]) -> None:
-    """Serialise alert evaluation per participant until the transaction ends (two gateway
-    workers holding batches of one participant judge them one after the other)."""
-    ids = sorted(set(participant_ids))
-    if ids:
-        await conn.execute(
-            "WITH k AS MATERIALIZED ("
-            " SELECT DISTINCT hashtext(x) AS h FROM unnest(%s::text[]) AS x ORDER BY h)"
-            " SELECT count(pg_advisory_xact_lock(%s, h)) FROM k",
-            (ids, PARTICIPANT_LOCK_NAMESPACE),
-        )
-
-
-def _ms(t: datetime | None) -> int | None:
-    return None if t is None else to_ms(t)
-
-
-def _ts(t: int | None) -> datetime | None:
-    return None if t is None else from_ms(t)
-
-
-async def load_states(
-    conn: Conn, participant_ids: Collection[str]
-) -> dict[tuple[str, int], RuleState]:
-    if not participant_ids:
-        return {}
-    cur = await conn.execute(
-        "SELECT participant_id, rule_id, evaluated_until, run_start, run_last, active_since"
-        " FROM alert_state WHERE participant_id = ANY(%s)",
-        (list(participant_ids),),
-    )
-    return {
-        (str(p), int(r)): RuleState(_ms(until), _ms(start), _ms(last), _ms(active))
-        for p, r, until, start, last, active in await cur.fetchall()
-    }
-
-
-async def save_states(conn: Conn, states: Mapping[tuple[str, int], RuleState]) -> None:
-    if not states:
-        return
-    keys = sorted(states)
-    await conn.execute(
-        "INSERT INTO alert_state (participant_id, rule_id, evaluated_until, run_start, run_last,"
-        " active_since)"
-        " SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::timestamptz[],"
-        " %b::timestamptz[], %b::timestamptz[])"  # binary: see storage.writer
-        " ON CONFLICT (participant_id, rule_id) DO UPDATE SET"
-        " evaluated_until = excluded.evaluated_until, run_start = excluded.run_start,"
-        " run_last = excluded.run_last, active_since = excluded.active_since, updated_at = now()",
-        (
-            [p for p, _ in keys],
-            [r for _, r in keys],
-            [_ts(states[k].evaluated_until) for k in keys],
-            [_ts(states[k].run_start) for k in keys],
-            [_ts(states[k].run_last) for k in keys],
-            [_ts(states[k].active_since) for k in keys],
-        ),
-    )
-
-
-async def reset_point(
-    conn: Conn,
-    participant_id: str,
-    metric: str,
-    band: tuple[float | None, float | None],
-    *,
-    before_ms: int,
-    not_before_ms: int,
-) -> int | None:
-    """The latest stored reading inside the clearing ``band`` before ``before_ms`` (and not
-    before ``not_before_ms``): where a replay can start from an idle rule."""
-    low, high = band
-    cur = await conn.execute(
-        "SELECT max(time) FROM readings WHERE participant_id = %s AND metric = %s"
-        " AND time < %s AND time >= %s"
-        " AND value >= coalesce(%s, '-Infinity'::float8)"
-        " AND value <= coalesce(%s, 'Infinity'::float8)",
-        (participant_id, metric, from_ms(before_ms), from_ms(not_before_ms), low, high),
-    )
-    row = await cur.fetchone()
-    return None if row is None or row[0] is None else to_ms(row[0])
-
-
-async def stored_series(
-    conn: Conn, participant_id: str, metric: str, from_ms_: int
-) -> tuple[list[int], list[float]]:
-    """Stored readings of one participant and metric from ``from_ms_`` on, by reading time."""
-    cur = await conn.execute(
-        "SELECT time, value FROM readings WHERE participant_id = %s AND metric = %s"
-        " AND time >= %s ORDER BY time, received_at, device_id, seq",
-        (participant_id, metric, from_ms(from_ms_)),
-    )
-    rows = await cur.fetchall()
-    return [to_ms(t) for t, _ in rows], [float(v) for _, v in rows]
-
-
-async def known_starts(conn: Conn, participant_id: str, rule_id: int, from_ms_: int) -> list[int]:
-    """Where the alerted episodes of a rule began, from ``from_ms_`` on or still unresolved."""
-    cur = await conn.execute(
-        "SELECT first_time FROM alerts WHERE participant_id = %s AND rule_id = %s"
-        " AND (first_time >= %s OR state <> 'resolved')",
-        (participant_id, rule_id, from_ms(from_ms_)),
-    )
-    return [to_ms(r[0]) for r in await cur.fetchall()]
 
 
 async def missing_data_rules(conn: Conn) -> list[tuple[str, Rule, int]]:
@@ -820,19 +709,13 @@ __all__ = [
     "alert_events_since",
     "apply_events",
     "escalate_due",
-    "known_starts",
     "list_alerts",
     "list_rules",
-    "load_states",
-    "lock_participants",
     "missing_data_rules",
     "published",
-    "reset_point",
     "resolve",
     "rules_for",
-    "save_states",
     "set_study_escalation",
-    "stored_series",
     "take_outbox",
     "try_sweep_lock",
 ]

@@ -39,10 +39,10 @@ from storage.timeconv import from_ms
 # report names another serial number (another wearable).
 _UPSERT_SENSORS = """
 INSERT INTO sensors (device_id, sensor, manufacturer, model, serial, firmware, hardware,
-                     battery_level, first_seen, last_seen)
+                     battery_level, paired_user, first_seen, last_seen)
 SELECT *, %b::timestamptz, %b::timestamptz
 FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-            %b::text[], %b::int2[])
+            %b::text[], %b::int2[], %b::int2[])
 ON CONFLICT (device_id, sensor) DO UPDATE SET
     manufacturer = CASE WHEN EXCLUDED.serial <> sensors.serial THEN EXCLUDED.manufacturer
                    ELSE coalesce(EXCLUDED.manufacturer, sensors.manufacturer) END,
@@ -54,6 +54,8 @@ ON CONFLICT (device_id, sensor) DO UPDATE SET
     hardware = CASE WHEN EXCLUDED.serial <> sensors.serial THEN EXCLUDED.hardware
                ELSE coalesce(EXCLUDED.hardware, sensors.hardware) END,
     battery_level = coalesce(EXCLUDED.battery_level, sensors.battery_level),
+    -- The hub's pairing, not the wearable's description: the newest report says it whole.
+    paired_user = EXCLUDED.paired_user,
     last_seen = greatest(sensors.last_seen, EXCLUDED.last_seen)
 """
 # Each report against the description valid at its time (p): completed from it, and added
@@ -193,7 +195,14 @@ def _latest_per_sensor(fresh: Sequence[AcceptedEnvelope]) -> list[tuple[str, Sen
             d = Description.of(before).then(s)
             battery = s.battery_level if s.battery_level is not None else before.battery_level
             merged[(e.dev, s.sensor)] = SensorReport(
-                s.sensor, d.manufacturer, d.model, d.serial, d.firmware, d.hardware, battery
+                s.sensor,
+                d.manufacturer,
+                d.model,
+                d.serial,
+                d.firmware,
+                d.hardware,
+                battery,
+                s.paired_user,
             )
     return [(dev, s) for (dev, _), s in merged.items()]
 
@@ -216,6 +225,7 @@ async def record_reports(conn: Conn, fresh: Sequence[AcceptedEnvelope], received
             [s.firmware for _, s in latest],
             [s.hardware for _, s in latest],
             [s.battery_level for _, s in latest],
+            [s.paired_user for _, s in latest],
         ),
     )
     rows = history_rows(fresh)

@@ -459,7 +459,7 @@ def add_to_partials(
     partials: HourPartials, participant_id: str, readings: Iterable[Reading]
 ) -> None:
     """Fold one participant's readings into ``partials``."""
-    for t_ms, metric, value, _unit, _sensor in readings:
+    for t_ms, metric, value, *_ in readings:
         key = (participant_id, metric, t_ms // HOUR_MS)
         acc = partials.get(key)
         if acc is None:

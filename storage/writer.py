@@ -34,7 +34,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
-from storage import sensors
+from storage import records, sensors
 from storage.db import Conn
 from storage.errors import (
     BatchWriteError,
@@ -71,6 +71,8 @@ READING_COLUMNS = (
     "sensor",
     "received_at",
     "consent_id",
+    "flags",
+    "device_user",
 )
 _READING_TYPES = (
     "timestamptz",
@@ -83,6 +85,8 @@ _READING_TYPES = (
     "text",
     "timestamptz",
     "int8",
+    "text[]",
+    "int2",
 )
 _COPY_READINGS = f"COPY readings ({', '.join(READING_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _COPY_LINE = re.compile(r"COPY readings, line (\d+)")
@@ -245,11 +249,13 @@ class BulkWriter:
         received = from_ms(batch.received_ms)
         new_keys = await self._insert_envelopes(conn, batch.accepted, received)
         fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
+        fresh, changed = await records.claim(conn, fresh)
+        accepted = [changed.get((e.dev, e.seq), e) for e in batch.accepted]
         await self._copy_readings(conn, fresh, batch.received_ms)
         if self._mode is StorageMode.PLAIN:
             await _add_rollup_deltas(conn, fresh)
-        outcomes = await self._outcomes(conn, batch.accepted, new_keys)
-        conflicts = [e for e, o in zip(batch.accepted, outcomes, strict=True) if o.conflict]
+        outcomes = await self._outcomes(conn, accepted, new_keys)
+        conflicts = [e for e, o in zip(accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
         await self._insert_gaps(conn, fresh)
         await sensors.record_reports(conn, fresh, received)
@@ -308,6 +314,8 @@ class BulkWriter:
                                     r.sensor,
                                     received_ms,
                                     consent_id,
+                                    list(r.flags) if r.flags else None,
+                                    r.user,
                                 )
                             )
                         lines += len(env.readings)

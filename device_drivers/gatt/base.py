@@ -40,7 +40,10 @@ class Measurement:
     when the profile carries no time or the device sent an unknown/invalid one. GATT date
     fields have no time zone; the hub sets wearables' clocks in UTC (Current Time), so a
     device time is read as UTC. ``flags`` are short snake_case annotations from the device
-    (``no_sensor_contact``, ``cuff_loose``, ``measurement_ongoing``...).
+    (``no_sensor_contact``, ``cuff_loose``, ``measurement_ongoing``...: ingest.flags is
+    their registry). ``user`` is the device's user index on a wearable shared by several
+    people (Blood Pressure, Weight Scale, Body Composition; 255 is "unknown user"), None
+    when the profile carries none.
     """
 
     metric: str
@@ -48,6 +51,7 @@ class Measurement:
     unit: str
     time: datetime | None = None
     flags: tuple[str, ...] = ()
+    user: int | None = None
 
     def __post_init__(self) -> None:
         if CANONICAL_UNITS.get(self.metric) != self.unit:
@@ -64,11 +68,12 @@ def reading(
     *,
     time: datetime | None = None,
     flags: tuple[str, ...] = (),
+    user: int | None = None,
 ) -> list[Measurement]:
     """Zero or one Measurement: absent fields and special values give none."""
     if not is_finite_value(value):
         return []
-    return [Measurement(metric, float(value), CANONICAL_UNITS[metric], time, flags)]
+    return [Measurement(metric, float(value), CANONICAL_UNITS[metric], time, flags, user)]
 
 
 def clean(value: float) -> float:

@@ -194,8 +194,8 @@ def measurements(m: BloodPressureMeasurement) -> list[Measurement]:
         ("diastolic_bp", m.diastolic),
         ("mean_bp", m.mean_arterial_pressure),
     ):
-        out += reading(metric, _mmhg(value, m.unit), time=time, flags=flags)
-    out += reading("pulse_rate", m.pulse_rate, time=time, flags=flags)
+        out += reading(metric, _mmhg(value, m.unit), time=time, flags=flags, user=m.user_id)
+    out += reading("pulse_rate", m.pulse_rate, time=time, flags=flags, user=m.user_id)
     return out
 
 

@@ -177,7 +177,8 @@ def encode(m: BodyCompositionMeasurement) -> bytes:
 def measurements(m: BodyCompositionMeasurement) -> list[Measurement]:
     time = m.timestamp.to_datetime() if m.timestamp is not None else None
     flags = ("multiple_packet",) if m.multiple_packet else ()
-    out = reading("body_fat", m.body_fat_percent, time=time, flags=flags)
+    user = m.user_id
+    out = reading("body_fat", m.body_fat_percent, time=time, flags=flags, user=user)
     if m.weight is not None:
-        out += reading("body_weight", mass_kg(m.weight, m.unit), time=time, flags=flags)
+        out += reading("body_weight", mass_kg(m.weight, m.unit), time=time, flags=flags, user=user)
     return out

@@ -104,4 +104,4 @@ def measurements(m: WeightMeasurement) -> list[Measurement]:
     if m.weight is None:
         return []
     time = m.timestamp.to_datetime() if m.timestamp is not None else None
-    return reading("body_weight", mass_kg(m.weight, m.unit), time=time)
+    return reading("body_weight", mass_kg(m.weight, m.unit), time=time, user=m.user_id)

@@ -127,6 +127,21 @@ def register(sub: Subparsers) -> None:
     _as(esc)
     esc.set_defaults(handler=_cmd_escalation)
 
+    doubt = al_sub.add_parser(
+        "doubtful",
+        help="whether the study's rules judge readings the device doubted",
+        description="Readings a wearable marks invalid or questionable (no skin contact, "
+        "a loose cuff, a weak signal: docs/alerts.md) are stored and shown, but by default "
+        "no alert rule judges them; `alerts rules list` says how many each rule skipped.",
+    )
+    add_database_flags(doubt)
+    doubt.add_argument("--study", required=True, help="study id")
+    choice = doubt.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--judge", action="store_true", help="rules judge them too")
+    choice.add_argument("--skip", action="store_true", help="rules skip them (the default)")
+    _as(doubt)
+    doubt.set_defaults(handler=_cmd_doubtful)
+
     ls = al_sub.add_parser("list", help="list alerts", description="List alerts, oldest first.")
     add_database_flags(ls)
     ls.add_argument("--study", help="only this study")
@@ -204,13 +219,14 @@ def _describe(rule: Rule) -> str:
 
 
 def _cmd_rules_list(args: argparse.Namespace, settings: Settings) -> int:
-    from storage import alerts, db
+    from storage import alert_state, alerts, db
 
     url = settings.require_database_url()
 
     async def go() -> int:
         async with db.connection(url, autocommit=True) as conn:
             rules = await alerts.list_rules(conn, args.study)
+            skipped = await alert_state.skipped_by_rule(conn, [r.rule_id for r in rules])
         for r in rules:
             if args.json:
                 print(
@@ -229,11 +245,14 @@ def _cmd_rules_list(args: argparse.Namespace, settings: Settings) -> int:
                             "max_gap_s": r.max_gap_s,
                             "severity": r.severity.value,
                             "escalate_after_s": r.escalate_after_s,
+                            "doubtful_skipped": skipped.get(r.rule_id, 0),
                         }
                     )
                 )
             else:
-                print(f"{r.rule_id:>6}  {_describe(r)}")
+                n = skipped.get(r.rule_id, 0)
+                note = f"  (skipped {n} doubtful reading{'' if n == 1 else 's'})" if n else ""
+                print(f"{r.rule_id:>6}  {_describe(r)}{note}")
         return 0
 
     return int(run(go()))
@@ -255,6 +274,24 @@ def _cmd_escalation(args: argparse.Namespace, settings: Settings) -> int:
             f"study {args.study}: "
             + ("alerts never escalate" if seconds is None else f"escalate after {seconds} s")
         )
+        return 0
+
+    return int(run(go()))
+
+
+@operator.authenticated("alerts doubtful")
+def _cmd_doubtful(args: argparse.Namespace, settings: Settings) -> int:
+    from storage import alert_state, db
+
+    url = settings.require_database_url()
+
+    async def go() -> int:
+        async with db.connection(url, autocommit=True) as conn:
+            await alert_state.set_study_judging_doubtful(
+                conn, args.study, args.judge, actor=operator.current().actor
+            )
+        verb = "judge" if args.judge else "skip"
+        print(f"study {args.study}: alert rules {verb} readings the device doubted")
         return 0
 
     return int(run(go()))

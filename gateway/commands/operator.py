@@ -73,6 +73,7 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "admin disable-user": ADMIN_ONLY,
     "alerts rules add": CLINICAL,
     "alerts escalation": CLINICAL,
+    "alerts doubtful": CLINICAL,
     "alerts ack": CLINICAL,  # POST /alerts/{id}/acknowledge
     "alerts resolve": CLINICAL,  # POST /alerts/{id}/resolve
     "consent document": ADMIN_ONLY,  # consent.records.create_version: admins only

@@ -7,9 +7,10 @@ import json
 import time
 
 from gateway.broker import MosquittoBroker
-from ingest.envelope import RECEIPT_ACCEPTED, open_receipt, seal
+from ingest.envelope import seal
 from ingest.model import Payload, Reading
 from ingest.pipeline import up_topic
+from ingest.receipts import RECEIPT_ACCEPTED, open_receipt
 from storage import alerts, db
 from tests.alerts.test_engine import rows
 from tests.fixtures.gateway import RunningGateway

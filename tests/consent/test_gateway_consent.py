@@ -14,9 +14,10 @@ import pytest
 from consent import records
 from consent.records import Initiator
 from gateway.broker import MosquittoBroker
-from ingest.envelope import RECEIPT_ACCEPTED, open_receipt, seal
+from ingest.envelope import seal
 from ingest.model import AcceptedEnvelope, Batch, Payload, Reading, Receipt
 from ingest.pipeline import up_topic
+from ingest.receipts import RECEIPT_ACCEPTED, open_receipt
 from storage import db
 from storage.timeconv import to_ms
 from tests.consent.conftest import ADMIN, CHEAP_HASHER, COORDINATOR, PASSWORD, Accounts

@@ -177,10 +177,10 @@ def test_blood_pressure_full() -> None:
     assert blood_pressure.encode(m) == hx(_BP_FULL)
     when = datetime(2024, 3, 15, 10, 30, tzinfo=UTC)
     assert blood_pressure.measurements(m) == [
-        Measurement("systolic_bp", 120.0, "mm[Hg]", when, ("cuff_loose",)),
-        Measurement("diastolic_bp", 80.0, "mm[Hg]", when, ("cuff_loose",)),
-        Measurement("mean_bp", 94.0, "mm[Hg]", when, ("cuff_loose",)),
-        Measurement("pulse_rate", 72.0, "/min", when, ("cuff_loose",)),
+        Measurement("systolic_bp", 120.0, "mm[Hg]", when, ("cuff_loose",), user=1),
+        Measurement("diastolic_bp", 80.0, "mm[Hg]", when, ("cuff_loose",), user=1),
+        Measurement("mean_bp", 94.0, "mm[Hg]", when, ("cuff_loose",), user=1),
+        Measurement("pulse_rate", 72.0, "/min", when, ("cuff_loose",), user=1),
     ]
 
 
@@ -497,7 +497,7 @@ def test_weight_imperial_everything() -> None:
     assert weight_scale.encode(m) == payload
     # 154 lb x 0.45359237 kg/lb = 69.85322498 kg
     assert weight_scale.measurements(m) == [
-        Measurement("body_weight", 69.853225, "kg", datetime(2024, 2, 29, 6, tzinfo=UTC))
+        Measurement("body_weight", 69.853225, "kg", datetime(2024, 2, 29, 6, tzinfo=UTC), user=1)
     ]
 
 
@@ -558,8 +558,8 @@ def test_body_composition_every_field() -> None:
     assert body_composition.encode(m) == payload
     when = datetime(2024, 5, 20, 7, tzinfo=UTC)
     assert body_composition.measurements(m) == [
-        Measurement("body_fat", 25.5, "%", when, ("multiple_packet",)),
-        Measurement("body_weight", 70.0, "kg", when, ("multiple_packet",)),
+        Measurement("body_fat", 25.5, "%", when, ("multiple_packet",), user=2),
+        Measurement("body_weight", 70.0, "kg", when, ("multiple_packet",), user=2),
     ]
 
 

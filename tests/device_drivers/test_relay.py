@@ -16,8 +16,8 @@ from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway.broker import MosquittoBroker
 from ingest import keys
-from ingest.envelope import RECEIPT_ACCEPTED, seal_receipt
 from ingest.model import Reading, Receipt
+from ingest.receipts import RECEIPT_ACCEPTED, seal_receipt
 from storage import db
 from tests.fixtures.gateway import RunningGateway
 from tests.fixtures.trial import Trial

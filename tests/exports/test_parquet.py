@@ -12,10 +12,11 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
 
 from gateway.broker import MosquittoBroker
-from ingest.envelope import RECEIPT_ACCEPTED, open_receipt, seal
+from ingest.envelope import seal
 from ingest.metrics import METRICS
 from ingest.model import Payload, Reading, SensorReport
 from ingest.pipeline import up_topic
+from ingest.receipts import RECEIPT_ACCEPTED, open_receipt
 from storage import db
 from storage.exports import ExportKind, ExportRequest, export
 from storage.exports.parquet import SCHEMA, SCHEMA_NAME

@@ -16,9 +16,10 @@ from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.observation import Observation
 
 from gateway.broker import MosquittoBroker
-from ingest.envelope import RECEIPT_ACCEPTED, open_receipt, seal
+from ingest.envelope import seal
 from ingest.model import Payload, Reading, SensorReport
 from ingest.pipeline import up_topic
+from ingest.receipts import RECEIPT_ACCEPTED, open_receipt
 from storage import db, sensors
 from storage.exports import ExportKind, ExportRequest, export
 from storage.timeconv import from_ms

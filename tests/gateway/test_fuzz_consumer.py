@@ -48,8 +48,6 @@ from hypothesis import strategies as st
 from gateway.app import CONSUMER_TASK
 from ingest import keys
 from ingest.envelope import (
-    INT64_MAX,
-    INT64_MIN,
     MAX_ENVELOPE_BYTES,
     MAX_GAP_REASON_BYTES,
     MAX_ITEMS_PER_ENVELOPE,
@@ -57,8 +55,6 @@ from ingest.envelope import (
     MAX_SENSOR_BYTES,
     MAX_SENSOR_FIELD_BYTES,
     MAX_UNIT_BYTES,
-    RECEIPT_ACCEPTED,
-    EnvelopeError,
     open_envelope,
     seal,
     verify,
@@ -66,6 +62,8 @@ from ingest.envelope import (
 from ingest.metrics import METRICS
 from ingest.model import Payload, Reading, Receipt
 from ingest.pipeline import up_topic
+from ingest.receipts import RECEIPT_ACCEPTED
+from ingest.wire import INT64_MAX, INT64_MIN, EnvelopeError
 from storage import db
 from storage.timeconv import MAX_MS, MIN_MS
 from tests.fixtures.envelopes import payload_obj, raw_sign1

@@ -16,9 +16,10 @@ import pytest
 
 from gateway.broker import MosquittoBroker
 from gateway.storing import POISON_AFTER
-from ingest.envelope import RECEIPT_ACCEPTED, RECEIPT_REJECTED, open_receipt, seal
+from ingest.envelope import seal
 from ingest.model import Gap, Payload, Reading, Receipt
 from ingest.pipeline import up_topic
+from ingest.receipts import RECEIPT_ACCEPTED, RECEIPT_REJECTED, open_receipt
 from storage import db
 from tests.fixtures.envelopes import payload_obj, raw_sign1
 from tests.fixtures.gateway import RunningGateway

@@ -11,15 +11,10 @@ import pytest
 
 from gateway.broker import MosquittoBroker
 from ingest import keys
-from ingest.envelope import (
-    MAX_ENVELOPE_BYTES,
-    RECEIPT_ACCEPTED,
-    RECEIPT_REJECTED,
-    open_receipt,
-    seal,
-)
+from ingest.envelope import MAX_ENVELOPE_BYTES, seal
 from ingest.model import Payload, Reading, Receipt
 from ingest.pipeline import down_topic, up_topic
+from ingest.receipts import RECEIPT_ACCEPTED, RECEIPT_REJECTED, open_receipt
 from storage import db, registry
 from tests.fixtures.gateway import METRICS_HEADERS, RunningGateway
 from tests.fixtures.mqtt import MqttProbe

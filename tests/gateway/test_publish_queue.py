@@ -15,8 +15,8 @@ import pytest
 
 from gateway import consumer
 from gateway.broker import MosquittoBroker
-from ingest.envelope import RECEIPT_ACCEPTED
 from ingest.model import Receipt
+from ingest.receipts import RECEIPT_ACCEPTED
 from ingest.transport import stop_client
 from tests.fixtures.waiting import wait_until
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from gateway.judging import seal_each
 from ingest import keys
-from ingest.envelope import RECEIPT_ACCEPTED, open_receipt
 from ingest.model import Receipt
+from ingest.receipts import RECEIPT_ACCEPTED, open_receipt
 
 
 def test_a_receipt_that_cannot_be_sealed_leaves_the_others_sealed() -> None:

@@ -17,17 +17,18 @@ from pycose.keys.curves import P256
 from pycose.keys.ec2 import EC2Key
 from pycose.messages.sign1message import Sign1Message
 
+from ingest import cose, wire
 from ingest import envelope as env
 from ingest.envelope import (
     MAX_ENVELOPE_BYTES,
     MAX_ITEMS_PER_ENVELOPE,
-    EnvelopeError,
     Opened,
     open_envelope,
     seal,
     verify,
 )
 from ingest.model import Gap, Payload, Reading, Reason
+from ingest.wire import EnvelopeError
 from tests.fixtures import envelopes
 
 DEV = "hub-0001"
@@ -111,7 +112,7 @@ def test_wire_shape(key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def test_protected_header_constant_is_alg_es256() -> None:
-    assert cbor2.dumps({1: -7}) == env._PROTECTED_ES256
+    assert cbor2.dumps({1: -7}) == cose.PROTECTED_ES256
 
 
 def test_bytes_like_input_is_accepted(key: ec.EllipticCurvePrivateKey) -> None:
@@ -180,7 +181,7 @@ def test_a_full_batch_of_maximal_readings_fits(key: ec.EllipticCurvePrivateKey) 
         sensor="s" * env.MAX_SENSOR_BYTES,
     )
     payload = Payload(
-        dev="d" * env.MAX_DEVICE_ID_BYTES,
+        dev="d" * wire.MAX_DEVICE_ID_BYTES,
         seq=2**63 - 1,
         sent_ms=2**63 - 1,
         readings=(reading,) * MAX_ITEMS_PER_ENVELOPE,
@@ -345,8 +346,9 @@ def test_bomb_inside_the_payload_bstr_is_malformed(key: ec.EllipticCurvePrivateK
             Reason.TOO_LARGE,
             id="too-many-readings",
         ),
-        pytest.param({"v": 2}, Reason.UNSUPPORTED_VERSION, id="v2"),
-        pytest.param({"v": 2, "r": ..., "new": 1}, Reason.UNSUPPORTED_VERSION, id="v2-schema"),
+        pytest.param({"v": 3}, Reason.UNSUPPORTED_VERSION, id="v3"),
+        pytest.param({"v": 3, "r": ..., "new": 1}, Reason.UNSUPPORTED_VERSION, id="v3-schema"),
+        pytest.param({"v": 0}, Reason.UNSUPPORTED_VERSION, id="v0"),
         pytest.param({"v": "1"}, Reason.MALFORMED, id="text-v"),
         pytest.param({"v": True}, Reason.MALFORMED, id="bool-v"),
         pytest.param({"v": ...}, Reason.MALFORMED, id="missing-v"),
@@ -444,9 +446,9 @@ def test_non_bytes_input_is_malformed() -> None:
             id="int-beyond-float",
         ),
         pytest.param(
-            Payload(dev=DEV, seq=1, sent_ms=1, readings=(), v=2),
+            Payload(dev=DEV, seq=1, sent_ms=1, readings=(), v=3),
             Reason.UNSUPPORTED_VERSION,
-            id="v2",
+            id="v3",
         ),
         pytest.param(
             Payload(
@@ -573,6 +575,13 @@ readings = st.builds(
     value=st.floats(allow_nan=False),
     unit=utf8_text(env.MAX_UNIT_BYTES),
     sensor=utf8_text(env.MAX_SENSOR_BYTES),
+    flags=st.lists(
+        st.from_regex(r"[a-z][a-z0-9_]{0,31}", fullmatch=True),
+        max_size=env.MAX_FLAGS_PER_READING,
+        unique=True,
+    ).map(lambda f: tuple(sorted(f))),
+    user=st.none() | st.integers(0, 255),
+    record=st.none() | utf8_text(env.MAX_RECORD_BYTES),
 )
 gaps = st.builds(Gap, from_ms=int64, to_ms=int64, reason=utf8_text(env.MAX_GAP_REASON_BYTES))
 payloads = st.builds(
@@ -608,7 +617,7 @@ def test_the_signed_structure_is_the_cbor_of_rfc_9052(payload_len: int, protecte
         b"\xa1" * protected_len,
         bytes(range(256)) * (payload_len // 256) + (b"p" * (payload_len % 256)),
     )
-    assert env._sig_structure(protected, payload) == cbor2.dumps(
+    assert cose.sig_structure(protected, payload) == cbor2.dumps(
         ["Signature1", protected, b"", payload]
     )
 

@@ -12,9 +12,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ingest import cose, wire
 from ingest import envelope as env
-from ingest.envelope import EnvelopeError, open_envelope, seal
+from ingest.envelope import open_envelope, seal
 from ingest.model import Payload, Reading, Reason
+from ingest.wire import EnvelopeError
 from tests.ingest.test_envelope import FUZZ, int64, mutate, raw_sign1, utf8_text
 
 gapless = st.builds(
@@ -30,6 +32,9 @@ gapless = st.builds(
             value=st.floats(allow_nan=False) | st.sampled_from([0.5, 72.0, -1.25]),
             unit=utf8_text(env.MAX_UNIT_BYTES),
             sensor=utf8_text(env.MAX_SENSOR_BYTES),
+            flags=st.just(()),
+            user=st.none(),
+            record=st.none(),
         ),
         max_size=20,
     ).map(tuple),
@@ -37,7 +42,7 @@ gapless = st.builds(
 
 
 def slow_payload(payload_bytes: bytes) -> Any:
-    return env._loads(payload_bytes, "payload")
+    return wire.loads(payload_bytes, "payload")
 
 
 @FUZZ
@@ -46,9 +51,9 @@ def test_every_canonical_envelope_takes_the_fast_path_with_the_same_result(
     key: ec.EllipticCurvePrivateKey, payload: Payload
 ) -> None:
     data = seal(payload, key)
-    fast = env._split_canonical_sign1(data)
+    fast = cose._split_canonical_sign1(data)
     assert fast is not None
-    assert fast == env._split_sign1(data)
+    assert fast == cose._split_sign1(data)
     payload_bytes = fast[2]
     obj = env._loads_canonical_payload(payload_bytes)
     assert obj is not None
@@ -61,7 +66,7 @@ def test_envelopes_with_gaps_or_sensor_reports_take_the_slow_path(
 ) -> None:
     from tests.ingest.test_envelope import make_payload
 
-    with_gaps = env._split_canonical_sign1(seal(make_payload(3), key))
+    with_gaps = cose._split_canonical_sign1(seal(make_payload(3), key))
     assert with_gaps is not None
     assert env._loads_canonical_payload(with_gaps[2]) is None
     assert open_envelope(seal(make_payload(3), key)).payload == make_payload(3)
@@ -80,9 +85,9 @@ def test_the_fast_path_accepts_nothing_the_slow_path_refuses(
     key: ec.EllipticCurvePrivateKey, payload: Payload, draw: st.DataObject
 ) -> None:
     data = mutate(seal(payload, key), draw)
-    fast = env._split_canonical_sign1(data)
+    fast = cose._split_canonical_sign1(data)
     if fast is not None:
-        assert fast == env._split_sign1(data)
+        assert fast == cose._split_sign1(data)
     payload_bytes = mutate(cbor2.dumps(env._payload_to_obj(payload)), draw)
     obj = env._loads_canonical_payload(payload_bytes)
     if obj is not None:
@@ -125,7 +130,7 @@ def test_readings_outside_the_canonical_grammar_take_the_slow_path(
 ) -> None:
     obj = {"v": 1, "dev": "hub-0001", "seq": 1, "sent": 5, "r": [reading], "gaps": []}
     data = raw_sign1(obj, key)
-    split = env._split_canonical_sign1(data)
+    split = cose._split_canonical_sign1(data)
     assert split is not None
     fast = env._loads_canonical_payload(split[2])
     if isinstance(reading[2], float) and reading[2] != reading[2]:
@@ -146,7 +151,7 @@ def test_a_maximal_envelope_takes_the_fast_path(key: ec.EllipticCurvePrivateKey)
         ),
     )
     data = seal(payload, key)
-    split = env._split_canonical_sign1(data)
+    split = cose._split_canonical_sign1(data)
     assert split is not None
     assert env._loads_canonical_payload(split[2]) is not None
     assert open_envelope(data).payload == payload

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ingest.envelope import MAX_SENSORS_PER_ENVELOPE, EnvelopeError, open_envelope, seal, verify
+from ingest.envelope import MAX_SENSORS_PER_ENVELOPE, open_envelope, seal, verify
 from ingest.model import Payload, Reason, SensorReport
+from ingest.wire import EnvelopeError
 from tests.ingest.test_envelope import make_payload, payload_obj, raw_sign1
 
 STRAP = SensorReport("hr-1", "Acme", "HRM-2", "SN-42", "1.4.2", "rev C", 87)

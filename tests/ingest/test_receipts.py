@@ -21,17 +21,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pycose.messages.sign1message import Sign1Message
 
-from ingest import envelope as env
 from ingest import merkle
-from ingest.envelope import (
+from ingest import receipts as rc
+from ingest.model import Reason, Receipt
+from ingest.receipts import (
     MAX_RECEIPT_BYTES,
     MAX_RECEIPT_TREE,
-    EnvelopeError,
     open_receipt,
     seal_receipt,
     seal_receipts,
 )
-from ingest.model import Reason, Receipt
+from ingest.wire import EnvelopeError
 from tests.ingest.test_envelope import DEV, FUZZ, cose_key
 
 PROTECTED = b"\xa2\x01\x26\x19\x01\x8b\x01"  # {1: -7, 395: 1}
@@ -245,9 +245,9 @@ def test_receipt_round_trip_of_each_status(key: ec.EllipticCurvePrivateKey) -> N
 
 
 def test_the_receipt_header_bytes_are_the_named_constants() -> None:
-    assert PROTECTED == env._PROTECTED_RECEIPT
+    assert PROTECTED == rc._PROTECTED_RECEIPT
     # In a one-entry map, the head and one proof make {396: {-1: [proof]}}.
-    proofs = cbor2.loads(b"\xa1" + env._RECEIPT_PROOFS_HEAD + cbor2.dumps(b"p"))
+    proofs = cbor2.loads(b"\xa1" + rc._RECEIPT_PROOFS_HEAD + cbor2.dumps(b"p"))
     assert proofs == {396: {-1: [b"p"]}}
 
 
