@@ -37,7 +37,7 @@ from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
 
 from bench.common import Progress, cpu_seconds, machine
-from device_drivers.driver import BleBackends, SensorInfo, WearableSession, WearableSpec
+from device_drivers.driver import SensorInfo, WearableSession, WearableSpec
 from device_drivers.gatt import (
     blood_pressure,
     body_composition,
@@ -49,6 +49,7 @@ from device_drivers.gatt import (
     weight_scale,
 )
 from device_drivers.gatt.date_time import DateTime
+from device_drivers.pairing import BleBackends
 from device_drivers.sim import RadioProcess, SimAdapter, VirtualHeartRateStrap
 from device_drivers.sim.process import WearableFactory
 from gateway.broker import free_port

@@ -7,7 +7,12 @@ Information and the battery into the sensor's provenance, sets the wearable's cl
 characteristic it serves (notifications and indications alike) and to Battery Level
 notifications. A glucose meter is asked through its Record Access Control Point for the
 stored records newer than the last one already held; that cursor is written to the hub's
-state file only once the records' readings are durable. Each value is decoded by the pure
+state file only once the records' readings are durable. With a cursor, the meter is first
+asked for its newest record: one numbered below the cursor means the meter's numbering
+started again (a reset, a replaced battery, a wrap past 65535), which is recorded as a
+``record_sequence_reset`` event (a gap of no length) and answered by asking for every
+record. Each record's readings carry its key (sequence number and time), by which the
+gateway stores a record once however often it is read. Each value is decoded by the pure
 parsers and handed to the sink, which makes it durable (the hub's outbox) before the
 session goes on.
 
@@ -20,10 +25,7 @@ When the wearable drops (out of range, battery, interference) the session reconn
 own with jittered backoff and records the span without data as a gap, from the last moment
 it was connected to the moment it is again: missing data is visible, never invented.
 
-Pairing (:func:`pair_wearable`) is a separate, explicit step: the participant picks a
-wearable found by :func:`discover`, the hub pairs and bonds with it (Just Works, or a
-passkey the participant types in when asked through a :class:`PasskeyPrompt`) and
-remembers it in the :class:`~device_drivers.state.HubState`.
+Pairing and discovery are device_drivers.pairing's; the hub's clock is device_drivers.clock.
 """
 
 from __future__ import annotations
@@ -32,25 +34,27 @@ import asyncio
 import contextlib
 import logging
 import random
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
-from bleak import BleakClient, BleakScanner
+from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
-from bleak.backends.client import BaseBleakClient
-from bleak.backends.device import BLEDevice
-from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 from bleak.exc import BleakError
 from bleak_retry_connector import establish_connection
 
-from device_drivers.errors import DeviceDriverError
 from device_drivers.gatt import battery, current_time, device_information, glucose, racp, registry
 from device_drivers.gatt.base import Measurement
 from device_drivers.gatt.errors import GattError
+from device_drivers.pairing import (
+    SCAN_TIMEOUT_S,
+    BleBackends,
+    DriverError,
+    find,
+    short_service,
+)
 from device_drivers.state import HubState, PairedWearable
 from ingest.model import Gap, Reading
 
@@ -81,46 +85,21 @@ DEVICE_INFORMATION = {
     "firmware": device_information.FIRMWARE_REVISION,
     "hardware": device_information.HARDWARE_REVISION,
 }
-# The profile a wearable is paired as: its first standard service in this order (a scale
-# with Body Composition is a weight scale).
-PROFILES: Final[dict[int, str]] = {
-    registry.HEART_RATE_SERVICE: "heart_rate",
-    registry.HEALTH_THERMOMETER_SERVICE: "thermometer",
-    registry.BLOOD_PRESSURE_SERVICE: "blood_pressure",
-    registry.PULSE_OXIMETER_SERVICE: "pulse_oximeter",
-    registry.GLUCOSE_SERVICE: "glucose",
-    registry.WEIGHT_SCALE_SERVICE: "weight_scale",
-    registry.BODY_COMPOSITION_SERVICE: "body_composition",
-}
-UNKNOWN_PROFILE: Final = "unknown"
 # Cursor name in the hub state: the last glucose record sequence number held durably.
 GLUCOSE_CURSOR: Final = "glucose_sequence"
+# The event recorded when a meter's record numbering is found to have started again.
+SEQUENCE_RESET: Final = "record_sequence_reset"
 _MAX_SEQUENCE: Final = 0xFFFF
 
 RR_INTERVAL: Final = "rr_interval"
-CLOCK_JUMP: Final = "clock_jump"
-# A backwards step of the hub's wall clock larger than this is a jump. NTP daemons step a
-# clock that is off by more than their threshold (chrony's packaged default: `makestep 1`,
-# i.e. 1 s) and slew below it, so routine corrections stay under this; a hub whose clock
-# was set by hand, lost its battery-backed time or picked up a wrong time zone moves by
-# minutes to hours. Readings are at most a few per second per wearable, so a sub-2 s step
-# makes no meaningful repetition.
-CLOCK_JUMP_TOLERANCE_S: Final = 2.0
-# Jumps noticed but not yet handed to the sink; past this many (a clock flapping back and
-# forth) the newest is widened to cover the next, so none is lost and memory stays bounded.
-MAX_PENDING_JUMPS: Final = 64
 
 # Reconnect backoff: first retry after 1 s (a wearable briefly out of reach comes back
 # fast), doubling to 60 s (a strap left in another room should not drain the hub).
 RECONNECT_MIN_S = 1.0
 RECONNECT_MAX_S = 60.0
 CONNECT_TIMEOUT_S = 10.0
-# A wearable advertises every 20 ms to 1 s when it is connectable; 5 s of scanning finds it.
-SCAN_TIMEOUT_S = 5.0
 # bleak-retry-connector's attempts per connect: transient failures are common on real radios.
 CONNECT_ATTEMPTS = 3
-# Pairing waits for a person to read six digits off a wearable and type them in: a minute.
-PAIRING_TIMEOUT_S = 60.0
 # Values waiting to be decoded and made durable. A glucose backfill (up to 1000 records)
 # or 20 wearables at 10 Hz fit many times over. A callback cannot wait (the radio does not
 # pause), so past this bound values are counted as dropped and the span becomes a gap.
@@ -142,116 +121,6 @@ class SensorInfo:
     hardware: str | None = None
     battery_level: int | None = None
     paired_user: int | None = None
-
-
-class HubClock:
-    """The hub's wall clock for stamping readings; it notices when it jumps backwards.
-
-    A call returns the wall time unchanged: readings keep the time the hub had, even after a
-    jump (an invented time would be worse than a repeated one). A step back of more than
-    ``tolerance_s`` below the latest time returned so far is remembered as a ``clock_jump``
-    gap from the new time to that latest one: the span whose times may now occur twice.
-    :meth:`take_jumps` hands those gaps over once (the hub's sink records them). Safe to
-    call from any thread (bleak callbacks, worker threads).
-    """
-
-    def __init__(
-        self,
-        read: Callable[[], float] = time.time,
-        *,
-        tolerance_s: float = CLOCK_JUMP_TOLERANCE_S,
-    ) -> None:
-        if tolerance_s < 0:
-            raise ValueError("tolerance_s must not be negative")
-        self._read = read
-        self.tolerance_s = tolerance_s
-        self._lock = threading.Lock()
-        self._latest: float | None = None
-        self._jumps: list[Gap] = []
-        self.jumps_seen = 0
-
-    def __call__(self) -> float:
-        now = self._read()
-        with self._lock:
-            latest = self._latest
-            if latest is None or now > latest:
-                self._latest = now
-            elif now < latest - self.tolerance_s:
-                self._latest = now
-                self.jumps_seen += 1
-                self._remember(Gap(int(now * 1000), int(latest * 1000), CLOCK_JUMP))
-                log.warning("hub clock jumped backwards back_s=%.3f", latest - now)
-        return now
-
-    def _remember(self, gap: Gap) -> None:
-        if len(self._jumps) < MAX_PENDING_JUMPS:
-            self._jumps.append(gap)
-            return
-        last = self._jumps[-1]
-        self._jumps[-1] = Gap(
-            min(last.from_ms, gap.from_ms), max(last.to_ms, gap.to_ms), CLOCK_JUMP
-        )
-
-    def take_jumps(self) -> list[Gap]:
-        """The jumps noticed since the last call, oldest first."""
-        with self._lock:
-            jumps, self._jumps = self._jumps, []
-        return jumps
-
-    def give_back(self, jumps: Sequence[Gap]) -> None:
-        """Put back jumps that could not be recorded, ahead of newer ones."""
-        with self._lock:
-            pending, self._jumps = self._jumps, []
-            for gap in [*jumps, *pending]:
-                self._remember(gap)
-
-
-class DriverError(DeviceDriverError):
-    """Base of the errors of wearable discovery, pairing and sessions."""
-
-
-class WearableNotFound(DriverError):
-    """The wearable was not seen advertising within the scan timeout."""
-
-
-class PairingFailed(DriverError):
-    """Pairing did not complete: refused, wrong passkey, or nobody answered in time."""
-
-
-class PasskeyPrompt(Protocol):
-    """Asks the participant during pairing (the hub's screen, app or voice prompt)."""
-
-    async def passkey(self, sensor: str) -> int | None:
-        """The six digits the wearable ``sensor`` displays, or None if the person cancels."""
-        ...
-
-    async def confirm(self, sensor: str, number: int) -> bool:
-        """Whether the wearable ``sensor`` displays ``number`` too (numeric comparison)."""
-        ...
-
-
-class PromptPairingAgent:
-    """The hub's pairing agent: the Bluetooth stack's questions, put to the participant.
-
-    It has the shape of the stack's agent (``request_passkey(address)``,
-    ``confirm_numeric(address, number)``: :class:`device_drivers.sim.PairingAgent` in the
-    simulation, a BlueZ agent on Linux) and names the wearable by the sensor name it is
-    being paired under in ``state``.
-    """
-
-    def __init__(self, prompt: PasskeyPrompt, state: HubState) -> None:
-        self.prompt = prompt
-        self.state = state
-
-    def _sensor(self, address: str) -> str:
-        known = self.state.wearable(address)
-        return known.sensor if known is not None else address
-
-    async def request_passkey(self, address: str) -> int | None:
-        return await self.prompt.passkey(self._sensor(address))
-
-    async def confirm_numeric(self, address: str, number: int) -> bool:
-        return await self.prompt.confirm(self._sensor(address), number)
 
 
 class ReadingSink(Protocol):
@@ -278,14 +147,6 @@ class WearableSpec:
     user: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class BleBackends:
-    """bleak backend classes; None means the platform's own (BlueZ, CoreBluetooth, WinRT)."""
-
-    scanner: type[BaseBleakScanner] | None = None
-    client: type[BaseBleakClient] | None = None
-
-
 def _setter(event: asyncio.Event) -> Callable[[BleakClient], None]:
     return lambda _client: event.set()
 
@@ -309,6 +170,7 @@ class SessionStats:
     racp_requests: int = 0
     racp_completed: int = 0
     racp_errors: int = 0
+    sequence_resets: int = 0
     connected: bool = False
     last_error: str | None = None
     info: SensorInfo | None = None
@@ -321,119 +183,6 @@ class _Value:
     char_id: int
     t_ms: int
     data: bytes
-
-
-def _short_service(uuid: str) -> int | None:
-    text = uuid.lower()
-    if text.startswith("0000") and text.endswith(registry.BASE_UUID_SUFFIX):
-        return int(text[4:8], 16)
-    return None
-
-
-def profile_of(service_uuids: Iterable[str]) -> str:
-    """The profile name of a wearable serving (or advertising) ``service_uuids``."""
-    shorts = {_short_service(u) for u in service_uuids}
-    return next((name for sid, name in PROFILES.items() if sid in shorts), UNKNOWN_PROFILE)
-
-
-@dataclass(frozen=True, slots=True)
-class FoundWearable:
-    """A wearable seen advertising a standard health service."""
-
-    address: str
-    name: str | None
-    profile: str
-    rssi: int
-
-
-def _scan_kwargs(backends: BleBackends) -> dict[str, Any]:
-    return {} if backends.scanner is None else {"backend": backends.scanner}
-
-
-async def discover(
-    backends: BleBackends | None = None, *, timeout_s: float = SCAN_TIMEOUT_S
-) -> list[FoundWearable]:
-    """Wearables advertising a standard health service, nearest (strongest) first."""
-    backends = backends or BleBackends()
-    seen = await BleakScanner.discover(
-        timeout=timeout_s,
-        return_adv=True,
-        service_uuids=[registry.full_uuid(service) for service in PROFILES],
-        **_scan_kwargs(backends),
-    )
-    found = [
-        FoundWearable(
-            address, adv.local_name or device.name, profile_of(adv.service_uuids), adv.rssi
-        )
-        for address, (device, adv) in seen.items()
-    ]
-    return sorted(found, key=lambda w: (-w.rssi, w.address))
-
-
-async def _find(
-    address: str, backends: BleBackends, timeout_s: float
-) -> tuple[BLEDevice, AdvertisementData]:
-    wanted = address.upper()
-    advertisement: list[AdvertisementData] = []
-
-    def match(device: BLEDevice, adv: AdvertisementData) -> bool:
-        if device.address.upper() != wanted:
-            return False
-        advertisement.append(adv)
-        return True
-
-    device = await BleakScanner.find_device_by_filter(
-        match, timeout=timeout_s, **_scan_kwargs(backends)
-    )
-    if device is None or not advertisement:
-        raise WearableNotFound(f"{address} not advertising within {timeout_s} s")
-    return device, advertisement[-1]
-
-
-async def pair_wearable(
-    address: str,
-    sensor: str,
-    state: HubState,
-    backends: BleBackends | None = None,
-    *,
-    scan_timeout_s: float = SCAN_TIMEOUT_S,
-    timeout_s: float = PAIRING_TIMEOUT_S,
-) -> PairedWearable:
-    """Find, pair and bond with the wearable at ``address`` and remember it as ``sensor``.
-
-    Which pairing method runs is negotiated by the two sides' IO capabilities: Just Works
-    for a wearable without display, passkey entry (asked of the participant through the
-    adapter's agent, e.g. :class:`PromptPairingAgent`) for one that shows a number.
-    Raises :class:`WearableNotFound` or :class:`PairingFailed`; on failure the state keeps
-    what it held before.
-    """
-    backends = backends or BleBackends()
-    device, adv = await _find(address, backends, scan_timeout_s)
-    before = await asyncio.to_thread(state.wearable, address)
-    pending = PairedWearable(address, sensor, profile_of(adv.service_uuids), bonded=False)
-    await asyncio.to_thread(state.remember, pending)
-    client = BleakClient(device, pair=True, timeout=timeout_s, backend=backends.client)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await client.connect()
-            profile = profile_of(service.uuid for service in client.services)
-    except (BleakError, TimeoutError) as exc:
-        await asyncio.to_thread(_restore, state, address, before)
-        raise PairingFailed(f"pairing {sensor} failed: {type(exc).__name__}") from exc
-    finally:
-        with contextlib.suppress(BleakError, TimeoutError):
-            await client.disconnect()
-    paired = replace(pending, profile=profile, bonded=True)
-    await asyncio.to_thread(state.remember, paired)
-    log.info("wearable paired sensor=%s profile=%s", sensor, profile)
-    return paired
-
-
-def _restore(state: HubState, address: str, before: PairedWearable | None) -> None:
-    if before is None:
-        state.forget(address)
-    else:
-        state.remember(before)
 
 
 def to_readings(measured: Sequence[Measurement], received_ms: int, sensor: str) -> list[Reading]:
@@ -459,6 +208,15 @@ def to_readings(measured: Sequence[Measurement], received_ms: int, sensor: str) 
     ]
 
 
+def record_key(record: glucose.GlucoseMeasurement) -> str:
+    """A glucose record's key: its sequence number and its time (``-`` when the meter's
+    clock was not set), as the meter stored them. Read again, the record has the same key;
+    a meter whose numbering started again gives its records other times."""
+    when = glucose.measurement_time(record)
+    stamp = "-" if when is None else str(int(when.timestamp() * 1000))
+    return f"g:{record.sequence_number}:{stamp}"
+
+
 @dataclass
 class WearableSession:
     spec: WearableSpec
@@ -471,6 +229,14 @@ class WearableSession:
     state: HubState | None = None
     _held_sequence: int | None = field(default=None, init=False, repr=False)
     _durable_sequence: int | None = field(default=None, init=False, repr=False)
+    # This connection's RACP exchange: the control point, whether the newest-record probe
+    # is outstanding (and the sequence number it answered with), and the records handled.
+    _racp: tuple[BleakClient, BleakGATTCharacteristic] | None = field(
+        default=None, init=False, repr=False
+    )
+    _probing: bool = field(default=False, init=False, repr=False)
+    _probed: int | None = field(default=None, init=False, repr=False)
+    _seen: set[int] = field(default_factory=set, init=False, repr=False)
     _overflow: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -542,7 +308,7 @@ class WearableSession:
 
     async def _connect(self, disconnected: asyncio.Event) -> BleakClient:
         """Find the wearable advertising, then connect through bleak-retry-connector."""
-        device, _ = await _find(self.spec.address, self.backends, self.scan_timeout_s)
+        device, _ = await find(self.spec.address, self.backends, self.scan_timeout_s)
         async with asyncio.timeout(self.connect_timeout_s * CONNECT_ATTEMPTS):
             return await establish_connection(
                 BleakClient,
@@ -566,7 +332,7 @@ class WearableSession:
         control_point: BleakGATTCharacteristic | None = None
         for service in client.services:
             for char in service.characteristics:
-                short = _short_service(char.uuid)
+                short = short_service(char.uuid)
                 properties = set(char.properties)
                 wanted = short in MEASUREMENTS and bool({"notify", "indicate"} & properties)
                 wanted |= short == BATTERY_LEVEL and "notify" in properties
@@ -596,6 +362,7 @@ class WearableSession:
                 await self._handle(queue.get_nowait())
         finally:
             waiter.cancel()
+            self._racp, self._probing = None, False
 
     def _enqueue(
         self, char_id: int, queue: asyncio.Queue[_Value]
@@ -652,10 +419,17 @@ class WearableSession:
     async def _on_glucose(self, value: _Value) -> None:
         record = glucose.decode(value.data)
         sequence = record.sequence_number
-        if self._held_sequence is not None and sequence <= self._held_sequence:
+        if self._probing:  # only where the numbering is: the records follow in order
+            self._probed = sequence
+            return
+        held = self._held_sequence
+        if sequence in self._seen or (held is not None and sequence <= held):
             self.stats.records_already_held += 1
             return
-        await self._store(to_readings(glucose.measurements(record), value.t_ms, self.spec.sensor))
+        key = record_key(record)
+        measured = to_readings(glucose.measurements(record), value.t_ms, self.spec.sensor)
+        await self._store([r._replace(record=key) for r in measured])
+        self._seen.add(sequence)
         self.stats.records_fetched += 1
         if self._durable_sequence is None or sequence > self._durable_sequence:
             self._durable_sequence = sequence
@@ -665,6 +439,9 @@ class WearableSession:
         if not isinstance(response, racp.ResponseCodeIndication):
             return
         if response.request_opcode != racp.Opcode.REPORT_STORED_RECORDS:
+            return
+        if self._probing:
+            await self._after_probe(response)
             return
         if response.code in (racp.ResponseCode.SUCCESS, racp.ResponseCode.NO_RECORDS_FOUND):
             self.stats.racp_completed += 1
@@ -677,18 +454,61 @@ class WearableSession:
                 response.code,
             )
 
+    async def _after_probe(self, response: racp.ResponseCodeIndication) -> None:
+        """The meter said which record is its newest: ask for what follows the cursor, or,
+        when its numbering started again below the cursor, for everything."""
+        self._probing = False
+        held, newest = self._held_sequence, self._probed
+        if response.code not in (racp.ResponseCode.SUCCESS, racp.ResponseCode.NO_RECORDS_FOUND):
+            self.stats.racp_errors += 1
+            log.warning(
+                "newest record not reported sensor=%s response_code=%d",
+                self.spec.sensor,
+                response.code,
+            )
+            return
+        if held is not None and newest is not None and newest < held:
+            self.stats.sequence_resets += 1
+            log.warning(
+                "glucose record numbering started again sensor=%s cursor=%d newest=%d",
+                self.spec.sensor,
+                held,
+                newest,
+            )
+            now = self._now_ms()
+            await self._gap(now, now, SEQUENCE_RESET)
+            self._held_sequence = self._durable_sequence = None
+            if self.state is not None:
+                await asyncio.to_thread(self.state.clear_cursor, self.spec.sensor, GLUCOSE_CURSOR)
+            await self._ask(racp.report_all_records())
+            return
+        await self._ask(
+            racp.report_all_records()
+            if held is None
+            else racp.report_records_from(min(held + 1, _MAX_SEQUENCE))
+        )
+
     async def _request_stored_records(
         self, client: BleakClient, control_point: BleakGATTCharacteristic
     ) -> None:
-        held = self._held_sequence
-        if held is None:
-            request = racp.report_all_records()
+        self._racp = (client, control_point)
+        self._seen = set()
+        self._probed = None
+        if self._held_sequence is None:
+            await self._ask(racp.report_all_records())
         else:
-            request = racp.report_records_from(min(held + 1, _MAX_SEQUENCE))
+            self._probing = True
+            await self._ask(racp.report_last_record())
+
+    async def _ask(self, request: racp.RacpRequest) -> None:
+        if self._racp is None:
+            return
+        client, control_point = self._racp
         self.stats.racp_requests += 1
         try:
             await client.write_gatt_char(control_point, racp.encode_request(request), response=True)
         except BleakError as exc:
+            self._probing = False
             self.stats.racp_errors += 1
             log.warning(
                 "stored records request refused sensor=%s error=%s",

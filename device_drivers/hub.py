@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_drivers.clock import HubClock
 from device_drivers.credentials import CertificateKeeper
-from device_drivers.driver import HubClock, ReadingSink, SensorInfo, WearableSession
+from device_drivers.driver import ReadingSink, SensorInfo, WearableSession
 from device_drivers.identity import write_whole
 from device_drivers.outbox import Outbox, OutboxFull
 from device_drivers.relay import Relay

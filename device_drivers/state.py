@@ -169,6 +169,15 @@ class HubState:
             self._cursors.setdefault(sensor, {})[name] = value
             self._save()
 
+    def clear_cursor(self, sensor: str, name: str) -> None:
+        """Forget a cursor (a meter whose numbering started again is read from the start)."""
+        with self._lock:
+            values = self._cursors.get(sensor, {})
+            if name not in values:
+                return
+            del values[name]
+            self._save()
+
     def _document(self) -> dict[str, Any]:
         return {
             "version": FORMAT_VERSION,

@@ -35,10 +35,11 @@ from aiohttp import web
 from consent import records
 from consent.records import Actor, Initiator
 from device_drivers import sim
-from device_drivers.driver import BleBackends, WearableSession, WearableSpec
+from device_drivers.driver import WearableSession, WearableSpec
 from device_drivers.hub import Hub, OutboxSink
 from device_drivers.identity import HubIdentity, enroll, parse_enrollment
 from device_drivers.outbox import Outbox
+from device_drivers.pairing import BleBackends
 from device_drivers.relay import Relay, RelayConfig
 from device_drivers.state import HubState
 from gateway import enrollment

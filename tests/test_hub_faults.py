@@ -14,7 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from device_drivers.driver import CLOCK_JUMP, HubClock
+from device_drivers.clock import CLOCK_JUMP, HubClock
 from device_drivers.hub import OutboxSink
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from device_drivers.driver import BleBackends, WearableSession, WearableSpec
+from device_drivers.driver import WearableSession, WearableSpec
 from device_drivers.hub import Hub, OutboxSink
 from device_drivers.outbox import Outbox
+from device_drivers.pairing import BleBackends
 from device_drivers.relay import Relay, RelayConfig
 from device_drivers.sim import HeartRateSignal, SimAdapter, VirtualHeartRateStrap, VirtualRadio
 from gateway.broker import MosquittoBroker

@@ -132,6 +132,11 @@ def report_all_records() -> RacpRequest:
     return RacpRequest(Opcode.REPORT_STORED_RECORDS, Operator.ALL_RECORDS)
 
 
+def report_last_record() -> RacpRequest:
+    """The newest stored record: how a hub learns where the meter's sequence numbers are."""
+    return RacpRequest(Opcode.REPORT_STORED_RECORDS, Operator.LAST_RECORD)
+
+
 def report_records_from(sequence_number: int) -> RacpRequest:
     """Every stored record whose sequence number is ``>= sequence_number``."""
     return RacpRequest(

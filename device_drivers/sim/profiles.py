@@ -458,6 +458,12 @@ class VirtualGlucoseMeter(VirtualWearable):
         """A finger-stick test now: stored with the next sequence number."""
         return self._store(self.device_time())
 
+    def restart_numbering(self, first_sequence_number: int = 1) -> None:
+        """What a meter does when its battery is replaced or it is reset: its memory is
+        cleared and its records are numbered from the start again."""
+        self.records.clear()
+        self._next_sequence = first_sequence_number
+
     def _store(self, at: datetime) -> GlucoseRecord:
         record = GlucoseRecord(
             self._next_sequence, self.signal.next(), at, self.signal.last_after_meal

@@ -166,16 +166,21 @@ async def _run_hub(
     identity: Any, wearables: list[tuple[str, str]], simulate: list[str], duration: float | None
 ) -> None:
     from device_drivers.credentials import CertificateKeeper, HubWithdrawn
-    from device_drivers.driver import BleBackends, WearableSession, WearableSpec
+    from device_drivers.driver import WearableSession, WearableSpec
     from device_drivers.hub import Hub, OutboxSink
     from device_drivers.outbox import Outbox
+    from device_drivers.pairing import BleBackends
     from device_drivers.relay import Relay, RelayConfig
+    from device_drivers.state import HubState
     from ingest.transport import configure_tls
 
     outbox = await asyncio.to_thread(
         Outbox.open, identity.directory / "outbox.sqlite", identity.device_id
     )
     sink = OutboxSink(outbox)
+    # The paired wearables, their bonds and the glucose cursors survive a restart: a meter is
+    # not read from its first record again, and a shared cuff keeps its paired user.
+    state = await asyncio.to_thread(HubState.open, identity.directory / "state.json")
     tls = configure_tls(identity.tls)
     relay = Relay(
         RelayConfig(identity.device_id, identity.broker_host, identity.broker_port),
@@ -190,8 +195,14 @@ async def _run_hub(
         on_renewed=tls.reload if tls is not None else (lambda: None),
     )
     async with contextlib.AsyncExitStack() as stack:
+        named = {a for a, _ in wearables}
         sessions = [
-            WearableSession(WearableSpec(a, s), sink, clock=sink.clock) for a, s in wearables
+            WearableSession(WearableSpec(a, s), sink, clock=sink.clock, state=state)
+            for a, s in wearables
+        ] + [
+            WearableSession.for_paired(w, sink, state, clock=sink.clock)
+            for w in state.wearables
+            if w.address not in named
         ]
         if simulate:
             from device_drivers import sim
@@ -209,6 +220,7 @@ async def _run_hub(
                         sink,
                         backends,
                         clock=sink.clock,
+                        state=state,
                     )
                 )
         hub = Hub(

@@ -14,19 +14,21 @@ from bumble.pairing import PairingDelegate
 
 from device_drivers.driver import (
     GLUCOSE_CURSOR,
-    BleBackends,
-    PairingFailed,
-    PromptPairingAgent,
     ReadingSink,
     SensorInfo,
-    WearableNotFound,
     WearableSession,
     WearableSpec,
-    discover,
-    pair_wearable,
 )
 from device_drivers.gatt import racp
 from device_drivers.gatt.current_time import CurrentTime
+from device_drivers.pairing import (
+    BleBackends,
+    PairingFailed,
+    PromptPairingAgent,
+    WearableNotFound,
+    discover,
+    pair_wearable,
+)
 from device_drivers.sim import (
     Faults,
     SimAdapter,
@@ -376,7 +378,8 @@ async def test_glucose_racp_fetches_only_new_records_across_reconnect_and_hub_re
         assert s.stats.records_fetched == 7
         assert s.stats.records_already_held == 0
         assert meter.racp_requests[0] == racp.report_all_records()
-        assert meter.racp_requests[1] == racp.report_records_from(6)
+        # With a cursor: where is the numbering (the newest record), then what follows it.
+        assert meter.racp_requests[1:3] == [racp.report_last_record(), racp.report_records_from(6)]
         assert HubState.open(path).cursor("glu", GLUCOSE_CURSOR) == 7
 
         # The hub restarts: a new state object from the file, a new session and sink.
@@ -387,7 +390,7 @@ async def test_glucose_racp_fetches_only_new_records_across_reconnect_and_hub_re
             async with running(restarted):
                 await wait_until(lambda: restarted.stats.racp_completed >= 1, "fetch after restart")
                 await wait_until(lambda: cursor(path) == 8, "cursor 8 saved")
-        assert meter.racp_requests[-1] == racp.report_records_from(8)
+        assert meter.racp_requests[-2:] == [racp.report_last_record(), racp.report_records_from(8)]
         assert [r.value for r in second.of("glu")] == [float(meter.records[-1].mg_dl)]
         assert HubState.open(path).cursor("glu", GLUCOSE_CURSOR) == 8
 
@@ -398,6 +401,60 @@ async def test_glucose_racp_fetches_only_new_records_across_reconnect_and_hub_re
             await wait_until(lambda: again.stats.racp_completed >= 1, "empty fetch")
         assert third.readings_in == []
         assert HubState.open(path).cursor("glu", GLUCOSE_CURSOR) == 8
+
+
+async def test_a_meter_whose_numbering_started_again_is_read_from_the_start(
+    radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path
+) -> None:
+    """A reset meter's new records are numbered below the cursor: asked only for what
+    follows the cursor, it would answer "none" forever. The hub notices, records the event
+    and reads every record; their keys differ from the old records' of the same numbers."""
+    path = tmp_path / "hub.json"
+    meter = VirtualGlucoseMeter("TS-GLU-RESET", seed=6, stored_records=5)
+    async with meter.running(radio):
+        before = MemorySink()
+        s = session(meter, "glu", before, adapter, state=HubState.open(path))
+        async with running(s):
+            await wait_until(lambda: cursor(path) == 5, "cursor 5 saved")
+        meter.restart_numbering()
+        meter.measure()
+        meter.measure()
+        after = MemorySink()
+        reset = session(meter, "glu", after, adapter, state=HubState.open(path))
+        with no_errors(reset):
+            async with running(reset):
+                await wait_until(lambda: cursor(path) == 2, "cursor 2 saved after the reset")
+    assert meter.racp_requests[-2:] == [racp.report_last_record(), racp.report_all_records()]
+    assert reset.stats.sequence_resets == 1
+    assert [g.reason for g in after.gaps] == ["record_sequence_reset"]
+    assert after.gaps[0].from_ms == after.gaps[0].to_ms
+    assert [r.value for r in after.of("glu")] == [float(r.mg_dl) for r in meter.records]
+    old_keys = {r.record for r in before.of("glu")}
+    new_keys = [r.record for r in after.of("glu")]
+    assert [k.split(":")[1] for k in new_keys if k is not None] == ["1", "2"]
+    assert not old_keys & set(new_keys)
+
+
+async def read_all(meter: VirtualGlucoseMeter, adapter: SimAdapter) -> list[str | None]:
+    """The record keys of one session's first fetch, without a cursor."""
+    sink = MemorySink()
+    s = session(meter, "glu", sink, adapter)
+    async with running(s):
+        await wait_until(lambda: s.stats.racp_completed >= 1, "records fetched")
+    return [r.record for r in sink.of("glu")]
+
+
+async def test_a_meter_read_again_without_a_cursor_gives_the_same_record_keys(
+    radio: VirtualRadio, adapter: SimAdapter
+) -> None:
+    """A hub that lost its cursor (or stopped mid-fetch) reads the records again: each
+    carries the key it had the first time, by which the gateway stores it once."""
+    meter = VirtualGlucoseMeter("TS-GLU-AGAIN", seed=7, stored_records=4)
+    async with meter.running(radio):
+        keys = [await read_all(meter, adapter) for _ in range(2)]
+    assert keys[0] == keys[1]
+    assert len(set(keys[0])) == 4
+    assert all(k is not None and k.startswith("g:") for k in keys[0])
 
 
 async def test_glucose_cursor_moves_only_after_the_sink_made_records_durable(

@@ -15,12 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from device_drivers.clock import CLOCK_JUMP, CLOCK_JUMP_TOLERANCE_S, MAX_PENDING_JUMPS, HubClock
 from device_drivers.driver import (
-    CLOCK_JUMP,
-    CLOCK_JUMP_TOLERANCE_S,
-    MAX_PENDING_JUMPS,
-    BleBackends,
-    HubClock,
     ReadingSink,
     SensorInfo,
     WearableSession,
@@ -33,6 +29,7 @@ from device_drivers.gatt.heart_rate import HeartRateMeasurement
 from device_drivers.gatt.heart_rate import encode as encode_heart_rate
 from device_drivers.hub import OutboxSink
 from device_drivers.outbox import Outbox
+from device_drivers.pairing import BleBackends
 from device_drivers.sim import HeartRateSignal, SimAdapter, VirtualHeartRateStrap, VirtualRadio
 from ingest.envelope import open_envelope
 from ingest.model import Gap, Reading

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from device_drivers.driver import HubClock
+from device_drivers.clock import HubClock
 from device_drivers.hub import OUTBOX_FULL, OutboxSink
 from device_drivers.outbox import Outbox, OutboxError, OutboxFull
 from device_drivers.relay import SEAL_RETRY_S, Relay, RelayConfig

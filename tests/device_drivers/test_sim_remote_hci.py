@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from device_drivers.driver import BleBackends, SensorInfo, WearableSession, WearableSpec
+from device_drivers.driver import SensorInfo, WearableSession, WearableSpec
+from device_drivers.pairing import BleBackends
 from device_drivers.sim import HeartRateSignal, RadioProcess, SimAdapter, VirtualHeartRateStrap
 from gateway.broker import free_port
 from ingest.model import Gap, Reading
