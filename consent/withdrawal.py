@@ -230,20 +230,25 @@ async def _delete_held(
 ) -> int:
     metrics = sorted(m.name for m in METRICS.values() if m.scope in scopes)
     # The hourly rollups of what is deleted are recomputed (to nothing) by the next refresh.
+    # The signed originals of the envelopes that carried deleted readings go too: they hold
+    # those readings' values (the envelope rows, digests and counts without values, stay).
     cur = await conn.execute(
         "WITH gone AS (DELETE FROM readings WHERE participant_id = %(pid)s"
-        " AND metric = ANY(%(metrics)s) RETURNING time, metric),"
+        " AND metric = ANY(%(metrics)s) RETURNING time, metric, device_id, seq),"
         " hours AS (SELECT DISTINCT metric, floor(extract(epoch FROM time) / 3600)::bigint AS h"
         " FROM gone),"
         " noted AS (INSERT INTO rollup_invalidations (participant_ids, metrics, hours)"
         " SELECT array_agg(%(pid)s::text), array_agg(metric), array_agg(h) FROM hours"
-        " HAVING count(*) > 0)"
-        " SELECT count(*), min(time), max(time) FROM gone",
+        " HAVING count(*) > 0),"
+        " originals AS (DELETE FROM envelope_originals o"
+        " USING (SELECT DISTINCT device_id, seq FROM gone) g"
+        " WHERE o.device_id = g.device_id AND o.seq = g.seq RETURNING 1)"
+        " SELECT count(*), min(time), max(time), (SELECT count(*) FROM originals) FROM gone",
         {"pid": participant_id, "metrics": metrics},
     )
     row = await cur.fetchone()
     assert row is not None
-    count, first, last = int(row[0]), row[1], row[2]
+    count, first, last, originals = int(row[0]), row[1], row[2], int(row[3])
     await conn.execute(
         "INSERT INTO withdrawal_deletions (consent_id, participant_id, metrics, readings_deleted,"
         " first_time, last_time, deleted_by) VALUES (%s, %s, %s, %s, %s, %s, %s)",
@@ -259,6 +264,7 @@ async def _delete_held(
             "participant_id": participant_id,
             "metrics": metrics,
             "readings_deleted": count,
+            "originals_deleted": originals,
             "first_time": first,
             "last_time": last,
         },

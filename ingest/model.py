@@ -148,6 +148,8 @@ class AcceptedEnvelope:
     """A verified envelope: its readings to store, those refused and why, and its gaps.
 
     ``consent_ids[i]`` is the consent record that allowed ``readings[i]`` (provenance).
+    ``original`` is the envelope as received, signature and all: kept so that each stored
+    reading can be checked against what the hub signed (source data verification).
     """
 
     dev: str
@@ -161,6 +163,7 @@ class AcceptedEnvelope:
     refusals: tuple[Refusal, ...] = ()
     gaps: tuple[Gap, ...] = ()
     sensors: tuple[SensorReport, ...] = ()
+    original: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -354,6 +354,7 @@ def admit(
             refusals=gap_refusals,
             gaps=gaps,
             sensors=payload.sensors,
+            original=decoded.inbound.data,
         )
     return _admit_each(decoded, device, consent, window, gaps, gap_refusals)
 
@@ -422,6 +423,7 @@ def _admit_each(
         refusals=_refusals(refused, details) + gap_refusals,
         gaps=gaps,
         sensors=payload.sensors,
+        original=decoded.inbound.data,
     )
 
 

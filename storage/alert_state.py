@@ -16,7 +16,7 @@ from ingest.flags import IN_DOUBT
 from ingest.rules import RuleState
 from storage import audit
 from storage.db import Conn
-from storage.errors import StorageError
+from storage.errors import UnknownStudy
 from storage.timeconv import from_ms, to_ms
 
 # The namespace of the per-participant locks (two-key form: namespace, hashtext(participant)).
@@ -178,10 +178,6 @@ async def skipped_by_rule(conn: Conn, rule_ids: Sequence[int]) -> dict[int, int]
         (list(rule_ids),),
     )
     return {int(rule): int(total) for rule, total in await cur.fetchall()}
-
-
-class UnknownStudy(StorageError):
-    """No study has that id."""
 
 
 async def set_study_judging_doubtful(conn: Conn, study_id: str, judge: bool, *, actor: str) -> None:

@@ -48,6 +48,10 @@ class StorageError(Exception):
     """Base of every error raised by ``storage``."""
 
 
+class UnknownStudy(StorageError):
+    """A study setting named a study that is not there."""
+
+
 class DatabaseUnavailable(StorageError):
     """The database cannot be reached or refused the connection; the message says what to fix."""
 

@@ -34,7 +34,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
-from storage import records, sensors
+from storage import originals, records, sensors
 from storage.db import Conn
 from storage.errors import (
     BatchWriteError,
@@ -259,6 +259,7 @@ class BulkWriter:
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
         await self._insert_gaps(conn, fresh)
         await sensors.record_reports(conn, fresh, received)
+        await originals.keep(conn, fresh, received)
         return outcomes, fresh
 
     async def _insert_envelopes(

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.commands import audit_readings
 from gateway.commands.common import Subparsers, add_database_flags, run
 from gateway.settings import Settings
 
@@ -100,6 +101,7 @@ def register(sub: Subparsers) -> None:
     show.add_argument("--participant", required=True, help="participant id")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
     show.set_defaults(handler=_cmd_show)
+    audit_readings.register(au_sub)
 
 
 def _paths(args: argparse.Namespace, settings: Settings) -> tuple[Path, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.settings import Settings
@@ -24,3 +25,14 @@ def add_database_flags(p: argparse.ArgumentParser) -> None:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+def iso_time(text: str) -> datetime:
+    """An argparse type: an ISO 8601 time with its zone (a time without one is ambiguous)."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+    if t.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone (e.g. {text}+00:00)")
+    return t

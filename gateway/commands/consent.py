@@ -10,25 +10,15 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from datetime import date, datetime
+from datetime import date
 from pathlib import Path
 
 from gateway.commands import operator
-from gateway.commands.common import Subparsers, add_database_flags, run
+from gateway.commands.common import Subparsers, add_database_flags, iso_time, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 
 EXIT_REFUSED = 2
-
-
-def _when(text: str) -> datetime:
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
-    if t.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"give a time zone (e.g. {text}+00:00)")
-    return t
 
 
 def _day(text: str) -> date:
@@ -74,9 +64,9 @@ def register(sub: Subparsers) -> None:
     doc.add_argument("--uri", help="where the PDF is kept")
     doc.add_argument("--scopes", type=_scopes, required=True, help="comma-separated scopes")
     doc.add_argument("--optional-scopes", type=_scopes, default=frozenset())
-    doc.add_argument("--effective-at", type=_when, required=True, help="ISO 8601 with zone")
+    doc.add_argument("--effective-at", type=iso_time, required=True, help="ISO 8601 with zone")
     doc.add_argument("--approved-on", type=_day, help="ethics approval date")
-    doc.add_argument("--reconsent-by", type=_when, help="earlier versions must re-consent by")
+    doc.add_argument("--reconsent-by", type=iso_time, help="earlier versions must re-consent by")
     doc.set_defaults(handler=_cmd_document)
 
     sign = co_sub.add_parser(

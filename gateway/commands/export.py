@@ -11,23 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 from gateway.commands import operator
-from gateway.commands.common import Subparsers, add_database_flags, run
+from gateway.commands.common import Subparsers, add_database_flags, iso_time, run
 from gateway.settings import Settings
-
-
-def _when(text: str) -> datetime:
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
-    if t.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"give a time zone (e.g. {text}+00:00)")
-    return t
-
 
 FORMATS = {
     "parquet": "Parquet dataset with provenance, partitioned by participant and day",
@@ -50,8 +38,8 @@ def register(sub: Subparsers) -> None:
         operator.add_operator_flags(p)
         p.add_argument("--study", required=True, help="study id")
         p.add_argument("--participant", help="only this participant")
-        p.add_argument("--from", dest="from_time", type=_when, help="from (ISO 8601, inclusive)")
-        p.add_argument("--to", dest="to_time", type=_when, help="to (ISO 8601, exclusive)")
+        p.add_argument("--from", dest="from_time", type=iso_time, help="from (ISO 8601, inclusive)")
+        p.add_argument("--to", dest="to_time", type=iso_time, help="to (ISO 8601, exclusive)")
         p.add_argument("--out", type=Path, required=True, help="output directory (absent or empty)")
         p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
         p.set_defaults(handler=_export_handler, export_kind=name)

@@ -74,6 +74,7 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "alerts rules add": CLINICAL,
     "alerts escalation": CLINICAL,
     "alerts doubtful": CLINICAL,
+    "audit originals-retention": ADMIN_ONLY,
     "alerts ack": CLINICAL,  # POST /alerts/{id}/acknowledge
     "alerts resolve": CLINICAL,  # POST /alerts/{id}/resolve
     "consent document": ADMIN_ONLY,  # consent.records.create_version: admins only

@@ -142,8 +142,12 @@ async def test_delete_policy_deletes_held_data_and_refuses_late_arrivals(
     t = now_ms()
     r = await send(probe, gateway, hub, 1, [(t - 30 * MIN, "heart_rate")] * 3)
     assert r.stored == 3
+    originals = "SELECT count(*) FROM envelope_originals WHERE device_id = 'hub-2'"
+    assert await rows(trial.url, originals) == [(1,)]
     w = await withdraw(trial)
     assert w.readings_deleted == 3
+    # The signed original held those readings' values: it goes with them.
+    assert await rows(trial.url, originals) == [(0,)]
     r = await send(probe, gateway, hub, 2, [(t - 20 * MIN, "heart_rate")])
     assert (r.stored, r.refused) == (0, 1)
     assert await rows(trial.url, "SELECT count(*) FROM readings") == [(0,)]

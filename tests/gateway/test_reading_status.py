@@ -15,6 +15,7 @@ from ingest.envelope import seal
 from ingest.model import Payload, Reading, Receipt, SensorReport
 from ingest.pipeline import up_topic
 from ingest.receipts import RECEIPT_ACCEPTED, open_receipt
+from ingest.rules import Rule
 from storage import alert_state, alerts, db
 from tests.alerts.test_engine import rows
 from tests.fixtures.gateway import RunningGateway
@@ -127,7 +128,7 @@ async def test_a_v1_hub_is_still_heard(
     ]
 
 
-async def hr_rule(trial: Trial) -> alerts.Rule:
+async def hr_rule(trial: Trial) -> Rule:
     async with db.connection(trial.url) as conn:
         rule = await alerts.add_rule(
             conn,
