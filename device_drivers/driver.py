@@ -38,16 +38,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.exc import BleakError
 from bleak_retry_connector import establish_connection
 
-from device_drivers.gatt import battery, current_time, device_information, glucose, racp, registry
-from device_drivers.gatt.base import Measurement
+from device_drivers.gatt import (
+    battery,
+    body_composition,
+    current_time,
+    device_information,
+    glucose,
+    racp,
+    registry,
+)
 from device_drivers.gatt.errors import GattError
+from device_drivers.glucose_records import StoredRecords
 from device_drivers.pairing import (
     SCAN_TIMEOUT_S,
     BleBackends,
@@ -55,6 +63,7 @@ from device_drivers.pairing import (
     find,
     short_service,
 )
+from device_drivers.stamping import to_readings
 from device_drivers.state import HubState, PairedWearable
 from ingest.model import Gap, Reading
 
@@ -70,6 +79,7 @@ MEASUREMENTS: frozenset[int] = frozenset(
         0x2A5E,  # PLX Spot-check Measurement
         0x2A5F,  # PLX Continuous Measurement
         0x2A18,  # Glucose Measurement
+        0x2A34,  # Glucose Measurement Context
         0x2A9D,  # Weight Measurement
         0x2A9C,  # Body Composition Measurement
     }
@@ -77,6 +87,8 @@ MEASUREMENTS: frozenset[int] = frozenset(
 BATTERY_LEVEL = 0x2A19
 CURRENT_TIME = 0x2A2B
 GLUCOSE_MEASUREMENT = glucose.MEASUREMENT_CHARACTERISTIC
+GLUCOSE_CONTEXT = glucose.CONTEXT_CHARACTERISTIC
+BODY_COMPOSITION = body_composition.CHARACTERISTIC
 RECORD_ACCESS_CONTROL_POINT = racp.CHARACTERISTIC
 DEVICE_INFORMATION = {
     "manufacturer": device_information.MANUFACTURER_NAME,
@@ -85,13 +97,6 @@ DEVICE_INFORMATION = {
     "firmware": device_information.FIRMWARE_REVISION,
     "hardware": device_information.HARDWARE_REVISION,
 }
-# Cursor name in the hub state: the last glucose record sequence number held durably.
-GLUCOSE_CURSOR: Final = "glucose_sequence"
-# The event recorded when a meter's record numbering is found to have started again.
-SEQUENCE_RESET: Final = "record_sequence_reset"
-_MAX_SEQUENCE: Final = 0xFFFF
-
-RR_INTERVAL: Final = "rr_interval"
 
 # Reconnect backoff: first retry after 1 s (a wearable briefly out of reach comes back
 # fast), doubling to 60 s (a strap left in another room should not drain the hub).
@@ -171,50 +176,20 @@ class SessionStats:
     racp_completed: int = 0
     racp_errors: int = 0
     sequence_resets: int = 0
+    contexts_linked: int = 0
+    contexts_unmatched: int = 0
     connected: bool = False
     last_error: str | None = None
     info: SensorInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class _Value:
+class Arrival:
     """One notified or indicated value, as the callback saw it."""
 
     char_id: int
     t_ms: int
     data: bytes
-
-
-def to_readings(measured: Sequence[Measurement], received_ms: int, sensor: str) -> list[Reading]:
-    """The readings of one notified or indicated value that arrived at ``received_ms``.
-
-    A measurement with a device time keeps it; one without gets the arrival time, except
-    RR intervals: the beats of one Heart Rate notification ended one after the other, the
-    last at the notification, so each earlier interval ends that much earlier
-    (``t_k = received - sum of the intervals after k``, rounded to the millisecond).
-    """
-    times = [received_ms] * len(measured)
-    after_ms = 0.0
-    for i in range(len(measured) - 1, -1, -1):
-        m = measured[i]
-        if m.time is not None:
-            times[i] = int(m.time.timestamp() * 1000)
-        elif m.metric == RR_INTERVAL:
-            times[i] = received_ms - round(after_ms)
-            after_ms += m.value
-    return [
-        Reading(t_ms, m.metric, m.value, m.unit, sensor, tuple(sorted(set(m.flags))), m.user)
-        for t_ms, m in zip(times, measured, strict=True)
-    ]
-
-
-def record_key(record: glucose.GlucoseMeasurement) -> str:
-    """A glucose record's key: its sequence number and its time (``-`` when the meter's
-    clock was not set), as the meter stored them. Read again, the record has the same key;
-    a meter whose numbering started again gives its records other times."""
-    when = glucose.measurement_time(record)
-    stamp = "-" if when is None else str(int(when.timestamp() * 1000))
-    return f"g:{record.sequence_number}:{stamp}"
 
 
 @dataclass
@@ -227,17 +202,18 @@ class WearableSession:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     stats: SessionStats = field(default_factory=SessionStats)
     state: HubState | None = None
-    _held_sequence: int | None = field(default=None, init=False, repr=False)
-    _durable_sequence: int | None = field(default=None, init=False, repr=False)
-    # This connection's RACP exchange: the control point, whether the newest-record probe
-    # is outstanding (and the sequence number it answered with), and the records handled.
-    _racp: tuple[BleakClient, BleakGATTCharacteristic] | None = field(
+    # A glucose meter's stored records: cursor, RACP exchange, contexts.
+    records: StoredRecords = field(init=False, repr=False)
+    # The first packet of a split Body Composition measurement, and when it arrived.
+    _split: tuple[body_composition.BodyCompositionMeasurement, int] | None = field(
         default=None, init=False, repr=False
     )
-    _probing: bool = field(default=False, init=False, repr=False)
-    _probed: int | None = field(default=None, init=False, repr=False)
-    _seen: set[int] = field(default_factory=set, init=False, repr=False)
     _overflow: tuple[int, int] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.records = StoredRecords(
+            self.spec.sensor, self._store, self._gap, self._now_ms, self.state, self.stats
+        )
 
     @classmethod
     def for_paired(
@@ -255,7 +231,7 @@ class WearableSession:
         delay = RECONNECT_MIN_S
         lost_at: int | None = None
         lost_reason = "out_of_range"
-        await self._load_cursor()
+        await self.records.load_cursor()
         while True:
             disconnected = asyncio.Event()
             try:
@@ -293,7 +269,7 @@ class WearableSession:
                 lost_at = lost_at or self._now_ms()
                 with contextlib.suppress(BleakError, TimeoutError, OSError):
                     await client.disconnect()
-                await self._save_cursor()
+                await self.records.save_cursor()
             if failed:  # a fault that repeats must not spin: back off as for a lost link
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
                 delay = min(delay * 2, RECONNECT_MAX_S)
@@ -327,7 +303,7 @@ class WearableSession:
         self.stats.info = info
         await self.sink.sensor(info)
         await self._set_clock(client)
-        queue: asyncio.Queue[_Value] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        queue: asyncio.Queue[Arrival] = asyncio.Queue(maxsize=QUEUE_SIZE)
         subscribed: list[int] = []
         control_point: BleakGATTCharacteristic | None = None
         for service in client.services:
@@ -348,7 +324,7 @@ class WearableSession:
             ",".join(f"0x{c:04X}" for c in subscribed),
         )
         if control_point is not None:
-            await self._request_stored_records(client, control_point)
+            await self.records.request(client, control_point)
         waiter = asyncio.ensure_future(disconnected.wait())
         try:
             while not disconnected.is_set():
@@ -360,18 +336,20 @@ class WearableSession:
                     getter.cancel()
             while not queue.empty():  # what arrived before the drop is still data
                 await self._handle(queue.get_nowait())
+            await self.records.store_awaiting()
+            await self._store_split()
         finally:
             waiter.cancel()
-            self._racp, self._probing = None, False
+            self.records.connection_ended()
 
     def _enqueue(
-        self, char_id: int, queue: asyncio.Queue[_Value]
+        self, char_id: int, queue: asyncio.Queue[Arrival]
     ) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
         def on_value(_char: BleakGATTCharacteristic, data: bytearray) -> None:
             self.stats.notifications += 1
             now = self._now_ms()
             try:
-                queue.put_nowait(_Value(char_id, now, bytes(data)))
+                queue.put_nowait(Arrival(char_id, now, bytes(data)))
             except asyncio.QueueFull:
                 self.stats.dropped += 1
                 start = self._overflow[0] if self._overflow is not None else now
@@ -379,14 +357,18 @@ class WearableSession:
 
         return on_value
 
-    async def _handle(self, value: _Value) -> None:
+    async def _handle(self, value: Arrival) -> None:
         try:
             if value.char_id == BATTERY_LEVEL:
                 await self._on_battery(value)
             elif value.char_id == RECORD_ACCESS_CONTROL_POINT:
-                await self._on_racp(value)
+                await self.records.on_racp(value)
             elif value.char_id == GLUCOSE_MEASUREMENT:
-                await self._on_glucose(value)
+                await self.records.on_glucose(value)
+            elif value.char_id == GLUCOSE_CONTEXT:
+                await self.records.on_context(value)
+            elif value.char_id == BODY_COMPOSITION:
+                await self._on_body_composition(value)
             else:
                 measured = registry.decode_to_measurements(value.char_id, value.data)
                 await self._store(to_readings(measured, value.t_ms, self.spec.sensor))
@@ -409,129 +391,40 @@ class WearableSession:
             self.stats.readings += len(readings)
             await self.sink.readings(readings)
 
-    async def _on_battery(self, value: _Value) -> None:
+    async def _on_battery(self, value: Arrival) -> None:
         level = battery.decode(value.data).percent
         self.stats.battery_updates += 1
         info = self.stats.info or SensorInfo(self.spec.sensor, self.spec.address)
         self.stats.info = replace(info, battery_level=level)
         await self.sink.sensor(self.stats.info)
 
-    async def _on_glucose(self, value: _Value) -> None:
-        record = glucose.decode(value.data)
-        sequence = record.sequence_number
-        if self._probing:  # only where the numbering is: the records follow in order
-            self._probed = sequence
+    async def _on_body_composition(self, value: Arrival) -> None:
+        """A split measurement (Multiple Packet) is stored once both packets are in; a part
+        whose other part never came is stored alone, flagged ``multiple_packet``."""
+        m = body_composition.decode(value.data)
+        held, self._split = self._split, None
+        if held is not None and m.multiple_packet:
+            merged = body_composition.merge(held[0], m)
+            if merged is not None:
+                await self._store_body_composition(merged, held[1])
+                return
+        if held is not None:
+            await self._store_body_composition(*held)
+        if m.multiple_packet:
+            self._split = (m, value.t_ms)
             return
-        held = self._held_sequence
-        if sequence in self._seen or (held is not None and sequence <= held):
-            self.stats.records_already_held += 1
-            return
-        key = record_key(record)
-        measured = to_readings(glucose.measurements(record), value.t_ms, self.spec.sensor)
-        await self._store([r._replace(record=key) for r in measured])
-        self._seen.add(sequence)
-        self.stats.records_fetched += 1
-        if self._durable_sequence is None or sequence > self._durable_sequence:
-            self._durable_sequence = sequence
+        await self._store_body_composition(m, value.t_ms)
 
-    async def _on_racp(self, value: _Value) -> None:
-        response = racp.decode_response(value.data)
-        if not isinstance(response, racp.ResponseCodeIndication):
-            return
-        if response.request_opcode != racp.Opcode.REPORT_STORED_RECORDS:
-            return
-        if self._probing:
-            await self._after_probe(response)
-            return
-        if response.code in (racp.ResponseCode.SUCCESS, racp.ResponseCode.NO_RECORDS_FOUND):
-            self.stats.racp_completed += 1
-            await self._save_cursor()
-        else:
-            self.stats.racp_errors += 1
-            log.warning(
-                "stored records not reported sensor=%s response_code=%d",
-                self.spec.sensor,
-                response.code,
-            )
-
-    async def _after_probe(self, response: racp.ResponseCodeIndication) -> None:
-        """The meter said which record is its newest: ask for what follows the cursor, or,
-        when its numbering started again below the cursor, for everything."""
-        self._probing = False
-        held, newest = self._held_sequence, self._probed
-        if response.code not in (racp.ResponseCode.SUCCESS, racp.ResponseCode.NO_RECORDS_FOUND):
-            self.stats.racp_errors += 1
-            log.warning(
-                "newest record not reported sensor=%s response_code=%d",
-                self.spec.sensor,
-                response.code,
-            )
-            return
-        if held is not None and newest is not None and newest < held:
-            self.stats.sequence_resets += 1
-            log.warning(
-                "glucose record numbering started again sensor=%s cursor=%d newest=%d",
-                self.spec.sensor,
-                held,
-                newest,
-            )
-            now = self._now_ms()
-            await self._gap(now, now, SEQUENCE_RESET)
-            self._held_sequence = self._durable_sequence = None
-            if self.state is not None:
-                await asyncio.to_thread(self.state.clear_cursor, self.spec.sensor, GLUCOSE_CURSOR)
-            await self._ask(racp.report_all_records())
-            return
-        await self._ask(
-            racp.report_all_records()
-            if held is None
-            else racp.report_records_from(min(held + 1, _MAX_SEQUENCE))
-        )
-
-    async def _request_stored_records(
-        self, client: BleakClient, control_point: BleakGATTCharacteristic
+    async def _store_body_composition(
+        self, m: body_composition.BodyCompositionMeasurement, received_ms: int
     ) -> None:
-        self._racp = (client, control_point)
-        self._seen = set()
-        self._probed = None
-        if self._held_sequence is None:
-            await self._ask(racp.report_all_records())
-        else:
-            self._probing = True
-            await self._ask(racp.report_last_record())
+        measured = body_composition.measurements(m)
+        await self._store(to_readings(measured, received_ms, self.spec.sensor))
 
-    async def _ask(self, request: racp.RacpRequest) -> None:
-        if self._racp is None:
-            return
-        client, control_point = self._racp
-        self.stats.racp_requests += 1
-        try:
-            await client.write_gatt_char(control_point, racp.encode_request(request), response=True)
-        except BleakError as exc:
-            self._probing = False
-            self.stats.racp_errors += 1
-            log.warning(
-                "stored records request refused sensor=%s error=%s",
-                self.spec.sensor,
-                type(exc).__name__,
-            )
-
-    async def _load_cursor(self) -> None:
-        if self.state is not None and self._held_sequence is None:
-            self._held_sequence = await asyncio.to_thread(
-                self.state.cursor, self.spec.sensor, GLUCOSE_CURSOR
-            )
-
-    async def _save_cursor(self) -> None:
-        """Advance the cursor to the last record whose readings the sink made durable."""
-        durable = self._durable_sequence
-        if durable is None or (self._held_sequence is not None and durable <= self._held_sequence):
-            return
-        if self.state is not None:
-            await asyncio.to_thread(
-                self.state.set_cursor, self.spec.sensor, GLUCOSE_CURSOR, durable
-            )
-        self._held_sequence = durable
+    async def _store_split(self) -> None:
+        if self._split is not None:
+            held, self._split = self._split, None
+            await self._store_body_composition(*held)
 
     async def _describe(self, client: BleakClient) -> SensorInfo:
         fields: dict[str, Any] = {}

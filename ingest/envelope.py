@@ -52,7 +52,7 @@ from ingest.wire import (
 # 256 KiB: an envelope of MAX_ITEMS_PER_ENVELOPE readings with every string at its maximum
 # length and no flags is about 250 000 bytes; a typical reading is ~40 bytes, so ordinary
 # batches use a few percent of it. It also bounds the gateway's work per message. Flags make
-# a reading up to ~270 bytes longer: a hub seals fewer readings into an envelope when they
+# a reading up to ~600 bytes longer: a hub seals fewer readings into an envelope when they
 # would not fit (device_drivers.outbox).
 MAX_ENVELOPE_BYTES: Final = 256 * 1024
 
@@ -65,10 +65,10 @@ MAX_METRIC_BYTES: Final = 64
 MAX_UNIT_BYTES: Final = 32
 MAX_SENSOR_BYTES: Final = 128
 MAX_GAP_REASON_BYTES: Final = 64
-# A reading's flags (v2): at most 8 distinct codes of 1-32 characters from a-z 0-9 _,
+# A reading's flags (v2): at most 16 distinct codes of 1-32 characters from a-z 0-9 _,
 # starting with a letter. The registry of their meanings is ingest.flags; an unregistered
 # code is stored as the device said it, and classed as information only.
-MAX_FLAGS_PER_READING: Final = 8
+MAX_FLAGS_PER_READING: Final = 16
 MAX_FLAG_BYTES: Final = 32
 # A stored record's key (v2): the device's own identity of the record, e.g. "g:42:1767225600000".
 MAX_RECORD_BYTES: Final = 64

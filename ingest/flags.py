@@ -99,11 +99,24 @@ _INFO: Final = frozenset(
         "result_below_range",
         "time_fault",
         "multiple_packet",
+        "exercise",
     }
 )
 # Families of context codes: where on the body, what sample. The name after the prefix is
 # the profile's value (site_armpit, sample_capillary_plasma, location_finger, ...).
-INFO_PREFIXES: Final = ("site_", "sample_", "location_")
+INFO_PREFIXES: Final = (
+    "site_",
+    "sample_",
+    "location_",
+    # Glucose Measurement Context: the meal, who tested, the participant's health, what was
+    # eaten, which insulin was taken.
+    "meal_",
+    "tester_",
+    "health_",
+    "carbs_",
+    "insulin_",
+    "medication_",
+)
 
 REGISTERED: Final = _INVALID | _QUESTIONABLE | _INFO
 # The flags that put a reading in doubt: alert rules skip readings carrying one.

@@ -35,5 +35,12 @@ METRICS: dict[str, Metric] = {
         Metric("glucose", "mg/dL", "glucose", "2339-0", 0, 2000),
         Metric("body_weight", "kg", "weight", "29463-7", 0, 700),
         Metric("body_fat", "%", "weight", "41982-0", 0, 100),
+        # Glucose Measurement Context: what the participant entered with a test.
+        Metric("carbohydrate_intake", "g", "glucose", None, 0, 1000),
+        Metric("exercise_duration", "s", "glucose", None, 0, 65534),
+        Metric("exercise_intensity", "%", "glucose", None, 0, 100),
+        Metric("medication_mass", "mg", "glucose", None, 0, 10_000),
+        Metric("medication_volume", "mL", "glucose", None, 0, 1000),
+        Metric("hba1c", "%", "glucose", "4548-4", 2, 25),
     )
 }

@@ -1,6 +1,7 @@
 """Device records stored once (``device_records``): a reading that carries a record key
 (protocol v2: a glucose meter's stored record) is stored only the first time the participant's
-record arrives; a later copy is refused as ``duplicate_record``.
+record arrives; a later copy is refused as ``duplicate_record``. A record's readings of
+different metrics (a measurement and its context) are each stored once.
 
 Claimed in the batch's transaction, for its new envelopes only (a replay or a reused seq
 stores nothing, so it claims nothing), before their readings are copied: one statement
@@ -19,10 +20,10 @@ from ingest.model import AcceptedEnvelope, Reading, Reason, Refusal
 from storage.db import Conn
 
 _CLAIM = """
-INSERT INTO device_records (participant_id, sensor, record_key, device_id, seq)
-SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::int8[])
-ON CONFLICT (participant_id, sensor, record_key) DO NOTHING
-RETURNING participant_id, sensor, record_key
+INSERT INTO device_records (participant_id, sensor, record_key, metric, device_id, seq)
+SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int8[])
+ON CONFLICT (participant_id, sensor, record_key, metric) DO NOTHING
+RETURNING participant_id, sensor, record_key, metric
 """
 _RECOUNT = """
 UPDATE envelopes e SET stored_count = c.stored, refused_count = c.refused
@@ -37,6 +38,7 @@ class _Claimed:
     participant_id: str
     sensor: str
     record_key: str
+    metric: str
 
 
 async def claim(
@@ -54,18 +56,21 @@ async def claim(
                 [e.participant_id for e, _ in keyed],
                 [r.sensor for _, r in keyed],
                 [r.record for _, r in keyed],
+                [r.metric for _, r in keyed],
                 [e.dev for e, _ in keyed],
                 [e.seq for e, _ in keyed],
             ),
         )
-        inserted = {(c.participant_id, c.sensor, c.record_key) for c in await cur.fetchall()}
+        inserted = {
+            (c.participant_id, c.sensor, c.record_key, c.metric) for c in await cur.fetchall()
+        }
     changed: dict[tuple[str, int], AcceptedEnvelope] = {}
     out: list[AcceptedEnvelope] = []
     for e in fresh:
         duplicates: list[Reading] = []
         kept: list[int] = []
         for i, r in enumerate(e.readings):
-            key = (e.participant_id, r.sensor, r.record)
+            key = (e.participant_id, r.sensor, r.record, r.metric)
             if r.record is None:
                 kept.append(i)
             elif key in inserted:

@@ -29,6 +29,13 @@ CANONICAL_UNITS: Final[dict[str, str]] = {
     "body_weight": "kg",
     "body_fat": "%",
     "battery_level": "%",
+    # Glucose Measurement Context values.
+    "carbohydrate_intake": "g",
+    "exercise_duration": "s",
+    "exercise_intensity": "%",
+    "medication_mass": "mg",
+    "medication_volume": "mL",
+    "hba1c": "%",
 }
 
 

@@ -174,6 +174,40 @@ def encode(m: BodyCompositionMeasurement) -> bytes:
     return writer.getvalue()
 
 
+def merge(
+    first: BodyCompositionMeasurement, second: BodyCompositionMeasurement
+) -> BodyCompositionMeasurement | None:
+    """One measurement from the two packets of a split one (Multiple Packet Measurement):
+    each field from the packet that carries it, the first's where both do. None when the two
+    cannot be one measurement (another unit system, another user or time stamp)."""
+    if first.unit is not second.unit:
+        return None
+    for a, b in (
+        (first.user_id, second.user_id),
+        (first.timestamp, second.timestamp),
+    ):
+        if a is not None and b is not None and a != b:
+            return None
+    fields = {
+        name: getattr(first, name) if getattr(first, name) is not None else getattr(second, name)
+        for name in (
+            "body_fat_percent",
+            "timestamp",
+            "user_id",
+            "basal_metabolism_kj",
+            "muscle_percent",
+            "muscle_mass",
+            "fat_free_mass",
+            "soft_lean_mass",
+            "body_water_mass",
+            "impedance_ohm",
+            "weight",
+            "height",
+        )
+    }
+    return BodyCompositionMeasurement(unit=first.unit, multiple_packet=False, **fields)
+
+
 def measurements(m: BodyCompositionMeasurement) -> list[Measurement]:
     time = m.timestamp.to_datetime() if m.timestamp is not None else None
     flags = ("multiple_packet",) if m.multiple_packet else ()

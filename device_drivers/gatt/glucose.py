@@ -423,7 +423,65 @@ def encode_context(c: GlucoseContext) -> bytes:
     return writer.getvalue()
 
 
+# Flag prefixes of the context's enumerations (ingest.flags: information only).
+_CONTEXT_FLAGS: tuple[tuple[str, type[enum.IntEnum]], ...] = (
+    ("meal", Meal),
+    ("tester", Tester),
+    ("health", Health),
+)
+_INSULIN_FLAGS: dict[int, str] = {
+    MedicationId.RAPID_ACTING_INSULIN: "insulin_rapid_acting",
+    MedicationId.SHORT_ACTING_INSULIN: "insulin_short_acting",
+    MedicationId.INTERMEDIATE_ACTING_INSULIN: "insulin_intermediate_acting",
+    MedicationId.LONG_ACTING_INSULIN: "insulin_long_acting",
+    MedicationId.PRE_MIXED_INSULIN: "insulin_pre_mixed",
+}
+
+
+def _named(prefix: str, kind: type[enum.IntEnum], raw: int) -> str:
+    value = _enum_or_raw(kind, raw)
+    return (
+        f"{prefix}_{value.name.lower()}" if isinstance(value, kind) else f"{prefix}_reserved_{raw}"
+    )
+
+
+def context_flags(c: GlucoseContext) -> tuple[str, ...]:
+    """What the context says of its measurement, as reading flags: the meal, who tested,
+    the participant's health, what was eaten and which insulin was taken."""
+    flags: list[str] = []
+    for (prefix, kind), raw in zip(_CONTEXT_FLAGS, (c.meal, c.tester, c.health), strict=True):
+        if raw is not None and raw != 15:  # 15: "not available"
+            flags.append(_named(prefix, kind, raw))
+    if c.carbohydrate is not None:
+        flags.append(_named("carbs", CarbohydrateId, c.carbohydrate.carbohydrate_id))
+    if c.medication is not None:
+        raw = c.medication.medication_id
+        flags.append(_INSULIN_FLAGS.get(raw, f"medication_reserved_{raw}"))
+    if c.exercise is not None:
+        flags.append("exercise")
+    return tuple(sorted(flags))
+
+
 def context_measurements(c: GlucoseContext) -> list[Measurement]:
-    """Context annotates a glucose measurement; it is no reading by itself."""
-    del c
-    return []
+    """The context's own values, each a reading at its measurement's time (the caller
+    stamps them): carbohydrates eaten (g), exercise (s, %), medication (mg or mL) and HbA1c
+    (%). Special values (NaN, NRes) give none."""
+    out: list[Measurement] = []
+    if c.carbohydrate is not None:
+        out += reading("carbohydrate_intake", _scaled(c.carbohydrate.kilograms, 1000.0))
+    if c.exercise is not None:
+        # 65535 s is "overrun": longer than the field holds, not a duration.
+        if c.exercise.duration_s != 0xFFFF:
+            out += reading("exercise_duration", float(c.exercise.duration_s))
+        out += reading("exercise_intensity", float(c.exercise.intensity_percent))
+    if c.medication is not None:
+        if c.medication.unit is MedicationUnit.LITERS:
+            out += reading("medication_volume", _scaled(c.medication.amount, 1000.0))
+        else:
+            out += reading("medication_mass", _scaled(c.medication.amount, 1_000_000.0))
+    out += reading("hba1c", c.hba1c_percent)
+    return out
+
+
+def _scaled(value: Numeric, factor: float) -> Numeric:
+    return value if isinstance(value, SpecialValue) else clean(value * factor)

@@ -83,6 +83,13 @@ EXPORTED: dict[str, ExportedMetric] = {
         _m("glucose", "laboratory", "Blood glucose", None),
         _m("body_weight", "vital-signs", "Body weight", VsTest("WEIGHT", "Weight", "kg")),
         _m("body_fat", "exam", "Body fat percentage", None),
+        # What the participant entered with a glucose test (Glucose Measurement Context).
+        _m("carbohydrate_intake", "survey", "Carbohydrate intake", None),
+        _m("exercise_duration", "activity", "Exercise duration", None),
+        _m("exercise_intensity", "activity", "Exercise intensity", None),
+        _m("medication_mass", "therapy", "Medication taken (mass)", None),
+        _m("medication_volume", "therapy", "Medication taken (volume)", None),
+        _m("hba1c", "laboratory", "Hemoglobin A1c", None),
     )
 }
 

@@ -3,7 +3,7 @@
 -- people, the device's user index. Both are null for a reading the device said nothing about,
 -- which is every reading of a v1 hub.
 ALTER TABLE readings
-    ADD COLUMN flags text[] CHECK (cardinality(flags) BETWEEN 1 AND 8),
+    ADD COLUMN flags text[] CHECK (cardinality(flags) BETWEEN 1 AND 16),
     ADD COLUMN device_user smallint CHECK (device_user BETWEEN 0 AND 255);
 
 -- The participant's user index on a shared wearable, as the hub paired it: readings of the

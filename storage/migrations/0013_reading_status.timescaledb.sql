@@ -3,7 +3,7 @@
 -- people, the device's user index. Both are null for a reading the device said nothing about,
 -- which is every reading of a v1 hub.
 -- On a hypertable with compression, columns are added without constraints (TimescaleDB
--- refuses constraints there); the codec bounds both (at most 8 flags, a user of 0-255).
+-- refuses constraints there); the codec bounds both (at most 16 flags, a user of 0-255).
 ALTER TABLE readings ADD COLUMN flags text[];
 ALTER TABLE readings ADD COLUMN device_user smallint;
 

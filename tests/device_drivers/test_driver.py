@@ -13,7 +13,6 @@ import pytest
 from bumble.pairing import PairingDelegate
 
 from device_drivers.driver import (
-    GLUCOSE_CURSOR,
     ReadingSink,
     SensorInfo,
     WearableSession,
@@ -21,6 +20,7 @@ from device_drivers.driver import (
 )
 from device_drivers.gatt import racp
 from device_drivers.gatt.current_time import CurrentTime
+from device_drivers.glucose_records import GLUCOSE_CURSOR
 from device_drivers.pairing import (
     BleBackends,
     PairingFailed,
@@ -375,6 +375,13 @@ async def test_glucose_racp_fetches_only_new_records_across_reconnect_and_hub_re
                 await wait_until(lambda: s.stats.racp_completed >= 2, "fetch after reconnect")
                 await wait_until(lambda: cursor(path) == 7, "cursor 7 saved")
         assert [r.value for r in first.of("glu")] == [float(r.mg_dl) for r in meter.records]
+        # Each record's meal context followed it and is linked to its reading.
+        assert [r.flags for r in first.of("glu")] == [
+            ("location_finger", "meal_postprandial" if r.after_meal else "meal_preprandial",
+             "sample_capillary_whole_blood")
+            for r in meter.records
+        ]  # fmt: skip
+        assert (s.stats.contexts_linked, s.stats.contexts_unmatched) == (7, 0)
         assert s.stats.records_fetched == 7
         assert s.stats.records_already_held == 0
         assert meter.racp_requests[0] == racp.report_all_records()

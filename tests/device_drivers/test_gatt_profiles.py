@@ -457,7 +457,21 @@ def test_glucose_context() -> None:
     canonical = hx("FF 01 00 00 01 05 E0 01 51 08 07 32 01 01 B0 41 F0")
     assert glucose.encode_context(c) == canonical
     assert glucose.decode_context(canonical) == c
-    assert glucose.context_measurements(c) == []
+    assert [(m.metric, m.value, m.unit) for m in glucose.context_measurements(c)] == [
+        ("carbohydrate_intake", 50.0, "g"),
+        ("exercise_duration", 1800.0, "s"),
+        ("exercise_intensity", 50.0, "%"),
+        ("medication_volume", 0.01, "mL"),
+        ("hba1c", 6.5, "%"),
+    ]
+    assert glucose.context_flags(c) == (
+        "carbs_breakfast",
+        "exercise",
+        "health_no_health_issues",
+        "insulin_rapid_acting",
+        "meal_preprandial",
+        "tester_self",
+    )
     assert glucose.decode_context(hx("00 07 00")) == glucose.GlucoseContext(7)
     error = malformed(glucose.decode_context, "02 07 00")
     assert (error.characteristic, error.offset) == ("0x2A34", 3)

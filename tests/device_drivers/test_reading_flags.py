@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from device_drivers.driver import to_readings
 from device_drivers.gatt import (
     blood_pressure,
     glucose,
@@ -17,6 +16,7 @@ from device_drivers.gatt import (
     weight_scale,
 )
 from device_drivers.gatt.date_time import DateTime
+from device_drivers.stamping import to_readings
 from ingest.envelope import check_reading
 from ingest.flags import FlagClass, class_of, is_registered
 from ingest.model import Reading

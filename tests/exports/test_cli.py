@@ -21,7 +21,17 @@ from tests.fixtures.trial import Trial
 def test_every_metric_has_an_export_mapping() -> None:
     assert set(EXPORTED) == set(METRICS)
     assert all(EXPORTED[m].metric is METRICS[m] for m in METRICS)
-    assert set(VS_METRICS) == set(METRICS) - {"rr_interval", "glucose", "body_fat"}
+    assert set(VS_METRICS) == set(METRICS) - {
+        "rr_interval",
+        "glucose",
+        "body_fat",
+        "carbohydrate_intake",
+        "exercise_duration",
+        "exercise_intensity",
+        "medication_mass",
+        "medication_volume",
+        "hba1c",
+    }
 
 
 async def test_export_commands_write_and_report_files(

@@ -96,3 +96,19 @@ async def test_readings_without_a_record_key_are_never_deduplicated(
     beat = Reading(T, "heart_rate", 70.0, "/min", "strap")
     receipt = await send(probe, gateway, trial, Payload("hub-1", 1, T + 1000, (beat, beat)))
     assert (receipt.stored, receipt.refused) == (2, 0)
+
+
+async def test_a_records_context_readings_are_each_stored_once(
+    trial: Trial, gateway: RunningGateway, probe: MqttProbe
+) -> None:
+    """A record gives readings of several metrics under one key: each is stored once."""
+    glucose = record(7, 140.0)
+    carbs = Reading(glucose.t_ms, "carbohydrate_intake", 45.0, "g", "meter", record=glucose.record)
+    receipt = await send(probe, gateway, trial, Payload("hub-1", 1, T + 600_000, (glucose, carbs)))
+    assert (receipt.stored, receipt.refused) == (2, 0)
+    receipt = await send(probe, gateway, trial, Payload("hub-1", 2, T + 700_000, (glucose, carbs)))
+    assert (receipt.stored, receipt.refused) == (0, 2)
+    assert await rows(trial.url, "SELECT metric FROM readings ORDER BY metric") == [
+        ("carbohydrate_intake",),
+        ("glucose",),
+    ]
