@@ -18,14 +18,14 @@ import contextlib
 import logging
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TypeVar
 
 import psycopg
-from psycopg.rows import class_row
+from psycopg.rows import class_row, tuple_row
 
 from consent.records import Actor
 from storage import audit, db
@@ -36,11 +36,11 @@ from storage.exports.errors import ExportError, ExportWriteFailed
 from storage.exports.mapping import VS_METRICS
 from storage.exports.output import OpenFile, OutputDir, WrittenFile, open_for_writing
 from storage.exports.selection import ExportKind, ExportRequest, Selection, select
-from storage.exports.source import Row
 
 log = logging.getLogger(__name__)
 
 OnProgress = Callable[[int], Awaitable[None]]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +51,6 @@ class ExportResult:
     rows: int
     participants: tuple[str, ...]
     files: tuple[WrittenFile, ...]
-
-
-class _Writer(Protocol):
-    def write(self, rows: list[Row]) -> None: ...
 
 
 def describe(request: ExportRequest) -> str:
@@ -216,10 +212,10 @@ async def _write(
 ) -> int:
     written = 0
 
-    def consumer(writer: _Writer) -> source.Consume:
-        async def consume(rows: list[Row]) -> None:
+    def consumer(write: Callable[[Sequence[R]], None]) -> source.Consume[R]:
+        async def consume(rows: list[R]) -> None:
             nonlocal written
-            await asyncio.to_thread(writer.write, rows)
+            await asyncio.to_thread(write, rows)
             written += len(rows)
             if on_progress is not None:
                 await on_progress(written)
@@ -234,7 +230,12 @@ async def _write(
         pw = parquet.ParquetWriter(output, export_id)
         try:
             rows = await source.stream(
-                conn, selection, parquet.COLUMNS, consumer(pw), chunk_rows=chunk_rows
+                conn,
+                selection,
+                parquet.COLUMNS,
+                consumer(pw.write),
+                row_factory=tuple_row,
+                chunk_rows=chunk_rows,
             )
         finally:
             with contextlib.suppress(OSError, pa.ArrowException):
@@ -245,7 +246,13 @@ async def _write(
         fw = fhir.FhirWriter(output)
         try:
             rows = await source.stream(
-                conn, selection, fhir.COLUMNS, consumer(fw), ordered=False, chunk_rows=chunk_rows
+                conn,
+                selection,
+                fhir.COLUMNS,
+                consumer(fw.write),
+                row_factory=fhir.observation_rows,
+                ordered=False,
+                chunk_rows=chunk_rows,
             )
             devices = await _devices(conn, fw.seen_sensors)
             await asyncio.to_thread(
@@ -258,7 +265,7 @@ async def _write(
         return rows
     sw = sdtm.SdtmWriter(output)
     try:
-        await source.stream_daily(conn, selection, consumer(sw), chunk_rows=chunk_rows)
+        await source.stream_daily(conn, selection, consumer(sw.write), chunk_rows=chunk_rows)
         await asyncio.to_thread(sw.finish)
     except BaseException:
         with contextlib.suppress(OSError):

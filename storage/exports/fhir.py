@@ -5,6 +5,11 @@ the Bulk Data completion response (``manifest.json``, with relative file names a
 - Observation: one per reading. LOINC code (and our own metric code), UCUM valueQuantity,
   effectiveDateTime (the reading's time), issued (when the gateway received it), subject
   (the Patient), device (the wearable's Device), category per metric (docs/exports.md).
+  What the device said about the reading: one ``device-flag`` extension per flag and a
+  ``device-user`` extension (:data:`FLAG_EXTENSION`, :data:`USER_EXTENSION`); a reading it
+  marked invalid or questionable also has an ``interpretation`` saying so (a local code
+  system, :data:`QUALITY_SYSTEM`, with text), and a measurement site or sample location
+  flag gives ``bodySite.text``. The value stays, and ``status`` stays final.
 - Patient: pseudonymous: the study's participant id as an identifier, nothing else about
   the person, and the PSEUDED security label.
 - Device: the hub (``identifier`` = device id) and each description of a wearable seen
@@ -22,29 +27,45 @@ hash and one string join.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
+from psycopg.rows import RowMaker
+
+from ingest.flags import IN_DOUBT, FlagClass, worst
 from storage.exports import mapping, source
 from storage.exports.output import OutputDir
-from storage.exports.source import Row
 
-COLUMNS = (
-    source.PARTICIPANT,
-    source.STUDY,
-    source.TIME_ISO,
-    source.METRIC,
-    source.VALUE,
-    source.UNIT,
-    source.DEVICE,
-    source.SEQ,
-    source.SENSOR,
-    source.RECEIVED_ISO,
-    source.DESCRIPTION_ID,
-)
+
+class ObservationRow(NamedTuple):
+    """What one Observation is made of: the export query's columns of these names."""
+
+    participant_id: str
+    study_id: str
+    time_iso: str
+    metric: str
+    value: float
+    unit: str
+    device_id: str
+    envelope_seq: int
+    sensor: str
+    received_at_iso: str
+    sensor_description_id: int | None
+    device_flags: list[str] | None
+    device_user: int | None
+
+
+COLUMNS = source.columns(ObservationRow._fields)
+
+
+def observation_rows(cursor: object) -> RowMaker[ObservationRow]:
+    """Row factory for :data:`COLUMNS`: each row as an :class:`ObservationRow`."""
+    return ObservationRow._make
+
 
 READING_SYSTEM = "urn:trialstream:reading"
 DEVICE_SYSTEM = "urn:trialstream:device"
@@ -55,6 +76,22 @@ PSEUDONYMIZED = {
     "display": "pseudonymized",
 }
 RESOURCE_FILES = ("Patient", "Device", "Observation")
+# What the device said about a reading (docs/exports.md, "What the device said"): one
+# extension per flag (valueCode: the flag as stored) and one for its user index on a shared
+# wearable (valueInteger, 0-255).
+FLAG_EXTENSION = "https://trialstream.org/fhir/StructureDefinition/device-flag"
+USER_EXTENSION = "https://trialstream.org/fhir/StructureDefinition/device-user"
+# Observation.interpretation of a reading the device put in doubt: the class of its worst flag.
+QUALITY_SYSTEM = "https://trialstream.org/fhir/CodeSystem/device-quality"
+QUALITY_DISPLAY = {
+    FlagClass.INVALID: "Device marked the measurement invalid",
+    FlagClass.QUESTIONABLE: "Device marked the measurement questionable",
+}
+# Flag families that name where on the body the device measured (Temperature Type, the
+# glucose sample location): the name after the prefix becomes bodySite.text.
+BODY_SITE_PREFIXES = ("site_", "location_")
+# Values of those families that name no place on the body.
+NOT_A_BODY_SITE = ("control_solution", "reserved_")
 
 
 def fhir_id(*parts: str) -> str:
@@ -99,6 +136,56 @@ def _code_fragment(metric: str) -> str:
     codings.append({"system": mapping.METRIC_SYSTEM, "code": metric})
     category = [{"coding": [{"system": mapping.OBSERVATION_CATEGORY_SYSTEM, "code": e.category}]}]
     return f'"category":{_j(category)},"code":{_j({"coding": codings, "text": e.text})}'
+
+
+def body_site(flags: Iterable[str]) -> str | None:
+    """The measurement site the device named, as text (``site_armpit`` -> ``armpit``)."""
+    sites = []
+    for flag in flags:
+        if flag.startswith(BODY_SITE_PREFIXES):
+            name = flag.split("_", 1)[1]
+            if not name.startswith(NOT_A_BODY_SITE):
+                sites.append(name.replace("_", " "))
+    return ", ".join(sites) or None
+
+
+def device_statement(flags: Sequence[str], user: int | None) -> dict[str, Any]:
+    """The Observation elements that carry what the device said: ``extension`` (flags and
+    user), ``interpretation`` (invalid or questionable only) and ``bodySite``."""
+    out: dict[str, Any] = {}
+    extensions: list[dict[str, Any]] = [{"url": FLAG_EXTENSION, "valueCode": f} for f in flags]
+    if user is not None:
+        extensions.append({"url": USER_EXTENSION, "valueInteger": user})
+    if extensions:
+        out["extension"] = extensions
+    quality = worst(flags)
+    if quality is not None and quality is not FlagClass.INFO:
+        doubted = ", ".join(f for f in flags if f in IN_DOUBT)
+        display = QUALITY_DISPLAY[quality]
+        out["interpretation"] = [
+            {
+                "coding": [{"system": QUALITY_SYSTEM, "code": quality.value, "display": display}],
+                "text": f"{display}: {doubted}",
+            }
+        ]
+    site = body_site(flags)
+    if site is not None:
+        out["bodySite"] = {"text": site}
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _statement_fragments(flags: tuple[str, ...], user: int | None) -> tuple[str, str]:
+    """:func:`device_statement` as two pre-encoded fragments: the one that goes before
+    ``identifier`` and the one after ``valueQuantity`` (FHIR's element order)."""
+    elements = device_statement(flags, user)
+    head = f'"extension":{_j(elements["extension"])},' if "extension" in elements else ""
+    tail = "".join(
+        f',"{name}":{_j(elements[name])}'
+        for name in ("interpretation", "bodySite")
+        if name in elements
+    )
+    return head, tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,42 +272,36 @@ class FhirWriter:
         """(device id, sensor, description id) of every Observation written, in order."""
         return sorted(self._devices, key=lambda k: (k[0], k[1], -1 if k[2] is None else k[2]))
 
-    def write(self, rows: Sequence[Row]) -> None:
+    def write(self, rows: Sequence[ObservationRow]) -> None:
         lines: list[str] = []
-        for (
-            participant,
-            study,
-            t,
-            metric,
-            value,
-            unit,
-            dev,
-            seq,
-            sensor,
-            received,
-            described,
-        ) in rows:
-            code = self._codes.get(metric)
+        for r in rows:
+            code = self._codes.get(r.metric)
             if code is None:
-                code = self._codes[metric] = _code_fragment(metric)
-            subject = self._subjects.get((study, participant))
+                code = self._codes[r.metric] = _code_fragment(r.metric)
+            who = (r.study_id, r.participant_id)
+            subject = self._subjects.get(who)
             if subject is None:
-                subject = self._subjects[(study, participant)] = patient_id(study, participant)
-            device = self._devices.get((dev, sensor, described))
+                subject = self._subjects[who] = patient_id(r.study_id, r.participant_id)
+            wearable = (r.device_id, r.sensor, r.sensor_description_id)
+            device = self._devices.get(wearable)
             if device is None:
-                device = self._devices[(dev, sensor, described)] = sensor_device_id(
-                    dev, sensor, described
+                device = self._devices[wearable] = sensor_device_id(
+                    r.device_id, r.sensor, r.sensor_description_id
                 )
-            key = f"{dev}/{seq}/{sensor}/{metric}/{t}"
-            v = repr(value)
-            u = _j(unit)
+            if r.device_flags is None and r.device_user is None:
+                head = tail = ""
+            else:
+                head, tail = _statement_fragments(tuple(r.device_flags or ()), r.device_user)
+            key = f"{r.device_id}/{r.envelope_seq}/{r.sensor}/{r.metric}/{r.time_iso}"
+            v = repr(r.value)
+            u = _j(r.unit)
             lines.append(
-                f'{{"resourceType":"Observation","id":"{fhir_id("Observation", key, v)}",'
+                f'{{"resourceType":"Observation","id":"{fhir_id("Observation", key, v)}",{head}'
                 f'"identifier":[{{"system":"{READING_SYSTEM}","value":{_j(key)}}}],'
                 f'"status":"final",{code},"subject":{{"reference":"Patient/{subject}"}},'
-                f'"effectiveDateTime":"{t}","issued":"{received}",'
+                f'"effectiveDateTime":"{r.time_iso}","issued":"{r.received_at_iso}",'
                 f'"valueQuantity":{{"value":{v},"unit":{u},'
-                f'"system":"{mapping.UCUM_SYSTEM}","code":{u}}},'
+                f'"system":"{mapping.UCUM_SYSTEM}","code":{u}}}{tail},'
                 f'"device":{{"reference":"Device/{device}"}}}}\n'
             )
         self._observations.write("".join(lines).encode())

@@ -4,6 +4,10 @@ Layout (hive style, what ``pyarrow.dataset.dataset(DIR, partitioning="hive")`` r
 ``participant_id=P1/date=2026-01-31/part-0.parquet``, one file per participant and UTC day.
 Rows arrive ordered by participant and time, so each file is opened once, filled and closed:
 at most one file is open at a time. The columns are :data:`SCHEMA` (docs/exports.md).
+
+What the device said about a reading is in ``device_flags`` and ``device_user`` as stored,
+and ``device_quality`` is the class of its worst flag, judged by ``ingest.flags`` (the one
+registry the gateway and its alert rules use too).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from typing import BinaryIO
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
+from ingest.flags import worst
 from storage.exports import source
 from storage.exports.output import OutputDir
 from storage.exports.source import Row
 
-SCHEMA_NAME = b"trialstream.readings/1"
+SCHEMA_NAME = b"trialstream.readings/2"
 DAY_US = 86_400_000_000
 _EPOCH_DAY = date(1970, 1, 1)
 TS = pa.timestamp("us", tz="UTC")
@@ -32,6 +37,8 @@ COLUMNS = (
     source.LOINC,
     source.VALUE,
     source.UNIT,
+    source.FLAGS,
+    source.DEVICE_USER,
     source.DEVICE,
     source.SEQ,
     source.ENVELOPE_SHA,
@@ -57,6 +64,9 @@ SCHEMA = pa.schema(
         pa.field("loinc", pa.string()),
         pa.field("value", pa.float64(), nullable=False),
         pa.field("unit", pa.string(), nullable=False),
+        pa.field("device_flags", pa.list_(pa.string())),
+        pa.field("device_quality", pa.string()),
+        pa.field("device_user", pa.int16()),
         pa.field("device_id", pa.string(), nullable=False),
         pa.field("envelope_seq", pa.int64(), nullable=False),
         pa.field("envelope_sha256", pa.binary(32)),
@@ -76,6 +86,18 @@ SCHEMA = pa.schema(
     ]
 )
 PARTITIONING = pa.schema([("participant_id", pa.string()), ("date", pa.date32())])
+# Computed here from device_flags; every other field is read, in COLUMNS order after the
+# participant.
+QUALITY = "device_quality"
+_READ = [f for f in SCHEMA if f.name != QUALITY]
+_FLAGS_AT = COLUMNS.index(source.FLAGS)
+
+
+def device_quality(flags: Sequence[str] | None) -> str | None:
+    """The class of the reading's worst flag (``invalid``, ``questionable``, ``info``), None
+    when the device said nothing about it."""
+    quality = None if flags is None else worst(flags)
+    return None if quality is None else quality.value
 
 
 def partition_path(participant_id: str, day: date, part: int = 0) -> str:
@@ -102,12 +124,15 @@ class ParquetWriter:
         columns = list(zip(*rows, strict=True))
         participants, times = columns[0], columns[1]
         days = [t // DAY_US for t in times]
+        arrays = {
+            field.name: pa.array(col, type=field.type)
+            for col, field in zip(columns[1:], _READ, strict=True)
+        }
+        arrays[QUALITY] = pa.array(
+            [device_quality(f) for f in columns[_FLAGS_AT]], type=pa.string()
+        )
         batch = pa.RecordBatch.from_arrays(
-            [
-                pa.array(col, type=field.type)
-                for col, field in zip(columns[1:], self._schema, strict=True)
-            ],
-            schema=self._schema,
+            [arrays[field.name] for field in self._schema], schema=self._schema
         )
         start = 0
         for i in range(1, len(rows) + 1):

@@ -91,14 +91,15 @@ class Selection:
     participants: tuple[Participant, ...]
     windows: tuple[Window, ...]
 
-    def as_params(self) -> tuple[list[str], list[str], list[datetime], list[datetime | None]]:
-        """The windows as four arrays, for ``unnest`` in a query."""
-        return (
-            [w.participant_id for w in self.windows],
-            [w.metric for w in self.windows],
-            [from_ms(w.lo_ms) for w in self.windows],
-            [None if w.hi_ms is None else from_ms(w.hi_ms) for w in self.windows],
-        )
+    def as_params(self) -> dict[str, list[str] | list[datetime] | list[datetime | None]]:
+        """The windows as four arrays, for ``unnest`` in a query: named query parameters
+        ``participants``, ``metrics``, ``lo`` and ``hi``."""
+        return {
+            "participants": [w.participant_id for w in self.windows],
+            "metrics": [w.metric for w in self.windows],
+            "lo": [from_ms(w.lo_ms) for w in self.windows],
+            "hi": [None if w.hi_ms is None else from_ms(w.hi_ms) for w in self.windows],
+        }
 
 
 # Exports hold reading values: the roles that may read those (the API's CLINICAL roles).

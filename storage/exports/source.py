@@ -15,15 +15,24 @@ version that admitted them.
 Rows come in order of participant and time. A producer task reads the COPY while the
 consumer (a writer, in a worker thread) handles the previous chunk; the queue between them
 is bounded, so a slow disk slows the read instead of filling memory.
+
+What the device said about a reading (its flags and user index, ``ingest.flags``) comes out
+with it. The daily summaries leave out the readings the device put in doubt and count them
+instead; which codes do that is :data:`ingest.flags.IN_DOUBT`, passed as a query parameter.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import date
+from typing import Any, TypeVar
 
+from psycopg import sql
+from psycopg.rows import AsyncRowFactory, class_row
+
+from ingest.flags import IN_DOUBT
 from storage.db import Conn
 from storage.exports.mapping import EXPORTED
 from storage.exports.selection import Selection
@@ -39,10 +48,14 @@ QUEUE_CHUNKS = 1
 SORT_MEMORY = "64MB"
 
 Row = tuple[Any, ...]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
 class Column:
+    """One column of the export query: its name in the result and its SQL expression (a
+    constant of this module, never built from input)."""
+
     name: str
     sql: str
 
@@ -64,6 +77,10 @@ METRIC = Column("metric", "r.metric")
 LOINC = Column("loinc", "c.loinc")
 VALUE = Column("value", "r.value")
 UNIT = Column("unit", "r.unit")
+# What the device said about the reading: its flags (sorted, distinct; null when it said
+# nothing) and its user index on a shared wearable (null when the profile has none).
+FLAGS = Column("device_flags", "r.flags")
+DEVICE_USER = Column("device_user", "r.device_user")
 DEVICE = Column("device_id", "r.device_id")
 SEQ = Column("envelope_seq", "r.seq")
 ENVELOPE_SHA = Column("envelope_sha256", "e.envelope_sha256")
@@ -83,11 +100,53 @@ CONSENT_DOCUMENT = Column("consent_document", "d.title")
 STUDY = Column("study_id", "p.study_id")
 SITE = Column("site_id", "p.site_id")
 
+_BY_NAME = {
+    c.name: c
+    for c in (
+        PARTICIPANT,
+        TIME_US,
+        TIME_ISO,
+        METRIC,
+        LOINC,
+        VALUE,
+        UNIT,
+        FLAGS,
+        DEVICE_USER,
+        DEVICE,
+        SEQ,
+        ENVELOPE_SHA,
+        SENT_US,
+        RECEIVED_US,
+        RECEIVED_ISO,
+        SENSOR,
+        MANUFACTURER,
+        MODEL,
+        SERIAL,
+        FIRMWARE,
+        HARDWARE,
+        DESCRIPTION_ID,
+        CONSENT_ID,
+        CONSENT_VERSION,
+        CONSENT_DOCUMENT,
+        STUDY,
+        SITE,
+    )
+}
+
+
+def columns(names: Iterable[str]) -> tuple[Column, ...]:
+    """The reading columns of these names, in this order (a row type's field names)."""
+    return tuple(_BY_NAME[n] for n in names)
+
+
 _FROM = """
     WITH allowed (participant_id, metric, lo, hi) AS (
-        SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])
+        SELECT * FROM unnest(
+            %(participants)s::text[], %(metrics)s::text[],
+            %(lo)s::timestamptz[], %(hi)s::timestamptz[]
+        )
     ), codes (metric, loinc) AS (
-        SELECT * FROM unnest(%s::text[], %s::text[])
+        SELECT * FROM unnest(%(code_metrics)s::text[], %(loincs)s::text[])
     )
     SELECT {columns}
     FROM allowed a
@@ -104,17 +163,42 @@ _QUERY = f"""
     LEFT JOIN consent_documents d ON d.document_id = k.document_id
     LEFT JOIN codes c ON c.metric = r.metric
 """
-# Per participant, metric and UTC day: mean, min, max, count (the SDTM summaries).
+_ORDERED = "ORDER BY r.participant_id, r.time\n"
+
+# Whether the device put the reading in doubt: one of its flags is invalid or questionable.
+_DOUBTED = "coalesce(r.flags && %(in_doubt)s::text[], false)"
+
+
+@dataclass(frozen=True, slots=True)
+class Daily:
+    """One participant's readings of one metric on one UTC day, summarized over those the
+    device did not put in doubt (``mean``, ``minimum``, ``maximum`` are None when it doubted
+    all of them, ``counted`` is then 0); ``doubted`` counts the readings left out."""
+
+    participant_id: str
+    study_id: str
+    enrolled_on: date
+    metric: str
+    day: date
+    mean: float | None
+    minimum: float | None
+    maximum: float | None
+    counted: int
+    doubted: int
+
+
+# Per participant, metric and UTC day (the SDTM summaries): the fields of :class:`Daily`.
 DAILY_COLUMNS = (
     Column("participant_id", "r.participant_id"),
     Column("study_id", "p.study_id"),
     Column("enrolled_on", "(p.enrolled_at AT TIME ZONE 'UTC')::date"),
     Column("metric", "r.metric"),
     Column("day", "(r.time AT TIME ZONE 'UTC')::date"),
-    Column("mean", "avg(r.value)"),
-    Column("min", "min(r.value)"),
-    Column("max", "max(r.value)"),
-    Column("n", "count(*)"),
+    Column("mean", f"avg(r.value) FILTER (WHERE NOT {_DOUBTED})"),
+    Column("minimum", f"min(r.value) FILTER (WHERE NOT {_DOUBTED})"),
+    Column("maximum", f"max(r.value) FILTER (WHERE NOT {_DOUBTED})"),
+    Column("counted", f"count(*) FILTER (WHERE NOT {_DOUBTED})"),
+    Column("doubted", f"count(*) FILTER (WHERE {_DOUBTED})"),
 )
 _DAILY = f"""
     {_FROM}
@@ -123,64 +207,74 @@ _DAILY = f"""
 """
 
 
-def _params(selection: Selection) -> tuple[Any, ...]:
-    codes = [(name, e.metric.loinc) for name, e in EXPORTED.items()]
-    return (*selection.as_params(), [c[0] for c in codes], [c[1] for c in codes])
+def _query(template: str, selected: Sequence[Column]) -> sql.Composed:
+    items = (sql.SQL("{} AS {}").format(sql.SQL(c.sql), sql.Identifier(c.name)) for c in selected)
+    return sql.SQL(template).format(columns=sql.SQL(", ").join(items))
 
 
-Consume = Callable[[list[Row]], Awaitable[None]]
+def _params(selection: Selection) -> dict[str, Any]:
+    return {
+        **selection.as_params(),
+        "code_metrics": list(EXPORTED),
+        "loincs": [e.metric.loinc for e in EXPORTED.values()],
+        "in_doubt": sorted(IN_DOUBT),
+    }
+
+
+Consume = Callable[[list[R]], Awaitable[None]]
 
 
 async def stream(
     conn: Conn,
     selection: Selection,
-    columns: Sequence[Column],
-    consume: Consume,
+    selected: Sequence[Column],
+    consume: Consume[R],
     *,
+    row_factory: AsyncRowFactory[R],
     ordered: bool = True,
     chunk_rows: int = CHUNK_ROWS,
 ) -> int:
-    """Hand the selected readings to ``consume`` in chunks; returns the row count.
+    """Hand the selected readings to ``consume`` in chunks, each row made by
+    ``row_factory`` from ``selected`` in order; returns the row count.
 
     ``ordered``: by participant and time (what a partitioned writer needs); else in the
     order the database finds them, which spares it a sort of the whole export.
     """
     if not selection.windows:
         return 0
-    query = _QUERY.format(columns=", ".join(f"{c.sql} AS {c.name}" for c in columns))
-    if ordered:
-        query += "ORDER BY r.participant_id, r.time\n"
-    return await _stream(conn, query, selection, consume, chunk_rows)
+    query = _query(_QUERY + (_ORDERED if ordered else ""), selected)
+    return await _stream(conn, query, selection, row_factory, consume, chunk_rows)
 
 
 async def stream_daily(
-    conn: Conn, selection: Selection, consume: Consume, *, chunk_rows: int = CHUNK_ROWS
+    conn: Conn, selection: Selection, consume: Consume[Daily], *, chunk_rows: int = CHUNK_ROWS
 ) -> int:
-    """Hand the daily summaries (:data:`DAILY_COLUMNS`) to ``consume``; returns the row count."""
+    """Hand the daily summaries (:class:`Daily`) to ``consume``; returns the row count."""
     if not selection.windows:
         return 0
-    query = _DAILY.format(columns=", ".join(f"{c.sql} AS {c.name}" for c in DAILY_COLUMNS))
-    return await _stream(conn, query, selection, consume, chunk_rows)
+    query = _query(_DAILY, DAILY_COLUMNS)
+    return await _stream(conn, query, selection, class_row(Daily), consume, chunk_rows)
 
 
 async def _stream(
     conn: Conn,
-    query: str,
+    query: sql.Composed,
     selection: Selection,
-    consume: Consume,
+    row_factory: AsyncRowFactory[R],
+    consume: Consume[R],
     chunk_rows: int,
 ) -> int:
-    queue: asyncio.Queue[list[Row] | None] = asyncio.Queue(QUEUE_CHUNKS)
+    queue: asyncio.Queue[list[R] | None] = asyncio.Queue(QUEUE_CHUNKS)
     total = 0
 
     async def produce() -> None:
         async with (
             conn.transaction(),
-            conn.cursor(name="export", binary=True) as cur,
+            conn.cursor(name="export", binary=True, row_factory=row_factory) as cur,
         ):
             await conn.execute("SET TRANSACTION READ ONLY")
-            await conn.execute(f"SET LOCAL work_mem = '{SORT_MEMORY}'")
-            await cur.execute(query.encode(), _params(selection))
+            await conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(SORT_MEMORY)))
+            await cur.execute(query, _params(selection))
             while chunk := await cur.fetchmany(chunk_rows):
                 await queue.put(chunk)
         await queue.put(None)

@@ -122,6 +122,10 @@ async def test_round_trip_every_provenance_column_matches_its_envelope(
                 "loinc": METRICS[r.metric].loinc,
                 "value": r.value,
                 "unit": r.unit,
+                # A hub that says nothing about its readings: no flags, no device user.
+                "device_flags": None,
+                "device_quality": None,
+                "device_user": None,
                 "device_id": p.dev,
                 "envelope_seq": p.seq,
                 "envelope_sha256": hashlib.sha256(sealed[(p.dev, p.seq)]).digest(),

@@ -26,7 +26,8 @@ VS = {
     "systolic_bp": ("SYSBP", "Systolic Blood Pressure", "mmHg", "8480-6"),
     "body_temperature": ("TEMP", "Temperature", "C", "8310-5"),
 }
-STATS = ("DAILY MEAN", "DAILY MINIMUM", "DAILY MAXIMUM", "DAILY COUNT")
+STATS = ("DAILY MEAN", "DAILY MINIMUM", "DAILY MAXIMUM", "DAILY COUNT", "DAILY DOUBTFUL COUNT")
+COUNTS = ("DAILY COUNT", "DAILY DOUBTFUL COUNT")
 
 
 @pytest.fixture
@@ -56,7 +57,8 @@ def expected_records(rows: list[tuple[datetime, str, float]]) -> list[dict[str, 
     for metric, day in sorted(groups):
         values = groups[(metric, day)]
         testcd, test, unit, loinc = VS[metric]
-        stats = (statistics.fmean(values), min(values), max(values), len(values))
+        # No reading here carries a flag: none is left out, none is counted as doubtful.
+        stats = (statistics.fmean(values), min(values), max(values), len(values), 0)
         for stat, value in zip(STATS, stats, strict=True):
             out.append(
                 {
@@ -65,7 +67,7 @@ def expected_records(rows: list[tuple[datetime, str, float]]) -> list[dict[str, 
                     "VSTEST": test,
                     "VSSCAT": stat,
                     "VSSTRESN": float(value),
-                    "VSSTRESU": "" if stat == "DAILY COUNT" else unit,
+                    "VSSTRESU": "" if stat in COUNTS else unit,
                     "VSLOINC": loinc,
                     "VSDTC": day.isoformat(),
                     "VSDY": (day - ENROLLED.date()).days + 1,
@@ -92,12 +94,14 @@ async def test_daily_summaries_equal_an_independent_computation(
     want.sort(key=key)
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
-        assert (g["STUDYID"], g["DOMAIN"], g["VSCAT"], g["VSDRVFL"]) == (
-            "S1",
-            "VS",
-            "WEARABLE",
-            "Y",
-        )
+        assert (
+            g["STUDYID"],
+            g["DOMAIN"],
+            g["VSCAT"],
+            g["VSDRVFL"],
+            g["VSSTAT"],
+            g["VSREASND"],
+        ) == ("S1", "VS", "WEARABLE", "Y", "", "")
         for name in ("USUBJID", "VSTESTCD", "VSTEST", "VSSCAT", "VSSTRESU", "VSLOINC", "VSDTC"):
             assert g[name] == w[name], name
         assert float(g["VSSTRESN"]) == pytest.approx(w["VSSTRESN"], rel=1e-12)
