@@ -69,6 +69,7 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "site add-participant": COORDINATION,  # POST /sites/{site_id}/participants
     "site enroll-code": COORDINATION,  # POST /participants/{p}/enrollment-codes
     "site revoke": COORDINATION,
+    "site time-zone": COORDINATION,
     "admin create-user": ADMIN_ONLY,  # POST /users
     "admin disable-user": ADMIN_ONLY,
     "alerts rules add": CLINICAL,

@@ -11,7 +11,7 @@ import sys
 from datetime import timedelta
 
 from gateway.commands import operator
-from gateway.commands.common import Subparsers, add_database_flags, run
+from gateway.commands.common import Subparsers, add_database_flags, iso_time, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from storage import audit, db, registry
@@ -70,6 +70,21 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--participant", required=True, help="pseudonymous participant id")
     p.add_argument("--site", required=True, help="site id")
     p.set_defaults(handler=_add_participant)
+
+    p = action(
+        "time-zone",
+        "set a participant's time zone from a time on (they travel or move)",
+    )
+    p.add_argument("--participant", required=True, help="participant id")
+    p.add_argument("--zone", required=True, help="IANA time zone name, e.g. Europe/Berlin")
+    p.add_argument(
+        "--from",
+        dest="from_time",
+        type=iso_time,
+        help="from this time on (ISO 8601 with zone; default: now). The first zone set "
+        "also covers the times before it.",
+    )
+    p.set_defaults(handler=_time_zone)
 
     p = action("enroll-code", "make a single-use enrollment code for a participant's hub")
     p.add_argument("--participant", required=True, help="participant id")
@@ -172,6 +187,29 @@ def _add_participant(args: argparse.Namespace, settings: Settings) -> int:
 
     study = run(go())
     print(f"participant {args.participant} registered at {args.site} ({study})")
+    return 0
+
+
+@operator.authenticated("site time-zone")
+def _time_zone(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime
+
+    from storage import time_zones, views
+
+    valid_from = args.from_time or datetime.now(UTC)
+
+    async def go() -> None:
+        async with db.connection(settings.require_database_url(), autocommit=True) as conn:
+            home = await views.participant_home(conn, args.participant)
+            if home is None:
+                raise ConfigError(f"no participant {args.participant!r}")
+            operator.current().check_site(home[1])
+            await time_zones.set_time_zone(
+                conn, args.participant, args.zone, valid_from, actor=_actor()
+            )
+
+    run(go())
+    print(f"participant {args.participant}: {args.zone} from {valid_from.isoformat()}")
     return 0
 
 
