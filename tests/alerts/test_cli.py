@@ -155,3 +155,29 @@ async def test_escalation_setting(trial: Trial) -> None:
         "alerts", "escalation", *db, "--study", "NOPE", "--never", "--as", "admin"
     )
     assert_one_clear_line(unknown, "no study 'NOPE'")
+
+
+async def test_doubtful_readings_setting_is_audited_and_refuses_an_unknown_study(
+    trial: Trial,
+) -> None:
+    db_flags = ("--database-url", trial.url)
+    judged = trialstream(
+        "alerts", "doubtful", *db_flags, "--study", "S1", "--judge", "--as", "admin"
+    )
+    assert judged.returncode == 0, judged.stderr
+    assert "study S1: alert rules judge readings the device doubted" in judged.stdout
+    assert await rows(
+        trial.url, "SELECT alerts_on_doubtful FROM studies WHERE study_id = 'S1'"
+    ) == [(True,)]
+    unknown = trialstream(
+        "alerts", "doubtful", *db_flags, "--study", "NOPE", "--skip", "--as", "admin"
+    )
+    assert unknown.returncode != 0
+    assert_one_clear_line(unknown, "no study 'NOPE'")
+    both = trialstream(
+        "alerts", "doubtful", *db_flags, "--study", "S1", "--judge", "--skip", "--as", "admin"
+    )
+    assert both.returncode == 2
+    assert await rows(
+        trial.url, "SELECT action FROM audit_log WHERE action = 'study.alerts_on_doubtful_set'"
+    ) == [("study.alerts_on_doubtful_set",)]
