@@ -460,4 +460,4 @@ class WearableSession:
         # A span that crosses a backwards clock jump ends "before" it starts; its ends are
         # put in order (the clock_jump gap marks those times as ambiguous).
         self.stats.gaps += 1
-        await self.sink.gap(Gap(min(from_ms, to_ms), max(from_ms, to_ms), reason))
+        await self.sink.gap(Gap(min(from_ms, to_ms), max(from_ms, to_ms), reason, self.spec.sensor))

@@ -251,8 +251,8 @@ class Outbox:
             needed = _ROW_OVERHEAD + _utf8_len(gap.reason)
             self._check_space(db, needed, self.max_bytes + GAP_RESERVE_BYTES)
             db.execute(
-                "INSERT INTO pending_gaps (from_ms, to_ms, reason) VALUES (?, ?, ?)",
-                (gap.from_ms, gap.to_ms, gap.reason),
+                "INSERT INTO pending_gaps (from_ms, to_ms, reason, sensor) VALUES (?, ?, ?, ?)",
+                (gap.from_ms, gap.to_ms, gap.reason, gap.sensor),
             )
 
     def add_sensor(self, report: SensorReport) -> None:
@@ -298,7 +298,8 @@ class Outbox:
             limit = max_readings
             while max_envelopes is None or len(sealed) < max_envelopes:
                 gap_rows = db.execute(
-                    "SELECT id, from_ms, to_ms, reason FROM pending_gaps ORDER BY id LIMIT ?",
+                    "SELECT id, from_ms, to_ms, reason, sensor FROM pending_gaps"
+                    " ORDER BY id LIMIT ?",
                     (limit,),
                 ).fetchall()
                 reading_rows = db.execute(
@@ -329,7 +330,7 @@ class Outbox:
                     )
                     for _, t_ms, metric, value, unit, sensor, flags, user, record in reading_rows
                 )
-                gaps = tuple(Gap(a, b, reason) for _, a, b, reason in gap_rows)
+                gaps = tuple(Gap(a, b, reason, sensor) for _, a, b, reason, sensor in gap_rows)
                 payload = Payload(
                     dev=self.device_id,
                     seq=seq,

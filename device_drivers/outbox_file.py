@@ -2,7 +2,8 @@
 the errors of the outbox.
 
 Schema versions: 1 had readings without status; 2 adds each pending reading's flags, device
-user and record key, and each pending sensor report's paired user. A file of version 1 is upgraded
+user and record key, each pending gap's wearable, and each pending sensor report's paired
+user. A file of version 1 is upgraded
 in place when it is opened (columns added; nothing rewritten), so a hub keeps what it held
 across an upgrade of its software.
 """
@@ -57,7 +58,8 @@ _SCHEMA: Final = (
         id INTEGER PRIMARY KEY,
         from_ms INTEGER NOT NULL,
         to_ms INTEGER NOT NULL,
-        reason TEXT NOT NULL
+        reason TEXT NOT NULL,
+        sensor TEXT
     ) STRICT
     """,
     """
@@ -105,6 +107,7 @@ _UPGRADES: Final = {
         "ALTER TABLE pending_readings ADD COLUMN user INTEGER",
         "ALTER TABLE pending_readings ADD COLUMN record TEXT",
         "ALTER TABLE pending_sensors ADD COLUMN paired_user INTEGER",
+        "ALTER TABLE pending_gaps ADD COLUMN sensor TEXT",
     ),
 }
 

@@ -157,7 +157,7 @@ def check_reading(reading: Reading) -> None:
 
 def check_gap(gap: Gap) -> None:
     """Raise ``malformed`` if ``gap`` could not be carried in an envelope."""
-    _gap_to_obj(gap, 0)
+    _gap_to_obj(gap, 0, PROTOCOL_VERSION)
 
 
 # --- the fast path for the encoding this codec produces ------------------------------------
@@ -265,7 +265,7 @@ def _payload_to_obj(payload: Payload) -> dict[str, Any]:
         "seq": int_field(payload.seq, "seq", lo=0),
         "sent": int_field(payload.sent_ms, "sent"),
         "r": [_reading_to_obj(r, i, v) for i, r in enumerate(payload.readings)],
-        "gaps": [_gap_to_obj(g, i) for i, g in enumerate(payload.gaps)],
+        "gaps": [_gap_to_obj(g, i, v) for i, g in enumerate(payload.gaps)],
     }
     if payload.sensors:
         obj["s"] = [_sensor_to_obj(s, i, v) for i, s in enumerate(payload.sensors)]
@@ -304,7 +304,7 @@ def _payload_from_obj(obj: object, *, canonical: bool = False) -> Payload:
         seq=int_field(obj["seq"], "seq", lo=0),
         sent_ms=int_field(obj["sent"], "sent"),
         readings=built,
-        gaps=tuple(_gap_from_obj(g, i) for i, g in enumerate(gaps)),
+        gaps=tuple(_gap_from_obj(g, i, v) for i, g in enumerate(gaps)),
         v=v,
         sensors=tuple(_sensor_from_obj(s, i, v) for i, s in enumerate(sensors)),
     )
@@ -444,20 +444,26 @@ def _reading_from_obj(obj: object, i: int, v: int) -> Reading:
     return Reading(t_ms=t_ms, metric=metric, value=value, unit=unit, sensor=sensor)
 
 
-def _gap_to_obj(gap: Gap, i: int) -> list[Any]:
+def _gap_to_obj(gap: Gap, i: int, v: int) -> list[Any]:
     where = f"gaps[{i}]"
-    return [
+    obj: list[Any] = [
         int_field(gap.from_ms, f"{where}.from_ms"),
         int_field(gap.to_ms, f"{where}.to_ms"),
         text(gap.reason, f"{where}.reason", MAX_GAP_REASON_BYTES),
     ]
+    if gap.sensor is not None:
+        if v < 2:
+            raise EnvelopeError(Reason.MALFORMED, f"{where}: a gap's sensor needs protocol v2")
+        obj.append(text(gap.sensor, f"{where}.sensor", MAX_SENSOR_BYTES))
+    return obj
 
 
-def _gap_from_obj(obj: object, i: int) -> Gap:
-    if not isinstance(obj, list) or len(obj) != 3:
-        raise EnvelopeError(Reason.MALFORMED, f"gaps[{i}] must be [from_ms, to_ms, reason]")
-    from_ms, to_ms, reason = _gap_to_obj(Gap(*obj), i)
-    return Gap(from_ms=from_ms, to_ms=to_ms, reason=reason)
+def _gap_from_obj(obj: object, i: int, v: int) -> Gap:
+    lengths = (3, 4) if v >= 2 else (3,)
+    if not isinstance(obj, list) or len(obj) not in lengths:
+        shape = "[from_ms, to_ms, reason" + (", sensor]" if v >= 2 else "]")
+        raise EnvelopeError(Reason.MALFORMED, f"gaps[{i}] must be {shape}")
+    return Gap(*_gap_to_obj(Gap(*obj), i, v))
 
 
 def _check_version(obj: dict[Any, Any]) -> int:

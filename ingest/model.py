@@ -74,11 +74,13 @@ class Reading(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Gap:
-    """A span with no data and why (``out_of_range``, ``clock_jump``...): absence made visible."""
+    """A span with no data and why (``out_of_range``, ``clock_jump``...): absence made visible.
+    ``sensor``: the wearable it concerns (v2), None for the whole hub (its clock, its outbox)."""
 
     from_ms: int
     to_ms: int
     reason: str
+    sensor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,8 +139,9 @@ REJECTION_TEXT_MAX = 512
 # (other controls, lone surrogates): kept visible as escapes.
 _UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _INSERT_GAPS = """
-INSERT INTO gaps (device_id, seq, from_time, to_time, reason)
-SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::timestamptz[], %b::text[])
+INSERT INTO gaps (device_id, seq, from_time, to_time, reason, sensor)
+SELECT * FROM unnest(%b::text[], %b::int8[], %b::timestamptz[], %b::timestamptz[], %b::text[],
+                     %b::text[])
 """
 
 
@@ -397,7 +398,7 @@ class BulkWriter:
 
     async def _insert_gaps(self, conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
         rows = [
-            (e.dev, e.seq, from_ms(g.from_ms), from_ms(g.to_ms), g.reason)
+            (e.dev, e.seq, from_ms(g.from_ms), from_ms(g.to_ms), g.reason, g.sensor)
             for e in fresh
             for g in e.gaps
         ]

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from device_drivers.outbox import Outbox
 from device_drivers.outbox_file import SCHEMA_VERSION
 from ingest.envelope import MAX_FLAGS_PER_READING, MAX_ITEMS_PER_ENVELOPE, open_envelope
-from ingest.model import Reading, SensorReport
+from ingest.model import Gap, Reading, SensorReport
 
 DEV = "hub-0001"
 T0 = 1_700_000_000_000
@@ -51,6 +51,8 @@ def test_an_outbox_written_before_reading_status_is_upgraded_in_place(
         "ALTER TABLE pending_readings DROP COLUMN user",
         "ALTER TABLE pending_readings DROP COLUMN record",
         "ALTER TABLE pending_sensors DROP COLUMN paired_user",
+        "ALTER TABLE pending_gaps DROP COLUMN sensor",
+        "INSERT INTO pending_gaps (from_ms, to_ms, reason) VALUES (1, 2, 'out_of_range')",
         "INSERT INTO pending_readings (t_ms, metric, value, unit, sensor)"
         " VALUES (1700000000000, 'heart_rate', x'4051800000000000', '/min', 'strap')",
         "INSERT INTO pending_sensors (sensor, model) VALUES ('strap', 'HRM-2')",
@@ -64,6 +66,7 @@ def test_an_outbox_written_before_reading_status_is_upgraded_in_place(
     payload = open_envelope(sealed.data).payload
     assert payload.readings == (Reading(T0, "heart_rate", 70.0, "/min", "strap"),)
     assert payload.sensors == (SensorReport("strap", model="HRM-2"),)
+    assert payload.gaps == (Gap(1, 2, "out_of_range"),)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
 

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.broker import MosquittoBroker
 from ingest.envelope import seal
-from ingest.model import Payload, Reading, Receipt, SensorReport
+from ingest.model import Gap, Payload, Reading, Receipt, SensorReport
 from ingest.pipeline import up_topic
 from ingest.receipts import RECEIPT_ACCEPTED, open_receipt
 from ingest.rules import Rule
@@ -192,3 +192,15 @@ async def test_a_study_can_have_its_rules_judge_doubted_readings(
         trial.url,
         "SELECT action, detail->>'alerts_on_doubtful' FROM audit_log WHERE entity = 'study'",
     ) == [("study.alerts_on_doubtful_set", "true")]
+
+
+async def test_a_gap_is_stored_with_its_wearable(
+    trial: Trial, gateway: RunningGateway, probe: MqttProbe
+) -> None:
+    t = now_ms() - 60_000
+    gaps = (Gap(t - 5000, t, "out_of_range", "strap"), Gap(t - 3000, t - 2000, "clock_jump"))
+    await send(probe, gateway, trial, Payload("hub-1", 1, t + 1000, (), gaps))
+    assert await rows(trial.url, "SELECT reason, sensor FROM gaps ORDER BY from_time") == [
+        ("out_of_range", "strap"),
+        ("clock_jump", None),
+    ]

@@ -20,7 +20,7 @@ from ingest.envelope import (
     seal,
     verify,
 )
-from ingest.model import PROTOCOL_VERSION, Payload, Reading, Reason, SensorReport
+from ingest.model import PROTOCOL_VERSION, Gap, Payload, Reading, Reason, SensorReport
 from ingest.wire import EnvelopeError
 from tests.ingest.test_envelope import DEV, cose_key, payload_obj, raw_sign1
 
@@ -222,3 +222,27 @@ def test_a_full_batch_of_maximal_flagged_readings_is_too_large_to_seal(
     with pytest.raises(EnvelopeError) as info:
         seal(v2_payload(*([big] * MAX_ITEMS_PER_ENVELOPE)), key)
     assert info.value.reason is Reason.TOO_LARGE
+
+
+def test_a_gap_names_its_wearable_in_v2(key: ec.EllipticCurvePrivateKey) -> None:
+    gaps = (Gap(T - 5000, T, "out_of_range", "strap"), Gap(T - 9000, T - 8000, "clock_jump"))
+    payload = Payload(DEV, 1, T, (), gaps)
+    assert open_envelope(seal(payload, key)).payload.gaps == gaps
+    with pytest.raises(EnvelopeError, match="needs protocol v2"):
+        seal(replace(payload, v=1), key)
+
+
+@pytest.mark.parametrize(
+    ("v", "gap"),
+    [
+        pytest.param(1, [T - 5, T, "out_of_range", "strap"], id="v1-sensor"),
+        pytest.param(2, [T - 5, T, "out_of_range", ""], id="empty-sensor"),
+        pytest.param(2, [T - 5, T, "out_of_range", 7], id="int-sensor"),
+        pytest.param(2, [T - 5, T, "out_of_range", "s\x00"], id="nul-sensor"),
+        pytest.param(2, [T - 5, T, "out_of_range", "s", "x"], id="five-elements"),
+    ],
+)
+def test_a_malformed_gap_sensor_refuses_the_envelope(
+    key: ec.EllipticCurvePrivateKey, v: int, gap: list[Any]
+) -> None:
+    assert refusal(payload_obj(v=v, gaps=[gap]), key).reason is Reason.MALFORMED
