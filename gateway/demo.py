@@ -35,13 +35,13 @@ from aiohttp import web
 from consent import records
 from consent.records import Actor, Initiator
 from device_drivers import sim
-from device_drivers.driver import WearableSession, WearableSpec
-from device_drivers.hub import Hub, OutboxSink
+from device_drivers.driver import WearableSpec
+from device_drivers.hub import Hub
+from device_drivers.hub_factory import open_hub
 from device_drivers.identity import HubIdentity, enroll, parse_enrollment
 from device_drivers.outbox import Outbox
 from device_drivers.pairing import BleBackends
-from device_drivers.relay import Relay, RelayConfig
-from device_drivers.state import HubState
+from device_drivers.relay import Relay
 from gateway import enrollment
 from gateway.app import TaskDied, create_app
 from gateway.broker import MosquittoBroker, find_mosquitto, free_port
@@ -51,7 +51,6 @@ from gateway.settings import Settings
 from gateway.web.ratelimit import RATE_LIMITER, Limit
 from ingest.metrics import METRICS
 from ingest.rules import RuleKind, Severity
-from ingest.transport import configure_tls
 from storage import alerts, audit, db, registry, users
 from storage.embedded import EmbeddedPostgres
 from storage.migrate import ModeRequest, migrate
@@ -441,42 +440,21 @@ async def _enroll_cohort(
         uri = enrollment.enrollment_uri(settings.gateway_url, code.code, ca)
         identity = await enroll(workdir / "hubs" / pid, parse_enrollment(uri))
         await _consent(url, pid, document, options.password)
-        outbox = await asyncio.to_thread(
-            Outbox.open, identity.directory / "outbox.sqlite", identity.device_id
-        )
         adapter = await sim.SimAdapter.create(radio)
         stack.push_async_callback(adapter.close)
         backends = BleBackends(adapter.scanner_backend, adapter.client_backend)
-        state = await asyncio.to_thread(HubState.open, identity.directory / "state.json")
-        sink = OutboxSink(outbox)
         wearables = _wearables(i)
-        sessions = []
-        for sensor, wearable in wearables.items():
+        for wearable in wearables.values():
             await stack.enter_async_context(wearable.running(radio))
-            sessions.append(
-                WearableSession(
-                    WearableSpec(wearable.address, sensor),
-                    sink,
-                    backends,
-                    clock=sink.clock,
-                    state=state,
-                )
-            )
-        strap = wearables["hr-strap"]
-        relay = Relay(
-            RelayConfig(
-                identity.device_id,
-                identity.broker_host,
-                identity.broker_port,
-                seal_max_age_s=2.0,
-                mqtt5=settings.mqtt_v5,
-            ),
-            outbox,
-            identity.key(),
-            identity.receipt_key(),
-            configure_client=configure_tls(identity.tls),
+        parts = await open_hub(
+            identity,
+            stack,
+            wearables=[WearableSpec(w.address, sensor) for sensor, w in wearables.items()],
+            backends=backends,
+            mqtt5=settings.mqtt_v5,
+            seal_max_age_s=2.0,
         )
-        hub = Hub(relay, sessions, sink, status_path=identity.directory / "status.json")
+        outbox, relay, hub, strap = parts.outbox, parts.relay, parts.hub, wearables["hr-strap"]
         cohort.append(Participant(pid, identity, outbox, relay, hub, strap))
         say(out, f"      {pid}: hub {identity.device_id} enrolled with code {code.code}")
     return cohort

@@ -165,45 +165,14 @@ _SIMULATED = {"hr": "VirtualHeartRateStrap"}
 async def _run_hub(
     identity: Any, wearables: list[tuple[str, str]], simulate: list[str], duration: float | None
 ) -> None:
-    from device_drivers.credentials import CertificateKeeper, HubWithdrawn
-    from device_drivers.driver import WearableSession, WearableSpec
-    from device_drivers.hub import Hub, OutboxSink
-    from device_drivers.outbox import Outbox
+    from device_drivers.credentials import HubWithdrawn
+    from device_drivers.driver import WearableSpec
+    from device_drivers.hub_factory import open_hub
     from device_drivers.pairing import BleBackends
-    from device_drivers.relay import Relay, RelayConfig
-    from device_drivers.state import HubState
-    from ingest.transport import configure_tls
 
-    outbox = await asyncio.to_thread(
-        Outbox.open, identity.directory / "outbox.sqlite", identity.device_id
-    )
-    sink = OutboxSink(outbox)
-    # The paired wearables, their bonds and the glucose cursors survive a restart: a meter is
-    # not read from its first record again, and a shared cuff keeps its paired user.
-    state = await asyncio.to_thread(HubState.open, identity.directory / "state.json")
-    tls = configure_tls(identity.tls)
-    relay = Relay(
-        RelayConfig(identity.device_id, identity.broker_host, identity.broker_port),
-        outbox,
-        identity.key(),
-        identity.receipt_key(),
-        configure_client=tls,
-    )
-    keeper = CertificateKeeper(
-        identity,
-        connect_failures=lambda: relay.stats.connect_failures,
-        on_renewed=tls.reload if tls is not None else (lambda: None),
-    )
     async with contextlib.AsyncExitStack() as stack:
-        named = {a for a, _ in wearables}
-        sessions = [
-            WearableSession(WearableSpec(a, s), sink, clock=sink.clock, state=state)
-            for a, s in wearables
-        ] + [
-            WearableSession.for_paired(w, sink, state, clock=sink.clock)
-            for w in state.wearables
-            if w.address not in named
-        ]
+        specs = [WearableSpec(a, s) for a, s in wearables]
+        backends = None
         if simulate:
             from device_drivers import sim
 
@@ -214,27 +183,15 @@ async def _run_hub(
             for i, kind in enumerate(simulate):
                 wearable = getattr(sim, _SIMULATED[kind])(f"TS-{kind.upper()}-{i:04d}", seed=i)
                 await stack.enter_async_context(wearable.running(radio))
-                sessions.append(
-                    WearableSession(
-                        WearableSpec(wearable.address, f"{kind}-{i}"),
-                        sink,
-                        backends,
-                        clock=sink.clock,
-                        state=state,
-                    )
-                )
-        hub = Hub(
-            relay, sessions, sink, status_path=identity.directory / "status.json", keeper=keeper
-        )
+                specs.append(WearableSpec(wearable.address, f"{kind}-{i}"))
+        parts = await open_hub(identity, stack, wearables=specs, backends=backends)
         try:
             async with asyncio.timeout(duration):
-                await hub.run()
+                await parts.hub.run()
         except* TimeoutError:
             pass
         except* HubWithdrawn as group:
             raise group.exceptions[0] from None
-        finally:
-            outbox.close()
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
