@@ -76,7 +76,7 @@ def register(sub: Subparsers) -> None:
         action="append",
         default=[],
         metavar="KIND",
-        help="add a virtual wearable on a simulated radio (hr); repeatable",
+        help=f"add a virtual wearable on a simulated radio ({', '.join(_SIMULATED)}); repeatable",
     )
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(handler=_run)
@@ -91,6 +91,42 @@ def register(sub: Subparsers) -> None:
     p.add_argument("--hub-dir", help="the hub's directory (default: <data dir>/hub)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(handler=_status)
+
+    p = actions.add_parser(
+        "pair",
+        help="pair a wearable and remember it",
+        description="Find the wearable advertising at ADDRESS, pair and bond with it, and "
+        "remember it in the hub's state file under SENSOR, the name its readings carry; "
+        "`hub run` then reads it. A wearable that shows a passkey is paired through the "
+        "system's Bluetooth agent (on Linux: bluetoothctl's agent), which asks for it. "
+        "A cuff or scale shared in a household: give the participant's user number on it "
+        "with --user, and the gateway refuses the readings of the other users.",
+    )
+    p.add_argument("--hub-dir", help="the hub's directory (default: <data dir>/hub)")
+    p.add_argument("--address", required=True, help="the wearable's Bluetooth address")
+    p.add_argument("--sensor", required=True, help="the name its readings carry, e.g. bp-cuff")
+    p.add_argument("--user", type=_user_index, help="the participant's user number (0-254)")
+    p.set_defaults(handler=_pair)
+
+    p = actions.add_parser(
+        "wearables",
+        help="the wearables this hub has paired",
+        description="The wearables remembered in the hub's state file: address, sensor "
+        "name, profile, bonded, the participant's user number on a shared one.",
+    )
+    p.add_argument("--hub-dir", help="the hub's directory (default: <data dir>/hub)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(handler=_wearables)
+
+    p = actions.add_parser(
+        "unpair",
+        help="forget a paired wearable",
+        description="Forget the wearable at ADDRESS (and its cursors) in the hub's state "
+        "file; `hub run` no longer reads it. Its readings already in the outbox still go.",
+    )
+    p.add_argument("--hub-dir", help="the hub's directory (default: <data dir>/hub)")
+    p.add_argument("--address", required=True, help="the wearable's Bluetooth address")
+    p.set_defaults(handler=_unpair)
 
 
 def _enroll(args: argparse.Namespace, settings: Settings) -> int:
@@ -143,8 +179,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     unknown = [k for k in args.simulate if k not in _SIMULATED]
     if unknown:
         raise ConfigError(f"--simulate {unknown[0]!r}: known kinds are {', '.join(_SIMULATED)}")
-    if not wearables and not args.simulate:
-        raise ConfigError("no wearables: give --wearable ADDRESS=SENSOR or --simulate hr")
+    if not wearables and not args.simulate and not _state(directory).wearables:
+        raise ConfigError(
+            "no wearables: pair one with `hub pair`, or give --wearable ADDRESS=SENSOR"
+            " or --simulate hr"
+        )
     print(
         f"hub {identity.device_id}: {len(wearables) + len(args.simulate)} wearable(s), "
         f"broker {identity.broker_host}:{identity.broker_port}; Ctrl-C stops",
@@ -159,7 +198,83 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-_SIMULATED = {"hr": "VirtualHeartRateStrap"}
+_SIMULATED = {
+    "hr": "VirtualHeartRateStrap",
+    "oxi": "VirtualPulseOximeter",
+    "bp": "VirtualBloodPressureCuff",
+    "temp": "VirtualThermometer",
+    "glucose": "VirtualGlucoseMeter",
+    "scale": "VirtualWeightScale",
+}
+
+
+def _user_index(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
+    if not 0 <= n <= 254:
+        raise argparse.ArgumentTypeError("a user number is 0-254 (255 means unknown user)")
+    return n
+
+
+def _state(directory: Path) -> Any:
+    from device_drivers.hub_factory import STATE_FILE
+    from device_drivers.state import HubState, StateError
+
+    try:
+        return HubState.open(directory / STATE_FILE)
+    except StateError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _pair(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import replace
+
+    from bleak.exc import BleakError
+
+    from device_drivers.pairing import PairingFailed, WearableNotFound, pair_wearable
+
+    directory = _hub_dir(args, settings)
+    state = _state(directory)
+    try:
+        paired = run(pair_wearable(args.address, args.sensor, state))
+    except (WearableNotFound, PairingFailed) as exc:
+        raise ConfigError(str(exc)) from exc
+    except BleakError as exc:
+        raise ConfigError(f"Bluetooth is not usable here: {exc}") from exc
+    if args.user is not None:
+        paired = replace(paired, user=args.user)
+        state.remember(paired)
+    user = "" if paired.user is None else f", participant is user {paired.user}"
+    print(f"paired {paired.sensor} ({paired.profile}) at {paired.address}{user}")
+    return 0
+
+
+def _wearables(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    wearables = _state(_hub_dir(args, settings)).wearables
+    if args.json:
+        print(json.dumps([asdict(w) for w in wearables]))
+        return 0
+    for w in wearables:
+        user = "" if w.user is None else f"  user {w.user}"
+        bonded = "bonded" if w.bonded else "not bonded"
+        print(f"{w.address}  {w.sensor}  {w.profile}  {bonded}{user}")
+    if not wearables:
+        print("no wearables paired: `trialstream hub pair --address ADDRESS --sensor NAME`")
+    return 0
+
+
+def _unpair(args: argparse.Namespace, settings: Settings) -> int:
+    state = _state(_hub_dir(args, settings))
+    known = state.wearable(args.address)
+    if known is None:
+        raise ConfigError(f"no wearable paired at {args.address}")
+    state.forget(args.address)
+    print(f"forgot {known.sensor} at {args.address}")
+    return 0
 
 
 async def _run_hub(
