@@ -1,0 +1,36 @@
+"""The hub's systemd unit agrees with the hub: the exit status that means "withdrawn" is
+the one it never restarts on, it runs the hub's command on its own state directory, and
+it stops the hub with the signal the hub handles."""
+
+from __future__ import annotations
+
+import configparser
+import shlex
+from pathlib import Path
+
+from device_drivers.credentials import EXIT_WITHDRAWN
+
+UNIT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "trialstream-hub.service"
+
+
+def unit() -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(UNIT)
+    return parser
+
+
+def test_the_unit_never_restarts_a_withdrawn_hub() -> None:
+    service = unit()["Service"]
+    assert service["Restart"] == "on-failure"
+    assert service["RestartPreventExitStatus"] == str(EXIT_WITHDRAWN)
+
+
+def test_the_unit_runs_the_hub_on_its_own_private_state_directory() -> None:
+    service = unit()["Service"]
+    command = shlex.split(service["ExecStart"])
+    assert command[1:4] == ["hub", "run", "--hub-dir"]
+    assert command[4] == f"/var/lib/{service['StateDirectory']}"
+    assert service["StateDirectoryMode"] == "0700"
+    assert service["KillSignal"] == "SIGINT"
+    assert service["User"] != "root"
