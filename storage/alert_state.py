@@ -14,9 +14,8 @@ from typing import Final
 
 from ingest.flags import IN_DOUBT
 from ingest.rules import RuleState
-from storage import audit
 from storage.db import Conn
-from storage.errors import UnknownStudy
+from storage.study_settings import StudySetting, set_study_setting
 from storage.timeconv import from_ms, to_ms
 
 # The namespace of the per-participant locks (two-key form: namespace, hashtext(participant)).
@@ -182,17 +181,4 @@ async def skipped_by_rule(conn: Conn, rule_ids: Sequence[int]) -> dict[int, int]
 
 async def set_study_judging_doubtful(conn: Conn, study_id: str, judge: bool, *, actor: str) -> None:
     """Whether the study's alert rules judge readings the device doubted. Audited."""
-    async with conn.transaction():
-        cur = await conn.execute(
-            "UPDATE studies SET alerts_on_doubtful = %s WHERE study_id = %s", (judge, study_id)
-        )
-        if cur.rowcount != 1:
-            raise UnknownStudy(f"no study {study_id!r}")
-        await audit.append(
-            conn,
-            actor=actor,
-            action="study.alerts_on_doubtful_set",
-            entity="study",
-            entity_id=study_id,
-            detail={"alerts_on_doubtful": judge},
-        )
+    await set_study_setting(conn, study_id, StudySetting.ALERTS_ON_DOUBTFUL, judge, actor=actor)

@@ -41,6 +41,7 @@ from ingest.rules import (
 from storage import audit
 from storage.db import Conn
 from storage.errors import StorageError, first_line
+from storage.study_settings import StudySetting, set_study_setting
 from storage.timeconv import from_ms, to_ms
 
 log = logging.getLogger(__name__)
@@ -289,20 +290,7 @@ async def set_study_escalation(
     """Set (None: clear) how long an alert of the study may stay unacknowledged. Audited."""
     if seconds is not None and seconds <= 0:
         raise InvalidRule("the escalation time must be > 0 seconds")
-    async with conn.transaction():
-        cur = await conn.execute(
-            "UPDATE studies SET alert_escalation_s = %s WHERE study_id = %s", (seconds, study_id)
-        )
-        if cur.rowcount != 1:
-            raise InvalidRule(f"no study {study_id!r}")
-        await audit.append(
-            conn,
-            actor=actor,
-            action="study.alert_escalation_set",
-            entity="study",
-            entity_id=study_id,
-            detail={"alert_escalation_s": seconds},
-        )
+    await set_study_setting(conn, study_id, StudySetting.ALERT_ESCALATION_S, seconds, actor=actor)
 
 
 async def missing_data_rules(conn: Conn) -> list[tuple[str, Rule, int]]:

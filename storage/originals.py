@@ -20,7 +20,7 @@ from ingest.envelope import MAX_ENVELOPE_BYTES
 from ingest.model import AcceptedEnvelope
 from storage import audit
 from storage.db import Conn
-from storage.errors import UnknownStudy
+from storage.study_settings import StudySetting, set_study_setting
 
 CODEC: Final = "zlib"
 # zlib level 6 (its default): most of the gain of level 9 at a fraction of its time.
@@ -172,18 +172,6 @@ async def prune(conn: Conn, now: datetime, *, actor: str) -> list[Pruned]:
 
 async def set_retention(conn: Conn, study_id: str, days: int | None, *, actor: str) -> None:
     """How many days the study keeps signed originals (None: as long as its envelopes)."""
-    async with conn.transaction():
-        cur = await conn.execute(
-            "UPDATE studies SET originals_retention_days = %s WHERE study_id = %s",
-            (days, study_id),
-        )
-        if cur.rowcount != 1:
-            raise UnknownStudy(f"no study {study_id!r}")
-        await audit.append(
-            conn,
-            actor=actor,
-            action="study.originals_retention_set",
-            entity="study",
-            entity_id=study_id,
-            detail={"originals_retention_days": days},
-        )
+    await set_study_setting(
+        conn, study_id, StudySetting.ORIGINALS_RETENTION_DAYS, days, actor=actor
+    )

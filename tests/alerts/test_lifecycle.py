@@ -12,6 +12,7 @@ from consent import records
 from gateway.alerts import AlertEngine, drain, event_message
 from ingest.rules import Rule, RuleKind, Severity
 from storage import alerts, db, registry, users
+from storage.errors import UnknownStudy
 from storage.timeconv import from_ms, to_ms
 from tests.alerts.conftest import Clock, Ingest, S, base_ms
 from tests.alerts.test_engine import add_hr_rule, rows, steps
@@ -244,7 +245,7 @@ async def test_escalation_time_must_be_positive_and_the_study_known(trial: Trial
     async with db.connection(trial.url) as conn:
         with pytest.raises(alerts.InvalidRule, match="> 0"):
             await alerts.set_study_escalation(conn, "S1", 0, actor="admin")
-        with pytest.raises(alerts.InvalidRule, match="no study"):
+        with pytest.raises(UnknownStudy, match="no study"):
             await alerts.set_study_escalation(conn, "S-none", 60, actor="admin")
     await set_escalation(trial.url, None)
     assert await rows(trial.url, "SELECT alert_escalation_s FROM studies") == [(None,)]
