@@ -1,5 +1,7 @@
 """Read queries behind the web pages and the API: sites, participants, devices, what was sent
-and received, reading windows, gaps and hourly rollups.
+and received, enrollment codes, hourly rollups, alerts and users. A participant's readings
+and gaps are read by ``storage.reading_views``, consent documents by
+``storage.consent_views``.
 
 Nothing here decides who may see what (``gateway.web.access`` does); every function takes the
 ids it is allowed to read. Values leave only as rows for the caller to return; nothing here
@@ -25,14 +27,6 @@ from ingest.model import Reading
 from storage.alerts import Alert, AlertEvent
 from storage.db import Conn
 from storage.migrate import StorageMode
-
-# At most this many readings come back for one window (about 1 Hz for 1 hour of 3 metrics).
-MAX_WINDOW_READINGS = 20_000
-# A reading's received_at is stamped when the gateway takes its batch, before the batch
-# commits, so a poll's cursor is set this far before the poll: a batch committed within
-# that long after it was received is still in the next poll (the page drops duplicates).
-# A page also reloads its whole window now and then, which catches anything slower.
-RECEIVED_OVERLAP_MS = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,24 +104,6 @@ class EnrollmentCodeRow:
     expires_at: datetime
     used_at: datetime | None
     device_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ReadingRow:
-    time: datetime
-    metric: str
-    value: float
-    unit: str
-    device_id: str
-    sensor: str
-
-
-@dataclass(frozen=True, slots=True)
-class GapRow:
-    device_id: str
-    from_time: datetime
-    to_time: datetime
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,82 +266,6 @@ async def enrollment_codes(
     return [
         EnrollmentCodeRow(str(p), str(b), c, e, u, d) for p, b, c, e, u, d in await cur.fetchall()
     ]
-
-
-async def readings_window(
-    conn: Conn,
-    participant_id: str,
-    since: datetime,
-    *,
-    metrics: Collection[str] | None = None,
-    received_after: datetime | None = None,
-    limit: int = MAX_WINDOW_READINGS,
-) -> list[ReadingRow]:
-    """Stored readings of the participant measured at or after ``since``, oldest first (the
-    newest ``limit`` when there are more); with ``received_after``, only those the gateway
-    received after it (a live view's poll after its first)."""
-    cur = await conn.execute(
-        "SELECT time, metric, value, unit, device_id, sensor FROM ("
-        " SELECT time, metric, value, unit, device_id, sensor FROM readings"
-        " WHERE participant_id = %(pid)s AND time >= %(since)s"
-        " AND (%(metrics)s::text[] IS NULL OR metric = ANY(%(metrics)s))"
-        " AND (%(after)s::timestamptz IS NULL OR received_at > %(after)s)"
-        " ORDER BY time DESC LIMIT %(limit)s) w ORDER BY time, metric",
-        {
-            "pid": participant_id,
-            "since": since,
-            "metrics": None if metrics is None else list(metrics),
-            "after": received_after,
-            "limit": limit,
-        },
-    )
-    return [
-        ReadingRow(t, str(m), float(v), str(u), str(d), str(s))
-        for t, m, v, u, d, s in await cur.fetchall()
-    ]
-
-
-async def readings_received(
-    conn: Conn,
-    participant_ids: Collection[str],
-    metrics: Collection[str],
-    since: datetime,
-    received_after: datetime,
-    *,
-    limit: int = MAX_WINDOW_READINGS,
-) -> list[tuple[str, ReadingRow, datetime]]:
-    """``(participant, reading, received_at)`` of the readings of ``participant_ids``
-    measured at or after ``since`` that the gateway received after ``received_after``, oldest
-    first, at most ``limit``: one query for every live view a gateway process serves. Naming
-    every metric lets the (participant, metric, time) index bound the time range as well."""
-    cur = await conn.execute(
-        "SELECT participant_id, time, metric, value, unit, device_id, sensor, received_at"
-        " FROM readings WHERE participant_id = ANY(%(pids)s) AND metric = ANY(%(metrics)s)"
-        " AND time >= %(since)s AND received_at > %(after)s"
-        " ORDER BY time, participant_id LIMIT %(limit)s",
-        {
-            "pids": list(participant_ids),
-            "metrics": list(metrics),
-            "since": since,
-            "after": received_after,
-            "limit": limit,
-        },
-    )
-    return [
-        (str(p), ReadingRow(t, str(m), float(v), str(u), str(d), str(s)), r)
-        for p, t, m, v, u, d, s, r in await cur.fetchall()
-    ]
-
-
-async def gaps_window(conn: Conn, participant_id: str, since: datetime) -> list[GapRow]:
-    """Spans without data that the participant's hubs reported, overlapping ``since``..now."""
-    cur = await conn.execute(
-        "SELECT g.device_id, g.from_time, g.to_time, g.reason FROM gaps g"
-        " JOIN devices d USING (device_id)"
-        " WHERE d.participant_id = %s AND g.to_time >= %s ORDER BY g.from_time",
-        (participant_id, since),
-    )
-    return [GapRow(str(d), f, t, str(r)) for d, f, t, r in await cur.fetchall()]
 
 
 async def rollups(
@@ -616,100 +516,3 @@ async def user_list(conn: Conn) -> list[UserRow]:
         UserRow(str(n), str(d), str(r), p, tuple(s), bool(lk), bool(dis), c)
         for n, d, r, p, s, lk, dis, c in await cur.fetchall()
     ]
-
-
-@dataclass(frozen=True, slots=True)
-class ConsentDocumentRow:
-    """A consent document version in effect now (a study's newest effective version of a
-    document, in each of its languages), with its rank among the document's versions."""
-
-    document_id: int
-    title: str
-    version: str
-    language: str
-    text: str | None
-    uri: str | None
-    sha256: bytes
-    scopes: tuple[str, ...]
-    optional_scopes: tuple[str, ...]
-    effective_at: datetime
-    reconsent_by: datetime | None
-    rank: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReconsentDeadline:
-    title: str
-    rank: int
-    reconsent_by: datetime
-
-
-# Ranks as consent.records ranks versions: by effective time within (study, title).
-_RANKED_DOCUMENTS = """
-WITH ranked AS (
-    SELECT d.*, dense_rank() OVER (PARTITION BY d.title ORDER BY d.effective_at) AS rank
-    FROM consent_documents d WHERE d.study_id = %(study)s
-), newest AS (
-    SELECT title, max(effective_at) AS effective_at FROM ranked
-    WHERE effective_at <= now() GROUP BY title
-)
-SELECT r.document_id, r.title, r.version, r.language, r.body, r.uri, r.content_sha256,
-       r.scopes, r.optional_scopes, r.effective_at, r.reconsent_by, r.rank
-FROM ranked r JOIN newest n ON n.title = r.title AND n.effective_at = r.effective_at
-ORDER BY r.title, r.language, r.document_id
-"""
-
-
-async def consent_documents_in_effect(conn: Conn, study_id: str) -> list[ConsentDocumentRow]:
-    """The versions a participant of the study may sign now: for each document, its newest
-    version already in effect (every language of it)."""
-    cur = await conn.execute(_RANKED_DOCUMENTS, {"study": study_id})
-    return [
-        ConsentDocumentRow(
-            int(did),
-            str(title),
-            str(version),
-            str(lang),
-            body,
-            uri,
-            bytes(sha),
-            tuple(sorted(scopes)),
-            tuple(sorted(optional or ())),
-            eff,
-            recon,
-            int(rank),
-        )
-        for did, title, version, lang, body, uri, sha, scopes, optional, eff, recon, rank in (
-            await cur.fetchall()
-        )
-    ]
-
-
-async def reconsent_deadlines(conn: Conn, study_id: str) -> list[ReconsentDeadline]:
-    """Every version of the study's documents that set a re-consent deadline."""
-    cur = await conn.execute(
-        "SELECT DISTINCT title, rank, reconsent_by FROM ("
-        " SELECT title, reconsent_by,"
-        " dense_rank() OVER (PARTITION BY title ORDER BY effective_at) AS rank"
-        " FROM consent_documents WHERE study_id = %s) d WHERE reconsent_by IS NOT NULL"
-        " ORDER BY title, rank",
-        (study_id,),
-    )
-    return [ReconsentDeadline(str(t), int(r), by) for t, r, by in await cur.fetchall()]
-
-
-async def consent_witness_required(conn: Conn, study_id: str) -> bool:
-    cur = await conn.execute(
-        "SELECT consent_witness_required FROM studies WHERE study_id = %s", (study_id,)
-    )
-    row = await cur.fetchone()
-    return bool(row and row[0])
-
-
-async def consent_document_of(conn: Conn, consent_id: int) -> int | None:
-    """The document version a consent row is about."""
-    cur = await conn.execute(
-        "SELECT document_id FROM consents WHERE consent_id = %s", (consent_id,)
-    )
-    row = await cur.fetchone()
-    return None if row is None else int(row[0])

@@ -16,7 +16,7 @@ from gateway.web.errors import BadInput, Conflict, Forbidden, NotFound, WebError
 from gateway.web.ratelimit import check_request
 from gateway.web.schemas import BOOL, CONSENT_DOCUMENTS, INT, STR, STRS, TIME, obj
 from gateway.web.spec import Ctx, Endpoint, Field
-from storage import users, views
+from storage import consent_views, users
 from storage.timeconv import to_ms
 
 
@@ -24,16 +24,16 @@ async def list_consent_documents(ctx: Ctx) -> web.StreamResponse:
     pid = ctx.path["participant_id"]
     async with pool_of(ctx).connection() as conn:
         study_id, _site = await require_participant(ctx.user, pid, conn)
-        docs = await views.consent_documents_in_effect(conn, study_id)
-        deadlines = await views.reconsent_deadlines(conn, study_id)
-        witness = await views.consent_witness_required(conn, study_id)
+        docs = await consent_views.consent_documents_in_effect(conn, study_id)
+        deadlines = await consent_views.reconsent_deadlines(conn, study_id)
+        witness = await consent_views.consent_witness_required(conn, study_id)
         await conn.commit()
         now = datetime.now(UTC)
         async with conn.transaction():
             state = (await records.snapshot(conn, [pid])).state_at(pid, to_ms(now))
             signed_doc = None
             if state is not None and state.consent_id is not None:
-                signed_doc = await views.consent_document_of(conn, state.consent_id)
+                signed_doc = await consent_views.consent_document_of(conn, state.consent_id)
     out = []
     for d in docs:
         signed = signed_doc == d.document_id

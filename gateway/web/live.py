@@ -9,12 +9,13 @@ gaps and anything an increment could have missed. Both carry the same fields as
 
 Increments come from one :class:`LiveFeed` per gateway process. Every ``TICK_S``, while any
 stream is open, one query reads the readings of every watched participant that the gateway
-received since the previous read (less ``views.RECEIVED_OVERLAP_MS``: ``received_at`` is
-stamped before a batch commits) and that were measured at most ``LATE_S`` before it, and
-each stream is handed those of its participant that it was not handed before. A hundred open
-views cost one query per tick, not a hundred requests with their session, access and window
-queries each. A reading that reaches the gateway more than ``LATE_S`` after it was measured
-(a hub catching up after being offline) is in the stream's next window.
+received since the previous read (less ``reading_views.RECEIVED_OVERLAP_MS``:
+``received_at`` is stamped before a batch commits) and that were measured at most ``LATE_S``
+before it, and each stream is handed those of its participant that it was not handed
+before. A hundred open views cost one query per tick, not a hundred requests with their
+session, access and window queries each. A reading that reaches the gateway more than
+``LATE_S`` after it was measured (a hub catching up after being offline) is in the stream's
+next window.
 
 A stream asks for its user as the session says now every ``POLL_S``
 (``access.SessionChecks``: one query every ``access.STREAM_CHECK_S`` for all of a process's
@@ -43,8 +44,9 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from gateway.web import auth, streams, trail
 from gateway.web.access import CLINICAL, require_participant
+from ingest.flags import worst
 from ingest.metrics import METRICS
-from storage import db, views
+from storage import db, reading_views, views
 from storage.errors import DatabaseUnavailable
 from storage.timeconv import to_ms
 
@@ -78,7 +80,10 @@ _CONNECTION_ERRORS = (psycopg.OperationalError, DatabaseUnavailable, PoolTimeout
 _Key = tuple[datetime, str, str, str]
 
 
-def reading_json(r: views.ReadingRow) -> dict[str, Any]:
+def reading_json(r: reading_views.ReadingRow) -> dict[str, Any]:
+    """One reading as the API answers it, with what its device said about it: ``flags``
+    (empty when nothing), ``quality`` (the worst flag's class, or None) and ``device_user``."""
+    quality = worst(r.flags)
     return {
         "t": to_ms(r.time),
         "metric": r.metric,
@@ -86,10 +91,13 @@ def reading_json(r: views.ReadingRow) -> dict[str, Any]:
         "unit": r.unit,
         "device_id": r.device_id,
         "sensor": r.sensor,
+        "flags": r.flags,
+        "quality": None if quality is None else quality.value,
+        "device_user": r.device_user,
     }
 
 
-def gap_json(g: views.GapRow) -> dict[str, Any]:
+def gap_json(g: reading_views.GapRow) -> dict[str, Any]:
     return {
         "device_id": g.device_id,
         "from": to_ms(g.from_time),
@@ -106,7 +114,7 @@ def _span(pid: str, now: datetime, minutes: int) -> dict[str, Any]:
     }
 
 
-def _key(r: views.ReadingRow) -> _Key:
+def _key(r: reading_views.ReadingRow) -> _Key:
     return (r.time, r.metric, r.device_id, r.sensor)
 
 
@@ -117,20 +125,20 @@ async def _window(
     *,
     metric: str | None = None,
     received_after: datetime | None = None,
-) -> tuple[dict[str, Any], list[views.ReadingRow]]:
+) -> tuple[dict[str, Any], list[reading_views.ReadingRow]]:
     now = datetime.now(UTC)
     since = now - timedelta(minutes=minutes)
-    rows = await views.readings_window(
+    rows = await reading_views.readings_window(
         conn,
         pid,
         since,
         metrics=None if metric is None else [metric],
         received_after=received_after,
     )
-    gaps = await views.gaps_window(conn, pid, since)
+    gaps = await reading_views.gaps_window(conn, pid, since)
     body = {
         **_span(pid, now, minutes),
-        "cursor": to_ms(now) - views.RECEIVED_OVERLAP_MS,
+        "cursor": to_ms(now) - reading_views.RECEIVED_OVERLAP_MS,
         "readings": [reading_json(r) for r in rows],
         "gaps": [gap_json(g) for g in gaps],
     }
@@ -156,11 +164,11 @@ class Watch:
 
     participant_id: str
     minutes: int = MAX_MINUTES
-    pending: list[views.ReadingRow] = field(default_factory=list)
+    pending: list[reading_views.ReadingRow] = field(default_factory=list)
     behind: bool = False
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def hand(self, row: views.ReadingRow) -> None:
+    def hand(self, row: reading_views.ReadingRow) -> None:
         if self.behind:
             return
         if len(self.pending) >= MAX_PENDING:
@@ -169,7 +177,7 @@ class Watch:
         else:
             self.pending.append(row)
 
-    def take(self) -> list[views.ReadingRow]:
+    def take(self) -> list[reading_views.ReadingRow]:
         rows, self.pending = self.pending, []
         return rows
 
@@ -224,25 +232,25 @@ class LiveFeed:
         if not self._watches:
             return
         now = datetime.now(UTC)
-        overlap = timedelta(milliseconds=views.RECEIVED_OVERLAP_MS)
+        overlap = timedelta(milliseconds=reading_views.RECEIVED_OVERLAP_MS)
         after = self._after if self._after is not None else now - overlap
         widest = max(w.minutes for watches in self._watches.values() for w in watches)
         since = max(now - timedelta(minutes=widest), after - timedelta(seconds=LATE_S))
-        rows = await views.readings_received(
+        rows = await reading_views.readings_received(
             conn, list(self._watches), METRICS, since, after, limit=READ_LIMIT
         )
         self.reads += 1
         self._after = now - overlap
         woken: set[Watch] = set()
-        for pid, row, received in rows:
-            watches = self._watches.get(pid)
+        for row in rows:
+            watches = self._watches.get(row.participant_id)
             if not watches:
                 continue
-            seen = self._seen.setdefault(pid, {})
+            seen = self._seen.setdefault(row.participant_id, {})
             key = _key(row)
             if key in seen:
                 continue
-            seen[key] = received
+            seen[key] = row.received_at
             for w in watches:
                 w.hand(row)
             woken.update(watches)
@@ -340,7 +348,7 @@ async def live_readings(ctx: Ctx) -> web.StreamResponse:
     full_at = -FULL_EVERY_S
     in_window: set[_Key] = set()
     # After this long, no feed read can return a reading this stream's window held.
-    forget_after_s = views.RECEIVED_OVERLAP_MS / 1000 + 2 * feed.tick_s
+    forget_after_s = reading_views.RECEIVED_OVERLAP_MS / 1000 + 2 * feed.tick_s
     try:
         while not feed.closing:
             if time.monotonic() - checked_at >= POLL_S:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ingest.flags import FlagClass
 from storage import users
 from storage.exports import jobs
 
@@ -187,6 +188,13 @@ READINGS = obj(
                     "unit": STR,
                     "device_id": STR,
                     "sensor": STR,
+                    "flags": STRS,
+                    "quality": {
+                        "type": "string",
+                        "nullable": True,
+                        "enum": [*(c.value for c in FlagClass), None],
+                    },
+                    "device_user": NULL_INT,
                 }
             )
         ),

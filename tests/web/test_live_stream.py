@@ -22,7 +22,7 @@ from gateway.web import access, live
 from ingest.envelope import seal
 from ingest.model import Payload, Reading
 from ingest.pipeline import up_topic
-from storage import db, views
+from storage import db, reading_views
 from storage.timeconv import to_ms
 from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.trial import Trial
@@ -153,13 +153,22 @@ class Sender:
         self.web, self.probe = web, probe
         self.seq: dict[str, int] = {}
 
-    async def send(self, hub_id: str, values: list[float], *, t0: int | None = None) -> None:
-        """Publish one envelope of 1 Hz heart rate from ``hub_id`` and wait until stored."""
+    async def send(
+        self,
+        hub_id: str,
+        values: list[float],
+        *,
+        t0: int | None = None,
+        flags: tuple[str, ...] = (),
+        user: int | None = None,
+    ) -> None:
+        """Publish one envelope of 1 Hz heart rate from ``hub_id``, each reading with
+        ``flags`` and ``user``, and wait until stored."""
         hub = self.web.trial.hubs[hub_id]
         seq = self.seq[hub_id] = self.seq.get(hub_id, 0) + 1
         start = now_ms() - 1000 * len(values) if t0 is None else t0
         readings = tuple(
-            Reading(start + i * 1000, "heart_rate", v, "/min", "hr-strap-1")
+            Reading(start + i * 1000, "heart_rate", v, "/min", "hr-strap-1", flags, user)
             for i, v in enumerate(values)
         )
         payload = Payload(dev=hub.device_id, seq=seq, sent_ms=now_ms(), readings=readings)
@@ -208,6 +217,31 @@ async def test_stream_sends_the_window_then_each_new_reading_of_its_participant_
         await sender.send("hub-2", [99.0])
         await sender.send("hub-1", [65.0], t0=now_ms() - 30_000)
         assert await s.next_readings() == [65.0]
+
+
+async def test_stream_readings_say_what_the_device_said_about_them(
+    quick: None, web: Web, sender: Sender
+) -> None:
+    await sender.send("hub-1", [70.0], flags=("cuff_loose", "site_armpit"), user=1)
+    async with stream(web, "clinician") as s:
+        name, first = await s.next_event()
+        assert name == "window"
+        assert [
+            (r["value"], r["flags"], r["quality"], r["device_user"]) for r in first["readings"]
+        ] == [(70.0, ["cuff_loose", "site_armpit"], "questionable", 1)]
+        await sender.send("hub-1", [71.0])
+        await sender.send("hub-1", [40.0], flags=("sensor_displaced", "no_sensor_contact"))
+        got = []
+        while len(got) < 2:
+            name, data = await s.next_event()
+            assert name == "readings", (name, data)
+            got += [
+                (r["value"], r["flags"], r["quality"], r["device_user"]) for r in data["readings"]
+            ]
+    assert got == [
+        (71.0, [], None, None),
+        (40.0, ["no_sensor_contact", "sensor_displaced"], "invalid", None),
+    ]
 
 
 async def test_a_reading_later_than_late_s_comes_with_the_next_window(
@@ -287,5 +321,8 @@ async def test_window_and_increments_share_the_readings_answer(trial: Trial) -> 
         "unit": "/min",
         "device_id": "hub-1",
         "sensor": "s",
+        "flags": [],
+        "quality": None,
+        "device_user": None,
     }
-    assert body["cursor"] <= to_ms(datetime.now(UTC)) - views.RECEIVED_OVERLAP_MS
+    assert body["cursor"] <= to_ms(datetime.now(UTC)) - reading_views.RECEIVED_OVERLAP_MS

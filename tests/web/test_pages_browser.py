@@ -1,13 +1,15 @@
 """The pages in headless Chromium against the real gateway, broker and database: a monitor
 sees an alert raised by an out-of-range envelope arrive without reloading, acknowledges it
-and sees the audit trail; a clinician's live view shows new heart-rate values arriving; the
-site and participant pages show their data, with a script tag in a name rendered as text.
+and sees the audit trail; a clinician's live view shows new heart-rate values arriving and
+marks the readings their device doubted; the site and participant pages show their data,
+with a script tag in a name rendered as text.
 Screenshots go to docs/screenshots/ for the README's tour."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from selenium import webdriver
@@ -27,6 +29,10 @@ from tests.web.browser import Browser
 from tests.web.conftest import PASSWORD, Web
 
 pytestmark = pytest.mark.slow
+
+# The marks of doubted readings, as the live view draws them and names them in its badges.
+CROSS = "\N{MULTIPLICATION SIGN}"
+CIRCLE = "\N{WHITE CIRCLE}"
 
 
 @pytest.fixture
@@ -274,3 +280,106 @@ async def test_site_and_participant_pages_show_their_data_and_render_names_inert
         )
     )
     assert doubled == 0
+
+
+async def test_live_view_marks_the_readings_the_device_doubted(
+    web: Web, browser: Browser, probe: MqttProbe
+) -> None:
+    """A questionable reading is a hollow circle on the line, an invalid one a cross off it
+    (and off the scale), each listed with a badge and its flags in words; context alone is
+    listed as text; clean readings are neither marked nor listed."""
+    trial = web.trial
+    hub = trial.hubs["hub-1"]
+    t0 = now_ms() - 200_000
+    statuses: list[tuple[float, tuple[str, ...]]] = [
+        (70.0, ()),
+        (72.0, ()),
+        (71.0, ()),
+        (74.0, ("body_movement", "poor_signal")),
+        (73.0, ()),
+        (20.0, ("no_sensor_contact",)),
+        (75.0, ("location_finger",)),
+        (74.0, ()),
+        (76.0, ()),
+    ]
+    t = [t0 + i * 20_000 for i in range(len(statuses))]
+    readings = tuple(
+        Reading(at, "heart_rate", v, "/min", "hr-strap-1", flags)
+        for at, (v, flags) in zip(t, statuses, strict=True)
+    )
+    probe.publish(
+        up_topic(hub.device_id),
+        seal(Payload(dev=hub.device_id, seq=1, sent_ms=now_ms(), readings=readings), hub.key),
+    )
+    await browser.sign_in("/participants/P1/live", "clinician", PASSWORD)
+    await browser.css("#latest-heart_rate[data-value='76']")
+    await browser.css("#said-heart_rate tr.said-row")
+
+    def page_state(d: webdriver.Chrome) -> dict[str, Any]:
+        return d.execute_script(  # type: ignore[no-any-return]
+            """
+            const chart = document.querySelector('#live-heart_rate svg');
+            const text = (n) => n ? n.textContent : null;
+            return {
+              count: document.querySelector('#live-heart_rate').dataset.count,
+              marks: [...chart.querySelectorAll('g.mark')].map((g) => [
+                g.getAttribute('class'), Number(g.dataset.t),
+                g.firstElementChild.tagName, text(g.querySelector('title')).split(': ').pop()]),
+              line: [...chart.querySelectorAll('polyline.line')].map(
+                (l) => l.getAttribute('points').split(' ').length),
+              scale: [...chart.querySelectorAll('text.axis')].slice(0, 2).map(text),
+              rows: [...document.querySelectorAll('#said-heart_rate tr.said-row')].map((r) => [
+                Number(r.dataset.t), r.getAttribute('class'),
+                text(r.querySelector('.badge')), text(r.querySelector('.said'))]),
+              legend: text(document.querySelector('#metric-heart_rate .legend')),
+              latest: document.querySelector('#latest-heart_rate').textContent,
+              newest: new Date(arguments[0]).toLocaleTimeString(),
+              styles: ['invalid', 'questionable'].map((q) => {
+                const s = getComputedStyle(document.querySelector(`.badge.quality-${q}`));
+                return [s.backgroundColor, s.borderStyle];
+              }),
+            };
+            """,
+            t[-1],
+        )
+
+    state = await browser.run(page_state)
+    assert state["count"] == "9"
+    assert state["marks"] == [
+        [
+            "mark mark-questionable",
+            t[3],
+            "circle",
+            "74 /min, questionable (body movement, poor signal)",
+        ],
+        ["mark mark-invalid", t[5], "path", "20 /min, invalid (no sensor contact)"],
+    ]
+    # The invalid reading is left out of the line and of the scale.
+    assert state["line"] == [8]
+    assert state["scale"] == ["76", "70"]
+    assert state["rows"] == [
+        [t[6], "said-row quality-info", None, "location finger"],
+        [
+            t[5],
+            "said-row quality-invalid",
+            f"{CROSS} invalid",
+            f"{CROSS} invalid no sensor contact",
+        ],
+        [
+            t[3],
+            "said-row quality-questionable",
+            f"{CIRCLE} questionable",
+            f"{CIRCLE} questionable body movement, poor signal",
+        ],
+    ]
+    assert state["legend"] == (
+        f"On the chart: {CIRCLE} questionable the device doubted the reading; {CROSS} invalid"
+        " the device says it is not a measurement (not joined to the line)."
+    )
+    # The newest reading is clean: its value and time, nothing more.
+    assert state["latest"] == f"76 /min at {state['newest']}"
+    # Invalid and questionable badges differ in fill and border, not in colour alone.
+    (invalid_bg, invalid_border), (questionable_bg, questionable_border) = state["styles"]
+    assert invalid_bg != questionable_bg
+    assert (invalid_border, questionable_border) == ("none", "dashed")
+    await browser.screenshot("clinician-live-doubted.png")

@@ -1,12 +1,13 @@
 """Read queries behind the pages: hourly rollups kept up to date incrementally in plain mode,
-reading windows and gaps, and the live view's incremental polls."""
+reading windows and gaps with what the device said about each reading, and the live view's
+incremental polls."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 from ingest.model import AcceptedEnvelope, Batch, Reading, SensorReport
-from storage import db, partitions, views
+from storage import db, partitions, reading_views, views
 from storage.migrate import StorageMode
 from storage.timeconv import from_ms, to_ms
 from storage.writer import BulkWriter
@@ -14,7 +15,16 @@ from tests.fixtures.trial import Trial
 from tests.web.conftest import Web
 
 
-async def store(trial: Trial, rows: list[tuple[datetime, float]], received: datetime) -> None:
+async def store(
+    trial: Trial,
+    rows: list[tuple[datetime, float]],
+    received: datetime,
+    *,
+    flags: list[str] | None = None,
+    device_user: int | None = None,
+) -> None:
+    """One envelope of heart rate from hub-1, received at ``received``; every reading carries
+    ``flags`` and ``device_user`` (NULL: the device said nothing)."""
     async with db.connection(trial.url) as conn, conn.transaction():
         seq = int(received.timestamp() * 1000)
         await conn.execute(
@@ -26,9 +36,9 @@ async def store(trial: Trial, rows: list[tuple[datetime, float]], received: date
         for t, v in rows:
             await conn.execute(
                 "INSERT INTO readings (time, participant_id, metric, value, unit, device_id, seq,"
-                " sensor, received_at) VALUES (%s, 'P1', 'heart_rate', %s, '/min', 'hub-1', %s,"
-                " 's', %s)",
-                (t, v, seq, received),
+                " sensor, received_at, flags, device_user) VALUES (%s, 'P1', 'heart_rate', %s,"
+                " '/min', 'hub-1', %s, 's', %s, %s, %s)",
+                (t, v, seq, received, flags, device_user),
             )
         # As the gateway's writer does in the same transaction (plain mode).
         partials: views.HourPartials = {}
@@ -79,11 +89,13 @@ async def test_reading_window_and_gaps_are_the_participants_own(trial: Trial) ->
         trial, [(now - timedelta(minutes=20), 61.0), (now - timedelta(minutes=2), 62.0)], now
     )
     async with db.connection(trial.url) as conn:
-        rows = await views.readings_window(conn, "P1", now - timedelta(minutes=10))
+        rows = await reading_views.readings_window(conn, "P1", now - timedelta(minutes=10))
         assert [r.value for r in rows] == [62.0]
-        assert await views.readings_window(conn, "P2", now - timedelta(hours=1)) == []
+        assert await reading_views.readings_window(conn, "P2", now - timedelta(hours=1)) == []
         assert (
-            await views.readings_window(conn, "P1", now - timedelta(hours=1), metrics=["spo2"])
+            await reading_views.readings_window(
+                conn, "P1", now - timedelta(hours=1), metrics=["spo2"]
+            )
             == []
         )
 
@@ -98,11 +110,11 @@ async def test_a_poll_with_received_after_answers_only_what_arrived_since(trial:
     await store(trial, [(now - timedelta(minutes=6), 62.0), (now, 63.0)], now)
     async with db.connection(trial.url) as conn:
         since = now - timedelta(minutes=10)
-        everything = await views.readings_window(conn, "P1", since)
+        everything = await reading_views.readings_window(conn, "P1", since)
         assert [r.value for r in everything] == [62.0, 61.0, 63.0]
-        newer = await views.readings_window(conn, "P1", since, received_after=first)
+        newer = await reading_views.readings_window(conn, "P1", since, received_after=first)
         assert [r.value for r in newer] == [62.0, 63.0]
-        assert await views.readings_window(conn, "P1", since, received_after=now) == []
+        assert await reading_views.readings_window(conn, "P1", since, received_after=now) == []
 
 
 async def test_the_live_view_api_hands_out_a_cursor_that_overlaps_the_commit_delay(
@@ -120,7 +132,7 @@ async def test_the_live_view_api_hands_out_a_cursor_that_overlaps_the_commit_del
     body = await resp.json()
     assert [r["value"] for r in body["readings"]] == [70.0]
     cursor = body["cursor"]
-    assert abs(cursor - (to_ms(now) - views.RECEIVED_OVERLAP_MS)) < 5_000
+    assert abs(cursor - (to_ms(now) - reading_views.RECEIVED_OVERLAP_MS)) < 5_000
 
     # A batch received just before the poll but committed after it is still in the next.
     await store(trial, [(now, 71.0)], now - timedelta(seconds=1))
@@ -131,6 +143,109 @@ async def test_the_live_view_api_hands_out_a_cursor_that_overlaps_the_commit_del
         resp = await web.call("clinician", "GET", f"{path}&received_after={bad}")
         assert resp.status == 400, bad
         assert (await resp.json())["field"] == "received_after"
+
+
+async def test_each_reading_comes_with_the_flags_and_user_its_device_stated(
+    trial: Trial,
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with db.connection(trial.url) as conn, conn.transaction():
+        await partitions.ensure_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
+    t = [now - timedelta(seconds=s) for s in (40, 30, 20, 10)]
+    await store(trial, [(t[0], 70.0)], now - timedelta(seconds=4))
+    await store(
+        trial,
+        [(t[1], 71.0)],
+        now - timedelta(seconds=3),
+        flags=["body_movement", "poor_signal"],
+        device_user=2,
+    )
+    await store(trial, [(t[2], 0.0)], now - timedelta(seconds=2), flags=["no_sensor_contact"])
+    await store(trial, [(t[3], 72.0)], now - timedelta(seconds=1), flags=["location_finger"])
+    async with db.connection(trial.url) as conn:
+        window = await reading_views.readings_window(conn, "P1", now - timedelta(minutes=1))
+        received = await reading_views.readings_received(
+            conn, ["P1"], ["heart_rate"], now - timedelta(minutes=1), now - timedelta(seconds=5)
+        )
+    assert [(r.time, r.value, r.flags, r.device_user) for r in window] == [
+        (t[0], 70.0, [], None),
+        (t[1], 71.0, ["body_movement", "poor_signal"], 2),
+        (t[2], 0.0, ["no_sensor_contact"], None),
+        (t[3], 72.0, ["location_finger"], None),
+    ]
+    assert [
+        (r.participant_id, r.received_at, r.value, r.flags, r.device_user) for r in received
+    ] == [
+        ("P1", now - timedelta(seconds=4), 70.0, [], None),
+        ("P1", now - timedelta(seconds=3), 71.0, ["body_movement", "poor_signal"], 2),
+        ("P1", now - timedelta(seconds=2), 0.0, ["no_sensor_contact"], None),
+        ("P1", now - timedelta(seconds=1), 72.0, ["location_finger"], None),
+    ]
+
+
+async def test_the_readings_api_says_what_the_device_said_and_how_much_it_doubted_it(
+    web: Web,
+) -> None:
+    trial = web.trial
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with db.connection(trial.url) as conn, conn.transaction():
+        await partitions.ensure_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
+    t = [now - timedelta(seconds=s) for s in (40, 30, 20, 10)]
+    await store(trial, [(t[0], 70.0)], now - timedelta(seconds=4))
+    await store(
+        trial,
+        [(t[1], 71.0)],
+        now - timedelta(seconds=3),
+        flags=["body_movement", "poor_signal"],
+        device_user=2,
+    )
+    # Invalid outranks the info flag beside it.
+    await store(
+        trial,
+        [(t[2], 30.0)],
+        now - timedelta(seconds=2),
+        flags=["no_sensor_contact", "site_armpit"],
+    )
+    # A code outside the registry is context: info.
+    await store(trial, [(t[3], 72.0)], now - timedelta(seconds=1), flags=["zz_future_code"])
+
+    resp = await web.call("clinician", "GET", "/api/v1/participants/P1/readings?minutes=10")
+    assert resp.status == 200, await resp.text()
+    common = {"metric": "heart_rate", "unit": "/min", "device_id": "hub-1", "sensor": "s"}
+    assert (await resp.json())["readings"] == [
+        {
+            "t": to_ms(t[0]),
+            "value": 70.0,
+            **common,
+            "flags": [],
+            "quality": None,
+            "device_user": None,
+        },
+        {
+            "t": to_ms(t[1]),
+            "value": 71.0,
+            **common,
+            "flags": ["body_movement", "poor_signal"],
+            "quality": "questionable",
+            "device_user": 2,
+        },
+        {
+            "t": to_ms(t[2]),
+            "value": 30.0,
+            **common,
+            "flags": ["no_sensor_contact", "site_armpit"],
+            "quality": "invalid",
+            "device_user": None,
+        },
+        {
+            "t": to_ms(t[3]),
+            "value": 72.0,
+            **common,
+            "flags": ["zz_future_code"],
+            "quality": "info",
+            "device_user": None,
+        },
+    ]
 
 
 async def test_the_participant_api_lists_which_wearable_described_how_from_when_to_when(

@@ -5,11 +5,17 @@
 // every minute, with the hubs' reported gaps), then what the gateway stores as it arrives
 // ("readings"), merged here with repeats dropped. The browser reconnects a dropped stream,
 // and a reconnected stream starts with the window whole.
+// Readings the device itself doubted are marked by shape as well as colour: a hollow circle
+// on the line for a questionable one, a cross off the line for an invalid one; each panel
+// lists the readings the device said something about, with the flags in words.
 (() => {
   const { el, api, session, time, ago, section, table, status } = TS;
   const SVG = "http://www.w3.org/2000/svg";
   const MINUTES = 10;
   const SCROLL_MS = 2000;
+  // Rows of a panel's list of what the devices said, newest first.
+  const SAID_ROWS = 20;
+  const DOUBT = { invalid: "×", questionable: "○" };
   const pid = document.body.dataset.participant;
   const panels = new Map();
   const held = new Map(); // metric -> Map(key -> point), the window's readings
@@ -38,9 +44,44 @@
     return out;
   }
 
+  const words = (flags) => flags.map((f) => f.replaceAll("_", " ")).join(", ");
+  const doubted = (p) => Object.hasOwn(DOUBT, p.quality);
+
+  // A reading's class as a badge: its mark's shape, then the class in words.
+  function badge(quality) {
+    return el("span", { class: `badge quality-${quality}` },
+      el("span", { "aria-hidden": "true" }, `${DOUBT[quality]} `), quality);
+  }
+
+  // What the device said about a reading: a badge when it doubted it, then its flags in
+  // words (context alone, such as the measurement site, is plain text).
+  function said(p) {
+    if (!p.flags.length) return null;
+    return el("span", { class: "said", "data-quality": p.quality },
+      doubted(p) ? [badge(p.quality), " "] : null, words(p.flags));
+  }
+
+  // A doubted reading's mark on the chart, with its tooltip.
+  function mark(p, cx, cy) {
+    const g = svg("g", { class: `mark mark-${p.quality}`, "data-t": p.t });
+    if (p.quality === "invalid") {
+      g.append(svg("path", { d: `M${cx - 4},${cy - 4}L${cx + 4},${cy + 4}M${cx - 4},${cy + 4}L${cx + 4},${cy - 4}` }));
+    } else {
+      g.append(svg("circle", { cx, cy, r: 4 }));
+    }
+    const t = svg("title", {});
+    t.textContent = `${new Date(p.t).toLocaleTimeString()}: ${p.v} ${p.unit}, ${p.quality} (${words(p.flags)})`;
+    g.append(t);
+    return g;
+  }
+
   function chart(points, gaps, from, to, label, band) {
     const W = 640, H = 160, P = 28;
-    const values = points.flatMap((p) => (band ? [p.min, p.max] : [p.v]));
+    // An invalid reading is not a measurement of the participant: not joined to the line,
+    // and not stretching the scale (its mark sits at the edge when it lies outside).
+    const joined = band ? points : points.filter((p) => p.quality !== "invalid");
+    const scaled = joined.length ? joined : points;
+    const values = scaled.flatMap((p) => (band ? [p.min, p.max] : [p.v]));
     let lo = Math.min(...values), hi = Math.max(...values);
     if (!isFinite(lo)) { lo = 0; hi = 1; }
     if (hi - lo < 1) { hi += 0.5; lo -= 0.5; }
@@ -58,7 +99,7 @@
         root.append(r);
       }
     }
-    for (const seg of segments(points, gaps)) {
+    for (const seg of segments(joined, gaps)) {
       if (band) {
         const up = seg.map((p) => `${x(p.t)},${y(p.max)}`);
         const down = seg.slice().reverse().map((p) => `${x(p.t)},${y(p.min)}`);
@@ -68,6 +109,8 @@
       if (seg.length === 1) root.append(svg("circle", { cx: x(seg[0].t), cy: y(band ? seg[0].mean : seg[0].v), r: 2.5, class: "dot" }));
       else root.append(svg("polyline", { points: line, class: "line" }));
     }
+    const inPlot = (v) => Math.min(H - P, Math.max(P / 2, y(v)));
+    if (!band) for (const p of points) if (doubted(p)) root.append(mark(p, x(p.t), inPlot(p.v)));
     const axis = (text, ax, ay, anchor) => {
       const t = svg("text", { x: ax, y: ay, "text-anchor": anchor, class: "axis" });
       t.textContent = text;
@@ -85,11 +128,13 @@
       const latest = el("p", { class: "latest", id: `latest-${metric}`, "aria-live": "polite" }, "—");
       const live = el("div", { class: "live-chart", id: `live-${metric}` });
       const days = el("div", { class: "days-chart", id: `days-${metric}` });
+      const notes = el("div", { class: "device-said", id: `said-${metric}` });
       const card = section(metric.replace(/_/g, " "), latest,
-        el("h3", {}, `Last ${MINUTES} minutes`), live, el("h3", {}, "Last 2 days (hourly)"), days);
+        el("h3", {}, `Last ${MINUTES} minutes`), live, notes,
+        el("h3", {}, "Last 2 days (hourly)"), days);
       card.id = `metric-${metric}`;
       document.getElementById("metrics").append(card);
-      panels.set(metric, { latest, live, days });
+      panels.set(metric, { latest, live, days, notes });
     }
     return panels.get(metric);
   }
@@ -107,7 +152,10 @@
     }
     for (const r of data.readings) {
       if (!held.has(r.metric)) held.set(r.metric, new Map());
-      held.get(r.metric).set(`${r.t}|${r.device_id}|${r.sensor}`, { t: r.t, v: r.value, unit: r.unit });
+      held.get(r.metric).set(`${r.t}|${r.device_id}|${r.sensor}`, {
+        t: r.t, v: r.value, unit: r.unit, sensor: r.sensor,
+        flags: r.flags, quality: r.quality, user: r.device_user,
+      });
     }
     render();
     document.getElementById("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
@@ -122,11 +170,36 @@
       if (!points.length) continue;
       const p = panel(metric);
       const last = points[points.length - 1];
-      p.latest.textContent = `${last.v} ${last.unit} at ${new Date(last.t).toLocaleTimeString()}`;
+      const lastSaid = said(last);
+      p.latest.replaceChildren(`${last.v} ${last.unit} at ${new Date(last.t).toLocaleTimeString()}`,
+        ...(lastSaid ? [" ", lastSaid] : []));
       p.latest.dataset.value = String(last.v);
       p.live.dataset.count = String(points.length);
       p.live.replaceChildren(chart(points, gaps, from, to, `${metric}, last ${MINUTES} minutes`, false));
+      p.notes.replaceChildren(...deviceSaid(points));
     }
+  }
+
+  // The window's readings the device said something about, newest first, and what the
+  // chart's marks mean when it has any.
+  function deviceSaid(points) {
+    const flagged = points.filter((p) => p.flags.length).reverse();
+    if (!flagged.length) return [];
+    const shown = flagged.slice(0, SAID_ROWS);
+    const rows = shown.map((p) => el("tr", { class: `said-row quality-${p.quality}`, "data-t": p.t },
+      el("td", {}, new Date(p.t).toLocaleTimeString()), el("td", {}, `${p.v} ${p.unit}`),
+      el("td", {}, p.sensor), el("td", {}, p.user === null ? "—" : String(p.user)),
+      el("td", {}, said(p))));
+    const out = [table("What the device said", ["Measured", "Value", "Wearable", "Device user", "Flags"], rows)];
+    if (flagged.length > shown.length) {
+      out.push(el("p", { class: "hint" }, `The newest ${shown.length} of ${flagged.length}.`));
+    }
+    if (flagged.some(doubted)) {
+      out.unshift(el("p", { class: "legend" }, "On the chart: ", badge("questionable"),
+        " the device doubted the reading; ", badge("invalid"),
+        " the device says it is not a measurement (not joined to the line)."));
+    }
+    return out;
   }
 
   function follow() {
