@@ -1,4 +1,4 @@
-"""`trialstream export`: readings out as Parquet, FHIR R4 NDJSON or an SDTM VS dataset.
+"""`trialstream export`: readings out as Parquet, FHIR R4 NDJSON or SDTM datasets (VS, SUPPVS, DM).
 
 The command runs as an authenticated clinician, monitor or admin (``--as``,
 :mod:`gateway.commands.operator`), whose sites decide what may be exported, exactly as for
@@ -20,7 +20,8 @@ from gateway.settings import Settings
 FORMATS = {
     "parquet": "Parquet dataset with provenance, partitioned by participant and day",
     "fhir": "FHIR R4 Observation, Patient and Device resources as NDJSON (Bulk Data layout)",
-    "sdtm": "CDISC SDTM VS-style daily summaries as CSV and SAS transport (XPT)",
+    "sdtm": "CDISC SDTM VS (readings and local-day summaries), SUPPVS and DM as CSV and XPT,"
+    " with define.xml",
 }
 
 

@@ -263,15 +263,22 @@ async def _write(
                 fw.discard()
             raise
         return rows
+    subjects = await source.subjects(conn, selection)
     sw = sdtm.SdtmWriter(output)
     try:
-        await source.stream_daily(conn, selection, consumer(sw.write), chunk_rows=chunk_rows)
-        await asyncio.to_thread(sw.finish)
+        await source.stream_sdtm(
+            conn,
+            selection,
+            consumer(sw.write_daily),
+            consumer(sw.write_readings),
+            chunk_rows=chunk_rows,
+        )
+        await asyncio.to_thread(sw.finish, subjects, study_id=request.study_id)
     except BaseException:
         with contextlib.suppress(OSError):
             sw.discard()
         raise
-    return len(sw.records)
+    return sw.rows
 
 
 # Each hub and description an exported reading referenced (sensor fields null for a wearable

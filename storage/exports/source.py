@@ -1,6 +1,7 @@
 """Readings out of the database in bounded chunks, through a server-side cursor.
 
-One statement (``DECLARE ... CURSOR`` in a read-only transaction), so the export reads one
+One statement (``DECLARE ... CURSOR`` in a read-only transaction; SDTM's two, daily
+summaries then readings, in one REPEATABLE READ transaction), so the export reads one
 consistent snapshot, and PostgreSQL streams: each ``FETCH`` brings ``CHUNK_ROWS`` rows in
 binary, parsed by psycopg's C loaders a whole batch at a time, and the client holds at most
 ``QUEUE_CHUNKS + 2`` chunks whatever the export's size. (A ``COPY ... TO STDOUT`` streams
@@ -27,7 +28,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from psycopg import sql
 from psycopg.rows import AsyncRowFactory, class_row
@@ -36,6 +37,7 @@ from ingest.flags import IN_DOUBT
 from storage.db import Conn
 from storage.exports.mapping import EXPORTED
 from storage.exports.selection import Selection
+from storage.time_zones import LOCAL_ZONE, ZONE_AT_READING
 
 # 10k rows of ~20 columns are about 10 MB of Python objects: large enough that per-chunk
 # costs (a round trip, a thread hop, a Parquet row group) vanish, small enough for a flat
@@ -169,11 +171,52 @@ _ORDERED = "ORDER BY r.participant_id, r.time\n"
 _DOUBTED = "coalesce(r.flags && %(in_doubt)s::text[], false)"
 
 
+def _zone_at(alias: str, participant: str, time: str) -> sql.Composed:
+    """A LATERAL join giving ``<alias>.time_zone``: the participant's zone valid at ``time``
+    (null when none is set: UTC), as :data:`storage.time_zones.ZONE_AT_READING` does for a
+    reading. ``participant`` and ``time`` are column expressions of this module."""
+    return sql.SQL(_ZONE_AT).format(
+        participant=sql.SQL(participant), time=sql.SQL(time), alias=sql.Identifier(alias)
+    )
+
+
+_ZONE_AT = """
+    LEFT JOIN LATERAL (
+        SELECT z.time_zone FROM participant_time_zone_history z
+        WHERE z.participant_id = {participant}
+            AND {time} >= z.valid_from AND {time} < z.valid_to
+    ) {alias} ON true
+"""
+
+
+def _local_iso(time: str, zone: str) -> str:
+    """A timestamptz as ISO 8601 local date-time in ``zone`` with that instant's UTC offset
+    (``2026-03-29T03:30:00+02:00``; seconds, truncated), formatted by the server from the
+    same zone database that gives local days."""
+    local = f"({time} AT TIME ZONE {zone})"
+    offset = f"extract(epoch FROM {local} - ({time} AT TIME ZONE 'UTC'))::int"
+    return (
+        f"""to_char({local}, 'YYYY-MM-DD"T"HH24:MI:SS')"""
+        f" || CASE WHEN {offset} < 0 THEN '-' ELSE '+' END"
+        f" || to_char(make_interval(secs => abs({offset})), 'HH24:MI')"
+    )
+
+
+ENROLLMENT_ZONE = "coalesce(ez.time_zone, 'UTC')"
+# The readings with the zone valid at each one's time (``tz``) and at the participant's
+# enrollment (``ez``): local days and local times for SDTM.
+_LOCAL_FROM = _FROM + ZONE_AT_READING + "{enrollment_zone}"
+_ENROLLMENT_ZONE_JOIN = _zone_at("ez", "p.participant_id", "p.enrolled_at")
+_LOCAL_DAY = f"(r.time AT TIME ZONE {LOCAL_ZONE})::date"
+_ENROLLED_ON = f"(p.enrolled_at AT TIME ZONE {ENROLLMENT_ZONE})::date"
+
+
 @dataclass(frozen=True, slots=True)
 class Daily:
-    """One participant's readings of one metric on one UTC day, summarized over those the
-    device did not put in doubt (``mean``, ``minimum``, ``maximum`` are None when it doubted
-    all of them, ``counted`` is then 0); ``doubted`` counts the readings left out."""
+    """One participant's readings of one metric on one local day (in the zone valid at each
+    reading's time), summarized over those the device did not put in doubt (``mean``,
+    ``minimum``, ``maximum`` are None when it doubted all of them, ``counted`` is then 0);
+    ``doubted`` counts the readings left out. ``enrolled_on``: the local date of enrollment."""
 
     participant_id: str
     study_id: str
@@ -187,13 +230,13 @@ class Daily:
     doubted: int
 
 
-# Per participant, metric and UTC day (the SDTM summaries): the fields of :class:`Daily`.
+# Per participant, metric and local day (the SDTM summaries): the fields of :class:`Daily`.
 DAILY_COLUMNS = (
     Column("participant_id", "r.participant_id"),
     Column("study_id", "p.study_id"),
-    Column("enrolled_on", "(p.enrolled_at AT TIME ZONE 'UTC')::date"),
+    Column("enrolled_on", _ENROLLED_ON),
     Column("metric", "r.metric"),
-    Column("day", "(r.time AT TIME ZONE 'UTC')::date"),
+    Column("day", _LOCAL_DAY),
     Column("mean", f"avg(r.value) FILTER (WHERE NOT {_DOUBTED})"),
     Column("minimum", f"min(r.value) FILTER (WHERE NOT {_DOUBTED})"),
     Column("maximum", f"max(r.value) FILTER (WHERE NOT {_DOUBTED})"),
@@ -201,15 +244,93 @@ DAILY_COLUMNS = (
     Column("doubted", f"count(*) FILTER (WHERE {_DOUBTED})"),
 )
 _DAILY = f"""
-    {_FROM}
+    {_LOCAL_FROM}
     GROUP BY 1, 2, 3, 4, 5
     ORDER BY 1, 4, 5
 """
 
 
+@dataclass(frozen=True, slots=True)
+class LocalReading:
+    """One reading for SDTM: its local day and local date-time with offset (the zone valid
+    at its time), and what the device said about it."""
+
+    participant_id: str
+    study_id: str
+    enrolled_on: date
+    metric: str
+    value: float
+    device_flags: list[str] | None
+    device_user: int | None
+    day: date
+    local_time: str
+
+
+LOCAL_READING_COLUMNS = (
+    Column("participant_id", "r.participant_id"),
+    Column("study_id", "p.study_id"),
+    Column("enrolled_on", _ENROLLED_ON),
+    Column("metric", "r.metric"),
+    Column("value", "r.value"),
+    Column("device_flags", "r.flags"),
+    Column("device_user", "r.device_user::int4"),
+    Column("day", _LOCAL_DAY),
+    Column("local_time", _local_iso("r.time", LOCAL_ZONE)),
+)
+_LOCAL_READINGS = f"""
+    {_LOCAL_FROM}
+    ORDER BY r.participant_id, r.metric, r.time
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """An exported participant for SDTM DM: enrollment and first consent as local
+    date-times with offset (the zone valid at each; ``consented`` None without a consent)."""
+
+    participant_id: str
+    study_id: str
+    site_id: str
+    enrolled: str
+    consented: str | None
+
+
+_SUBJECTS = """
+    SELECT p.participant_id, p.study_id, p.site_id, {enrolled} AS enrolled,
+        {consented} AS consented
+    FROM participants p
+    {enrollment_zone}
+    LEFT JOIN LATERAL (
+        SELECT min(c.signed_at) AS signed_at FROM consents c
+        WHERE c.participant_id = p.participant_id AND c.action = 'consent'
+    ) k ON true
+    {consent_zone}
+    WHERE p.participant_id = ANY(%s)
+    ORDER BY p.participant_id
+"""
+
+
+async def subjects(conn: Conn, selection: Selection) -> list[Subject]:
+    """The exported participants (all of the selection, with readings or not), for DM."""
+    ids = [p.participant_id for p in selection.participants]
+    async with conn.cursor(row_factory=class_row(Subject)) as cur:
+        query = sql.SQL(_SUBJECTS).format(
+            enrolled=sql.SQL(_local_iso("p.enrolled_at", ENROLLMENT_ZONE)),
+            consented=sql.SQL(_local_iso("k.signed_at", "coalesce(kz.time_zone, 'UTC')")),
+            enrollment_zone=_ENROLLMENT_ZONE_JOIN,
+            consent_zone=_zone_at("kz", "p.participant_id", "k.signed_at"),
+        )
+        await cur.execute(query, (ids,))
+        return await cur.fetchall()
+
+
 def _query(template: str, selected: Sequence[Column]) -> sql.Composed:
+    """The template with its columns (and, for local time, the enrollment zone's join)."""
     items = (sql.SQL("{} AS {}").format(sql.SQL(c.sql), sql.Identifier(c.name)) for c in selected)
-    return sql.SQL(template).format(columns=sql.SQL(", ").join(items))
+    parts: dict[str, sql.Composable] = {"columns": sql.SQL(", ").join(items)}
+    if "{enrollment_zone}" in template:
+        parts["enrollment_zone"] = _ENROLLMENT_ZONE_JOIN
+    return sql.SQL(template).format(**parts)
 
 
 def _params(selection: Selection) -> dict[str, Any]:
@@ -246,14 +367,30 @@ async def stream(
     return await _stream(conn, query, selection, row_factory, consume, chunk_rows)
 
 
-async def stream_daily(
-    conn: Conn, selection: Selection, consume: Consume[Daily], *, chunk_rows: int = CHUNK_ROWS
+async def stream_sdtm(
+    conn: Conn,
+    selection: Selection,
+    daily: Consume[Daily],
+    readings: Consume[LocalReading],
+    *,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> int:
-    """Hand the daily summaries (:class:`Daily`) to ``consume``; returns the row count."""
+    """Hand the daily summaries to ``daily``, then the readings (by participant, metric and
+    time) to ``readings``, both read from one snapshot; returns the row count."""
     if not selection.windows:
         return 0
-    query = _query(_DAILY, DAILY_COLUMNS)
-    return await _stream(conn, query, selection, class_row(Daily), consume, chunk_rows)
+    stages: list[_Stage[Any]] = [
+        _Stage(_query(_DAILY, DAILY_COLUMNS), class_row(Daily), daily),
+        _Stage(_query(_LOCAL_READINGS, LOCAL_READING_COLUMNS), class_row(LocalReading), readings),
+    ]
+    return await _stream_stages(conn, selection, stages, chunk_rows)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stage(Generic[R]):
+    query: sql.Composed
+    row_factory: AsyncRowFactory[R]
+    consume: Consume[R]
 
 
 async def _stream(
@@ -264,24 +401,34 @@ async def _stream(
     consume: Consume[R],
     chunk_rows: int,
 ) -> int:
-    queue: asyncio.Queue[list[R] | None] = asyncio.Queue(QUEUE_CHUNKS)
+    return await _stream_stages(conn, selection, [_Stage(query, row_factory, consume)], chunk_rows)
+
+
+async def _stream_stages(
+    conn: Conn, selection: Selection, stages: Sequence[_Stage[Any]], chunk_rows: int
+) -> int:
+    """Run the stages' queries in turn in one read-only snapshot (REPEATABLE READ), each
+    chunk handed to its stage's ``consume``."""
+    queue: asyncio.Queue[tuple[Consume[Any], list[Any]] | None] = asyncio.Queue(QUEUE_CHUNKS)
     total = 0
 
     async def produce() -> None:
-        async with (
-            conn.transaction(),
-            conn.cursor(name="export", binary=True, row_factory=row_factory) as cur,
-        ):
-            await conn.execute("SET TRANSACTION READ ONLY")
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             await conn.execute(sql.SQL("SET LOCAL work_mem = {}").format(sql.Literal(SORT_MEMORY)))
-            await cur.execute(query, _params(selection))
-            while chunk := await cur.fetchmany(chunk_rows):
-                await queue.put(chunk)
+            for stage in stages:
+                async with conn.cursor(
+                    name="export", binary=True, row_factory=stage.row_factory
+                ) as cur:
+                    await cur.execute(stage.query, _params(selection))
+                    while chunk := await cur.fetchmany(chunk_rows):
+                        await queue.put((stage.consume, chunk))
         await queue.put(None)
 
     async def drain() -> None:
         nonlocal total
-        while (chunk := await queue.get()) is not None:
+        while (item := await queue.get()) is not None:
+            consume, chunk = item
             await consume(chunk)
             total += len(chunk)
 

@@ -170,8 +170,9 @@ async def test_delete_policy_exports_nothing_of_the_withdrawn_participant(
     for kind in ExportKind:
         out = tmp_path / kind
         result = await export(trial.url, MONITOR_A, ExportRequest(kind, "S1"), out)
-        # SDTM: mean, minimum, maximum, count and doubtful count of P2's one day.
-        assert result.rows == (5 if kind is ExportKind.SDTM else 1), kind
+        # SDTM: mean, minimum, maximum, count and doubtful count of P2's one day, and the
+        # record of the reading itself.
+        assert result.rows == (6 if kind is ExportKind.SDTM else 1), kind
     table = read_dataset(tmp_path / "parquet")
     assert values(table, "P1") == []
     assert values(table, "P2") == [("heart_rate", 70.0)]

@@ -214,11 +214,13 @@ async def test_sdtm_statistics_leave_out_and_count_what_the_device_doubted(
 ) -> None:
     out = tmp_path / "sdtm"
     result = await export(trial.url, MONITOR_A, ExportRequest(ExportKind.SDTM, "S1", "P3"), out)
-    assert result.rows == 20
+    # 20 daily records, then one per reading (8).
+    assert result.rows == 28
     reader = csv.DictReader(io.StringIO((out / "vs.csv").read_text(encoding="utf-8")))
     assert tuple(reader.fieldnames or ()) == NAMES
+    rows = list(reader)
     shown = ("VSSEQ", "VSTESTCD", "VSSCAT", "VSORRES", "VSORRESU", "VSSTRESN", "VSSTAT")
-    got = [(*(r[n] for n in shown), r["VSREASND"], r["VSDTC"], r["VSDY"]) for r in reader]
+    got = [(*(r[n] for n in shown), r["VSREASND"], r["VSDTC"], r["VSDY"]) for r in rows[:20]]
     d2 = ("2026-03-02", "6")
     d3 = ("2026-03-03", "7")
     assert got == [
@@ -246,12 +248,39 @@ async def test_sdtm_statistics_leave_out_and_count_what_the_device_doubted(
         ("20", "SYSBP", "DAILY DOUBTFUL COUNT", "0", "", "0.0", "", "", *d2),
     ]
 
+    # Every reading keeps its result, doubted or not: the device's word is in SUPPVS.
+    shown = ("VSSEQ", "VSTESTCD", "VSSCAT", "VSORRES", "VSSTAT", "VSDRVFL", "VSDTC", "VSDY")
+    assert [tuple(r[n] for n in shown) for r in rows[20:]] == [
+        ("21", "TEMP", "READING", "36.9", "", "", "2026-03-02T09:00:00+00:00", "6"),
+        ("22", "HR", "READING", "70", "", "", "2026-03-02T08:00:00+00:00", "6"),
+        ("23", "HR", "READING", "80", "", "", "2026-03-02T08:01:00+00:00", "6"),
+        ("24", "HR", "READING", "250", "", "", "2026-03-02T08:02:00+00:00", "6"),
+        ("25", "HR", "READING", "30", "", "", "2026-03-02T08:03:00+00:00", "6"),
+        ("26", "HR", "READING", "20", "", "", "2026-03-03T08:00:00+00:00", "7"),
+        ("27", "HR", "READING", "210", "", "", "2026-03-03T08:01:00+00:00", "7"),
+        ("28", "SYSBP", "READING", "121", "", "", "2026-03-02T10:00:00+00:00", "6"),
+    ]
+    supp = list(csv.DictReader(io.StringIO((out / "suppvs.csv").read_text(encoding="utf-8"))))
+    assert {(r["STUDYID"], r["RDOMAIN"], r["USUBJID"], r["IDVAR"]) for r in supp} == {
+        ("S1", "VS", "S1-P3", "VSSEQ")
+    }
+    assert {(r["QORIG"], r["QEVAL"]) for r in supp} == {("COLLECTED", "")}
+    assert [(r["IDVARVAL"], r["QNAM"], r["QLABEL"], r["QVAL"]) for r in supp] == [
+        ("21", "VSDEVFL", "Device Flags", "site_armpit"),
+        ("23", "VSDEVFL", "Device Flags", "irregular_pulse"),
+        ("24", "VSDEVFL", "Device Flags", "no_sensor_contact"),
+        ("25", "VSDEVFL", "Device Flags", "poor_signal"),
+        ("26", "VSDEVFL", "Device Flags", "invalid_measurement"),
+        ("27", "VSDEVFL", "Device Flags", "body_movement questionable_measurement"),
+        ("28", "VSDEVUSR", "Device User Index", "2"),
+    ]
+
     frame, meta = pyreadstat.read_xport(str(out / "vs.xpt"))
     assert tuple(frame.columns) == NAMES
     labels = dict(zip(meta.column_names, meta.column_labels, strict=True))
     assert (labels["VSSTAT"], labels["VSREASND"]) == ("Completion Status", "Reason Not Performed")
     records = sorted(frame.to_dict("records"), key=lambda r: int(r["VSSEQ"]))
-    assert len(records) == 20
+    assert len(records) == 28
     not_done = [r for r in records if r["VSSTAT"] == "NOT DONE"]
     assert [(int(r["VSSEQ"]), r["VSREASND"], r["VSORRES"]) for r in not_done] == [
         (11, REASON, ""),

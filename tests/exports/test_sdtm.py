@@ -15,6 +15,7 @@ import pytest
 from storage import db
 from storage.exports import ExportKind, ExportRequest, export
 from storage.exports.sdtm import NAMES, result_text, study_day
+from storage.exports.sdtm_vs import SUPPVS
 from tests.exports.conftest import MONITOR_A, consent_id_of, hr, ms, store
 from tests.fixtures.trial import Trial
 
@@ -83,12 +84,32 @@ async def test_daily_summaries_equal_an_independent_computation(
     result = await export(trial.url, MONITOR_A, ExportRequest(ExportKind.SDTM, "S1", "P3"), out)
     want = expected_records(raw)
     assert len({r["VSDTC"] for r in want}) == 5  # the readings span five UTC days
-    assert result.rows == len(want)
-    assert sorted(p.name for p in out.iterdir()) == ["vs.csv", "vs.xpt"]
+    # The daily records, and one per reading (glucose is not a VS test).
+    assert result.rows == len(want) + len(raw)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "define.xml",
+        "dm.csv",
+        "dm.xpt",
+        "suppvs.csv",
+        "suppvs.xpt",
+        "vs.csv",
+        "vs.xpt",
+    ]
 
     reader = csv.DictReader(io.StringIO((out / "vs.csv").read_text(encoding="utf-8")))
-    got = list(reader)
+    everything = list(reader)
     assert tuple(reader.fieldnames or ()) == NAMES
+    # Sequence numbers: 1..n within the subject, over daily and reading records.
+    assert [int(g["VSSEQ"]) for g in everything] == list(range(1, len(everything) + 1))
+    got = [g for g in everything if g["VSDRVFL"] == "Y"]
+    readings = [g for g in everything if g["VSSCAT"] == "READING"]
+    assert len(got) + len(readings) == len(everything)
+    # Without a time zone a participant is on UTC: readings by test, then time.
+    assert [(g["VSTESTCD"], g["VSDTC"], float(g["VSSTRESN"])) for g in readings] == [
+        (VS[m][0], t.strftime("%Y-%m-%dT%H:%M:%S+00:00"), v)
+        for t, m, v in sorted(raw, key=lambda r: (r[1], r[0]))
+    ]
+    assert {(g["VSDRVFL"], g["VSSTAT"]) for g in readings} == {("", "")}
     key = lambda r: (r["VSTESTCD"], r["VSDTC"], STATS.index(str(r["VSSCAT"])))  # noqa: E731
     got.sort(key=key)
     want.sort(key=key)
@@ -108,8 +129,6 @@ async def test_daily_summaries_equal_an_independent_computation(
         assert int(g["VSDY"]) == w["VSDY"]
         assert g["VSORRESU"] == g["VSSTRESU"]
         assert g["VSORRES"] == g["VSSTRESC"] == result_text(float(g["VSSTRESN"]))
-    # Sequence numbers: 1..n within the subject.
-    assert sorted(int(g["VSSEQ"]) for g in got) == list(range(1, len(got) + 1))
 
     frame, meta = pyreadstat.read_xport(str(out / "vs.xpt"))
     assert meta.table_name == "VS"
@@ -118,8 +137,8 @@ async def test_daily_summaries_equal_an_independent_computation(
         "Numeric Result/Finding in Standard Units"
     )
     xpt = sorted(frame.to_dict("records"), key=lambda r: int(r["VSSEQ"]))
-    by_seq = {int(g["VSSEQ"]): g for g in got}
-    assert len(xpt) == len(got)
+    by_seq = {int(g["VSSEQ"]): g for g in everything}
+    assert len(xpt) == len(everything)
     for r in xpt:
         g = by_seq[int(r["VSSEQ"])]
         assert (r["USUBJID"], r["VSTESTCD"], r["VSSCAT"], r["VSDTC"]) == (
@@ -144,7 +163,8 @@ async def test_the_window_cuts_whole_days_only_by_reading_time(
         out,
     )
     want = expected_records([r for r in raw if lo <= r[0] < hi])
-    got = list(csv.DictReader(io.StringIO((out / "vs.csv").read_text(encoding="utf-8"))))
+    rows = csv.DictReader(io.StringIO((out / "vs.csv").read_text(encoding="utf-8")))
+    got = [r for r in rows if r["VSDRVFL"] == "Y"]
     assert {r["VSDTC"] for r in got} == {"2026-02-28"}
     counts = {r["VSTESTCD"]: int(r["VSORRES"]) for r in got if r["VSSCAT"] == "DAILY COUNT"}
     assert counts == {
@@ -159,6 +179,7 @@ async def test_no_readings_gives_a_header_only_dataset(trial: Trial, tmp_path: P
     result = await export(trial.url, MONITOR_A, ExportRequest(ExportKind.SDTM, "S1"), out)
     assert result.rows == 0
     assert (out / "vs.csv").read_text().splitlines() == [",".join(NAMES)]
+    assert (out / "suppvs.csv").read_text().splitlines() == [",".join(SUPPVS.names)]
     frame, _ = pyreadstat.read_xport(str(out / "vs.xpt"))
     assert len(frame) == 0
     async with db.connection(trial.url) as conn:

@@ -123,7 +123,7 @@
     const kind = el("select", { id: "export-kind" },
       el("option", { value: "parquet" }, "Parquet (analysis)"),
       el("option", { value: "fhir" }, "FHIR R4 NDJSON"),
-      el("option", { value: "sdtm" }, "SDTM VS (CSV + XPT)"));
+      el("option", { value: "sdtm" }, "SDTM VS, SUPPVS, DM (CSV + XPT, define.xml)"));
     const study = el("select", { id: "export-study" }, studies.map((s) => el("option", { value: s }, s)));
     const who = el("input", { id: "export-participant", maxlength: "64", placeholder: "all of my sites",
       pattern: "[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}" });
