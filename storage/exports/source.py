@@ -37,7 +37,7 @@ from ingest.flags import IN_DOUBT
 from storage.db import Conn
 from storage.exports.mapping import EXPORTED
 from storage.exports.selection import Selection
-from storage.time_zones import LOCAL_ZONE, ZONE_AT_READING
+from storage.time_zones import LOCAL_ZONE, ZONE_AT_READING, zone_join
 
 # 10k rows of ~20 columns are about 10 MB of Python objects: large enough that per-chunk
 # costs (a round trip, a thread hop, a Parquet row group) vanish, small enough for a flat
@@ -171,22 +171,9 @@ _ORDERED = "ORDER BY r.participant_id, r.time\n"
 _DOUBTED = "coalesce(r.flags && %(in_doubt)s::text[], false)"
 
 
-def _zone_at(alias: str, participant: str, time: str) -> sql.Composed:
-    """A LATERAL join giving ``<alias>.time_zone``: the participant's zone valid at ``time``
-    (null when none is set: UTC), as :data:`storage.time_zones.ZONE_AT_READING` does for a
-    reading. ``participant`` and ``time`` are column expressions of this module."""
-    return sql.SQL(_ZONE_AT).format(
-        participant=sql.SQL(participant), time=sql.SQL(time), alias=sql.Identifier(alias)
-    )
-
-
-_ZONE_AT = """
-    LEFT JOIN LATERAL (
-        SELECT z.time_zone FROM participant_time_zone_history z
-        WHERE z.participant_id = {participant}
-            AND {time} >= z.valid_from AND {time} < z.valid_to
-    ) {alias} ON true
-"""
+def _zone_at(alias: str, participant: str, time: str) -> sql.Composable:
+    """:func:`storage.time_zones.zone_join` as a composable of this module's queries."""
+    return sql.SQL(zone_join(alias, participant, time))
 
 
 def _local_iso(time: str, zone: str) -> str:
