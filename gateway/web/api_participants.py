@@ -36,7 +36,7 @@ from gateway.web.schemas import (
 )
 from gateway.web.spec import Ctx, Endpoint, Field
 from ingest.metrics import METRICS
-from storage import audit, registry, sensors, views
+from storage import audit, registry, sensors, time_zones, views
 from storage.timeconv import from_ms, to_ms
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,7 @@ async def get_participant(ctx: Ctx) -> web.StreamResponse:
         envelopes = await views.recent_envelopes(conn, pid)
         rejections = await views.recent_rejections(conn, pid)
         sensor_history = await sensors.participant_history(conn, pid)
+        zones = await time_zones.history(conn, pid)
         await conn.commit()
         history = await records.history(conn, actor_of(ctx.user), pid)
     return web.json_response(
@@ -249,6 +250,7 @@ async def get_participant(ctx: Ctx) -> web.StreamResponse:
                 for c in history
             ],
             "sensor_history": [sensor_period_json(s) for s in sensor_history],
+            "time_zones": [{"time_zone": z.time_zone, "from": iso(z.set_from)} for z in zones],
         }
     )
 

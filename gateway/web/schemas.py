@@ -66,6 +66,9 @@ SENSOR_PERIOD = obj(
         "valid_to": NULL_TIME,
     }
 )
+# The participant's time zones, oldest first: each from a time on (the first also covers the
+# times before it); none: UTC (storage.time_zones).
+TIME_ZONE = obj({"time_zone": STR, "from": TIME})
 DEVICE = obj(
     {
         "device_id": STR,
@@ -171,6 +174,7 @@ PARTICIPANT_PAGE = obj(
         ),
         "consents": arr(CONSENT_RECORD),
         "sensor_history": arr(SENSOR_PERIOD),
+        "time_zones": arr(TIME_ZONE),
     }
 )
 READINGS = obj(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from selenium import webdriver
@@ -19,7 +21,7 @@ from gateway.broker import MosquittoBroker
 from ingest.envelope import seal
 from ingest.model import Gap, Payload, Reading
 from ingest.pipeline import up_topic
-from storage import alerts, db, users, views
+from storage import alerts, db, time_zones, users, views
 from storage.migrate import StorageMode
 from storage.users import Role
 from tests.fixtures.mqtt import MqttProbe
@@ -311,9 +313,27 @@ async def test_live_view_marks_the_readings_the_device_doubted(
         up_topic(hub.device_id),
         seal(Payload(dev=hub.device_id, seq=1, sent_ms=now_ms(), readings=readings), hub.key),
     )
+    # The participant lives in Berlin: times are shown in their zone, beside UTC.
+    async with db.connection(trial.url, autocommit=True) as conn:
+        await time_zones.set_time_zone(
+            conn, "P1", "Europe/Berlin", datetime(2020, 1, 1, tzinfo=UTC), actor="tester"
+        )
     await browser.sign_in("/participants/P1/live", "clinician", PASSWORD)
     await browser.css("#latest-heart_rate[data-value='76']")
     await browser.css("#said-heart_rate tr.said-row")
+
+    def clock(t_ms: int) -> str:
+        at = datetime.fromtimestamp(t_ms / 1000, UTC)
+        local = at.astimezone(ZoneInfo("Europe/Berlin"))
+        return f"{local:%H:%M:%S} Europe/Berlin ({at:%H:%M:%S} UTC)"
+
+    async def zoned() -> bool:
+        latest = await browser.run(
+            lambda d: d.find_element(By.ID, "latest-heart_rate").text  # type: ignore[no-any-return]
+        )
+        return "Europe/Berlin" in str(latest)
+
+    await wait_until(zoned, "times shown in the participant's zone")
 
     def page_state(d: webdriver.Chrome) -> dict[str, Any]:
         return d.execute_script(  # type: ignore[no-any-return]
@@ -331,9 +351,10 @@ async def test_live_view_marks_the_readings_the_device_doubted(
               rows: [...document.querySelectorAll('#said-heart_rate tr.said-row')].map((r) => [
                 Number(r.dataset.t), r.getAttribute('class'),
                 text(r.querySelector('.badge')), text(r.querySelector('.said'))]),
+              measured: [...document.querySelectorAll('#said-heart_rate tr.said-row')].map(
+                (r) => text(r.querySelector('td'))),
               legend: text(document.querySelector('#metric-heart_rate .legend')),
               latest: document.querySelector('#latest-heart_rate').textContent,
-              newest: new Date(arguments[0]).toLocaleTimeString(),
               styles: ['invalid', 'questionable'].map((q) => {
                 const s = getComputedStyle(document.querySelector(`.badge.quality-${q}`));
                 return [s.backgroundColor, s.borderStyle];
@@ -376,8 +397,10 @@ async def test_live_view_marks_the_readings_the_device_doubted(
         f"On the chart: {CIRCLE} questionable the device doubted the reading; {CROSS} invalid"
         " the device says it is not a measurement (not joined to the line)."
     )
-    # The newest reading is clean: its value and time, nothing more.
-    assert state["latest"] == f"76 /min at {state['newest']}"
+    # The newest reading is clean: its value and time, nothing more; times are the
+    # participant's, beside UTC.
+    assert state["latest"] == f"76 /min at {clock(t[-1])}"
+    assert state["measured"] == [clock(t[6]), clock(t[5]), clock(t[3])]
     # Invalid and questionable badges differ in fill and border, not in colour alone.
     (invalid_bg, invalid_border), (questionable_bg, questionable_border) = state["styles"]
     assert invalid_bg != questionable_bg

@@ -64,6 +64,20 @@ const TS = (() => {
     return d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
   }
 
+  // A moment as the participant lived it and as UTC: "14:03:05 Europe/Berlin (12:03:05 UTC)",
+  // in the zone valid at that moment (zones: the participant's, oldest first, each from a
+  // time on, the first also covering earlier times); only UTC when none is set.
+  function clock(t, zones) {
+    const hms = (zone) => new Intl.DateTimeFormat("en-GB", {
+      timeZone: zone, hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23",
+    }).format(new Date(t));
+    const ms = typeof t === "number" ? t : Date.parse(t);
+    const valid = (zones || []).filter((z, i) => i === 0 || Date.parse(z.from) <= ms);
+    const zone = valid.length ? valid[valid.length - 1].time_zone : null;
+    if (!zone || zone === "UTC") return `${hms("UTC")} UTC`;
+    return `${hms(zone)} ${zone} (${hms("UTC")} UTC)`;
+  }
+
   function ago(iso) {
     if (!iso) return "never";
     const s = Math.max(0, Math.round((Date.now() - new Date(iso).getTime()) / 1000));
@@ -149,5 +163,5 @@ const TS = (() => {
     }
   });
 
-  return { el, api, session, time, ago, table, section, link, status, warnBeforeIdleEnd };
+  return { el, api, session, time, clock, ago, table, section, link, status, warnBeforeIdleEnd };
 })();

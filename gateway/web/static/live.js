@@ -9,7 +9,7 @@
 // on the line for a questionable one, a cross off the line for an invalid one; each panel
 // lists the readings the device said something about, with the flags in words.
 (() => {
-  const { el, api, session, time, ago, section, table, status } = TS;
+  const { el, api, session, time, clock, ago, section, table, status } = TS;
   const SVG = "http://www.w3.org/2000/svg";
   const MINUTES = 10;
   const SCROLL_MS = 2000;
@@ -20,6 +20,7 @@
   const panels = new Map();
   const held = new Map(); // metric -> Map(key -> point), the window's readings
   let gaps = [];
+  let zones = []; // the participant's time zones: times are shown in theirs, beside UTC
 
   function svg(tag, attrs) {
     const n = document.createElementNS(SVG, tag);
@@ -70,7 +71,7 @@
       g.append(svg("circle", { cx, cy, r: 4 }));
     }
     const t = svg("title", {});
-    t.textContent = `${new Date(p.t).toLocaleTimeString()}: ${p.v} ${p.unit}, ${p.quality} (${words(p.flags)})`;
+    t.textContent = `${clock(p.t, zones)}: ${p.v} ${p.unit}, ${p.quality} (${words(p.flags)})`;
     g.append(t);
     return g;
   }
@@ -171,7 +172,7 @@
       const p = panel(metric);
       const last = points[points.length - 1];
       const lastSaid = said(last);
-      p.latest.replaceChildren(`${last.v} ${last.unit} at ${new Date(last.t).toLocaleTimeString()}`,
+      p.latest.replaceChildren(`${last.v} ${last.unit} at ${clock(last.t, zones)}`,
         ...(lastSaid ? [" ", lastSaid] : []));
       p.latest.dataset.value = String(last.v);
       p.live.dataset.count = String(points.length);
@@ -187,7 +188,7 @@
     if (!flagged.length) return [];
     const shown = flagged.slice(0, SAID_ROWS);
     const rows = shown.map((p) => el("tr", { class: `said-row quality-${p.quality}`, "data-t": p.t },
-      el("td", {}, new Date(p.t).toLocaleTimeString()), el("td", {}, `${p.v} ${p.unit}`),
+      el("td", {}, clock(p.t, zones)), el("td", {}, `${p.v} ${p.unit}`),
       el("td", {}, p.sensor), el("td", {}, p.user === null ? "—" : String(p.user)),
       el("td", {}, said(p))));
     const out = [table("What the device said", ["Measured", "Value", "Wearable", "Device user", "Flags"], rows)];
@@ -243,6 +244,7 @@
 
   async function refreshDevices() {
     const data = await api(`/api/v1/participants/${encodeURIComponent(pid)}`);
+    zones = data.time_zones;
     const rows = data.devices.flatMap((d) =>
       d.sensors.length
         ? d.sensors.map((s) => [d.device_id, s.sensor, s.model || "—",
