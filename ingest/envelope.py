@@ -74,9 +74,6 @@ MAX_FLAG_BYTES: Final = 32
 MAX_RECORD_BYTES: Final = 64
 _FLAG_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,31}", re.ASCII)
 
-# C1 controls in UTF-8 (U+0080..U+009F): the canonical pattern excludes C0 and DEL byte by
-# byte; a payload with this byte pair anywhere takes the slow path, which checks each text.
-_C1_UTF8_RE: Final = re.compile(rb"\xc2[\x80-\x9f]")
 _PAYLOAD_KEYS: Final = frozenset({"v", "dev", "seq", "sent", "r", "gaps"})
 # "s" (sensor reports) is optional: sent when a wearable (re)connects or its battery changes.
 _PAYLOAD_KEYS_WITH_SENSORS: Final = _PAYLOAD_KEYS | {"s"}
@@ -172,9 +169,13 @@ def check_gap(gap: Gap) -> None:
 
 
 def _text_pattern(max_bytes: int) -> bytes:
-    """A definite text string of 1..max_bytes bytes in its shortest head, with no C0 control
-    or DEL byte (in UTF-8 no other character contains one), as a regex."""
-    char = rb"[^\x00-\x1f\x7f]"
+    """A definite text string of 1..max_bytes bytes in its shortest head, as a regex, with no
+    C0 control or DEL byte (in UTF-8 no other character contains one) and no 0xC2 byte: C1
+    controls (U+0080..U+009F) are 0xC2 0x80..0x9F in UTF-8, so a text with any character of
+    U+0080..U+00BF takes the slow path, which checks each text. (Searching the whole payload
+    for that byte pair instead also finds it in times and values, which sent most large
+    envelopes down the slow path.)"""
+    char = rb"[^\x00-\x1f\x7f\xc2]"
     short = [re.escape(bytes([0x60 + n])) + char + b"{%d}" % n for n in range(1, 24)]
     longer = [
         b"\\x78" + re.escape(bytes([n])) + char + b"{%d}" % n for n in range(24, max_bytes + 1)
@@ -235,7 +236,7 @@ def _loads_canonical_payload(data: bytes) -> Any:
     the input, and ``_payload_from_obj`` finds the payload's keys, which any disagreement
     between head and items would displace.
     """
-    if _CANONICAL_PAYLOAD.fullmatch(data) is None or _C1_UTF8_RE.search(data) is not None:
+    if _CANONICAL_PAYLOAD.fullmatch(data) is None:
         return None
     stream = io.BytesIO(data)
     try:

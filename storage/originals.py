@@ -20,6 +20,7 @@ from ingest.envelope import MAX_ENVELOPE_BYTES
 from ingest.model import AcceptedEnvelope
 from storage import audit
 from storage.db import Conn
+from storage.errors import StorageError
 from storage.study_settings import StudySetting, set_study_setting
 
 CODEC: Final = "zlib"
@@ -60,7 +61,7 @@ SELECT study_id, count(*) AS pruned FROM gone GROUP BY study_id ORDER BY study_i
 """
 
 
-class OriginalError(Exception):
+class OriginalError(StorageError):
     """A stored original that cannot be read back (unknown codec, damaged, too large)."""
 
 
