@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.pki",
     "tests.fixtures.trial",
     "tests.fixtures.gateway",
+    "tests.fixtures.uplink",
 ]

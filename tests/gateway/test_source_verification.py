@@ -6,46 +6,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from gateway.broker import MosquittoBroker
 from gateway.commands.operator import PASSWORD_FILE_ENV
-from ingest.envelope import seal
 from ingest.model import Payload, Reading
-from ingest.pipeline import up_topic
-from ingest.receipts import RECEIPT_ACCEPTED, open_receipt
 from storage import db
 from storage.users import Role
 from tests.alerts.test_engine import rows
-from tests.fixtures.gateway import RunningGateway
-from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.signers import add_operators, password_file
 from tests.fixtures.trial import Trial
+from tests.fixtures.uplink import Uplink
 from tests.test_cli import trialstream
 
 T = int(time.time() * 1000) - 3 * 3_600_000
-
-
-@pytest.fixture
-async def probe(mosquitto: MosquittoBroker, gateway: RunningGateway) -> AsyncIterator[MqttProbe]:
-    p = MqttProbe(mosquitto, "source-check-probe")
-    p.subscribe("dct/v1/+/down")
-    yield p
-    p.close()
-
-
-async def send(probe: MqttProbe, gateway: RunningGateway, trial: Trial, p: Payload) -> None:
-    probe.publish(up_topic(p.dev), seal(p, trial.hubs[p.dev].key))
-    _, raw = await probe.next()
-    receipt = open_receipt(raw, gateway.receipt_public_key)
-    assert (receipt.seq, receipt.status, receipt.stored) == (
-        p.seq,
-        RECEIPT_ACCEPTED,
-        len(p.readings),
-    )
 
 
 def beats(start: int, n: int, *, flags: tuple[str, ...] = ()) -> tuple[Reading, ...]:
@@ -63,12 +38,9 @@ def verify(trial: Trial, *extra: str) -> tuple[int, dict[str, object]]:
 
 
 @pytest.fixture
-async def stored(trial: Trial, gateway: RunningGateway, probe: MqttProbe) -> None:
-    await send(probe, gateway, trial, Payload("hub-1", 1, T + 60_000, beats(T, 5)))
-    await send(
-        probe,
-        gateway,
-        trial,
+async def stored(trial: Trial, uplink: Uplink) -> None:
+    await uplink.send(Payload("hub-1", 1, T + 60_000, beats(T, 5)))
+    await uplink.send(
         Payload("hub-1", 2, T + 120_000, beats(T + 60_000, 3, flags=("poor_signal",))),
     )
 
