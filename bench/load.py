@@ -224,5 +224,8 @@ def stop_processes(pipes: Sequence[Connection], procs: Sequence[mp.process.BaseP
 
 def reset(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE readings, envelopes, rejections, gaps, sensors")
+        conn.execute(
+            "TRUNCATE readings, envelopes, envelope_originals, device_records, rejections,"
+            " gaps, sensors"
+        )
         conn.execute("VACUUM ANALYZE envelopes")
