@@ -5,7 +5,8 @@ CSV header and the XPT labels, and from the written records (Length and Signific
 the longest values written), so it cannot disagree with the datasets: one ItemGroupDef per
 dataset (with its XPT file as ``def:leaf``), one ItemDef per variable, value-level metadata
 for VSORRES (a daily statistic is derived, a reading collected), CodeLists for the
-controlled variables and MethodDefs for what is derived. Written with the standard library's
+controlled variables (DIPARMCD's sponsor terms marked ``def:ExtendedValue``) and MethodDefs
+for what is derived. Written with the standard library's
 ElementTree: the document is a few hundred elements, built once.
 """
 
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from storage.exports.mapping import EXPORTED
 from storage.exports.output import OutputDir
 from storage.exports.sdtm_dataset import Dataset, DatasetWriter, Shape, Variable, shape
+from storage.exports.sdtm_di import DI, PARAMETERS
 from storage.exports.sdtm_vs import (
     NOT_DONE,
     QUALIFIER_LABELS,
@@ -57,8 +59,15 @@ REQUIRED = frozenset(
         "QLABEL",
         "QVAL",
         "QORIG",
+        "DISEQ",
+        "DIPARMCD",
+        "DIPARM",
+        "DIVAL",
     }
 )
+# Required in these datasets only (VS's SPDEVID is empty where no device is known).
+REQUIRED_IN = {DI.name: frozenset({"SPDEVID"})}
+REFERENCE_DATA = frozenset({DI.name})
 
 # Methods: OID, name, type, description.
 METHODS = {
@@ -80,6 +89,14 @@ METHODS = {
         "Local date of VSDTC minus the local date of enrollment (RFSTDTC), plus 1 on or after"
         " it; no day 0.",
     ),
+    "MT.VS.SPDEVID": (
+        "Device of a reading",
+        "Computation",
+        "The SPDEVID (in DI) of the wearable's description valid at the reading's time: the"
+        " last one the hub reported for that sensor before the reading, or its first one for"
+        " readings before any report. Empty for a daily statistic (its readings may come from"
+        " more than one device) and for a wearable that never described itself.",
+    ),
     "MT.LOCALDTC": (
         "Local date/time",
         "Computation",
@@ -98,8 +115,11 @@ DERIVED = {
     "RFSTDTC": "MT.LOCALDTC",
     "RFICDTC": "MT.LOCALDTC",
     "USUBJID": None,
+    "DISEQ": None,
 }
-COLLECTED = frozenset({"QVAL"})
+# Derived in this dataset only: (dataset, variable) -> method.
+DERIVED_IN = {("VS", "SPDEVID"): "MT.VS.SPDEVID"}
+COLLECTED = frozenset({"QVAL", "DIVAL"})
 ORRES_DAILY = "IT.VS.VSORRES.DAILY"
 ORRES_READING = "IT.VS.VSORRES.READING"
 
@@ -125,15 +145,31 @@ def item_oid(dataset: Dataset, variable: Variable) -> str:
     return f"IT.{dataset.name}.{variable.name}"
 
 
-def _codelists() -> dict[str, list[tuple[str, str | None]]]:
-    """Each codelist's name and its (coded value, decode or None) items."""
+CodeItem = tuple[str, str | None, bool]
+
+
+def _codelists() -> dict[str, list[CodeItem]]:
+    """Each codelist's name and its (coded value, decode or None, sponsor extension) items."""
     tests = sorted({(e.vs.testcd, e.vs.test) for e in EXPORTED.values() if e.vs is not None})
     return {
-        "VSTESTCD": [(code, test) for code, test in tests],
-        "VSSCAT": [(s, None) for s in SUBCATEGORIES],
-        "VSSTAT": [(NOT_DONE, None)],
-        "QNAM": [(q, label) for q, label in QUALIFIER_LABELS.items()],
+        "VSTESTCD": [(code, test, False) for code, test in tests],
+        "VSSCAT": [(s, None, False) for s in SUBCATEGORIES],
+        "VSSTAT": [(NOT_DONE, None, False)],
+        "QNAM": [(q, label, False) for q, label in QUALIFIER_LABELS.items()],
+        "DIPARMCD": [(p.code, p.name, p.extended) for p in PARAMETERS],
     }
+
+
+def _method(dataset: Dataset, name: str) -> str | None:
+    return DERIVED_IN.get((dataset.name, name), DERIVED.get(name))
+
+
+def _derived(dataset: Dataset, name: str) -> bool:
+    return (dataset.name, name) in DERIVED_IN or name in DERIVED
+
+
+def _mandatory(dataset: Dataset, name: str) -> bool:
+    return name in REQUIRED or name in REQUIRED_IN.get(dataset.name, frozenset())
 
 
 def _shape_attrs(variable: Variable, s: Shape) -> dict[str, str]:
@@ -143,8 +179,8 @@ def _shape_attrs(variable: Variable, s: Shape) -> dict[str, str]:
     return attrs
 
 
-def _origin(item: ET.Element, name: str) -> None:
-    if name in DERIVED:
+def _origin(item: ET.Element, dataset: Dataset, name: str) -> None:
+    if _derived(dataset, name):
         kind = "Derived"
     elif name in COLLECTED:
         kind = "eDT"
@@ -187,7 +223,7 @@ def build(study_id: str, writers: Sequence[DatasetWriter]) -> ET.ElementTree[ET.
     if vs_writer is not None:
         _value_level(mdv, vs_writer)
     for w in writers:
-        _item_group(mdv, w.dataset, w.dataset.name != "DM")
+        _item_group(mdv, w.dataset)
     for w in writers:
         for variable, s in zip(w.dataset.variables, w.shapes().values(), strict=True):
             _item_def(mdv, w.dataset, variable, s)
@@ -251,7 +287,10 @@ def _value_level(mdv: ET.Element, w: DatasetWriter) -> None:
             _e(check, _odm("CheckValue")).text = v
 
 
-def _item_group(mdv: ET.Element, dataset: Dataset, repeating: bool) -> None:
+def _item_group(mdv: ET.Element, dataset: Dataset) -> None:
+    reference = dataset.name in REFERENCE_DATA
+    # One record per subject (DM) or not per subject at all (reference data): not repeating.
+    repeating = dataset.name != "DM" and not reference
     group = _e(
         mdv,
         _odm("ItemGroupDef"),
@@ -260,7 +299,7 @@ def _item_group(mdv: ET.Element, dataset: Dataset, repeating: bool) -> None:
             "Domain": dataset.name.removeprefix("SUPP"),
             "Name": dataset.name,
             "Repeating": "Yes" if repeating else "No",
-            "IsReferenceData": "No",
+            "IsReferenceData": "Yes" if reference else "No",
             "SASDatasetName": dataset.name,
             "Purpose": "Tabulation",
             _def("Structure"): dataset.structure,
@@ -273,11 +312,11 @@ def _item_group(mdv: ET.Element, dataset: Dataset, repeating: bool) -> None:
         attrs = {
             "ItemOID": item_oid(dataset, v),
             "OrderNumber": str(order),
-            "Mandatory": "Yes" if v.name in REQUIRED else "No",
+            "Mandatory": "Yes" if _mandatory(dataset, v.name) else "No",
         }
         if v.name in dataset.keys:
             attrs["KeySequence"] = str(dataset.keys.index(v.name) + 1)
-        method = DERIVED.get(v.name)
+        method = _method(dataset, v.name)
         if method is not None:
             attrs["MethodOID"] = method
         _e(group, _odm("ItemRef"), attrs)
@@ -301,18 +340,21 @@ def _item_def(mdv: ET.Element, dataset: Dataset, variable: Variable, s: Shape) -
     _text(item, "Description", variable.label)
     if variable.codelist is not None:
         _e(item, _odm("CodeListRef"), {"CodeListOID": f"CL.{variable.codelist}"})
-    _origin(item, variable.name)
+    _origin(item, dataset, variable.name)
     if dataset is VS and variable.name == "VSORRES":
         _e(item, _def("ValueListRef"), {"ValueListOID": "VL.VS.VSORRES"})
 
 
-def _codelist(mdv: ET.Element, name: str, items: list[tuple[str, str | None]]) -> None:
+def _codelist(mdv: ET.Element, name: str, items: list[CodeItem]) -> None:
     codelist = _e(mdv, _odm("CodeList"), {"OID": f"CL.{name}", "Name": name, "DataType": "text"})
-    for code, decode in items:
+    for code, decode, extended in items:
+        attrs = {"CodedValue": code}
+        if extended:
+            attrs[_def("ExtendedValue")] = "Yes"
         if decode is None:
-            _e(codelist, _odm("EnumeratedItem"), {"CodedValue": code})
+            _e(codelist, _odm("EnumeratedItem"), attrs)
         else:
-            item = _e(codelist, _odm("CodeListItem"), {"CodedValue": code})
+            item = _e(codelist, _odm("CodeListItem"), attrs)
             _text(item, "Decode", decode)
 
 

@@ -273,7 +273,8 @@ async def _write(
             consumer(sw.write_readings),
             chunk_rows=chunk_rows,
         )
-        await asyncio.to_thread(sw.finish, subjects, study_id=request.study_id)
+        described = await source.descriptions(conn, sw.description_ids)
+        await asyncio.to_thread(sw.finish, subjects, described, study_id=request.study_id)
     except BaseException:
         with contextlib.suppress(OSError):
             sw.discard()

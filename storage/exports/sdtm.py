@@ -1,10 +1,13 @@
 """A CDISC SDTM export: VS (daily summaries by local day, and one record per reading),
 SUPPVS (what the device said about a reading), DM (one record per exported participant),
-each as CSV and as SAS transport (XPT v5), and define.xml describing them.
+DI (the wearables the readings were taken with, SDTMIG-MD), each as CSV and as SAS
+transport (XPT v5), and define.xml describing them.
 
 The records come from the database (:func:`storage.exports.source.stream_sdtm`: daily
-summaries, then readings, from one snapshot; :func:`storage.exports.source.subjects` for DM)
-and are built by :mod:`storage.exports.sdtm_vs` and :mod:`storage.exports.sdtm_dm`. Local
+summaries, then readings, from one snapshot; :func:`storage.exports.source.subjects` for DM,
+:func:`storage.exports.source.descriptions` for DI) and are built by
+:mod:`storage.exports.sdtm_vs`, :mod:`storage.exports.sdtm_dm` and
+:mod:`storage.exports.sdtm_di`. Local
 days and times are those of the participant's zone valid at each reading's time
 (:mod:`storage.time_zones`). CSV is streamed; XPT is written by pyreadstat (ReadStat), which
 needs each dataset as one data frame, so its memory grows with the dataset, and with the
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from storage.exports import sdtm_dm
+from storage.exports import sdtm_di, sdtm_dm
 from storage.exports.define_xml import write as write_define_xml
 from storage.exports.output import OutputDir
 from storage.exports.sdtm_dataset import DatasetWriter
@@ -32,7 +35,7 @@ from storage.exports.sdtm_vs import (
     study_day,
     usubjid,
 )
-from storage.exports.source import Daily, LocalReading, Subject
+from storage.exports.source import Daily, Description, LocalReading, Subject
 
 __all__ = [
     "NAMES",
@@ -48,7 +51,7 @@ __all__ = [
 
 
 class SdtmWriter:
-    """Writes the VS, SUPPVS and DM datasets and define.xml of one export."""
+    """Writes the VS, SUPPVS, DM and DI datasets and define.xml of one export."""
 
     def __init__(self, out: OutputDir) -> None:
         self._out = out
@@ -56,6 +59,7 @@ class SdtmWriter:
         self._vs = DatasetWriter(out, VS)
         self._supp = DatasetWriter(out, SUPPVS)
         self._dm = DatasetWriter(out, sdtm_dm.DM)
+        self._di = DatasetWriter(out, sdtm_di.DI)
 
     @property
     def rows(self) -> int:
@@ -70,13 +74,35 @@ class SdtmWriter:
         self._vs.write(vs)
         self._supp.write(supp)
 
-    def finish(self, subjects: Sequence[Subject], *, study_id: str) -> None:
+    @property
+    def description_ids(self) -> list[int]:
+        """The wearable descriptions the reading records written so far were taken under."""
+        return sorted(self._build.described)
+
+    def finish(
+        self,
+        subjects: Sequence[Subject],
+        described: Sequence[Description],
+        *,
+        study_id: str,
+    ) -> None:
+        """Write DM of ``subjects`` and DI of ``described`` (the descriptions of
+        :attr:`description_ids`), close every dataset and write define.xml."""
         self._dm.write(sdtm_dm.records(subjects))
-        writers = (self._vs, self._supp, self._dm)
+        self._di.write(sdtm_di.records(study_id, described, self._build.described))
+        writers = (self._vs, self._supp, self._dm, self._di)
         for w in writers:
             w.finish()
         write_define_xml(self._out, study_id, writers)
 
     def discard(self) -> None:
-        for w in (self._vs, self._supp, self._dm):
-            w.discard()
+        """Close every dataset's file, even when closing one fails (a full disk fails the
+        flush); the first such error is raised once all are closed."""
+        failure: OSError | None = None
+        for w in (self._vs, self._supp, self._dm, self._di):
+            try:
+                w.discard()
+            except OSError as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure

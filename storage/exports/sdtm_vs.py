@@ -5,8 +5,10 @@ statistic in VSSCAT), over the readings the device did not put in doubt; a day w
 it all doubted has its mean, minimum and maximum NOT DONE with the reason. Readings: one
 record per reading (VSSCAT ``READING``), VSDTC its local date-time with offset; a reading
 keeps its result whatever the device said, and what it said (its flags, its user index on a
-shared device) goes to SUPPVS, keyed by the reading's VSSEQ. docs/exports.md has every
-variable.
+shared device) goes to SUPPVS, keyed by the reading's VSSEQ. A reading's SPDEVID is the
+wearable description valid at its time (:mod:`storage.exports.sdtm_di`), empty when the
+wearable never described itself; a daily summary's is empty, as its readings may come from
+more than one device. docs/exports.md has every variable.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import date
 
 from storage.exports.mapping import EXPORTED, VsTest
 from storage.exports.sdtm_dataset import Dataset, DataType, Record, Value, Variable
+from storage.exports.sdtm_di import spdevid
 from storage.exports.source import Daily, LocalReading
 
 DOMAIN = "VS"
@@ -51,6 +54,7 @@ VS = Dataset(
         Variable("STUDYID", "Study Identifier"),
         Variable("DOMAIN", "Domain Abbreviation"),
         Variable("USUBJID", "Unique Subject Identifier"),
+        Variable("SPDEVID", "Sponsor Device Identifier"),
         Variable("VSSEQ", "Sequence Number", DataType.INTEGER),
         Variable("VSTESTCD", "Vital Signs Test Short Name", codelist="VSTESTCD"),
         Variable("VSTEST", "Vital Signs Test Name"),
@@ -135,6 +139,8 @@ class VsRecords:
 
     def __init__(self) -> None:
         self._seq: dict[str, int] = {}
+        # The metrics of the reading records taken under each wearable description.
+        self.described: dict[int, set[str]] = {}
 
     def _next(self, subject: str) -> int:
         seq = self._seq.get(subject, 0) + 1
@@ -168,6 +174,7 @@ class VsRecords:
                 "STUDYID": d.study_id,
                 "DOMAIN": DOMAIN,
                 "USUBJID": subject,
+                "SPDEVID": "",
                 "VSSEQ": self._next(subject),
                 "VSTESTCD": vs.testcd,
                 "VSTEST": vs.test,
@@ -198,6 +205,8 @@ class VsRecords:
             subject = usubjid(r.study_id, r.participant_id)
             seq = self._next(subject)
             text = result_text(r.value)
+            if r.description_id is not None:
+                self.described.setdefault(r.description_id, set()).add(r.metric)
             vs_out.append(
                 _as_record(
                     VS,
@@ -205,6 +214,7 @@ class VsRecords:
                         "STUDYID": r.study_id,
                         "DOMAIN": DOMAIN,
                         "USUBJID": subject,
+                        "SPDEVID": spdevid(r.description_id),
                         "VSSEQ": seq,
                         "VSTESTCD": vs.testcd,
                         "VSTEST": vs.test,

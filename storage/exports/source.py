@@ -156,11 +156,15 @@ _FROM = """
         AND r.time >= a.lo AND r.time < coalesce(a.hi, 'infinity'::timestamptz)
     JOIN participants p ON p.participant_id = r.participant_id
 """
+# The wearable's description valid at the reading's own time (``sensor_history``).
+_HISTORY_JOIN = """
+    LEFT JOIN sensor_history s ON s.device_id = r.device_id AND s.sensor = r.sensor
+        AND r.time >= s.valid_from AND r.time < s.valid_to
+"""
 _QUERY = f"""
     {_FROM}
     LEFT JOIN envelopes e ON e.device_id = r.device_id AND e.seq = r.seq
-    LEFT JOIN sensor_history s ON s.device_id = r.device_id AND s.sensor = r.sensor
-        AND r.time >= s.valid_from AND r.time < s.valid_to
+    {_HISTORY_JOIN}
     LEFT JOIN consents k ON k.consent_id = r.consent_id
     LEFT JOIN consent_documents d ON d.document_id = k.document_id
     LEFT JOIN codes c ON c.metric = r.metric
@@ -251,6 +255,7 @@ class LocalReading:
     device_user: int | None
     day: date
     local_time: str
+    description_id: int | None
 
 
 LOCAL_READING_COLUMNS = (
@@ -263,11 +268,49 @@ LOCAL_READING_COLUMNS = (
     Column("device_user", "r.device_user::int4"),
     Column("day", _LOCAL_DAY),
     Column("local_time", _local_iso("r.time", LOCAL_ZONE)),
+    # The wearable's description valid at the reading's time (null: never described).
+    Column("description_id", "s.description_id"),
 )
 _LOCAL_READINGS = f"""
     {_LOCAL_FROM}
+    {_HISTORY_JOIN}
     ORDER BY r.participant_id, r.metric, r.time
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Description:
+    """A wearable's description (a ``sensor_descriptions`` row): what it said about itself,
+    None for what it did not serve."""
+
+    description_id: int
+    device_id: str
+    sensor: str
+    manufacturer: str | None
+    model: str | None
+    serial: str | None
+    firmware: str | None
+    hardware: str | None
+
+
+_DESCRIPTIONS = """
+    SELECT description_id, device_id, sensor, manufacturer, model, serial, firmware, hardware
+    FROM sensor_descriptions
+    WHERE description_id = ANY(%(ids)s::int8[])
+    ORDER BY device_id, sensor, reported_at, description_id
+"""
+
+
+async def descriptions(conn: Conn, ids: Iterable[int]) -> list[Description]:
+    """These wearable descriptions, by hub, sensor name and report time (SDTM DI). A
+    description is never changed once recorded, so reading it after the readings' snapshot
+    gives what the readings were joined to."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return []
+    async with conn.cursor(row_factory=class_row(Description)) as cur:
+        await cur.execute(_DESCRIPTIONS, {"ids": wanted})
+        return await cur.fetchall()
 
 
 @dataclass(frozen=True, slots=True)

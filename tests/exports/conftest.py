@@ -82,6 +82,7 @@ async def store(
     *,
     consent_id: int | None = None,
     received_ms: int | None = None,
+    sent_ms: int | None = None,
     sensors: Sequence[SensorReport] = (),
 ) -> Stored:
     pool = await db.open_pool(url, min_size=1, max_size=1)
@@ -90,7 +91,7 @@ async def store(
             dev=device_id,
             seq=seq,
             participant_id=participant_id,
-            sent_ms=now_ms(),
+            sent_ms=sent_ms if sent_ms is not None else now_ms(),
             envelope_sha256=hashlib.sha256(f"{device_id}/{seq}".encode()).digest(),
             reading_count=len(readings),
             readings=tuple(readings),

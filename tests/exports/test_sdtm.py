@@ -88,6 +88,8 @@ async def test_daily_summaries_equal_an_independent_computation(
     assert result.rows == len(want) + len(raw)
     assert sorted(p.name for p in out.iterdir()) == [
         "define.xml",
+        "di.csv",
+        "di.xpt",
         "dm.csv",
         "dm.xpt",
         "suppvs.csv",

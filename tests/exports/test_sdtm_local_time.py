@@ -4,9 +4,6 @@ define.xml that describes exactly the datasets written."""
 
 from __future__ import annotations
 
-import csv
-import io
-import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,13 +13,10 @@ import pytest
 from ingest.model import Reading
 from storage import db
 from storage.exports import ExportKind, ExportRequest, export
-from storage.exports.define_xml import DEF_NS, ODM_NS, XLINK_NS
 from storage.time_zones import set_time_zone
 from tests.exports.conftest import MONITOR_A, consent_id_of, ms, store
+from tests.exports.sdtm_define import NS, check_define, read_csv
 from tests.fixtures.trial import Trial
-
-NS = {"odm": ODM_NS, "def": DEF_NS}
-LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 
 
 def utc(month: int, day: int, hour: int, minute: int = 0) -> datetime:
@@ -64,10 +58,6 @@ async def travellers(trial: Trial) -> None:
         await store(
             trial.url, pid, hub, 1, readings, consent_id=await consent_id_of(trial.url, pid)
         )
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
 
 
 @pytest.fixture
@@ -193,56 +183,8 @@ async def test_dm_has_one_record_per_exported_participant(exported: Path) -> Non
 
 
 async def test_define_xml_describes_exactly_the_datasets_written(exported: Path) -> None:
-    tree = ET.parse(exported / "define.xml")
-    root = tree.getroot()
-    assert root.tag == f"{{{ODM_NS}}}ODM"
-    assert root.get("ODMVersion") == "1.3.2"
-    mdv = root.find("odm:Study/odm:MetaDataVersion", NS)
-    assert mdv is not None
-    assert mdv.get(f"{{{DEF_NS}}}DefineVersion") == "2.0.0"
-    items = {i.get("OID"): i for i in mdv.findall("odm:ItemDef", NS)}
-    codelists = {c.get("OID"): c for c in mdv.findall("odm:CodeList", NS)}
-    methods = {m.get("OID") for m in mdv.findall("odm:MethodDef", NS)}
-    groups = mdv.findall("odm:ItemGroupDef", NS)
-    assert [g.get("Name") for g in groups] == ["VS", "SUPPVS", "DM"]
-    for group in groups:
-        name = str(group.get("Name"))
-        leaf = group.find("def:leaf", NS)
-        assert leaf is not None
-        assert leaf.get(f"{{{XLINK_NS}}}href") == f"{name.lower()}.xpt"
-        rows = read_csv(exported / f"{name.lower()}.csv")
-        frame, meta = pyreadstat.read_xport(str(exported / f"{name.lower()}.xpt"))
-        labels = dict(zip(meta.column_names, meta.column_labels, strict=True))
-        refs = group.findall("odm:ItemRef", NS)
-        defs = [items[r.get("ItemOID")] for r in refs]
-        # The variables, in order, are the CSV's header and the XPT's columns.
-        assert [d.get("Name") for d in defs] == list(rows[0]) == list(frame.columns)
-        assert [int(str(r.get("OrderNumber"))) for r in refs] == list(range(1, len(refs) + 1))
-        for ref, item in zip(refs, defs, strict=True):
-            var = str(item.get("Name"))
-            text = item.find("odm:Description/odm:TranslatedText", NS)
-            assert text is not None
-            assert text.get(LANG) == "en"
-            assert text.text == labels[var]
-            values = [r[var] for r in rows if r[var] != ""]
-            kind = item.get("DataType")
-            numeric = meta.readstat_variable_types[var] == "double"
-            assert numeric == (kind in ("integer", "float")), var
-            # Length: the longest value written (1 for a variable always empty).
-            if kind in ("text", "datetime"):
-                assert int(str(item.get("Length"))) == max(map(len, values), default=1), var
-            if kind == "integer":
-                digits = (len(str(int(float(v)))) for v in values)
-                assert int(str(item.get("Length"))) == max(digits, default=1), var
-            if ref.get("Mandatory") == "Yes":
-                assert len(values) == len(rows), var
-            method = ref.get("MethodOID")
-            assert method is None or method in methods
-            clref = item.find("odm:CodeListRef", NS)
-            if clref is not None:
-                codelist = codelists[clref.get("CodeListOID")]
-                allowed = {str(c.get("CodedValue")) for c in codelist}
-                assert set(values) <= allowed, var
+    define = check_define(exported)
+    mdv, items, codelists = define.mdv, define.items, define.codelists
     vs = read_csv(exported / "vs.csv")
     scat = {str(c.get("CodedValue")) for c in codelists["CL.VSSCAT"]}
     assert scat == {r["VSSCAT"] for r in vs}
