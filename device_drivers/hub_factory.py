@@ -1,6 +1,6 @@
 """One way to build a participant's hub from its enrolled identity.
 
-The command line (`trialstream hub run`), the demo and the tests build hubs here, so every
+The command line (`trialstream-hub run`), the demo and the tests build hubs here, so every
 hub has the same parts: the outbox and the state file in the hub's directory, the relay on
 the broker the enrollment named (over TLS when it said so), the certificate keeper that
 renews the hub's certificate and stops it once the site has withdrawn it, and one session

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import ipaddress
 import json
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -87,7 +88,7 @@ class HubIdentity:
         except FileNotFoundError as exc:
             raise HubIdentityError(
                 f"this hub is not enrolled ({directory / 'hub.json'} is missing): "
-                "run `trialstream hub enroll 'trialstream:enroll?...'` with the site's code"
+                "run `trialstream-hub enroll 'trialstream:enroll?...'` with the site's code"
             ) from exc
         except (OSError, json.JSONDecodeError) as exc:
             raise HubIdentityError(f"cannot read {directory / 'hub.json'}: {exc}") from exc
@@ -189,18 +190,15 @@ def ca_fingerprint(ca_pem: str) -> str:
 async def post_json(url: str, request: dict[str, Any]) -> tuple[dict[str, Any], int, float]:
     """POST ``request`` to the gateway: its answer (a JSON object), its status and the wait it
     asks for (``Retry-After``, bounded). Anything else the gateway could send is refused here,
-    a body nested too deeply or a number too long to convert included."""
+    a body nested too deeply or a number too long to convert included.
+
+    The standard library's HTTP client, in a worker thread: the hub installs without the
+    server's HTTP stack (aiohttp)."""
     try:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=GATEWAY_TIMEOUT_S)) as http,
-            http.post(url, json=request) as resp,
-        ):
-            if (resp.content_length or 0) > MAX_ANSWER_BYTES:
-                raise HubIdentityError(f"the gateway at {url} sent an answer too large to read")
-            raw_body = await resp.content.read(MAX_ANSWER_BYTES + 1)
-            raw = resp.headers.get("Retry-After", "")
-            status = resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        raw_body, status, raw = await asyncio.wait_for(
+            asyncio.to_thread(_post, url, json.dumps(request).encode()), GATEWAY_TIMEOUT_S + 5
+        )
+    except (OSError, http.client.HTTPException, TimeoutError, ValueError) as exc:
         raise HubIdentityError(f"cannot reach the gateway at {url}: {exc}") from exc
     if len(raw_body) > MAX_ANSWER_BYTES:
         raise HubIdentityError(f"the gateway at {url} sent an answer too large to read")
@@ -212,6 +210,34 @@ async def post_json(url: str, request: dict[str, Any]) -> tuple[dict[str, Any], 
         raise HubIdentityError(f"the gateway at {url} did not answer with a JSON object")
     wait = float(raw) if raw.isdigit() and len(raw) <= 4 else ENROLL_BUSY_WAIT_S
     return body, status, min(max(wait, 1.0), ENROLL_BUSY_WAIT_S)
+
+
+def _post(url: str, data: bytes) -> tuple[bytes, int, str]:
+    """One POST (blocking): the body read up to one byte past the limit, status, Retry-After.
+
+    ``http.client`` directly: no proxy from the environment, no redirect followed (an answer
+    to refuse, not to chase), and the connection kept alive until the hub closes it, so the
+    closing side (and its TIME_WAIT) is the hub's, never the gateway's listening port."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    conn: http.client.HTTPConnection
+    if parts.scheme == "https":
+        conn = http.client.HTTPSConnection(
+            host, parts.port, timeout=GATEWAY_TIMEOUT_S, context=ssl.create_default_context()
+        )
+    else:
+        conn = http.client.HTTPConnection(host, parts.port, timeout=GATEWAY_TIMEOUT_S)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn.request("POST", target, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        length = resp.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+            raise HubIdentityError(f"the gateway at {url} sent an answer too large to read")
+        body = resp.read(MAX_ANSWER_BYTES + 1)
+        return body, resp.status, resp.headers.get("Retry-After", "")
+    finally:
+        conn.close()
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -36,8 +36,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_drivers.outbox import Outbox, OutboxError
-from ingest.pipeline import down_topic, up_topic
 from ingest.receipts import RECEIPT_REJECTED, open_receipt
+from ingest.topics import down_topic, up_topic
 from ingest.transport import connect_async, make_client, stop_client
 from ingest.wire import EnvelopeError
 

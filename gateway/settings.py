@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from device_drivers.settings import DEFAULT_DATA_DIR
 from gateway.errors import ConfigError
 from storage.migrate import ModeRequest
 
@@ -21,7 +22,8 @@ ENV_PREFIX = "TRIALSTREAM_"
 class Settings:
     database_url: str | None = None
     storage_mode: ModeRequest = ModeRequest.AUTO
-    data_dir: Path = Path(".trialstream")
+    # The hub, installed alone, resolves the same default without importing the server.
+    data_dir: Path = DEFAULT_DATA_DIR
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
     http_host: str = "127.0.0.1"

@@ -40,31 +40,22 @@ from ingest.model import (
     Refusal,
     RejectedEnvelope,
 )
-from ingest.wire import EnvelopeError, is_device_id
 
-TOPIC_PREFIX = "dct/v1/"
-UP_SUFFIX = "/up"
+# The topic names live in ingest.topics (the hub needs them without the consent gate);
+# re-exported here, where the server's modules and tests have always found them.
+from ingest.topics import TOPIC_PREFIX as TOPIC_PREFIX
+from ingest.topics import UP_SUFFIX as UP_SUFFIX
+from ingest.topics import down_topic as down_topic
+from ingest.topics import topic_device as topic_device
+from ingest.topics import up_topic as up_topic
+from ingest.wire import EnvelopeError
+
 # Hub clocks drift and are set from the phone or NTP; five minutes ahead of the gateway's
 # clock is already wrong, and 2099 certainly is.
 FUTURE_SKEW_MS = 5 * 60_000
 # How far back a hub may deliver data when its study sets nothing else (studies.backfill_days):
 # a hub offline for weeks, a glucose meter's memory of months. Older is a broken clock.
 DEFAULT_BACKFILL_MS = 365 * 86_400_000
-
-
-def up_topic(device_id: str) -> str:
-    return f"{TOPIC_PREFIX}{device_id}{UP_SUFFIX}"
-
-
-def down_topic(device_id: str) -> str:
-    return f"{TOPIC_PREFIX}{device_id}/down"
-
-
-def topic_device(topic: str) -> str | None:
-    if not (topic.startswith(TOPIC_PREFIX) and topic.endswith(UP_SUFFIX)):
-        return None
-    dev = topic[len(TOPIC_PREFIX) : -len(UP_SUFFIX)]
-    return dev if is_device_id(dev) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ import configparser
 import shlex
 from pathlib import Path
 
+from device_drivers.cli import PROG
 from device_drivers.credentials import EXIT_WITHDRAWN
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "systemd" / "trialstream-hub.service"
@@ -29,8 +30,10 @@ def test_the_unit_never_restarts_a_withdrawn_hub() -> None:
 def test_the_unit_runs_the_hub_on_its_own_private_state_directory() -> None:
     service = unit()["Service"]
     command = shlex.split(service["ExecStart"])
-    assert command[1:4] == ["hub", "run", "--hub-dir"]
-    assert command[4] == f"/var/lib/{service['StateDirectory']}"
+    # The hub's own command, which a hub installed alone (`.[hub]`) has.
+    assert Path(command[0]).name == PROG
+    assert command[1:3] == ["run", "--hub-dir"]
+    assert command[3] == f"/var/lib/{service['StateDirectory']}"
     assert service["StateDirectoryMode"] == "0700"
     assert service["KillSignal"] == "SIGINT"
     assert service["User"] != "root"

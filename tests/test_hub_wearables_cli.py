@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from device_drivers import cli as hub_cli
 from device_drivers import sim
 from device_drivers.state import HubState, PairedWearable
-from gateway.commands import hub as hub_cli
 from tests.test_cli import trialstream
 
 
