@@ -67,6 +67,7 @@ from bench.common import (
     create_study,
     database_name,
     machine,
+    recorded_mode,
     scratch_database,
 )
 from gateway.broker import MosquittoBroker, free_port
@@ -340,7 +341,7 @@ def _gateway(url: str, broker: MosquittoBroker, workdir: Path) -> Iterator[str]:
         TRIALSTREAM_MQTT_PORT=str(broker.port),
         TRIALSTREAM_DATA_DIR=str(workdir / "gateway"),
         TRIALSTREAM_HTTP_PORT=str(port),
-        TRIALSTREAM_STORAGE_MODE="plain",
+        TRIALSTREAM_STORAGE_MODE=str(recorded_mode(url)),
         TRIALSTREAM_LOG_LEVEL="WARNING",
         TRIALSTREAM_METRICS_TOKEN=METRICS_TOKEN,
     )

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, TextIO
 
 import psutil  # type: ignore[import-untyped]
+import psycopg
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg import conninfo
@@ -20,6 +21,7 @@ from psycopg import conninfo
 from ingest import keys
 from ingest.metrics import METRICS
 from storage import db, registry, status
+from storage.migrate import StorageMode
 
 STUDY = "BENCH"
 SITE = "BENCH-SITE"
@@ -39,6 +41,16 @@ async def scratch_database(server_url: str, prefix: str) -> AsyncIterator[str]:
         yield url
     finally:
         await db.drop_database(server_url, name)
+
+
+def recorded_mode(url: str) -> StorageMode:
+    """The storage mode recorded in the migrated database of ``url``: the one its gateways
+    must run in (a gateway asking for another one refuses to start)."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT mode FROM schema_info").fetchone()
+    if row is None:
+        raise RuntimeError(f"{db.describe(url)} records no storage mode: migrate it first")
+    return StorageMode(str(row[0]))
 
 
 def database_name(url: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import cbor2
 import psutil  # type: ignore[import-untyped]
 
-from bench.common import METRICS_HEADERS, METRICS_TOKEN
+from bench.common import METRICS_HEADERS, METRICS_TOKEN, recorded_mode
 from bench.mqtt_raw import RawClient, RawMqttError
 from gateway.broker import MosquittoBroker, free_port
 from gateway.web.ratelimit import Limit
@@ -157,6 +157,7 @@ def gateway_processes(
     login_limit: Limit | None = None,
 ) -> Iterator[tuple[int, int]]:
     """The gateway's processes: (supervisor pid, HTTP port) once every worker is connected.
+    They run in the storage mode recorded in the database of ``url``.
 
     ``login_limit``: every worker's sign-in limits (per address and per account) set to it
     (through :mod:`bench.gateway_launch`); None leaves the gateway's own."""
@@ -169,7 +170,7 @@ def gateway_processes(
             "TRIALSTREAM_MQTT_PORT": str(broker.port),
             "TRIALSTREAM_DATA_DIR": str(workdir / "gateway"),
             "TRIALSTREAM_HTTP_PORT": str(http_port),
-            "TRIALSTREAM_STORAGE_MODE": "plain",
+            "TRIALSTREAM_STORAGE_MODE": str(recorded_mode(url)),
             "TRIALSTREAM_LOG_LEVEL": "WARNING",
             "TRIALSTREAM_METRICS_TOKEN": METRICS_TOKEN,
         }

@@ -59,6 +59,7 @@ from bench.common import (
     Progress,
     database_name,
     machine,
+    recorded_mode,
     scratch_database,
     server_version,
 )
@@ -546,7 +547,11 @@ async def run(
         version = await server_version(url)
         t0_ms = int((time.time() - 86_400) * 1000)
         simulated = await create_trial(url, hubs, t0_ms - 86_400_000, 3 * 86_400_000)
-        say(f"scratch database {database_name(url)}: {hubs} hubs, participants consented")
+        mode = recorded_mode(url)
+        say(
+            f"scratch database {database_name(url)} ({mode} mode): {hubs} hubs,"
+            " participants consented"
+        )
         with tempfile.TemporaryDirectory(prefix="trialstream-bench-ingest-") as tmp:
             results.extend(
                 _run_size(
@@ -568,6 +573,7 @@ async def run(
         "machine": machine(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "postgresql": version,
+        "mode": str(mode),
         "method": {
             "window_s": seconds,
             "warmup_s": WARMUP_S,

@@ -94,5 +94,5 @@ async def alert_pool(trial: Trial) -> AsyncIterator[AsyncConnectionPool]:
 
 
 @pytest.fixture
-def ingest(alert_pool: AsyncConnectionPool, clock: Clock) -> Ingest:
-    return Ingest(BulkWriter(alert_pool, StorageMode.PLAIN), AlertEngine(clock=clock), clock)
+def ingest(alert_pool: AsyncConnectionPool, clock: Clock, storage_mode: StorageMode) -> Ingest:
+    return Ingest(BulkWriter(alert_pool, storage_mode), AlertEngine(clock=clock), clock)

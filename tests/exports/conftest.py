@@ -17,9 +17,9 @@ from consent.records import Actor
 from ingest.model import AcceptedEnvelope, Batch, Reading, SensorReport
 from storage import db, registry
 from storage.exports import parquet
-from storage.migrate import StorageMode
 from storage.users import Role
 from storage.writer import BulkWriter
+from tests.fixtures.postgres import database_mode
 from tests.fixtures.trial import ALL_SCOPES, Hub, Trial
 
 ADMIN = Actor("admin", Role.ADMIN)
@@ -98,7 +98,7 @@ async def store(
             consent_ids=(consent_id,) * len(readings),
             sensors=tuple(sensors),
         )
-        await BulkWriter(pool, StorageMode.PLAIN).write(
+        await BulkWriter(pool, database_mode(url)).write(
             Batch((env,), (), received_ms if received_ms is not None else now_ms())
         )
     finally:

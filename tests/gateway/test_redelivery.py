@@ -29,9 +29,9 @@ from ingest.envelope import seal
 from ingest.model import Payload, Reading
 from ingest.pipeline import up_topic
 from storage import db
-from storage.migrate import StorageMode
 from storage.writer import BulkWriter
 from tests.fixtures.mqtt import MqttProbe
+from tests.fixtures.postgres import database_mode
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 
@@ -68,7 +68,7 @@ async def worker(url: str, broker: MosquittoBroker) -> AsyncIterator[Consumer]:
     c = Consumer(
         ConsumerConfig(broker.host, broker.port, "redelivery-worker"),
         pool,
-        BulkWriter(pool, StorageMode.PLAIN),
+        BulkWriter(pool, database_mode(url)),
         keys.generate_private_key(),
     )
     task = asyncio.create_task(c.run())

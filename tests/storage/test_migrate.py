@@ -52,10 +52,15 @@ async def test_auto_mode_reports_what_the_server_offers(
         assert row[0] == "r"  # natively range-partitioned
 
 
-async def test_recorded_mode_cannot_be_changed(database_url: str) -> None:
+async def test_recorded_mode_cannot_be_changed(
+    database_url: str, storage_mode: StorageMode
+) -> None:
+    other = (
+        ModeRequest.PLAIN if storage_mode is StorageMode.TIMESCALEDB else ModeRequest.TIMESCALEDB
+    )
     async with db.connection(database_url, autocommit=True) as conn:
-        with pytest.raises(StorageModeError, match="plain mode"):
-            await migrate(conn, ModeRequest.TIMESCALEDB)
+        with pytest.raises(StorageModeError, match=f"set up in {storage_mode} mode"):
+            await migrate(conn, other)
 
 
 async def test_timescaledb_requested_but_absent_is_a_clear_error(

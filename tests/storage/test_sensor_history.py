@@ -16,6 +16,7 @@ from storage.migrate import ModeRequest, StorageMode, migrate
 from storage.timeconv import from_ms
 from storage.writer import BulkWriter
 from tests.fixtures.pgtrace import protocol_trace, waits
+from tests.fixtures.postgres import suite_storage_mode
 from tests.fixtures.trial import Trial
 
 T0 = 1_795_000_000_000  # 2026-11-18, inside the pre-created partitions' range
@@ -40,7 +41,7 @@ def envelope(seq: int, sent_ms: int, *reports: SensorReport) -> AcceptedEnvelope
 
 
 async def write(pool: AsyncConnectionPool, *envelopes: AcceptedEnvelope) -> None:
-    await BulkWriter(pool, StorageMode.PLAIN).write(Batch(envelopes, (), T0 + 3_600_000))
+    await BulkWriter(pool, suite_storage_mode()).write(Batch(envelopes, (), T0 + 3_600_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,12 +189,12 @@ async def test_a_batch_writes_its_reports_in_one_statement_a_table(
 
 
 async def test_the_migration_starts_the_history_with_what_sensors_held(
-    empty_database_url: str,
+    empty_database_url: str, storage_mode: StorageMode
 ) -> None:
     """Rows of ``sensors`` from before the history become each wearable's first description,
     valid for all its readings; a wearable never described gets no row."""
     async with db.connection(empty_database_url, autocommit=True) as conn:
-        await migrate(conn, ModeRequest.PLAIN)
+        await migrate(conn, ModeRequest(storage_mode.value))
         # Back to the schema before 0012, with a wearable as the old writer left it.
         await conn.execute("DROP VIEW sensor_history")
         await conn.execute("DROP TABLE sensor_descriptions")
@@ -209,7 +210,7 @@ async def test_the_migration_starts_the_history_with_what_sensors_held(
             " ('hub-1', 'thermo', NULL, NULL, NULL, NULL, 40, %s, %s)",
             (from_ms(T0), from_ms(T0 + MINUTE), from_ms(T0), from_ms(T0)),
         )
-        assert (await migrate(conn, ModeRequest.PLAIN)).applied == (12,)
+        assert (await migrate(conn, ModeRequest(storage_mode.value))).applied == (12,)
     assert await history(empty_database_url) == [
         Span("S1", "Acme", "HRM-2", "1.0", None, None, None, None)
     ]

@@ -3,11 +3,16 @@ end up equal to what the readings give."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench import storage as storage_bench
 from bench.common import Progress
 from storage import db
 
 
+@pytest.mark.plain_only(
+    "bench storage times plain mode's rollup refresh; TimescaleDB keeps a continuous aggregate"
+)
 async def test_rollup_refresh_benchmark_times_both_methods_and_checks_the_result(
     database_url: str,
 ) -> None:

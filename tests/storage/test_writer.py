@@ -79,9 +79,9 @@ async def counts(url: str) -> dict[str, int]:
 
 
 async def test_overlapping_batches_store_each_reading_exactly_once(
-    pool: AsyncConnectionPool, database_url: str
+    pool: AsyncConnectionPool, database_url: str, storage_mode: StorageMode
 ) -> None:
-    writer = BulkWriter(pool, StorageMode.PLAIN)
+    writer = BulkWriter(pool, storage_mode)
     first = await writer.write(batch(envelope("A", 1), envelope("A", 2), envelope("B", 1)))
     second = await writer.write(batch(envelope("A", 2), envelope("A", 3), envelope("B", 1)))
     third = await writer.write(batch(envelope("A", 1), envelope("A", 3), envelope("B", 2)))
@@ -123,9 +123,9 @@ async def test_overlapping_batches_store_each_reading_exactly_once(
 
 
 async def test_refused_readings_gaps_and_rejected_envelopes_leave_rows(
-    pool: AsyncConnectionPool, database_url: str
+    pool: AsyncConnectionPool, database_url: str, storage_mode: StorageMode
 ) -> None:
-    writer = BulkWriter(pool, StorageMode.PLAIN)
+    writer = BulkWriter(pool, storage_mode)
     refusal = Refusal(
         Reason.SCOPE_NOT_CONSENTED, count=3, first_ms=T0, last_ms=T0 + 2000, metric="spo2"
     )
@@ -158,9 +158,9 @@ async def test_refused_readings_gaps_and_rejected_envelopes_leave_rows(
 
 
 async def test_failing_batch_stores_nothing_and_names_the_envelope(
-    pool: AsyncConnectionPool, database_url: str
+    pool: AsyncConnectionPool, database_url: str, storage_mode: StorageMode
 ) -> None:
-    writer = BulkWriter(pool, StorageMode.PLAIN)
+    writer = BulkWriter(pool, storage_mode)
     await writer.write(batch(envelope("A", 1)))
     before = await counts(database_url)
     with pytest.raises(BatchWriteError) as info:
@@ -176,9 +176,9 @@ async def test_failing_batch_stores_nothing_and_names_the_envelope(
 
 
 async def test_pool_survives_terminated_backends_between_batches(
-    pool: AsyncConnectionPool, database_url: str, pg_server: object
+    pool: AsyncConnectionPool, database_url: str, pg_server: object, storage_mode: StorageMode
 ) -> None:
-    writer = BulkWriter(pool, StorageMode.PLAIN)
+    writer = BulkWriter(pool, storage_mode)
     for seq in range(1, 4):
         await writer.write(batch(envelope("A", seq)))
         # Kill every backend of this database, as a restart or failover would.
@@ -198,6 +198,7 @@ async def test_pool_survives_terminated_backends_between_batches(
     }
 
 
+@pytest.mark.plain_only("partitions are plain mode's: TimescaleDB makes its own chunks")
 async def test_backfilled_readings_get_their_partition_created(
     pool: AsyncConnectionPool, database_url: str
 ) -> None:
@@ -215,6 +216,7 @@ async def test_backfilled_readings_get_their_partition_created(
     assert row == (5,)
 
 
+@pytest.mark.plain_only("partitions are plain mode's: TimescaleDB makes its own chunks")
 async def test_unknown_partition_failure_is_typed(pool: AsyncConnectionPool) -> None:
     """In plain mode the writer creates partitions; a writer told the wrong mode fails typed."""
     writer = BulkWriter(pool, StorageMode.TIMESCALEDB)
@@ -225,9 +227,9 @@ async def test_unknown_partition_failure_is_typed(pool: AsyncConnectionPool) -> 
 
 
 async def test_reused_seq_with_other_content_is_a_recorded_conflict(
-    pool: AsyncConnectionPool, database_url: str
+    pool: AsyncConnectionPool, database_url: str, storage_mode: StorageMode
 ) -> None:
-    writer = BulkWriter(pool, StorageMode.PLAIN)
+    writer = BulkWriter(pool, storage_mode)
     await writer.write(batch(envelope("A", 1)))
     other = envelope("A", 1, value=90.0)
     other = AcceptedEnvelope(
@@ -244,10 +246,10 @@ async def test_reused_seq_with_other_content_is_a_recorded_conflict(
 
 
 async def test_sensor_reports_fill_the_sensors_table(
-    trial: Trial, pool: AsyncConnectionPool
+    trial: Trial, pool: AsyncConnectionPool, storage_mode: StorageMode
 ) -> None:
     """Newest report wins; a field a report leaves out keeps what was known."""
-    writer = BulkWriter(pool, StorageMode.PLAIN)
+    writer = BulkWriter(pool, storage_mode)
     first = replace(
         envelope("hub-1", 1),
         sensors=(SensorReport("hr-strap-1", "Acme", "HRM-2", "SN-1", "1.0", None, 90),),
@@ -331,6 +333,9 @@ async def rollups_and_truth(url: str) -> tuple[list[tuple[object, ...]], list[tu
         return stored, await cur.fetchall()
 
 
+@pytest.mark.plain_only(
+    "plain mode's rollup table and its refresh: TimescaleDB keeps a continuous aggregate"
+)
 async def test_plain_rollups_merge_each_stored_batch_once_and_recompute_withdrawn_hours(
     pool: AsyncConnectionPool, database_url: str
 ) -> None:

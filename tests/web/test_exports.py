@@ -21,6 +21,7 @@ from gateway.broker import MosquittoBroker
 from storage import db, partitions
 from storage.timeconv import to_ms
 from tests.fixtures.gateway import gateway_settings, running_gateway
+from tests.fixtures.postgres import ensure_test_partitions
 from tests.fixtures.waiting import wait_until
 from tests.web.browser import Browser
 from tests.web.conftest import PASSWORD, Web
@@ -35,7 +36,7 @@ async def store_readings(
     now = datetime.now(UTC)
     start = now - timedelta(minutes=len(values) + 1)
     async with db.connection(url) as conn, conn.transaction():
-        await partitions.ensure_partitions(
+        await ensure_test_partitions(
             conn, {partitions.partition_start_ms(to_ms(start)), *partitions.ahead(to_ms(now))}
         )
         seq = to_ms(now)

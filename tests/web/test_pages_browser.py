@@ -25,6 +25,7 @@ from storage import alerts, db, time_zones, users, views
 from storage.migrate import StorageMode
 from storage.users import Role
 from tests.fixtures.mqtt import MqttProbe
+from tests.fixtures.postgres import database_mode
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 from tests.web.browser import Browser
@@ -163,8 +164,10 @@ async def test_clinician_live_view_shows_new_heart_rate_values_arriving(
         seal(Payload(dev=hub.device_id, seq=1, sent_ms=now_ms(), readings=history), hub.key),
     )
     await wait_until(has(trial.url, "SELECT count(*) FROM readings", 115), "history stored")
-    async with db.connection(trial.url) as conn:
-        assert await views.refresh_rollups(conn, StorageMode.PLAIN) > 0
+    if database_mode(trial.url) is StorageMode.PLAIN:
+        # TimescaleDB's continuous aggregate answers from the readings until materialized.
+        async with db.connection(trial.url) as conn:
+            assert await views.refresh_rollups(conn, StorageMode.PLAIN) > 0
 
     t0 = now_ms() - 120_000
     publish(

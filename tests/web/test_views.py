@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from ingest.model import AcceptedEnvelope, Batch, Reading, SensorReport
 from storage import db, partitions, reading_views, views
 from storage.migrate import StorageMode
 from storage.timeconv import from_ms, to_ms
 from storage.writer import BulkWriter
+from tests.fixtures.postgres import database_mode, ensure_test_partitions
 from tests.fixtures.trial import Trial
 from tests.web.conftest import Web
 
@@ -48,11 +51,12 @@ async def store(
         await views.add_rollup_deltas(conn, partials)
 
 
+@pytest.mark.plain_only("plain mode's rollup refresh: TimescaleDB keeps a continuous aggregate")
 async def test_rollups_merge_what_each_batch_added_into_its_hours(trial: Trial) -> None:
     hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
     now = datetime.now(UTC)
     async with db.connection(trial.url) as conn, conn.transaction():
-        await partitions.ensure_partitions(
+        await ensure_test_partitions(
             conn, {partitions.partition_start_ms(to_ms(hour)), *partitions.ahead(to_ms(now))}
         )
     await store(
@@ -82,7 +86,7 @@ async def test_rollups_merge_what_each_batch_added_into_its_hours(trial: Trial) 
 async def test_reading_window_and_gaps_are_the_participants_own(trial: Trial) -> None:
     now = datetime.now(UTC)
     async with db.connection(trial.url) as conn, conn.transaction():
-        await partitions.ensure_partitions(
+        await ensure_test_partitions(
             conn, {partitions.partition_start_ms(to_ms(now - timedelta(hours=1)))}
         )
     await store(
@@ -103,7 +107,7 @@ async def test_reading_window_and_gaps_are_the_participants_own(trial: Trial) ->
 async def test_a_poll_with_received_after_answers_only_what_arrived_since(trial: Trial) -> None:
     now = datetime.now(UTC)
     async with db.connection(trial.url) as conn, conn.transaction():
-        await partitions.ensure_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
+        await ensure_test_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
     first = now - timedelta(seconds=30)
     await store(trial, [(now - timedelta(minutes=5), 61.0)], first)
     # Measured earlier than the first reading but received later (a hub catching up).
@@ -123,7 +127,7 @@ async def test_the_live_view_api_hands_out_a_cursor_that_overlaps_the_commit_del
     trial = web.trial
     now = datetime.now(UTC)
     async with db.connection(trial.url) as conn, conn.transaction():
-        await partitions.ensure_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
+        await ensure_test_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
     path = "/api/v1/participants/P1/readings?minutes=10"
     await store(trial, [(now - timedelta(minutes=1), 70.0)], now - timedelta(minutes=2))
 
@@ -150,7 +154,7 @@ async def test_each_reading_comes_with_the_flags_and_user_its_device_stated(
 ) -> None:
     now = datetime.now(UTC).replace(microsecond=0)
     async with db.connection(trial.url) as conn, conn.transaction():
-        await partitions.ensure_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
+        await ensure_test_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
     t = [now - timedelta(seconds=s) for s in (40, 30, 20, 10)]
     await store(trial, [(t[0], 70.0)], now - timedelta(seconds=4))
     await store(
@@ -189,7 +193,7 @@ async def test_the_readings_api_says_what_the_device_said_and_how_much_it_doubte
     trial = web.trial
     now = datetime.now(UTC).replace(microsecond=0)
     async with db.connection(trial.url) as conn, conn.transaction():
-        await partitions.ensure_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
+        await ensure_test_partitions(conn, {partitions.partition_start_ms(to_ms(now))})
     t = [now - timedelta(seconds=s) for s in (40, 30, 20, 10)]
     await store(trial, [(t[0], 70.0)], now - timedelta(seconds=4))
     await store(
@@ -257,7 +261,7 @@ async def test_the_participant_api_lists_which_wearable_described_how_from_when_
     strap_b = SensorReport("hr-strap", None, "HRM-3", "S2", "2.0", None, 80)
     pool = await db.open_pool(web.trial.url, min_size=1, max_size=1)
     try:
-        writer = BulkWriter(pool, StorageMode.PLAIN)
+        writer = BulkWriter(pool, database_mode(web.trial.url))
         for seq, sent, strap in ((1, t1, strap_a), (2, t2, strap_b), (3, t2 + 1, strap_b)):
             await writer.write(
                 Batch(
