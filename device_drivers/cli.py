@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -40,6 +41,10 @@ DESCRIPTION: Final = (
     "The hub reads the participant's wearables, keeps every reading in a durable "
     "outbox and relays signed envelopes to the gateway until each is receipted."
 )
+
+# A relay away from its broker longer than this is shown as OFFLINE: longer than a Wi-Fi
+# blip or a router's restart (minutes), long before the outbox fills (days of readings).
+OFFLINE_ALERT_S: Final = 15 * 60
 
 HubHandler = Callable[[argparse.Namespace, HubSettings], int]
 T = TypeVar("T")
@@ -425,10 +430,11 @@ def _status(args: argparse.Namespace, settings: HubSettings) -> int:
         "rejected": rejected,
         "running": running,
     }
+    now_ms = int(time.time() * 1000)
+    report["offline"] = offline = _offline(running, now_ms)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    now_ms = int(time.time() * 1000)
     print(f"hub {identity.device_id} (participant {identity.participant_id})")
     if standing is not None:
         print(
@@ -446,6 +452,12 @@ def _status(args: argparse.Namespace, settings: HubSettings) -> int:
         age = (now_ms - running["written_at_ms"]) / 1000
         state = "connected" if running["broker_connected"] else "NOT connected"
         print(f"  broker: {state}; status {age:.0f} s old")
+        if offline is not None and offline["too_long"]:
+            since = datetime.fromtimestamp(offline["since_ms"] / 1000, UTC)
+            print(
+                f"  OFFLINE for {_hours_minutes(offline['for_s'])} (since {since:%Y-%m-%d %H:%M}"
+                " UTC): readings wait in the outbox; check the hub's network"
+            )
         for w in running["wearables"]:
             info = w["info"] or {}
             print(
@@ -472,6 +484,24 @@ def _status(args: argparse.Namespace, settings: HubSettings) -> int:
     for r in rejected:
         print(f"  rejected envelope {r['seq']}: {r['reason']} ({r['readings']} readings)")
     return 0
+
+
+def _offline(running: dict[str, Any] | None, now_ms: int) -> dict[str, Any] | None:
+    """How long the running hub's relay has been away from its broker, by its status file:
+    since when, for how many seconds, and whether that is past ``OFFLINE_ALERT_S``. None
+    when it is connected or the file does not say (a hub from before this field)."""
+    if running is None or running.get("broker_connected"):
+        return None
+    since = running.get("broker_offline_since_ms")
+    if not isinstance(since, int) or isinstance(since, bool):
+        return None
+    seconds = max(0, now_ms - since) // 1000
+    return {"since_ms": since, "for_s": seconds, "too_long": seconds >= OFFLINE_ALERT_S}
+
+
+def _hours_minutes(seconds: int) -> str:
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min"
 
 
 def _checked(settings: HubSettings) -> HubSettings:

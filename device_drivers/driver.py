@@ -25,6 +25,12 @@ When the wearable drops (out of range, battery, interference) the session reconn
 own with jittered backoff and records the span without data as a gap, from the last moment
 it was connected to the moment it is again: missing data is visible, never invented.
 
+That holds across a restart of the hub too: where the link stands (watched up to a moment,
+or lost since one) is kept in the hub's state file (``LinkKeeper``), so an outage still open
+when the hub stopped keeps its start and reason, and a wearable connected when the hub
+stopped (Ctrl-C, a crash, a power cut) gives a ``hub_stopped`` gap from the last moment it
+was watched.
+
 Pairing and discovery are device_drivers.pairing's; the hub's clock is device_drivers.clock.
 """
 
@@ -35,10 +41,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
@@ -64,7 +70,7 @@ from device_drivers.pairing import (
     short_service,
 )
 from device_drivers.stamping import to_readings
-from device_drivers.state import HubState, PairedWearable
+from device_drivers.state import HubState, LinkMark, PairedWearable, StateError
 from ingest.model import Gap, Reading
 
 log = logging.getLogger(__name__)
@@ -105,6 +111,14 @@ RECONNECT_MAX_S = 60.0
 CONNECT_TIMEOUT_S = 10.0
 # bleak-retry-connector's attempts per connect: transient failures are common on real radios.
 CONNECT_ATTEMPTS = 3
+# Why a span has no data (gap reasons; docs/drivers.md, "Gaps").
+OUT_OF_RANGE: Final = "out_of_range"
+DRIVER_ERROR: Final = "driver_error"
+HUB_STOPPED: Final = "hub_stopped"
+# While connected, the moment the hub last watched a wearable is written to the state file at
+# most this often, not per reading (a write is a fsync on the hub's SD card): after a power
+# cut, the hub_stopped gap starts at most this long before the last reading kept.
+LINK_MARK_INTERVAL_S: Final = 60.0
 # Values waiting to be decoded and made durable. A glucose backfill (up to 1000 records)
 # or 20 wearables at 10 Hz fit many times over. A callback cannot wait (the radio does not
 # pause), so past this bound values are counted as dropped and the span becomes a gap.
@@ -192,6 +206,93 @@ class Arrival:
     data: bytes
 
 
+GapRecorder = Callable[[int, int, str], Awaitable[None]]
+
+
+@dataclass
+class LinkKeeper:
+    """A session's link as the hub's state file keeps it across restarts of the hub.
+
+    An outage is open from the moment the link was lost until the session records it as a
+    gap on reconnecting. Its start and reason are written when it opens, and the moment a
+    connected wearable was last watched is written on a clean stop and at most every
+    ``interval_s`` while connected (and on resuming), so a restart takes up the open
+    outage, or a ``hub_stopped`` one from that moment, instead of leaving a hole no row
+    explains. Without a state, only memory keeps it.
+    """
+
+    sensor: str
+    state: HubState | None
+    interval_s: float = LINK_MARK_INTERVAL_S
+    monotonic: Callable[[], float] = time.monotonic
+    lost_at: int | None = None
+    reason: str = OUT_OF_RANGE
+    _next_mark: float = field(default=0.0, init=False, repr=False)
+
+    async def restore(self, now_ms: int) -> None:
+        """Take up the link where the hub's previous run left it."""
+        mark = await self._read()
+        if mark is None:
+            return
+        if mark.at_ms > now_ms:  # no span can be said: the clock is behind the mark
+            log.warning("link mark later than the clock ignored sensor=%s", self.sensor)
+            return
+        self.lost_at, self.reason = mark.at_ms, mark.outage or HUB_STOPPED
+
+    async def lost(self, now_ms: int, reason: str) -> None:
+        """The link is down: an outage opens now, unless one is open (its start stands)."""
+        if self.lost_at is None:
+            self.lost_at, self.reason = now_ms, reason
+        await self._write(LinkMark(self.lost_at, self.reason))
+
+    async def resumed(self, now_ms: int, gap: GapRecorder) -> None:
+        """Connected: the open outage becomes a gap, and only then is the link written as
+        up (a stop in between records the gap again rather than never)."""
+        if self.lost_at is not None:
+            await gap(self.lost_at, now_ms, self.reason)
+            self.lost_at, self.reason = None, OUT_OF_RANGE
+        await self._watched(now_ms)
+
+    def due_in(self) -> float:
+        """Seconds until the connected link is due to be written again."""
+        return max(0.0, self._next_mark - self.monotonic())
+
+    async def watching(self, now_ms: int) -> None:
+        """Connected and watched up to now: written when due."""
+        if self.due_in() == 0.0:
+            await self._watched(now_ms)
+
+    async def stopped(self, now_ms: int) -> None:
+        """The hub stops: a link that is up was watched up to now; an open outage stands."""
+        if self.lost_at is None:
+            await self._write(LinkMark(now_ms, None))
+
+    async def _watched(self, now_ms: int) -> None:
+        self._next_mark = self.monotonic() + self.interval_s
+        await self._write(LinkMark(now_ms, None))
+
+    async def _read(self) -> LinkMark | None:
+        if self.state is None:
+            return None
+        return await asyncio.to_thread(self.state.link, self.sensor)
+
+    async def _write(self, mark: LinkMark) -> None:
+        """Write ``mark``; a state file that cannot be written (a full disk) costs at most
+        a gap's start after a restart, so it is logged and the readings go on."""
+        if self.state is None:
+            return
+        try:
+            await asyncio.to_thread(self.state.set_link, self.sensor, mark)
+        except StateError as exc:
+            log.warning("link mark not written sensor=%s error=%s", self.sensor, exc)
+
+
+async def _backoff(delay: float) -> float:
+    """Wait about ``delay`` (jittered), and return the next, longer delay."""
+    await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+    return min(delay * 2, RECONNECT_MAX_S)
+
+
 @dataclass
 class WearableSession:
     spec: WearableSpec
@@ -202,8 +303,11 @@ class WearableSession:
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     stats: SessionStats = field(default_factory=SessionStats)
     state: HubState | None = None
+    link_interval_s: float = LINK_MARK_INTERVAL_S
     # A glucose meter's stored records: cursor, RACP exchange, contexts.
     records: StoredRecords = field(init=False, repr=False)
+    # Where the link stands, kept in the state file across restarts of the hub.
+    link: LinkKeeper = field(init=False, repr=False)
     # The first packet of a split Body Composition measurement, and when it arrived.
     _split: tuple[body_composition.BodyCompositionMeasurement, int] | None = field(
         default=None, init=False, repr=False
@@ -214,6 +318,7 @@ class WearableSession:
         self.records = StoredRecords(
             self.spec.sensor, self._store, self._gap, self._now_ms, self.state, self.stats
         )
+        self.link = LinkKeeper(self.spec.sensor, self.state, self.link_interval_s)
 
     @classmethod
     def for_paired(
@@ -229,9 +334,8 @@ class WearableSession:
     async def run(self) -> None:
         """Keep the wearable connected and its data flowing until cancelled."""
         delay = RECONNECT_MIN_S
-        lost_at: int | None = None
-        lost_reason = "out_of_range"
         await self.records.load_cursor()
+        await self.link.restore(self._now_ms())
         while True:
             disconnected = asyncio.Event()
             try:
@@ -240,41 +344,48 @@ class WearableSession:
                 self.stats.connect_failures += 1
                 self.stats.last_error = f"connect: {type(exc).__name__}"
                 log.info("wearable unreachable sensor=%s retry_in_s=%.0f", self.spec.sensor, delay)
-                if lost_at is None:
-                    lost_at = self._now_ms()
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
-                delay = min(delay * 2, RECONNECT_MAX_S)
+                await self.link.lost(self._now_ms(), OUT_OF_RANGE)
+                delay = await _backoff(delay)
                 continue
-            failed = False
-            try:
-                if lost_at is not None:
-                    await self._gap(lost_at, self._now_ms(), lost_reason)
-                    lost_at, lost_reason = None, "out_of_range"
-                await self._serve(client, disconnected)
-            except (BleakError, TimeoutError, OSError) as exc:
-                self.stats.last_error = f"session: {type(exc).__name__}"
-                log.warning(
-                    "wearable session ended sensor=%s error=%s",
-                    self.spec.sensor,
-                    type(exc).__name__,
-                )
-            except Exception as exc:  # one wearable's fault must not stop the hub
-                failed = True
-                self.stats.errors += 1
-                self.stats.last_error = f"driver: {type(exc).__name__}"
-                lost_reason = "driver_error"
-                log.exception("wearable session failed sensor=%s", self.spec.sensor)
-            finally:
-                self.stats.connected = False
-                lost_at = lost_at or self._now_ms()
-                with contextlib.suppress(BleakError, TimeoutError, OSError):
-                    await client.disconnect()
-                await self.records.save_cursor()
-            if failed:  # a fault that repeats must not spin: back off as for a lost link
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
-                delay = min(delay * 2, RECONNECT_MAX_S)
+            if await self._connection(client, disconnected):
+                # a fault that repeats must not spin: back off as for a lost link
+                delay = await _backoff(delay)
             else:
                 delay = RECONNECT_MIN_S
+
+    async def _connection(self, client: BleakClient, disconnected: asyncio.Event) -> bool:
+        """Serve one connection until it ends; True when a fault of the session ended it."""
+        reason = OUT_OF_RANGE
+        stopping = False
+        try:
+            await self.link.resumed(self._now_ms(), self._gap)
+            await self._serve(client, disconnected)
+        except asyncio.CancelledError:
+            stopping = True
+            raise
+        except (BleakError, TimeoutError, OSError) as exc:
+            self.stats.last_error = f"session: {type(exc).__name__}"
+            log.warning(
+                "wearable session ended sensor=%s error=%s",
+                self.spec.sensor,
+                type(exc).__name__,
+            )
+        except Exception as exc:  # one wearable's fault must not stop the hub
+            self.stats.errors += 1
+            self.stats.last_error = f"driver: {type(exc).__name__}"
+            reason = DRIVER_ERROR
+            log.exception("wearable session failed sensor=%s", self.spec.sensor)
+        finally:
+            self.stats.connected = False
+            ended_ms = self._now_ms()
+            with contextlib.suppress(BleakError, TimeoutError, OSError):
+                await client.disconnect()
+            await self.records.save_cursor()
+            if stopping:
+                await self.link.stopped(ended_ms)
+            else:
+                await self.link.lost(ended_ms, reason)
+        return reason == DRIVER_ERROR
 
     def _bonded(self) -> bool:
         if self.spec.pair:
@@ -329,11 +440,16 @@ class WearableSession:
         try:
             while not disconnected.is_set():
                 getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, waiter},
+                    timeout=self.link.due_in(),  # a quiet wearable is still watched
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 if getter in done:
                     await self._handle(getter.result())
                 else:
                     getter.cancel()
+                await self.link.watching(self._now_ms())
             while not queue.empty():  # what arrived before the drop is still data
                 await self._handle(queue.get_nowait())
             await self.records.store_awaiting()

@@ -120,6 +120,24 @@ class OutboxSink(ReadingSink):
                 self._unrecorded_full = None
 
 
+def _last_connected(path: Path, now_ms: int) -> int | None:
+    """Since when the previous run's status file says the broker was not reached: its
+    ``broker_offline_since_ms``, or its time if it was connected then. A hub restarted while
+    offline (a power cut, a crash) so keeps counting from when it lost the broker. A file
+    that is missing, unreadable or says nothing plausible gives None."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(previous, dict):
+        return None
+    key = "written_at_ms" if previous.get("broker_connected") is True else "broker_offline_since_ms"
+    since = previous.get(key)
+    if not isinstance(since, int) or isinstance(since, bool) or not 0 <= since <= now_ms:
+        return None
+    return since
+
+
 def _widen(a: Gap, b: Gap) -> Gap:
     return Gap(min(a.from_ms, b.from_ms), max(a.to_ms, b.to_ms), a.reason)
 
@@ -139,6 +157,7 @@ class Hub:
         self.sink = sink
         self.status_path = status_path
         self.keeper = keeper
+        self._broker_offline_since_ms: int | None = None
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -153,10 +172,12 @@ class Hub:
 
     def status(self) -> dict[str, Any]:
         """What ``trialstream hub status`` shows (besides the outbox, which it reads itself)."""
+        now_ms = int(time.time() * 1000)
         return {
             "device_id": self.relay.config.device_id,
-            "written_at_ms": int(time.time() * 1000),
+            "written_at_ms": now_ms,
             "broker_connected": self.relay.stats.connected,
+            "broker_offline_since_ms": self._offline_since(now_ms),
             "relay": asdict(self.relay.stats),
             "wearables": [
                 {
@@ -185,7 +206,19 @@ class Hub:
             "clock_jumps": self.sink.clock.jumps_seen if self.sink else 0,
         }
 
+    def _offline_since(self, now_ms: int) -> int | None:
+        """Since when the relay has not been connected to the broker (None: it is), as seen
+        at each status write: a hub offline for hours is told apart from a blip."""
+        if self.relay.stats.connected:
+            self._broker_offline_since_ms = None
+        elif self._broker_offline_since_ms is None:
+            self._broker_offline_since_ms = now_ms
+        return self._broker_offline_since_ms
+
     async def _write_status(self, path: Path) -> None:
+        previous = await asyncio.to_thread(_last_connected, path, int(time.time() * 1000))
+        if self._broker_offline_since_ms is None:
+            self._broker_offline_since_ms = previous
         while True:
             text = json.dumps(self.status(), indent=2) + "\n"
             await asyncio.to_thread(write_whole, path, text)

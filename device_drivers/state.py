@@ -9,11 +9,18 @@ which sensor name and profile, and whether a bond was made.
 Cursors are small integers a driver keeps per sensor, such as the last glucose record
 sequence number whose readings are durable in the outbox: a driver advances one only after
 the data it covers is durable, so a restart asks the wearable again from there.
+
+Link marks say, per sensor, where its link stood when last written: watched (connected) up
+to a moment, or lost since a moment for a reason. A restart records the span from there as
+one gap (device_drivers.driver.LinkKeeper). A damaged cursor is refused, as records could
+be skipped by it; a damaged link mark is only logged and ignored: at worst one gap loses its
+start, where refusing would stop the hub from reading any wearable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -22,9 +29,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from device_drivers.errors import DeviceDriverError
-from ingest.model import MAX_DEVICE_USER
+from ingest.envelope import check_gap
+from ingest.model import MAX_DEVICE_USER, Gap
+from ingest.wire import INT64_MAX, EnvelopeError
 
-__all__ = ["FORMAT_VERSION", "HubState", "PairedWearable", "StateError"]
+__all__ = ["FORMAT_VERSION", "HubState", "LinkMark", "PairedWearable", "StateError"]
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION: Final = 1
 
@@ -41,6 +52,16 @@ class PairedWearable:
     bonded: bool
     # The participant's user index on a wearable shared by several people (None: not shared).
     user: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkMark:
+    """Where a wearable's link stood when the hub last wrote it down, so that a restart can
+    record the span nobody watched. ``outage`` None: connected and watched up to ``at_ms``;
+    otherwise lost since ``at_ms`` for that reason (a gap reason)."""
+
+    at_ms: int
+    outage: str | None = None
 
 
 def _wearable_from(raw: Any) -> PairedWearable:
@@ -81,6 +102,34 @@ def _cursors_from(raw: Any) -> dict[str, dict[str, int]]:
     return out
 
 
+def _link_from(raw: Any) -> LinkMark:
+    if not isinstance(raw, Mapping):
+        raise StateError("not an object")
+    at_ms, outage = raw.get("at_ms"), raw.get("outage")
+    if not isinstance(at_ms, int) or isinstance(at_ms, bool) or not 0 <= at_ms <= INT64_MAX:
+        raise StateError("at_ms is not a time in milliseconds")
+    if outage is not None:
+        try:  # the reason becomes a gap's: it must be one an envelope can carry
+            check_gap(Gap(at_ms, at_ms, outage))
+        except EnvelopeError as exc:
+            raise StateError(f"outage is not a gap reason: {exc.detail}") from None
+    return LinkMark(at_ms, outage)
+
+
+def _links_from(raw: Any) -> dict[str, LinkMark]:
+    """The link marks that can be read; each one that cannot is logged and left out."""
+    if not isinstance(raw, Mapping):
+        log.warning("link marks ignored: not an object")
+        return {}
+    links: dict[str, LinkMark] = {}
+    for sensor, value in raw.items():
+        try:
+            links[str(sensor)] = _link_from(value)
+        except StateError as exc:
+            log.warning("link mark ignored sensor=%.64r: %s", sensor, exc)
+    return links
+
+
 class HubState:
     """Load with :meth:`open`; every mutation is written to disk before it returns.
 
@@ -92,10 +141,12 @@ class HubState:
         path: Path,
         wearables: dict[str, PairedWearable],
         cursors: dict[str, dict[str, int]],
+        links: dict[str, LinkMark] | None = None,
     ) -> None:
         self.path = path
         self._wearables = wearables
         self._cursors = cursors
+        self._links = links if links is not None else {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -118,7 +169,8 @@ class HubState:
         if not isinstance(raw_wearables, list):
             raise StateError("wearables is not a list")
         wearables = {w.address: w for w in map(_wearable_from, raw_wearables)}
-        return cls(path, wearables, _cursors_from(document.get("cursors", {})))
+        cursors = _cursors_from(document.get("cursors", {}))
+        return cls(path, wearables, cursors, _links_from(document.get("links", {})))
 
     @property
     def wearables(self) -> tuple[PairedWearable, ...]:
@@ -150,12 +202,13 @@ class HubState:
             self._save()
 
     def forget(self, address: str) -> None:
-        """Drop a wearable and its cursors (no-op if unknown)."""
+        """Drop a wearable, its cursors and its link mark (no-op if unknown)."""
         with self._lock:
             known = self._wearables.pop(address, None)
             if known is None:
                 return
             self._cursors.pop(known.sensor, None)
+            self._links.pop(known.sensor, None)
             self._save()
 
     def cursor(self, sensor: str, name: str) -> int | None:
@@ -178,6 +231,18 @@ class HubState:
             del values[name]
             self._save()
 
+    def link(self, sensor: str) -> LinkMark | None:
+        with self._lock:
+            return self._links.get(sensor)
+
+    def set_link(self, sensor: str, mark: LinkMark) -> None:
+        """Write where ``sensor``'s link stands (nothing is written when it is unchanged)."""
+        with self._lock:
+            if self._links.get(sensor) == mark:
+                return
+            self._links[sensor] = mark
+            self._save()
+
     def _document(self) -> dict[str, Any]:
         return {
             "version": FORMAT_VERSION,
@@ -192,6 +257,10 @@ class HubState:
                 for w in self._wearables.values()
             ],
             "cursors": self._cursors,
+            "links": {
+                sensor: {"at_ms": mark.at_ms, "outage": mark.outage}
+                for sensor, mark in self._links.items()
+            },
         }
 
     def _save(self) -> None:

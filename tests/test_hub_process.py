@@ -1,7 +1,7 @@
 """The hub and gateway as the processes people run, driven through the CLI: a site enrolls a
 hub, the hub reads a virtual strap and relays over TLS, is killed with SIGKILL mid-stream
 and restarted; afterwards every envelope it sealed is stored exactly once or still waits
-in its outbox, and `hub status` says so."""
+in its outbox, the time it was down is a stored gap, and `hub status` says so."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from device_drivers.driver import HUB_STOPPED
 from device_drivers.outbox import Outbox
 from gateway import enrollment
 from gateway.broker import MosquittoBroker, free_port
@@ -99,6 +100,12 @@ async def readings_of(url: str, device: str) -> int:
     return int(row[0]) if row else 0
 
 
+async def gap_reasons_of(url: str, device: str) -> list[str]:
+    async with db.connection(url) as conn:
+        cur = await conn.execute("SELECT reason FROM gaps WHERE device_id = %s", (device,))
+        return [str(r[0]) for r in await cur.fetchall()]
+
+
 @pytest.mark.slow
 async def test_enrolled_hub_survives_sigkill_with_nothing_lost_or_doubled(
     database_url: str, gateway_process: dict[str, str], tmp_path: Path
@@ -167,7 +174,11 @@ async def test_enrolled_hub_survives_sigkill_with_nothing_lost_or_doubled(
         before = await readings_of(database_url, device)
         hub = spawn(env, "hub", "run", "--hub-dir", str(hub_dir), "--simulate", "hr")
         deadline = time.monotonic() + 60
-        while await readings_of(database_url, device) < before + 5:
+        # The strap was connected when the hub was killed: the time it was not watched is
+        # a stored hub_stopped gap (the gateway takes the reason as any other).
+        while await readings_of(
+            database_url, device
+        ) < before + 5 or HUB_STOPPED not in await gap_reasons_of(database_url, device):
             assert hub.poll() is None, "the restarted hub exited"
             assert time.monotonic() < deadline, "no readings after the restart"
             await asyncio.sleep(0.3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -13,6 +14,8 @@ import pytest
 from bumble.pairing import PairingDelegate
 
 from device_drivers.driver import (
+    HUB_STOPPED,
+    OUT_OF_RANGE,
     ReadingSink,
     SensorInfo,
     WearableSession,
@@ -41,7 +44,7 @@ from device_drivers.sim import (
     VirtualWearable,
     VirtualWeightScale,
 )
-from device_drivers.state import HubState, PairedWearable
+from device_drivers.state import HubState, LinkMark, PairedWearable
 from ingest.model import Gap, Reading
 from tests.fixtures.waiting import wait_until
 
@@ -52,13 +55,15 @@ FAST_SCAN_S = 1.0
 @dataclass
 class MemorySink(ReadingSink):
     """Keeps everything in memory; ``gate`` (when cleared) holds readings back, as a slow
-    disk would; ``fail_for`` makes readings of those sensors raise, as a broken sink would."""
+    disk would (``held`` counts the calls it held); ``fail_for`` makes readings of those
+    sensors raise, as a broken sink would."""
 
     readings_in: list[Reading] = field(default_factory=list)
     gaps: list[Gap] = field(default_factory=list)
     sensors: list[SensorInfo] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     fail_for: frozenset[str] = frozenset()
+    held: int = 0
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -66,6 +71,8 @@ class MemorySink(ReadingSink):
     async def readings(self, readings: Sequence[Reading]) -> None:
         if {r.sensor for r in readings} & self.fail_for:
             raise RuntimeError("sink refused")
+        if not self.gate.is_set():
+            self.held += 1
         await self.gate.wait()
         self.readings_in.extend(readings)
 
@@ -433,8 +440,9 @@ async def test_a_meter_whose_numbering_started_again_is_read_from_the_start(
                 await wait_until(lambda: cursor(path) == 2, "cursor 2 saved after the reset")
     assert meter.racp_requests[-2:] == [racp.report_last_record(), racp.report_all_records()]
     assert reset.stats.sequence_resets == 1
-    assert [g.reason for g in after.gaps] == ["record_sequence_reset"]
-    assert after.gaps[0].from_ms == after.gaps[0].to_ms
+    # The span between the two sessions (the hub was stopped), then the event.
+    assert [g.reason for g in after.gaps] == [HUB_STOPPED, "record_sequence_reset"]
+    assert after.gaps[1].from_ms == after.gaps[1].to_ms
     assert [r.value for r in after.of("glu")] == [float(r.mg_dl) for r in meter.records]
     old_keys = {r.record for r in before.of("glu")}
     new_keys = [r.record for r in after.of("glu")]
@@ -556,3 +564,130 @@ async def test_a_failing_session_recovers_and_does_not_stop_the_others(
     assert broken.stats.last_error == "driver: RuntimeError"
     assert fine.stats.errors == 0
     assert any(g.reason == "driver_error" for g in sink.gaps)
+
+
+def link(path: Path, sensor: str = "hr") -> LinkMark | None:
+    return HubState.open(path).link(sensor)
+
+
+def times(sink: MemorySink, sensor: str = "hr") -> list[int]:
+    return [r.t_ms for r in sink.of(sensor, "heart_rate")]
+
+
+async def restarted(
+    strap: VirtualWearable, path: Path, adapter: SimAdapter, *, first_failures: int = 0
+) -> MemorySink:
+    """A new run of the hub (a new state object from the file, a new session and sink) on
+    ``strap`` until the gap of the time it was not watched is recorded and readings follow;
+    with ``first_failures``, the strap comes back only after that many failed connects."""
+    sink = MemorySink()
+    s = session(strap, "hr", sink, adapter, state=HubState.open(path))
+    with no_errors(s):
+        async with running(s):
+            if first_failures:
+                await wait_until(lambda: s.stats.connect_failures >= first_failures, "unreached")
+                await strap.come_back()
+            await wait_until(lambda: bool(sink.gaps), "the gap recorded")
+            await wait_until(lambda: len(times(sink)) >= 3, "readings after the restart")
+    return sink
+
+
+async def test_an_outage_open_when_the_hub_stopped_keeps_its_start_and_reason(
+    radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path
+) -> None:
+    path = tmp_path / "hub.json"
+    strap = VirtualHeartRateStrap("TS-HRM-AWAY", seed=8, rate_hz=5.0)
+    async with strap.running(radio):
+        before = MemorySink()
+        s = session(strap, "hr", before, adapter, state=HubState.open(path))
+        async with running(s):
+            await wait_until(lambda: len(times(before)) >= 3, "streaming")
+            await strap.go_out_of_range()
+            await wait_until(lambda: (link(path) or LinkMark(0)).outage is not None, "loss kept")
+        lost = link(path)
+        assert lost is not None
+        assert lost.outage == OUT_OF_RANGE
+        assert before.gaps == []  # the outage was still open when the hub stopped
+        assert max(times(before)) <= lost.at_ms
+
+        after = await restarted(strap, path, adapter, first_failures=1)
+    (gap,) = after.gaps
+    assert gap == Gap(lost.at_ms, gap.to_ms, OUT_OF_RANGE, "hr")
+    assert gap.to_ms <= min(times(after))
+    resumed = link(path)
+    assert resumed is not None
+    assert resumed.outage is None  # the gap is recorded: the next restart gives no second one
+
+
+async def test_a_hub_stopped_while_connected_records_the_time_it_did_not_watch(
+    radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path
+) -> None:
+    path = tmp_path / "hub.json"
+    strap = VirtualHeartRateStrap("TS-HRM-STOP", seed=9, rate_hz=5.0)
+    async with strap.running(radio):
+        before = MemorySink()
+        s = session(strap, "hr", before, adapter, state=HubState.open(path))
+        async with running(s):
+            await wait_until(lambda: len(times(before)) >= 3, "streaming")
+        stopped = link(path)
+        assert stopped is not None
+        assert stopped.outage is None
+        assert max(times(before)) <= stopped.at_ms  # watched up to the clean stop
+        after = await restarted(strap, path, adapter)
+    (gap,) = after.gaps
+    assert gap == Gap(stopped.at_ms, gap.to_ms, HUB_STOPPED, "hr")
+    assert gap.to_ms <= min(times(after))
+    assert before.gaps == []
+
+
+async def test_after_a_power_cut_the_gap_starts_at_most_one_interval_before_the_last_reading(
+    radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path
+) -> None:
+    """The state file as a power cut leaves it: the last mark written while connected (no
+    clean stop). The cut comes while the sink makes a reading durable, as it may."""
+    interval_s = 0.3
+    path = tmp_path / "hub.json"
+    strap = VirtualHeartRateStrap("TS-HRM-CUT", seed=10, rate_hz=10.0)
+    async with strap.running(radio):
+        before = MemorySink()
+        s = session(
+            strap, "hr", before, adapter, state=HubState.open(path), link_interval_s=interval_s
+        )
+        async with running(s):
+            await wait_until(lambda: link(path) is not None, "connected, link written")
+            first = link(path)
+            assert first is not None
+            await wait_until(
+                lambda: (link(path) or first).at_ms >= first.at_ms + 3 * interval_s * 1000,
+                "the link written again while connected",
+            )
+            before.gate.clear()
+            await wait_until(lambda: before.held >= 1, "a reading on its way to the disk")
+            on_disk, last = path.read_bytes(), max(times(before))
+        path.write_bytes(on_disk)  # what the clean stop wrote is lost with the power
+        cut = link(path)
+        assert cut is not None
+        assert cut.outage is None
+        after = await restarted(strap, path, adapter)
+    (gap,) = after.gaps
+    assert gap == Gap(cut.at_ms, gap.to_ms, HUB_STOPPED, "hr")
+    assert last - gap.from_ms <= interval_s * 1000 + 1  # + 1: times are whole milliseconds
+
+
+async def test_a_damaged_link_mark_is_ignored_and_written_anew(
+    radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "hub.json"
+    hostile = {"at_ms": 2**70, "outage": "\u0000" * 500}
+    path.write_text(json.dumps({"version": 1, "wearables": [], "links": {"hr": hostile}}))
+    sink = MemorySink()
+    async with VirtualHeartRateStrap("TS-HRM-JUNK", seed=11, rate_hz=5.0).running(radio) as strap:
+        s = session(strap, "hr", sink, adapter, state=HubState.open(path))
+        with no_errors(s):
+            async with running(s):
+                await wait_until(lambda: len(times(sink)) >= 3, "streaming")
+    assert "link mark ignored sensor='hr'" in caplog.text
+    assert sink.gaps == []
+    mark = link(path)
+    assert mark is not None
+    assert mark.outage is None
