@@ -216,6 +216,38 @@ def register(sub: Subparsers) -> None:
     bh.add_argument("--dir", help="where the outbox files go (default: the system temp dir)")
     bh.add_argument("--out", help="also write the JSON result to this file")
     bh.set_defaults(handler=_cmd_bench_hub)
+    bw = bench_sub.add_parser(
+        "hub-wearables",
+        help="the whole hub with N wearables at R Hz over minutes: CPU, memory, delivery",
+        description="the hub as `trialstream-hub run` builds it (sessions, outbox, relay) in "
+        "its own process, reading N virtual heart-rate straps at R Hz (radio in a child "
+        "process, reached over HCI on TCP loopback) and relaying to a private Mosquitto "
+        "whose envelopes this process receipts; sampled every --sample-s for --duration: "
+        "CPU % of one core (mean, p95), RSS and its slope, notifications/s and readings/s "
+        "delivered against N x R, outbox size; against plain bleak subscriptions to the same "
+        "straps in a process of the same shape, run first. Target: under 10% of one core "
+        "at 20 x 10 Hz, memory flat over 10 minutes. Needs mosquitto on PATH; the defaults "
+        "take about 21 minutes.",
+    )
+    bw.add_argument("--wearables", type=int, default=20, help="virtual wearables (default: 20)")
+    bw.add_argument("--rate-hz", type=float, default=10.0, help="notifications/s each (10)")
+    bw.add_argument("--duration", type=float, default=600.0, help="measured seconds (default: 600)")
+    bw.add_argument(
+        "--baseline-duration",
+        type=float,
+        help="measured seconds of the baseline (default: --duration, so RSS slopes compare)",
+    )
+    bw.add_argument(
+        "--sample-s", type=float, default=5.0, help="seconds between samples (default: 5)"
+    )
+    bw.add_argument("--dir", help="where the hub's files go (default: the system temp dir)")
+    bw.add_argument(
+        "--out",
+        default="bench/results/hub_wearables.json",
+        help="also write the JSON result to this file, relative to the project's folder "
+        "(default: bench/results/hub_wearables.json)",
+    )
+    bw.set_defaults(handler=_cmd_bench_hub_wearables)
 
 
 def _cmd_bench_storage(args: argparse.Namespace, settings: Settings) -> int:
@@ -329,6 +361,39 @@ def _cmd_bench_hub(args: argparse.Namespace, settings: Settings) -> int:
         )
     )
     return _emit(result, args.out)
+
+
+def _cmd_bench_hub_wearables(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from bench import hub_wearables as hub_wearables_bench
+
+    if args.wearables < 1:
+        raise ConfigError("--wearables must be at least 1")
+    for flag, value in (
+        ("--rate-hz", args.rate_hz),
+        ("--duration", args.duration),
+        ("--baseline-duration", args.baseline_duration),
+        ("--sample-s", args.sample_s),
+    ):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} {value}: must be > 0")
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = hub_wearables_bench.PROJECT / out
+    result = run(
+        hub_wearables_bench.run(
+            wearables=args.wearables,
+            rate_hz=args.rate_hz,
+            duration_s=args.duration,
+            baseline_duration_s=args.baseline_duration,
+            sample_s=args.sample_s,
+            workdir=Path(args.dir) if args.dir else None,
+            progress=sys.stderr,
+        )
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return _emit(result, str(out))
 
 
 def _cmd_bench_alerts(args: argparse.Namespace, settings: Settings) -> int:

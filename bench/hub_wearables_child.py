@@ -1,0 +1,156 @@
+"""The child processes of ``trialstream bench hub-wearables`` (bench/hub_wearables.py): the
+measured hub, or the baseline's plain subscriptions, each reporting its counters as one JSON
+line on stdout every ``--sample-s`` until its stdin closes. Kept apart from the benchmark's
+own process so that a child loads only the hub's side: its RSS is a hub's."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from bleak import BleakClient
+from bleak.backends.characteristic import BleakGATTCharacteristic
+
+from device_drivers.driver import WearableSpec
+from device_drivers.gatt import registry
+from device_drivers.hub_factory import HubParts, open_hub
+from device_drivers.identity import HubIdentity
+from device_drivers.pairing import BleBackends
+from device_drivers.sim import SimAdapter
+
+SAMPLE_S: Final = 5.0
+HEART_RATE_MEASUREMENT: Final = registry.full_uuid(0x2A37)
+HUB, BASELINE = "hub", "baseline"
+
+
+async def _stdin_closed() -> None:
+    """Return when this process's stdin reaches EOF: the parent's signal to stop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+    try:
+        await reader.read()
+    finally:
+        transport.close()
+
+
+async def _report_every(sample_s: float, report: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """One JSON line of counters on stdout every ``sample_s`` (on a fixed schedule)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time()
+    while True:
+        print(json.dumps(await report()), flush=True)
+        deadline += sample_s
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
+
+
+async def _until_stdin_closed(*work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` until stdin closes (or one of them fails)."""
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(w, name=f"bench-child-{i}") for i, w in enumerate(work)]
+        await _stdin_closed()
+        for task in tasks:
+            task.cancel()
+
+
+def _hub_report(parts: HubParts) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def report() -> dict[str, Any]:
+        outbox = await asyncio.to_thread(parts.outbox.stats)
+        sessions = [s.stats for s in parts.sessions]
+        relay = parts.relay.stats
+        return {
+            "connected": sum(s.connected for s in sessions),
+            "streaming": sum(s.notifications > 0 for s in sessions),
+            "notifications": sum(s.notifications for s in sessions),
+            "readings": sum(s.readings for s in sessions),
+            "malformed": sum(s.malformed for s in sessions),
+            "dropped": sum(s.dropped for s in sessions),
+            "gaps": sum(s.gaps for s in sessions),
+            "relay_connected": relay.connected,
+            "envelopes_sent": relay.sent,
+            "envelopes_resent": relay.resent,
+            "receipts_accepted": relay.receipts_accepted,
+            "receipts_rejected": relay.receipts_rejected,
+            "pending_readings": outbox.pending_readings,
+            "unreceipted_envelopes": outbox.unreceipted_envelopes,
+            "outbox_bytes_on_disk": outbox.bytes_on_disk,
+        }
+
+    return report
+
+
+async def serve_hub(hub_dir: Path, hci: str, addresses: Sequence[str], sample_s: float) -> None:
+    """The measured hub: ``open_hub`` with one session per wearable, host stack over HCI."""
+    identity = HubIdentity.load(hub_dir)
+    async with contextlib.AsyncExitStack() as stack:
+        adapter = await SimAdapter.connect_hci(hci)
+        stack.push_async_callback(adapter.close)
+        backends = BleBackends(adapter.scanner_backend, adapter.client_backend)
+        specs = [WearableSpec(a, f"hr-{i}") for i, a in enumerate(addresses)]
+        parts = await open_hub(identity, stack, wearables=specs, backends=backends)
+        await _until_stdin_closed(parts.hub.run(), _report_every(sample_s, _hub_report(parts)))
+
+
+async def serve_baseline(hci: str, addresses: Sequence[str], sample_s: float) -> None:
+    """The baseline: plain bleak subscriptions on the same host stack, counting only."""
+    counts = dict.fromkeys(addresses, 0)
+
+    def counter(address: str) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
+        def on_value(_char: BleakGATTCharacteristic, _data: bytearray) -> None:
+            counts[address] += 1
+
+        return on_value
+
+    async def report() -> dict[str, Any]:
+        return {
+            "connected": sum(c.is_connected for c in clients),
+            "streaming": sum(n > 0 for n in counts.values()),
+            "notifications": sum(counts.values()),
+        }
+
+    adapter = await SimAdapter.connect_hci(hci)
+    clients = [BleakClient(a, backend=adapter.client_backend) for a in addresses]
+    try:
+        for address, client in zip(addresses, clients, strict=True):
+            await client.connect()
+            await client.start_notify(HEART_RATE_MEASUREMENT, counter(address))
+        await _until_stdin_closed(_report_every(sample_s, report))
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+        await adapter.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.hub_wearables_child {hub,baseline} --hci SPEC --addresses A,B,...``: a
+    child of the benchmark; it stops when its stdin closes."""
+    parser = argparse.ArgumentParser(prog="python -m bench.hub_wearables_child")
+    parser.add_argument("mode", choices=[HUB, BASELINE])
+    parser.add_argument("--hci", required=True, help="the controller's bumble transport")
+    parser.add_argument("--addresses", required=True, help="the wearables, comma-separated")
+    parser.add_argument("--sample-s", type=float, default=SAMPLE_S)
+    parser.add_argument("--hub-dir", type=Path, help="the hub's identity (mode hub)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    addresses = [a for a in args.addresses.split(",") if a]
+    if args.mode == HUB:
+        if args.hub_dir is None:
+            parser.error("mode hub needs --hub-dir")
+        asyncio.run(serve_hub(args.hub_dir, args.hci, addresses, args.sample_s))
+    else:
+        asyncio.run(serve_baseline(args.hci, addresses, args.sample_s))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

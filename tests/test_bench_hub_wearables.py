@@ -1,0 +1,129 @@
+"""`bench hub-wearables`: its figures from known samples, and a run of a few seconds with a
+real hub child, radio process and private Mosquitto that has every figure docs/performance.md
+reads from it. No timing is asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import hub_wearables
+from bench.hub_wearables import BASELINE, HUB, MIB, Sample
+
+
+def _sample(t: float, cpu_s: float, rss_mib: float, notifications: int, **hub: int) -> Sample:
+    report = {"connected": 2, "streaming": 2, "notifications": notifications, **hub}
+    return Sample(t, cpu_s, int(rss_mib * MIB), {"radio": t / 10}, hub.get("delivered", 0), report)
+
+
+def _hub_counters(i: int) -> dict[str, int]:
+    return {
+        "readings": 110 * i,
+        "delivered": 100 * i,
+        "malformed": 0,
+        "dropped": 0,
+        "gaps": 0,
+        "envelopes_sent": i,
+        "envelopes_resent": 0,
+        "receipts_rejected": 0,
+        "pending_readings": 10,
+        "unreceipted_envelopes": 1,
+        "outbox_bytes_on_disk": 4096,
+    }
+
+
+def test_figures_from_known_samples() -> None:
+    # Every 5 s: 0.25 s of CPU (5 % of a core, 10 % in the last interval), 1 MiB more
+    # every 360 s (10 MiB/h), 100 notifications (20/s).
+    samples = [_sample(5.0 * i, 0.25 * i, 50 + 5.0 * i / 360, 100 * i) for i in range(12)]
+    samples.append(_sample(60.0, 0.25 * 11 + 0.5, 50 + 60 / 360, 1200))
+    figures = hub_wearables.summarize(BASELINE, samples, wearables=2, rate_hz=10.0)
+
+    assert figures["window_seconds"] == 60.0
+    assert figures["cpu_pct_of_one_core_mean"] == pytest.approx(100 * 3.25 / 60, abs=0.01)
+    assert figures["cpu_pct_of_one_core_max"] == pytest.approx(10.0)
+    assert 5.0 <= figures["cpu_pct_of_one_core_p95"] <= 10.0
+    assert figures["rss_slope_mib_per_hour"] == pytest.approx(10.0, abs=0.01)
+    assert figures["rss_slope_second_half_mib_per_hour"] == pytest.approx(10.0, abs=0.01)
+    assert figures["rss_mib_start"] == 50.0
+    assert figures["notifications_per_s"] == 20.0
+    assert figures["expected_notifications_per_s"] == 20.0
+    assert figures["context_cpu_pct_of_one_core_mean"] == {"radio": 10.0}
+    assert len(figures["timeline_s_cpu_pct_rss_mib_notifications"]) == len(samples) - 1
+    assert "readings_delivered_per_s" not in figures
+
+
+def test_the_hub_is_compared_with_its_baseline() -> None:
+    baseline_samples = [_sample(5.0 * i, 0.1 * i, 50.0, 100 * i) for i in range(13)]
+    hub_samples = [
+        _sample(5.0 * i, 0.3 * i, 60 + i / 12, 100 * i, **_hub_counters(i)) for i in range(13)
+    ]
+    baseline = hub_wearables.summarize(BASELINE, baseline_samples, 2, 10.0)
+    hub = hub_wearables.summarize(HUB, hub_samples, 2, 10.0)
+    assert hub["readings_made_per_s"] == 22.0
+    assert hub["readings_delivered_per_s"] == 20.0
+    assert hub["delivered_share_of_made"] == pytest.approx(100 / 110, abs=1e-4)
+    assert hub["delivered_share_of_sealed"] == hub["delivered_share_of_made"]  # pending: flat
+    assert hub["outbox"]["pending_readings_max"] == 10
+
+    comparison = hub_wearables.compare(hub, baseline)
+    assert comparison["cpu_mean_ratio_to_baseline"] == 3.0
+    assert comparison["cpu_pct_added_over_baseline"] == 4.0
+    assert comparison["rss_slope_minus_baseline_mib_per_hour"] == pytest.approx(60.0, abs=0.01)
+    # 91 % of the readings made were delivered: not keeping up, whatever the CPU.
+    assert comparison["keeps_up"] is False
+    assert comparison["cpu_target_met"] is False
+
+
+@pytest.mark.slow
+async def test_a_short_run_measures_the_hub_and_its_baseline(tmp_path: Path) -> None:
+    result = await hub_wearables.run(
+        wearables=2,
+        rate_hz=5.0,
+        # Longer than the relay's sealing age (5 s): at least one more envelope is receipted.
+        duration_s=8.0,
+        baseline_duration_s=1.0,
+        sample_s=0.5,
+        workdir=tmp_path,
+    )
+
+    assert result["benchmark"] == "hub-wearables"
+    assert {"machine", "method", "baseline", "hub", "target", "keeps_up"} <= result.keys()
+    for run in (result["baseline"], result["hub"]):
+        assert run["samples"] >= 2
+        assert run["notifications_per_s"] > 0
+        assert run["cpu_pct_of_one_core_mean"] >= 0
+        assert run["rss_mib_start"] > 0
+        assert run["rss_mib_end"] > 0
+        assert run["rss_slope_mib_per_hour"] is not None
+    hub = result["hub"]
+    assert hub["readings_made_per_s"] > 0
+    assert hub["readings_delivered_per_s"] > 0
+    assert hub["malformed"] == hub["dropped"] == hub["receipts_rejected"] == 0
+    assert hub["outbox"]["bytes_on_disk_end"] > 0
+    assert result["cpu_mean_ratio_to_baseline"] is None or result["cpu_mean_ratio_to_baseline"] > 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--duration", "0"), ("--sample-s", "-1"), ("--rate-hz", "nan"), ("--wearables", "0")],
+)
+def test_the_command_refuses_a_window_rate_or_count_that_is_not_positive(
+    flag: str, value: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "bench", "hub-wearables", flag, value],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert flag in result.stderr
+    assert "Traceback" not in result.stderr
