@@ -226,6 +226,6 @@ def reset(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "TRUNCATE readings, envelopes, envelope_originals, device_records, rejections,"
-            " gaps, sensors"
+            " gaps, sensors, adherence_deltas, adherence_slots, adherence_days"
         )
         conn.execute("VACUUM ANALYZE envelopes")

@@ -37,6 +37,7 @@ COMMANDS = (
     commands.consent,
     commands.audit,
     commands.alerts,
+    commands.adherence,
     commands.export,
     commands.decode,
     commands.bench,

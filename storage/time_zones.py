@@ -15,29 +15,9 @@ from datetime import datetime
 from psycopg import errors as pg_errors
 from psycopg.rows import class_row
 
-from storage import audit
+from storage import adherence, audit
 from storage.db import Conn
 from storage.errors import StorageError
-
-_ZONE_AT = """
-LEFT JOIN LATERAL (
-    SELECT z.time_zone FROM participant_time_zone_history z
-    WHERE z.participant_id = {participant} AND {time} >= z.valid_from AND {time} < z.valid_to
-) {alias} ON true
-"""
-
-
-def zone_join(alias: str, participant: str, time: str) -> str:
-    """A LATERAL join fragment giving ``<alias>.time_zone``: the zone of ``participant`` valid
-    at ``time`` (null when none is set: UTC). The three are the caller's own column
-    expressions and alias, never input."""
-    return _ZONE_AT.format(alias=alias, participant=participant, time=time)
-
-
-# The zone valid at a reading's time ``r.time`` of participant ``r.participant_id``, as
-# ``tz.time_zone``, for queries over readings.
-ZONE_AT_READING = zone_join("tz", "r.participant_id", "r.time")
-LOCAL_ZONE = "coalesce(tz.time_zone, 'UTC')"
 
 _KNOWN = "SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = %s)"
 _HISTORY = """
@@ -95,6 +75,8 @@ async def _record(
             entity_id=participant_id,
             detail={"time_zone": time_zone, "valid_from": valid_from.isoformat()},
         )
+        # Local days moved: the participant's adherence days are summed again.
+        await adherence.rebuild_participant(conn, participant_id)
 
 
 async def history(conn: Conn, participant_id: str) -> list[ZonePeriod]:

@@ -34,7 +34,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
-from storage import originals, records, sensors
+from storage import adherence, originals, records, sensors
 from storage.db import Conn
 from storage.errors import (
     BatchWriteError,
@@ -255,6 +255,7 @@ class BulkWriter:
         await self._copy_readings(conn, fresh, batch.received_ms)
         if self._mode is StorageMode.PLAIN:
             await _add_rollup_deltas(conn, fresh)
+        await _add_adherence_deltas(conn, fresh)
         outcomes = await self._outcomes(conn, accepted, new_keys)
         conflicts = [e for e, o in zip(accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
@@ -520,3 +521,11 @@ async def _add_rollup_deltas(conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> N
     for env in fresh:
         add_to_partials(partials, env.participant_id, env.readings)
     await add_rollup_deltas(conn, partials)
+
+
+async def _add_adherence_deltas(conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
+    """Record what the batch's readings add to each participant's adherence (both modes)."""
+    partials: adherence.SlotPartials = {}
+    for env in fresh:
+        adherence.fold(partials, env.participant_id, env.readings)
+    await adherence.add_deltas(conn, partials)

@@ -461,6 +461,7 @@ def test_the_cli_requires_the_roles_the_api_requires() -> None:
         "consent sign": "sign_consent",
         "consent withdraw": "withdraw_consent",
         "export fhir": "submit_export",
+        "adherence show": "get_adherence",
     }
     for command, operation in same_act.items():
         assert operator.ROLES[command] == api[operation], command

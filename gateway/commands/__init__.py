@@ -2,6 +2,7 @@
 each parser's ``handler`` takes the parsed arguments and the one ``Settings``."""
 
 from gateway.commands import (
+    adherence,
     admin,
     alerts,
     audit,
@@ -18,6 +19,7 @@ from gateway.commands import (
 )
 
 __all__ = [
+    "adherence",
     "admin",
     "alerts",
     "audit",

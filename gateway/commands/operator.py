@@ -70,6 +70,10 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "site enroll-code": COORDINATION,  # POST /participants/{p}/enrollment-codes
     "site revoke": COORDINATION,
     "site time-zone": COORDINATION,
+    "adherence schedule": ADMIN_ONLY,  # the protocol's design, as consent documents are
+    "adherence schedules": STAFF_AND_ADMIN,
+    "adherence arm": COORDINATION,
+    "adherence show": STAFF_AND_ADMIN,  # GET /participants/{p}/adherence
     "admin create-user": ADMIN_ONLY,  # POST /users
     "admin disable-user": ADMIN_ONLY,
     "alerts rules add": CLINICAL,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
 from aiohttp import web
@@ -24,7 +24,8 @@ from gateway.web.api import ENDPOINTS
 from gateway.web.exports import EXPORT_RUNNER, ExportRunner
 from gateway.web.ratelimit import RATE_LIMITER, RateLimiter, rate_limit_middleware
 from gateway.web.spec import handler_for
-from storage import sessions, views
+from storage import adherence, sessions, views
+from storage.db import Conn
 from storage.errors import DatabaseUnavailable
 from storage.migrate import StorageMode
 
@@ -38,16 +39,42 @@ SESSION_PURGE_EVERY = 120  # rollup rounds: about an hour
 MAINTENANCE_RETRY_CEILING_S = 30.0
 
 
+async def _maintenance_round(conn: Conn, mode: StorageMode, rounds: int) -> None:
+    """One round: each step on its own, so one that fails (a row it cannot handle) is logged
+    and tried again next round without holding up the others. A database that cannot be
+    reached ends the round for the caller to back off."""
+    steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("rollups", lambda: views.refresh_rollups(conn, mode)),
+        ("adherence", lambda: adherence.refresh(conn)),
+    ]
+    if rounds % SESSION_PURGE_EVERY == 0:
+        steps.append(("sessions", lambda: _purge_sessions(conn)))
+    for name, step in steps:
+        try:
+            await step()
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            log.error(
+                "web maintenance: %s failed, tried again next round error=%s: %s",
+                name,
+                type(exc).__name__,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            )
+
+
+async def _purge_sessions(conn: Conn) -> None:
+    async with conn.transaction():
+        await sessions.purge_expired(conn)
+
+
 async def _maintenance(pool: AsyncConnectionPool, mode: StorageMode) -> None:
     rounds = 0
     delay = 1.0
     while True:
         try:
             async with pool.connection() as conn:
-                await views.refresh_rollups(conn, mode)
-                if rounds % SESSION_PURGE_EVERY == 0:
-                    async with conn.transaction():
-                        await sessions.purge_expired(conn)
+                await _maintenance_round(conn, mode, rounds)
             rounds += 1
             delay = 1.0
             await asyncio.sleep(ROLLUP_REFRESH_S)

@@ -15,7 +15,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.web import api_alerts, api_consent, api_exports, api_participants, api_people
+from gateway.web import (
+    api_adherence,
+    api_alerts,
+    api_consent,
+    api_exports,
+    api_participants,
+    api_people,
+)
 from gateway.web.access import ADMIN_ONLY
 from gateway.web.api_common import V1
 from gateway.web.schemas import INT, NULL_TIME, STR, TIME, obj
@@ -39,6 +46,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *api_people.SESSION_ENDPOINTS,
     *api_participants.ENDPOINTS,
     *api_consent.ENDPOINTS,
+    *api_adherence.ENDPOINTS,
     *api_alerts.ENDPOINTS,
     *api_exports.ENDPOINTS,
     *api_people.USER_ENDPOINTS,

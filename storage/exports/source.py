@@ -37,7 +37,7 @@ from ingest.flags import IN_DOUBT
 from storage.db import Conn
 from storage.exports.mapping import EXPORTED
 from storage.exports.selection import Selection
-from storage.time_zones import LOCAL_ZONE, ZONE_AT_READING, zone_join
+from storage.zones import LOCAL_ZONE, ZONE_AT_READING, zone_join
 
 # 10k rows of ~20 columns are about 10 MB of Python objects: large enough that per-chunk
 # costs (a round trip, a thread hop, a Parquet row group) vanish, small enough for a flat
@@ -176,7 +176,7 @@ _DOUBTED = "coalesce(r.flags && %(in_doubt)s::text[], false)"
 
 
 def _zone_at(alias: str, participant: str, time: str) -> sql.Composable:
-    """:func:`storage.time_zones.zone_join` as a composable of this module's queries."""
+    """:func:`storage.zones.zone_join` as a composable of this module's queries."""
     return sql.SQL(zone_join(alias, participant, time))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.commands.operator import PASSWORD_FILE_ENV
-from storage import db, registry, time_zones
+from storage import db, registry, time_zones, zones
 from storage.users import Role
 from tests.alerts.test_engine import rows
 from tests.fixtures.signers import add_operators, password_file
@@ -29,11 +29,11 @@ async def test_the_zone_valid_at_each_time_gives_its_local_time(trial: Trial) ->
         periods = await time_zones.history(conn, "P1")
     assert [p.time_zone for p in periods] == ["Europe/Berlin", "America/New_York"]
     local = f"""
-        SELECT to_char(r.time AT TIME ZONE {time_zones.LOCAL_ZONE}, 'YYYY-MM-DD HH24:MI')
+        SELECT to_char(r.time AT TIME ZONE {zones.LOCAL_ZONE}, 'YYYY-MM-DD HH24:MI')
         FROM (VALUES (1, 'P1', %s::timestamptz), (2, 'P1', %s::timestamptz),
                      (3, 'P1', %s::timestamptz), (4, 'P2', %s::timestamptz))
              AS r (n, participant_id, time)
-        {time_zones.ZONE_AT_READING}
+        {zones.ZONE_AT_READING}
         ORDER BY r.n
     """
     times = (

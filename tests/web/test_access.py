@@ -204,6 +204,11 @@ EXPECTED: dict[str, Expect] = {
     "get_readings": Expect(CLINICAL, fixed("/api/v1/participants/P1/readings?minutes=5")),
     "follow_readings": Expect(CLINICAL, fixed("/api/v1/participants/P1/readings/live?minutes=5")),
     "get_rollups": Expect(CLINICAL, fixed("/api/v1/participants/P1/rollups?days=2")),
+    "get_adherence": Expect(STAFF, fixed("/api/v1/participants/P1/adherence")),
+    "get_adherence_day": Expect(STAFF, fixed("/api/v1/participants/P1/adherence/2026-03-23")),
+    "get_site_adherence": Expect(
+        STAFF, fixed("/api/v1/sites/SITE-A/adherence?from=2026-03-01&to=2026-03-31")
+    ),
     "sign_consent": Expect(frozenset({"participant", "coordinator", "admin"}), new_version, 201),
     "withdraw_consent": Expect(
         frozenset({"participant", "coordinator", "admin"}), fixed(""), 201, build_for=withdrawal

@@ -178,6 +178,53 @@ CASES: list[tuple[str, str, str, Any, str, int, str]] = [
     ("huge_int", "GET", "/api/v1/alerts/99999999999999999999999", None, "", 400, "invalid-field"),
     ("unknown_site", "GET", "/api/v1/sites/NOPE", None, "", 404, "not-found"),
     ("bad_last_event_id", "GET", "/api/v1/alerts/events?after=-1", None, "", 400, "invalid-field"),
+    # Adherence spans: a date that matches the pattern but is not a day, the wrong order,
+    # too long a span, a time where a day belongs, and a day in the path that is not one.
+    (
+        "no_such_day",
+        "GET",
+        "/api/v1/participants/P1/adherence?to=2026-02-30",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "span_backwards",
+        "GET",
+        "/api/v1/participants/P1/adherence?from=2026-03-02&to=2026-03-01",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "span_too_long",
+        "GET",
+        "/api/v1/sites/SITE-A/adherence?from=2025-01-01&to=2026-01-01",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "time_for_day",
+        "GET",
+        "/api/v1/participants/P1/adherence?from=2026-03-01T00:00",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "path_day",
+        "GET",
+        "/api/v1/participants/P1/adherence/2026-13-01",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
 ]
 
 
