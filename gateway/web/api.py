@@ -22,6 +22,7 @@ from gateway.web import (
     api_exports,
     api_participants,
     api_people,
+    api_queries,
 )
 from gateway.web.access import ADMIN_ONLY
 from gateway.web.api_common import V1
@@ -48,6 +49,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *api_consent.ENDPOINTS,
     *api_adherence.ENDPOINTS,
     *api_alerts.ENDPOINTS,
+    *api_queries.ENDPOINTS,
     *api_exports.ENDPOINTS,
     *api_people.USER_ENDPOINTS,
     Endpoint(

@@ -10,11 +10,17 @@ from psycopg_pool import AsyncConnectionPool
 from consent import records
 from gateway.web import auth
 from gateway.web.access import Principal
+from gateway.web.errors import BadInput
 from gateway.web.spec import Ctx, Field
 
 V1 = "/api/v1"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 PARTICIPANT_ID = Field("participant_id", pattern=ID_PATTERN, max_len=64)
+# An ISO 8601 time with its zone, as the API takes times in bodies and queries.
+TIME_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
+    r"(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
 
 
 def pool_of(ctx: Ctx) -> AsyncConnectionPool:
@@ -27,3 +33,17 @@ def iso(value: datetime | None) -> str | None:
 
 def actor_of(p: Principal) -> records.Actor:
     return records.Actor.of(p.user)
+
+
+def when(name: str, raw: str | None) -> datetime | None:
+    """A time field (``TIME_PATTERN``) as a datetime; a value that matches the pattern but
+    is not a time (month 13) is refused with the field's name."""
+    if raw is None:
+        return None
+    try:
+        t = datetime.fromisoformat(raw)
+    except ValueError as exc:
+        raise BadInput(f"{name!r} is not a date and time", field=name) from exc
+    if t.tzinfo is None:
+        raise BadInput(f"{name!r} needs a time zone", field=name)
+    return t

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import base64
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from gateway.web.access import CLINICAL
-from gateway.web.api_common import ID_PATTERN, V1, actor_of, iso, pool_of
+from gateway.web.api_common import ID_PATTERN, TIME_PATTERN, V1, actor_of, iso, pool_of, when
 from gateway.web.errors import BadInput, Conflict, NotFound
 from gateway.web.exports import EXPORT_RUNNER
 from gateway.web.schemas import EXPORT_JOB
@@ -21,26 +20,8 @@ from storage.exports.selection import ExportKind, ExportRequest
 from storage.exports.selection import participants as export_participants
 
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-# An ISO 8601 time with its zone (Z or an offset), as the exports need.
-TIME_PATTERN = (
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"
-    r"(Z|[+-][0-9]{2}:[0-9]{2})$"
-)
-
 
 # --- handlers: exports ----------------------------------------------------------------------
-
-
-def _when(name: str, raw: str | None) -> datetime | None:
-    if raw is None:
-        return None
-    try:
-        t = datetime.fromisoformat(raw)
-    except ValueError as exc:
-        raise BadInput(f"{name!r} is not a date and time", field=name) from exc
-    if t.tzinfo is None:
-        raise BadInput(f"{name!r} needs a time zone", field=name)
-    return t
 
 
 def job_json(job: jobs.ExportJob) -> dict[str, Any]:
@@ -79,8 +60,8 @@ async def submit_export(ctx: Ctx) -> web.StreamResponse:
         ExportKind(b["kind"]),
         b["study_id"],
         b["participant_id"],
-        _when("from", b["from"]),
-        _when("to", b["to"]),
+        when("from", b["from"]),
+        when("to", b["to"]),
     )
     if request.from_time and request.to_time and request.from_time >= request.to_time:
         raise BadInput("'from' must be before 'to'", field="to")

@@ -17,7 +17,7 @@ from device_drivers.identity import make_csr
 from gateway import enrollment
 from gateway.app import STUDY_CA
 from ingest import hub_requests, keys
-from storage import alerts, db, registry
+from storage import alerts, db, queries, registry
 from tests.fixtures.gateway import METRICS_HEADERS
 from tests.fixtures.hubs import issued_a_day_ago
 from tests.fixtures.trial import ALL_SCOPES
@@ -150,6 +150,35 @@ async def standing_body(w: Web) -> tuple[str, Any]:
     return f"/api/v1/devices/{device_id}/standing", body
 
 
+RANGE = queries.Subject(
+    queries.Target.RANGE,
+    datetime(2026, 3, 1, tzinfo=UTC),
+    datetime(2026, 3, 2, tzinfo=UTC),
+    "heart_rate",
+)
+
+
+async def fresh_query(w: Web, *, closed: bool = False) -> int:
+    """A query on P1's heart rate, open (or closed), so each attempt finds it as it needs."""
+    async with db.connection(w.trial.url) as conn:
+        query_id = await queries.open_query(conn, "P1", RANGE, "Why so low?", actor="monitor")
+        if closed:
+            await queries.step(conn, query_id, queries.Step.CLOSE, "Seen", actor="monitor")
+    return query_id
+
+
+def query_step(action: str, *, closed: bool = False) -> Build:
+    async def build(w: Web) -> tuple[str, Any]:
+        path = f"/api/v1/queries/{await fresh_query(w, closed=closed)}/{action}"
+        return path, {"text": f"{action} it"}
+
+    return build
+
+
+async def a_query(w: Web) -> tuple[str, Any]:
+    return f"/api/v1/queries/{await fresh_query(w)}", None
+
+
 async def login_body(w: Web) -> tuple[str, Any]:
     return "/api/v1/session", {"username": "admin", "password": PASSWORD}
 
@@ -209,6 +238,26 @@ EXPECTED: dict[str, Expect] = {
     "get_site_adherence": Expect(
         STAFF, fixed("/api/v1/sites/SITE-A/adherence?from=2026-03-01&to=2026-03-31")
     ),
+    "open_query": Expect(
+        frozenset({"monitor", "admin"}),
+        fixed(
+            "/api/v1/participants/P1/queries",
+            {
+                "target": "range",
+                "metric": "heart_rate",
+                "from": "2026-03-01T00:00:00Z",
+                "to": "2026-03-02T00:00:00Z",
+                "text": "Values flat for a day?",
+            },
+        ),
+        201,
+    ),
+    "list_participant_queries": Expect(STAFF, fixed("/api/v1/participants/P1/queries")),
+    "list_site_queries": Expect(STAFF, fixed("/api/v1/sites/SITE-A/queries?state=all")),
+    "get_query": Expect(STAFF, a_query),
+    "answer_query": Expect(frozenset({"coordinator", "clinician", "admin"}), query_step("answer")),
+    "close_query": Expect(frozenset({"monitor", "admin"}), query_step("close")),
+    "reopen_query": Expect(frozenset({"monitor", "admin"}), query_step("reopen", closed=True)),
     "sign_consent": Expect(frozenset({"participant", "coordinator", "admin"}), new_version, 201),
     "withdraw_consent": Expect(
         frozenset({"participant", "coordinator", "admin"}), fixed(""), 201, build_for=withdrawal
