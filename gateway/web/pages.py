@@ -164,11 +164,47 @@ async def participant_page(request: web.Request, principal: Principal) -> web.Re
     )
 
 
+async def site_adherence_page(request: web.Request, principal: Principal) -> web.Response:
+    site_id = request.match_info["site_id"]
+    async with _pool_conn(request) as conn:
+        site = await require_site(principal, site_id, conn)
+    return render(
+        f"Adherence: {site.name}",
+        "adherence.js",
+        principal=principal,
+        data={"page": "site-adherence", "site": site_id, "role": principal.role.value},
+    )
+
+
+async def participant_adherence_page(request: web.Request, principal: Principal) -> web.Response:
+    pid = request.match_info["participant_id"]
+    async with _pool_conn(request) as conn:
+        _, site_id = await require_participant(principal, pid, conn)
+    return render(
+        f"Adherence: {pid}",
+        "adherence.js",
+        principal=principal,
+        data={
+            "page": "participant-adherence",
+            "participant": pid,
+            "site": site_id,
+            "role": principal.role.value,
+        },
+    )
+
+
 PAGES: tuple[Page, ...] = (
     Page("/monitor", "monitor", CLINICAL, monitor_board),
     Page("/sites/{site_id}", "site", STAFF_AND_ADMIN, site_page),
     Page("/participants/{participant_id}", "participant", EVERYONE, participant_page),
     Page("/participants/{participant_id}/live", "live", CLINICAL, live_view),
+    Page("/sites/{site_id}/adherence", "site_adherence", STAFF_AND_ADMIN, site_adherence_page),
+    Page(
+        "/participants/{participant_id}/adherence",
+        "participant_adherence",
+        STAFF_AND_ADMIN,
+        participant_adherence_page,
+    ),
 )
 
 

@@ -371,6 +371,8 @@ PAGES: dict[str, frozenset[str]] = {
     "/sites/SITE-A": STAFF,
     "/participants/P1": ANY,
     "/participants/P1/live": CLINICAL,
+    "/sites/SITE-A/adherence": STAFF,
+    "/participants/P1/adherence": STAFF,
 }
 
 
@@ -388,6 +390,8 @@ async def test_every_page_checks_role_and_site(web: Web) -> None:
         "/sites/{site_id}",
         "/participants/{participant_id}",
         "/participants/{participant_id}/live",
+        "/sites/{site_id}/adherence",
+        "/participants/{participant_id}/adherence",
     }, "a new page needs a row in PAGES"
     failures = []
     for path, allowed in PAGES.items():

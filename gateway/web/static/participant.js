@@ -263,6 +263,7 @@
       links.push(" · ", link(`/participants/${encodeURIComponent(pid)}/live`, "Live view"));
     }
     if (role !== "participant") {
+      links.push(" · ", link(`/participants/${encodeURIComponent(pid)}/adherence`, "Adherence"));
       links.push(" · ", link(`/sites/${encodeURIComponent(p.site_id)}`, "Site page"));
     }
     const signed = done ? el("p", { id: "signed-message", class: "ok", tabindex: "-1" }, done) : null;

@@ -42,7 +42,8 @@
         time(c.expires_at), c.used_at ? `${time(c.used_at)} by ${c.device_id}` : "not yet"]),
       "No codes made.");
     const blocks = [
-      el("p", { class: "lead" }, `${data.site.name} · study ${data.site.study_id} · ${p.length} participants`),
+      el("p", { class: "lead" }, `${data.site.name} · study ${data.site.study_id} · ${p.length} participants · `,
+        link(`/sites/${encodeURIComponent(site)}/adherence`, "Adherence (heat map)")),
       section("Participants", parts),
       section("Devices", devices),
       section("Consent", pending),
