@@ -240,10 +240,17 @@ async def _delete_held(
         " noted AS (INSERT INTO rollup_invalidations (participant_ids, metrics, hours)"
         " SELECT array_agg(%(pid)s::text), array_agg(metric), array_agg(h) FROM hours"
         " HAVING count(*) > 0),"
+        # Readings held for a locked period's unlock are the participant's data too (those
+        # released since are in readings: counted there, their held copies deleted here).
+        " held AS (DELETE FROM held_readings WHERE participant_id = %(pid)s"
+        " AND metric = ANY(%(metrics)s) RETURNING time, metric, device_id, seq, released_at),"
+        " everything AS (SELECT * FROM gone UNION ALL"
+        " SELECT time, metric, device_id, seq FROM held WHERE released_at IS NULL),"
         " originals AS (DELETE FROM envelope_originals o"
-        " USING (SELECT DISTINCT device_id, seq FROM gone) g"
+        " USING (SELECT device_id, seq FROM gone UNION SELECT device_id, seq FROM held) g"
         " WHERE o.device_id = g.device_id AND o.seq = g.seq RETURNING 1)"
-        " SELECT count(*), min(time), max(time), (SELECT count(*) FROM originals) FROM gone",
+        " SELECT count(*), min(time), max(time), (SELECT count(*) FROM originals)"
+        " FROM everything",
         {"pid": participant_id, "metrics": metrics},
     )
     row = await cur.fetchone()

@@ -42,6 +42,8 @@ class Reason(StrEnum):
     UNKNOWN_METRIC = "unknown_metric"
     WRONG_UNIT = "wrong_unit"
     STORAGE_REFUSED = "storage_refused"
+    # A reading of a period its study has locked (held for an unlock where the study says).
+    PERIOD_LOCKED = "period_locked"
     # Handling the message failed every time it was tried, with no cause found in its data.
     POISON = "poison"
 

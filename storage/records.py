@@ -89,8 +89,14 @@ async def claim(
         )
         changed[(e.dev, e.seq)] = updated
         out.append(updated)
-    if changed:
-        envs = list(changed.values())
+    await recount(conn, list(changed.values()))
+    return out, changed
+
+
+async def recount(conn: Conn, envs: Sequence[AcceptedEnvelope]) -> None:
+    """Set the envelope rows' stored and refused counts to what ``envs`` now hold (readings
+    the batch's transaction took out after the rows were inserted)."""
+    if envs:
         await conn.execute(
             _RECOUNT,
             (
@@ -100,7 +106,6 @@ async def claim(
                 [sum(f.count for f in e.refusals) for e in envs],
             ),
         )
-    return out, changed
 
 
 def _refusals(duplicates: Sequence[Reading]) -> list[Refusal]:

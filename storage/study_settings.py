@@ -18,6 +18,7 @@ class StudySetting(StrEnum):
     ALERT_ESCALATION_S = "alert_escalation_s"
     ALERTS_ON_DOUBTFUL = "alerts_on_doubtful"
     ORIGINALS_RETENTION_DAYS = "originals_retention_days"
+    LATE_DATA_POLICY = "late_data_policy"
 
 
 # The audit action of each: stable, they are what auditors search for.
@@ -25,6 +26,7 @@ _ACTIONS: dict[StudySetting, str] = {
     StudySetting.ALERT_ESCALATION_S: "study.alert_escalation_set",
     StudySetting.ALERTS_ON_DOUBTFUL: "study.alerts_on_doubtful_set",
     StudySetting.ORIGINALS_RETENTION_DAYS: "study.originals_retention_set",
+    StudySetting.LATE_DATA_POLICY: "study.late_data_policy_set",
 }
 
 

@@ -34,7 +34,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
-from storage import adherence, originals, records, sensors
+from storage import adherence, locks, originals, records, review, sensors
 from storage.db import Conn
 from storage.errors import (
     BatchWriteError,
@@ -251,11 +251,16 @@ class BulkWriter:
         new_keys = await self._insert_envelopes(conn, batch.accepted, received)
         fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
         fresh, changed = await records.claim(conn, fresh)
+        fresh, locked = await locks.claim(conn, fresh, batch.received_ms)
+        changed.update(locked)
         accepted = [changed.get((e.dev, e.seq), e) for e in batch.accepted]
         await self._copy_readings(conn, fresh, batch.received_ms)
         if self._mode is StorageMode.PLAIN:
             await _add_rollup_deltas(conn, fresh)
         await _add_adherence_deltas(conn, fresh)
+        await review.note_changes(
+            conn, [(e.participant_id, e.dev, e.seq, e.readings) for e in fresh]
+        )
         outcomes = await self._outcomes(conn, accepted, new_keys)
         conflicts = [e for e, o in zip(accepted, outcomes, strict=True) if o.conflict]
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
