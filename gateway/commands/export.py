@@ -22,6 +22,8 @@ FORMATS = {
     "fhir": "FHIR R4 Observation, Patient and Device resources as NDJSON (Bulk Data layout)",
     "sdtm": "CDISC SDTM VS (readings and local-day summaries), SUPPVS and DM as CSV and XPT,"
     " with define.xml",
+    "adherence": "adherence per participant, local day and metric against the schedule, as"
+    " Parquet and CSV (counts, no values)",
 }
 
 
@@ -84,7 +86,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         if not args.quiet:
             print(file=sys.stderr)
         print(
-            f"exported {result.rows:,} {'records' if args.export_kind == 'sdtm' else 'readings'}"
+            f"exported {result.rows:,} {_UNITS.get(args.export_kind, 'readings')}"
             f" of {len(result.participants)} participant(s) to {result.directory}"
         )
         for f in result.files:
@@ -94,6 +96,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return run(go())
 
 
+_UNITS = {"sdtm": "records", "adherence": "participant-days by metric"}
 _AUTHENTICATED = {kind: operator.authenticated(f"export {kind}")(_cmd_export) for kind in FORMATS}
 
 

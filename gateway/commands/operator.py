@@ -90,6 +90,7 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "export parquet": CLINICAL,  # POST /exports
     "export fhir": CLINICAL,
     "export sdtm": CLINICAL,
+    "export adherence": CLINICAL,
 }
 
 

@@ -222,6 +222,15 @@ async def _write(
 
         return consume
 
+    if request.kind is ExportKind.ADHERENCE:
+        from storage.exports import adherence_files
+
+        aw = adherence_files.AdherenceWriter(output)
+        try:
+            return await adherence_files.stream(conn, request, selection, consumer(aw.write))
+        finally:
+            with contextlib.suppress(OSError):
+                aw.close()
     if request.kind is ExportKind.PARQUET:
         import pyarrow as pa  # type: ignore[import-untyped]
 

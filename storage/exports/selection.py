@@ -39,6 +39,7 @@ class ExportKind(StrEnum):
     PARQUET = "parquet"
     FHIR = "fhir"
     SDTM = "sdtm"
+    ADHERENCE = "adherence"
 
 
 @dataclass(frozen=True, slots=True)
