@@ -21,13 +21,16 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
-from device_drivers.errors import DeviceDriverError
+from device_drivers import cli_pairing
+from device_drivers.cli_common import HubCliError as HubCliError
+from device_drivers.cli_common import run, state_of
 from device_drivers.settings import LOG_LEVELS, HubSettings
+
+HubHandler = Callable[[argparse.Namespace, HubSettings], int]
 
 if TYPE_CHECKING:
     from device_drivers.identity import EnrollmentTicket
@@ -45,17 +48,6 @@ DESCRIPTION: Final = (
 # A relay away from its broker longer than this is shown as OFFLINE: longer than a Wi-Fi
 # blip or a router's restart (minutes), long before the outbox fills (days of readings).
 OFFLINE_ALERT_S: Final = 15 * 60
-
-HubHandler = Callable[[argparse.Namespace, HubSettings], int]
-T = TypeVar("T")
-
-
-class HubCliError(DeviceDriverError):
-    """A setting, flag or file the user can fix: printed as one ``error:`` line, exit 2."""
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,21 +165,61 @@ def add_actions(parser: argparse.ArgumentParser, prog: str) -> None:
 
     p = actions.add_parser(
         "pair",
-        help="pair a wearable and remember it",
-        description="Find the wearable advertising at ADDRESS, pair and bond with it, and "
+        help="find a wearable, pair with it and remember it",
+        description="Scan for wearables in pairing mode and list them (name, address, "
+        "signal, services); pair and bond with the one chosen (or given with --address), read "
+        "what it says about itself (Device Information, battery), set its clock, and "
         "remember it in the hub's state file under SENSOR, the name its readings carry; "
-        "`run` then reads it. A wearable that shows a passkey is paired through the "
-        "system's Bluetooth agent (on Linux: bluetoothctl's agent), which asks for it. "
-        "A cuff or scale shared in a household: give the participant's user number on it "
-        "with --user, and the gateway refuses the readings of the other users.",
+        "`run` then reads it. At a terminal, what the flags leave open is asked: which "
+        "wearable, its name, the passkey it shows; without a terminal, give --address (and "
+        "--passkey if it shows one). With this computer's Bluetooth (BlueZ), a wearable that "
+        "shows a passkey is paired through the system's agent (bluetoothctl's), which asks "
+        "for it; over --simulated-radio the hub answers itself. A cuff or scale shared in a "
+        "household: give the participant's user number on it with --user, and the gateway "
+        "refuses the readings of the other users.",
     )
     p.add_argument(
         "--hub-dir", help="the hub's directory (default: $TRIALSTREAM_HUB_DIR, else <data dir>/hub)"
     )
-    p.add_argument("--address", required=True, help="the wearable's Bluetooth address")
-    p.add_argument("--sensor", required=True, help="the name its readings carry, e.g. bp-cuff")
-    p.add_argument("--user", type=_user_index, help="the participant's user number (0-254)")
-    p.set_defaults(hub_handler=_pair)
+    p.add_argument(
+        "--address", help="the wearable's Bluetooth address (default: choose from the scan)"
+    )
+    p.add_argument(
+        "--sensor",
+        type=cli_pairing.sensor_name,
+        help="the name its readings carry, e.g. bp-cuff (default: asked at a terminal, "
+        "else its profile's name, e.g. blood_pressure)",
+    )
+    p.add_argument(
+        "--passkey",
+        type=cli_pairing.passkey,
+        metavar="NNNNNN",
+        help="the 6 digits the wearable shows when pairing asks for them"
+        " (default: asked at the terminal)",
+    )
+    p.add_argument(
+        "--user", type=cli_pairing.user_index, help="the participant's user number (0-254)"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="only scan, list the wearables found, and stop"
+    )
+    p.add_argument(
+        "--scan-seconds",
+        type=cli_pairing.scan_seconds,
+        default=cli_pairing.PAIR_SCAN_S,
+        metavar="S",
+        help=f"how long to scan for wearables (default: {cli_pairing.PAIR_SCAN_S:g})",
+    )
+    p.add_argument(
+        "--simulated-radio",
+        type=cli_pairing.simulated_radio,
+        metavar="tcp-client:HOST:PORT",
+        help="pair over a simulated radio's controller at this HCI transport (as "
+        "device_drivers.sim.RadioProcess serves one) instead of this computer's Bluetooth; "
+        "the hub's own host stack then pairs and answers the passkey. For tests and "
+        "rehearsals: the bond lasts only as long as the command.",
+    )
+    p.set_defaults(hub_handler=cli_pairing.pair)
 
     p = actions.add_parser(
         "wearables",
@@ -199,7 +231,7 @@ def add_actions(parser: argparse.ArgumentParser, prog: str) -> None:
         "--hub-dir", help="the hub's directory (default: $TRIALSTREAM_HUB_DIR, else <data dir>/hub)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.set_defaults(hub_handler=_wearables)
+    p.set_defaults(hub_handler=cli_pairing.wearables)
 
     p = actions.add_parser(
         "unpair",
@@ -211,7 +243,7 @@ def add_actions(parser: argparse.ArgumentParser, prog: str) -> None:
         "--hub-dir", help="the hub's directory (default: $TRIALSTREAM_HUB_DIR, else <data dir>/hub)"
     )
     p.add_argument("--address", required=True, help="the wearable's Bluetooth address")
-    p.set_defaults(hub_handler=_unpair)
+    p.set_defaults(hub_handler=cli_pairing.unpair)
 
 
 def _enroll(args: argparse.Namespace, settings: HubSettings) -> int:
@@ -264,7 +296,7 @@ def _run(args: argparse.Namespace, settings: HubSettings) -> int:
     unknown = [k for k in args.simulate if k not in _SIMULATED]
     if unknown:
         raise HubCliError(f"--simulate {unknown[0]!r}: known kinds are {', '.join(_SIMULATED)}")
-    if not wearables and not args.simulate and not _state(directory).wearables:
+    if not wearables and not args.simulate and not state_of(directory).wearables:
         raise HubCliError(
             f"no wearables: pair one with `{args.hub_prog} pair`, or give --wearable ADDRESS=SENSOR"
             " or --simulate hr"
@@ -291,75 +323,6 @@ _SIMULATED = {
     "glucose": "VirtualGlucoseMeter",
     "scale": "VirtualWeightScale",
 }
-
-
-def _user_index(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from exc
-    if not 0 <= n <= 254:
-        raise argparse.ArgumentTypeError("a user number is 0-254 (255 means unknown user)")
-    return n
-
-
-def _state(directory: Path) -> Any:
-    from device_drivers.hub_factory import STATE_FILE
-    from device_drivers.state import HubState, StateError
-
-    try:
-        return HubState.open(directory / STATE_FILE)
-    except StateError as exc:
-        raise HubCliError(str(exc)) from exc
-
-
-def _pair(args: argparse.Namespace, settings: HubSettings) -> int:
-    from dataclasses import replace
-
-    from bleak.exc import BleakError
-
-    from device_drivers.pairing import PairingFailed, WearableNotFound, pair_wearable
-
-    directory = settings.hub_dir
-    state = _state(directory)
-    try:
-        paired = run(pair_wearable(args.address, args.sensor, state))
-    except (WearableNotFound, PairingFailed) as exc:
-        raise HubCliError(str(exc)) from exc
-    except BleakError as exc:
-        raise HubCliError(f"Bluetooth is not usable here: {exc}") from exc
-    if args.user is not None:
-        paired = replace(paired, user=args.user)
-        state.remember(paired)
-    user = "" if paired.user is None else f", participant is user {paired.user}"
-    print(f"paired {paired.sensor} ({paired.profile}) at {paired.address}{user}")
-    return 0
-
-
-def _wearables(args: argparse.Namespace, settings: HubSettings) -> int:
-    from dataclasses import asdict
-
-    wearables = _state(settings.hub_dir).wearables
-    if args.json:
-        print(json.dumps([asdict(w) for w in wearables]))
-        return 0
-    for w in wearables:
-        user = "" if w.user is None else f"  user {w.user}"
-        bonded = "bonded" if w.bonded else "not bonded"
-        print(f"{w.address}  {w.sensor}  {w.profile}  {bonded}{user}")
-    if not wearables:
-        print(f"no wearables paired: `{args.hub_prog} pair --address ADDRESS --sensor NAME`")
-    return 0
-
-
-def _unpair(args: argparse.Namespace, settings: HubSettings) -> int:
-    state = _state(settings.hub_dir)
-    known = state.wearable(args.address)
-    if known is None:
-        raise HubCliError(f"no wearable paired at {args.address}")
-    state.forget(args.address)
-    print(f"forgot {known.sensor} at {args.address}")
-    return 0
 
 
 async def _run_hub(

@@ -96,6 +96,7 @@ class WearableOptions(TypedDict, total=False):
     passkey: int | None
     io_capability: int
     require_encryption: bool
+    require_authentication: bool
     request_security: bool
     advertising_interval_ms: float
     clock_offset_s: float
@@ -156,6 +157,11 @@ class _DisplayDelegate(PairingDelegate):
         self._wearable._display(number)
         return True
 
+    async def confirm(self, auto: bool = False) -> bool:
+        # Asked only when the method is Just Works: nothing shown, nothing typed, no MITM
+        # protection, which a wearable that insists on authentication refuses.
+        return not self._wearable.require_authentication
+
 
 class VirtualWearable:
     """A bumble peripheral on a :class:`VirtualRadio` serving standard health profiles.
@@ -174,6 +180,7 @@ class VirtualWearable:
         passkey: int | None = None,
         io_capability: int = PairingDelegate.IoCapability.NO_OUTPUT_NO_INPUT,
         require_encryption: bool = False,
+        require_authentication: bool = False,
         request_security: bool = False,
         advertising_interval_ms: float = DEFAULT_ADVERTISING_INTERVAL_MS,
         serves_current_time: bool = False,
@@ -189,6 +196,9 @@ class VirtualWearable:
                 Just Works, DISPLAY_OUTPUT_ONLY makes the hub enter :attr:`passkey`.
             require_encryption: profile characteristics need an encrypted link (the hub
                 must pair, or re-encrypt with its bond, before reading or subscribing).
+            require_authentication: pair only with authentication (a passkey or a numeric
+                comparison, never Just Works) and serve profile characteristics only over
+                such a link, as a wearable that shows a passkey usually insists.
             request_security: send an SMP Security Request as soon as a hub connects, as
                 wearables that insist on pairing do.
             serves_current_time: serve the Current Time service (0x1805) whose Current Time
@@ -217,6 +227,7 @@ class VirtualWearable:
         self.pairings = 0
         self._passkey_shown = asyncio.Event()
         self.require_encryption = require_encryption
+        self.require_authentication = require_authentication
         self.request_security = request_security
         self._io_capability = io_capability
         self._battery_level = battery_level
@@ -505,6 +516,8 @@ class VirtualWearable:
         self.clock_writes.append(written)
 
     def _readable(self) -> gatt.Characteristic.Permissions:
+        if self.require_authentication:
+            return gatt.Characteristic.Permissions.READ_REQUIRES_AUTHENTICATION
         if self.require_encryption:
             return gatt.Characteristic.Permissions.READ_REQUIRES_ENCRYPTION
         return gatt.Characteristic.Permissions.READABLE
