@@ -26,13 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from datetime import date
-from typing import Final
+from datetime import date, datetime
+from typing import Final, TypeVar
 
 from psycopg.rows import class_row
 
 from ingest.flags import FlagClass, worst
 from ingest.model import Reading
+from storage import adherence_math
+from storage.adherence_math import Counts, Person, Rule, ZoneSpan
+from storage.adherence_math import MetricDay as MetricDay
+from storage.adherence_math import ParticipantDay as ParticipantDay
 from storage.db import Conn
 from storage.zones import zone_join
 
@@ -41,6 +45,8 @@ MINUTE_MS: Final = 60_000
 # Serializes refreshes (several gateway workers run one each): a day summed from slots one
 # refresh has not committed yet would be stale until it was touched again.
 ADHERENCE_LOCK_KEY: Final = 0x6164_6865_7265
+
+T = TypeVar("T")
 
 # (participant, metric, slot) -> [readings, invalid, minute bitmap]
 SlotPartials = dict[tuple[str, str, int], list[int]]
@@ -167,161 +173,82 @@ async def rebuild_participant(conn: Conn, participant_id: str) -> None:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class MetricDay:
-    """One participant's metric on one local day: what arrived and what was expected.
-
-    ``adherence`` is the share of the expectation met (capped at 1): worn minutes against
-    ``expected_minutes`` for a continuous stream, usable readings against
-    ``expected_count`` for spot checks; None where nothing was expected that day.
-    ``completeness`` (continuous only) is the usable readings against ``rate_hz`` over the
-    expected wear time."""
-
-    participant_id: str
-    day: date
-    metric: str
-    kind: str | None
-    readings: int
-    invalid: int
-    worn_minutes: int
-    study_minutes: float
-    expected_minutes: float | None
-    expected_count: int | None
-    adherence: float | None
-    completeness: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class ParticipantDay:
-    """A participant's local day for the cohort view: the mean adherence of the metrics
-    expected that day (None: nothing expected, e.g. before consent)."""
-
-    participant_id: str
-    day: date
-    adherence: float | None
-    metrics_expected: int
-    metrics_met: int
+_PEOPLE = """
+SELECT p.participant_id, p.study_id, p.arm, c.consented_at, c.withdrawn_at
+FROM participants p
+LEFT JOIN (
+    SELECT participant_id,
+           min(effective_at) FILTER (WHERE action = 'consent') AS consented_at,
+           min(effective_at) FILTER (WHERE action = 'withdraw') AS withdrawn_at
+    FROM consents WHERE participant_id = ANY(%(participants)s)
+    GROUP BY participant_id
+) c USING (participant_id)
+WHERE p.participant_id = ANY(%(participants)s)
+"""
+# The view's open ends are infinite timestamps, which Python's datetime cannot hold: None.
+_ZONES = """
+SELECT participant_id, time_zone,
+       CASE WHEN isfinite(valid_from) THEN valid_from END AS valid_from,
+       CASE WHEN isfinite(valid_to) THEN valid_to END AS valid_to
+FROM participant_time_zone_history WHERE participant_id = ANY(%(participants)s)
+"""
+_RULES = """
+SELECT study_id, arm, participant_id, metric, effective_from, kind, rate_hz, wear_hours, per_day
+FROM collection_schedules
+WHERE study_id IN (SELECT study_id FROM participants WHERE participant_id = ANY(%(participants)s))
+"""
+_COUNTS = """
+SELECT participant_id, array_agg(day) AS days, array_agg(metric) AS metrics,
+       array_agg(readings) AS readings, array_agg(invalid) AS invalid,
+       array_agg(worn_minutes) AS worn_minutes
+FROM adherence_days
+WHERE participant_id = ANY(%(participants)s) AND day BETWEEN %(first)s AND %(last)s
+GROUP BY participant_id
+"""
 
 
-# Per participant and local day in [from, to]: the day's bounds in the zone valid at its
-# noon (UTC), the minutes of it inside the study period (first consent to the first full
-# withdrawal, and not after now), and per metric the schedule row in effect (the most
-# specific scope, then the latest effective_from) and what arrived.
-_METRIC_DAYS = f"""
-WITH people AS (
-    SELECT p.participant_id, p.study_id, p.arm,
-           coalesce(c.consented_at, 'infinity') AS consented_at,
-           least(coalesce(c.withdrawn_at, 'infinity'), now()) AS study_end
-    FROM participants p
-    LEFT JOIN LATERAL (
-        SELECT min(effective_at) FILTER (WHERE action = 'consent') AS consented_at,
-               min(effective_at) FILTER (WHERE action = 'withdraw') AS withdrawn_at
-        FROM consents WHERE participant_id = p.participant_id
-    ) c ON true
-    WHERE p.participant_id = ANY(%(participants)s)
-),
-days AS (
-    SELECT pe.*, d::date AS day, coalesce(tz.time_zone, 'UTC') AS zone
-    FROM people pe
-    CROSS JOIN generate_series(%(from)s::date, %(to)s::date, interval '1 day') AS d
-    {zone_join("tz", "pe.participant_id", "(d::date + time '12:00') AT TIME ZONE 'UTC'")}
-),
-bounds AS (
-    SELECT days.*, day::timestamp AT TIME ZONE zone AS day_start,
-           (day + 1)::timestamp AT TIME ZONE zone AS day_end
-    FROM days
-),
-shares AS (
-    SELECT b.participant_id, b.study_id, b.arm, b.day,
-           extract(epoch FROM b.day_end - b.day_start) / 60 AS day_minutes,
-           CASE WHEN least(b.day_end, b.study_end) > greatest(b.day_start, b.consented_at)
-                THEN extract(epoch FROM least(b.day_end, b.study_end)
-                                        - greatest(b.day_start, b.consented_at)) / 60
-                ELSE 0 END AS study_minutes
-    FROM bounds b
-),
-scheduled AS (
-    SELECT DISTINCT ON (sh.participant_id, sh.day, s.metric)
-           sh.participant_id, sh.day, s.metric, s.kind, s.rate_hz, s.wear_hours, s.per_day
-    FROM shares sh
-    JOIN collection_schedules s ON s.study_id = sh.study_id AND s.effective_from <= sh.day
-        AND (s.participant_id = sh.participant_id
-             OR (s.participant_id IS NULL AND (s.arm IS NULL OR s.arm = sh.arm)))
-    ORDER BY sh.participant_id, sh.day, s.metric, (s.participant_id IS NOT NULL) DESC,
-             (s.arm IS NOT NULL) DESC, s.effective_from DESC
-),
-keyed AS (
-    SELECT participant_id, day, metric FROM scheduled
-    UNION
-    SELECT participant_id, day, metric FROM adherence_days
-    WHERE participant_id = ANY(%(participants)s) AND day BETWEEN %(from)s AND %(to)s
-),
-joined AS (
-    SELECT k.participant_id, k.day, k.metric,
-           nullif(s.kind, 'none') AS kind, s.rate_hz, s.wear_hours, s.per_day,
-           coalesce(a.readings, 0) AS readings, coalesce(a.invalid, 0) AS invalid,
-           coalesce(a.worn_minutes, 0) AS worn_minutes, sh.study_minutes, sh.day_minutes
-    FROM keyed k
-    JOIN shares sh USING (participant_id, day)
-    LEFT JOIN scheduled s USING (participant_id, day, metric)
-    LEFT JOIN adherence_days a USING (participant_id, day, metric)
-),
-expected AS (
-    SELECT j.*,
-        CASE WHEN kind = 'continuous' AND study_minutes > 0 THEN
-            least(wear_hours * 60 * study_minutes / day_minutes, study_minutes) END
-            AS expected_minutes,
-        CASE WHEN kind = 'spot' THEN
-            floor(per_day * study_minutes / day_minutes)::int END AS expected_count
-    FROM joined j
-)
-SELECT participant_id, day, metric, kind, readings, invalid, worn_minutes,
-       study_minutes::float8 AS study_minutes, expected_minutes::float8 AS expected_minutes,
-       nullif(expected_count, 0) AS expected_count,
-       CASE WHEN expected_minutes > 0 THEN least(1, worn_minutes / expected_minutes)
-            WHEN expected_count > 0 THEN least(1, (readings - invalid)::float8 / expected_count)
-       END::float8 AS adherence,
-       CASE WHEN expected_minutes > 0 THEN
-            least(1, (readings - invalid) / (rate_hz * 60 * expected_minutes))
-       END::float8 AS completeness
-FROM expected
-"""  # noqa: S608 - constant fragments (storage.zones), no input
+async def _rows(conn: Conn, query: str, params: dict[str, object], row: type[T]) -> list[T]:
+    async with conn.cursor(row_factory=class_row(row)) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall()
 
-_METRIC_DAYS_ORDERED = _METRIC_DAYS + " ORDER BY participant_id, day, metric"
 
-_COHORT = f"""
-WITH metric_days AS ({_METRIC_DAYS})
-SELECT participant_id, day, avg(adherence)::float8 AS adherence,
-       count(adherence)::int AS metrics_expected,
-       count(*) FILTER (WHERE adherence >= 1)::int AS metrics_met
-FROM metric_days
-GROUP BY participant_id, day
-ORDER BY participant_id, day
-"""  # noqa: S608 - constant fragments (storage.zones), no input
+async def _inputs(
+    conn: Conn, participant_ids: Collection[str], first: date, last: date
+) -> tuple[list[Person], dict[str, list[ZoneSpan]], list[Rule], list[Counts], date, date, datetime]:
+    """What ``storage.adherence_math`` needs, in four indexed reads of one snapshot."""
+    params: dict[str, object] = {
+        "participants": list(participant_ids),
+        "first": first,
+        "last": last,
+    }
+    async with conn.transaction():
+        people = await _rows(conn, _PEOPLE, params, Person)
+        spans = await _rows(conn, _ZONES, params, ZoneSpan)
+        rules = await _rows(conn, _RULES, params, Rule)
+        counts = await _rows(conn, _COUNTS, params, Counts)
+        cur = await conn.execute("SELECT now()")
+        row = await cur.fetchone()
+    assert row is not None
+    zones: dict[str, list[ZoneSpan]] = {}
+    for z in spans:
+        zones.setdefault(z.participant_id, []).append(z)
+    return people, zones, rules, counts, first, last, row[0]
 
 
 async def days(
     conn: Conn, participant_ids: Collection[str], first: date, last: date
 ) -> list[MetricDay]:
     """Each participant's metrics on each local day from ``first`` to ``last``: those the
-    schedule expects and those with data."""
-    async with conn.cursor(row_factory=class_row(MetricDay)) as cur:
-        await cur.execute(
-            _METRIC_DAYS_ORDERED,
-            {"participants": list(participant_ids), "from": first, "to": last},
-        )
-        return await cur.fetchall()
+    schedule expects and those with data (storage.adherence_math says how)."""
+    return adherence_math.metric_days(*await _inputs(conn, participant_ids, first, last))
 
 
 async def cohort(
     conn: Conn, participant_ids: Collection[str], first: date, last: date
 ) -> list[ParticipantDay]:
     """Each participant's mean adherence per local day (the heat map's cells)."""
-    async with conn.cursor(row_factory=class_row(ParticipantDay)) as cur:
-        await cur.execute(
-            _COHORT, {"participants": list(participant_ids), "from": first, "to": last}
-        )
-        return await cur.fetchall()
+    return adherence_math.cohort(*await _inputs(conn, participant_ids, first, last))
 
 
 @dataclass(frozen=True, slots=True)

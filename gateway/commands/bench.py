@@ -216,6 +216,24 @@ def register(sub: Subparsers) -> None:
     bh.add_argument("--dir", help="where the outbox files go (default: the system temp dir)")
     bh.add_argument("--out", help="also write the JSON result to this file")
     bh.set_defaults(handler=_cmd_bench_hub)
+    ba = bench_sub.add_parser(
+        "adherence",
+        help="adherence kept current during ingestion; the cohort's answer at 1000 x 90 days",
+        description="a scratch study of N participants with D days of adherence: the bulk "
+        "writer's time per batch with adherence kept (and the refresh that merges it) "
+        "against the writer without it, and the cohort's answer (participants x 14 and 92 "
+        "days) against a bare read of the same cells; target: under 200 ms at 1000 x 90.",
+    )
+    add_database_flags(ba)
+    ba.add_argument("--participants", type=int, default=1000, help="participants (1000)")
+    ba.add_argument("--days", type=int, default=90, help="days of adherence (90)")
+    ba.add_argument(
+        "--batch-readings", type=int, default=6000, help="readings a batch stores (6000)"
+    )
+    ba.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (5)")
+    ba.add_argument("--queries", type=int, default=30, help="cohort answers timed (30)")
+    ba.add_argument("--out", help="also write the JSON result to this file")
+    ba.set_defaults(handler=_cmd_bench_adherence)
     bw = bench_sub.add_parser(
         "hub-wearables",
         help="the whole hub with N wearables at R Hz over minutes: CPU, memory, delivery",
@@ -248,6 +266,32 @@ def register(sub: Subparsers) -> None:
         "(default: bench/results/hub_wearables.json)",
     )
     bw.set_defaults(handler=_cmd_bench_hub_wearables)
+
+
+def _cmd_bench_adherence(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import adherence as adherence_bench
+
+    for flag, value, low in (
+        ("--participants", args.participants, 1),
+        ("--days", args.days, 1),
+        ("--batch-readings", args.batch_readings, 60),
+        ("--rounds", args.rounds, 1),
+        ("--queries", args.queries, 1),
+    ):
+        if value < low:
+            raise ConfigError(f"{flag} {value}: must be at least {low}")
+    result = run(
+        adherence_bench.run(
+            settings.require_database_url(),
+            participants=args.participants,
+            days=args.days,
+            batch_readings=args.batch_readings,
+            rounds=args.rounds,
+            queries=args.queries,
+            progress=sys.stderr,
+        )
+    )
+    return _emit(result, args.out)
 
 
 def _cmd_bench_storage(args: argparse.Namespace, settings: Settings) -> int:
