@@ -44,11 +44,11 @@ def minutes(day: date, start: tuple[int, int], end: tuple[int, int]) -> list[int
     return list(range(t, stop, 60_000))
 
 
-def hr(times: Iterable[int], flags: tuple[str, ...] | None = None) -> list[Reading]:
+def hr(times: Iterable[int], flags: tuple[str, ...] = ()) -> list[Reading]:
     return [Reading(t, "heart_rate", 70.0, "/min", "strap", flags) for t in times]
 
 
-def glucose(day: date, *hours: int, flags: tuple[str, ...] | None = None) -> list[Reading]:
+def glucose(day: date, *hours: int, flags: tuple[str, ...] = ()) -> list[Reading]:
     return [Reading(at(day, h), "glucose", 100.0, "mg/dL", "meter", flags) for h in hours]
 
 
