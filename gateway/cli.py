@@ -38,6 +38,7 @@ COMMANDS = (
     commands.audit,
     commands.alerts,
     commands.adherence,
+    commands.review,
     commands.export,
     commands.decode,
     commands.bench,

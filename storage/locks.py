@@ -317,13 +317,15 @@ async def _derive(conn: Conn, released: Sequence[Released], mode: StorageMode) -
     await review.note_changes(conn, [(p, d, s, rs) for (p, d, s), rs in by_envelope.items()])
 
 
-_LOCKS = """
+_LOCK_ROWS = """
 SELECT l.lock_id, l.study_id, l.from_time, l.to_time, l.reason, l.locked_by, l.locked_at,
        l.unlocked_by, l.unlocked_at, l.unlock_reason,
        (SELECT count(*) FROM held_readings h
         WHERE h.lock_id = l.lock_id AND h.released_at IS NULL) AS held
-FROM period_locks l WHERE l.study_id = %s ORDER BY l.lock_id
+FROM period_locks l
 """
+_LOCKS = _LOCK_ROWS + "WHERE l.study_id = %s ORDER BY l.lock_id"
+_LOCK_OF = _LOCK_ROWS + "WHERE l.lock_id = %s"
 
 
 async def locks(conn: Conn, study_id: str) -> list[PeriodLock]:
@@ -340,3 +342,20 @@ async def set_late_data_policy(
     await set_study_setting(
         conn, study_id, StudySetting.LATE_DATA_POLICY, policy.value, actor=actor
     )
+
+
+_POLICY = "SELECT late_data_policy FROM studies WHERE study_id = %s"
+
+
+async def study_policy(conn: Conn, study_id: str) -> LateDataPolicy | None:
+    """The study's late data policy; None when there is no such study."""
+    cur = await conn.execute(_POLICY, (study_id,))
+    row = await cur.fetchone()
+    return None if row is None else LateDataPolicy(str(row[0]))
+
+
+async def lock_of(conn: Conn, lock_id: int) -> PeriodLock | None:
+    """One lock, lifted or not, with the readings it holds; None when there is none."""
+    async with conn.cursor(row_factory=class_row(PeriodLock)) as cur:
+        await cur.execute(_LOCK_OF, (lock_id,))
+        return await cur.fetchone()

@@ -462,6 +462,12 @@ def test_the_cli_requires_the_roles_the_api_requires() -> None:
         "consent withdraw": "withdraw_consent",
         "export fhir": "submit_export",
         "adherence show": "get_adherence",
+        "review sign": "sign_off_review",
+        "review list": "list_reviews",
+        "review lock": "lock_period",
+        "review unlock": "unlock_period",
+        "review locks": "list_locks",
+        "review late-data": "set_late_data_policy",
     }
     for command, operation in same_act.items():
         assert operator.ROLES[command] == api[operation], command

@@ -14,6 +14,7 @@ from gateway.commands import (
     demo,
     export,
     hub,
+    review,
     serve,
     site,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "demo",
     "export",
     "hub",
+    "review",
     "serve",
     "site",
 ]

@@ -91,6 +91,12 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "export fhir": CLINICAL,
     "export sdtm": CLINICAL,
     "export adherence": CLINICAL,
+    "review sign": frozenset({Role.CLINICIAN, Role.MONITOR}),  # POST /participants/{p}/reviews
+    "review list": STAFF_AND_ADMIN,  # GET /participants/{p}/reviews
+    "review lock": ADMIN_ONLY,  # POST /studies/{study}/locks
+    "review unlock": ADMIN_ONLY,  # POST /locks/{lock_id}/unlock
+    "review locks": STAFF_AND_ADMIN,  # GET /studies/{study}/locks
+    "review late-data": ADMIN_ONLY,  # PUT /studies/{study}/late-data-policy
 }
 
 

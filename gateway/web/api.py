@@ -23,6 +23,7 @@ from gateway.web import (
     api_participants,
     api_people,
     api_queries,
+    api_review,
 )
 from gateway.web.access import ADMIN_ONLY
 from gateway.web.api_common import V1
@@ -50,6 +51,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     *api_adherence.ENDPOINTS,
     *api_alerts.ENDPOINTS,
     *api_queries.ENDPOINTS,
+    *api_review.ENDPOINTS,
     *api_exports.ENDPOINTS,
     *api_people.USER_ENDPOINTS,
     Endpoint(

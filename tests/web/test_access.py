@@ -17,7 +17,7 @@ from device_drivers.identity import make_csr
 from gateway import enrollment
 from gateway.app import STUDY_CA
 from ingest import hub_requests, keys
-from storage import alerts, db, queries, registry
+from storage import alerts, db, locks, queries, registry
 from tests.fixtures.gateway import METRICS_HEADERS
 from tests.fixtures.hubs import issued_a_day_ago
 from tests.fixtures.trial import ALL_SCOPES
@@ -179,6 +179,45 @@ async def a_query(w: Web) -> tuple[str, Any]:
     return f"/api/v1/queries/{await fresh_query(w)}", None
 
 
+# Review and lock (docs/review.md): e-signed with the caller's own password; a period of
+# long ago, so that no other operation's data falls in a lock the sweep makes.
+LOCKED_FROM = datetime(2020, 1, 1, tzinfo=UTC)
+LOCKED_TO = datetime(2020, 1, 2, tzinfo=UTC)
+SIGNERS = frozenset({"clinician", "monitor"})
+
+
+async def review_sign_off(w: Web, key: str | None) -> tuple[str, Any]:
+    body = {
+        "from": LOCKED_FROM.isoformat(),
+        "to": LOCKED_TO.isoformat(),
+        "meaning": "Reviewed",
+        "username": key or "nobody",
+        "password": PASSWORD,
+    }
+    return "/api/v1/participants/P1/reviews", body
+
+
+async def lock_body(w: Web) -> tuple[str, Any]:
+    body = {
+        "from": LOCKED_FROM.isoformat(),
+        "to": LOCKED_TO.isoformat(),
+        "reason": "interim analysis",
+        "username": "admin",
+        "password": PASSWORD,
+    }
+    return "/api/v1/studies/S1/locks", body
+
+
+async def fresh_lock(w: Web) -> tuple[str, Any]:
+    """A lock in force, so each attempt finds one to lift."""
+    async with db.connection(w.trial.url, autocommit=True) as conn:
+        lock_id = await locks.lock_period(
+            conn, "S1", LOCKED_FROM, LOCKED_TO, "interim analysis", actor="admin"
+        )
+    body = {"reason": "query answered", "username": "admin", "password": PASSWORD}
+    return f"/api/v1/locks/{lock_id}/unlock", body
+
+
 async def login_body(w: Web) -> tuple[str, Any]:
     return "/api/v1/session", {"username": "admin", "password": PASSWORD}
 
@@ -258,6 +297,14 @@ EXPECTED: dict[str, Expect] = {
     "answer_query": Expect(frozenset({"coordinator", "clinician", "admin"}), query_step("answer")),
     "close_query": Expect(frozenset({"monitor", "admin"}), query_step("close")),
     "reopen_query": Expect(frozenset({"monitor", "admin"}), query_step("reopen", closed=True)),
+    "sign_off_review": Expect(SIGNERS, fixed(""), 201, build_for=review_sign_off),
+    "list_reviews": Expect(STAFF, fixed("/api/v1/participants/P1/reviews")),
+    "lock_period": Expect(frozenset({"admin"}), lock_body, 201),
+    "list_locks": Expect(STAFF, fixed("/api/v1/studies/S1/locks")),
+    "unlock_period": Expect(frozenset({"admin"}), fresh_lock),
+    "set_late_data_policy": Expect(
+        frozenset({"admin"}), fixed("/api/v1/studies/S1/late-data-policy", {"policy": "refuse"})
+    ),
     "sign_consent": Expect(frozenset({"participant", "coordinator", "admin"}), new_version, 201),
     "withdraw_consent": Expect(
         frozenset({"participant", "coordinator", "admin"}), fixed(""), 201, build_for=withdrawal

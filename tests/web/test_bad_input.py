@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from storage import db
-from tests.web.conftest import Web
+from tests.web.conftest import PASSWORD, Web
 
 SQLISH = "P1'; DROP TABLE participants; --"
 SCRIPT = "<script>alert(1)</script>"
@@ -304,3 +304,97 @@ async def test_sql_looking_text_is_data_not_sql(web: Web) -> None:
     names = {u["username"]: u["display_name"] for u in (await resp.json())["users"]}
     assert names["robert"] == SQLISH
     assert await counts(web.trial.url) >= (2, 1, 0, 2)
+
+
+# Review and lock (docs/review.md): (caller, name, method, path, body, status, problem type
+# suffix). A monitor signs off, an admin locks; each case is refused before a password is
+# checked, and nothing is stored.
+REVIEWS = "/api/v1/participants/P1/reviews"
+SIGN = {
+    "from": "2026-03-10T00:00:00Z",
+    "to": "2026-03-11T00:00:00Z",
+    "meaning": "Reviewed",
+    "username": "monitor",
+    "password": PASSWORD,
+}
+LOCK = {
+    "from": SIGN["from"],
+    "to": SIGN["to"],
+    "reason": "interim analysis",
+    "username": "admin",
+    "password": PASSWORD,
+}
+UNLOCK = {"reason": "answered", "username": "admin", "password": PASSWORD}
+REVIEW_CASES: list[tuple[str, str, str, str, Any, int, str]] = [
+    ("monitor", "time_without_zone", "POST", REVIEWS, {**SIGN, "to": "2026-03-11T00:00"}, 400,
+     "invalid-field"),
+    ("monitor", "no_such_month", "POST", REVIEWS, {**SIGN, "from": "2026-13-01T00:00:00Z"}, 400,
+     "invalid-field"),
+    ("monitor", "time_too_long", "POST", REVIEWS, {**SIGN, "from": "2" * 5000}, 400,
+     "invalid-field"),
+    ("monitor", "time_as_number", "POST", REVIEWS, {**SIGN, "from": 1773100800}, 400,
+     "invalid-field"),
+    ("monitor", "period_backwards", "POST", REVIEWS, {**SIGN, "to": SIGN["from"]}, 400,
+     "invalid-field"),
+    ("monitor", "meaning_too_long", "POST", REVIEWS, {**SIGN, "meaning": "x" * 201}, 400,
+     "invalid-field"),
+    ("monitor", "meaning_blank", "POST", REVIEWS, {**SIGN, "meaning": "   "}, 400,
+     "invalid-field"),
+    ("monitor", "meaning_control", "POST", REVIEWS, {**SIGN, "meaning": "a\u0007b"}, 400,
+     "invalid-field"),
+    ("monitor", "signer_role_given", "POST", REVIEWS, {**SIGN, "signer_role": "admin"}, 400,
+     "invalid-field"),
+    ("monitor", "password_too_long", "POST", REVIEWS, {**SIGN, "password": "x" * 1025}, 400,
+     "invalid-field"),
+    ("monitor", "sql_in_participant", "POST", "/api/v1/participants/P1'%20OR%201=1/reviews",
+     SIGN, 400, "invalid-field"),
+    ("monitor", "unknown_participant", "POST", "/api/v1/participants/P404/reviews", SIGN, 404,
+     "not-found"),
+    ("admin", "sql_in_study", "POST", "/api/v1/studies/S1'%20OR%201=1/locks", LOCK, 400,
+     "invalid-field"),
+    ("admin", "reason_too_long", "POST", "/api/v1/studies/S1/locks",
+     {**LOCK, "reason": "x" * 501}, 400, "invalid-field"),
+    ("admin", "reason_blank", "POST", "/api/v1/studies/S1/locks", {**LOCK, "reason": " "}, 400,
+     "invalid-field"),
+    ("admin", "lock_unknown_study", "POST", "/api/v1/studies/NOPE/locks", LOCK, 404,
+     "not-found"),
+    ("admin", "locks_unknown_study", "GET", "/api/v1/studies/NOPE/locks", None, 404,
+     "not-found"),
+    ("admin", "lock_id_zero", "POST", "/api/v1/locks/0/unlock", UNLOCK, 400, "invalid-field"),
+    ("admin", "lock_id_huge", "POST", "/api/v1/locks/99999999999999999999/unlock", UNLOCK, 400,
+     "invalid-field"),
+    ("admin", "unknown_lock", "POST", "/api/v1/locks/999999/unlock", UNLOCK, 404, "not-found"),
+    ("admin", "unknown_policy", "PUT", "/api/v1/studies/S1/late-data-policy",
+     {"policy": "drop"}, 400, "invalid-field"),
+    ("admin", "policy_unknown_study", "PUT", "/api/v1/studies/NOPE/late-data-policy",
+     {"policy": "hold"}, 404, "not-found"),
+]  # fmt: skip
+
+
+async def review_state(url: str) -> tuple[int, ...]:
+    async with db.connection(url) as conn:
+        cur = await conn.execute(
+            "SELECT (SELECT count(*) FROM review_signoffs), (SELECT count(*) FROM period_locks),"
+            " (SELECT sum(failed_logins) FROM users),"
+            " (SELECT count(*) FROM studies WHERE late_data_policy <> 'refuse')"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return tuple(int(v) for v in row)
+
+
+async def test_bad_review_and_lock_input_gets_problem_details_and_spends_no_password(
+    web: Web,
+) -> None:
+    before = await review_state(web.trial.url)
+    failures = []
+    for key, name, method, path, body, status, kind in REVIEW_CASES:
+        headers = (await web.sign_in(key)).headers()
+        resp = await web.gateway.client.request(method, path, json=body, headers=headers)
+        text = await resp.text()
+        problem = await resp.json() if resp.content_type == "application/problem+json" else {}
+        got = (resp.status, problem.get("status"), str(problem.get("type", "")).rsplit("/", 1)[-1])
+        if got != (status, status, kind):
+            failures.append(f"{name}: {resp.status} {resp.content_type} {text[:200]}")
+    assert not failures, "\n".join(failures)
+    assert await review_state(web.trial.url) == before
