@@ -54,7 +54,6 @@ from bleak_retry_connector import establish_connection
 from device_drivers.gatt import (
     battery,
     body_composition,
-    current_time,
     device_information,
     glucose,
     racp,
@@ -67,6 +66,8 @@ from device_drivers.pairing import (
     BleBackends,
     DriverError,
     find,
+    read_details,
+    set_current_time,
     short_service,
 )
 from device_drivers.stamping import to_readings
@@ -543,34 +544,23 @@ class WearableSession:
             await self._store_body_composition(*held)
 
     async def _describe(self, client: BleakClient) -> SensorInfo:
-        fields: dict[str, Any] = {}
-        for name, char_id in DEVICE_INFORMATION.items():
-            with contextlib.suppress(BleakError, GattError):
-                raw = await client.read_gatt_char(registry.full_uuid(char_id))
-                fields[name] = device_information.decode(bytes(raw), char_id)
-        with contextlib.suppress(BleakError, GattError):
-            raw = await client.read_gatt_char(registry.full_uuid(BATTERY_LEVEL))
-            fields["battery_level"] = battery.decode(bytes(raw)).percent
+        d = await read_details(client)
         return SensorInfo(
-            self.spec.sensor, self.spec.address, client.name, **fields, paired_user=self.spec.user
+            self.spec.sensor,
+            self.spec.address,
+            client.name,
+            manufacturer=d.manufacturer,
+            model=d.model,
+            serial=d.serial,
+            firmware=d.firmware,
+            hardware=d.hardware,
+            battery_level=d.battery_level,
+            paired_user=self.spec.user,
         )
 
     async def _set_clock(self, client: BleakClient) -> None:
-        char = client.services.get_characteristic(registry.full_uuid(CURRENT_TIME))
-        if char is None or not ({"write", "write-without-response"} & set(char.properties)):
-            return
-        now = datetime.fromtimestamp(self.clock(), UTC)
-        value = current_time.CurrentTime.from_datetime(now)
-        try:
-            await client.write_gatt_char(char, current_time.encode(value), response=True)
-        except BleakError as exc:
-            log.info(
-                "wearable refused the clock sensor=%s error=%s",
-                self.spec.sensor,
-                type(exc).__name__,
-            )
-            return
-        self.stats.clock_writes += 1
+        if await set_current_time(client, datetime.fromtimestamp(self.clock(), UTC)):
+            self.stats.clock_writes += 1
 
     async def _gap(self, from_ms: int, to_ms: int, reason: str) -> None:
         # A span that crosses a backwards clock jump ends "before" it starts; its ends are
