@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from bench.common import Progress, database_name, machine, scratch_database, server_version
 from ingest.model import AcceptedEnvelope, Batch, Reading
-from storage import db, views
+from storage import db, rollups
 from storage.migrate import StorageMode, migrate
 from storage.partitions import ensure_partitions, partition_start_ms
 from storage.writer import BulkWriter
@@ -154,9 +154,9 @@ def _hour_batch(round_no: int, hour_ms: int) -> Batch:
 
 async def _rollups(url: str, hour_readings: int, say: Progress) -> dict[str, Any]:
     """Median refresh time after a batch: merging its deltas against recomputing its hours."""
-    hour_ms = T0_MS - T0_MS % views.HOUR_MS
+    hour_ms = T0_MS - T0_MS % rollups.HOUR_MS
     pids = [f"P-roll-{p}" for p in range(ROLLUP_PARTICIPANTS)]
-    hour = hour_ms // views.HOUR_MS
+    hour = hour_ms // rollups.HOUR_MS
     async with db.connection(url, autocommit=True) as conn:
         say(f"rollups: {ROLLUP_PARTICIPANTS} participant-hours of {hour_readings:,} readings")
         await ensure_partitions(conn, {partition_start_ms(hour_ms)})  # the prefill's
@@ -168,8 +168,8 @@ async def _rollups(url: str, hour_readings: int, say: Progress) -> dict[str, Any
             {"h": hour_ms, "n": ROLLUP_PARTICIPANTS, "total": ROLLUP_PARTICIPANTS * hour_readings},
         )
         await conn.execute("ANALYZE readings")
-        await views.invalidate_rollups(conn, pids, ["heart_rate"] * len(pids), [hour] * len(pids))
-        await views.refresh_rollups(conn, StorageMode.PLAIN)
+        await rollups.invalidate_rollups(conn, pids, ["heart_rate"] * len(pids), [hour] * len(pids))
+        await rollups.refresh_rollups(conn, StorageMode.PLAIN)
     pool = await db.open_pool(url, min_size=1, max_size=2)
     timings: dict[str, list[float]] = {"merge": [], "recompute": []}
     try:
@@ -180,11 +180,11 @@ async def _rollups(url: str, hour_readings: int, say: Progress) -> dict[str, Any
             async with pool.connection() as conn:
                 if method == "recompute":
                     async with conn.transaction():
-                        await views.invalidate_rollups(
+                        await rollups.invalidate_rollups(
                             conn, pids, ["heart_rate"] * len(pids), [hour] * len(pids)
                         )
                 t = time.perf_counter()
-                await views.refresh_rollups(conn, StorageMode.PLAIN)
+                await rollups.refresh_rollups(conn, StorageMode.PLAIN)
                 timings[method].append((time.perf_counter() - t) * 1000)
         async with pool.connection() as conn:
             cur = await conn.execute(_ROLLUPS_AGREE, {"p": pids})

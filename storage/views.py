@@ -1,32 +1,31 @@
 """Read queries behind the web pages and the API: sites, participants, devices, what was sent
-and received, enrollment codes, hourly rollups, alerts and users. A participant's readings
-and gaps are read by ``storage.reading_views``, consent documents by
-``storage.consent_views``.
+and received, enrollment codes, alerts and users. A participant's readings and gaps are read by
+``storage.reading_views``, consent documents by ``storage.consent_views``, hourly rollups
+by ``storage.rollups``.
 
 Nothing here decides who may see what (``gateway.web.access`` does); every function takes the
 ids it is allowed to read. Values leave only as rows for the caller to return; nothing here
 logs them.
 
-Rollups: ``readings_1h`` holds hourly count/mean/min/max per participant and metric. On
-TimescaleDB it is a continuous aggregate with real-time aggregation (its policy refreshes
-it). On plain PostgreSQL it is a table that :func:`refresh_rollups` brings up to date: each
-stored batch records its count, sum, minimum and maximum per participant, metric and hour in
-``rollup_deltas``, and each withdrawal the hours it deleted readings from in
-``rollup_invalidations`` (each in its own transaction, so none is missed however late it
-commits); the refresh merges the first into their hours and recomputes exactly the second.
+
+Last seen: a wearable's "last seen" is its newest reading, by reading time, read from
+``readings`` through the (participant, metric, time) index (:func:`sensor_last_readings`);
+``sensors.last_seen`` is only when its hub last reported it (battery, description), which a
+hub does on connecting, not with every reading.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Final
 
-from ingest.model import Reading
+from psycopg.rows import class_row
+
+from ingest.metrics import METRICS
 from storage.alerts import Alert, AlertEvent
 from storage.db import Conn
-from storage.migrate import StorageMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +50,34 @@ class ParticipantRow:
     consent_effective_at: datetime | None
 
 
+# How far back the pages look for a participant's latest readings ("last seen", an alert's
+# current value, a site's "last data"). Partitions and TimescaleDB chunks are 7 days wide:
+# a look back reads at most 5 of them per participant and metric.
+RECENT_READINGS: Final = timedelta(days=30)
+# A wearable's last reading is found among the newest this many readings of each of the
+# participant's metrics (read newest first from readings_participant_metric_time): exact for
+# every wearable with a reading among them, which misses only one whose readings are all of
+# metrics another of the participant's wearables has sent this many of since (a replaced
+# strap under a new name, after 500 s of its successor's 1 Hz stream).
+LAST_SEEN_PER_METRIC: Final = 500
+
+
 @dataclass(frozen=True, slots=True)
 class SensorRow:
+    """A wearable of a hub, with its last reading. ``last_reading``: the time of its newest
+    stored reading (None: none recent, see :data:`LAST_SEEN_PER_METRIC`); ``first_seen`` and
+    ``last_report``: when its hub first and last reported it (battery, description), which
+    says nothing about its readings; None for a wearable known only by its readings (its hub
+    never described it)."""
+
     sensor: str
     manufacturer: str | None
     model: str | None
     firmware: str | None
     battery_level: int | None
-    first_seen: datetime
-    last_seen: datetime
+    first_seen: datetime | None
+    last_report: datetime | None
+    last_reading: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,16 +122,6 @@ class EnrollmentCodeRow:
     expires_at: datetime
     used_at: datetime | None
     device_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class RollupRow:
-    metric: str
-    bucket: datetime
-    n: int
-    mean: float
-    min: float
-    max: float
 
 
 async def sites(conn: Conn, site_ids: Collection[str] | None) -> list[SiteRow]:
@@ -183,43 +191,215 @@ async def participant(conn: Conn, participant_id: str) -> ParticipantRow | None:
     return None if row is None else _participant(row)
 
 
+@dataclass(frozen=True, slots=True)
+class OpenWork:
+    """What is still open about a participant: alerts not yet resolved (open or
+    acknowledged), data queries awaiting the site's answer (``open``) and answered ones
+    awaiting the monitor (``answered``)."""
+
+    participant_id: str
+    unresolved_alerts: int
+    open_queries: int
+    answered_queries: int
+
+
+# Each count through its index (alerts_one_open, data_queries_participant).
+_OPEN_WORK = """
+SELECT p.participant_id,
+       (SELECT count(*) FROM alerts a
+        WHERE a.participant_id = p.participant_id AND a.state <> 'resolved') AS unresolved_alerts,
+       (SELECT count(*) FROM data_queries q
+        WHERE q.participant_id = p.participant_id AND q.state = 'open') AS open_queries,
+       (SELECT count(*) FROM data_queries q
+        WHERE q.participant_id = p.participant_id AND q.state = 'answered') AS answered_queries
+FROM participants p
+WHERE p.site_id = %(site)s
+ORDER BY p.participant_id
+"""
+
+
+async def open_work(conn: Conn, site_id: str) -> dict[str, OpenWork]:
+    """Every participant of the site with their unresolved alerts and open queries: one
+    statement for the whole site."""
+    async with conn.cursor(row_factory=class_row(OpenWork)) as cur:
+        await cur.execute(_OPEN_WORK, {"site": site_id})
+        return {w.participant_id: w for w in await cur.fetchall()}
+
+
+@dataclass(frozen=True, slots=True)
+class _HubRow:
+    participant_id: str
+    device_id: str
+    enrolled_at: datetime
+    revoked_at: datetime | None
+    revoked_reason: str | None
+    last_received: datetime | None
+    envelopes: int
+    readings_stored: int
+    readings_refused: int
+
+
+@dataclass(frozen=True, slots=True)
+class _ReportedSensor:
+    device_id: str
+    sensor: str
+    manufacturer: str | None
+    model: str | None
+    firmware: str | None
+    battery_level: int | None
+    first_seen: datetime
+    last_report: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SensorLastReading:
+    """The newest stored reading's time of one wearable (hub and sensor name) of a
+    participant."""
+
+    participant_id: str
+    device_id: str
+    sensor: str
+    last_reading: datetime
+
+
+_HUBS = """
+SELECT d.participant_id, d.device_id, d.enrolled_at, d.revoked_at, d.revoked_reason,
+       max(e.received_at) AS last_received, count(e.seq) AS envelopes,
+       coalesce(sum(e.stored_count), 0) AS readings_stored,
+       coalesce(sum(e.refused_count), 0) AS readings_refused
+FROM devices d LEFT JOIN envelopes e ON e.device_id = d.device_id
+WHERE d.participant_id = ANY(%(pids)s)
+GROUP BY d.device_id
+ORDER BY d.participant_id, d.enrolled_at, d.device_id
+"""
+_REPORTED_SENSORS = """
+SELECT s.device_id, s.sensor, s.manufacturer, s.model, s.firmware, s.battery_level,
+       s.first_seen, s.last_seen AS last_report
+FROM sensors s JOIN devices d USING (device_id)
+WHERE d.participant_id = ANY(%(pids)s)
+ORDER BY s.device_id, s.sensor
+"""
+# Per participant and metric, the newest readings (the index readings_participant_metric_time
+# read newest first, a few partitions at most), and the latest time per wearable among them.
+_SENSOR_LAST_READINGS = """
+SELECT p.participant_id, r.device_id, r.sensor, max(r.time) AS last_reading
+FROM unnest(%(pids)s::text[]) AS p (participant_id)
+CROSS JOIN unnest(%(metrics)s::text[]) AS m (metric)
+CROSS JOIN LATERAL (
+    SELECT device_id, sensor, time FROM readings
+    WHERE participant_id = p.participant_id AND metric = m.metric
+      AND time >= now() - %(lookback)s::interval
+    ORDER BY time DESC
+    LIMIT %(per_metric)s
+) r
+GROUP BY p.participant_id, r.device_id, r.sensor
+ORDER BY p.participant_id, r.device_id, r.sensor
+"""
+
+
+async def sensor_last_readings(
+    conn: Conn, participant_ids: Collection[str]
+) -> list[SensorLastReading]:
+    """When each wearable of ``participant_ids`` sent its newest reading (by reading time),
+    within the last :data:`RECENT_READINGS`: one statement for all of them. A wearable with
+    no reading there is left out, and so (rarely) is one whose every reading lies behind
+    :data:`LAST_SEEN_PER_METRIC` newer readings of the same metrics."""
+    if not participant_ids:
+        return []
+    async with conn.cursor(row_factory=class_row(SensorLastReading)) as cur:
+        await cur.execute(
+            _SENSOR_LAST_READINGS,
+            {
+                "pids": list(participant_ids),
+                "metrics": sorted(METRICS),
+                "lookback": RECENT_READINGS,
+                "per_metric": LAST_SEEN_PER_METRIC,
+            },
+        )
+        return await cur.fetchall()
+
+
+def last_reading_of(rows: Iterable[SensorLastReading]) -> dict[str, datetime]:
+    """Each participant's newest reading time among ``rows``."""
+    out: dict[str, datetime] = {}
+    for r in rows:
+        if r.participant_id not in out or r.last_reading > out[r.participant_id]:
+            out[r.participant_id] = r.last_reading
+    return out
+
+
+async def devices_of(
+    conn: Conn,
+    participant_ids: Collection[str],
+    last_readings: Iterable[SensorLastReading] | None = None,
+) -> dict[str, list[DeviceRow]]:
+    """The hubs of each of ``participant_ids`` (every one present, [] without hubs) with
+    their wearables (battery, last report, last reading) and envelope counts: three
+    statements whatever the number of participants, and a fourth unless ``last_readings``
+    (what :func:`sensor_last_readings` answered for them) is given. A wearable that sent
+    readings but was never described by its hub is listed with its sensor name only."""
+    pids = list(participant_ids)
+    async with conn.cursor(row_factory=class_row(_HubRow)) as cur:
+        await cur.execute(_HUBS, {"pids": pids})
+        hubs = await cur.fetchall()
+    async with conn.cursor(row_factory=class_row(_ReportedSensor)) as cur:
+        await cur.execute(_REPORTED_SENSORS, {"pids": pids})
+        reported = await cur.fetchall()
+    if last_readings is None:
+        last_readings = await sensor_last_readings(conn, pids)
+    # A hub belongs to one participant, so (hub, sensor) names a wearable.
+    last = {(r.device_id, r.sensor): r.last_reading for r in last_readings}
+    by_hub: dict[str, list[SensorRow]] = {}
+    known = {(s.device_id, s.sensor) for s in reported}
+    unreported = sorted(k for k in last if k not in known)
+    for device_id, sensor in unreported:
+        by_hub.setdefault(device_id, []).append(
+            SensorRow(
+                sensor=sensor,
+                manufacturer=None,
+                model=None,
+                firmware=None,
+                battery_level=None,
+                first_seen=None,
+                last_report=None,
+                last_reading=last[(device_id, sensor)],
+            )
+        )
+    for s in reported:
+        by_hub.setdefault(s.device_id, []).append(
+            SensorRow(
+                sensor=s.sensor,
+                manufacturer=s.manufacturer,
+                model=s.model,
+                firmware=s.firmware,
+                battery_level=s.battery_level,
+                first_seen=s.first_seen,
+                last_report=s.last_report,
+                last_reading=last.get((s.device_id, s.sensor)),
+            )
+        )
+    out: dict[str, list[DeviceRow]] = {p: [] for p in pids}
+    for h in hubs:
+        out[h.participant_id].append(
+            DeviceRow(
+                device_id=h.device_id,
+                enrolled_at=h.enrolled_at,
+                revoked_at=h.revoked_at,
+                revoked_reason=h.revoked_reason,
+                last_received=h.last_received,
+                envelopes=h.envelopes,
+                readings_stored=h.readings_stored,
+                readings_refused=h.readings_refused,
+                sensors=tuple(sorted(by_hub.get(h.device_id, ()), key=lambda s: s.sensor)),
+            )
+        )
+    return out
+
+
 async def devices(conn: Conn, participant_id: str) -> list[DeviceRow]:
-    """The participant's hubs with their wearables (battery, last seen) and envelope counts."""
-    cur = await conn.execute(
-        "SELECT d.device_id, d.enrolled_at, d.revoked_at, d.revoked_reason,"
-        " max(e.received_at), count(e.seq), coalesce(sum(e.stored_count), 0),"
-        " coalesce(sum(e.refused_count), 0)"
-        " FROM devices d LEFT JOIN envelopes e ON e.device_id = d.device_id"
-        " WHERE d.participant_id = %s GROUP BY d.device_id ORDER BY d.enrolled_at, d.device_id",
-        (participant_id,),
-    )
-    rows = await cur.fetchall()
-    cur = await conn.execute(
-        "SELECT s.device_id, s.sensor, s.manufacturer, s.model, s.firmware, s.battery_level,"
-        " s.first_seen, s.last_seen FROM sensors s JOIN devices d USING (device_id)"
-        " WHERE d.participant_id = %s ORDER BY s.device_id, s.sensor",
-        (participant_id,),
-    )
-    by_device: dict[str, list[SensorRow]] = {}
-    for dev, *rest in await cur.fetchall():
-        sensor, manufacturer, model, firmware, battery, first, last = rest
-        by_device.setdefault(str(dev), []).append(
-            SensorRow(str(sensor), manufacturer, model, firmware, battery, first, last)
-        )
-    return [
-        DeviceRow(
-            str(dev),
-            enrolled,
-            revoked,
-            reason,
-            last,
-            int(n),
-            int(stored),
-            int(refused),
-            tuple(by_device.get(str(dev), ())),
-        )
-        for dev, enrolled, revoked, reason, last, n, stored, refused in rows
-    ]
+    """The participant's hubs with their wearables (battery, last report, last reading) and
+    envelope counts."""
+    return (await devices_of(conn, [participant_id]))[participant_id]
 
 
 async def recent_envelopes(
@@ -268,174 +448,50 @@ async def enrollment_codes(
     ]
 
 
-async def rollups(
-    conn: Conn,
-    participant_id: str,
-    since: datetime,
-    *,
-    metrics: Collection[str] | None = None,
-) -> list[RollupRow]:
-    cur = await conn.execute(
-        "SELECT metric, bucket, n, mean, min, max FROM readings_1h"
-        " WHERE participant_id = %(pid)s AND bucket >= date_trunc('hour', %(since)s::timestamptz)"
-        " AND (%(metrics)s::text[] IS NULL OR metric = ANY(%(metrics)s))"
-        " ORDER BY metric, bucket",
-        {
-            "pid": participant_id,
-            "since": since,
-            "metrics": None if metrics is None else list(metrics),
-        },
-    )
-    return [
-        RollupRow(str(m), b, int(n), float(mean), float(lo), float(hi))
-        for m, b, n, mean, lo, hi in await cur.fetchall()
-    ]
-
-
-# An arbitrary, fixed key for pg_advisory_xact_lock: one rollup refresher at a time.
-ROLLUP_LOCK_KEY = 0x726F_6C6C_7570
-
-# One statement, so one snapshot: a batch's deltas and its readings are both seen or both
-# not, and an hour recomputed from its readings never also gets the deltas of readings it
-# already counted. Hours a withdrawal touched are recomputed (and dropped when left empty);
-# every other hour merges what arrived since the last refresh into its row.
-_REFRESH = """
-WITH taken_deltas AS (
-    DELETE FROM rollup_deltas RETURNING participant_ids, metrics, hours, counts, sums, mins, maxs
-), deltas AS (
-    SELECT u.participant_id, u.metric, to_timestamp(u.hour * 3600) AS bucket,
-           sum(u.n)::bigint AS n, sum(u.total) AS total, min(u.lo) AS lo, max(u.hi) AS hi
-    FROM taken_deltas,
-        unnest(taken_deltas.participant_ids, taken_deltas.metrics, taken_deltas.hours,
-               taken_deltas.counts, taken_deltas.sums, taken_deltas.mins, taken_deltas.maxs)
-            AS u(participant_id, metric, hour, n, total, lo, hi)
-    GROUP BY 1, 2, 3
-), taken_invalidations AS (
-    DELETE FROM rollup_invalidations RETURNING participant_ids, metrics, hours
-), touched AS (
-    SELECT DISTINCT u.participant_id, u.metric, to_timestamp(u.hour * 3600) AS bucket
-    FROM taken_invalidations,
-        unnest(taken_invalidations.participant_ids, taken_invalidations.metrics,
-               taken_invalidations.hours) AS u(participant_id, metric, hour)
-), fresh AS (
-    SELECT t.participant_id, t.metric, t.bucket, count(r.value) AS n, avg(r.value) AS mean,
-           min(r.value) AS min, max(r.value) AS max
-    FROM touched t LEFT JOIN readings r ON r.participant_id = t.participant_id
-        AND r.metric = t.metric AND r.time >= t.bucket AND r.time < t.bucket + interval '1 hour'
-    GROUP BY t.participant_id, t.metric, t.bucket
-), gone AS (
-    DELETE FROM readings_1h h USING fresh f
-    WHERE f.n = 0
-      AND (h.participant_id, h.metric, h.bucket) = (f.participant_id, f.metric, f.bucket)
-), recomputed AS (
-    INSERT INTO readings_1h (participant_id, metric, bucket, n, mean, min, max)
-    SELECT participant_id, metric, bucket, n, mean, min, max FROM fresh WHERE n > 0
-    ON CONFLICT (participant_id, metric, bucket) DO UPDATE SET
-        n = excluded.n, mean = excluded.mean, min = excluded.min, max = excluded.max
-), merged AS (
-    INSERT INTO readings_1h AS h (participant_id, metric, bucket, n, mean, min, max)
-    SELECT d.participant_id, d.metric, d.bucket, d.n, d.total / d.n, d.lo, d.hi FROM deltas d
-    WHERE NOT EXISTS (
-        SELECT 1 FROM touched t
-        WHERE (t.participant_id, t.metric, t.bucket) = (d.participant_id, d.metric, d.bucket))
-    ON CONFLICT (participant_id, metric, bucket) DO UPDATE SET
-        n = h.n + excluded.n,
-        mean = (h.mean * h.n + excluded.mean * excluded.n) / (h.n + excluded.n),
-        min = least(h.min, excluded.min),
-        max = greatest(h.max, excluded.max)
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM touched) + (SELECT count(*) FROM merged)
-"""
-
-
-HOUR_MS = 3_600_000
-
-# (participant, metric, hour since the epoch) -> [count, sum, min, max] of a batch's readings.
-HourPartials = dict[tuple[str, str, int], list[float]]
-
-
-def add_to_partials(
-    partials: HourPartials, participant_id: str, readings: Iterable[Reading]
-) -> None:
-    """Fold one participant's readings into ``partials``."""
-    for t_ms, metric, value, *_ in readings:
-        key = (participant_id, metric, t_ms // HOUR_MS)
-        acc = partials.get(key)
-        if acc is None:
-            partials[key] = [1, value, value, value]
-        else:
-            acc[0] += 1
-            acc[1] += value
-            if value < acc[2]:
-                acc[2] = value
-            elif value > acc[3]:
-                acc[3] = value
-
-
-async def add_rollup_deltas(conn: Conn, partials: HourPartials) -> None:
-    """Record what a batch adds to the hourly rollups, in the caller's transaction: the
-    writer calls it with each batch it stores (plain mode)."""
-    if partials:
-        keys, accs = partials.keys(), partials.values()
-        await conn.execute(
-            "INSERT INTO rollup_deltas (participant_ids, metrics, hours, counts, sums, mins, maxs)"
-            " VALUES (%b::text[], %b::text[], %b::int8[], %b::int8[], %b::float8[],"
-            " %b::float8[], %b::float8[])",  # binary: see storage.writer
-            (
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [k[2] for k in keys],
-                [int(a[0]) for a in accs],
-                [a[1] for a in accs],
-                [a[2] for a in accs],
-                [a[3] for a in accs],
-            ),
-        )
-
-
-async def invalidate_rollups(
-    conn: Conn, participant_ids: Sequence[str], metrics: Sequence[str], hours: Sequence[int]
-) -> None:
-    """Mark hours (since the epoch) of participants' metrics to be recomputed from their
-    readings by the next refresh, in the caller's transaction."""
-    if participant_ids:
-        await conn.execute(
-            "INSERT INTO rollup_invalidations (participant_ids, metrics, hours)"
-            " VALUES (%b::text[], %b::text[], %b::int8[])",  # binary: see storage.writer
-            (list(participant_ids), list(metrics), list(hours)),
-        )
-
-
-async def refresh_rollups(conn: Conn, mode: StorageMode) -> int:
-    """Bring ``readings_1h`` up to date (plain mode; TimescaleDB refreshes its own): merge
-    what batches added since the last refresh and recompute the hours withdrawals marked,
-    in one transaction of its own. Returns the number of hours updated."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (ROLLUP_LOCK_KEY,))
-        if mode is StorageMode.TIMESCALEDB:
-            await conn.execute("DELETE FROM rollup_invalidations")
-            await conn.execute("DELETE FROM rollup_deltas")
-            return 0
-        cur = await conn.execute(_REFRESH)
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def last_alert_event_id(conn: Conn) -> int:
     cur = await conn.execute("SELECT coalesce(max(event_id), 0) FROM alert_events")
     row = await cur.fetchone()
     return int(row[0]) if row else 0
 
 
+@dataclass(frozen=True, slots=True)
+class AlertRow(Alert):
+    """An alert with what opened it and the participant's latest reading of its metric.
+
+    ``kind``, ``low``, ``high``, ``sustained_s``: the rule (rules are never edited, so these
+    are the bounds and duration that opened it). ``value``: the reading that met the rule,
+    at ``condition_time`` (none for missing data). ``latest_*``: the participant's newest
+    reading of the metric within :data:`RECENT_READINGS` (all None without one); its
+    ``latest_flags`` what the device said about it."""
+
+    kind: str
+    low: float | None
+    high: float | None
+    sustained_s: int
+    value: float | None
+    latest_time: datetime | None
+    latest_value: float | None
+    latest_unit: str | None
+    latest_flags: list[str] | None
+
+
 _ALERTS = """
-SELECT a.alert_id, a.rule_id, r.name, r.metric, p.study_id, p.site_id, a.participant_id,
-       a.state, a.severity, a.opened_at, a.first_time, a.condition_time, a.acknowledged_at,
-       a.acknowledged_by, a.ack_note, a.resolved_at, a.resolved_by, a.resolve_note,
-       a.cleared_time, a.escalated_at
+SELECT a.alert_id, a.rule_id, r.name AS rule_name, r.metric, p.study_id, p.site_id,
+       a.participant_id, a.state, a.severity, a.opened_at, a.first_time, a.condition_time,
+       a.acknowledged_at, a.acknowledged_by, a.ack_note, a.resolved_at, a.resolved_by,
+       a.resolve_note, a.cleared_time, a.escalated_at,
+       r.kind, r.low, r.high, r.sustained_s, a.last_value AS value,
+       latest.time AS latest_time, latest.value AS latest_value, latest.unit AS latest_unit,
+       latest.flags AS latest_flags
 FROM alerts a JOIN alert_rules r USING (rule_id)
 JOIN participants p ON p.participant_id = a.participant_id
+LEFT JOIN LATERAL (
+    SELECT time, value, unit, coalesce(flags, '{}') AS flags FROM readings
+    WHERE participant_id = a.participant_id AND metric = r.metric
+      AND time >= now() - %(lookback)s::interval
+    ORDER BY time DESC
+    LIMIT 1
+) latest ON true
 WHERE p.site_id = ANY(%(sites)s)
   AND (%(severity)s::text IS NULL OR a.severity = %(severity)s)
   AND (%(states)s::text[] IS NULL OR a.state = ANY(%(states)s))
@@ -453,19 +509,22 @@ async def alerts(
     states: Collection[str] | None = None,
     alert_ids: Collection[int] | None = None,
     limit: int = 500,
-) -> list[Alert]:
-    """Alerts of participants of ``site_ids``, newest first."""
-    cur = await conn.execute(
-        _ALERTS,
-        {
-            "sites": list(site_ids),
-            "severity": severity,
-            "states": None if states is None else list(states),
-            "alerts": None if alert_ids is None else list(alert_ids),
-            "limit": limit,
-        },
-    )
-    return [Alert(*row) for row in await cur.fetchall()]
+) -> list[AlertRow]:
+    """Alerts of participants of ``site_ids``, newest first, with what opened them and the
+    participant's latest reading of the metric (one index lookup per alert)."""
+    async with conn.cursor(row_factory=class_row(AlertRow)) as cur:
+        await cur.execute(
+            _ALERTS,
+            {
+                "sites": list(site_ids),
+                "severity": severity,
+                "states": None if states is None else list(states),
+                "alerts": None if alert_ids is None else list(alert_ids),
+                "limit": limit,
+                "lookback": RECENT_READINGS,
+            },
+        )
+        return await cur.fetchall()
 
 
 async def alert_history(conn: Conn, alert_id: int) -> list[AlertEvent]:

@@ -45,8 +45,8 @@ from storage.errors import (
 )
 from storage.migrate import StorageMode
 from storage.partitions import ensure_partitions, existing_partitions, partition_start_ms
+from storage.rollups import HourPartials, add_rollup_deltas, add_to_partials
 from storage.timeconv import from_ms, from_ms_or_none
-from storage.views import HourPartials, add_rollup_deltas, add_to_partials
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from gateway.web.api import ENDPOINTS
 from gateway.web.exports import EXPORT_RUNNER, ExportRunner
 from gateway.web.ratelimit import RATE_LIMITER, RateLimiter, rate_limit_middleware
 from gateway.web.spec import handler_for
-from storage import adherence, sessions, views
+from storage import adherence, rollups, sessions
 from storage.db import Conn
 from storage.errors import DatabaseUnavailable
 from storage.migrate import StorageMode
@@ -44,7 +44,7 @@ async def _maintenance_round(conn: Conn, mode: StorageMode, rounds: int) -> None
     and tried again next round without holding up the others. A database that cannot be
     reached ends the round for the caller to back off."""
     steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-        ("rollups", lambda: views.refresh_rollups(conn, mode)),
+        ("rollups", lambda: rollups.refresh_rollups(conn, mode)),
         ("adherence", lambda: adherence.refresh(conn)),
     ]
     if rounds % SESSION_PURGE_EVERY == 0:

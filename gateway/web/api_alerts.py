@@ -12,6 +12,8 @@ from gateway.web.api_common import ID_PATTERN, V1, iso, pool_of
 from gateway.web.errors import Conflict, NotFound
 from gateway.web.schemas import ALERT, ALERT_LIST, ALERT_PAGE
 from gateway.web.spec import Ctx, Endpoint, Field
+from ingest.flags import worst
+from ingest.metrics import METRICS
 from storage import alerts as alert_store
 from storage import views
 
@@ -19,7 +21,27 @@ SEVERITIES = ("info", "warning", "critical")
 STATES = ("open", "acknowledged", "resolved", "unresolved")
 
 
-def alert_json(a: alert_store.Alert) -> dict[str, Any]:
+def _latest_json(a: views.AlertRow) -> dict[str, Any] | None:
+    if a.latest_time is None:
+        return None
+    flags = a.latest_flags or []
+    quality = worst(flags)
+    return {
+        "time": iso(a.latest_time),
+        "value": a.latest_value,
+        "unit": a.latest_unit,
+        "flags": flags,
+        "quality": None if quality is None else quality.value,
+    }
+
+
+def alert_json(a: views.AlertRow) -> dict[str, Any]:
+    """An alert with what opened it: the rule's kind, bounds and duration, the value that met
+    it and when (``condition_time``), how long the condition had held by then (``held_s``:
+    from its episode's first reading; for missing data, the silence), and the participant's
+    latest reading of the metric (``latest``, null without a recent one)."""
+    metric = METRICS.get(a.metric)
+    held = None if a.condition_time is None else a.condition_time - a.first_time
     return {
         "alert_id": a.alert_id,
         "rule": a.rule_name,
@@ -37,6 +59,16 @@ def alert_json(a: alert_store.Alert) -> dict[str, Any]:
         "resolved_at": iso(a.resolved_at),
         "resolved_by": a.resolved_by,
         "escalated_at": iso(a.escalated_at),
+        "kind": a.kind,
+        "low": a.low,
+        "high": a.high,
+        "sustained_s": a.sustained_s,
+        "value": a.value,
+        "unit": None if metric is None else metric.unit,
+        "condition_time": iso(a.condition_time),
+        "held_s": None if held is None else held.total_seconds(),
+        "cleared_time": iso(a.cleared_time),
+        "latest": _latest_json(a),
     }
 
 
@@ -77,7 +109,7 @@ async def list_alerts(ctx: Ctx) -> web.StreamResponse:
     return web.json_response({"alerts": [alert_json(a) for a in rows], "last_event_id": last})
 
 
-async def _visible_alert(ctx: Ctx, conn: Any, alert_id: int) -> alert_store.Alert:
+async def _visible_alert(ctx: Ctx, conn: Any, alert_id: int) -> views.AlertRow:
     sites = await visible_sites(conn, ctx.user)
     found = await views.alerts(conn, sites, alert_ids=[alert_id])
     if not found:

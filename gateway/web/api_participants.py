@@ -4,7 +4,7 @@ readings and rollups."""
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -36,7 +36,7 @@ from gateway.web.schemas import (
 )
 from gateway.web.spec import Ctx, Endpoint, Field
 from ingest.metrics import METRICS
-from storage import audit, registry, sensors, time_zones, views
+from storage import adherence, audit, registry, rollups, sensors, time_zones, views
 from storage.timeconv import from_ms, to_ms
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def device_json(d: views.DeviceRow) -> dict[str, Any]:
                 "firmware": s.firmware,
                 "battery_level": s.battery_level,
                 "first_seen": iso(s.first_seen),
-                "last_seen": iso(s.last_seen),
+                "last_seen": iso(s.last_reading),
+                "last_report": iso(s.last_report),
             }
             for s in d.sensors
         ],
@@ -122,27 +123,53 @@ async def list_sites(ctx: Ctx) -> web.StreamResponse:
     return web.json_response({"sites": [site_json(s) for s in rows]})
 
 
+def _adherence_today(day: date, d: adherence.ParticipantDay | None) -> dict[str, Any]:
+    return {
+        "day": day.isoformat(),
+        "adherence": None if d is None else d.adherence,
+        "metrics_expected": 0 if d is None else d.metrics_expected,
+        "metrics_met": 0 if d is None else d.metrics_met,
+    }
+
+
 async def get_site(ctx: Ctx) -> web.StreamResponse:
+    """The site, its cohort at a glance (each participant's consent, devices, newest
+    reading, open alerts and queries, today's adherence), pending re-consents and enrollment
+    codes. A fixed number of statements whatever the site's size. "Today" is the UTC date,
+    as the adherence heat map's default span counts it."""
     site_id = ctx.path["site_id"]
+    today = datetime.now(UTC).date()
     async with pool_of(ctx).connection() as conn:
         site = await require_site(ctx.user, site_id, conn)
         participants = await views.site_participants(conn, site_id)
-        devices = {
-            p.participant_id: await views.devices(conn, p.participant_id) for p in participants
-        }
+        pids = [p.participant_id for p in participants]
+        last_readings = await views.sensor_last_readings(conn, pids)
+        devices = await views.devices_of(conn, pids, last_readings)
+        newest = views.last_reading_of(last_readings)
+        work = await views.open_work(conn, site_id)
+        days = {d.participant_id: d for d in await adherence.cohort(conn, pids, today, today)}
         codes = await views.enrollment_codes(conn, site_id)
         await conn.commit()
         pending = await records.pending_reconsents(conn, actor_of(ctx.user), study_id=site.study_id)
+    # Alerts are for clinical roles: a site coordinator sees no count of them either.
+    sees_alerts = ctx.user.role in CLINICAL
+
+    def cohort_json(p: views.ParticipantRow) -> dict[str, Any]:
+        w = work.get(p.participant_id)
+        return {
+            **participant_json(p),
+            "devices": [device_json(d) for d in devices[p.participant_id]],
+            "last_reading": iso(newest.get(p.participant_id)),
+            "unresolved_alerts": (0 if w is None else w.unresolved_alerts) if sees_alerts else None,
+            "open_queries": 0 if w is None else w.open_queries,
+            "answered_queries": 0 if w is None else w.answered_queries,
+            "adherence_today": _adherence_today(today, days.get(p.participant_id)),
+        }
+
     return web.json_response(
         {
             "site": site_json(site),
-            "participants": [
-                {
-                    **participant_json(p),
-                    "devices": [device_json(d) for d in devices[p.participant_id]],
-                }
-                for p in participants
-            ],
+            "participants": [cohort_json(p) for p in participants],
             "pending_reconsents": [
                 {
                     "participant_id": r.participant_id,
@@ -302,7 +329,7 @@ async def get_rollups(ctx: Ctx) -> web.StreamResponse:
     metric = ctx.query["metric"]
     async with pool_of(ctx).connection() as conn:
         await require_participant(ctx.user, pid, conn)
-        rows = await views.rollups(conn, pid, since, metrics=None if metric is None else [metric])
+        rows = await rollups.hourly(conn, pid, since, metrics=None if metric is None else [metric])
     return web.json_response(
         {
             "participant_id": pid,

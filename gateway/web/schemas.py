@@ -15,8 +15,11 @@ TIME = {"type": "string", "format": "date-time"}
 NULL_TIME = {"type": "string", "format": "date-time", "nullable": True}
 NULL_STR = {"type": "string", "nullable": True}
 NULL_INT = {"type": "integer", "nullable": True}
+NULL_NUM = {"type": "number", "nullable": True}
 BOOL = {"type": "boolean"}
 STRS = {"type": "array", "items": STR}
+# The class of a reading's worst flag (ingest.flags), null when the device said nothing.
+QUALITY = {"type": "string", "nullable": True, "enum": [*(c.value for c in FlagClass), None]}
 
 
 def obj(props: dict[str, Any]) -> dict[str, Any]:
@@ -38,6 +41,9 @@ USER = obj(
 )
 SESSION = obj({"user": USER, "csrf_token": STR})
 SITE = obj({"site_id": STR, "study_id": STR, "name": STR, "participants": INT})
+# A wearable: last_seen is the time of its newest reading (null: none in the last 30 days,
+# storage.views.sensor_last_readings); first_seen and last_report when its hub first and last
+# reported it (description, battery), null for one known only by its readings.
 SENSOR = obj(
     {
         "sensor": STR,
@@ -45,8 +51,9 @@ SENSOR = obj(
         "model": NULL_STR,
         "firmware": NULL_STR,
         "battery_level": NULL_INT,
-        "first_seen": TIME,
-        "last_seen": TIME,
+        "first_seen": NULL_TIME,
+        "last_seen": NULL_TIME,
+        "last_report": NULL_TIME,
     }
 )
 # One description of a wearable and the reading times it is valid for (storage.sensors):
@@ -114,14 +121,34 @@ CODE_ROW = obj(
         "device_id": NULL_STR,
     }
 )
+# The site's cohort at a glance, per participant: the time of their newest reading (null:
+# none in the last 30 days), alerts not yet resolved (null for a site coordinator, who does
+# not see alerts), queries awaiting the site's answer and answered ones awaiting the monitor,
+# and today's adherence (the UTC date's, as the heat map counts it; adherence null when
+# nothing is expected).
+COHORT_ROW = {
+    "devices": arr(DEVICE),
+    "last_reading": NULL_TIME,
+    "unresolved_alerts": NULL_INT,
+    "open_queries": INT,
+    "answered_queries": INT,
+    "adherence_today": obj(
+        {
+            "day": {"type": "string", "format": "date"},
+            "adherence": NULL_NUM,
+            "metrics_expected": INT,
+            "metrics_met": INT,
+        }
+    ),
+}
 SITE_PAGE = obj(
     {
         "site": SITE,
         "participants": arr(
             {
                 **PARTICIPANT,
-                "properties": {**PARTICIPANT["properties"], "devices": arr(DEVICE)},
-                "required": sorted([*PARTICIPANT["required"], "devices"]),
+                "properties": {**PARTICIPANT["properties"], **COHORT_ROW},
+                "required": sorted([*PARTICIPANT["required"], *COHORT_ROW]),
             }
         ),
         "pending_reconsents": arr(RECONSENT),
@@ -193,11 +220,7 @@ READINGS = obj(
                     "device_id": STR,
                     "sensor": STR,
                     "flags": STRS,
-                    "quality": {
-                        "type": "string",
-                        "nullable": True,
-                        "enum": [*(c.value for c in FlagClass), None],
-                    },
+                    "quality": QUALITY,
                     "device_user": NULL_INT,
                 }
             )
@@ -232,6 +255,29 @@ ALERT = obj(
         "resolved_at": NULL_TIME,
         "resolved_by": NULL_STR,
         "escalated_at": NULL_TIME,
+        # What opened it: the rule (kind, bounds, duration), the value that met it and when,
+        # how long the condition had held by then; and the participant's latest reading.
+        "kind": {"type": "string", "enum": ["range", "missing_data"]},
+        "low": NULL_NUM,
+        "high": NULL_NUM,
+        "sustained_s": INT,
+        "value": NULL_NUM,
+        "unit": NULL_STR,
+        "condition_time": NULL_TIME,
+        "held_s": NULL_NUM,
+        "cleared_time": NULL_TIME,
+        "latest": {
+            **obj(
+                {
+                    "time": TIME,
+                    "value": NUM,
+                    "unit": STR,
+                    "flags": STRS,
+                    "quality": QUALITY,
+                }
+            ),
+            "nullable": True,
+        },
     }
 )
 ALERT_EVENT = obj(

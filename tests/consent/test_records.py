@@ -10,7 +10,7 @@ import pytest
 
 from consent import errors, records
 from consent.records import Initiator
-from storage import audit, db, partitions, registry, users, views
+from storage import audit, db, partitions, registry, rollups, users
 from storage.db import Conn
 from storage.migrate import StorageMode
 from tests.consent.conftest import (
@@ -328,11 +328,11 @@ async def test_withdrawal_under_delete_policy_deletes_held_readings_with_a_recor
                 " %s, 1, 'u', 'hub-1', 1, 's', now())",
                 (i + 1, metric),
             )
-    hour = now_ms // views.HOUR_MS  # the readings lie in this hour or the one before
-    await views.invalidate_rollups(
+    hour = now_ms // rollups.HOUR_MS  # the readings lie in this hour or the one before
+    await rollups.invalidate_rollups(
         conn, ["P1"] * 4, ["heart_rate", "glucose"] * 2, [hour, hour, hour - 1, hour - 1]
     )
-    await views.refresh_rollups(conn, storage_mode)
+    await rollups.refresh_rollups(conn, storage_mode)
     cur = await conn.execute("SELECT DISTINCT metric FROM readings_1h ORDER BY metric")
     assert await cur.fetchall() == [("glucose",), ("heart_rate",)]
     part = await withdraw(
@@ -340,7 +340,7 @@ async def test_withdrawal_under_delete_policy_deletes_held_readings_with_a_recor
     )
     assert (part.data_policy, part.readings_deleted) == ("delete", 2)
     # Their hourly rollups go with them at the next refresh; the rest stay.
-    await views.refresh_rollups(conn, storage_mode)
+    await rollups.refresh_rollups(conn, storage_mode)
     cur = await conn.execute("SELECT DISTINCT metric FROM readings_1h")
     assert await cur.fetchall() == [("heart_rate",)]
     full = await withdraw(conn, COORDINATOR, participant_id="P1", initiated_by=Initiator.SITE)
@@ -354,7 +354,7 @@ async def test_withdrawal_under_delete_policy_deletes_held_readings_with_a_recor
     assert "glucose" in rows[0][1]
     cur = await conn.execute("SELECT count(*) FROM readings")
     assert await cur.fetchone() == (0,)
-    await views.refresh_rollups(conn, storage_mode)
+    await rollups.refresh_rollups(conn, storage_mode)
     cur = await conn.execute("SELECT count(*) FROM readings_1h")
     assert await cur.fetchone() == (0,)
     actions = [a for a, _ in await audit_actions(conn)]

@@ -19,7 +19,7 @@ from ingest.model import (
     RejectedEnvelope,
     SensorReport,
 )
-from storage import db, views
+from storage import db, rollups
 from storage.errors import BatchWriteError
 from storage.migrate import StorageMode
 from storage.partitions import existing_partitions, partition_start_ms
@@ -345,7 +345,7 @@ async def test_plain_rollups_merge_each_stored_batch_once_and_recompute_withdraw
     await writer.write(batch(envelope("A", 1, 4, value=50.0), envelope("B", 1, 3, value=90.0)))
     await writer.write(batch(envelope("A", 2, 6, value=40.0), envelope("A", 1, 4, value=50.0)))
     async with db.connection(database_url, autocommit=True) as conn:
-        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 2
+        assert await rollups.refresh_rollups(conn, StorageMode.PLAIN) == 2
     stored, truth = await rollups_and_truth(database_url)
     assert stored == truth
     assert [r[3] for r in stored] == [10, 3]  # the replayed A#1 counted once
@@ -358,10 +358,10 @@ async def test_plain_rollups_merge_each_stored_batch_once_and_recompute_withdraw
             "DELETE FROM readings WHERE participant_id = 'P-A' AND time < to_timestamp(%s)",
             ((T0 - hour) / 1000,),
         )
-        await views.invalidate_rollups(conn, ["P-A"], ["heart_rate"], [(late + 40_000) // hour])
+        await rollups.invalidate_rollups(conn, ["P-A"], ["heart_rate"], [(late + 40_000) // hour])
     async with db.connection(database_url, autocommit=True) as conn:
-        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 3
-        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 0
+        assert await rollups.refresh_rollups(conn, StorageMode.PLAIN) == 3
+        assert await rollups.refresh_rollups(conn, StorageMode.PLAIN) == 0
     stored, truth = await rollups_and_truth(database_url)
     assert stored == truth
     assert [(r[0], r[3], r[5], r[6]) for r in stored] == [

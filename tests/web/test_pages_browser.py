@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -19,10 +19,11 @@ from selenium.webdriver.common.by import By
 
 from gateway.broker import MosquittoBroker
 from ingest.envelope import seal
-from ingest.model import Gap, Payload, Reading
+from ingest.model import Gap, Payload, Reading, SensorReport
 from ingest.pipeline import up_topic
-from storage import alerts, db, time_zones, users, views
+from storage import adherence, alerts, db, rollups, schedules, time_zones, users
 from storage.migrate import StorageMode
+from storage.schedules import Expectation, ScheduleKind
 from storage.users import Role
 from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.postgres import database_mode
@@ -112,6 +113,13 @@ async def test_monitor_sees_an_alert_arrive_live_acknowledges_it_and_sees_the_tr
     row = await browser.css("tr.alert[data-state=open]")
     assert "P1" in row.text
     assert "heart rate high" in row.text
+    # What opened it: the reading that met the rule (the fourth: 3 s above 120 by then)
+    # against the bound; and the participant's latest value.
+    opened = await browser.run(lambda d: d.find_element(By.CSS_SELECTOR, "tr.alert td.what").text)
+    assert opened.startswith("151 /min > 120 /min (high) for 3 s"), opened
+    assert "rule: 3 s or longer" in opened
+    latest = await browser.run(lambda d: d.find_element(By.CSS_SELECTOR, "tr.alert td.now").text)
+    assert latest.startswith("149 /min"), latest
     assert await browser.run(lambda d: d.execute_script("return window.__sameLoad === true"))
     await browser.screenshot("monitor-board.png")
 
@@ -159,15 +167,19 @@ async def test_clinician_live_view_shows_new_heart_rate_values_arriving(
         Reading(start + i * 600_000, "heart_rate", 60.0 + (i % 12) * 2, "/min", "hr-strap-1")
         for i in range(115)
     )
+    strap = SensorReport("hr-strap-1", manufacturer="Polar", model="H10", battery_level=85)
     probe.publish(
         up_topic(hub.device_id),
-        seal(Payload(dev=hub.device_id, seq=1, sent_ms=now_ms(), readings=history), hub.key),
+        seal(
+            Payload(dev=hub.device_id, seq=1, sent_ms=now_ms(), readings=history, sensors=(strap,)),
+            hub.key,
+        ),
     )
     await wait_until(has(trial.url, "SELECT count(*) FROM readings", 115), "history stored")
     if database_mode(trial.url) is StorageMode.PLAIN:
         # TimescaleDB's continuous aggregate answers from the readings until materialized.
         async with db.connection(trial.url) as conn:
-            assert await views.refresh_rollups(conn, StorageMode.PLAIN) > 0
+            assert await rollups.refresh_rollups(conn, StorageMode.PLAIN) > 0
 
     t0 = now_ms() - 120_000
     publish(
@@ -178,11 +190,54 @@ async def test_clinician_live_view_shows_new_heart_rate_values_arriving(
         t0=t0,
         gaps=(Gap(t0 + 4000, t0 + 40_000, "out_of_range"),),
     )
+    # A monitor asked the site about two ranges; the clinician answered the first.
+    asked = []
+    for question in ("Strap loose during the gap?", "Was the participant exercising?"):
+        resp = await web.call(
+            "monitor",
+            "POST",
+            "/api/v1/participants/P1/queries",
+            json={
+                "target": "range",
+                "metric": "heart_rate",
+                "from": datetime.fromtimestamp(t0 / 1000, UTC).isoformat(),
+                "to": datetime.fromtimestamp((t0 + 40_000) / 1000, UTC).isoformat(),
+                "text": question,
+            },
+        )
+        assert resp.status == 201, await resp.text()
+        asked.append((await resp.json())["query_id"])
+    resp = await web.call(
+        "clinician",
+        "POST",
+        f"/api/v1/queries/{asked[0]}/answer",
+        json={"text": "Yes: re-fitted at the visit."},
+    )
+    assert resp.status == 200, await resp.text()
     await browser.sign_in("/participants/P1/live", "clinician", PASSWORD)
     latest = await browser.css(
         "#latest-heart_rate[data-value='74.0'], #latest-heart_rate[data-value='74']"
     )
     assert "/min" in await browser.run(lambda _: latest.text)
+    # The participant's open and answered queries above the charts: about what, the
+    # question, the state, who opened it, and the last step.
+    await browser.css("#queries tr.query")
+    listed = await browser.run(
+        lambda d: [
+            [c.text for c in r.find_elements(By.CSS_SELECTOR, "td")]
+            for r in d.find_elements(By.CSS_SELECTOR, "#queries tr.query")
+        ]
+    )
+    assert [(r[1], r[2]) for r in listed] == [
+        ("Was the participant exercising?", "open"),
+        ("Strap loose during the gap?", "answered"),
+    ]
+    assert all(r[0].startswith("heart rate from ") and r[3].startswith("monitor, ") for r in listed)
+    assert listed[0][4] == "—"
+    assert listed[1][4].startswith("answer by clinician, ")
+    assert listed[1][4].endswith(": Yes: re-fitted at the visit.")
+    # A clinician answers queries but does not open them: no form here.
+    assert not await browser.run(lambda d: d.find_elements(By.CSS_SELECTOR, "form.ask"))
     publish(probe, trial, 3, [88.0, 91.0], t0=t0 + 60_000)
     await browser.wait_for(
         "the new value on the page",
@@ -196,6 +251,21 @@ async def test_clinician_live_view_shows_new_heart_rate_values_arriving(
     assert counted == "6"
     await browser.css("#days-heart_rate svg polyline")
     await browser.css("#live-heart_rate svg rect.gap")
+    # The strap: last seen at its newest reading (a minute ago), whatever its hub last
+    # reported about it (its battery, with the history a moment ago).
+    wearable = await browser.wait_for(
+        "the strap in the wearables",
+        lambda d: next(
+            (
+                [c.text for c in r.find_elements(By.CSS_SELECTOR, "td")]
+                for r in d.find_elements(By.CSS_SELECTOR, "#devices tbody tr")
+                if "hr-strap-1" in r.text
+            ),
+            None,
+        ),
+    )
+    assert wearable[2:4] == ["H10", "85 %"]
+    assert wearable[4].endswith(" ago")
     await browser.screenshot("clinician-live.png")
 
 
@@ -215,14 +285,68 @@ async def test_site_and_participant_pages_show_their_data_and_render_names_inert
             sites=["SITE-A"],
         )
         await conn.commit()
-    publish(probe, trial, 1, [70.0, 71.0, 72.0], t0=now_ms() - 60_000)
+    async with db.connection(trial.url) as conn:
+        await schedules.set_schedule(
+            conn,
+            "S1",
+            "heart_rate",
+            Expectation(ScheduleKind.CONTINUOUS, rate_hz=1.0, wear_hours=12),
+            effective_from=date(2026, 1, 1),
+            actor="admin",
+        )
+        await conn.commit()
+    t0 = now_ms() - 60_000
+    publish(probe, trial, 1, [70.0, 71.0, 72.0], t0=t0)
     await wait_until(has(trial.url, "SELECT count(*) FROM envelopes", 1), "stored")
+    async with db.connection(trial.url) as conn:
+        await adherence.refresh(conn)
+    resp = await web.call(
+        "monitor",
+        "POST",
+        "/api/v1/participants/P1/queries",
+        json={
+            "target": "range",
+            "metric": "heart_rate",
+            "from": datetime.fromtimestamp(t0 / 1000, UTC).isoformat(),
+            "to": datetime.fromtimestamp((t0 + 2000) / 1000, UTC).isoformat(),
+            "text": "Only three readings?",
+        },
+    )
+    assert resp.status == 201, await resp.text()
 
     await browser.sign_in("/sites/SITE-A", "coord2", PASSWORD)
     await browser.css("#main table")
     who = await browser.run(lambda d: d.find_element(By.CSS_SELECTOR, "header .who").text)
     assert evil in who
     assert await browser.run(lambda d: d.execute_script("return window.__pwned")) is None
+    # The cohort at a glance: P1's newest reading a minute ago, a query awaiting the site's
+    # answer, today's adherence; no alert column for a site coordinator.
+    cohort = await browser.run(
+        lambda d: d.execute_script(
+            """
+            const row = document.querySelector('tr.cohort-row[data-participant="P1"]');
+            const cell = (c) => row.querySelector(c).textContent;
+            return {
+              headers: [...row.closest('table').querySelectorAll('th')].map((h) => h.textContent),
+              last: cell('td.last-data'), queries: cell('td.queries'),
+              adherence: cell('td.adherence'), alerts: row.querySelector('td.alerts'),
+            };
+            """
+        )
+    )
+    assert cohort["headers"] == [
+        "Participant",
+        "Consent",
+        "Last data",
+        "Data queries",
+        "Adherence today",
+        "Active hubs",
+        "",
+    ]
+    assert cohort["last"].endswith(" ago")
+    assert cohort["queries"] == "1 open"
+    assert cohort["adherence"].endswith("met in full")
+    assert cohort["alerts"] is None
 
     await browser.run(lambda d: d.find_element(By.ID, "new-participant").send_keys("P7"))
     await browser.run(

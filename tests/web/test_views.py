@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from ingest.model import AcceptedEnvelope, Batch, Reading, SensorReport
-from storage import db, partitions, reading_views, views
+from storage import db, partitions, reading_views, rollups
 from storage.migrate import StorageMode
 from storage.timeconv import from_ms, to_ms
 from storage.writer import BulkWriter
@@ -44,11 +44,11 @@ async def store(
                 (t, v, seq, received, flags, device_user),
             )
         # As the gateway's writer does in the same transaction (plain mode).
-        partials: views.HourPartials = {}
-        views.add_to_partials(
+        partials: rollups.HourPartials = {}
+        rollups.add_to_partials(
             partials, "P1", [Reading(to_ms(t), "heart_rate", v, "/min", "s") for t, v in rows]
         )
-        await views.add_rollup_deltas(conn, partials)
+        await rollups.add_rollup_deltas(conn, partials)
 
 
 @pytest.mark.plain_only("plain mode's rollup refresh: TimescaleDB keeps a continuous aggregate")
@@ -63,20 +63,20 @@ async def test_rollups_merge_what_each_batch_added_into_its_hours(trial: Trial) 
         trial, [(hour + timedelta(minutes=1), 60.0), (hour + timedelta(minutes=2), 80.0)], now
     )
     async with db.connection(trial.url) as conn:
-        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 1
-        (row,) = await views.rollups(conn, "P1", hour - timedelta(hours=1))
+        assert await rollups.refresh_rollups(conn, StorageMode.PLAIN) == 1
+        (row,) = await rollups.hourly(conn, "P1", hour - timedelta(hours=1))
         assert (row.bucket, row.n, row.mean, row.min, row.max) == (hour, 2, 70.0, 60.0, 80.0)
         # Nothing new: nothing updated, same result.
-        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 0
-        assert await views.rollups(conn, "P1", hour - timedelta(hours=1)) == [row]
+        assert await rollups.refresh_rollups(conn, StorageMode.PLAIN) == 0
+        assert await rollups.hourly(conn, "P1", hour - timedelta(hours=1)) == [row]
     # A late reading of the same hour, and one of the next hour, arrive later.
     later = datetime.now(UTC)
     await store(
         trial, [(hour + timedelta(minutes=30), 100.0), (hour + timedelta(hours=1), 90.0)], later
     )
     async with db.connection(trial.url) as conn:
-        assert await views.refresh_rollups(conn, StorageMode.PLAIN) == 2
-        got = await views.rollups(conn, "P1", hour)
+        assert await rollups.refresh_rollups(conn, StorageMode.PLAIN) == 2
+        got = await rollups.hourly(conn, "P1", hour)
     assert [(r.bucket, r.n, r.mean, r.max) for r in got] == [
         (hour, 3, 80.0, 100.0),
         (hour + timedelta(hours=1), 1, 90.0, 90.0),

@@ -163,5 +163,38 @@ const TS = (() => {
     }
   });
 
-  return { el, api, session, time, clock, ago, table, section, link, status, warnBeforeIdleEnd };
+
+  // Data queries (docs/queries.md): what one is about, in words.
+  function queryAbout(q) {
+    const metric = q.metric ? q.metric.replace(/_/g, " ") : "";
+    // A span within one day names the day once.
+    const sameDay = new Date(q.from).toDateString() === new Date(q.to).toDateString();
+    const until = sameDay ? new Date(q.to).toLocaleTimeString() : time(q.to);
+    if (q.target === "reading") return `${metric} reading at ${time(q.from)} (hub ${q.device_id}, envelope ${q.seq})`;
+    if (q.target === "gap") return `gap from ${time(q.from)} to ${until} (hub ${q.device_id})`;
+    return `${metric} from ${time(q.from)} to ${until}`;
+  }
+
+  // A card listing data queries: what each is about, the question, its state, who opened
+  // it when, and its last step. ``id``: the card's element id.
+  function queriesCard(list, id) {
+    const rows = list.map((q) => {
+      const asked = q.messages.find((m) => m.action === "open");
+      const last = q.messages[q.messages.length - 1];
+      return el("tr", { class: `query query-${q.state}`, "data-query-id": q.query_id },
+        el("td", {}, queryAbout(q)),
+        el("td", { class: "question" }, asked ? asked.text : "—"),
+        el("td", {}, el("span", { class: `query-state ${q.state}` }, q.state)),
+        el("td", {}, `${q.opened_by}, ${time(q.opened_at)}`),
+        el("td", {}, last && last !== asked ? `${last.action} by ${last.actor}, ${time(last.at)}: ${last.text}` : "—"));
+    });
+    const card = section("Data queries",
+      table("Data queries", ["About", "Question", "State", "Opened", "Last step"], rows,
+        "No open or answered data queries."));
+    card.id = id;
+    return card;
+  }
+
+  return { el, api, session, time, clock, ago, table, section, link, status, warnBeforeIdleEnd,
+    queriesCard };
 })();

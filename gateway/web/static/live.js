@@ -8,6 +8,8 @@
 // Readings the device itself doubted are marked by shape as well as colour: a hollow circle
 // on the line for a questionable one, a cross off the line for an invalid one; each panel
 // lists the readings the device said something about, with the flags in words.
+// The participant's open and answered data queries are listed above the charts; a monitor
+// (or admin) opens one on a metric's range as its chart shows it.
 (() => {
   const { el, api, session, time, clock, ago, section, table, status } = TS;
   const SVG = "http://www.w3.org/2000/svg";
@@ -17,6 +19,9 @@
   const SAID_ROWS = 20;
   const DOUBT = { invalid: "×", questionable: "○" };
   const pid = document.body.dataset.participant;
+  const base = `/api/v1/participants/${encodeURIComponent(pid)}`;
+  const QUERIES_MS = 30000;
+  let asks = false; // whether this user may open a data query (monitor, admin)
   const panels = new Map();
   const held = new Map(); // metric -> Map(key -> point), the window's readings
   let gaps = [];
@@ -131,7 +136,7 @@
       const days = el("div", { class: "days-chart", id: `days-${metric}` });
       const notes = el("div", { class: "device-said", id: `said-${metric}` });
       const card = section(metric.replace(/_/g, " "), latest,
-        el("h3", {}, `Last ${MINUTES} minutes`), live, notes,
+        el("h3", {}, `Last ${MINUTES} minutes`), live, asks ? askForm(metric) : null, notes,
         el("h3", {}, "Last 2 days (hourly)"), days);
       card.id = `metric-${metric}`;
       document.getElementById("metrics").append(card);
@@ -144,6 +149,68 @@
   // here since, so the charts keep scrolling while nothing arrives.
   let serverTo = null, heardAt = 0;
 
+  // The span the live charts show now.
+  function shownRange() {
+    const to = serverTo === null ? Date.now() : serverTo + (Date.now() - heardAt);
+    return { from: to - MINUTES * 60000, to };
+  }
+
+  // A monitor asks the site about a metric over the range its chart showed when the form
+  // was opened (target "range", docs/queries.md).
+  function askForm(metric) {
+    const id = `ask-${metric}`;
+    const words = metric.replace(/_/g, " ");
+    const range = el("p", { class: "hint", id: `${id}-range` });
+    const text = el("textarea", { id: `${id}-text`, rows: "2", maxlength: "4000", required: true,
+      "aria-describedby": `${id}-range` });
+    const error = el("p", { class: "error", id: `${id}-error`, role: "alert" });
+    const form = el("form", { class: "ask", id, "data-metric": metric, novalidate: true },
+      el("label", { for: `${id}-text` }, `Question about ${words}`), text, range, error,
+      el("button", { type: "submit" }, "Open query"));
+    const box = el("details", { class: "ask-box" }, el("summary", {}, "Ask the site about this range"), form);
+    let span = null;
+    const fix = () => {
+      span = shownRange();
+      range.textContent = `About ${words} from ${time(span.from)} to ${time(span.to)}: the chart as it was when this form opened.`;
+    };
+    box.addEventListener("toggle", () => {
+      if (box.open) fix();
+    });
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      error.textContent = "";
+      const question = text.value.trim();
+      if (!question) {
+        error.textContent = "Write the question for the site.";
+        text.focus();
+        return;
+      }
+      if (!span) fix();
+      try {
+        const q = await api(`${base}/queries`, { method: "POST", body: {
+          target: "range", metric, from: new Date(span.from).toISOString(),
+          to: new Date(span.to).toISOString(), text: question,
+        } });
+        status(`Query ${q.query_id} opened on ${words}.`);
+        text.value = "";
+        box.open = false;
+        await refreshQueries();
+      } catch (e) {
+        error.textContent = `Not opened: ${e.message}`;
+        text.focus();
+      }
+    });
+    return box;
+  }
+
+  // What a query is about, in words.
+  // The participant's open and answered queries: what each is about, the question, its
+  // state, who opened it when, and its last step.
+  async function refreshQueries() {
+    const data = await api(`${base}/queries`);
+    document.getElementById("queries").replaceWith(TS.queriesCard(data.queries, "queries"));
+  }
+
   function merge(data, whole) {
     serverTo = Date.parse(data.to);
     heardAt = Date.now();
@@ -152,6 +219,8 @@
       gaps = data.gaps.map((g) => ({ from: g.from, to: g.to, reason: g.reason }));
     }
     for (const r of data.readings) {
+      const wearable = `${r.device_id}|${r.sensor}`;
+      streamSeen.set(wearable, Math.max(streamSeen.get(wearable) || 0, r.t));
       if (!held.has(r.metric)) held.set(r.metric, new Map());
       held.get(r.metric).set(`${r.t}|${r.device_id}|${r.sensor}`, {
         t: r.t, v: r.value, unit: r.unit, sensor: r.sensor,
@@ -163,6 +232,7 @@
   }
 
   function render() {
+    drawDevices();
     if (serverTo === null) return;
     const to = serverTo + (Date.now() - heardAt), from = to - MINUTES * 60000;
     for (const [metric, byKey] of held) {
@@ -242,18 +312,38 @@
     }
   }
 
-  async function refreshDevices() {
-    const data = await api(`/api/v1/participants/${encodeURIComponent(pid)}`);
-    zones = data.time_zones;
-    const rows = data.devices.flatMap((d) =>
+  // Each wearable's newest reading seen on the stream (hub|sensor -> ms): "last seen" moves
+  // with the readings as they arrive, between two reads of the participant.
+  const streamSeen = new Map();
+  let devices = null; // the participant's hubs and wearables, as last read
+
+  function drawDevices() {
+    if (devices === null) return;
+    const lastSeen = (d, s) => {
+      const t = Math.max(s.last_seen ? Date.parse(s.last_seen) : 0, streamSeen.get(`${d.device_id}|${s.sensor}`) || 0);
+      return t ? ago(new Date(t).toISOString()) : "no reading in 30 days";
+    };
+    // The hub with when its last envelope arrived: the hub's contact, not a wearable's.
+    const hub = (d) => [d.device_id, el("div", { class: "hint" }, `last envelope ${ago(d.last_received)}`)];
+    const rows = devices.flatMap((d) =>
       d.sensors.length
-        ? d.sensors.map((s) => [d.device_id, s.sensor, s.model || "—",
-            s.battery_level === null ? "—" : `${s.battery_level} %`, ago(s.last_seen)])
-        : [[d.device_id, "—", "—", "—", ago(d.last_received)]],
+        ? d.sensors.map((s) => [hub(d), s.sensor, s.model || "—",
+            s.battery_level === null ? "—" : `${s.battery_level} %`, lastSeen(d, s),
+            s.last_report ? ago(s.last_report) : "—"])
+        : [[hub(d), "—", "—", "—", "—", "—"]],
     );
     document.getElementById("devices").replaceChildren(
-      table("Wearables", ["Hub", "Wearable", "Model", "Battery", "Last seen"], rows, "No devices paired."),
+      table("Wearables",
+        ["Hub", "Wearable", "Model", "Battery", "Last seen (last reading)", "Hub's last report"],
+        rows, "No devices paired."),
     );
+  }
+
+  async function refreshDevices() {
+    const data = await api(base);
+    zones = data.time_zones;
+    devices = data.devices;
+    drawDevices();
   }
 
   async function loop(fn, every) {
@@ -268,18 +358,21 @@
   }
 
   async function start() {
-    await session();
+    const user = await session();
+    asks = user.role === "monitor" || user.role === "admin";
     document.getElementById("main").replaceChildren(
       el("p", { class: "toolbar" }, el("a", { href: `/participants/${encodeURIComponent(pid)}` }, "Participant page"),
         " · ", el("span", { id: "live-state", class: "live off" }, "Connecting…"),
         " · ", el("span", { id: "updated" }, "")),
       el("div", { id: "devices", class: "card" }),
+      el("section", { id: "queries", class: "card" }, "Loading data queries…"),
       el("div", { id: "metrics" }),
     );
     follow();
     setInterval(render, SCROLL_MS);
     loop(refreshDays, 60000);
     loop(refreshDevices, 10000);
+    loop(refreshQueries, QUERIES_MS);
   }
 
   document.addEventListener("DOMContentLoaded", () => start().catch((e) => status(e.message)));

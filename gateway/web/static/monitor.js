@@ -1,6 +1,8 @@
 "use strict";
 // The monitor's alert board: the unresolved alerts of the user's sites, kept current by the
-// server-sent event feed (which resumes after a reconnect from the last event seen).
+// server-sent event feed (which resumes after a reconnect from the last event seen). Each
+// alert shows what opened it (the value, the rule's bound, how long the condition had held)
+// and the participant's latest value of the metric as the gateway last answered.
 (() => {
   const { el, api, session, time, table, status } = TS;
   const alerts = new Map();
@@ -37,6 +39,47 @@
     );
   }
 
+  // "2 min 5 s", "1 h 20 min", "45 s".
+  function duration(seconds) {
+    const s = Math.round(seconds);
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min` + (s % 60 ? ` ${s % 60} s` : "");
+    const m = Math.round(s / 60);
+    return `${Math.floor(m / 60)} h` + (m % 60 ? ` ${m % 60} min` : "");
+  }
+
+  const withUnit = (v, unit) => (unit ? `${v} ${unit}` : String(v));
+
+  // What opened the alert: for a range rule the value that met it against the bound it
+  // crossed and how long the condition had held by then; for missing data the silence.
+  function opening(a) {
+    if (a.kind === "missing_data") {
+      return el("div", { class: "opened" },
+        el("strong", {}, `no reading for ${duration(a.held_s ?? a.sustained_s)}`),
+        el("div", { class: "hint" }, `rule: silence of ${duration(a.sustained_s)}; last reading ${time(a.first_time)}`));
+    }
+    let bound = "";
+    if (a.value !== null && a.high !== null && a.value > a.high) bound = ` > ${withUnit(a.high, a.unit)} (high)`;
+    else if (a.value !== null && a.low !== null && a.value < a.low) bound = ` < ${withUnit(a.low, a.unit)} (low)`;
+    const held = a.held_s ? ` for ${duration(a.held_s)}` : "";
+    const rule = a.sustained_s ? `rule: ${duration(a.sustained_s)} or longer` : "rule: any reading";
+    return el("div", { class: "opened" },
+      el("strong", { class: "opened-value" }, a.value === null ? "—" : withUnit(a.value, a.unit)),
+      bound, held,
+      el("div", { class: "hint" }, `met ${time(a.condition_time)}; ${rule}`));
+  }
+
+  // The participant's latest reading of the metric, with the device's doubt if it had any.
+  function latest(a) {
+    const r = a.latest;
+    if (!r) return el("span", { class: "empty" }, "none in 30 days");
+    const doubt = r.quality === "invalid" || r.quality === "questionable";
+    return el("div", { class: "latest-value", "data-quality": r.quality || "" },
+      el("strong", {}, withUnit(r.value, r.unit)),
+      doubt ? [" ", el("span", { class: `badge quality-${r.quality}` }, r.quality)] : null,
+      el("div", { class: "hint" }, `at ${time(r.time)}`));
+  }
+
   function row(a) {
     const actions = [];
     if (a.state === "open") {
@@ -68,12 +111,14 @@
       el("td", {}, el("a", { href: `/participants/${encodeURIComponent(a.participant_id)}/live` }, a.participant_id)),
       el("td", {}, a.site_id),
       el("td", {}, `${a.rule} (${a.metric})`),
+      el("td", { class: "what" }, opening(a)),
+      el("td", { class: "now" }, latest(a)),
       el("td", {}, time(a.opened_at)),
       el("td", { class: "state" }, a.state + (a.acknowledged_by ? ` by ${a.acknowledged_by}` : "")),
       el("td", { class: "actions" }, actions),
     );
     if (!shown) return [tr];
-    const cell = el("td", { colspan: "7" }, "Loading…");
+    const cell = el("td", { colspan: "9" }, "Loading…");
     history(a, cell).catch((e) => cell.replaceChildren(e.message));
     return [tr, el("tr", { class: "history-row" }, cell)];
   }
@@ -83,7 +128,7 @@
     board.replaceChildren(
       table(
         "Alerts",
-        ["Severity", "Participant", "Site", "Rule", "Opened", "State", ""],
+        ["Severity", "Participant", "Site", "Rule", "What opened it", "Latest value", "Opened", "State", ""],
         list.flatMap(row),
         "No alerts match. New ones appear here as they are raised.",
       ),
@@ -123,7 +168,8 @@
     const kind = el("select", { id: "export-kind" },
       el("option", { value: "parquet" }, "Parquet (analysis)"),
       el("option", { value: "fhir" }, "FHIR R4 NDJSON"),
-      el("option", { value: "sdtm" }, "SDTM VS, SUPPVS, DM (CSV + XPT, define.xml)"));
+      el("option", { value: "sdtm" }, "SDTM VS, SUPPVS, DM (CSV + XPT, define.xml)"),
+      el("option", { value: "adherence" }, "Adherence by participant and day (Parquet + CSV)"));
     const study = el("select", { id: "export-study" }, studies.map((s) => el("option", { value: s }, s)));
     const who = el("input", { id: "export-participant", maxlength: "64", placeholder: "all of my sites",
       pattern: "[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}" });

@@ -1,6 +1,7 @@
 "use strict";
 // One participant: the consent documents to read and sign, paired hubs and wearables, what
-// the hubs sent and what the gateway received or refused (and why), and the consent history.
+// the hubs sent and what the gateway received or refused (and why), the consent history, and
+// for staff the participant's open and answered data queries.
 (() => {
   const { el, api, session, time, ago, section, table, link, status } = TS;
   const pid = document.body.dataset.participant;
@@ -220,19 +221,25 @@
         : signingForm(doc, witnessRequired));
   }
 
+  // What a data query is about, in words.
+
   async function load(done) {
-    const [d, docs] = await Promise.all([
+    const staff = role !== "participant";
+    const [d, docs, queries] = await Promise.all([
       api(`/api/v1/participants/${encodeURIComponent(pid)}`),
       api(`/api/v1/participants/${encodeURIComponent(pid)}/consent-documents`),
+      staff ? api(`/api/v1/participants/${encodeURIComponent(pid)}/queries`) : null,
     ]);
     const p = d.participant;
     const devices = table("Paired devices",
-      ["Hub", "Wearable", "Model", "Battery", "Last seen", "Envelopes", "Readings stored", "Refused"],
+      ["Hub", "Wearable", "Model", "Battery", "Last seen (last reading)", "Hub's last report",
+        "Envelopes", "Readings stored", "Refused"],
       d.devices.flatMap((x) => (x.sensors.length ? x.sensors : [null]).map((s) => [
         x.device_id + (x.revoked_at ? " (revoked)" : ""),
         s ? s.sensor : "—", s && s.model ? s.model : "—",
         s && s.battery_level !== null ? `${s.battery_level} %` : "—",
-        ago(s ? s.last_seen : x.last_received), String(x.envelopes),
+        s ? (s.last_seen ? ago(s.last_seen) : "no reading in 30 days") : "—",
+        s && s.last_report ? ago(s.last_report) : "—", String(x.envelopes),
         String(x.readings_stored), String(x.readings_refused)])),
       "No devices paired yet.");
     const wearables = table("Wearables over time",
@@ -279,13 +286,14 @@
         el("summary", {}, role === "participant" ? "Withdraw my consent" : "Record a withdrawal"),
         withdrawalForm()) : null);
     history.id = "consent-history";
-    document.getElementById("main").replaceChildren(
+    document.getElementById("main").replaceChildren(...[
       el("p", { class: "lead" }, head.join(" · "), ...links),
       documents,
       section("Devices", devices, wearables),
+      staff ? TS.queriesCard(queries.queries, "data-queries") : null,
       section("What was sent and received", sent, refused),
       history,
-    );
+    ].filter(Boolean));
     if (signed) signed.focus();
   }
 

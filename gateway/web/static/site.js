@@ -1,6 +1,7 @@
 "use strict";
-// A site: its participants (consent status, devices), pending re-consents and enrollment
-// codes; a site coordinator registers participants and makes codes here.
+// A site: its cohort at a glance (each participant's consent, newest reading, unresolved
+// alerts, open data queries and today's adherence), devices, pending re-consents and
+// enrollment codes; a site coordinator registers participants and makes codes here.
 (() => {
   const { el, api, session, time, ago, section, table, link, status } = TS;
   const site = document.body.dataset.site;
@@ -14,23 +15,57 @@
     return `${c.action === "withdraw_scope" ? "partly withdrawn" : "consented"} v${c.version}`;
   }
 
+  // A share as the heat map writes it: whole percent, rounded down (100 only when met in full).
+  const pct = (a) => Math.floor(Math.round(a * 10000) / 100);
+
+  function adherenceCell(x) {
+    const a = x.adherence_today;
+    const href = `/participants/${encodeURIComponent(x.participant_id)}/adherence?day=${a.day}`;
+    if (a.adherence === null) return el("td", { class: "adherence" }, el("span", { class: "empty" }, "nothing expected"));
+    return el("td", { class: "adherence", "data-adherence": a.adherence },
+      link(href, `${pct(a.adherence)} %`),
+      el("div", { class: "hint" }, `${a.metrics_met} of ${a.metrics_expected} met in full`));
+  }
+
+  function queriesCell(x) {
+    const parts = [];
+    if (x.open_queries) parts.push(`${x.open_queries} open`);
+    if (x.answered_queries) parts.push(`${x.answered_queries} answered`);
+    return el("td", { class: "queries", "data-open": x.open_queries, "data-answered": x.answered_queries },
+      parts.length ? el("span", { class: x.open_queries ? "warn" : null }, parts.join(", ")) : el("span", { class: "empty" }, "none"));
+  }
+
+  // One row per participant: who, consent, newest reading, unresolved alerts (clinical roles
+  // only: a coordinator's answer has none), open queries, today's adherence, hubs.
+  function cohort(p, clinical) {
+    const alerts = p.length > 0 && p[0].unresolved_alerts !== null;
+    const headers = ["Participant", "Consent", "Last data", ...(alerts ? ["Unresolved alerts"] : []),
+      "Data queries", "Adherence today", "Active hubs", ""];
+    const rows = p.map((x) => el("tr", { class: "cohort-row", "data-participant": x.participant_id },
+      el("td", {}, link(`/participants/${encodeURIComponent(x.participant_id)}`, x.participant_id)),
+      el("td", {}, consentText(x.consent), el("div", { class: "hint" }, x.consent.scopes.join(", ") || "no scopes")),
+      el("td", { class: "last-data", title: x.last_reading ? time(x.last_reading) : null },
+        x.last_reading ? ago(x.last_reading) : el("span", { class: "empty" }, "none in 30 days")),
+      alerts ? el("td", { class: "alerts", "data-count": x.unresolved_alerts },
+        x.unresolved_alerts ? el("span", { class: "warn" }, String(x.unresolved_alerts)) : "0") : null,
+      queriesCell(x),
+      adherenceCell(x),
+      el("td", {}, String(x.active_devices)),
+      el("td", {}, clinical ? link(`/participants/${encodeURIComponent(x.participant_id)}/live`, "Live view") : "")));
+    return table("Participants", headers, rows, "No participants yet.");
+  }
+
   async function load() {
     const data = await api(`/api/v1/sites/${encodeURIComponent(site)}`);
     const p = data.participants;
     const clinical = role !== "site_coordinator";
-    const parts = table("Participants",
-      ["Participant", "Consent", "Scopes", "Active hubs", "Last data", ""],
-      p.map((x) => [
-        link(`/participants/${encodeURIComponent(x.participant_id)}`, x.participant_id),
-        consentText(x.consent), x.consent.scopes.join(", ") || "—", String(x.active_devices),
-        ago(x.last_received),
-        clinical ? link(`/participants/${encodeURIComponent(x.participant_id)}/live`, "Live view") : "",
-      ]), "No participants yet.");
+    const parts = cohort(p, clinical);
+    const today = p.length ? p[0].adherence_today.day : null;
     const devices = table("Devices",
       ["Participant", "Hub", "Enrolled", "State", "Wearables (battery, last seen)"],
       p.flatMap((x) => x.devices.map((d) => [x.participant_id, d.device_id, time(d.enrolled_at),
         d.revoked_at ? `revoked: ${d.revoked_reason}` : "active",
-        d.sensors.map((s) => `${s.sensor}: ${s.battery_level === null ? "?" : s.battery_level + " %"}, ${ago(s.last_seen)}`).join("; ") || "—"])),
+        d.sensors.map((s) => `${s.sensor}: ${s.battery_level === null ? "?" : s.battery_level + " %"}, ${s.last_seen ? "last reading " + ago(s.last_seen) : "no reading in 30 days"}`).join("; ") || "—"])),
       "No devices enrolled.");
     const pending = table("Pending re-consents",
       ["Participant", "Signed version", "Required version", "By", ""],
@@ -44,7 +79,8 @@
     const blocks = [
       el("p", { class: "lead" }, `${data.site.name} · study ${data.site.study_id} · ${p.length} participants · `,
         link(`/sites/${encodeURIComponent(site)}/adherence`, "Adherence (heat map)")),
-      section("Participants", parts),
+      section("Participants", parts,
+        today ? el("p", { class: "hint" }, `Last data: each participant's newest reading. Adherence today: ${today} (UTC), as on the heat map.`) : null),
       section("Devices", devices),
       section("Consent", pending),
       section("Enrollment codes", codes),
