@@ -4,11 +4,12 @@ participant's adherence by local day (docs/adherence.md)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from datetime import UTC, date, datetime, timedelta
 
 from gateway.commands import operator
-from gateway.commands.common import Subparsers, add_database_flags, run
+from gateway.commands.common import Subparsers, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from storage import adherence, db, schedules, views
@@ -39,13 +40,7 @@ def register(sub: Subparsers) -> None:
     )
     actions = group.add_subparsers(dest="adherence_command", metavar="ACTION", required=True)
 
-    def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(
-            name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
-        )
-        add_database_flags(p)
-        operator.add_operator_flags(p)
-        return p
+    action = functools.partial(operator.add_action, actions)
 
     p = action(
         "schedule",

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from gateway.commands.common import Handler, run
+from gateway.commands.common import Handler, Subparsers, add_database_flags, run
 from gateway.errors import GatewayError
 from gateway.settings import Settings
 from storage import audit, db, users
@@ -295,6 +295,17 @@ def stamped(op: Operator) -> Iterator[Operator]:
             yield op
     finally:
         _CURRENT.reset(token)
+
+
+def add_action(actions: Subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    """An action of a command group run as a user account: its parser, with the database
+    and operator flags, described by ``help_text`` as a sentence."""
+    p = actions.add_parser(
+        name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
+    )
+    add_database_flags(p)
+    add_operator_flags(p)
+    return p
 
 
 def authenticated(command: str, *, bootstrap: bool = False) -> Callable[[Handler], Handler]:

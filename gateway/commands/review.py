@@ -8,13 +8,14 @@ their late data policy are the study's data manager's (an admin)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 from datetime import datetime
 from typing import Any, Final
 
 from gateway.commands import operator
-from gateway.commands.common import Subparsers, add_database_flags, iso_time, run
+from gateway.commands.common import Subparsers, iso_time, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from storage import db, locks, review, views
@@ -61,13 +62,7 @@ def register(sub: Subparsers) -> None:
     )
     actions = group.add_subparsers(dest="review_command", metavar="ACTION", required=True)
 
-    def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(
-            name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
-        )
-        add_database_flags(p)
-        operator.add_operator_flags(p)
-        return p
+    action = functools.partial(operator.add_action, actions)
 
     def period(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -5,13 +5,14 @@ codes (text and QR), device revocation. Every change is made as an authenticated
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import sys
 from datetime import timedelta
 
 from gateway.commands import operator
-from gateway.commands.common import Subparsers, add_database_flags, iso_time, run
+from gateway.commands.common import Subparsers, iso_time, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from storage import audit, db, registry
@@ -31,13 +32,7 @@ def register(sub: Subparsers) -> None:
     )
     actions = site.add_subparsers(dest="site_command", metavar="ACTION", required=True)
 
-    def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(
-            name, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
-        )
-        add_database_flags(p)
-        operator.add_operator_flags(p)
-        return p
+    action = functools.partial(operator.add_action, actions)
 
     p = action("create-study", "create a study")
     p.add_argument("--study", required=True, help="study id, e.g. CARDIO-01")
