@@ -5,7 +5,8 @@ packages and for spreadsheets). Counts and shares only: no reading's value is in
 
 The days run from the request's ``from`` (else the earliest enrollment of the selected
 participants) to its ``to`` (else today, UTC), participants a chunk at a time so memory stays
-bounded for a whole study.
+bounded for a whole study. Only participants with data that may be exported at all are in
+it: one withdrawn under the ``delete`` policy is not.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final
 
@@ -51,6 +53,14 @@ SCHEMA = pa.schema(
 COLUMNS: Final = tuple(SCHEMA.names)
 
 Consume = Callable[[list[MetricDay]], Awaitable[None]]
+
+
+def exportable(selection: Selection) -> Selection:
+    """The participants whose data may go out at all: consent held at some time. One
+    withdrawn under the delete policy has no window left, and their counts stay in."""
+    windowed = {w.participant_id for w in selection.windows}
+    kept = tuple(p for p in selection.participants if p.participant_id in windowed)
+    return replace(selection, participants=kept)
 
 
 def span(request: ExportRequest, selection: Selection) -> tuple[date, date]:

@@ -129,6 +129,10 @@ async def export(
                 type(exc).__name__,
             )
             raise
+        if request.kind is ExportKind.ADHERENCE:
+            from storage.exports.adherence_files import exportable
+
+            selection = exportable(selection)
         output = OutputDir(out, open_file=open_file)
         exported = tuple(p.participant_id for p in selection.participants)
         try:
