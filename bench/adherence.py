@@ -238,7 +238,9 @@ async def _cohort(url: str, ids: list[str], span_days: int, queries: int) -> dic
             answer.append(time.perf_counter() - t0)
             cells = len(got)
             t0 = time.perf_counter()
-            cur = await conn.execute(_BARE_CELLS, {"ids": ids, "first": first, "last": last})
+            cur = await conn.execute(
+                _BARE_CELLS, {"ids": ids, "first": first, "last": last}, prepare=False
+            )
             await cur.fetchall()
             bare.append(time.perf_counter() - t0)
     return {
