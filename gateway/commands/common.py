@@ -27,8 +27,15 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+# The longest ISO 8601 time with a zone and microseconds is 32 characters.
+MAX_TIME_CHARS = 40
+
+
 def iso_time(text: str) -> datetime:
-    """An argparse type: an ISO 8601 time with its zone (a time without one is ambiguous)."""
+    """An argparse type: an ISO 8601 time with its zone (a time without one is ambiguous),
+    of a bounded length."""
+    if len(text) > MAX_TIME_CHARS:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text[:MAX_TIME_CHARS]!r}...")
     try:
         t = datetime.fromisoformat(text)
     except ValueError as exc:
