@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from typing import Final, TypeVar
 
 from psycopg.rows import class_row
@@ -34,7 +34,7 @@ from psycopg.rows import class_row
 from ingest.flags import FlagClass, worst
 from ingest.model import Reading
 from storage import adherence_math
-from storage.adherence_math import Counts, Person, Rule, ZoneSpan
+from storage.adherence_math import Counts, Inputs, Person, Rule, ZoneSpan
 from storage.adherence_math import MetricDay as MetricDay
 from storage.adherence_math import ParticipantDay as ParticipantDay
 from storage.db import Conn
@@ -216,9 +216,7 @@ async def _rows(conn: Conn, query: str, params: dict[str, object], row: type[T])
         return await cur.fetchall()
 
 
-async def _inputs(
-    conn: Conn, participant_ids: Collection[str], first: date, last: date
-) -> tuple[list[Person], dict[str, list[ZoneSpan]], list[Rule], list[Counts], date, date, datetime]:
+async def _inputs(conn: Conn, participant_ids: Collection[str], first: date, last: date) -> Inputs:
     """What ``storage.adherence_math`` needs, in four indexed reads of one snapshot."""
     params: dict[str, object] = {
         "participants": list(participant_ids),
@@ -236,7 +234,7 @@ async def _inputs(
     zones: dict[str, list[ZoneSpan]] = {}
     for z in spans:
         zones.setdefault(z.participant_id, []).append(z)
-    return people, zones, rules, counts, first, last, row[0]
+    return Inputs(people, zones, rules, counts, first, last, row[0])
 
 
 async def days(
@@ -244,14 +242,14 @@ async def days(
 ) -> list[MetricDay]:
     """Each participant's metrics on each local day from ``first`` to ``last``: those the
     schedule expects and those with data (storage.adherence_math says how)."""
-    return adherence_math.metric_days(*await _inputs(conn, participant_ids, first, last))
+    return adherence_math.metric_days(await _inputs(conn, participant_ids, first, last))
 
 
 async def cohort(
     conn: Conn, participant_ids: Collection[str], first: date, last: date
 ) -> list[ParticipantDay]:
     """Each participant's mean adherence per local day (the heat map's cells)."""
-    return adherence_math.cohort(*await _inputs(conn, participant_ids, first, last))
+    return adherence_math.cohort(await _inputs(conn, participant_ids, first, last))
 
 
 @dataclass(frozen=True, slots=True)

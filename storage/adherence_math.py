@@ -110,6 +110,20 @@ class ParticipantDay:
     metrics_met: int
 
 
+@dataclass(frozen=True, slots=True)
+class Inputs:
+    """What one answer is computed from: the participants, their zones, the schedule rows of
+    their studies, their days' counts, the span of days, and the database's now."""
+
+    people: Sequence[Person]
+    zones: Mapping[str, Sequence[ZoneSpan]]
+    rules: Sequence[Rule]
+    counts: Iterable[Counts]
+    first: date
+    last: date
+    now: datetime
+
+
 @cache
 def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
@@ -184,34 +198,26 @@ def _expected(rule: Rule | None, tally: Tally, study: float, day_minutes: float)
 Cell = tuple[str, date, float, float, list[tuple[str, Rule | None, Tally]]]
 
 
-def _cells(
-    people: Sequence[Person],
-    zones: Mapping[str, Sequence[ZoneSpan]],
-    rules: Sequence[Rule],
-    counts: Iterable[Counts],
-    first: date,
-    last: date,
-    now: datetime,
-) -> Iterator[Cell]:
+def _cells(given: Inputs) -> Iterator[Cell]:
     """Per participant and day (in order): study minutes, day minutes, and each metric the
     schedule has a row for or that has data, with its rule and tally."""
     tallies: dict[str, dict[date, dict[str, Tally]]] = {}
-    for c in counts:
+    for c in given.counts:
         mine = tallies.setdefault(c.participant_id, {})
         for day, metric, n, bad, worn in zip(
             c.days, c.metrics, c.readings, c.invalid, c.worn_minutes, strict=True
         ):
             mine.setdefault(day, {})[metric] = (n, bad, worn)
-    span = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    span = [given.first + timedelta(days=i) for i in range((given.last - given.first).days + 1)]
     # Participants with the same rules share what is in effect each day.
     in_effect: dict[tuple[int, ...], dict[date, dict[str, Rule]]] = {}
-    for person in sorted(people, key=lambda p: p.participant_id):
-        candidates = _candidates(person, rules)
+    for person in sorted(given.people, key=lambda p: p.participant_id):
+        candidates = _candidates(person, given.rules)
         signature = tuple(id(r) for m in sorted(candidates) for r in candidates[m])
         by_day = in_effect.setdefault(signature, {})
-        own_zones = zones.get(person.participant_id, ())
+        own_zones = given.zones.get(person.participant_id, ())
         own_tallies = tallies.get(person.participant_id, {})
-        end = min(person.withdrawn_at or now, now)
+        end = min(person.withdrawn_at or given.now, given.now)
         for day in span:
             ruled = by_day.get(day)
             if ruled is None:
@@ -233,22 +239,12 @@ def _cells(
             )
 
 
-def metric_days(
-    people: Sequence[Person],
-    zones: Mapping[str, Sequence[ZoneSpan]],
-    rules: Sequence[Rule],
-    counts: Iterable[Counts],
-    first: date,
-    last: date,
-    now: datetime,
-) -> list[MetricDay]:
+def metric_days(given: Inputs) -> list[MetricDay]:
     """Each person's metrics on each local day from ``first`` to ``last``, by participant,
     day and metric: those the schedule has a row for and those with data."""
     return [
         _metric_day(pid, day, metric, rule, tally, study, day_minutes)
-        for pid, day, study, day_minutes, metrics in _cells(
-            people, zones, rules, counts, first, last, now
-        )
+        for pid, day, study, day_minutes, metrics in _cells(given)
         for metric, rule, tally in metrics
     ]
 
@@ -260,21 +256,11 @@ def _metric_day(
     return MetricDay(pid, day, metric, kind, *tally, study, minutes, count, share, rate)
 
 
-def cohort(
-    people: Sequence[Person],
-    zones: Mapping[str, Sequence[ZoneSpan]],
-    rules: Sequence[Rule],
-    counts: Iterable[Counts],
-    first: date,
-    last: date,
-    now: datetime,
-) -> list[ParticipantDay]:
+def cohort(given: Inputs) -> list[ParticipantDay]:
     """The heat map's cells: per participant and day with a metric, the mean adherence of
     the metrics expected, how many were, and how many were met in full."""
     out: list[ParticipantDay] = []
-    for pid, day, study, day_minutes, metrics in _cells(
-        people, zones, rules, counts, first, last, now
-    ):
+    for pid, day, study, day_minutes, metrics in _cells(given):
         if not metrics:
             continue
         shares = [

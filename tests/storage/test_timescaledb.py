@@ -14,28 +14,11 @@ from storage import migrate as migrate_module
 from storage.migrate import ModeRequest, StorageMode, available_migrations, migrate
 from storage.timeconv import from_ms
 from storage.writer import BulkWriter
+from tests.fixtures.postgres import compress_old_chunks
 from tests.storage.test_writer import T0, batch, envelope
 
 OLD = T0 - 60 * 86_400_000  # well past the compression policy's 14 days
 BEFORE_READING_STATUS = 12
-
-
-async def _compress_old_chunks(conn: db.Conn) -> int:
-    """Run the compression policy by hand; the number of compressed chunks afterwards."""
-    cur = await conn.execute(
-        "SELECT job_id FROM timescaledb_information.jobs"
-        " WHERE proc_name = 'policy_compression' AND hypertable_name = 'readings'"
-    )
-    job = await cur.fetchone()
-    assert job is not None
-    await conn.execute("CALL run_job(%s)", (job[0],))
-    cur = await conn.execute(
-        "SELECT count(*) FROM timescaledb_information.chunks"
-        " WHERE hypertable_name = 'readings' AND is_compressed"
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def test_later_migrations_apply_over_compressed_chunks_and_their_columns_take_copy(
@@ -63,7 +46,7 @@ async def test_later_migrations_apply_over_compressed_chunks_and_their_columns_t
             " 60, '/min', 'A', g, 'hr-strap-1', now() FROM generate_series(1, 100) g",
             (from_ms(OLD),),
         )
-        assert await _compress_old_chunks(conn) >= 1
+        assert await compress_old_chunks(conn) >= 1
         rest = await migrate(conn, ModeRequest.TIMESCALEDB)
         assert rest.applied == tuple(m.number for m in everything[BEFORE_READING_STATUS:])
         cur = await conn.execute(
@@ -95,7 +78,7 @@ async def test_later_migrations_apply_over_compressed_chunks_and_their_columns_t
         )
         assert await cur.fetchall() == [(["no_sensor_contact"], 3, 2), (None, None, 100)]
         # The old chunk holds them and is still compressed (now partially).
-        assert await _compress_old_chunks(conn) >= 1
+        assert await compress_old_chunks(conn) >= 1
         cur = await conn.execute(
             "SELECT flags, device_user FROM readings WHERE seq = 500 AND device_id = 'A'"
         )

@@ -24,6 +24,7 @@ from storage.errors import BatchWriteError
 from storage.migrate import StorageMode
 from storage.partitions import existing_partitions, partition_start_ms
 from storage.writer import BulkWriter
+from tests.fixtures.postgres import compress_old_chunks
 from tests.fixtures.trial import Trial
 
 T0 = 1_795_000_000_000  # 2026-11-18, inside the pre-created partitions' range
@@ -291,20 +292,7 @@ async def test_hypertable_mode_stores_exactly_once_even_into_compressed_chunks(
         await writer.write(batch(envelope("A", 2), envelope("A", 3)))
         async with db.connection(timescale_database_url, autocommit=True) as conn:
             # Run the compression policy now: chunks past 14 days are compressed.
-            cur = await conn.execute(
-                "SELECT job_id FROM timescaledb_information.jobs"
-                " WHERE proc_name = 'policy_compression' AND hypertable_name = 'readings'"
-            )
-            job = await cur.fetchone()
-            assert job is not None
-            await conn.execute("CALL run_job(%s)", (job[0],))
-            cur = await conn.execute(
-                "SELECT count(*) FROM timescaledb_information.chunks"
-                " WHERE hypertable_name = 'readings' AND is_compressed"
-            )
-            really = await cur.fetchone()
-        assert really is not None
-        assert really[0] >= 1
+            assert await compress_old_chunks(conn) >= 1
         # A hub's late backfill lands in the compressed chunk, once.
         await writer.write(batch(envelope("A", 4, t0=old + 3_600_000), envelope("A", 1, t0=old)))
         async with db.connection(timescale_database_url) as conn:
