@@ -380,9 +380,11 @@ def wearables(args: argparse.Namespace, settings: HubSettings) -> int:
 
 def unpair(args: argparse.Namespace, settings: HubSettings) -> int:
     state = state_of(settings.hub_dir)
-    known = state.wearable(args.address)
+    # As typed, else as pair records it (upper case): a MAC address is the same either way.
+    address = args.address if state.wearable(args.address) else args.address.upper()
+    known = state.wearable(address)
     if known is None:
         raise HubCliError(f"no wearable paired at {args.address}")
-    state.forget(args.address)
-    print(f"forgot {known.sensor} at {args.address}")
+    state.forget(address)
+    print(f"forgot {known.sensor} at {address}")
     return 0

@@ -26,11 +26,12 @@ def test_wearables_lists_and_unpair_forgets(tmp_path: Path) -> None:
         "AA:00:00:00:00:01  bp-cuff  blood_pressure  bonded  user 2",
         "AA:00:00:00:00:02  strap  heart_rate  bonded",
     ]
+    # Typed in lower case, as a label may print it: the same wearable.
     gone = trialstream(
-        "hub", "unpair", "--hub-dir", str(tmp_path), "--address", "AA:00:00:00:00:01"
+        "hub", "unpair", "--hub-dir", str(tmp_path), "--address", "aa:00:00:00:00:01"
     )
     assert gone.returncode == 0, gone.stderr
-    assert "forgot bp-cuff" in gone.stdout
+    assert "forgot bp-cuff at AA:00:00:00:00:01" in gone.stdout
     left = json.loads(trialstream("hub", "wearables", "--hub-dir", str(tmp_path), "--json").stdout)
     assert [w["sensor"] for w in left] == ["strap"]
     again = trialstream(
