@@ -41,6 +41,10 @@ from storage.db import Conn
 from storage.zones import zone_join
 
 SLOT_MS: Final = 15 * 60_000
+# The local days adherence is asked about: a span's defaults and a day's end must stay inside
+# the calendar Python and PostgreSQL share, and no trial runs outside these.
+FIRST_DAY: Final = date(2000, 1, 1)
+LAST_DAY: Final = date(2099, 12, 31)
 MINUTE_MS: Final = 60_000
 # Serializes refreshes (several gateway workers run one each): a day summed from slots one
 # refresh has not committed yet would be stale until it was touched again.

@@ -75,6 +75,7 @@ async def test_an_admin_sets_the_schedule_and_staff_list_it(
         (("--metric", "glucose", "--none", "--arm", "x;y"), "not an arm name"),
         (("--metric", "glucose", "--none", "--from", "2026-02-30"), "not a day"),
         (("--metric", "glucose", "--none", "--from", "9" * 5000), "not a day"),
+        (("--metric", "glucose", "--none", "--from", "0001-01-01"), "a day from 2000-01-01"),
     ],
 )  # fmt: skip
 async def test_a_schedule_that_cannot_be_is_one_line_and_nothing_stored(

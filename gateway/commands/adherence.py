@@ -25,9 +25,14 @@ def iso_day(text: str) -> date:
     if len(text) != 10:
         raise argparse.ArgumentTypeError(f"not a day (YYYY-MM-DD): {text[:40]!r}")
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not a day (YYYY-MM-DD): {text!r}") from exc
+    if not adherence.FIRST_DAY <= day <= adherence.LAST_DAY:
+        raise argparse.ArgumentTypeError(
+            f"a day from {adherence.FIRST_DAY} to {adherence.LAST_DAY}, not {text}"
+        )
+    return day
 
 
 def register(sub: Subparsers) -> None:

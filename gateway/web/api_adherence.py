@@ -77,9 +77,14 @@ def _date(raw: str | None, name: str) -> date | None:
     if raw is None:
         return None
     try:
-        return date.fromisoformat(raw)
+        day = date.fromisoformat(raw)
     except ValueError:
         raise BadInput(f"{name!r} is not a date (YYYY-MM-DD)", field=name) from None
+    if not adherence.FIRST_DAY <= day <= adherence.LAST_DAY:
+        raise BadInput(
+            f"{name!r} must be from {adherence.FIRST_DAY} to {adherence.LAST_DAY}", field=name
+        )
+    return day
 
 
 def span(ctx: Ctx) -> tuple[date, date]:

@@ -217,6 +217,26 @@ CASES: list[tuple[str, str, str, Any, str, int, str]] = [
         "invalid-field",
     ),
     (
+        # Days at the ends of the calendar: a default span before the first, or a day's
+        # end after the last, cannot even be computed.
+        "first_day_of_the_calendar",
+        "GET",
+        "/api/v1/participants/P1/adherence?to=0001-01-05",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "last_day_of_the_calendar",
+        "GET",
+        "/api/v1/participants/P1/adherence/9999-12-31",
+        None,
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
         "path_day",
         "GET",
         "/api/v1/participants/P1/adherence/2026-13-01",
