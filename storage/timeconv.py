@@ -12,6 +12,15 @@ MAX_MS = (datetime(9999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC) - EPOCH) // ti
     milliseconds=1
 )
 
+# The years a time given by a person (on the command line, through the API) may name: far
+# from the calendar's ends, so that moving it to UTC or to milliseconds never overflows.
+FIRST_YEAR = 1970
+LAST_YEAR = 2099
+
+
+def year_in_range(t: datetime) -> bool:
+    return FIRST_YEAR <= t.year <= LAST_YEAR
+
 
 def from_ms(t_ms: int) -> datetime:
     return EPOCH + timedelta(milliseconds=t_ms)

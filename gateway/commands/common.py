@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.settings import Settings
+from storage import timeconv
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 if TYPE_CHECKING:
@@ -42,4 +43,8 @@ def iso_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
     if t.tzinfo is None:
         raise argparse.ArgumentTypeError(f"give a time zone (e.g. {text}+00:00)")
+    if not timeconv.year_in_range(t):
+        raise argparse.ArgumentTypeError(
+            f"a time from {timeconv.FIRST_YEAR} to {timeconv.LAST_YEAR}, not {text}"
+        )
     return t

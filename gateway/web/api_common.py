@@ -12,6 +12,7 @@ from gateway.web import auth
 from gateway.web.access import Principal
 from gateway.web.errors import BadInput
 from gateway.web.spec import Ctx, Field
+from storage import timeconv
 
 V1 = "/api/v1"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -46,4 +47,8 @@ def when(name: str, raw: str | None) -> datetime | None:
         raise BadInput(f"{name!r} is not a date and time", field=name) from exc
     if t.tzinfo is None:
         raise BadInput(f"{name!r} needs a time zone", field=name)
+    if not timeconv.year_in_range(t):
+        raise BadInput(
+            f"{name!r} must be from {timeconv.FIRST_YEAR} to {timeconv.LAST_YEAR}", field=name
+        )
     return t

@@ -237,6 +237,17 @@ CASES: list[tuple[str, str, str, Any, str, int, str]] = [
         "invalid-field",
     ),
     (
+        # Year 1 at +14:00 is year 0 in UTC, which no datetime holds: stored, it would
+        # break every later read of the queries (and, as a lock, every batch of the study).
+        "time_before_the_calendar",
+        "POST",
+        "/api/v1/participants/P1/queries",
+        {"target": "range", "metric": "spo2", "from": "0001-01-01T00:00:00+14:00", "text": "why?"},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
         "path_day",
         "GET",
         "/api/v1/participants/P1/adherence/2026-13-01",
