@@ -126,7 +126,8 @@ WITH rolled AS (
 ), truth AS (
     SELECT participant_id, to_timestamp(floor(extract(epoch FROM time) / 3600) * 3600),
            count(*), round(avg(value)::numeric, 6), min(value), max(value)
-    FROM readings WHERE participant_id = ANY(%(p)s) GROUP BY 1, 2
+    FROM readings WHERE participant_id = ANY(%(p)s) AND NOT reading_in_doubt(flags)
+    GROUP BY 1, 2
 )
 SELECT NOT EXISTS (SELECT * FROM rolled EXCEPT SELECT * FROM truth)
    AND NOT EXISTS (SELECT * FROM truth EXCEPT SELECT * FROM rolled)

@@ -119,7 +119,9 @@ INFO_PREFIXES: Final = (
 )
 
 REGISTERED: Final = _INVALID | _QUESTIONABLE | _INFO
-# The flags that put a reading in doubt: alert rules skip readings carrying one.
+# The flags that put a reading in doubt: alert rules skip readings carrying one, and the
+# hourly rollups and daily summaries leave them out. The database's reading_in_doubt()
+# (migration 0021) holds the same list: a change here needs a migration that replaces it.
 IN_DOUBT: Final = _INVALID | _QUESTIONABLE
 _RANK: Final = {FlagClass.INVALID: 2, FlagClass.QUESTIONABLE: 1, FlagClass.INFO: 0}
 

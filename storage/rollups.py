@@ -1,5 +1,6 @@
 """Hourly rollups (``readings_1h``): count, mean, minimum and maximum per participant,
-metric and hour, for the live view's longer charts.
+metric and hour, for the live view's longer charts, over the readings the device did not put
+in doubt (``ingest.flags.IN_DOUBT``; in SQL the function ``reading_in_doubt``).
 
 On TimescaleDB it is a continuous aggregate with real-time aggregation (its policy refreshes
 it). On plain PostgreSQL it is a table that :func:`refresh_rollups` brings up to date: each
@@ -15,9 +16,20 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from psycopg.rows import class_row
+
+from ingest.flags import in_doubt
 from ingest.model import Reading
 from storage.db import Conn
 from storage.migrate import StorageMode
+
+_HOURLY = """
+SELECT metric, bucket, n, mean, min, max FROM readings_1h
+WHERE participant_id = %(pid)s
+  AND bucket >= to_timestamp(floor(extract(epoch FROM %(since)s::timestamptz) / 3600) * 3600)
+  AND (%(metrics)s::text[] IS NULL OR metric = ANY(%(metrics)s))
+ORDER BY metric, bucket
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,21 +49,17 @@ async def hourly(
     *,
     metrics: Collection[str] | None = None,
 ) -> list[RollupRow]:
-    cur = await conn.execute(
-        "SELECT metric, bucket, n, mean, min, max FROM readings_1h"
-        " WHERE participant_id = %(pid)s AND bucket >= date_trunc('hour', %(since)s::timestamptz)"
-        " AND (%(metrics)s::text[] IS NULL OR metric = ANY(%(metrics)s))"
-        " ORDER BY metric, bucket",
-        {
-            "pid": participant_id,
-            "since": since,
-            "metrics": None if metrics is None else list(metrics),
-        },
-    )
-    return [
-        RollupRow(str(m), b, int(n), float(mean), float(lo), float(hi))
-        for m, b, n, mean, lo, hi in await cur.fetchall()
-    ]
+    """The participant's hours from the one holding ``since`` on (hours of UTC)."""
+    async with conn.cursor(row_factory=class_row(RollupRow)) as cur:
+        await cur.execute(
+            _HOURLY,
+            {
+                "pid": participant_id,
+                "since": since,
+                "metrics": None if metrics is None else list(metrics),
+            },
+        )
+        return await cur.fetchall()
 
 
 # An arbitrary, fixed key for pg_advisory_xact_lock: one rollup refresher at a time.
@@ -84,6 +92,7 @@ WITH taken_deltas AS (
            min(r.value) AS min, max(r.value) AS max
     FROM touched t LEFT JOIN readings r ON r.participant_id = t.participant_id
         AND r.metric = t.metric AND r.time >= t.bucket AND r.time < t.bucket + interval '1 hour'
+        AND NOT reading_in_doubt(r.flags)
     GROUP BY t.participant_id, t.metric, t.bucket
 ), gone AS (
     DELETE FROM readings_1h h USING fresh f
@@ -120,9 +129,13 @@ HourPartials = dict[tuple[str, str, int], list[float]]
 def add_to_partials(
     partials: HourPartials, participant_id: str, readings: Iterable[Reading]
 ) -> None:
-    """Fold one participant's readings into ``partials``."""
-    for t_ms, metric, value, *_ in readings:
-        key = (participant_id, metric, t_ms // HOUR_MS)
+    """Fold one participant's readings into ``partials``, leaving out those the device put
+    in doubt."""
+    for reading in readings:
+        if reading.flags and in_doubt(reading.flags):
+            continue
+        value = reading.value
+        key = (participant_id, reading.metric, reading.t_ms // HOUR_MS)
         acc = partials.get(key)
         if acc is None:
             partials[key] = [1, value, value, value]

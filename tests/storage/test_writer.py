@@ -305,7 +305,8 @@ async def test_hypertable_mode_stores_exactly_once_even_into_compressed_chunks(
 
 
 async def rollups_and_truth(url: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
-    """``readings_1h`` and the same hours computed from ``readings`` (means rounded)."""
+    """``readings_1h`` and the same hours computed from the readings the device did not
+    doubt (means rounded)."""
     async with db.connection(url, autocommit=True) as conn:
         cur = await conn.execute(
             "SELECT participant_id, metric, bucket, n, round(mean::numeric, 9), min, max"
@@ -316,7 +317,7 @@ async def rollups_and_truth(url: str) -> tuple[list[tuple[object, ...]], list[tu
             "SELECT participant_id, metric,"
             " to_timestamp(floor(extract(epoch FROM time) / 3600) * 3600), count(*),"
             " round(avg(value)::numeric, 9), min(value), max(value) FROM readings"
-            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+            " WHERE NOT reading_in_doubt(flags) GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
         )
         return stored, await cur.fetchall()
 
