@@ -1,20 +1,32 @@
-"""The define.xml of an SDTM export checked against the datasets written beside it."""
+"""The define.xml of an SDTM export checked against CDISC's Define-XML 2.0 schema (as the
+odmlib package ships it, with ODM 1.3.2's) and against the datasets written beside it."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import pyreadstat
+import xmlschema
 
 from storage.exports.define_xml import DEF_NS, ODM_NS, XLINK_NS
 
 NS = {"odm": ODM_NS, "def": DEF_NS}
 LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 DATASETS = ("VS", "SUPPVS", "DM", "DI")
+
+
+@functools.cache
+def define_schema() -> xmlschema.XMLSchema:
+    """Define-XML 2.0.0 (``define2-0-0.xsd`` and the ODM 1.3.2 schemas it includes),
+    compiled once (about a second)."""
+    xsd = resources.files("odmlib") / "schemas" / "define" / "2.0" / "define2-0-0.xsd"
+    return xmlschema.XMLSchema(str(xsd))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -35,7 +47,8 @@ def check_define(exported: Path) -> Define:
     """define.xml describes exactly the datasets written: one ItemGroupDef per dataset with
     its XPT file, its variables in order as the CSV header and XPT columns, their labels,
     types and lengths, mandatory variables never empty, methods defined and controlled
-    values in their codelists."""
+    values in their codelists. First of all, it is valid against the schema."""
+    define_schema().validate(str(exported / "define.xml"))
     root = ET.parse(exported / "define.xml").getroot()
     assert root.tag == f"{{{ODM_NS}}}ODM"
     assert root.get("ODMVersion") == "1.3.2"
