@@ -50,7 +50,8 @@ async def test_a_tiny_flood_is_answered_and_reported_beside_two_baselines(
         assert statuses.get("401", 0) > 0
         # Every 401 is an unknown name verified against the dummy hash: one hash each.
         assert flood["hashes"]["until_every_attempt_answered"] >= statuses["401"]
-        assert 0 < flood["hashes"]["in_window"] <= flood["hashes"]["until_every_attempt_answered"]
+        # How many of them fell inside the window is timing: on a loaded machine, none may.
+        assert 0 <= flood["hashes"]["in_window"] <= flood["hashes"]["until_every_attempt_answered"]
 
     limited = result["windows"]["limited"]["flood"]["statuses"]
     assert limited.get("429", 0) > 0
