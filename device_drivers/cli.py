@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 from device_drivers import cli_pairing
 from device_drivers.cli_common import HubCliError as HubCliError
 from device_drivers.cli_common import run, state_of
+from device_drivers.local_zone import ENV_VARIABLE
 from device_drivers.settings import LOG_LEVELS, HubSettings
 
 HubHandler = Callable[[argparse.Namespace, HubSettings], int]
@@ -415,6 +416,12 @@ def _status(args: argparse.Namespace, settings: HubSettings) -> int:
         age = (now_ms - running["written_at_ms"]) / 1000
         state = "connected" if running["broker_connected"] else "NOT connected"
         print(f"  broker: {state}; status {age:.0f} s old")
+        zone = running.get("time_zone")
+        print(
+            f"  time zone: {zone}"
+            if zone
+            else f"  time zone: not known (set {ENV_VARIABLE}, e.g. Europe/Berlin)"
+        )
         if offline is not None and offline["too_long"]:
             since = datetime.fromtimestamp(offline["since_ms"] / 1000, UTC)
             print(

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from device_drivers.clock import HubClock
 from device_drivers.credentials import CertificateKeeper
 from device_drivers.driver import ReadingSink, SensorInfo, WearableSession
 from device_drivers.identity import write_whole
-from device_drivers.outbox import Outbox, OutboxFull
+from device_drivers.outbox import Outbox, OutboxError, OutboxFull
 from device_drivers.relay import Relay
 from ingest.model import Gap, Reading, SensorReport
 
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 # is restarted after this pause, so a fault that repeats does not spin the hub's CPU.
 RESTART_PAUSE_S = 5.0
 STATUS_INTERVAL_S = 2.0
+# How often the hub looks at its time zone (a participant who travels with a phone hub, or a
+# daylight-saving zone set by hand): a change reaches the gateway with the next envelope.
+TIME_ZONE_INTERVAL_S = 60.0
 OUTBOX_FULL = "outbox_full"
 
 
@@ -45,6 +48,8 @@ class OutboxSink(ReadingSink):
     clock: HubClock = field(default_factory=HubClock)
     sensors: dict[str, SensorInfo] = field(default_factory=dict)
     refused_full: int = 0
+    # The hub's time zone as last noted (None: none known).
+    time_zone: str | None = None
     # (time, value) of the newest reading per metric: the participant's own hub shows it.
     latest: dict[str, tuple[int, float]] = field(default_factory=dict)
     # An outbox_full span not yet recorded (the gap itself found no room): kept, widened by
@@ -94,6 +99,13 @@ class OutboxSink(ReadingSink):
             info.paired_user,
         )
         await asyncio.to_thread(self.outbox.add_sensor, report)
+
+    async def note_time_zone(self, zone: str) -> None:
+        """The hub's zone now; a change is kept in the outbox for the next envelope."""
+        now_ms = int(self.clock() * 1000)
+        if await asyncio.to_thread(self.outbox.note_time_zone, zone, now_ms):
+            log.info("time zone %s from now on; the gateway is told with the next envelope", zone)
+        self.time_zone = zone
 
     async def _record_pending(self) -> None:
         """Record the clock jumps noticed so far, and an outbox_full span still unrecorded.
@@ -151,12 +163,14 @@ class Hub:
         *,
         status_path: Path | None = None,
         keeper: CertificateKeeper | None = None,
+        time_zone: Callable[[], str | None] | None = None,
     ) -> None:
         self.relay = relay
         self.sessions = list(sessions)
         self.sink = sink
         self.status_path = status_path
         self.keeper = keeper
+        self.time_zone = time_zone
         self._broker_offline_since_ms: int | None = None
 
     async def run(self) -> None:
@@ -169,6 +183,8 @@ class Hub:
             if self.keeper is not None:
                 # Ends only by raising HubWithdrawn, which stops every other task too.
                 tg.create_task(self.keeper.run(), name="hub-credentials")
+            if self.time_zone is not None and self.sink is not None:
+                tg.create_task(self.watch_time_zone(self.time_zone, self.sink), name="hub-zone")
 
     def status(self) -> dict[str, Any]:
         """What ``trialstream hub status`` shows (besides the outbox, which it reads itself)."""
@@ -204,6 +220,7 @@ class Hub:
                 else None
             ),
             "clock_jumps": self.sink.clock.jumps_seen if self.sink else 0,
+            "time_zone": self.sink.time_zone if self.sink else None,
         }
 
     def _offline_since(self, now_ms: int) -> int | None:
@@ -223,6 +240,19 @@ class Hub:
             text = json.dumps(self.status(), indent=2) + "\n"
             await asyncio.to_thread(write_whole, path, text)
             await asyncio.sleep(STATUS_INTERVAL_S)
+
+    @staticmethod
+    async def watch_time_zone(read: Callable[[], str | None], sink: OutboxSink) -> None:
+        """Note the hub's zone in the outbox now and every ``TIME_ZONE_INTERVAL_S``: a new
+        one travels with the next envelope (protocol v3). A failure is logged and retried."""
+        while True:
+            try:
+                zone = await asyncio.to_thread(read)
+                if zone is not None:
+                    await sink.note_time_zone(zone)
+            except OutboxError as exc:
+                log.warning("time zone not noted: %s", exc)
+            await asyncio.sleep(TIME_ZONE_INTERVAL_S)
 
     async def _supervise(self, session: WearableSession) -> None:
         while True:

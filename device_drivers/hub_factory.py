@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from device_drivers.credentials import CertificateKeeper
 from device_drivers.driver import WearableSession, WearableSpec
 from device_drivers.hub import Hub, OutboxSink
 from device_drivers.identity import HubIdentity
+from device_drivers.local_zone import system_time_zone
 from device_drivers.outbox import Outbox
 from device_drivers.pairing import BleBackends
 from device_drivers.relay import Relay, RelayConfig
@@ -50,8 +51,10 @@ async def open_hub(
     backends: BleBackends | None = None,
     mqtt5: bool = True,
     seal_max_age_s: float | None = None,
+    time_zone: Callable[[], str | None] = system_time_zone,
 ) -> HubParts:
-    """The hub of ``identity``; its outbox is closed when ``stack`` unwinds."""
+    """The hub of ``identity``; its outbox is closed when ``stack`` unwinds. ``time_zone``
+    says the hub's zone, looked at now and then (device_drivers.local_zone)."""
     directory = identity.directory
     outbox = await asyncio.to_thread(Outbox.open, directory / OUTBOX_FILE, identity.device_id)
     stack.callback(outbox.close)
@@ -84,5 +87,12 @@ async def open_hub(
         for w in state.wearables
         if w.address not in named
     ]
-    hub = Hub(relay, sessions, sink, status_path=directory / STATUS_FILE, keeper=keeper)
+    hub = Hub(
+        relay,
+        sessions,
+        sink,
+        status_path=directory / STATUS_FILE,
+        keeper=keeper,
+        time_zone=time_zone,
+    )
     return HubParts(hub, outbox, relay, sink, state, sessions)

@@ -51,7 +51,7 @@ from ingest.envelope import (
     check_reading,
     seal,
 )
-from ingest.model import Gap, Payload, Reading, Reason, Receipt, SensorReport
+from ingest.model import Gap, Payload, Reading, Reason, Receipt, SensorReport, ZoneReport
 from ingest.receipts import RECEIPT_ACCEPTED, RECEIPT_REJECTED
 from ingest.wire import EnvelopeError, check_device_id
 
@@ -135,6 +135,8 @@ class OutboxStats:
     last_receipt_seq: int | None
     last_receipt_status: str | None
     last_receipt_at_ms: int | None
+    # A new time zone waits for the next envelope (one is sealed for it alone if need be).
+    time_zone_pending: bool = False
 
 
 class Outbox:
@@ -273,6 +275,31 @@ class Outbox:
                 ),
             )
 
+    def note_time_zone(self, time_zone: str, now_ms: int) -> bool:
+        """The hub's zone is ``time_zone`` now. A zone other than the one last noted is
+        kept, in force from ``now_ms``, and travels with the next envelope sealed; the same
+        zone again changes nothing. True when it changed."""
+        with self._transaction() as db:
+            (known,) = db.execute("SELECT time_zone FROM meta WHERE id = 1").fetchone()
+            if known == time_zone:
+                return False
+            db.execute(
+                "UPDATE meta SET time_zone = ?, time_zone_since_ms = ?, time_zone_pending = 1"
+                " WHERE id = 1",
+                (time_zone, now_ms),
+            )
+            return True
+
+    def time_zone(self) -> ZoneReport | None:
+        """The zone last noted, and since when (None: none yet)."""
+        with self._lock:
+            zone, since = (
+                self._db()
+                .execute("SELECT time_zone, time_zone_since_ms FROM meta WHERE id = 1")
+                .fetchone()
+            )
+        return None if zone is None else ZoneReport(zone, since)
+
     def seal_pending(
         self,
         key: ec.EllipticCurvePrivateKey,
@@ -315,7 +342,8 @@ class Outbox:
                         (MAX_SENSORS_PER_ENVELOPE,),
                     ).fetchall()
                 )
-                if not gap_rows and not reading_rows and not sensors:
+                zone = _pending_zone(db)
+                if not gap_rows and not reading_rows and not sensors and zone is None:
                     break
                 readings = tuple(
                     Reading(
@@ -338,6 +366,7 @@ class Outbox:
                     readings=readings,
                     gaps=gaps,
                     sensors=sensors,
+                    zone=zone,
                 )
                 try:
                     data = seal(payload, key)
@@ -362,6 +391,8 @@ class Outbox:
                 db.executemany(
                     "DELETE FROM pending_sensors WHERE sensor = ?", [(s.sensor,) for s in sensors]
                 )
+                if zone is not None:
+                    db.execute("UPDATE meta SET time_zone_pending = 0 WHERE id = 1")
                 sealed.append(SealedEnvelope(seq, data, now_ms, len(readings), len(gaps), 0, None))
                 seq += 1
             db.execute("UPDATE meta SET next_seq = ? WHERE id = 1", (seq,))
@@ -460,9 +491,9 @@ class Outbox:
                 "SELECT min(t) FROM (SELECT min(t_ms) AS t FROM pending_readings"
                 " UNION ALL SELECT min(oldest_t_ms) FROM envelopes)"
             ).fetchone()
-            next_seq, last_seq, last_status, last_at = db.execute(
-                "SELECT next_seq, last_receipt_seq, last_receipt_status, last_receipt_at_ms"
-                " FROM meta WHERE id = 1"
+            next_seq, last_seq, last_status, last_at, zone_pending = db.execute(
+                "SELECT next_seq, last_receipt_seq, last_receipt_status, last_receipt_at_ms,"
+                " time_zone_pending FROM meta WHERE id = 1"
             ).fetchone()
             used = used_bytes(db)
         on_disk = sum(file_size(Path(f"{self.path}{suffix}")) for suffix in ("", "-wal", "-shm"))
@@ -481,6 +512,7 @@ class Outbox:
             last_receipt_seq=last_seq,
             last_receipt_status=last_status,
             last_receipt_at_ms=last_at,
+            time_zone_pending=bool(zone_pending),
         )
 
     # --- internals --------------------------------------------------------------------------
@@ -507,6 +539,14 @@ class Outbox:
         used = used_bytes(db)
         if used + needed > limit:
             raise OutboxFull(used, limit, needed)
+
+
+def _pending_zone(db: sqlite3.Connection) -> ZoneReport | None:
+    """The hub's zone while it is still to be sent (sealing clears the mark)."""
+    row = db.execute(
+        "SELECT time_zone, time_zone_since_ms FROM meta WHERE id = 1 AND time_zone_pending = 1"
+    ).fetchone()
+    return None if row is None else ZoneReport(row[0], row[1])
 
 
 def _utf8_len(*texts: str) -> int:

@@ -3,9 +3,9 @@ the errors of the outbox.
 
 Schema versions: 1 had readings without status; 2 adds each pending reading's flags, device
 user and record key, each pending gap's wearable, and each pending sensor report's paired
-user. A file of version 1 is upgraded
-in place when it is opened (columns added; nothing rewritten), so a hub keeps what it held
-across an upgrade of its software.
+user; 3 adds the hub's time zone, since when it is in force, and whether it is still to be
+sent. A file of an earlier version is upgraded in place when it is opened (columns added;
+nothing rewritten), so a hub keeps what it held across an upgrade of its software.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from device_drivers.errors import DeviceDriverError
 # Marks the SQLite file as ours (PRAGMA application_id, ASCII "TSOB"), so an outbox is never
 # confused with another application's database.
 APPLICATION_ID: Final = 0x54534F42
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 FIRST_SEQ: Final = 1
 # Keep the WAL file from staying large after a checkpoint.
 JOURNAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
@@ -37,7 +37,10 @@ _SCHEMA: Final = (
         next_seq INTEGER NOT NULL CHECK (next_seq >= 1),
         last_receipt_seq INTEGER,
         last_receipt_status TEXT,
-        last_receipt_at_ms INTEGER
+        last_receipt_at_ms INTEGER,
+        time_zone TEXT,
+        time_zone_since_ms INTEGER,
+        time_zone_pending INTEGER NOT NULL DEFAULT 0
     ) STRICT
     """,
     """
@@ -108,6 +111,11 @@ _UPGRADES: Final = {
         "ALTER TABLE pending_readings ADD COLUMN record TEXT",
         "ALTER TABLE pending_sensors ADD COLUMN paired_user INTEGER",
         "ALTER TABLE pending_gaps ADD COLUMN sensor TEXT",
+    ),
+    2: (
+        "ALTER TABLE meta ADD COLUMN time_zone TEXT",
+        "ALTER TABLE meta ADD COLUMN time_zone_since_ms INTEGER",
+        "ALTER TABLE meta ADD COLUMN time_zone_pending INTEGER NOT NULL DEFAULT 0",
     ),
 }
 

@@ -228,7 +228,7 @@ class Relay:
         now = self._clock()
         mono = self._monotonic()
         stats = await asyncio.to_thread(self._outbox.stats)
-        if stats.pending_readings or stats.pending_gaps:
+        if stats.pending_readings or stats.pending_gaps or stats.time_zone_pending:
             full = stats.pending_readings >= self.config.seal_max_readings
             aged = mono - self._last_seal >= self.config.seal_max_age_s
             if (full or aged) and mono >= self._seal_retry_at:

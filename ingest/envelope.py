@@ -6,10 +6,11 @@ An envelope is a COSE_Sign1 message (RFC 9052, CBOR tag 18) signed with ES256
 one implementation. Everything here is pure: bytes and keys in, frozen dataclasses or bytes
 out, no I/O and no clock (ECDSA nonces come from the operating system).
 
-Two payload versions are read: v1, and v2, whose readings may carry the device's own
+Three payload versions are read: v1; v2, whose readings may carry the device's own
 statement about them (flags, the device's user id) and whose sensor reports name the user
-slot a shared wearable is paired for. A hub seals v2; v1 is sealed only on request (for
-conformance tests and hubs that have not been upgraded). Every failure of
+slot a shared wearable is paired for; and v3, which may also say the hub's local time zone.
+A hub seals v3; v1 and v2 are sealed only on request (for conformance tests and hubs that
+have not been upgraded). Every failure of
 :func:`open_envelope` is an :class:`EnvelopeError` with a :class:`~ingest.model.Reason`.
 """
 
@@ -33,6 +34,7 @@ from ingest.model import (
     Reading,
     Reason,
     SensorReport,
+    ZoneReport,
 )
 from ingest.wire import (
     INT64_MAX,
@@ -75,13 +77,18 @@ MAX_RECORD_BYTES: Final = 64
 _FLAG_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,31}", re.ASCII)
 
 _PAYLOAD_KEYS: Final = frozenset({"v", "dev", "seq", "sent", "r", "gaps"})
-# "s" (sensor reports) is optional: sent when a wearable (re)connects or its battery changes.
-_PAYLOAD_KEYS_WITH_SENSORS: Final = _PAYLOAD_KEYS | {"s"}
+# Optional keys: "s" (sensor reports), sent when a wearable (re)connects or its battery
+# changes; "tz" (v3: the hub's time zone), sent after the hub starts and when it changes.
+_OPTIONAL_KEYS: Final = {1: frozenset({"s"}), 2: frozenset({"s"}), 3: frozenset({"s", "tz"})}
+# An IANA time zone name as the database spells them ("Europe/Berlin", "America/Port-au-Prince",
+# "Etc/GMT+5"); the gateway also checks that it knows the zone before it records it.
+MAX_TIME_ZONE_BYTES: Final = 64
+TIME_ZONE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_+/-]{0,63}", re.ASCII)
 MAX_SENSORS_PER_ENVELOPE: Final = 16
 MAX_SENSOR_FIELD_BYTES: Final = 64
 # Array lengths by payload version: a reading (without, with status), a sensor report.
-_READING_LENGTHS: Final = {1: (5,), 2: (5, 8)}
-_SENSOR_LENGTH: Final = {1: 7, 2: 8}
+_READING_LENGTHS: Final = {1: (5,), 2: (5, 8), 3: (5, 8)}
+_SENSOR_LENGTH: Final = {1: 7, 2: 8, 3: 8}
 _NO_STATUS: Final = ((), None, None)
 _SPOKEN: Final = " and ".join(f"v{n}" for n in PROTOCOL_VERSIONS)
 
@@ -270,7 +277,31 @@ def _payload_to_obj(payload: Payload) -> dict[str, Any]:
     }
     if payload.sensors:
         obj["s"] = [_sensor_to_obj(s, i, v) for i, s in enumerate(payload.sensors)]
+    if payload.zone is not None:
+        if v < 3:
+            raise EnvelopeError(Reason.MALFORMED, "a time zone needs protocol v3")
+        obj["tz"] = _zone_to_obj(payload.zone)
     return obj
+
+
+def _zone_from_obj(obj: object) -> ZoneReport:
+    since, name = _zone_to_obj(obj)
+    return ZoneReport(time_zone=name, since_ms=since)
+
+
+def _zone_to_obj(zone: object) -> list[Any]:
+    """``[since_ms, name]``, checked: the name is an IANA-shaped zone name of 1-64 bytes."""
+    if isinstance(zone, ZoneReport):
+        since, name = zone.since_ms, zone.time_zone
+    elif isinstance(zone, list) and len(zone) == 2:
+        since, name = zone
+    else:
+        raise EnvelopeError(Reason.MALFORMED, "tz must be [since_ms, time zone]")
+    since = int_field(since, "tz since")
+    name = text(name, "tz time zone", MAX_TIME_ZONE_BYTES)
+    if TIME_ZONE_RE.fullmatch(name) is None:
+        raise EnvelopeError(Reason.MALFORMED, "tz time zone is not an IANA time zone name")
+    return [since, name]
 
 
 def _payload_from_obj(obj: object, *, canonical: bool = False) -> Payload:
@@ -279,7 +310,7 @@ def _payload_from_obj(obj: object, *, canonical: bool = False) -> Payload:
     if not isinstance(obj, dict):
         raise EnvelopeError(Reason.MALFORMED, "payload must be a map")
     v = _check_version(obj)
-    check_keys(obj, _PAYLOAD_KEYS_WITH_SENSORS if "s" in obj else _PAYLOAD_KEYS, "payload")
+    check_keys(obj, _PAYLOAD_KEYS | (_OPTIONAL_KEYS[v] & obj.keys()), "payload")
     readings, gaps = obj["r"], obj["gaps"]
     sensors = obj.get("s", [])
     if "s" in obj and (
@@ -308,6 +339,7 @@ def _payload_from_obj(obj: object, *, canonical: bool = False) -> Payload:
         gaps=tuple(_gap_from_obj(g, i, v) for i, g in enumerate(gaps)),
         v=v,
         sensors=tuple(_sensor_from_obj(s, i, v) for i, s in enumerate(sensors)),
+        zone=_zone_from_obj(obj["tz"]) if "tz" in obj else None,
     )
 
 

@@ -11,8 +11,8 @@ from enum import StrEnum
 from typing import NamedTuple
 
 # The payload version a hub seals, and those a gateway reads (docs/protocol.md section 8).
-PROTOCOL_VERSION = 2
-PROTOCOL_VERSIONS = (1, 2)
+PROTOCOL_VERSION = 3
+PROTOCOL_VERSIONS = (1, 2, 3)
 # A device's user index (Blood Pressure, Weight Scale, Body Composition: uint8; 255 is the
 # profiles' "unknown user").
 MAX_DEVICE_USER = 255
@@ -104,6 +104,15 @@ class SensorReport:
 
 
 @dataclass(frozen=True, slots=True)
+class ZoneReport:
+    """The hub's local time zone (v3): an IANA name, in force on the hub since ``since_ms``
+    (the hub's clock when it first saw it). Sent after the hub starts and when it changes."""
+
+    time_zone: str
+    since_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Payload:
     """The signed content of one envelope."""
 
@@ -114,6 +123,7 @@ class Payload:
     gaps: tuple[Gap, ...] = ()
     v: int = PROTOCOL_VERSION
     sensors: tuple[SensorReport, ...] = ()
+    zone: ZoneReport | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +178,7 @@ class AcceptedEnvelope:
     gaps: tuple[Gap, ...] = ()
     sensors: tuple[SensorReport, ...] = ()
     original: bytes = b""
+    zone: ZoneReport | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,6 +346,7 @@ def admit(
             gaps=gaps,
             sensors=payload.sensors,
             original=decoded.inbound.data,
+            zone=payload.zone,
         )
     return _admit_each(decoded, device, consent, window, gaps, gap_refusals)
 
@@ -415,6 +416,7 @@ def _admit_each(
         gaps=gaps,
         sensors=payload.sensors,
         original=decoded.inbound.data,
+        zone=payload.zone,
     )
 
 

@@ -6,7 +6,7 @@
 3. Rejection rows: for whole envelopes refused, and for the refused readings of new envelopes.
 4. Gaps of the new envelopes.
 5. Sensor reports of the new envelopes: ``sensors`` and the description history
-   (:mod:`storage.sensors`).
+   (:mod:`storage.sensors`); the hubs' time zones (:mod:`storage.time_zones`).
 
 A replayed envelope is found in step 1 and reported with the counts stored the first time,
 so its receipt can be sent again. A connection lost mid-batch rolls the whole batch back and
@@ -34,7 +34,7 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
-from storage import adherence, locks, originals, records, review, sensors
+from storage import adherence, locks, originals, records, review, sensors, time_zones
 from storage.db import Conn
 from storage.errors import (
     BatchWriteError,
@@ -266,6 +266,7 @@ class BulkWriter:
         await self._insert_rejections(conn, batch, fresh, conflicts, received)
         await self._insert_gaps(conn, fresh)
         await sensors.record_reports(conn, fresh, received)
+        await time_zones.record_reported(conn, fresh)
         await originals.keep(conn, fresh, received)
         return outcomes, fresh
 

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from device_drivers import cli as hub_cli
-from device_drivers.hub import Hub
+from device_drivers.hub import Hub, OutboxSink
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from tests.fixtures.waiting import wait_until
@@ -158,3 +158,19 @@ def test_status_of_a_hub_from_before_the_field_says_nothing_of_it(
     (hub_dir / "status.json").write_text(json.dumps(older))
     assert "OFFLINE" not in status(hub_dir, capsys)
     assert json.loads(status(hub_dir, capsys, "--json"))["offline"] is None
+
+
+async def test_status_says_the_hub_time_zone_or_how_to_set_it(
+    hub_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    with Outbox.open(hub_dir / "outbox.sqlite", DEV) as outbox:
+        relay = Relay(RelayConfig(DEV, "127.0.0.1", 1), outbox, key, key.public_key())
+        sink = OutboxSink(outbox)
+        hub = Hub(relay, [], sink, status_path=hub_dir / "status.json")
+        (hub_dir / "status.json").write_text(json.dumps(hub.status()))
+        assert "  time zone: not known (set TRIALSTREAM_HUB_TIME_ZONE" in status(hub_dir, capsys)
+        await sink.note_time_zone("Europe/Berlin")
+        (hub_dir / "status.json").write_text(json.dumps(hub.status()))
+    assert "  time zone: Europe/Berlin\n" in status(hub_dir, capsys)
+    assert json.loads(status(hub_dir, capsys, "--json"))["running"]["time_zone"] == "Europe/Berlin"

@@ -9,13 +9,13 @@ import functools
 import io
 import json
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from gateway.commands import operator
 from gateway.commands.common import Subparsers, iso_time, run
 from gateway.errors import ConfigError
 from gateway.settings import Settings
-from storage import audit, db, registry
+from storage import audit, db, registry, time_zones
 
 
 def _actor() -> str:
@@ -64,6 +64,11 @@ def register(sub: Subparsers) -> None:
     p = action("add-participant", "register a participant at a site")
     p.add_argument("--participant", required=True, help="pseudonymous participant id")
     p.add_argument("--site", required=True, help="site id")
+    p.add_argument(
+        "--time-zone",
+        help="the participant's IANA time zone from now on, e.g. Europe/Berlin (default: "
+        "none, which counts as UTC, until set with `site time-zone` or reported by the hub)",
+    )
     p.set_defaults(handler=_add_participant)
 
     p = action(
@@ -178,18 +183,21 @@ def _add_participant(args: argparse.Namespace, settings: Settings) -> int:
                 entity_id=args.participant,
                 detail={"site_id": args.site},
             )
+            if args.time_zone is not None:
+                await time_zones.set_time_zone(
+                    conn, args.participant, args.time_zone, datetime.now(UTC), actor=_actor()
+                )
             return str(row[0])
 
     study = run(go())
-    print(f"participant {args.participant} registered at {args.site} ({study})")
+    zone = f", time zone {args.time_zone}" if args.time_zone else ""
+    print(f"participant {args.participant} registered at {args.site} ({study}){zone}")
     return 0
 
 
 @operator.authenticated("site time-zone")
 def _time_zone(args: argparse.Namespace, settings: Settings) -> int:
-    from datetime import UTC, datetime
-
-    from storage import time_zones, views
+    from storage import views
 
     valid_from = args.from_time or datetime.now(UTC)
 

@@ -12,11 +12,14 @@ from gateway.web import auth
 from gateway.web.access import Principal
 from gateway.web.errors import BadInput
 from gateway.web.spec import Ctx, Field
+from ingest.envelope import TIME_ZONE_RE
 from storage import timeconv
 
 V1 = "/api/v1"
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 PARTICIPANT_ID = Field("participant_id", pattern=ID_PATTERN, max_len=64)
+# An IANA time zone name, as hubs report them (the database also checks it knows the zone).
+TIME_ZONE_PATTERN = f"^{TIME_ZONE_RE.pattern}$"
 # An ISO 8601 time with its zone, as the API takes times in bodies and queries.
 TIME_PATTERN = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?"

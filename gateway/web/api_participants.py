@@ -21,8 +21,16 @@ from gateway.web.access import (
     require_participant,
     require_site,
 )
-from gateway.web.api_common import ID_PATTERN, PARTICIPANT_ID, V1, actor_of, iso, pool_of
-from gateway.web.errors import Conflict
+from gateway.web.api_common import (
+    ID_PATTERN,
+    PARTICIPANT_ID,
+    TIME_ZONE_PATTERN,
+    V1,
+    actor_of,
+    iso,
+    pool_of,
+)
+from gateway.web.errors import BadInput, Conflict
 from gateway.web.schemas import (
     CODE,
     PARTICIPANT,
@@ -199,6 +207,7 @@ async def get_site(ctx: Ctx) -> web.StreamResponse:
 async def create_participant(ctx: Ctx) -> web.StreamResponse:
     site_id = ctx.path["site_id"]
     pid = ctx.body["participant_id"]
+    zone = ctx.body.get("time_zone")
     async with pool_of(ctx).connection() as conn:
         site = await require_site(ctx.user, site_id, conn)
         try:
@@ -212,8 +221,14 @@ async def create_participant(ctx: Ctx) -> web.StreamResponse:
                     entity_id=pid,
                     detail={"site_id": site_id},
                 )
+                if zone is not None:
+                    await time_zones.set_time_zone(
+                        conn, pid, zone, datetime.now(UTC), actor=ctx.user.username
+                    )
         except pg_errors.UniqueViolation as exc:
             raise Conflict(f"participant {pid!r} exists") from exc
+        except time_zones.UnknownTimeZone as exc:
+            raise BadInput(str(exc)) from exc
         row = await views.participant(conn, pid)
     assert row is not None
     log.info("participant created participant=%s site=%s by=%s", pid, site_id, ctx.user.username)
@@ -383,7 +398,17 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         COORDINATION,
         "sites",
         path_params=(SITE_ID,),
-        body=(Field("participant_id", pattern=ID_PATTERN, max_len=64),),
+        body=(
+            Field("participant_id", pattern=ID_PATTERN, max_len=64),
+            Field(
+                "time_zone",
+                required=False,
+                pattern=TIME_ZONE_PATTERN,
+                max_len=64,
+                description="the participant's IANA time zone from now on, e.g. Europe/Berlin"
+                " (default: none, which is UTC, until set or reported by the hub)",
+            ),
+        ),
         ok_status=201,
         ok_schema=PARTICIPANT,
         conflicts=True,

@@ -34,7 +34,7 @@ def test_flags_user_and_paired_user_survive_the_outbox(
         outbox.add_sensor(SensorReport("cuff", "Acme", paired_user=2))
         (sealed,) = outbox.seal_pending(key, T0 + 10)
     payload = open_envelope(sealed.data).payload
-    assert payload.v == 2
+    assert payload.v == 3
     assert payload.readings == (cuff, plain, meter)
     assert payload.sensors == (SensorReport("cuff", "Acme", paired_user=2),)
 
@@ -52,6 +52,9 @@ def test_an_outbox_written_before_reading_status_is_upgraded_in_place(
         "ALTER TABLE pending_readings DROP COLUMN record",
         "ALTER TABLE pending_sensors DROP COLUMN paired_user",
         "ALTER TABLE pending_gaps DROP COLUMN sensor",
+        "ALTER TABLE meta DROP COLUMN time_zone",
+        "ALTER TABLE meta DROP COLUMN time_zone_since_ms",
+        "ALTER TABLE meta DROP COLUMN time_zone_pending",
         "INSERT INTO pending_gaps (from_ms, to_ms, reason) VALUES (1, 2, 'out_of_range')",
         "INSERT INTO pending_readings (t_ms, metric, value, unit, sensor)"
         " VALUES (1700000000000, 'heart_rate', x'4051800000000000', '/min', 'strap')",

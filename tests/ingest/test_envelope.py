@@ -346,8 +346,8 @@ def test_bomb_inside_the_payload_bstr_is_malformed(key: ec.EllipticCurvePrivateK
             Reason.TOO_LARGE,
             id="too-many-readings",
         ),
-        pytest.param({"v": 3}, Reason.UNSUPPORTED_VERSION, id="v3"),
-        pytest.param({"v": 3, "r": ..., "new": 1}, Reason.UNSUPPORTED_VERSION, id="v3-schema"),
+        pytest.param({"v": 4}, Reason.UNSUPPORTED_VERSION, id="v4"),
+        pytest.param({"v": 4, "r": ..., "new": 1}, Reason.UNSUPPORTED_VERSION, id="v4-schema"),
         pytest.param({"v": 0}, Reason.UNSUPPORTED_VERSION, id="v0"),
         pytest.param({"v": "1"}, Reason.MALFORMED, id="text-v"),
         pytest.param({"v": True}, Reason.MALFORMED, id="bool-v"),
@@ -446,9 +446,9 @@ def test_non_bytes_input_is_malformed() -> None:
             id="int-beyond-float",
         ),
         pytest.param(
-            Payload(dev=DEV, seq=1, sent_ms=1, readings=(), v=3),
+            Payload(dev=DEV, seq=1, sent_ms=1, readings=(), v=4),
             Reason.UNSUPPORTED_VERSION,
-            id="v3",
+            id="v4",
         ),
         pytest.param(
             Payload(

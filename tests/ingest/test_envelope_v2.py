@@ -20,7 +20,7 @@ from ingest.envelope import (
     seal,
     verify,
 )
-from ingest.model import PROTOCOL_VERSION, Gap, Payload, Reading, Reason, SensorReport
+from ingest.model import Gap, Payload, Reading, Reason, SensorReport
 from ingest.wire import EnvelopeError
 from tests.ingest.test_envelope import DEV, cose_key, payload_obj, raw_sign1
 
@@ -34,7 +34,7 @@ CUFF_REPORT = SensorReport("cuff", "Acme", "BP-7", "SN9", "2.1", None, 80, paire
 
 
 def v2_payload(*readings: Reading, sensors: tuple[SensorReport, ...] = ()) -> Payload:
-    return Payload(DEV, 7, T + 5000, readings or (CUFF, PLAIN), sensors=sensors)
+    return Payload(DEV, 7, T + 5000, readings or (CUFF, PLAIN), v=2, sensors=sensors)
 
 
 def v2_obj(**changes: Any) -> dict[str, Any]:
@@ -47,9 +47,11 @@ def refusal(obj: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> EnvelopeErr
     return info.value
 
 
-def test_a_hub_seals_v2() -> None:
-    assert PROTOCOL_VERSION == 2
-    assert Payload(DEV, 1, T, ()).v == 2
+def test_v2_is_still_sealed_on_request(key: ec.EllipticCurvePrivateKey) -> None:
+    payload = v2_payload(CUFF, PLAIN)
+    opened = open_envelope(seal(payload, key))
+    assert opened.payload == payload
+    assert cbor2.loads(opened.payload_bytes)["v"] == 2
 
 
 def test_flags_user_and_paired_user_round_trip(key: ec.EllipticCurvePrivateKey) -> None:

@@ -89,3 +89,27 @@ async def test_the_command_sets_a_zone_as_a_coordinator_of_the_site(
         "SELECT actor, action, detail->>'time_zone' FROM audit_log"
         " WHERE action = 'participant.time_zone_set'",
     ) == [("cora", "participant.time_zone_set", "Europe/Berlin")]
+
+
+async def test_a_zone_given_at_registration_is_the_participants_from_then(
+    trial: Trial, tmp_path: Path
+) -> None:
+    await add_operators(trial.url, ("cora", Role.SITE_COORDINATOR, ["SITE-A"]))
+    env = {PASSWORD_FILE_ENV: str(password_file(tmp_path))}
+    base = ("site", "add-participant", "--database-url", trial.url, "--site", "SITE-A")
+    done = trialstream(
+        *base, "--participant", "P5", "--time-zone", "Asia/Kolkata", "--as", "cora", env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "P5 registered at SITE-A (S1), time zone Asia/Kolkata" in done.stdout
+    bad = trialstream(
+        *base, "--participant", "P6", "--time-zone", "Nowhere/City", "--as", "cora", env=env
+    )
+    assert bad.returncode != 0
+    assert "not an IANA time zone name" in bad.stderr
+    async with db.connection(trial.url) as conn:
+        assert [p.time_zone for p in await time_zones.history(conn, "P5")] == ["Asia/Kolkata"]
+    # The participant with a zone that is not one was not registered either.
+    assert await rows(
+        trial.url, "SELECT count(*) FROM participants WHERE participant_id = 'P6'"
+    ) == [(0,)]

@@ -89,6 +89,43 @@ CASES: list[tuple[str, str, str, Any, str, int, str]] = [
         "invalid-field",
     ),
     (
+        "sql_in_time_zone",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        {"participant_id": "P9", "time_zone": "Europe/Berlin'; DROP TABLE participants; --"},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "path_as_time_zone",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        {"participant_id": "P9", "time_zone": "../../etc/localtime"},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        # The shape of a zone name, but no zone: the participant is not created either.
+        "unknown_time_zone",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        {"participant_id": "P9", "time_zone": "Mars/Olympus_Mons"},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
+        "long_time_zone",
+        "POST",
+        "/api/v1/sites/SITE-A/participants",
+        {"participant_id": "P9", "time_zone": "E" * 65},
+        "",
+        400,
+        "invalid-field",
+    ),
+    (
         "sql_in_id",
         "POST",
         "/api/v1/sites/SITE-A/participants",
@@ -263,7 +300,8 @@ async def counts(url: str) -> tuple[int, ...]:
     async with db.connection(url) as conn:
         cur = await conn.execute(
             "SELECT (SELECT count(*) FROM participants), (SELECT count(*) FROM users),"
-            " (SELECT count(*) FROM enrollment_codes), (SELECT count(*) FROM sites)"
+            " (SELECT count(*) FROM enrollment_codes), (SELECT count(*) FROM sites),"
+            " (SELECT count(*) FROM participant_time_zones)"
         )
         row = await cur.fetchone()
         assert row is not None
