@@ -149,6 +149,14 @@ def add_actions(parser: argparse.ArgumentParser, prog: str) -> None:
         help=f"add a virtual wearable on a simulated radio ({', '.join(_SIMULATED)}); repeatable",
     )
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument(
+        "--simulated-radio",
+        type=cli_pairing.simulated_radio,
+        metavar="tcp-client:HOST:PORT",
+        help="read the paired and named wearables over a simulated radio's controller at this "
+        "HCI transport (as `pair --simulated-radio` pairs them) instead of this computer's "
+        "Bluetooth; for tests and rehearsals",
+    )
     p.set_defaults(hub_handler=_run)
 
     p = actions.add_parser(
@@ -297,19 +305,23 @@ def _run(args: argparse.Namespace, settings: HubSettings) -> int:
     unknown = [k for k in args.simulate if k not in _SIMULATED]
     if unknown:
         raise HubCliError(f"--simulate {unknown[0]!r}: known kinds are {', '.join(_SIMULATED)}")
-    if not wearables and not args.simulate and not state_of(directory).wearables:
+    if args.simulate and args.simulated_radio:
+        raise HubCliError("--simulate brings its own radio: give it or --simulated-radio, not both")
+    paired = {w.address for w in state_of(directory).wearables} - {a for a, _ in wearables}
+    if not wearables and not args.simulate and not paired:
         raise HubCliError(
             f"no wearables: pair one with `{args.hub_prog} pair`, or give --wearable ADDRESS=SENSOR"
             " or --simulate hr"
         )
+    count = len(wearables) + len(args.simulate) + len(paired)
     print(
-        f"hub {identity.device_id}: {len(wearables) + len(args.simulate)} wearable(s), "
+        f"hub {identity.device_id}: {count} wearable(s), "
         f"broker {identity.broker_host}:{identity.broker_port}; Ctrl-C stops",
         flush=True,
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            run(_run_hub(identity, wearables, args.simulate, args.duration))
+            run(_run_hub(identity, wearables, args.simulate, args.duration, args.simulated_radio))
     except HubWithdrawn as exc:
         print(f"hub {identity.device_id} stopped: {exc}", file=sys.stderr)
         return EXIT_WITHDRAWN
@@ -327,7 +339,11 @@ _SIMULATED = {
 
 
 async def _run_hub(
-    identity: Any, wearables: list[tuple[str, str]], simulate: list[str], duration: float | None
+    identity: Any,
+    wearables: list[tuple[str, str]],
+    simulate: list[str],
+    duration: float | None,
+    simulated_radio: str | None = None,
 ) -> None:
     from device_drivers.credentials import HubWithdrawn
     from device_drivers.driver import WearableSpec
@@ -348,6 +364,17 @@ async def _run_hub(
                 wearable = getattr(sim, _SIMULATED[kind])(f"TS-{kind.upper()}-{i:04d}", seed=i)
                 await stack.enter_async_context(wearable.running(radio))
                 specs.append(WearableSpec(wearable.address, f"{kind}-{i}"))
+        elif simulated_radio is not None:
+            from device_drivers import sim
+
+            try:
+                adapter = await sim.SimAdapter.connect_hci(simulated_radio)
+            except OSError as exc:
+                raise HubCliError(
+                    f"cannot reach the simulated radio at {simulated_radio}: {exc}"
+                ) from exc
+            stack.push_async_callback(adapter.close)
+            backends = BleBackends(adapter.scanner_backend, adapter.client_backend)
         parts = await open_hub(identity, stack, wearables=specs, backends=backends)
         try:
             async with asyncio.timeout(duration):

@@ -21,6 +21,7 @@ from device_drivers.driver import ReadingSink, SensorInfo, WearableSession
 from device_drivers.identity import write_whole
 from device_drivers.outbox import Outbox, OutboxError, OutboxFull
 from device_drivers.relay import Relay
+from device_drivers.state import HubState, PairedWearable, StateError
 from ingest.model import Gap, Reading, SensorReport
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ STATUS_INTERVAL_S = 2.0
 # How often the hub looks at its time zone (a participant who travels with a phone hub, or a
 # daylight-saving zone set by hand): a change reaches the gateway with the next envelope.
 TIME_ZONE_INTERVAL_S = 60.0
+# How often the hub reads its state file again for wearables paired or unpaired meanwhile.
+PAIRINGS_INTERVAL_S = 10.0
 OUTBOX_FULL = "outbox_full"
 
 
@@ -154,6 +157,17 @@ def _widen(a: Gap, b: Gap) -> Gap:
     return Gap(min(a.from_ms, b.from_ms), max(a.to_ms, b.to_ms), a.reason)
 
 
+@dataclass(frozen=True)
+class Pairings:
+    """What lets a running hub follow ``pair`` and ``unpair``: the state file, how to make a
+    paired wearable's session, and the addresses named on the command line (kept whatever
+    the file says)."""
+
+    state: HubState
+    session: Callable[[PairedWearable], WearableSession]
+    named: frozenset[str] = frozenset()
+
+
 class Hub:
     def __init__(
         self,
@@ -164,6 +178,7 @@ class Hub:
         status_path: Path | None = None,
         keeper: CertificateKeeper | None = None,
         time_zone: Callable[[], str | None] | None = None,
+        pairings: Pairings | None = None,
     ) -> None:
         self.relay = relay
         self.sessions = list(sessions)
@@ -171,13 +186,17 @@ class Hub:
         self.status_path = status_path
         self.keeper = keeper
         self.time_zone = time_zone
+        self.pairings = pairings
         self._broker_offline_since_ms: int | None = None
+        self._session_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.relay.run(), name="hub-relay")
             for session in self.sessions:
-                tg.create_task(self._supervise(session), name=f"wearable-{session.spec.sensor}")
+                self._start(tg, session)
+            if self.pairings is not None:
+                tg.create_task(self._follow_pairings(tg, self.pairings), name="hub-pairings")
             if self.status_path is not None:
                 tg.create_task(self._write_status(self.status_path), name="hub-status")
             if self.keeper is not None:
@@ -253,6 +272,35 @@ class Hub:
             except OutboxError as exc:
                 log.warning("time zone not noted: %s", exc)
             await asyncio.sleep(TIME_ZONE_INTERVAL_S)
+
+    def _start(self, tg: asyncio.TaskGroup, session: WearableSession) -> None:
+        task = tg.create_task(self._supervise(session), name=f"wearable-{session.spec.sensor}")
+        self._session_tasks[session.spec.address] = task
+
+    async def _follow_pairings(self, tg: asyncio.TaskGroup, pairings: Pairings) -> None:
+        """Every ``PAIRINGS_INTERVAL_S``, read the state file again: a wearable paired since
+        (``pair`` while the service runs) gets its session, one unpaired loses it."""
+        while True:
+            await asyncio.sleep(PAIRINGS_INTERVAL_S)
+            try:
+                await asyncio.to_thread(pairings.state.reload)
+            except StateError as exc:
+                log.warning("state file not read again: %s", exc)
+                continue
+            paired = {w.address: w for w in pairings.state.wearables}
+            for address, wearable in paired.items():
+                if address not in self._session_tasks:
+                    session = pairings.session(wearable)
+                    self.sessions.append(session)
+                    self._start(tg, session)
+                    log.info("wearable paired while running sensor=%s", wearable.sensor)
+            for session in list(self.sessions):
+                address = session.spec.address
+                if address in pairings.named or address in paired:
+                    continue
+                self._session_tasks.pop(address).cancel()
+                self.sessions.remove(session)
+                log.info("wearable unpaired while running sensor=%s", session.spec.sensor)
 
     async def _supervise(self, session: WearableSession) -> None:
         while True:

@@ -4,7 +4,8 @@ The command line (`trialstream-hub run`), the demo and the tests build hubs here
 hub has the same parts: the outbox and the state file in the hub's directory, the relay on
 the broker the enrollment named (over TLS when it said so), the certificate keeper that
 renews the hub's certificate and stops it once the site has withdrawn it, and one session
-per wearable (those named, and every wearable paired in the state file).
+per wearable (those named, and every wearable paired in the state file, which the hub reads
+again while it runs: a wearable paired or unpaired meanwhile gains or loses its session).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 
 from device_drivers.credentials import CertificateKeeper
 from device_drivers.driver import WearableSession, WearableSpec
-from device_drivers.hub import Hub, OutboxSink
+from device_drivers.hub import Hub, OutboxSink, Pairings
 from device_drivers.identity import HubIdentity
 from device_drivers.local_zone import system_time_zone
 from device_drivers.outbox import Outbox
 from device_drivers.pairing import BleBackends
 from device_drivers.relay import Relay, RelayConfig
-from device_drivers.state import HubState
+from device_drivers.state import HubState, PairedWearable
 from ingest.transport import configure_tls
 
 OUTBOX_FILE = "outbox.sqlite"
@@ -79,14 +80,14 @@ async def open_hub(
         on_renewed=tls.reload if tls is not None else (lambda: None),
     )
     ble = backends or BleBackends()
-    named = {w.address for w in wearables}
+    named = frozenset(w.address for w in wearables)
+
+    def paired_session(wearable: PairedWearable) -> WearableSession:
+        return WearableSession.for_paired(wearable, sink, state, backends=ble, clock=sink.clock)
+
     sessions = [
         WearableSession(spec, sink, ble, clock=sink.clock, state=state) for spec in wearables
-    ] + [
-        WearableSession.for_paired(w, sink, state, backends=ble, clock=sink.clock)
-        for w in state.wearables
-        if w.address not in named
-    ]
+    ] + [paired_session(w) for w in state.wearables if w.address not in named]
     hub = Hub(
         relay,
         sessions,
@@ -94,5 +95,6 @@ async def open_hub(
         status_path=directory / STATUS_FILE,
         keeper=keeper,
         time_zone=time_zone,
+        pairings=Pairings(state, paired_session, named),
     )
     return HubParts(hub, outbox, relay, sink, state, sessions)

@@ -2,9 +2,15 @@
 
 One JSON document, rewritten whole on every change through a temporary file, ``fsync`` and
 ``os.replace`` (then ``fsync`` of the folder), so a crash leaves either the old or the new
-document, never half of one. The bond keys themselves belong to the Bluetooth stack (BlueZ
-keeps them under /var/lib/bluetooth); this file says which wearables the hub paired, under
-which sensor name and profile, and whether a bond was made.
+document, never half of one. Several processes share it (the running hub, and ``pair`` or
+``unpair`` at the command line): each change takes an exclusive lock on a file beside it
+(``.state.json.lock``, ``flock``), reads the document again, makes its change on what it
+read and writes it, so no process overwrites what another wrote. A process sees another's
+changes at its own next change (or when it opens the file).
+
+The bond keys themselves belong to the Bluetooth stack (BlueZ keeps them under
+/var/lib/bluetooth); this file says which wearables the hub paired, under which sensor name
+and profile, and whether a bond was made.
 
 Cursors are small integers a driver keeps per sensor, such as the last glucose record
 sequence number whose readings are durable in the outbox: a driver advances one only after
@@ -19,11 +25,13 @@ start, where refusing would stop the hub from reading any wearable.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -130,6 +138,46 @@ def _links_from(raw: Any) -> dict[str, LinkMark]:
     return links
 
 
+def _read(
+    path: Path,
+) -> tuple[dict[str, PairedWearable], dict[str, dict[str, int]], dict[str, LinkMark]]:
+    """The document's wearables, cursors and link marks; a missing file is a new hub's."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, {}, {}
+    except OSError as exc:
+        raise StateError(f"cannot read {path}: {exc}") from exc
+    try:
+        document = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise StateError(f"{path} is not JSON: {exc}") from exc
+    if not isinstance(document, Mapping) or document.get("version") != FORMAT_VERSION:
+        raise StateError(f"{path} is not a version {FORMAT_VERSION} hub state file")
+    raw_wearables = document.get("wearables", [])
+    if not isinstance(raw_wearables, list):
+        raise StateError("wearables is not a list")
+    wearables = {w.address: w for w in map(_wearable_from, raw_wearables)}
+    cursors = _cursors_from(document.get("cursors", {}))
+    return wearables, cursors, _links_from(document.get("links", {}))
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock, across processes, on the lock file beside ``path``."""
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StateError(f"cannot lock {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 class HubState:
     """Load with :meth:`open`; every mutation is written to disk before it returns.
 
@@ -153,24 +201,12 @@ class HubState:
     def open(cls, path: Path | str) -> HubState:
         """Read the state file; a missing file is an empty state (a new hub)."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return cls(path, {}, {})
-        except OSError as exc:
-            raise StateError(f"cannot read {path}: {exc}") from exc
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StateError(f"{path} is not JSON: {exc}") from exc
-        if not isinstance(document, Mapping) or document.get("version") != FORMAT_VERSION:
-            raise StateError(f"{path} is not a version {FORMAT_VERSION} hub state file")
-        raw_wearables = document.get("wearables", [])
-        if not isinstance(raw_wearables, list):
-            raise StateError("wearables is not a list")
-        wearables = {w.address: w for w in map(_wearable_from, raw_wearables)}
-        cursors = _cursors_from(document.get("cursors", {}))
-        return cls(path, wearables, cursors, _links_from(document.get("links", {})))
+        return cls(path, *_read(path))
+
+    def reload(self) -> None:
+        """Read the file again: what other processes changed since (``pair``, ``unpair``)."""
+        with self._lock, _locked(self.path):
+            self._wearables, self._cursors, self._links = _read(self.path)
 
     @property
     def wearables(self) -> tuple[PairedWearable, ...]:
@@ -187,7 +223,7 @@ class HubState:
 
     def remember(self, wearable: PairedWearable) -> None:
         """Add or replace the wearable at ``wearable.address``."""
-        with self._lock:
+        with self._changing():
             clash = next(
                 (
                     w
@@ -203,7 +239,7 @@ class HubState:
 
     def forget(self, address: str) -> None:
         """Drop a wearable, its cursors and its link mark (no-op if unknown)."""
-        with self._lock:
+        with self._changing():
             known = self._wearables.pop(address, None)
             if known is None:
                 return
@@ -216,7 +252,7 @@ class HubState:
             return self._cursors.get(sensor, {}).get(name)
 
     def set_cursor(self, sensor: str, name: str, value: int) -> None:
-        with self._lock:
+        with self._changing():
             if self._cursors.get(sensor, {}).get(name) == value:
                 return
             self._cursors.setdefault(sensor, {})[name] = value
@@ -224,7 +260,7 @@ class HubState:
 
     def clear_cursor(self, sensor: str, name: str) -> None:
         """Forget a cursor (a meter whose numbering started again is read from the start)."""
-        with self._lock:
+        with self._changing():
             values = self._cursors.get(sensor, {})
             if name not in values:
                 return
@@ -237,11 +273,24 @@ class HubState:
 
     def set_link(self, sensor: str, mark: LinkMark) -> None:
         """Write where ``sensor``'s link stands (nothing is written when it is unchanged)."""
-        with self._lock:
+        with self._changing():
             if self._links.get(sensor) == mark:
                 return
             self._links[sensor] = mark
             self._save()
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """One change: under this process's lock and the file's, on the document as it is
+        on disk now (another process may have changed it since this one last read it)."""
+        with self._lock, _locked(self.path):
+            try:
+                self._wearables, self._cursors, self._links = _read(self.path)
+            except StateError as exc:
+                # Damaged since this process read it: what this process knows is written
+                # over it rather than no change being kept at all.
+                log.warning("state file unreadable, rewritten from this process: %s", exc)
+            yield
 
     def _document(self) -> dict[str, Any]:
         return {

@@ -1,10 +1,12 @@
 """The hub installs alone: a fresh virtualenv given ``pip install '.[hub]'`` has
 ``trialstream-hub`` and none of the server's dependencies, and that hub, enrolled with a
-running gateway's code, relays a simulated strap's readings until the gateway stores them."""
+running gateway's code, pairs a virtual strap over a simulated radio in another process and
+relays its readings until the gateway stores them."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -18,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from device_drivers.identity import HubIdentity
+from device_drivers.sim import RadioProcess, VirtualHeartRateStrap
+from gateway.broker import free_port
 from gateway.commands.operator import PASSWORD_FILE_ENV
 from storage import db, registry
 from storage.users import Role
+from tests.alerts.test_engine import rows
 from tests.fixtures.signers import add_operators, password_file
 from tests.test_hub_process import cli, gateway_process, readings_of
 
@@ -138,7 +143,32 @@ async def test_the_hub_alone_enrolls_and_relays_to_a_running_gateway(
     device = HubIdentity.load(tmp_path / "hub").device_id
     assert device in enrolled.stdout
 
-    proc = hub_process(hub_env, tmp_path, hub, "run", "--simulate", "hr", "--duration", "10")
+    strap = functools.partial(VirtualHeartRateStrap, "TS-HRM-HOME")
+    async with RadioProcess([strap], hci_port=free_port()) as radio:
+        address = radio.addresses[0]
+        paired = hub_command(
+            hub_env, tmp_path, hub, "pair", "--address", address, "--sensor", "strap",
+            "--simulated-radio", radio.hci_spec, "--scan-seconds", "2",
+        )  # fmt: skip
+        assert paired.returncode == 0, paired.stderr
+        assert f"paired strap (heart_rate) at {address}" in paired.stdout
+        listed = hub_command(hub_env, tmp_path, hub, "wearables")
+        assert address in listed.stdout, listed.stdout
+        await relay_until_stored(
+            database_url, device, tmp_path,
+            hub_process(hub_env, tmp_path, hub, "run", "--simulated-radio", radio.hci_spec,
+                        "--duration", "15"),
+        )  # fmt: skip
+    sensors = await rows(
+        database_url, "SELECT DISTINCT sensor FROM readings WHERE device_id = %s", (device,)
+    )
+    assert sensors == [("strap",)]
+
+
+async def relay_until_stored(
+    database_url: str, device: str, tmp_path: Path, proc: subprocess.Popen[bytes]
+) -> None:
+    """Wait until the gateway stored 3 readings of ``device`` and the hub ended by itself."""
     try:
         deadline = time.monotonic() + 60
         while await readings_of(database_url, device) < 3:
