@@ -39,6 +39,7 @@ COMMANDS = (
     commands.alerts,
     commands.adherence,
     commands.review,
+    commands.queries,
     commands.export,
     commands.decode,
     commands.bench,

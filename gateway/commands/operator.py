@@ -97,6 +97,12 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "review unlock": ADMIN_ONLY,  # POST /locks/{lock_id}/unlock
     "review locks": STAFF_AND_ADMIN,  # GET /studies/{study}/locks
     "review late-data": ADMIN_ONLY,  # PUT /studies/{study}/late-data-policy
+    "queries list": STAFF_AND_ADMIN,  # GET /participants/{p}/queries, /sites/{site}/queries
+    "queries show": STAFF_AND_ADMIN,  # GET /queries/{id}
+    "queries open": frozenset({Role.MONITOR, Role.ADMIN}),  # POST /participants/{p}/queries
+    "queries answer": COORDINATION | {Role.CLINICIAN},  # POST /queries/{id}/answer
+    "queries close": frozenset({Role.MONITOR, Role.ADMIN}),  # POST /queries/{id}/close
+    "queries reopen": frozenset({Role.MONITOR, Role.ADMIN}),  # POST /queries/{id}/reopen
 }
 
 
