@@ -8,8 +8,9 @@
 // Readings the device itself doubted are marked by shape as well as colour: a hollow circle
 // on the line for a questionable one, a cross off the line for an invalid one; each panel
 // lists the readings the device said something about, with the flags in words.
-// The participant's open and answered data queries are listed above the charts; a monitor
-// (or admin) opens one on a metric's range as its chart shows it.
+// The participant's data queries are listed after the charts (the toolbar counts the open and
+// answered ones and links to them), with the steps the user's role may take on each; a
+// monitor (or admin) opens one on a metric's range as its chart shows it.
 (() => {
   const { el, api, session, time, clock, ago, section, table, status } = TS;
   const SVG = "http://www.w3.org/2000/svg";
@@ -22,6 +23,7 @@
   const base = `/api/v1/participants/${encodeURIComponent(pid)}`;
   const QUERIES_MS = 30000;
   let asks = false; // whether this user may open a data query (monitor, admin)
+  let queries = null; // the data queries card (TS.queriesCard)
   const panels = new Map();
   const held = new Map(); // metric -> Map(key -> point), the window's readings
   let gaps = [];
@@ -124,8 +126,12 @@
     };
     axis(hi.toFixed(0), P - 4, P / 2 + 10, "end");
     axis(lo.toFixed(0), P - 4, H - P, "end");
-    axis(new Date(from).toLocaleTimeString(), P, H - 6, "start");
-    axis(new Date(to).toLocaleTimeString(), W - P, H - 6, "end");
+    // A span of more than a day names the day too: two days apart, the clock times are equal.
+    const when = (t) => (to - from > 86400000
+      ? new Date(t).toLocaleString(undefined, { dateStyle: "short", timeStyle: "short" })
+      : new Date(t).toLocaleTimeString());
+    axis(when(from), P, H - 6, "start");
+    axis(when(to), W - P, H - 6, "end");
     return root;
   }
 
@@ -135,9 +141,13 @@
       const live = el("div", { class: "live-chart", id: `live-${metric}` });
       const days = el("div", { class: "days-chart", id: `days-${metric}` });
       const notes = el("div", { class: "device-said", id: `said-${metric}` });
+      // The two charts side by side on a wide screen (both on the first screen at 1366x768),
+      // one above the other on a narrow one; what the devices said below them.
       const card = section(metric.replace(/_/g, " "), latest,
-        el("h3", {}, `Last ${MINUTES} minutes`), live, asks ? askForm(metric) : null, notes,
-        el("h3", {}, "Last 2 days (hourly)"), days);
+        el("div", { class: "metric-charts" },
+          el("div", {}, el("h3", {}, `Last ${MINUTES} minutes`), live, asks ? askForm(metric) : null),
+          el("div", {}, el("h3", {}, "Last 2 days (hourly)"), days)),
+        notes);
       card.id = `metric-${metric}`;
       document.getElementById("metrics").append(card);
       panels.set(metric, { latest, live, days, notes });
@@ -194,7 +204,7 @@
         status(`Query ${q.query_id} opened on ${words}.`);
         text.value = "";
         box.open = false;
-        await refreshQueries();
+        await queries.refresh(false);
       } catch (e) {
         error.textContent = `Not opened: ${e.message}`;
         text.focus();
@@ -203,12 +213,13 @@
     return box;
   }
 
-  // What a query is about, in words.
-  // The participant's open and answered queries: what each is about, the question, its
-  // state, who opened it when, and its last step.
-  async function refreshQueries() {
-    const data = await api(`${base}/queries`);
-    document.getElementById("queries").replaceWith(TS.queriesCard(data.queries, "queries"));
+  // The toolbar's count of the open and answered queries, a link to the card.
+  function countQueries(list) {
+    const open = list.filter((q) => q.state === "open").length;
+    const answered = list.filter((q) => q.state === "answered").length;
+    const parts = [open ? `${open} open` : null, answered ? `${answered} answered` : null].filter(Boolean);
+    document.getElementById("queries-summary").textContent =
+      `Data queries: ${parts.length ? parts.join(", ") : "none open"}`;
   }
 
   function merge(data, whole) {
@@ -360,19 +371,23 @@
   async function start() {
     const user = await session();
     asks = user.role === "monitor" || user.role === "admin";
+    // After the charts, so that it never pushes them down; closed queries folded away.
+    queries = TS.queriesCard({ id: "queries", role: user.role, url: `${base}/queries?state=all`,
+      drawn: countQueries });
     document.getElementById("main").replaceChildren(
       el("p", { class: "toolbar" }, el("a", { href: `/participants/${encodeURIComponent(pid)}` }, "Participant page"),
+        " · ", el("a", { href: "#queries", id: "queries-summary" }, "Data queries"),
         " · ", el("span", { id: "live-state", class: "live off" }, "Connecting…"),
         " · ", el("span", { id: "updated" }, "")),
       el("div", { id: "devices", class: "card" }),
-      el("section", { id: "queries", class: "card" }, "Loading data queries…"),
       el("div", { id: "metrics" }),
+      queries.node,
     );
     follow();
     setInterval(render, SCROLL_MS);
     loop(refreshDays, 60000);
     loop(refreshDevices, 10000);
-    loop(refreshQueries, QUERIES_MS);
+    loop(() => queries.refresh(true), QUERIES_MS);
   }
 
   document.addEventListener("DOMContentLoaded", () => start().catch((e) => status(e.message)));

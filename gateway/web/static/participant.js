@@ -1,7 +1,8 @@
 "use strict";
 // One participant: the consent documents to read and sign, paired hubs and wearables, what
 // the hubs sent and what the gateway received or refused (and why), the consent history, and
-// for staff the participant's open and answered data queries.
+// for staff the participant's data queries, with the steps the user's role may take on each
+// (the site answers, a monitor closes and reopens).
 (() => {
   const { el, api, session, time, ago, section, table, link, status } = TS;
   const pid = document.body.dataset.participant;
@@ -9,6 +10,10 @@
   // Who may record a signature here (the participant, or site staff signing in clinic).
   const signs = ["participant", "site_coordinator", "admin"].includes(role);
   let me = null;
+  const base = `/api/v1/participants/${encodeURIComponent(pid)}`;
+  // Staff see the participant's data queries (a participant sees none).
+  const queries = role === "participant" ? null
+    : TS.queriesCard({ id: "data-queries", role, url: `${base}/queries?state=all` });
 
   const SCOPE_NAMES = {
     heart_rate: "Heart rate",
@@ -221,14 +226,12 @@
         : signingForm(doc, witnessRequired));
   }
 
-  // What a data query is about, in words.
-
   async function load(done) {
     const staff = role !== "participant";
-    const [d, docs, queries] = await Promise.all([
+    const [d, docs, asked] = await Promise.all([
       api(`/api/v1/participants/${encodeURIComponent(pid)}`),
       api(`/api/v1/participants/${encodeURIComponent(pid)}/consent-documents`),
-      staff ? api(`/api/v1/participants/${encodeURIComponent(pid)}/queries`) : null,
+      staff ? api(`${base}/queries?state=all`) : null,
     ]);
     const p = d.participant;
     const devices = table("Paired devices",
@@ -290,10 +293,11 @@
       el("p", { class: "lead" }, head.join(" · "), ...links),
       documents,
       section("Devices", devices, wearables),
-      staff ? TS.queriesCard(queries.queries, "data-queries") : null,
+      staff ? queries.node : null,
       section("What was sent and received", sent, refused),
       history,
     ].filter(Boolean));
+    if (staff) queries.show(asked.queries);
     if (signed) signed.focus();
   }
 

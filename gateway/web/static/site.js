@@ -1,13 +1,19 @@
 "use strict";
 // A site: its cohort at a glance (each participant's consent, newest reading, unresolved
-// alerts, open data queries and today's adherence), devices, pending re-consents and
-// enrollment codes; a site coordinator registers participants and makes codes here.
+// alerts, open data queries and today's adherence), the site's data queries with the steps the
+// user's role may take on each, devices, pending re-consents and enrollment codes; a site
+// coordinator registers participants and makes codes here.
 (() => {
   const { el, api, session, time, ago, section, table, link, status } = TS;
   const site = document.body.dataset.site;
   const role = document.body.dataset.role;
   const coordinates = role === "site_coordinator" || role === "admin";
   let lastCode = null; // the code made last on this page: shown again after the lists reload
+  const siteApi = `/api/v1/sites/${encodeURIComponent(site)}`;
+  // The site's data queries, each naming its participant; after a step the whole page is read
+  // again (the cohort counts each participant's open and answered queries).
+  const queries = TS.queriesCard({ id: "site-queries", role, url: `${siteApi}/queries?state=all`,
+    participants: true, changed: () => load() });
 
   function consentText(c) {
     if (!c.action) return "no consent";
@@ -56,7 +62,7 @@
   }
 
   async function load() {
-    const data = await api(`/api/v1/sites/${encodeURIComponent(site)}`);
+    const [data, asked] = await Promise.all([api(siteApi), api(`${siteApi}/queries?state=all`)]);
     const p = data.participants;
     const clinical = role !== "site_coordinator";
     const parts = cohort(p, clinical);
@@ -81,12 +87,14 @@
         link(`/sites/${encodeURIComponent(site)}/adherence`, "Adherence (heat map)")),
       section("Participants", parts,
         today ? el("p", { class: "hint" }, `Last data: each participant's newest reading. Adherence today: ${today} (UTC), as on the heat map.`) : null),
+      queries.node,
       section("Devices", devices),
       section("Consent", pending),
       section("Enrollment codes", codes),
     ];
     if (coordinates) blocks.push(forms(p));
     document.getElementById("main").replaceChildren(...blocks);
+    queries.show(asked.queries); // drawn in its place, where the focus it keeps can stay
   }
 
   function forms(participants) {
