@@ -13,11 +13,11 @@ Who may take which step (roles and sites) is the caller's check (gateway.web.acc
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 from psycopg.rows import class_row
 
@@ -280,3 +280,27 @@ async def messages(conn: Conn, query_ids: Collection[int]) -> dict[int, list[Mes
         for m in await cur.fetchall():
             out[m.query_id].append(m)
     return out
+
+
+def as_json(q: Query, said: Sequence[Message]) -> dict[str, Any]:
+    """A query and its messages as the API answers them and ``trialstream queries --json``
+    prints them."""
+    return {
+        "query_id": q.query_id,
+        "participant_id": q.participant_id,
+        "site_id": q.site_id,
+        "target": q.target,
+        "metric": q.metric,
+        "from": q.from_time.isoformat(),
+        "to": q.to_time.isoformat(),
+        "device_id": q.device_id,
+        "seq": q.seq,
+        "state": q.state,
+        "opened_by": q.opened_by,
+        "opened_at": q.opened_at.isoformat(),
+        "updated_at": q.updated_at.isoformat(),
+        "messages": [
+            {"action": m.action, "text": m.text, "actor": m.actor, "at": m.at.isoformat()}
+            for m in said
+        ],
+    }

@@ -19,7 +19,7 @@ import functools
 import json
 import re
 from datetime import datetime
-from typing import Any, Final
+from typing import Final
 
 from gateway.commands import operator
 from gateway.commands.common import Handler, Subparsers, iso_time, run
@@ -241,26 +241,7 @@ def _iso(t: datetime) -> str:
     return t.isoformat()
 
 
-def query_json(q: queries.Query, said: list[queries.Message]) -> dict[str, Any]:
-    """A query as the API answers it (gateway.web.api_queries.query_json)."""
-    return {
-        "query_id": q.query_id,
-        "participant_id": q.participant_id,
-        "site_id": q.site_id,
-        "target": q.target,
-        "metric": q.metric,
-        "from": _iso(q.from_time),
-        "to": _iso(q.to_time),
-        "device_id": q.device_id,
-        "seq": q.seq,
-        "state": q.state,
-        "opened_by": q.opened_by,
-        "opened_at": _iso(q.opened_at),
-        "updated_at": _iso(q.updated_at),
-        "messages": [
-            {"action": m.action, "text": m.text, "actor": m.actor, "at": _iso(m.at)} for m in said
-        ],
-    }
+query_json = queries.as_json
 
 
 def _shown(text: str) -> str:

@@ -14,7 +14,6 @@ from gateway.web.api_common import (
     PARTICIPANT_ID,
     TIME_PATTERN,
     V1,
-    iso,
     pool_of,
     when,
 )
@@ -53,25 +52,7 @@ QUERY = obj(
 QUERY_LIST = obj({"queries": arr(QUERY)})
 
 
-def query_json(q: queries.Query, said: list[queries.Message]) -> dict[str, Any]:
-    return {
-        "query_id": q.query_id,
-        "participant_id": q.participant_id,
-        "site_id": q.site_id,
-        "target": q.target,
-        "metric": q.metric,
-        "from": iso(q.from_time),
-        "to": iso(q.to_time),
-        "device_id": q.device_id,
-        "seq": q.seq,
-        "state": q.state,
-        "opened_by": q.opened_by,
-        "opened_at": iso(q.opened_at),
-        "updated_at": iso(q.updated_at),
-        "messages": [
-            {"action": m.action, "text": m.text, "actor": m.actor, "at": iso(m.at)} for m in said
-        ],
-    }
+query_json = queries.as_json
 
 
 def _states(raw: str) -> list[str] | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
+from selenium.webdriver import Chrome
 
 from gateway.web.auth import COOKIE, CSRF_HEADER
 from gateway.web.ratelimit import RATE_LIMITER, Limit
@@ -23,7 +24,8 @@ from storage.users import Role
 from tests.fixtures.gateway import RunningGateway
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
-from tests.web.browser import chromium  # noqa: F401 - a fixture for the page tests
+from tests.web.browser import Browser
+from tests.web.browser import chromium as chromium  # a fixture for the page tests
 
 PASSWORD = "correct horse battery staple"
 
@@ -181,3 +183,9 @@ async def web(trial: Trial, gateway: RunningGateway) -> Web:
         buckets.limit = RAISED_LIMIT
     await add_people(trial)
     return Web(trial, gateway)
+
+
+@pytest.fixture
+async def browser(web: Web, chromium: Chrome) -> Browser:
+    """Chromium on the test gateway's pages."""
+    return Browser(chromium, web.url)

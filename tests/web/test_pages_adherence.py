@@ -37,11 +37,6 @@ INVALID = ("invalid_measurement",)
 CHECK_HOURS = (7, 12, 17, 21)
 
 
-@pytest.fixture
-async def browser(web: Web, chromium: webdriver.Chrome) -> Browser:
-    return Browser(chromium, web.url)
-
-
 def midnight(days_ago: int) -> int:
     """The start (UTC, ms) of the day ``days_ago`` days before today."""
     today = datetime.now(UTC).date()

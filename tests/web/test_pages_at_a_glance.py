@@ -25,11 +25,6 @@ pytestmark = pytest.mark.slow
 EVIL = '<img src="x" onerror="window.__pwned = 1">'
 
 
-@pytest.fixture
-async def browser(web: Web, chromium: webdriver.Chrome) -> Browser:
-    return Browser(chromium, web.url)
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 

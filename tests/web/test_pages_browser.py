@@ -40,11 +40,6 @@ CIRCLE = "\N{WHITE CIRCLE}"
 
 
 @pytest.fixture
-async def browser(web: Web, chromium: webdriver.Chrome) -> Browser:
-    return Browser(chromium, web.url)
-
-
-@pytest.fixture
 async def probe(mosquitto: MosquittoBroker) -> AsyncIterator[MqttProbe]:
     p = MqttProbe(mosquitto, "web-test-hub")
     yield p

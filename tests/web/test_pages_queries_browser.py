@@ -81,11 +81,6 @@ def test_the_pages_offer_the_steps_the_api_accepts() -> None:
 
 
 @pytest.fixture
-async def browser(web: Web, chromium: webdriver.Chrome) -> Browser:
-    return Browser(chromium, web.url)
-
-
-@pytest.fixture
 async def probe(mosquitto: MosquittoBroker) -> AsyncIterator[MqttProbe]:
     p = MqttProbe(mosquitto, "web-test-hub")
     yield p

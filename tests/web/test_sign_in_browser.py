@@ -17,11 +17,6 @@ from tests.web.conftest import PASSWORD, Web
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-async def browser(web: Web, chromium: webdriver.Chrome) -> Browser:
-    return Browser(chromium, web.url)
-
-
 async def sign_in_with_next(browser: Browser, nxt: str, username: str = "monitor") -> str:
     """Sign in from ``/login?next=<nxt>``; the address the browser goes to then."""
     await browser.get(f"/login?next={quote(nxt, safe='')}")
