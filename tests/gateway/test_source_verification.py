@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,24 @@ async def test_retention_prunes_only_a_studys_old_originals(
     )  # fmt: skip
     assert unknown.returncode != 0
     assert "no study 'NOPE'" in unknown.stderr
+
+
+def test_an_original_compresses_to_the_same_size_in_a_small_window_and_reads_back() -> None:
+    from ingest import keys
+    from ingest.envelope import seal
+    from ingest.model import Payload, Reading
+    from storage import originals
+
+    readings = tuple(
+        Reading(1_800_000_000_000 + i * 1000, "heart_rate", 70.0 + i, "/min", "hr-strap-1")
+        for i in range(1000)
+    )
+    for n in (10, 1000):
+        data = seal(
+            Payload("hub-1", 1, 1_800_000_001_000, readings[:n]), keys.generate_private_key()
+        )
+        small = originals.compress(data)
+        assert small[0] & 0xF0 == 0x40  # CINFO 4: a 2**(4 + 8) = 4 KiB window
+        assert originals.decompress(originals.CODEC, small, len(data)) == data
+        # Within 5 % of the default window's output, for one envelope and the largest.
+        assert len(small) <= 1.05 * len(zlib.compress(data, 6))
