@@ -246,12 +246,20 @@ def add_actions(parser: argparse.ArgumentParser, prog: str) -> None:
         "unpair",
         help="forget a paired wearable",
         description="Forget the wearable at ADDRESS (and its cursors) in the hub's state "
-        "file; `run` no longer reads it. Its readings already in the outbox still go.",
+        "file; `run` no longer reads it (a running hub within 10 s). Its readings already in "
+        "the outbox still go. A bonded wearable's bond is also removed from this computer's "
+        "Bluetooth (BlueZ), unless --keep-bond; if that fails, a warning says how to remove "
+        "it by hand.",
     )
     p.add_argument(
         "--hub-dir", help="the hub's directory (default: $TRIALSTREAM_HUB_DIR, else <data dir>/hub)"
     )
     p.add_argument("--address", required=True, help="the wearable's Bluetooth address")
+    p.add_argument(
+        "--keep-bond",
+        action="store_true",
+        help="keep this computer's Bluetooth bond with it (only the hub forgets it)",
+    )
     p.set_defaults(hub_handler=cli_pairing.unpair)
 
 

@@ -387,4 +387,17 @@ def unpair(args: argparse.Namespace, settings: HubSettings) -> int:
         raise HubCliError(f"no wearable paired at {args.address}")
     state.forget(address)
     print(f"forgot {known.sensor} at {address}")
+    if not known.bonded or args.keep_bond:
+        return 0
+    from device_drivers.pairing import remove_bond
+
+    why = run(remove_bond(address))
+    if why is None:
+        print(f"removed this computer's Bluetooth bond with {address}")
+    else:
+        print(
+            f"warning: this computer's Bluetooth bond with {address} was not removed ({why});"
+            f" remove it with `bluetoothctl remove {address}`",
+            file=sys.stderr,
+        )
     return 0

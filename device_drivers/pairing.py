@@ -416,3 +416,24 @@ def _restore(state: HubState, address: str, before: PairedWearable | None) -> No
         state.forget(address)
     else:
         state.remember(before)
+
+
+# How long removing a bond may take before the hub gives up and says how to do it by hand.
+REMOVE_BOND_TIMEOUT_S: Final = 15.0
+
+
+async def remove_bond(address: str, backends: BleBackends | None = None) -> str | None:
+    """Ask the Bluetooth stack to forget its bond with ``address`` (BlueZ: the adapter's
+    RemoveDevice, which bleak's ``unpair`` calls, with no connection needed). None when it
+    did; otherwise why not, in a few words (no Bluetooth service, no such device, ...)."""
+    backends = backends or BleBackends()
+    try:
+        async with asyncio.timeout(REMOVE_BOND_TIMEOUT_S):
+            await BleakClient(address, backend=backends.client).unpair()
+    except TimeoutError:
+        return f"no answer from the Bluetooth stack within {REMOVE_BOND_TIMEOUT_S:g} s"
+    except NotImplementedError:
+        return "this Bluetooth stack cannot remove a bond"
+    except (BleakError, OSError, EOFError, ValueError) as exc:
+        return f"{type(exc).__name__}: {str(exc)[:200] or 'no detail'}"
+    return None
