@@ -36,9 +36,9 @@ from ingest import rules
 from ingest.flags import in_doubt
 from ingest.model import AcceptedEnvelope
 from ingest.rules import Rule, RuleEvent, RuleKind, RuleState, Series
+from storage import adherence, db
 from storage import alert_state as state_store
 from storage import alerts as store
-from storage import db
 from storage.alerts import AlertEvent
 from storage.db import Conn
 from storage.errors import DatabaseUnavailable
@@ -53,6 +53,9 @@ SWEEP_INTERVAL_S = 5.0
 # Late data is re-judged from the last reading inside the clearing band, searched back this
 # far (a day of readings of one metric at 1 Hz is ~86k rows: a bounded replay).
 REPLAY_LOOKBACK_S = 86_400
+# Adherence rules judge whole local days: once a minute is often enough, and bounds the cost
+# (each look computes the days of every participant with such a rule).
+ADHERENCE_INTERVAL_S = 60.0
 # Events published per drain transaction: bounds how long outbox rows stay locked.
 DRAIN_BATCH = 200
 # How long to wait for the broker's PUBACK before leaving an event for the next drain.
@@ -73,6 +76,7 @@ class AlertEngine:
     ) -> None:
         self._clock = clock
         self._lookback_ms = replay_lookback_s * 1000
+        self._next_adherence_ms = 0
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -87,7 +91,13 @@ class AlertEngine:
             return
         await state_store.lock_participants(conn, by_participant)
         states = await state_store.load_states(conn, list(by_participant))
-        wanted = {(p, r.metric) for p, rs in by_participant.items() for r in rs}
+        # Adherence rules judge days, not readings: the sweep does (judge_adherence).
+        wanted = {
+            (p, r.metric)
+            for p, rs in by_participant.items()
+            for r in rs
+            if r.kind is not RuleKind.ADHERENCE
+        }
         columns: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
         doubted: dict[tuple[str, str], int] = {}
         judging_doubtful: set[str] | None = None
@@ -118,7 +128,7 @@ class AlertEngine:
         for participant in sorted(by_participant):
             for rule in by_participant[participant]:
                 got = columns.get((participant, rule.metric))
-                if got is None:
+                if got is None or rule.kind is RuleKind.ADHERENCE:
                     continue
                 prior = states.get((participant, rule.rule_id), RuleState())
                 if rule.kind is RuleKind.MISSING_DATA:
@@ -180,11 +190,21 @@ class AlertEngine:
         return rules.replay(rule, prior, window, known, participant, late_ms=late_ms, start=start)
 
     async def sweep(self, conn: Conn, now_ms: int) -> list[AlertEvent]:
-        """Missing data and escalation, in the caller's transaction; returns the events
-        recorded (none when another worker holds the sweep this round)."""
+        """Missing data, adherence (at most every ``ADHERENCE_INTERVAL_S``) and escalation,
+        in the caller's transaction; returns the events recorded (none when another worker
+        holds the sweep this round)."""
         if not await store.try_sweep_lock(conn):
             return []
-        candidates = await store.missing_data_rules(conn)
+        recorded = await self._sweep_missing(conn, now_ms)
+        if now_ms >= self._next_adherence_ms:
+            self._next_adherence_ms = now_ms + int(ADHERENCE_INTERVAL_S * 1000)
+            recorded += await self._sweep_adherence(conn, now_ms)
+        recorded += await store.escalate_due(conn, now_ms)
+        _log_recorded(recorded)
+        return recorded
+
+    async def _sweep_missing(self, conn: Conn, now_ms: int) -> list[AlertEvent]:
+        candidates = await store.swept_rules(conn, RuleKind.MISSING_DATA)
         states = await state_store.load_states(conn, {p for p, _, _ in candidates})
         due = [
             (p, rule, since)
@@ -193,26 +213,48 @@ class AlertEngine:
                 rule, states.get((p, rule.rule_id), RuleState()), since, now_ms, p
             ).events
         ]
-        recorded: list[AlertEvent] = []
-        if due:
-            # Judge again under the participants' locks: a batch may have moved them on.
-            await state_store.lock_participants(conn, {p for p, _, _ in due})
-            states = await state_store.load_states(conn, {p for p, _, _ in due})
-            changed: dict[tuple[str, int], RuleState] = {}
-            events: list[RuleEvent] = []
-            for p, rule, since in due:
-                prior = states.get((p, rule.rule_id), RuleState())
-                result = rules.sweep_missing(rule, prior, since, now_ms, p)
-                if result.state != prior:
-                    changed[(p, rule.rule_id)] = result.state
-                events.extend(result.events)
-            await state_store.save_states(conn, changed)
-            recorded += await store.apply_events(
-                conn, events, {rule.rule_id: rule for _, rule, _ in due}, now_ms
-            )
-        recorded += await store.escalate_due(conn, now_ms)
-        _log_recorded(recorded)
-        return recorded
+        if not due:
+            return []
+        # Judge again under the participants' locks: a batch may have moved them on.
+        await state_store.lock_participants(conn, {p for p, _, _ in due})
+        states = await state_store.load_states(conn, {p for p, _, _ in due})
+        changed: dict[tuple[str, int], RuleState] = {}
+        events: list[RuleEvent] = []
+        for p, rule, since in due:
+            prior = states.get((p, rule.rule_id), RuleState())
+            result = rules.sweep_missing(rule, prior, since, now_ms, p)
+            if result.state != prior:
+                changed[(p, rule.rule_id)] = result.state
+            events.extend(result.events)
+        await state_store.save_states(conn, changed)
+        return await store.apply_events(
+            conn, events, {rule.rule_id: rule for _, rule, _ in due}, now_ms
+        )
+
+    async def _sweep_adherence(self, conn: Conn, now_ms: int) -> list[AlertEvent]:
+        """Adherence rules against the participants' complete local days (the readings'
+        path leaves these rules alone: only this sweep writes their state)."""
+        candidates = await store.swept_rules(conn, RuleKind.ADHERENCE)
+        if not candidates:
+            return []
+        participants = {p for p, _, _ in candidates}
+        # Twice the longest span: days the schedule expected nothing are passed over.
+        span = max(rule.sustained_s // rules.DAY_S for _, rule, _ in candidates)
+        days = await adherence.complete_days(conn, participants, 2 * span)
+        states = await state_store.load_states(conn, participants)
+        changed: dict[tuple[str, int], RuleState] = {}
+        events: list[RuleEvent] = []
+        for p, rule, _ in candidates:
+            prior = states.get((p, rule.rule_id), RuleState())
+            result = rules.judge_adherence(rule, prior, days.get((p, rule.metric), []), p)
+            if result.state != prior:
+                changed[(p, rule.rule_id)] = result.state
+            events.extend(result.events)
+        if not events:
+            return []
+        await state_store.save_states(conn, changed)
+        by_id = {rule.rule_id: rule for _, rule, _ in candidates}
+        return await store.apply_events(conn, events, by_id, now_ms)
 
 
 def _log_recorded(recorded: Sequence[AlertEvent]) -> None:

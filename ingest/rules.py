@@ -49,6 +49,13 @@ class RuleError(IngestError):
 class RuleKind(StrEnum):
     RANGE = "range"
     MISSING_DATA = "missing_data"
+    # Adherence below ``low`` percent on each of the last ``sustained_s / DAY_S`` local days
+    # the schedule expected the metric (docs/adherence.md).
+    ADHERENCE = "adherence"
+
+
+DAY_S = 86_400
+MAX_ADHERENCE_DAYS = 31
 
 
 class Severity(StrEnum):
@@ -103,6 +110,18 @@ class Rule:
                 raise RuleError(
                     f"rule {self.name!r}: low + 2 * hysteresis must not exceed high "
                     "(the rule could never clear)"
+                )
+        elif self.kind is RuleKind.ADHERENCE:
+            if self.low is None or not 0 < self.low <= 100 or self.high is not None:
+                raise RuleError(
+                    f"rule {self.name!r}: an adherence rule needs low, a percentage in (0, 100],"
+                    " and no high"
+                )
+            days, rest = divmod(self.sustained_s, DAY_S)
+            if rest or not 1 <= days <= MAX_ADHERENCE_DAYS:
+                raise RuleError(
+                    f"rule {self.name!r}: an adherence rule's span is 1-{MAX_ADHERENCE_DAYS}"
+                    " whole days"
                 )
         elif self.sustained_s <= 0:
             raise RuleError(f"rule {self.name!r}: a missing_data rule needs sustained_s > 0")
@@ -406,3 +425,45 @@ def sweep_missing(
         return Evaluation(state)
     event = RuleEvent(Change.OPENED, rule.rule_id, participant_id, last + silence_ms, last)
     return Evaluation(replace(state, active_since=last), (event,))
+
+
+@dataclass(frozen=True, slots=True)
+class AdherenceDay:
+    """A participant's complete local day for a metric: its bounds in ms and the share of
+    the schedule's expectation met (0-1), None when nothing was expected that day."""
+
+    start_ms: int
+    end_ms: int
+    adherence: float | None
+
+
+def judge_adherence(
+    rule: Rule, state: RuleState, days: Sequence[AdherenceDay], participant_id: str
+) -> Evaluation:
+    """Opens when each of the last N days the metric was expected (N = the rule's days)
+    fell below ``low`` percent; clears as soon as that no longer holds (a day met, or a
+    backfill that lifted one). ``days``: complete local days, oldest first. The event's
+    value is the newest of those days' adherence, in percent."""
+    if rule.kind is not RuleKind.ADHERENCE:
+        raise RuleError(f"rule {rule.name!r} is not an adherence rule")
+    assert rule.low is not None
+    need = rule.sustained_s // DAY_S
+    expected = [d for d in days if d.adherence is not None]
+    last = expected[-need:]
+    holds = len(last) == need and all(
+        d.adherence is not None and d.adherence * 100 < rule.low for d in last
+    )
+    newest = expected[-1] if expected else None
+    value = None if newest is None or newest.adherence is None else newest.adherence * 100
+    if state.active_since is None and holds:
+        event = RuleEvent(
+            Change.OPENED, rule.rule_id, participant_id, last[-1].end_ms, last[0].start_ms, value
+        )
+        return Evaluation(RuleState(active_since=last[0].start_ms), (event,))
+    if state.active_since is not None and not holds:
+        ended = newest.end_ms if newest is not None else state.active_since
+        event = RuleEvent(
+            Change.CLEARED, rule.rule_id, participant_id, ended, state.active_since, value
+        )
+        return Evaluation(RuleState(), (event,))
+    return Evaluation(state)

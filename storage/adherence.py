@@ -26,18 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import Final, TypeVar
 
 from psycopg.rows import class_row
 
 from ingest.flags import FlagClass, worst
 from ingest.model import Reading
+from ingest.rules import AdherenceDay
 from storage import adherence_math
 from storage.adherence_math import Counts, Inputs, Person, Rule, ZoneSpan
 from storage.adherence_math import MetricDay as MetricDay
 from storage.adherence_math import ParticipantDay as ParticipantDay
 from storage.db import Conn
+from storage.timeconv import to_ms
 from storage.zones import zone_join
 
 SLOT_MS: Final = 15 * 60_000
@@ -254,6 +256,32 @@ async def cohort(
 ) -> list[ParticipantDay]:
     """Each participant's mean adherence per local day (the heat map's cells)."""
     return adherence_math.cohort(await _inputs(conn, participant_ids, first, last))
+
+
+async def complete_days(
+    conn: Conn, participant_ids: Collection[str], count: int
+) -> dict[tuple[str, str], list[AdherenceDay]]:
+    """Each participant's metrics on their last ``count`` (or so) local days that have
+    ended, oldest first, with the days' bounds: what adherence alert rules judge."""
+    cur = await conn.execute("SELECT (now() AT TIME ZONE 'UTC')::date")
+    row = await cur.fetchone()
+    assert row is not None
+    today: date = row[0]
+    first = max(FIRST_DAY, today - timedelta(days=count + 2))
+    last = min(LAST_DAY, today + timedelta(days=1))
+    inputs = await _inputs(conn, participant_ids, first, last)
+    now_ms = to_ms(inputs.now)
+    out: dict[tuple[str, str], list[AdherenceDay]] = {}
+    for d in adherence_math.metric_days(inputs):
+        zone = adherence_math.zone_on(inputs.zones.get(d.participant_id, ()), d.day)
+        start, end = adherence_math.day_bounds(zone, d.day)
+        if to_ms(end) <= now_ms:
+            out.setdefault((d.participant_id, d.metric), []).append(
+                AdherenceDay(to_ms(start), to_ms(end), d.adherence)
+            )
+    for days in out.values():
+        days.sort(key=lambda a: a.start_ms)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

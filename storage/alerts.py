@@ -293,22 +293,23 @@ async def set_study_escalation(
     await set_study_setting(conn, study_id, StudySetting.ALERT_ESCALATION_S, seconds, actor=actor)
 
 
-async def missing_data_rules(conn: Conn) -> list[tuple[str, Rule, int]]:
-    """Every (participant, effective missing-data rule, baseline ms) to sweep: participants
-    of studies with such rules, except those whose latest consent record is a withdrawal.
-    The baseline (enrolment or the rule's creation, the later) stands in for the latest
-    reading while a rule has seen none."""
+async def swept_rules(conn: Conn, kind: RuleKind) -> list[tuple[str, Rule, int]]:
+    """Every (participant, effective rule of ``kind``, baseline ms) the sweep judges
+    (missing data, adherence): participants of studies with such rules, except those whose
+    latest consent record is a withdrawal. The baseline (enrolment or the rule's creation,
+    the later) stands in for the latest reading while a missing-data rule has seen none."""
     cur = await conn.execute(
         "SELECT p.participant_id, p.enrolled_at FROM participants p"
-        " WHERE p.study_id IN (SELECT study_id FROM alert_rules WHERE kind = 'missing_data')"
+        " WHERE p.study_id IN (SELECT study_id FROM alert_rules WHERE kind = %s)"
         " AND coalesce((SELECT c.action FROM consents c WHERE c.participant_id = p.participant_id"
-        "  ORDER BY c.effective_at DESC, c.consent_id DESC LIMIT 1), 'consent') <> 'withdraw'"
+        "  ORDER BY c.effective_at DESC, c.consent_id DESC LIMIT 1), 'consent') <> 'withdraw'",
+        (kind.value,),
     )
     enrolled = {str(p): to_ms(at) for p, at in await cur.fetchall()}
     if not enrolled:
         return []
     cur = await conn.execute(
-        "SELECT rule_id, created_at FROM alert_rules WHERE kind = 'missing_data'"
+        "SELECT rule_id, created_at FROM alert_rules WHERE kind = %s", (kind.value,)
     )
     created = {int(r): to_ms(at) for r, at in await cur.fetchall()}
     out: list[tuple[str, Rule, int]] = []
@@ -316,7 +317,7 @@ async def missing_data_rules(conn: Conn) -> list[tuple[str, Rule, int]]:
         out.extend(
             (participant, rule, max(enrolled[participant], created[rule.rule_id]))
             for rule in rules
-            if rule.kind is RuleKind.MISSING_DATA
+            if rule.kind is kind
         )
     return out
 
@@ -699,11 +700,11 @@ __all__ = [
     "escalate_due",
     "list_alerts",
     "list_rules",
-    "missing_data_rules",
     "published",
     "resolve",
     "rules_for",
     "set_study_escalation",
+    "swept_rules",
     "take_outbox",
     "try_sweep_lock",
 ]

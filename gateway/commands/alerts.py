@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 
 # The choices of ingest.rules and storage.alerts, spelled out so that `trialstream --help`
 # does not import the rule engine; tests/alerts/test_cli.py keeps them equal.
-KINDS = ("range", "missing_data")
+KINDS = ("range", "missing_data", "adherence")
 SEVERITIES = ("info", "warning", "critical")
 STATES = ("open", "acknowledged", "resolved")
 DEFAULT_MAX_GAP_S = 60
+DAY_S = 86_400
+MAX_ADHERENCE_DAYS = 31
 
 
 def _positive(text: str) -> int:
@@ -33,6 +35,16 @@ def _positive(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a whole number of seconds > 0: {text!r}")
+    return value
+
+
+def _days(text: str) -> int:
+    """An adherence rule's span: 1-31 whole days."""
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 2 else 0
+    if not 1 <= value <= MAX_ADHERENCE_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"expected whole days from 1 to {MAX_ADHERENCE_DAYS}: {text[:20]!r}"
+        )
     return value
 
 
@@ -76,8 +88,11 @@ def register(sub: Subparsers) -> None:
         description="A range rule opens when the metric stays outside [low, high] for "
         "--sustained-s (readings no further apart than --max-gap-s) and clears inside "
         "[low + hysteresis, high - hysteresis]. A missing_data rule opens when no reading "
-        "of the metric is newer than --sustained-s. With --participant, the rule replaces "
-        "the study rule of the same name for that participant.",
+        "of the metric is newer than --sustained-s. An adherence rule opens when the "
+        "participant met less than --low percent of the schedule's expectation for the "
+        "metric on each of the last --days local days it was expected, and clears when that "
+        "no longer holds (docs/adherence.md). With --participant, the rule replaces the "
+        "study rule of the same name for that participant.",
     )
     add_database_flags(add)
     add.add_argument("--study", required=True, help="study id")
@@ -91,6 +106,11 @@ def register(sub: Subparsers) -> None:
         "--sustained-s", type=_seconds, default=0, help="how long the condition must hold"
     )
     add.add_argument("--hysteresis", type=_number, default=0.0, help="clearing margin")
+    add.add_argument(
+        "--days",
+        type=_days,
+        help=f"adherence rules: how many expected days in a row (1-{MAX_ADHERENCE_DAYS})",
+    )
     add.add_argument(
         "--max-gap-s",
         type=_positive,
@@ -184,7 +204,7 @@ def _cmd_rules_add(args: argparse.Namespace, settings: Settings) -> int:
                 kind=RuleKind(args.kind),
                 low=args.low,
                 high=args.high,
-                sustained_s=args.sustained_s,
+                sustained_s=args.days * DAY_S if args.days else args.sustained_s,
                 hysteresis=args.hysteresis,
                 max_gap_s=args.max_gap_s,
                 severity=Severity(args.severity),
@@ -203,6 +223,9 @@ def _describe(rule: Rule) -> str:
     who = f"participant {rule.participant_id}" if rule.participant_id else "study"
     if rule.kind is RuleKind.MISSING_DATA:
         what = f"no {rule.metric} for {rule.sustained_s} s"
+    elif rule.kind is RuleKind.ADHERENCE:
+        days = rule.sustained_s // DAY_S
+        what = f"{rule.metric} adherence < {rule.low:g} % on {days} expected day(s) in a row"
     else:
         bounds = " or ".join(
             b

@@ -257,7 +257,7 @@ ALERT = obj(
         "escalated_at": NULL_TIME,
         # What opened it: the rule (kind, bounds, duration), the value that met it and when,
         # how long the condition had held by then; and the participant's latest reading.
-        "kind": {"type": "string", "enum": ["range", "missing_data"]},
+        "kind": {"type": "string", "enum": ["range", "missing_data", "adherence"]},
         "low": NULL_NUM,
         "high": NULL_NUM,
         "sustained_s": INT,

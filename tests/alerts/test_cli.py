@@ -10,7 +10,7 @@ import pytest
 
 from gateway.commands import alerts as cli_alerts
 from gateway.commands.operator import PASSWORD_FILE_ENV
-from ingest.rules import DEFAULT_MAX_GAP_S, RuleKind, Severity
+from ingest.rules import DAY_S, DEFAULT_MAX_GAP_S, MAX_ADHERENCE_DAYS, RuleKind, Severity
 from storage import db, registry
 from storage.alerts import AlertState
 from storage.users import Role
@@ -47,6 +47,7 @@ def test_cli_choices_are_the_engines() -> None:
     assert tuple(s.value for s in Severity) == cli_alerts.SEVERITIES
     assert cli_alerts.STATES == (AlertState.OPEN, AlertState.ACKNOWLEDGED, AlertState.RESOLVED)
     assert cli_alerts.DEFAULT_MAX_GAP_S == DEFAULT_MAX_GAP_S
+    assert (cli_alerts.DAY_S, cli_alerts.MAX_ADHERENCE_DAYS) == (DAY_S, MAX_ADHERENCE_DAYS)
 
 
 async def test_rules_add_and_list(trial: Trial) -> None:
@@ -90,6 +91,24 @@ async def test_bad_rules_get_one_clear_line(trial: Trial) -> None:
     assert bad_seconds.returncode == 2
     assert "seconds > 0" in bad_seconds.stderr
     assert await rows(trial.url, "SELECT count(*) FROM alert_rules") == [(0,)]
+
+
+async def test_an_adherence_rule_takes_a_percentage_and_whole_days(trial: Trial) -> None:
+    db = ("--database-url", trial.url)
+    base = ("alerts", "rules", "add", *db, "--study", "S1", "--metric", "glucose",
+            "--kind", "adherence", "--as", "admin")  # fmt: skip
+    added = trialstream(*base, "--name", "checks", "--low", "50", "--days", "3")
+    assert added.returncode == 0, added.stderr
+    assert "glucose adherence < 50 % on 3 expected day(s) in a row" in added.stdout
+    for days in ("0", "32", "1.5", "-1", "٣", "9" * 40):
+        bad = trialstream(*base, "--name", "x", "--low", "50", "--days", days)
+        assert bad.returncode == 2, days
+        assert "expected whole days from 1 to 31" in bad.stderr, days
+    no_percentage = trialstream(*base, "--name", "y", "--low", "150", "--days", "2")
+    assert_one_clear_line(no_percentage, "a percentage in (0, 100]")
+    assert await rows(trial.url, "SELECT name, kind, low, sustained_s FROM alert_rules") == [
+        ("checks", "adherence", 50.0, 3 * 86_400)
+    ]
 
 
 async def test_list_ack_resolve(trial: Trial, ingest: Ingest) -> None:

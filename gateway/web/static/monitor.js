@@ -51,12 +51,21 @@
   const withUnit = (v, unit) => (unit ? `${v} ${unit}` : String(v));
 
   // What opened the alert: for a range rule the value that met it against the bound it
-  // crossed and how long the condition had held by then; for missing data the silence.
+  // crossed and how long the condition had held by then; for missing data the silence; for
+  // adherence the newest day's share against the rule's percentage and days.
   function opening(a) {
     if (a.kind === "missing_data") {
       return el("div", { class: "opened" },
         el("strong", {}, `no reading for ${duration(a.held_s ?? a.sustained_s)}`),
         el("div", { class: "hint" }, `rule: silence of ${duration(a.sustained_s)}; last reading ${time(a.first_time)}`));
+    }
+    if (a.kind === "adherence") {
+      const days = Math.round(a.sustained_s / 86400);
+      const value = a.value === null ? "—" : `${Math.round(a.value)} % adherence`;
+      return el("div", { class: "opened" },
+        el("strong", { class: "opened-value" }, value),
+        ` < ${a.low} % on each of ${days} expected day${days === 1 ? "" : "s"}`,
+        el("div", { class: "hint" }, `from ${time(a.first_time)}; met ${time(a.condition_time)}`));
     }
     let bound = "";
     if (a.value !== null && a.high !== null && a.value > a.high) bound = ` > ${withUnit(a.high, a.unit)} (high)`;
