@@ -2,7 +2,9 @@
 // One participant: the consent documents to read and sign, paired hubs and wearables, what
 // the hubs sent and what the gateway received or refused (and why), the consent history, and
 // for staff the participant's data queries, with the steps the user's role may take on each
-// (the site answers, a monitor closes and reopens).
+// (the site answers, a monitor closes and reopens), and the review sign-offs of the
+// participant's data with the study's locks in force (the site's investigator and monitors
+// sign off from here).
 (() => {
   const { el, api, session, time, ago, section, table, link, status } = TS;
   const pid = document.body.dataset.participant;
@@ -226,6 +228,181 @@
         : signingForm(doc, witnessRequired));
   }
 
+  // --- Review sign-offs (docs/review.md) --------------------------------------------------
+  // Who may sign off a participant's review: api_review.SIGNERS (the site's investigator, a
+  // clinician, and its monitors). Admins and coordinators see the list only.
+  const REVIEW_SIGNERS = ["clinician", "monitor"];
+  const REVIEW_MEANING_MAX = 200;
+  const ROLE_WORDS = { clinician: "investigator (clinician)", monitor: "monitor", admin: "admin",
+    site_coordinator: "site coordinator" };
+
+  // A datetime-local value ("2026-03-10T09:30") as ISO 8601 with the browser's zone offset at
+  // that moment ("2026-03-10T09:30:00+01:00"); null if it is not a time.
+  function localIso(value) {
+    const d = new Date(value);
+    if (!value || Number.isNaN(d.getTime())) return null;
+    const pad = (n) => String(Math.abs(n)).padStart(2, "0");
+    const off = -d.getTimezoneOffset();
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:00${off < 0 ? "-" : "+"}` +
+      `${pad(Math.trunc(off / 60))}:${pad(off % 60)}`;
+  }
+
+  const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+
+  // What was stored for a sign-off's period after it was signed, in words.
+  function changesText(r) {
+    const n = r.changes.reduce((a, c) => a + c.readings, 0);
+    const each = r.changes.map((c) =>
+      `hub ${c.device_id} envelope ${c.seq}: ${plural(c.readings, "reading", "readings")} of ` +
+      `${time(c.first_time)} to ${time(c.last_time)}, stored ${time(c.recorded_at)}`);
+    return `OUTDATED since ${time(r.outdated_at)}: ${plural(n, "reading", "readings")} ` +
+      `stored later for this period${each.length ? ` (${each.join("; ")})` : ""}. ` +
+      "Review what changed and sign off again.";
+  }
+
+  function reviewRow(r) {
+    const outdated = r.outdated_at !== null;
+    return el("tr", { class: outdated ? "review outdated" : "review current",
+      "data-signoff-id": r.signoff_id, "data-state": outdated ? "outdated" : "current" },
+      el("td", {}, `${time(r.from)} to ${time(r.to)}`),
+      el("td", {}, `${r.signer_name} (${r.signer}, ${ROLE_WORDS[r.signer_role] || r.signer_role})`),
+      el("td", {}, r.meaning),
+      el("td", {}, time(r.signed_at)),
+      el("td", {}, String(r.readings)),
+      el("td", { class: "review-state" }, outdated
+        ? el("strong", { class: "badge-outdated" }, changesText(r))
+        : "Current: no data stored for the period since the signature."));
+  }
+
+  function locksBlock(got) {
+    if (got.error) {
+      return el("p", { class: "error" }, `The study's locks could not be read: ${got.error}`);
+    }
+    const active = got.locks.filter((l) => l.unlocked_at === null);
+    const list = table("", ["Period", "Reason", "Locked by", "Locked", "Readings held"],
+      active.map((l) => [`${time(l.from)} to ${time(l.to)}`, l.reason, l.locked_by,
+        time(l.locked_at), String(l.held)]),
+      "No period of the study is locked.");
+    if (list instanceof HTMLTableElement) {
+      list.caption.remove();
+      list.setAttribute("aria-labelledby", "study-locks-heading");
+    }
+    return el("div", { id: "study-locks" },
+      el("h3", { id: "study-locks-heading" }, `Locks of study ${got.study_id} in force`),
+      list,
+      el("p", { class: "hint" },
+        `Late data for a locked period is ${got.late_data_policy === "hold" ? "held until the lock is lifted" : "refused"}. ` +
+        "Locks are set and lifted by the study's data manager (an admin) through the API or " +
+        "the command line (docs/review.md); this page shows them only."));
+  }
+
+  function signOffForm(done) {
+    const id = (n) => `review-${n}`;
+    const error = el("p", { id: id("error"), class: "error", role: "alert", tabindex: "-1" });
+    const input = (n) => document.getElementById(id(n));
+    const form = el("form", { class: "sign review-sign", id: "review-sign", novalidate: true },
+      el("p", { class: "statement", id: id("statement") },
+        `Signing off is your electronic signature, ${me.display_name || me.username} ` +
+        `(${ROLE_WORDS[role] || role}): it attests that you reviewed participant ${pid}'s data ` +
+        "of the period below, with the meaning you give. Your name, role, the time and the " +
+        "number of readings the period holds now are recorded with it, and it cannot be " +
+        "withdrawn. Data stored later for the period does not change it: it marks it outdated."),
+      field(id("from"), "Period from (your local time)", { type: "datetime-local", required: true }),
+      field(id("to"), "Period to (excluded)", { type: "datetime-local", required: true }),
+      field(id("meaning"), "Meaning of the signature", { type: "text", required: true,
+        maxlength: String(REVIEW_MEANING_MAX), placeholder: "Reviewed, no concerns" },
+      "What you attest, e.g. \u201cReviewed, no concerns\u201d."),
+      field(id("username"), "User name", { autocomplete: "username", readonly: true,
+        value: me.username }),
+      field(id("password"), "Your password", { type: "password", required: true,
+        autocomplete: "current-password", maxlength: "1024" },
+      "Entering your password again confirms that this signature is yours."),
+      error,
+      el("button", { type: "submit" }, "Sign off this period"));
+    function showError(where, text) {
+      error.textContent = text;
+      const target = where ? input(where) : null;
+      if (target) {
+        target.setAttribute("aria-invalid", "true");
+        if (where === "password") target.value = "";
+        target.focus();
+      } else {
+        error.focus();
+      }
+    }
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      error.textContent = "";
+      for (const n of ["from", "to", "meaning", "password"]) input(n).removeAttribute("aria-invalid");
+      const from = localIso(input("from").value);
+      const to = localIso(input("to").value);
+      const meaning = input("meaning").value.trim();
+      const password = input("password").value;
+      if (!from) return showError("from", "Enter when the period starts.");
+      if (!to) return showError("to", "Enter when the period ends.");
+      if (Date.parse(to) <= Date.parse(from)) return showError("to", "The period must end after it starts.");
+      if (!meaning) return showError("meaning", "Give the meaning of your signature.");
+      if (!password) return showError("password", "Enter your password to sign.");
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      try {
+        const r = await api(`${base}/reviews`, { method: "POST",
+          body: { from, to, meaning, username: me.username, password } });
+        status(`Signed off: ${time(r.from)} to ${time(r.to)}.`);
+        await done(`Signed off ${time(r.from)} to ${time(r.to)} (${plural(r.readings, "reading", "readings")}) on ${time(r.signed_at)}.`);
+      } catch (e) {
+        button.disabled = false;
+        const kind = e.problem && e.problem.type ? e.problem.type.split("/").pop() : "";
+        const fieldOf = { from: "from", to: "to", meaning: "meaning", password: "password" };
+        const where = kind === "reauthentication-failed" ? "password"
+          : (e.problem && fieldOf[e.problem.field]) || null;
+        showError(where, `Not signed: ${TS.problemText(e)}`);
+      }
+    });
+    return form;
+  }
+
+  // The card: the participant's sign-offs, the study's locks in force (read-only), and for
+  // the roles that may sign, the sign-off form.
+  function reviewsCard(studyId) {
+    const node = section("Review sign-offs");
+    node.id = "review-signoffs";
+    node.classList.add("reviews-card");
+    const body = el("div", { class: "reviews-body" }, el("p", {}, "Loading…"));
+    node.append(body);
+    async function refresh(done) {
+      const [reviews, studyLocks] = await Promise.all([
+        api(`${base}/reviews`).catch((e) => ({ error: TS.problemText(e) })),
+        api(`/api/v1/studies/${encodeURIComponent(studyId)}/locks`)
+          .catch((e) => ({ error: TS.problemText(e) })),
+      ]);
+      const message = done ? el("p", { id: "review-message", class: "ok", tabindex: "-1" }, done) : null;
+      body.replaceChildren(...[
+        message,
+        reviews.error
+          ? el("p", { class: "error" }, `The sign-offs could not be read: ${reviews.error}`)
+          : table("Review sign-offs",
+            ["Period", "Signed by", "Meaning", "Signed", "Readings at signing", "State"],
+            reviews.reviews.map(reviewRow), "No sign-off yet."),
+        locksBlock(studyLocks.error ? { error: studyLocks.error } : studyLocks),
+        REVIEW_SIGNERS.includes(role)
+          ? el("details", { id: "review-sign-details" },
+            el("summary", {}, "Sign off a period of this participant's data"), signOffForm(refresh))
+          : el("p", { class: "hint" },
+            "Sign-offs are signed by the site's investigator (a clinician) or a monitor."),
+      ].filter(Boolean));
+      // The table's caption repeats the card's heading: drop it, as section() does.
+      const t = body.querySelector("table");
+      if (t && t.caption && t.caption.textContent === "Review sign-offs") {
+        t.caption.remove();
+        t.setAttribute("aria-labelledby", node.querySelector("h2").id);
+      }
+      if (message) message.focus();
+    }
+    return { node, refresh };
+  }
+
   async function load(done) {
     const staff = role !== "participant";
     const [d, docs, asked] = await Promise.all([
@@ -284,6 +461,7 @@
         : el("p", { class: "empty" }, "No consent document is in effect for this study."));
     documents.id = "consent-documents";
     const inForce = d.consents.some((c) => !c.valid_to && c.action !== "withdraw");
+    const reviews = staff ? reviewsCard(p.study_id) : null;
     const history = section("Consent", consents,
       signs && inForce ? el("details", { id: "withdraw-details" },
         el("summary", {}, role === "participant" ? "Withdraw my consent" : "Record a withdrawal"),
@@ -294,10 +472,12 @@
       documents,
       section("Devices", devices, wearables),
       staff ? queries.node : null,
+      reviews ? reviews.node : null,
       section("What was sent and received", sent, refused),
       history,
     ].filter(Boolean));
     if (staff) queries.show(asked.queries);
+    if (reviews) await reviews.refresh(null);
     if (signed) signed.focus();
   }
 
