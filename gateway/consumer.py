@@ -263,12 +263,20 @@ class Consumer:
             client.loop_start()
         # Two batches in flight: while one is written and receipted, the next is collected,
         # decoded and verified (signature checks in a thread: the CPU work overlaps the
-        # database's). Batches are stored and acknowledged strictly in order.
-        judging = asyncio.create_task(self._collect_and_judge(), name="consumer-judge")
+        # database's). Batches are stored and acknowledged strictly in order. A message set
+        # apart (_triage) is handled with nothing beside it: the batch before it finishes
+        # first, and the next is collected only once it has finished, so a message that
+        # kills the worker takes no other message's handling with it (each would count a
+        # try against that message, and an innocent one could reach POISON_AFTER).
+        judging = asyncio.create_task(self._next_judged(), name="consumer-judge")
         try:
             while True:
-                judged = await judging
-                judging = asyncio.create_task(self._collect_and_judge(), name="consumer-judge")
+                judged, alone = await judging
+                if alone or self._alone:
+                    await self._store_and_finish(judged)
+                    judging = asyncio.create_task(self._next_judged(), name="consumer-judge")
+                    continue
+                judging = asyncio.create_task(self._next_judged(), name="consumer-judge")
                 await self._store_and_finish(judged)
         finally:
             judging.cancel()
@@ -345,6 +353,11 @@ class Consumer:
         if refused or apart:
             log.warning("redelivered messages: refused=%d set apart=%d", len(refused), len(apart))
         return go, refused
+
+    async def _next_judged(self) -> tuple[Judged, bool]:
+        """The next batch judged, and whether it is a message set apart (handled alone)."""
+        alone = bool(self._alone)  # _collect takes from it before anything else
+        return await self._collect_and_judge(), alone
 
     async def _collect_and_judge(self) -> Judged:
         """Collect a batch, decoding and checking its signatures as it fills, then judge it."""

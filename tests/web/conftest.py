@@ -8,7 +8,7 @@ raises the gateway's rate limits; ``tests/web/test_rate_limits.py`` checks the r
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +16,14 @@ import pytest
 from aiohttp import ClientResponse
 from selenium.webdriver import Chrome
 
+from gateway.broker import MosquittoBroker
 from gateway.web.auth import COOKIE, CSRF_HEADER
 from gateway.web.ratelimit import RATE_LIMITER, Limit
 from ingest.rules import Change, RuleEvent
 from storage import alerts, db, registry, users
 from storage.users import Role
 from tests.fixtures.gateway import RunningGateway
+from tests.fixtures.mqtt import MqttProbe
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 from tests.web.browser import Browser
@@ -189,3 +191,11 @@ async def web(trial: Trial, gateway: RunningGateway) -> Web:
 async def browser(web: Web, chromium: Chrome) -> Browser:
     """Chromium on the test gateway's pages."""
     return Browser(chromium, web.url)
+
+
+@pytest.fixture
+async def probe(mosquitto: MosquittoBroker) -> AsyncIterator[MqttProbe]:
+    """A hub's MQTT connection for the page tests to publish envelopes with."""
+    p = MqttProbe(mosquitto, "web-test-hub")
+    yield p
+    p.close()

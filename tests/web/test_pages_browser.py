@@ -8,7 +8,6 @@ Screenshots go to docs/screenshots/ for the README's tour."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,7 +16,6 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
-from gateway.broker import MosquittoBroker
 from ingest.envelope import seal
 from ingest.model import Gap, Payload, Reading, SensorReport
 from ingest.pipeline import up_topic
@@ -37,13 +35,6 @@ pytestmark = pytest.mark.slow
 # The marks of doubted readings, as the live view draws them and names them in its badges.
 CROSS = "\N{MULTIPLICATION SIGN}"
 CIRCLE = "\N{WHITE CIRCLE}"
-
-
-@pytest.fixture
-async def probe(mosquitto: MosquittoBroker) -> AsyncIterator[MqttProbe]:
-    p = MqttProbe(mosquitto, "web-test-hub")
-    yield p
-    p.close()
 
 
 def now_ms() -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from gateway.broker import MosquittoBroker
 from gateway.web import api_queries
 from ingest.envelope import seal
 from ingest.model import Payload, Reading
@@ -78,13 +76,6 @@ def test_the_pages_offer_the_steps_the_api_accepts() -> None:
     limit = re.search(r"const QUERY_TEXT_MAX = (\d+);", source)
     assert limit is not None
     assert int(limit.group(1)) == queries.MAX_TEXT == api_queries.TEXT.max_len
-
-
-@pytest.fixture
-async def probe(mosquitto: MosquittoBroker) -> AsyncIterator[MqttProbe]:
-    p = MqttProbe(mosquitto, "web-test-hub")
-    yield p
-    p.close()
 
 
 def now_ms() -> int:
