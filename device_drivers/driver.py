@@ -124,6 +124,18 @@ LINK_MARK_INTERVAL_S: Final = 60.0
 # or 20 wearables at 10 Hz fit many times over. A callback cannot wait (the radio does not
 # pause), so past this bound values are counted as dropped and the span becomes a gap.
 QUEUE_SIZE = 4096
+# Values handled together when several wait (their readings are stored in one call).
+HANDLE_BATCH = 256
+# Characteristics handled one value at a time, not decoded as plain measurements.
+_OWN_HANDLING: Final = frozenset(
+    {
+        BATTERY_LEVEL,
+        RECORD_ACCESS_CONTROL_POINT,
+        GLUCOSE_MEASUREMENT,
+        GLUCOSE_CONTEXT,
+        BODY_COMPOSITION,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -447,12 +459,12 @@ class WearableSession:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if getter in done:
-                    await self._handle(getter.result())
+                    await self._handle_all(self._drained(getter.result(), queue))
                 else:
                     getter.cancel()
                 await self.link.watching(self._now_ms())
             while not queue.empty():  # what arrived before the drop is still data
-                await self._handle(queue.get_nowait())
+                await self._handle_all(self._drained(queue.get_nowait(), queue))
             await self.records.store_awaiting()
             await self._store_split()
         finally:
@@ -474,6 +486,37 @@ class WearableSession:
 
         return on_value
 
+    @staticmethod
+    def _drained(first: Arrival, queue: asyncio.Queue[Arrival]) -> list[Arrival]:
+        """``first`` and what else is waiting, up to ``HANDLE_BATCH``: handled together, the
+        readings of a busy wearable are made durable in one write, not one per value."""
+        arrivals = [first]
+        while len(arrivals) < HANDLE_BATCH and not queue.empty():
+            arrivals.append(queue.get_nowait())
+        return arrivals
+
+    async def _handle_all(self, arrivals: Sequence[Arrival]) -> None:
+        """Handle arrivals in order. Plain measurements are decoded and their readings stored
+        in one call; any other characteristic (battery, records, composite measurements) is
+        handled on its own after what came before it is stored."""
+        plain: list[Reading] = []
+        for value in arrivals:
+            if value.char_id in _OWN_HANDLING:
+                await self._store(plain)
+                plain = []
+                await self._handle(value)
+                continue
+            try:
+                measured = registry.decode_to_measurements(value.char_id, value.data)
+            except GattError as exc:
+                await self._store(plain)
+                plain = []
+                await self._malformed(value, exc)
+                continue
+            plain.extend(to_readings(measured, value.t_ms, self.spec.sensor))
+        await self._store(plain)
+        await self._note_overflow()
+
     async def _handle(self, value: Arrival) -> None:
         try:
             if value.char_id == BATTERY_LEVEL:
@@ -490,14 +533,20 @@ class WearableSession:
                 measured = registry.decode_to_measurements(value.char_id, value.data)
                 await self._store(to_readings(measured, value.t_ms, self.spec.sensor))
         except GattError as exc:
-            self.stats.malformed += 1
-            log.warning(
-                "malformed value sensor=%s char=0x%04X error=%s",
-                self.spec.sensor,
-                value.char_id,
-                type(exc).__name__,
-            )
-            await self._gap(value.t_ms, value.t_ms, f"malformed_0x{value.char_id:04X}")
+            await self._malformed(value, exc)
+        await self._note_overflow()
+
+    async def _malformed(self, value: Arrival, exc: GattError) -> None:
+        self.stats.malformed += 1
+        log.warning(
+            "malformed value sensor=%s char=0x%04X error=%s",
+            self.spec.sensor,
+            value.char_id,
+            type(exc).__name__,
+        )
+        await self._gap(value.t_ms, value.t_ms, f"malformed_0x{value.char_id:04X}")
+
+    async def _note_overflow(self) -> None:
         if self._overflow is not None:
             (start, end), self._overflow = self._overflow, None
             log.error("hub fell behind sensor=%s: values dropped, gap recorded", self.spec.sensor)

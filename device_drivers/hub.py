@@ -36,6 +36,12 @@ TIME_ZONE_INTERVAL_S = 60.0
 # How often the hub reads its state file again for wearables paired or unpaired meanwhile.
 PAIRINGS_INTERVAL_S = 10.0
 OUTBOX_FULL = "outbox_full"
+# The outbox's writes are grouped: readings handed over within this long of each other are
+# made durable in one transaction (a fsync each is most of a busy hub's CPU). Readings are
+# in memory for at most this long more before they are on disk.
+COMMIT_LINGER_S = 0.05
+# Readings handed to the sink and the future their caller awaits (the write's outcome).
+_Waiting = tuple[Sequence[Reading], "asyncio.Future[OutboxError | None]"]
 
 
 @dataclass
@@ -58,12 +64,30 @@ class OutboxSink(ReadingSink):
     # An outbox_full span not yet recorded (the gap itself found no room): kept, widened by
     # later refusals, and recorded as soon as the outbox takes a gap again.
     _unrecorded_full: Gap | None = field(default=None, init=False, repr=False)
+    # How long the first of several readings calls waits for others to share its write.
+    commit_linger_s: float = COMMIT_LINGER_S
+    _waiting: list[_Waiting] = field(default_factory=list, init=False, repr=False)
+    _committer: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def readings(self, readings: Sequence[Reading]) -> None:
+        """Returns once ``readings`` are durable. Calls made within ``COMMIT_LINGER_S`` of
+        each other (every wearable's) share one outbox transaction: one fsync, not one each."""
         await self._record_pending()
+        done: asyncio.Future[OutboxError | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((readings, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_waiting(), name="hub-outbox")
         try:
-            await asyncio.to_thread(self.outbox.add_readings, readings)
-        except OutboxFull as exc:
+            exc = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The caller stops (its wearable's session ends): what it handed over is on disk
+            # first, written here if the committer has not taken it yet.
+            parts, self._waiting = self._waiting, []
+            _settle(parts, self._write_parts([r for r, _ in parts]))
+            if not done.done():
+                await done
+            raise
+        if isinstance(exc, OutboxFull):
             # The bound (or the disk) is reached: the readings cannot be kept; the span says so.
             self.refused_full += len(readings)
             times = [r.t_ms for r in readings]
@@ -79,9 +103,49 @@ class OutboxSink(ReadingSink):
             )
             await self._record_pending()
             return
+        if exc is not None:
+            raise exc
         for r in readings:
             if r.t_ms >= self.latest.get(r.metric, (-1, 0.0))[0]:
                 self.latest[r.metric] = (r.t_ms, r.value)
+
+    async def _commit_waiting(self) -> None:
+        """Write what waits, after a short linger that lets other wearables' readings join,
+        until nothing waits. Cancelled (the hub stopping), it still writes what it was handed."""
+        while self._waiting:
+            try:
+                await asyncio.sleep(self.commit_linger_s)
+            except asyncio.CancelledError:
+                parts, self._waiting = self._waiting, []
+                _settle(parts, self._write_parts([r for r, _ in parts]))
+                raise
+            parts, self._waiting = self._waiting, []
+            try:
+                outcomes = await asyncio.to_thread(self._write_parts, [r for r, _ in parts])
+            except Exception as exc:  # noqa: BLE001 - not a refusal: every caller is told
+                for _, done in parts:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            _settle(parts, outcomes)
+
+    def _write_parts(self, parts: list[Sequence[Reading]]) -> list[OutboxError | None]:
+        """One transaction for every part; if it is refused, each part on its own, so that a
+        part that does not fit or is invalid fails alone and the others are kept."""
+        try:
+            self.outbox.add_readings([r for part in parts for r in part])
+        except OutboxError as exc:
+            if len(parts) == 1:
+                return [exc]
+            return [self._write_one(part) for part in parts]
+        return [None] * len(parts)
+
+    def _write_one(self, part: Sequence[Reading]) -> OutboxError | None:
+        try:
+            self.outbox.add_readings(part)
+        except OutboxError as exc:
+            return exc
+        return None
 
     async def gap(self, gap: Gap) -> None:
         await self._record_pending()
@@ -151,6 +215,12 @@ def _last_connected(path: Path, now_ms: int) -> int | None:
     if not isinstance(since, int) or isinstance(since, bool) or not 0 <= since <= now_ms:
         return None
     return since
+
+
+def _settle(parts: list[_Waiting], outcomes: list[OutboxError | None]) -> None:
+    for (_, done), outcome in zip(parts, outcomes, strict=True):
+        if not done.done():
+            done.set_result(outcome)
 
 
 def _widen(a: Gap, b: Gap) -> Gap:
