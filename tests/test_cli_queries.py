@@ -231,10 +231,20 @@ async def test_ranges_gaps_the_state_filter_and_what_a_terminal_shows(
     assert f"spo2 from {start} to {iso(gap.from_ms)}" in out
     assert "last: close by mona" in out
 
-    # What a row holds (storage does not refuse control characters; the commands and the API
-    # do) reaches a terminal without them.
+    # Storage refuses control characters whoever calls it; what a row may still hold (written
+    # by hand, or before that rule) reaches a terminal without them.
+    hostile = "\x1b[2Jsee\r\nnotes"
     async with db.connection(trial.url, autocommit=True) as conn:
-        await queries.step(conn, 1, queries.Step.ANSWER, "\x1b[2Jsee\r\nnotes", actor="cora")
+        with pytest.raises(queries.QueryError, match="control character"):
+            await queries.step(conn, 1, queries.Step.ANSWER, hostile, actor="cora")
+        await queries.step(conn, 1, queries.Step.ANSWER, "see notes", actor="cora")
+        # Past the append-only trigger (a superuser's session without triggers), as by hand.
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute(
+            "UPDATE data_query_messages SET text = %s"
+            " WHERE message_id = (SELECT max(message_id) FROM data_query_messages)",
+            (hostile,),
+        )
     code, out, _ = await in_process(trial.url, capsys, ["show", "1", "--as", "ada"])
     assert code == 0
     assert "\x1b" not in out

@@ -38,9 +38,6 @@ UNRESOLVED: Final = ("open", "answered")
 MAX_QUERY_ID: Final = 2**62  # the API's bound on a query id
 MAX_SEQ: Final = 2**63 - 1  # an envelope's sequence number: a bigint, >= 0
 METRIC_PATTERN: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
-# As the API refuses them in text fields: nothing that renders oddly on a terminal, a page or
-# a log line is stored. Tab and line ends are text.
-CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # In human output, every control character left after lines are split is shown as U+FFFD,
 # whatever a row holds: nothing stored moves a terminal's cursor or changes its colours.
 _SHOWN_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -78,7 +75,7 @@ def a_text(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"a text of 1 to {queries.MAX_TEXT} characters, not {len(text)}"
         )
-    found = CONTROL.search(text)
+    found = queries.CONTROL.search(text)
     if found:
         raise argparse.ArgumentTypeError(
             f"the text has a control character ({found.group()!r} at {found.start()})"

@@ -112,7 +112,9 @@ async def test_a_caller_that_stops_before_the_write_finds_its_readings_on_disk(
     sink._committer.cancel()
 
 
-async def test_a_fault_of_the_write_itself_reaches_every_caller(counting: Outbox) -> None:
+async def test_a_fault_of_the_write_itself_reaches_every_caller(
+    counting: Outbox, tmp_path: Path
+) -> None:
     sink = OutboxSink(counting)
     counting.close()  # the file is gone from under the sink: not a refusal of the outbox's
     outcomes = await asyncio.gather(
@@ -121,7 +123,11 @@ async def test_a_fault_of_the_write_itself_reaches_every_caller(counting: Outbox
         return_exceptions=True,
     )
     assert all(isinstance(o, Exception) for o in outcomes)
-    # The sink is not stuck: a new outbox behind it takes readings again.
+    # The sink is not stuck: with an outbox that works behind it, it takes readings again.
+    with Outbox.open(tmp_path / "again.sqlite", DEV) as again:
+        sink.outbox = again
+        await sink.readings(readings(10, 2))
+        assert pending(again) == 2
 
 
 # --- a session hands over what waits in its queue together --------------------------------
