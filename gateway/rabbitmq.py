@@ -1,0 +1,190 @@
+"""A private RabbitMQ node with its MQTT plugin, for tests, benchmarks and the cluster harness.
+
+It never touches the machine's own RabbitMQ: its own node name, ports, data directory,
+configuration, plugins file and Erlang cookie, and the server's scripts are called directly
+(``/usr/lib/rabbitmq/bin``), not through Debian's wrappers, which switch to the system
+node's user and cookie. Hubs speak MQTT 3.1.1 to its MQTT listener; envelopes published to
+``trialstream/<device>/up`` arrive on ``amq.topic`` with the routing key
+``trialstream.<device>.up`` (docs/scaling.md). Stopped by its process group, whose id it keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from gateway.broker import free_port
+from gateway.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+START_TIMEOUT_S = 60.0
+CTL_TIMEOUT_S = 30.0
+
+
+def find_rabbitmq(bin_dir: Path = RABBITMQ_BIN) -> Path:
+    """The directory of RabbitMQ's own scripts, or BrokerError saying what to install."""
+    if not (bin_dir / "rabbitmq-server").is_file():
+        raise BrokerError(
+            f"RabbitMQ is not installed ({bin_dir}/rabbitmq-server is missing):"
+            " apt-get install rabbitmq-server (scripts/bootstrap does, as root)"
+        )
+    return bin_dir
+
+
+class RabbitNode:
+    """One RabbitMQ node in ``directory``: AMQP on ``amqp_port``, MQTT on ``mqtt_port``, both
+    on 127.0.0.1; distribution on a free port of its own, bound to loopback too."""
+
+    def __init__(self, directory: Path, name: str | None = None, bin_dir: Path = RABBITMQ_BIN):
+        self.bin_dir = find_rabbitmq(bin_dir)
+        self.directory = directory
+        self.name = name or f"ts{os.getpid()}x{secrets.token_hex(3)}@localhost"
+        self.amqp_port = free_port()
+        self.mqtt_port = free_port()
+        self.dist_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "node.log"
+
+    def _env(self) -> dict[str, str]:
+        d = self.directory
+        return {
+            **os.environ,
+            "HOME": str(d / "home"),  # the cookie: $HOME/.erlang.cookie
+            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.amqp_port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
+            "RABBITMQ_CONFIG_FILES": str(d / "conf.d"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(d / "node.pid"),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+        }
+
+    def _write_files(self) -> None:
+        d = self.directory
+        for sub in ("home", "mnesia", "log", "conf.d"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        cookie = d / "home" / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.chmod(0o400)
+        (d / "rabbitmq-env.conf").write_text("")
+        (d / "advanced.config").write_text("[].\n")
+        (d / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (d / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
+            "mqtt.allow_anonymous = false\n"
+            "loopback_users = none\n"
+        )
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start the node and return once its applications and plugins run."""
+        self._write_files()
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(  # noqa: S603 - fixed script, our own files
+                [str(self.bin_dir / "rabbitmq-server")],
+                env=self._env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise BrokerError(f"RabbitMQ node {self.name} exited: {self._log_tail()}")
+            if (self.directory / "node.pid").exists():
+                done = self.ctl(
+                    "wait", str(self.directory / "node.pid"), "--timeout", "5", check=False
+                )
+                if done.returncode == 0:
+                    break
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BrokerError(f"RabbitMQ node {self.name} not up in {timeout:.0f} s")
+            time.sleep(0.2)
+        log.info(
+            "rabbitmq ready node=%s amqp=%d mqtt=%d", self.name, self.amqp_port, self.mqtt_port
+        )
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``rabbitmqctl -n <node> args``; with ``check``, a failure is BrokerError."""
+        done = subprocess.run(  # noqa: S603 - fixed script, our own arguments
+            [str(self.bin_dir / "rabbitmqctl"), "-n", self.name, *args],
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            timeout=CTL_TIMEOUT_S,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise BrokerError(f"rabbitmqctl {args[0]} failed: {done.stderr.strip()[-500:]}")
+        return done
+
+    def add_hub(self, device_id: str, password: str) -> None:
+        """A hub's broker identity: it may publish only to its own ``up`` topic and read only
+        its own ``down`` topic (topic permissions match the dotted routing key)."""
+        escaped = device_id.replace(".", r"\.")
+        own_queues = rf"^mqtt-subscription-{escaped}qos[01]$"
+        self.ctl("add_user", device_id, password)
+        self.ctl(
+            "set_permissions",
+            device_id,
+            own_queues,
+            rf"^amq\.topic$|{own_queues}",
+            rf"^amq\.topic$|{own_queues}",
+        )
+        self.ctl(
+            "set_topic_permissions",
+            device_id,
+            "amq.topic",
+            rf"^trialstream\.{escaped}\.up$",
+            rf"^trialstream\.{escaped}\.down$",
+        )
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-800:]
+        except OSError:
+            return "(no log)"
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            return
+
+    def kill(self) -> None:
+        """kill -9 the node (its whole process group)."""
+        self._signal(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        self._signal(signal.SIGTERM)
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
