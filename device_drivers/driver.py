@@ -518,6 +518,7 @@ class WearableSession:
         await self._note_overflow()
 
     async def _handle(self, value: Arrival) -> None:
+        """A value of a characteristic in ``_OWN_HANDLING``."""
         try:
             if value.char_id == BATTERY_LEVEL:
                 await self._on_battery(value)
@@ -529,12 +530,8 @@ class WearableSession:
                 await self.records.on_context(value)
             elif value.char_id == BODY_COMPOSITION:
                 await self._on_body_composition(value)
-            else:
-                measured = registry.decode_to_measurements(value.char_id, value.data)
-                await self._store(to_readings(measured, value.t_ms, self.spec.sensor))
         except GattError as exc:
             await self._malformed(value, exc)
-        await self._note_overflow()
 
     async def _malformed(self, value: Arrival, exc: GattError) -> None:
         self.stats.malformed += 1

@@ -82,8 +82,7 @@ class OutboxSink(ReadingSink):
         except asyncio.CancelledError:
             # The caller stops (its wearable's session ends): what it handed over is on disk
             # first, written here if the committer has not taken it yet.
-            parts, self._waiting = self._waiting, []
-            _settle(parts, self._write_parts([r for r, _ in parts]))
+            self._write_waiting_now()
             if not done.done():
                 await done
             raise
@@ -116,8 +115,7 @@ class OutboxSink(ReadingSink):
             try:
                 await asyncio.sleep(self.commit_linger_s)
             except asyncio.CancelledError:
-                parts, self._waiting = self._waiting, []
-                _settle(parts, self._write_parts([r for r, _ in parts]))
+                self._write_waiting_now()
                 raise
             parts, self._waiting = self._waiting, []
             try:
@@ -128,6 +126,11 @@ class OutboxSink(ReadingSink):
                         done.set_exception(exc)
                 continue
             _settle(parts, outcomes)
+
+    def _write_waiting_now(self) -> None:
+        """Write what waits in this thread (the loop's), when there is no time to linger."""
+        parts, self._waiting = self._waiting, []
+        _settle(parts, self._write_parts([r for r, _ in parts]))
 
     def _write_parts(self, parts: list[Sequence[Reading]]) -> list[OutboxError | None]:
         """One transaction for every part; if it is refused, each part on its own, so that a

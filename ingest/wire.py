@@ -33,6 +33,10 @@ DEVICE_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 # Control characters (C0, DEL, C1): never part of a name, unit or reason, and NUL is what
 # PostgreSQL's text type cannot hold at all. Every text field refuses them.
 CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What text people write (a query's question, a field of the API) may not hold: the C0
+# controls and DEL, tab and line ends excepted. Nothing that renders oddly on a terminal, a
+# page or a log line is stored.
+TEXT_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # What the decoders accept: bytes, or a bytes-like buffer (copied once after the size check).
 Buffer = bytes | bytearray | memoryview
 

@@ -13,7 +13,6 @@ Who may take which step (roles and sites) is the caller's check (gateway.web.acc
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,14 +22,12 @@ from typing import Any, Final
 from psycopg.rows import class_row
 
 from ingest.metrics import METRICS
+from ingest.wire import TEXT_CONTROL_RE
 from storage import audit
 from storage.db import Conn
 from storage.errors import StorageError
 
 MAX_TEXT: Final = 4000
-# What no question, answer or reason holds, whoever calls (the API, the command line): nothing
-# that renders oddly on a terminal, a page or a log line. Tab and line ends are text.
-CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class Target(StrEnum):
@@ -152,7 +149,7 @@ def _text(text: str) -> str:
         raise QueryError("the text is empty: say what is asked or answered")
     if len(stripped) > MAX_TEXT:
         raise QueryError(f"the text is longer than {MAX_TEXT} characters")
-    found = CONTROL.search(stripped)
+    found = TEXT_CONTROL_RE.search(stripped)  # whoever calls: the API, the command line
     if found:
         raise QueryError(f"the text has a control character ({found.group()!r})")
     return stripped

@@ -27,6 +27,7 @@ from gateway.commands.review import an_id
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 from ingest.metrics import METRICS
+from ingest.wire import TEXT_CONTROL_RE
 from storage import db, queries, views
 from storage.db import Conn
 from storage.queries import Step, Target
@@ -75,7 +76,7 @@ def a_text(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"a text of 1 to {queries.MAX_TEXT} characters, not {len(text)}"
         )
-    found = queries.CONTROL.search(text)
+    found = TEXT_CONTROL_RE.search(text)
     if found:
         raise argparse.ArgumentTypeError(
             f"the text has a control character ({found.group()!r} at {found.start()})"

@@ -22,6 +22,7 @@ from gateway.problems import problem, read_json_object
 from gateway.web import auth, trail
 from gateway.web.access import Principal
 from gateway.web.errors import BadInput, Forbidden, Unauthenticated, WebError
+from ingest.wire import TEXT_CONTROL_RE
 from storage.users import Role
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-# Text fields are bounded and may not carry control characters: nothing that renders oddly
-# in a page, a log line or a CSV export gets stored.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +92,7 @@ class Field:
                 f"{self.name!r} must have {self.min_len} to {self.max_len} characters",
                 field=self.name,
             )
-        if _CONTROL.search(value):
+        if TEXT_CONTROL_RE.search(value):  # bounded, and no control characters
             raise BadInput(f"{self.name!r} must not contain control characters", field=self.name)
         if self.pattern is not None and re.search(self.pattern, value) is None:
             raise BadInput(f"{self.name!r} does not have the expected form", field=self.name)
