@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gateway.broker import free_port
 from gateway.errors import BrokerError
+from ingest.wire import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,10 @@ class RabbitNode:
 
     def add_hub(self, device_id: str, password: str) -> None:
         """A hub's broker identity: it may publish only to its own ``up`` topic and read only
-        its own ``down`` topic (topic permissions match the dotted routing key)."""
+        its own ``down`` topic (topic permissions match the dotted routing key). The id is
+        checked first: it becomes part of the permissions' regular expressions."""
+        if DEVICE_ID_RE.fullmatch(device_id) is None:
+            raise BrokerError(f"not a device id: {device_id[:70]!r}")
         escaped = device_id.replace(".", r"\.")
         own_queues = rf"^mqtt-subscription-{escaped}qos[01]$"
         self.ctl("add_user", device_id, password)

@@ -136,6 +136,12 @@ async def test_a_message_handed_back_too_often_is_dead_lettered(
     await letter.ack()
 
 
+@pytest.mark.parametrize("device_id", ["", "hub.*", "hub|x", "a" * 65, "hub\x00", "hub/up"])
+def test_a_hub_identity_takes_only_a_device_id(rabbit: RabbitNode, device_id: str) -> None:
+    with pytest.raises(BrokerError, match="not a device id"):
+        rabbit.add_hub(device_id, "unused")
+
+
 def test_without_rabbitmq_it_says_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(BrokerError, match="apt-get install rabbitmq-server"):
         RabbitNode(tmp_path, bin_dir=tmp_path / "nowhere")
