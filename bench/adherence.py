@@ -13,7 +13,7 @@ ingestion without it; and the cohort's answer (a site's participants x days) in 
    refresh as a batch's would.
 2. Ingestion: the bulk writer storing batches of envelopes (``--batch-readings`` readings,
    60 a participant, 1 Hz heart rate of today) with adherence kept (the writer as shipped)
-   and without it (its ``_add_adherence_deltas`` replaced by nothing), alternating rounds of
+   and without it (``storage.deltas.add`` with ``adherence=False``), alternating rounds of
    ``--rounds`` batches; then the refresh that merges what a with-adherence round added
    (``adherence.refresh``), timed and counted per batch. The ratio: (time per batch with,
    refresh share included) / (time per batch without). The refresh runs every 30 s in the
@@ -33,6 +33,7 @@ import json
 import statistics
 import time
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import Any, TextIO
 
 from bench.common import (
@@ -46,7 +47,7 @@ from bench.common import (
     server_version,
 )
 from ingest.model import AcceptedEnvelope, Batch, Reading
-from storage import adherence, db, schedules, writer
+from storage import adherence, db, deltas, schedules
 from storage.migrate import migrate, recorded_mode
 from storage.schedules import Expectation, ScheduleKind
 from storage.writer import BulkWriter
@@ -162,16 +163,12 @@ def _batch(ids: list[str], first: int, count: int, seq0: int, t_ms: int) -> Batc
     return Batch(tuple(envelopes), (), t_ms + 61_000)
 
 
-async def _no_adherence(conn: db.Conn, fresh: Any) -> None:
-    return None
-
-
 async def _ingest(
     url: str, ids: list[str], batch_readings: int, rounds: int, say: Progress
 ) -> dict[str, Any]:
     per_batch = max(1, batch_readings // READINGS_PER_PARTICIPANT)
     pool = await db.open_pool(url, min_size=1, max_size=2)
-    shipped = writer._add_adherence_deltas
+    shipped = deltas.add
     timings: dict[str, list[float]] = {"with": [], "without": []}
     refreshes: list[float] = []
     try:
@@ -183,8 +180,8 @@ async def _ingest(
         seq = 0
         for r in range(rounds * 2):
             variant = "with" if r % 2 == 0 else "without"
-            kept = shipped if variant == "with" else _no_adherence
-            writer._add_adherence_deltas = kept
+            # Without: the writer's deltas as before adherence (rollups alone, plain mode).
+            deltas.add = shipped if variant == "with" else partial(shipped, adherence=False)
             start = time.perf_counter()
             for b in range(10):
                 await w.write(_batch(ids, seq, per_batch, seq, now_ms + (r * 10 + b) * 60_000))
@@ -198,7 +195,7 @@ async def _ingest(
             ms = timings[variant][-1] * 1000
             say(f"ingest round {r + 1}/{rounds * 2} ({variant}): {ms:.1f} ms a batch")
     finally:
-        writer._add_adherence_deltas = shipped
+        deltas.add = shipped
         await pool.close()
     without = statistics.median(timings["without"])
     with_ = statistics.median(timings["with"])

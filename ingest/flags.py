@@ -152,3 +152,8 @@ def worst(flags: Iterable[str]) -> FlagClass | None:
 def in_doubt(flags: Iterable[str]) -> bool:
     """Whether the device marked the reading invalid or questionable."""
     return not IN_DOUBT.isdisjoint(flags)
+
+
+def is_invalid(flags: Iterable[str]) -> bool:
+    """Whether the device marked the reading invalid (its worst flag's class is ``invalid``)."""
+    return not _INVALID.isdisjoint(flags)

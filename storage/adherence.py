@@ -3,7 +3,7 @@ arrived against what the protocol's schedule (``storage.schedules``) expects.
 
 Kept current as data arrives, never by rescanning readings:
 
-1. The writer folds each stored batch into 15-minute slots (``fold``): readings, those the
+1. The writer folds each stored batch into 15-minute slots (``storage.deltas``): readings, those the
    device marked invalid, and a bitmap of the slot's minutes that hold a usable reading. It
    appends them to ``adherence_deltas`` in the batch's own transaction (insert-only: no two
    batches wait on one row), so a late backfill counts the day it belongs to, however late.
@@ -24,15 +24,13 @@ offline, outbox full.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Final, TypeVar
 
 from psycopg.rows import class_row
 
-from ingest.flags import FlagClass, worst
-from ingest.model import Reading
 from ingest.rules import AdherenceDay
 from storage import adherence_math
 from storage.adherence_math import Counts, Inputs, Person, Rule, ZoneSpan
@@ -53,44 +51,6 @@ MINUTE_MS: Final = 60_000
 ADHERENCE_LOCK_KEY: Final = 0x6164_6865_7265
 
 T = TypeVar("T")
-
-# (participant, metric, slot) -> [readings, invalid, minute bitmap]
-SlotPartials = dict[tuple[str, str, int], list[int]]
-
-
-def fold(partials: SlotPartials, participant_id: str, readings: Iterable[Reading]) -> None:
-    """Fold one participant's stored readings into ``partials``."""
-    for reading in readings:
-        t_ms = reading.t_ms
-        key = (participant_id, reading.metric, t_ms // SLOT_MS)
-        acc = partials.get(key)
-        if acc is None:
-            acc = partials[key] = [0, 0, 0]
-        acc[0] += 1
-        if reading.flags and worst(reading.flags) is FlagClass.INVALID:
-            acc[1] += 1
-        else:
-            acc[2] |= 1 << ((t_ms // MINUTE_MS) % 15)
-
-
-async def add_deltas(conn: Conn, partials: SlotPartials) -> None:
-    """Record what a batch adds, in the caller's (the batch's) transaction."""
-    if not partials:
-        return
-    keys, accs = partials.keys(), partials.values()
-    await conn.execute(
-        "INSERT INTO adherence_deltas (participant_ids, metrics, slots, readings, invalid,"
-        " minutes) VALUES (%b::text[], %b::text[], %b::int8[], %b::int4[], %b::int4[],"
-        " %b::int4[])",  # binary: see storage.writer
-        (
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2] for k in keys],
-            [a[0] for a in accs],
-            [a[1] for a in accs],
-            [a[2] for a in accs],
-        ),
-    )
 
 
 _MERGE = """

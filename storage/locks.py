@@ -22,7 +22,7 @@ from typing import Final
 from psycopg.rows import class_row
 
 from ingest.model import AcceptedEnvelope, Reading, Reason, Refusal
-from storage import adherence, audit, records, review, rollups
+from storage import audit, deltas, records, review
 from storage.db import Conn
 from storage.errors import StorageError, UnknownStudy
 from storage.migrate import StorageMode
@@ -306,14 +306,7 @@ async def _derive(conn: Conn, released: Sequence[Released], mode: StorageMode) -
     by_envelope: dict[tuple[str, str, int], list[Reading]] = {}
     for r in released:
         by_envelope.setdefault((r.participant_id, r.device_id, r.seq), []).append(r.reading)
-    rollup: rollups.HourPartials = {}
-    slots: adherence.SlotPartials = {}
-    for (participant, _, _), readings in by_envelope.items():
-        if mode is StorageMode.PLAIN:
-            rollups.add_to_partials(rollup, participant, readings)
-        adherence.fold(slots, participant, readings)
-    await rollups.add_rollup_deltas(conn, rollup)
-    await adherence.add_deltas(conn, slots)
+    await deltas.add(conn, mode, [(p, rs) for (p, _, _), rs in by_envelope.items()])
     await review.note_changes(conn, [(p, d, s, rs) for (p, d, s), rs in by_envelope.items()])
 
 

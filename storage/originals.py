@@ -19,6 +19,7 @@ from psycopg.rows import class_row
 from ingest.envelope import MAX_ENVELOPE_BYTES
 from ingest.model import AcceptedEnvelope
 from storage import audit
+from storage.arrays import Byteas, Int4s, Int8s, Texts
 from storage.db import Conn
 from storage.errors import StorageError
 from storage.study_settings import StudySetting, set_study_setting
@@ -101,10 +102,10 @@ async def keep(conn: Conn, fresh: Sequence[AcceptedEnvelope], received: datetime
         (
             received,
             CODEC,
-            [e.dev for e in kept],
-            [e.seq for e in kept],
-            [len(e.original) for e in kept],
-            [compress(e.original) for e in kept],
+            Texts(e.dev for e in kept),
+            Int8s(e.seq for e in kept),
+            Int4s(len(e.original) for e in kept),
+            Byteas(compress(e.original) for e in kept),
         ),
     )
 

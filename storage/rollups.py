@@ -12,14 +12,12 @@ commits); the refresh merges the first into their hours and recomputes exactly t
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from psycopg.rows import class_row
 
-from ingest.flags import in_doubt
-from ingest.model import Reading
 from storage.db import Conn
 from storage.migrate import StorageMode
 
@@ -121,52 +119,6 @@ SELECT (SELECT count(*) FROM touched) + (SELECT count(*) FROM merged)
 
 
 HOUR_MS = 3_600_000
-
-# (participant, metric, hour since the epoch) -> [count, sum, min, max] of a batch's readings.
-HourPartials = dict[tuple[str, str, int], list[float]]
-
-
-def add_to_partials(
-    partials: HourPartials, participant_id: str, readings: Iterable[Reading]
-) -> None:
-    """Fold one participant's readings into ``partials``, leaving out those the device put
-    in doubt."""
-    for reading in readings:
-        if reading.flags and in_doubt(reading.flags):
-            continue
-        value = reading.value
-        key = (participant_id, reading.metric, reading.t_ms // HOUR_MS)
-        acc = partials.get(key)
-        if acc is None:
-            partials[key] = [1, value, value, value]
-        else:
-            acc[0] += 1
-            acc[1] += value
-            if value < acc[2]:
-                acc[2] = value
-            elif value > acc[3]:
-                acc[3] = value
-
-
-async def add_rollup_deltas(conn: Conn, partials: HourPartials) -> None:
-    """Record what a batch adds to the hourly rollups, in the caller's transaction: the
-    writer calls it with each batch it stores (plain mode)."""
-    if partials:
-        keys, accs = partials.keys(), partials.values()
-        await conn.execute(
-            "INSERT INTO rollup_deltas (participant_ids, metrics, hours, counts, sums, mins, maxs)"
-            " VALUES (%b::text[], %b::text[], %b::int8[], %b::int8[], %b::float8[],"
-            " %b::float8[], %b::float8[])",  # binary: see storage.writer
-            (
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-                [k[2] for k in keys],
-                [int(a[0]) for a in accs],
-                [a[1] for a in accs],
-                [a[2] for a in accs],
-                [a[3] for a in accs],
-            ),
-        )
 
 
 async def invalidate_rollups(

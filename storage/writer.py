@@ -34,7 +34,8 @@ from psycopg.rows import class_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ingest.model import AcceptedEnvelope, Batch, Reason
-from storage import adherence, locks, originals, records, review, sensors, time_zones
+from storage import deltas, locks, originals, records, review, sensors, time_zones
+from storage.arrays import PG_EPOCH_MS, Byteas, Int4s, Int8s, Texts, TimestamptzMs
 from storage.db import Conn
 from storage.errors import (
     BatchWriteError,
@@ -45,7 +46,6 @@ from storage.errors import (
 )
 from storage.migrate import StorageMode
 from storage.partitions import ensure_partitions, existing_partitions, partition_start_ms
-from storage.rollups import HourPartials, add_rollup_deltas, add_to_partials
 from storage.timeconv import from_ms, from_ms_or_none
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,6 @@ _READING_TYPES = (
 )
 _COPY_READINGS = f"COPY readings ({', '.join(READING_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _COPY_LINE = re.compile(r"COPY readings, line (\d+)")
-# PostgreSQL's binary timestamptz: microseconds since 2000-01-01 UTC, big-endian int8.
-_PG_EPOCH_MS: Final = 946_684_800_000
 _INT8: Final = struct.Struct(">q")
 
 
@@ -106,12 +104,13 @@ class EpochMsDumper(Dumper):
     oid = postgres.types["timestamptz"].oid
 
     def dump(self, obj: int) -> bytes:
-        return _INT8.pack((obj - _PG_EPOCH_MS) * 1000)
+        return _INT8.pack((obj - PG_EPOCH_MS) * 1000)
 
 
-# Batch parameters are sent in binary (%b): psycopg renders a text array element by element
-# in Python, 6x the cost of the binary form (17.6 against 2.7 ms for one 500-envelope batch
-# of _INSERT_ENVELOPES, measured here); about 7% of the gateway's samples under load.
+# Batch parameters are sent as binary arrays (%b): psycopg renders a text array element by
+# element in Python, 6x the cost of its binary form (17.6 against 2.7 ms for one 500-envelope
+# batch of _INSERT_ENVELOPES, measured here), and the arrays of storage.arrays are built in a
+# few C-level calls where psycopg's binary list dumper takes one Python call per element.
 _INSERT_ENVELOPES = """
 INSERT INTO envelopes (device_id, seq, participant_id, sent_at, received_at, envelope_sha256,
                        reading_count, stored_count, refused_count)
@@ -248,16 +247,14 @@ class BulkWriter:
         self, conn: Conn, batch: Batch
     ) -> tuple[list[EnvelopeOutcome], list[AcceptedEnvelope]]:
         received = from_ms(batch.received_ms)
-        new_keys = await self._insert_envelopes(conn, batch.accepted, received)
+        new_keys = await self._insert_envelopes(conn, batch.accepted, batch.received_ms)
         fresh = [e for e in batch.accepted if (e.dev, e.seq) in new_keys]
         fresh, changed = await records.claim(conn, fresh)
         fresh, locked = await locks.claim(conn, fresh, batch.received_ms)
         changed.update(locked)
         accepted = [changed.get((e.dev, e.seq), e) for e in batch.accepted]
         await self._copy_readings(conn, fresh, batch.received_ms)
-        if self._mode is StorageMode.PLAIN:
-            await _add_rollup_deltas(conn, fresh)
-        await _add_adherence_deltas(conn, fresh)
+        await deltas.add(conn, self._mode, [(e.participant_id, e.readings) for e in fresh])
         await review.note_changes(
             conn, [(e.participant_id, e.dev, e.seq, e.readings) for e in fresh]
         )
@@ -271,22 +268,22 @@ class BulkWriter:
         return outcomes, fresh
 
     async def _insert_envelopes(
-        self, conn: Conn, accepted: Sequence[AcceptedEnvelope], received: object
+        self, conn: Conn, accepted: Sequence[AcceptedEnvelope], received_ms: int
     ) -> set[tuple[str, int]]:
         if not accepted:
             return set()
         cur = await conn.execute(
             _INSERT_ENVELOPES,
             (
-                [e.dev for e in accepted],
-                [e.seq for e in accepted],
-                [e.participant_id for e in accepted],
-                [from_ms(e.sent_ms) for e in accepted],
-                [received] * len(accepted),
-                [e.envelope_sha256 for e in accepted],
-                [e.reading_count for e in accepted],
-                [len(e.readings) for e in accepted],
-                [sum(r.count for r in e.refusals) for e in accepted],
+                Texts(e.dev for e in accepted),
+                Int8s(e.seq for e in accepted),
+                Texts(e.participant_id for e in accepted),
+                TimestamptzMs(e.sent_ms for e in accepted),
+                TimestamptzMs([received_ms] * len(accepted)),
+                Byteas(e.envelope_sha256 for e in accepted),
+                Int4s(e.reading_count for e in accepted),
+                Int4s(len(e.readings) for e in accepted),
+                Int4s(sum(r.count for r in e.refusals) for e in accepted),
             ),
         )
         return {(str(d), int(s)) for d, s in await cur.fetchall()}
@@ -519,19 +516,3 @@ def _copy_error_owner(
             if int(m.group(1)) >= 1 and i < len(owners):
                 return owners[i]
     return None
-
-
-async def _add_rollup_deltas(conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
-    """Record what the batch's readings add to each hour, for the plain-mode rollup refresh."""
-    partials: HourPartials = {}
-    for env in fresh:
-        add_to_partials(partials, env.participant_id, env.readings)
-    await add_rollup_deltas(conn, partials)
-
-
-async def _add_adherence_deltas(conn: Conn, fresh: Sequence[AcceptedEnvelope]) -> None:
-    """Record what the batch's readings add to each participant's adherence (both modes)."""
-    partials: adherence.SlotPartials = {}
-    for env in fresh:
-        adherence.fold(partials, env.participant_id, env.readings)
-    await adherence.add_deltas(conn, partials)

@@ -135,10 +135,11 @@ async def test_the_migration_rebuilds_plain_rollups_without_doubted_readings(
             " VALUES ('P-A', 'heart_rate', %s, 4, 61.5, 60, 63)",
             (from_ms(HOUR0),),
         )
-        async with conn.transaction():
-            await rollups.add_rollup_deltas(
-                conn, {("P-A", "heart_rate", HOUR0 // HOUR): [4, 246.0, 60.0, 63.0]}
-            )
+        await conn.execute(
+            "INSERT INTO rollup_deltas (participant_ids, metrics, hours, counts, sums, mins, maxs)"
+            " VALUES ('{P-A}', '{heart_rate}', %s, '{4}', '{246}', '{60}', '{63}')",
+            ([HOUR0 // HOUR],),
+        )
         rest = await migrate(conn, ModeRequest.PLAIN)
         assert BEFORE_ROLLUPS_LEAVE_DOUBT + 1 in rest.applied
         assert await rollups.refresh_rollups(conn, StorageMode.PLAIN) == 0

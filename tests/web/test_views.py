@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from ingest.model import AcceptedEnvelope, Batch, Reading, SensorReport
-from storage import db, partitions, reading_views, rollups
+from storage import db, deltas, partitions, reading_views, rollups
 from storage.migrate import StorageMode
 from storage.timeconv import from_ms, to_ms
 from storage.writer import BulkWriter
@@ -44,11 +44,11 @@ async def store(
                 (t, v, seq, received, flags, device_user),
             )
         # As the gateway's writer does in the same transaction (plain mode).
-        partials: rollups.HourPartials = {}
-        rollups.add_to_partials(
-            partials, "P1", [Reading(to_ms(t), "heart_rate", v, "/min", "s") for t, v in rows]
+        await deltas.add(
+            conn,
+            StorageMode.PLAIN,
+            [("P1", [Reading(to_ms(t), "heart_rate", v, "/min", "s") for t, v in rows])],
         )
-        await rollups.add_rollup_deltas(conn, partials)
 
 
 @pytest.mark.plain_only("plain mode's rollup refresh: TimescaleDB keeps a continuous aggregate")
