@@ -62,7 +62,7 @@ DRAIN_BATCH = 200
 PUBACK_TIMEOUT_S = 10.0
 # A lost database connection in the service's loops: jittered backoff up to this ceiling.
 RETRY_CEILING_S = 10.0
-_CONNECTION_ERRORS = (psycopg.OperationalError, DatabaseUnavailable, PoolTimeout)
+CONNECTION_ERRORS = (psycopg.OperationalError, DatabaseUnavailable, PoolTimeout)
 
 
 class AlertEngine:
@@ -365,8 +365,8 @@ class AlertService:
                 async with self._pool.connection() as conn, conn.transaction():
                     await self._engine.sweep(conn, int(self._clock() * 1000))
                 delay = 0.1
-            except _CONNECTION_ERRORS as exc:
-                delay = await _pause("alert sweep", delay, exc)
+            except CONNECTION_ERRORS as exc:
+                delay = await pause("alert sweep", delay, exc)
                 continue
             await asyncio.sleep(self._interval_s)
 
@@ -383,11 +383,13 @@ class AlertService:
                         delay = 0.1
                         async for _ in listener.notifies(timeout=self._interval_s, stop_after=1):
                             pass
-            except _CONNECTION_ERRORS as exc:
-                delay = await _pause("alert publication", delay, exc)
+            except CONNECTION_ERRORS as exc:
+                delay = await pause("alert publication", delay, exc)
 
 
-async def _pause(what: str, delay: float, exc: BaseException) -> float:
+async def pause(what: str, delay: float, exc: BaseException) -> float:
+    """After a lost database in a background loop: log, sleep ``delay`` with jitter, and
+    return the next delay (doubled, up to ``RETRY_CEILING_S``)."""
     log.warning(
         "%s: database unavailable retry_in_s=%.1f error=%s", what, delay, type(exc).__name__
     )

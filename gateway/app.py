@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from gateway import hub_routes
 from gateway.alerts import AlertEngine, AlertService, MqttPublisher
 from gateway.consumer import Consumer, ConsumerConfig, Histogram
+from gateway.notify import Notifier
 from gateway.pki import GATEWAY_IDENTITY, StudyCA
 from gateway.problems import problem, problem_middleware
 from gateway.serve import EXIT_CONSUMER_DIED
@@ -177,6 +178,21 @@ async def _alerts(app: web.Application) -> AsyncIterator[None]:
         MqttPublisher(app[CONSUMER].publish),
     )
     task = asyncio.create_task(service.run(), name=f"alerts-{app[WORKER]}")
+    task.add_done_callback(functools.partial(_task_ended, app))
+    yield
+    await _stop_task(app, task)
+
+
+async def _notifier(app: web.Application) -> AsyncIterator[None]:
+    """Alert deliveries by e-mail and webhook to whoever is on call (docs/notifications.md)."""
+    settings = app[SETTINGS]
+    notifier = Notifier(
+        app[POOL],
+        settings.require_database_url(),
+        settings.smtp(),
+        f"{settings.gateway_url.rstrip('/')}/monitor",
+    )
+    task = asyncio.create_task(notifier.run(), name=f"notifier-{app[WORKER]}")
     task.add_done_callback(functools.partial(_task_ended, app))
     yield
     await _stop_task(app, task)
@@ -395,6 +411,7 @@ def create_app(
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_consumer)
     app.cleanup_ctx.append(_alerts)
+    app.cleanup_ctx.append(_notifier)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     hub_routes.add_routes(app)

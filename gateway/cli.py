@@ -37,6 +37,7 @@ COMMANDS = (
     commands.consent,
     commands.audit,
     commands.alerts,
+    commands.notify,
     commands.adherence,
     commands.review,
     commands.queries,

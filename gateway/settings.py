@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_drivers.settings import DEFAULT_DATA_DIR
 from gateway.errors import ConfigError
 from storage.migrate import ModeRequest
+
+if TYPE_CHECKING:
+    from gateway.notify import SmtpConfig
 
 ENV_PREFIX = "TRIALSTREAM_"
 
@@ -60,6 +63,10 @@ class Settings:
     # Reverse proxies whose X-Forwarded-For is believed (networks or addresses, comma
     # separated): the client address of rate limits and audit records (docs/api.md).
     trusted_proxies: str | None = None
+    # Alert e-mail (docs/notifications.md): the SMTP server as a URL (smtp://, smtp+starttls://
+    # or smtps://, with user:password@ if it wants a login) and the sender's address.
+    smtp_url: str | None = None
+    notify_from: str = "trialstream@localhost"
 
     @property
     def gateway_url(self) -> str:
@@ -96,6 +103,12 @@ class Settings:
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return replace(cls(), **values)
+
+    def smtp(self) -> SmtpConfig | None:
+        """The SMTP server alert e-mail goes through, if one is configured."""
+        from gateway.notify import SmtpConfig
+
+        return None if not self.smtp_url else SmtpConfig.from_url(self.smtp_url, self.notify_from)
 
     def require_database_url(self) -> str:
         if not self.database_url:
@@ -135,6 +148,16 @@ def _convert(name: str, raw: str) -> Any:
         "audit_checkpoints",
     }:
         return Path(raw)
+    if name in {"smtp_url", "notify_from"}:
+        from gateway.notify import SmtpConfig
+
+        probe = ("smtp://localhost", raw) if name == "notify_from" else (raw, "a@example.org")
+        try:
+            SmtpConfig.from_url(*probe)
+        except ValueError as exc:
+            shown = raw if name == "notify_from" else "(hidden: it may hold a password)"
+            raise ConfigError(f"{var}={shown} is not valid: {exc}") from None
+        return raw
     if name == "trusted_proxies":
         from gateway.web.ratelimit import parse_networks
 

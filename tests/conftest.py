@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.trial",
     "tests.fixtures.gateway",
     "tests.fixtures.uplink",
+    "tests.fixtures.notify",
 ]

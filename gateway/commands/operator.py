@@ -80,6 +80,9 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "alerts escalation": CLINICAL,
     "alerts doubtful": CLINICAL,
     "audit originals-retention": ADMIN_ONLY,
+    "notify contact": STAFF_AND_ADMIN,  # admins for anyone, others for themselves
+    "notify on-call add": COORDINATION,  # a site's operations, as enrolment is
+    "notify on-call remove": COORDINATION,
     "alerts ack": CLINICAL,  # POST /alerts/{id}/acknowledge
     "alerts resolve": CLINICAL,  # POST /alerts/{id}/resolve
     "consent document": ADMIN_ONLY,  # consent.records.create_version: admins only

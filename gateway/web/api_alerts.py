@@ -1,4 +1,5 @@
-"""The API's alert operations: list, follow, show, acknowledge and resolve."""
+"""The API's alert operations: list, follow, show, acknowledge and resolve; and what was sent
+to people on call about them (docs/notifications.md)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from gateway.web import sse
 from gateway.web.access import CLINICAL, visible_sites
 from gateway.web.api_common import ID_PATTERN, V1, iso, pool_of
 from gateway.web.errors import Conflict, NotFound
-from gateway.web.schemas import ALERT, ALERT_LIST, ALERT_PAGE
+from gateway.web.schemas import ALERT, ALERT_LIST, ALERT_PAGE, DELIVERY_LIST
 from gateway.web.spec import Ctx, Endpoint, Field
 from ingest.flags import worst
 from ingest.metrics import METRICS
 from storage import alerts as alert_store
-from storage import views
+from storage import notifications, views
 
 SEVERITIES = ("info", "warning", "critical")
 STATES = ("open", "acknowledged", "resolved", "unresolved")
+DELIVERY_STATES = tuple(s.value for s in notifications.State)
+MAX_DELIVERIES = 500
 
 
 def _latest_json(a: views.AlertRow) -> dict[str, Any] | None:
@@ -151,6 +154,43 @@ async def resolve_alert(ctx: Ctx) -> web.StreamResponse:
     return await _transition(ctx, acknowledge=False)
 
 
+# --- handlers: deliveries ------------------------------------------------------------------
+
+
+def delivery_json(d: notifications.Delivery) -> dict[str, Any]:
+    return {
+        "delivery_id": d.delivery_id,
+        "event_id": d.event_id,
+        "alert_id": d.alert_id,
+        "event": d.event,
+        "severity": d.severity,
+        "site_id": d.site_id,
+        "participant_id": d.participant_id,
+        "user": d.username,
+        "channel": d.channel,
+        "address": d.address,
+        "state": d.state,
+        "attempts": d.attempts,
+        "next_attempt_at": iso(d.next_attempt_at),
+        "last_error": d.last_error,
+        "created_at": iso(d.created_at),
+        "sent_at": iso(d.sent_at),
+    }
+
+
+async def list_deliveries(ctx: Ctx) -> web.StreamResponse:
+    state = ctx.query["state"]
+    async with pool_of(ctx).connection() as conn:
+        sites = await _alert_sites(ctx, conn, ctx.query["site"])
+        rows = await notifications.deliveries(
+            conn,
+            sites=sites,
+            states=None if state is None else [notifications.State(state)],
+            limit=ctx.query["limit"],
+        )
+    return web.json_response({"deliveries": [delivery_json(d) for d in rows]})
+
+
 # --- the operations -----------------------------------------------------------------------
 
 ALERT_ID = Field("alert_id", kind="integer", minimum=1, maximum=2**62)
@@ -185,6 +225,33 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ok_content_type="text/event-stream",
         description="Server-sent events, one per alert transition (id: the event id). "
         "Reconnecting with Last-Event-ID (or ?after=) resumes without a gap.",
+    ),
+    Endpoint(
+        "GET",
+        f"{V1}/alerts/deliveries",
+        "list_alert_deliveries",
+        "List alert deliveries",
+        list_deliveries,
+        CLINICAL,
+        "alerts",
+        query=(
+            Field("site", required=False, pattern=ID_PATTERN, max_len=64),
+            Field("state", required=False, enum=DELIVERY_STATES),
+            Field(
+                "limit",
+                kind="integer",
+                required=False,
+                minimum=1,
+                maximum=MAX_DELIVERIES,
+                default=50,
+            ),
+        ),
+        ok_schema=DELIVERY_LIST,
+        extra_statuses=(404,),
+        audit_read=True,
+        description="The e-mails and webhooks sent about alerts to people on call, newest "
+        "first: each with its state (pending, sent, failed, no_recipient), attempts and last "
+        "error.",
     ),
     Endpoint(
         "GET",

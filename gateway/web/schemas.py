@@ -285,6 +285,27 @@ ALERT_EVENT = obj(
 )
 ALERT_LIST = obj({"alerts": arr(ALERT), "last_event_id": INT})
 ALERT_PAGE = obj({"alert": ALERT, "events": arr(ALERT_EVENT)})
+DELIVERY = obj(
+    {
+        "delivery_id": INT,
+        "event_id": INT,
+        "alert_id": INT,
+        "event": STR,
+        "severity": STR,
+        "site_id": STR,
+        "participant_id": STR,
+        "user": NULL_STR,
+        "channel": NULL_STR,
+        "address": NULL_STR,
+        "state": STR,
+        "attempts": INT,
+        "next_attempt_at": NULL_TIME,
+        "last_error": NULL_STR,
+        "created_at": TIME,
+        "sent_at": NULL_TIME,
+    }
+)
+DELIVERY_LIST = obj({"deliveries": arr(DELIVERY)})
 USER_ROW = obj(
     {
         **USER["properties"],

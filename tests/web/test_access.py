@@ -319,6 +319,7 @@ EXPECTED: dict[str, Expect] = {
     "download_export_file": Expect(CLINICAL, fixed(""), build_for=export_file),
     "list_alerts": Expect(CLINICAL, fixed("/api/v1/alerts?site=SITE-A")),
     "alert_events": Expect(CLINICAL, fixed("/api/v1/alerts/events")),
+    "list_alert_deliveries": Expect(CLINICAL, fixed("/api/v1/alerts/deliveries?site=SITE-A")),
     "get_alert": Expect(CLINICAL, any_alert),
     "acknowledge_alert": Expect(CLINICAL, open_alert),
     "resolve_alert": Expect(CLINICAL, acknowledged_alert),

@@ -8,7 +8,7 @@ Screenshots go to docs/screenshots/ for the README's tour."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -19,11 +19,22 @@ from selenium.webdriver.common.by import By
 from ingest.envelope import seal
 from ingest.model import Gap, Payload, Reading, SensorReport
 from ingest.pipeline import up_topic
-from storage import adherence, alerts, db, rollups, schedules, time_zones, users
+from ingest.rules import Severity
+from storage import (
+    adherence,
+    alerts,
+    db,
+    notifications,
+    rollups,
+    schedules,
+    time_zones,
+    users,
+)
 from storage.migrate import StorageMode
 from storage.schedules import Expectation, ScheduleKind
 from storage.users import Role
 from tests.fixtures.mqtt import MqttProbe
+from tests.fixtures.notify import Hook
 from tests.fixtures.postgres import database_mode
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
@@ -71,6 +82,56 @@ async def count(url: str, query: str, *args: object) -> int:
         row = await cur.fetchone()
         assert row is not None
         return int(row[0])
+
+
+async def test_the_board_shows_what_was_sent_to_the_people_on_call_and_what_failed(
+    web: Web, browser: Browser, probe: MqttProbe, hook: Hook
+) -> None:
+    now = datetime.now(UTC)
+    async with db.connection(web.trial.url, autocommit=True) as conn:
+        await alerts.add_rule(
+            conn,
+            study_id="S1",
+            name="heart rate very high",
+            metric="heart_rate",
+            high=140.0,
+            severity=Severity.CRITICAL,
+            created_by="tester",
+        )
+        # E-mail too, though this gateway has no SMTP server: that delivery must show failed.
+        await notifications.set_contact(
+            conn,
+            username="monitor",
+            email="monitor@site-a.example",
+            webhook_url=hook.url,
+            webhook_secret=bytes(32),
+            events=[notifications.Event.CRITICAL],
+            actor="tester",
+        )
+        await notifications.add_on_call(
+            conn,
+            site_id="SITE-A",
+            username="monitor",
+            from_time=now - timedelta(hours=1),
+            to_time=now + timedelta(hours=8),
+            actor="tester",
+        )
+    await browser.sign_in("/monitor", "monitor", PASSWORD)
+    await browser.wait_for("the live feed", lambda d: d.find_element(By.ID, "live").text == "Live")
+    publish(probe, web.trial, 1, [170.0, 172.0], t0=now_ms() - 10_000)
+    await browser.css("tr.alert[data-state=open]")
+    sent = await browser.css("tr.delivery[data-state=sent]")
+    failed = await browser.css("tr.delivery[data-state=failed]")
+    assert "monitor by webhook" in await browser.run(lambda _: sent.text)
+    failed_text = await browser.run(lambda _: failed.text)
+    assert "monitor by email" in failed_text
+    assert "no SMTP server configured" in failed_text
+    warning = await browser.run(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#deliveries p.warning").text
+    )
+    assert warning.startswith("1 of the latest 2 deliveries failed or reached no one")
+    assert len(hook.requests) == 1
+    await browser.screenshot("monitor-deliveries.png")
 
 
 async def test_monitor_sees_an_alert_arrive_live_acknowledges_it_and_sees_the_trail(

@@ -160,12 +160,62 @@
       if (ev.alert) alerts.set(ev.alert.alert_id, ev.alert);
       if (ev.event === "opened") status(`New ${ev.severity} alert for ${ev.participant_id}.`);
       render();
+      // The notifier plans and sends within seconds of the event.
+      setTimeout(refreshDeliveries, 3000);
     });
     TS.warnBeforeIdleEnd(source);
     source.addEventListener("signed-out", () => {
       source.close();
       location.assign("/login?next=/monitor");
     });
+  }
+
+  // What was sent about alerts to the people on call (e-mail, webhook), newest first: a
+  // delivery that failed, or an event that reached no one, is what a monitor must see.
+  const DELIVERY_POLL_MS = 30000;
+  let deliveries;
+
+  function deliveryRow(d) {
+    const to = d.user ? `${d.user} by ${d.channel}` : "nobody";
+    const when = d.state === "sent" ? time(d.sent_at)
+      : d.state === "pending" ? `next try ${time(d.next_attempt_at)}` : time(d.created_at);
+    return el("tr", { class: `delivery state-${d.state}`, "data-delivery-id": d.delivery_id, "data-state": d.state },
+      el("td", {}, `alert ${d.alert_id}`),
+      el("td", {}, `${d.event} (${d.severity})`),
+      el("td", {}, d.site_id),
+      el("td", {}, to),
+      el("td", { class: "state" }, d.state.replace("_", " ")),
+      el("td", {}, String(d.attempts)),
+      el("td", {}, when),
+      el("td", { class: "error" }, d.last_error || ""));
+  }
+
+  // The card's heading names the table.
+  function uncaptioned(t) {
+    if (t instanceof HTMLTableElement) {
+      t.caption.remove();
+      t.setAttribute("aria-labelledby", "deliveries-title");
+    }
+    return t;
+  }
+
+  async function refreshDeliveries() {
+    try {
+      const got = await api("/api/v1/alerts/deliveries?limit=20");
+      const failing = got.deliveries.filter((d) => d.state === "failed" || d.state === "no_recipient");
+      deliveries.replaceChildren(
+        el("h2", { id: "deliveries-title" }, "Alert e-mail and pages"),
+        failing.length
+          ? el("p", { class: "warning", role: "alert" },
+            `${failing.length} of the latest ${got.deliveries.length} deliveries failed or reached no one: see below.`)
+          : "",
+        uncaptioned(table("Alert e-mail and pages",
+          ["Alert", "Event", "Site", "To", "State", "Attempts", "When", "Last error"],
+          got.deliveries.map(deliveryRow),
+          "Nothing sent yet: escalations and critical alerts go to whoever is on call.")));
+    } catch (e) {
+      status(`Deliveries: ${e.message}`);
+    }
   }
 
   // Exports of the user's sites, run by the gateway in the background: submit, watch the
@@ -248,6 +298,7 @@
     sevSel.addEventListener("change", update);
     resolved.addEventListener("change", update);
     board = el("div", { id: "board" });
+    deliveries = el("section", { class: "card", id: "deliveries", "aria-labelledby": "deliveries-title" });
     main.replaceChildren(
       el("div", { class: "toolbar", role: "group", "aria-label": "Filters" },
         el("label", { for: "filter-site" }, "Site "), siteSel,
@@ -255,8 +306,11 @@
         el("label", { for: "filter-resolved" }, resolved, " show resolved"),
         el("span", { id: "live", class: "live off", role: "status" }, "Connecting…")),
       board,
+      deliveries,
       exportsPanel(sites),
     );
+    refreshDeliveries();
+    setInterval(refreshDeliveries, DELIVERY_POLL_MS);
     const first = await api("/api/v1/alerts?state=unresolved");
     for (const a of first.alerts) alerts.set(a.alert_id, a);
     render();
