@@ -194,3 +194,30 @@ async def test_malformed_arguments_are_refused_before_a_password_is_read(
     assert len(err) < 2000
     assert await rows(trial.url, "SELECT count(*) FROM audit_log") == audited
     assert await rows(trial.url, "SELECT sum(failed_logins) FROM users") == [(0,)]
+
+
+async def test_a_read_on_the_command_line_is_on_the_read_trail_and_a_refused_one_is_not(
+    trial: Trial, env: dict[str, str]
+) -> None:
+    code, _, err = review(trial.url, env, "list", "--participant", "P1", "--as", "cleo")
+    assert code == 0, err
+    assert review(trial.url, env, "list", "--participant", "P1", "--as", "omar")[0] == 2
+    (read,) = await rows(
+        trial.url,
+        "SELECT actor, entity, entity_id, detail FROM audit_log WHERE action = 'data.read'",
+    )
+    actor, entity, entity_id, detail = read
+    assert (actor, entity, entity_id) == ("cleo", "participant", "P1")
+    assert isinstance(detail, dict)
+    assert detail["operation"] == "review list"
+    assert detail["query"] == {"json": False, "participant": "P1"}
+    assert detail["via"] == "cli"
+    assert await rows(trial.url, "SELECT actor FROM audit_log WHERE action = 'cli.refused'") == [
+        ("omar",)
+    ]
+
+
+def test_every_read_command_is_an_authenticated_one() -> None:
+    from gateway.commands import operator
+
+    assert set(operator.ROLES) >= operator.READS

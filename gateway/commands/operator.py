@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import functools
 import getpass
+import io
 import os
 import socket
 import stat
@@ -107,6 +108,28 @@ ROLES: Mapping[str, frozenset[Role]] = {
     "queries close": frozenset({Role.MONITOR, Role.ADMIN}),  # POST /queries/{id}/close
     "queries reopen": frozenset({Role.MONITOR, Role.ADMIN}),  # POST /queries/{id}/reopen
 }
+
+
+# The authenticated commands that read participants' data: each leaves a ``data.read`` audit
+# record (as the API's reads do, gateway/web/trail.py) before it shows what it found, and a
+# read whose record cannot be written is not shown.
+READS: frozenset[str] = frozenset(
+    {
+        "adherence schedules",
+        "adherence show",
+        "consent pending",
+        "consent history",
+        "review list",
+        "review locks",
+        "queries list",
+        "queries show",
+    }
+)
+READ_ACTION = "data.read"
+# Arguments that say nothing about what was read.
+_NOT_ASKED = frozenset(
+    {"handler", "database_url", "as_user", "password_stdin", "log_level", "mode"}
+)
 
 
 class Refused(GatewayError):
@@ -264,6 +287,48 @@ async def _has_admin(url: str) -> bool:
         return await users.has_admin(conn)
 
 
+def _asked(args: argparse.Namespace) -> dict[str, object]:
+    """What a read asked for: its arguments, as text, numbers and flags."""
+    out: dict[str, object] = {}
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_ASKED or key.endswith("_command") or key == "command" or value is None:
+            continue
+        if isinstance(value, bool | int | float | str):
+            out[key] = value
+        elif isinstance(value, list | tuple):
+            out[key] = [str(v) for v in value]
+        else:
+            out[key] = str(value)
+    return out
+
+
+def _answer_read(
+    url: str, op: Operator, command: str, args: argparse.Namespace, answer: Callable[[], int]
+) -> int:
+    """Run a read, and show what it found only once its ``data.read`` record is written."""
+    found = io.StringIO()
+    with contextlib.redirect_stdout(found):
+        code = answer()
+    if code == 0:
+        run(_record_read(url, op, command, args))
+    sys.stdout.write(found.getvalue())
+    return code
+
+
+async def _record_read(url: str, op: Operator, command: str, args: argparse.Namespace) -> None:
+    participant = getattr(args, "participant", None)
+    entity, entity_id = ("participant", participant) if participant else ("data", command)
+    async with db.connection(url, autocommit=True) as conn:
+        await audit.append(
+            conn,
+            actor=op.actor,
+            action=READ_ACTION,
+            entity=entity,
+            entity_id=str(entity_id),
+            detail={"operation": command, "query": _asked(args)},
+        )
+
+
 async def _record_refusal(
     url: str, command: str, claimed: str | None, exc: Refused, os_user: str, host: str
 ) -> None:
@@ -332,6 +397,8 @@ def authenticated(command: str, *, bootstrap: bool = False) -> Callable[[Handler
             try:
                 op = _authenticate(args, url, claimed, roles, command, bootstrap, os_user, host)
                 with stamped(op):
+                    if command in READS:
+                        return _answer_read(url, op, command, args, lambda: handler(args, settings))
                     return handler(args, settings)
             except Refused as exc:
                 return _refuse(url, command, claimed, exc, os_user, host)
