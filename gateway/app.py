@@ -29,8 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg_pool import AsyncConnectionPool
 
 from gateway import hub_routes
-from gateway.alerts import AlertEngine, AlertService, MqttPublisher
+from gateway.alerts import AlertEngine, AlertService, MqttPublisher, Publisher
 from gateway.consumer import Consumer, ConsumerConfig, Histogram
+from gateway.consumer_core import BatchConsumer
 from gateway.notify import Notifier
 from gateway.pki import GATEWAY_IDENTITY, StudyCA
 from gateway.problems import problem, problem_middleware
@@ -54,7 +55,7 @@ POOL = web.AppKey("pool", AsyncConnectionPool)
 # ingest path needs (one batch being judged, one being written).
 INGEST_POOL = web.AppKey("ingest_pool", AsyncConnectionPool)
 MODE = web.AppKey("mode", StorageMode)
-CONSUMER = web.AppKey("consumer", Consumer)
+CONSUMER = web.AppKey("consumer", BatchConsumer)
 CONSUMER_TASK = web.AppKey("consumer_task", asyncio.Task[None])
 STUDY_CA = web.AppKey("study_ca", StudyCA)
 RECEIPT_KEY = web.AppKey("receipt_key", ec.EllipticCurvePrivateKey)
@@ -150,17 +151,33 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
         shared=settings.mqtt_shared and settings.mqtt_v5,
         mqtt5=settings.mqtt_v5,
     )
-    tls = None
-    if settings.mqtt_tls:
-        tls = app[STUDY_CA].issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
-    consumer = app[LIFECYCLE].consumer_factory(
-        config,
-        app[INGEST_POOL],
-        BulkWriter(app[INGEST_POOL], app[MODE]),
-        app[RECEIPT_KEY],
-        configure_client=configure_tls(tls),
-        also=app[ALERT_ENGINE],
-    )
+    writer = BulkWriter(app[INGEST_POOL], app[MODE])
+    consumer: BatchConsumer
+    if settings.message_source == "amqp":
+        # RabbitMQ in front (docs/scaling.md): the uplink quorum queue over AMQP. Imported
+        # here: a gateway on MQTT (the default) does not load the AMQP client.
+        from gateway.amqp import AmqpConsumer
+
+        consumer = AmqpConsumer(
+            config,
+            settings.amqp_url_list(),
+            app[INGEST_POOL],
+            writer,
+            app[RECEIPT_KEY],
+            also=app[ALERT_ENGINE],
+        )
+    else:
+        tls = None
+        if settings.mqtt_tls:
+            tls = app[STUDY_CA].issue_files(settings.data_dir / "certs", GATEWAY_IDENTITY)
+        consumer = app[LIFECYCLE].consumer_factory(
+            config,
+            app[INGEST_POOL],
+            writer,
+            app[RECEIPT_KEY],
+            configure_client=configure_tls(tls),
+            also=app[ALERT_ENGINE],
+        )
     task = asyncio.create_task(consumer.run(), name=f"mqtt-consumer-{app[WORKER]}")
     task.add_done_callback(functools.partial(_task_ended, app))
     app[CONSUMER] = consumer
@@ -171,11 +188,17 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
 
 async def _alerts(app: web.Application) -> AsyncIterator[None]:
     """Alert sweep (missing data, escalation) and publication of alert events on MQTT."""
+    consumer = app[CONSUMER]
+    publish: Publisher
+    if isinstance(consumer, Consumer):
+        publish = MqttPublisher(consumer.publish)
+    else:
+        from gateway.amqp import AmqpConsumer
+
+        assert isinstance(consumer, AmqpConsumer)
+        publish = consumer.publish_confirmed
     service = AlertService(
-        app[ALERT_ENGINE],
-        app[POOL],
-        app[SETTINGS].require_database_url(),
-        MqttPublisher(app[CONSUMER].publish),
+        app[ALERT_ENGINE], app[POOL], app[SETTINGS].require_database_url(), publish
     )
     task = asyncio.create_task(service.run(), name=f"alerts-{app[WORKER]}")
     task.add_done_callback(functools.partial(_task_ended, app))

@@ -4,8 +4,8 @@ It never touches the machine's own RabbitMQ: its own node name, ports, data dire
 configuration, plugins file and Erlang cookie, and the server's scripts are called directly
 (``/usr/lib/rabbitmq/bin``), not through Debian's wrappers, which switch to the system
 node's user and cookie. Hubs speak MQTT 3.1.1 to its MQTT listener; envelopes published to
-``trialstream/<device>/up`` arrive on ``amq.topic`` with the routing key
-``trialstream.<device>.up`` (docs/scaling.md). Stopped by its process group, whose id it keeps.
+``dct/v1/<device>/up`` arrive on ``amq.topic`` with the routing key
+``dct.v1.<device>.up`` (docs/scaling.md). Stopped by its process group, whose id it keeps.
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ class RabbitNode:
             "set_topic_permissions",
             device_id,
             "amq.topic",
-            rf"^trialstream\.{escaped}\.up$",
-            rf"^trialstream\.{escaped}\.down$",
+            rf"^dct\.v1\.{escaped}\.up$",
+            rf"^dct\.v1\.{escaped}\.down$",
         )
 
     def _log_tail(self) -> str:

@@ -67,6 +67,11 @@ class Settings:
     # or smtps://, with user:password@ if it wants a login) and the sender's address.
     smtp_url: str | None = None
     notify_from: str = "trialstream@localhost"
+    # Where envelopes come from: ``mqtt`` (the broker above, the default) or ``amqp``:
+    # RabbitMQ's uplink quorum queue (docs/scaling.md), at ``amqp_urls`` (the cluster's
+    # nodes, comma separated; the first that answers is used).
+    message_source: str = "mqtt"
+    amqp_urls: str = "amqp://guest:guest@127.0.0.1:5672/"
 
     @property
     def gateway_url(self) -> str:
@@ -103,6 +108,9 @@ class Settings:
         }
         values.update({name: value for name, value in overrides.items() if value is not None})
         return replace(cls(), **values)
+
+    def amqp_url_list(self) -> list[str]:
+        return [u.strip() for u in self.amqp_urls.split(",") if u.strip()]
 
     def smtp(self) -> SmtpConfig | None:
         """The SMTP server alert e-mail goes through, if one is configured."""
@@ -148,6 +156,22 @@ def _convert(name: str, raw: str) -> Any:
         "audit_checkpoints",
     }:
         return Path(raw)
+    if name == "message_source":
+        if raw not in {"mqtt", "amqp"}:
+            raise ConfigError(f"{var}={raw[:40]!r} is not valid: expected mqtt or amqp")
+        return raw
+    if name == "amqp_urls":
+        urls = [u.strip() for u in raw.split(",") if u.strip()]
+        if (
+            not urls
+            or len(urls) > 16
+            or any(not u.startswith(("amqp://", "amqps://")) for u in urls)
+        ):
+            raise ConfigError(
+                f"{var} is not valid: expected up to 16 amqp:// or amqps:// URLs, comma separated"
+                " (not shown: they may hold passwords)"
+            )
+        return raw
     if name in {"smtp_url", "notify_from"}:
         from gateway.notify import SmtpConfig
 

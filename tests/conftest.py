@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.gateway",
     "tests.fixtures.uplink",
     "tests.fixtures.notify",
+    "tests.fixtures.rabbitmq",
 ]

@@ -54,13 +54,13 @@ async def test_receipts_past_the_bound_are_refused_and_counted_while_the_broker_
     try:
         for seq in range(1, BOUND + 3):
             receipt = Receipt(f"dev-{seq}", seq, RECEIPT_ACCEPTED, 1, 0, 0)
-            consumer.Consumer._publish_receipt(worker, receipt, b"sealed receipt")  # type: ignore[arg-type]
+            await consumer.Consumer._publish_receipt(worker, receipt, b"sealed receipt")  # type: ignore[arg-type]
         assert queued_publishes(client) == BOUND
         assert worker.stats.receipt_publish_failures == 2
     finally:
         os.kill(pid, signal.SIGCONT)
     await wait_until(lambda: queued_publishes(client) == 0, "the held publishes acknowledged")
-    consumer.Consumer._publish_receipt(  # type: ignore[arg-type]
+    await consumer.Consumer._publish_receipt(  # type: ignore[arg-type]
         worker, Receipt("dev-9", 9, RECEIPT_ACCEPTED, 1, 0, 0), b"sealed receipt"
     )
     assert worker.stats.receipt_publish_failures == 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -19,19 +19,6 @@ from pamqp.common import Arguments
 from gateway.errors import BrokerError
 from gateway.rabbitmq import RabbitNode
 from tests.fixtures.waiting import wait_until
-
-
-@pytest.fixture(scope="module")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    try:
-        node = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
-        node.start()
-    except BrokerError as exc:
-        pytest.fail(f"the test's RabbitMQ node could not start: {exc}")
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture
@@ -48,7 +35,7 @@ async def uplink_queue(
     queue = await channel.declare_queue(
         name, durable=True, arguments={"x-queue-type": "quorum", **(arguments or {})}
     )
-    await queue.bind("amq.topic", routing_key="trialstream.#.up")
+    await queue.bind("amq.topic", routing_key="dct.v1.#.up")
     return queue
 
 
@@ -72,7 +59,7 @@ async def test_a_hubs_envelope_is_queued_then_acknowledged(
     queue = await uplink_queue(channel)
     client = hub(rabbit, "hub-rmq.1")  # a dot in the id: the binding and permission hold
     try:
-        sent = client.publish("trialstream/hub-rmq.1/up", b"\x84signed", qos=1)
+        sent = client.publish("dct/v1/hub-rmq.1/up", b"\x84signed", qos=1)
         sent.wait_for_publish(10)
         assert sent.is_published()
     finally:
@@ -80,7 +67,7 @@ async def test_a_hubs_envelope_is_queued_then_acknowledged(
         client.disconnect()
     message = await queue.get(timeout=10)
     assert message.body == b"\x84signed"
-    assert message.routing_key == "trialstream.hub-rmq.1.up"
+    assert message.routing_key == "dct.v1.hub-rmq.1.up"
     assert message.headers["x-mqtt-publish-qos"] == 1
     await message.ack()
     assert await queue.get(fail=False) is None
@@ -92,7 +79,7 @@ async def test_a_hub_publishing_as_another_is_disconnected_and_nothing_is_queued
     queue = await uplink_queue(channel)
     client = hub(rabbit, "hub-rmq-2")
     try:
-        forged = client.publish("trialstream/hub-rmq-3/up", b"forged", qos=1)
+        forged = client.publish("dct/v1/hub-rmq-3/up", b"forged", qos=1)
         # MQTT 3.1.1 has no refusal: the broker hangs up.
         await wait_until(lambda: not client.is_connected(), "the forger disconnected")
         assert not forged.is_published()  # and no PUBACK came

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gateway import consumer as consumer_module
+from gateway import consumer_core as consumer_module
 from gateway.broker import MosquittoBroker
 from gateway.consumer import ALONE_AFTER, Consumer, ConsumerConfig
 from gateway.judging import Message

@@ -1,0 +1,201 @@
+"""The gateway fed from RabbitMQ over AMQP instead of MQTT (docs/scaling.md).
+
+Hubs keep speaking MQTT (3.1.1) to RabbitMQ's MQTT plugin, which publishes each envelope on
+``amq.topic`` with the topic as routing key (``dct/v1/<device>/up`` becomes
+``dct.v1.<device>.up``). A durable quorum queue (``UPLINK_QUEUE``, replicated across the
+cluster's nodes) bound with ``dct.v1.#.up`` holds them until a gateway worker acknowledges
+each, after the batch that holds it committed: the same pipeline, the same exactly-once writer
+and the same receipts as the MQTT consumer (``gateway.consumer_core``), only the broker's side
+differs.
+
+- Delivery: one channel with a prefetch of ``MAX_UNACKED`` messages (RabbitMQ keeps to it),
+  and the same byte budget as the MQTT consumer. A message the broker delivers again
+  (``redelivered``: a worker stopped while holding it) is the MQTT consumer's DUP.
+- A message delivered ``DELIVERY_LIMIT`` times goes to the dead-letter queue
+  (``DEAD_LETTER_QUEUE``) instead of circulating: the consumer refuses one as poison well
+  before that (``gateway.storing.POISON_AFTER``), with a rejection row; a quorum queue counts
+  a worker's crash as a delivery too, so the limit leaves room for restarts.
+- Receipts go back on ``amq.topic`` with the hub's ``down`` topic as routing key, which the
+  MQTT plugin hands to the hub's subscription; alert events likewise, with publisher
+  confirms.
+- The queue is declared (idempotently) by every worker before it consumes: RabbitMQ's MQTT
+  plugin acknowledges a QoS 1 publish that no queue takes and drops it, so the queue must
+  exist before hubs publish (``declare_uplink``, also run by the deploy step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from cryptography.hazmat.primitives.asymmetric import ec
+from psycopg_pool import AsyncConnectionPool
+
+from gateway.consumer_core import MAX_UNACKED, BatchConsumer, ConsumerConfig
+from gateway.judging import Message
+from ingest import pipeline
+from ingest.model import Receipt
+from storage.writer import BulkWriter, InTransaction
+
+log = logging.getLogger(__name__)
+
+UPLINK_QUEUE: Final = "trialstream.uplink"
+UPLINK_BINDING: Final = "dct.v1.#.up"
+DEAD_LETTER_QUEUE: Final = "trialstream.uplink.dead"
+DELIVERY_LIMIT: Final = 20
+TOPIC_EXCHANGE: Final = "amq.topic"
+CONNECT_TIMEOUT_S: Final = 10.0
+
+
+def routing_key(topic: str) -> str:
+    """The AMQP routing key of an MQTT topic, as RabbitMQ's MQTT plugin makes it."""
+    return topic.replace("/", ".")
+
+
+def uplink_topic(key: str) -> str:
+    """The hub's MQTT topic of an uplink routing key. A device id may hold dots, which the
+    plugin cannot tell from separators: the id is what lies between the prefix and ``.up``."""
+    prefix, suffix = routing_key(pipeline.TOPIC_PREFIX), routing_key(pipeline.UP_SUFFIX)
+    if key.startswith(prefix) and key.endswith(suffix) and len(key) > len(prefix + suffix):
+        return pipeline.TOPIC_PREFIX + key[len(prefix) : -len(suffix)] + pipeline.UP_SUFFIX
+    return key  # not an uplink: refused at decode as not an uplink topic
+
+
+async def declare_uplink(channel: AbstractChannel, name: str = UPLINK_QUEUE) -> AbstractQueue:
+    """The uplink quorum queue and its dead-letter queue, bound on ``amq.topic``."""
+    dead = f"{name}.dead" if name != UPLINK_QUEUE else DEAD_LETTER_QUEUE
+    await channel.declare_queue(dead, durable=True, arguments={"x-queue-type": "quorum"})
+    queue = await channel.declare_queue(
+        name,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead,
+        },
+    )
+    await queue.bind(TOPIC_EXCHANGE, routing_key=UPLINK_BINDING)
+    return queue
+
+
+async def connect(urls: Sequence[str]) -> AbstractRobustConnection:
+    """A robust connection to the first of ``urls`` that answers (the cluster's nodes)."""
+    errors: list[str] = []
+    for url in urls:
+        try:
+            return await aio_pika.connect_robust(url, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    raise ConnectionError(f"no RabbitMQ node answered: {'; '.join(errors)[:500]}")
+
+
+class AmqpConsumer(BatchConsumer):
+    """The consumer's pipeline with RabbitMQ's uplink queue as its source."""
+
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        urls: Sequence[str],
+        pool: AsyncConnectionPool,
+        writer: BulkWriter,
+        receipt_key: ec.EllipticCurvePrivateKey,
+        *,
+        queue: str = UPLINK_QUEUE,
+        clock: Callable[[], float] = time.time,
+        also: InTransaction | None = None,
+    ) -> None:
+        self._urls = list(urls)
+        self._queue_name = queue
+        self._connection: AbstractRobustConnection | None = None
+        self._exchange: AbstractExchange | None = None
+        self._delivering: asyncio.Task[None] | None = None
+        # Delivery tag -> the message, until acknowledged.
+        self._held: dict[int, AbstractIncomingMessage] = {}
+        super().__init__(config, pool, writer, receipt_key, clock=clock, also=also)
+
+    async def _open_transport(self) -> None:
+        self._connection = await connect(self._urls)
+        channel = await self._connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=MAX_UNACKED)
+        queue = await declare_uplink(channel, self._queue_name)
+        self._exchange = await channel.get_exchange(TOPIC_EXCHANGE)
+        self._delivering = asyncio.create_task(self._deliver(queue), name="amqp-deliver")
+        self.stats.mqtt_connected = True
+        self._subscribed.set()
+        log.info("amqp consuming queue=%s", self._queue_name)
+
+    async def _deliver(self, queue: AbstractQueue) -> None:
+        async with queue.iterator() as messages:
+            async for message in messages:
+                payload = message.body
+                # Room at once, as a rule; else wait for acknowledgements in a thread (the
+                # budget is shared with the threads of the MQTT consumer's design).
+                if not self._bytes.take(len(payload), 0):
+                    while not await asyncio.to_thread(self._bytes.take, len(payload), 1.0):
+                        pass
+                tag = message.delivery_tag
+                assert tag is not None, "a consumed message has a delivery tag"
+                self._held[tag] = message
+                self._inbox.put(
+                    Message(
+                        uplink_topic(message.routing_key or ""),
+                        payload,
+                        tag,
+                        1,
+                        self._now_ms(),
+                        bool(message.redelivered),
+                    )
+                )
+
+    async def _close_transport(self) -> None:
+        self.stats.mqtt_connected = False
+        if self._delivering is not None:
+            self._delivering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._delivering
+        if self._connection is not None:
+            await self._connection.close()
+
+    async def _ack(self, m: Message) -> None:
+        message = self._held.pop(m.mid, None)
+        self._bytes.give(len(m.payload))
+        if message is None:
+            return
+        try:
+            await message.ack()
+        except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+            # The channel was replaced since delivery: the broker delivers the message again
+            # (redelivered), and its envelope, stored once, is receipted as a replay.
+            log.warning("ack not delivered tag=%d error=%s", m.mid, type(exc).__name__)
+
+    async def publish_confirmed(self, topic: str, payload: bytes) -> bool:
+        """Publish on ``amq.topic`` and wait for the broker's confirm (alert events)."""
+        if self._exchange is None:
+            return False
+        try:
+            await self._exchange.publish(
+                aio_pika.Message(payload, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=routing_key(topic),
+            )
+        except (aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
+            log.warning("publish not confirmed topic=%s error=%s", topic, type(exc).__name__)
+            return False
+        return True
+
+    async def _publish_receipt(self, receipt: Receipt, data: bytes) -> None:
+        if not await self.publish_confirmed(pipeline.down_topic(receipt.dev), data):
+            # The envelope is stored; the hub will republish it and get the receipt again.
+            self.stats.receipt_publish_failures += 1

@@ -1,0 +1,265 @@
+"""The gateway fed by RabbitMQ (gateway.amqp): a hub publishes over MQTT 3.1.1 to RabbitMQ's
+MQTT plugin, the envelope waits in the uplink quorum queue, a worker consuming over AMQP stores
+it exactly once, acknowledges it only after COMMIT and sends the signed receipt back to the
+hub's down topic; a message the broker delivers again is receipted as a replay, not stored
+twice; a hostile message is refused with a row and takes nothing else with it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.amqp import AmqpConsumer, declare_uplink, routing_key, uplink_topic
+from gateway.broker import MosquittoBroker
+from gateway.consumer import ConsumerConfig
+from gateway.rabbitmq import RabbitNode
+from ingest import keys
+from ingest.envelope import seal
+from ingest.model import Payload, Reading
+from ingest.pipeline import down_topic, up_topic
+from ingest.receipts import open_receipt
+from storage import alerts, db
+from storage.writer import BulkWriter
+from tests.fixtures.gateway import gateway_settings, running_gateway
+from tests.fixtures.postgres import database_mode
+from tests.fixtures.trial import Trial
+from tests.fixtures.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def envelope(trial: Trial, seq: int, value: float = 70.0) -> bytes:
+    t = int(time.time() * 1000) - 1000
+    readings = (Reading(t, "heart_rate", value, "/min", "strap"),)
+    return seal(Payload("hub-1", seq, t, readings), trial.hubs["hub-1"].key)
+
+
+class Hub:
+    """A hub's MQTT 3.1.1 connection to RabbitMQ, subscribed to its down topic."""
+
+    def __init__(self, rabbit: RabbitNode, device_id: str) -> None:
+        password = secrets.token_hex(8)
+        with contextlib.suppress(Exception):
+            rabbit.ctl("delete_user", device_id, check=False)
+        rabbit.add_hub(device_id, password)
+        self.received: queue.Queue[bytes] = queue.Queue()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311
+        )
+        self.client.username_pw_set(device_id, password)
+        self.client.on_message = lambda _c, _u, m: self.received.put(bytes(m.payload))
+        self.client.connect("127.0.0.1", rabbit.mqtt_port)
+        self.client.loop_start()
+        deadline = time.monotonic() + 10
+        while not self.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.client.is_connected(), "the hub's MQTT connection was not accepted"
+        self.client.subscribe(down_topic(device_id), qos=1)
+        time.sleep(0.5)  # the subscription's queue and binding exist
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published(), "RabbitMQ did not acknowledge the publish"
+
+    async def receipt(self, key: ec.EllipticCurvePublicKey) -> Any:
+        data = await asyncio.to_thread(self.received.get, True, 20)
+        return open_receipt(data, key)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@contextlib.asynccontextmanager
+async def worker(
+    url: str, rabbit: RabbitNode, name: str, receipt_key: ec.EllipticCurvePrivateKey
+) -> AsyncIterator[AmqpConsumer]:
+    pool = await db.open_pool(url, min_size=1, max_size=2)
+    c = AmqpConsumer(
+        ConsumerConfig("unused", 0, "amqp-worker"),
+        [f"amqp://guest:guest@127.0.0.1:{free_port_closed()}/", rabbit.amqp_url],
+        pool,
+        BulkWriter(pool, database_mode(url)),
+        receipt_key,
+        queue=name,
+    )
+    task = asyncio.create_task(c.run())
+    try:
+        async with asyncio.timeout(20):
+            await c.wait_subscribed()
+        yield c
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await pool.close()
+
+
+def free_port_closed() -> int:
+    """A port nothing listens on: the first node of the list is down."""
+    from gateway.broker import free_port
+
+    return free_port()
+
+
+async def count(url: str, query: str) -> int:
+    async with db.connection(url) as conn:
+        cur = await conn.execute(query.encode())
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def drained(rabbit: RabbitNode, name: str) -> bool:
+    """Whether the queue holds nothing, ready or unacknowledged."""
+    return await asyncio.to_thread(queue_depth, rabbit, name) == (0, 0)
+
+
+def queue_depth(rabbit: RabbitNode, name: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of a queue."""
+    out = rabbit.ctl("list_queues", "name", "messages_ready", "messages_unacknowledged").stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    raise AssertionError(f"no queue {name} in {out!r}")
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return f"uplink-test-{secrets.token_hex(4)}"
+
+
+async def declared(rabbit: RabbitNode, name: str) -> None:
+    """The queue exists before hubs publish (RabbitMQ drops what no queue takes)."""
+    connection = await aio_pika.connect(rabbit.amqp_url)
+    async with connection:
+        await declare_uplink(await connection.channel(), name)
+
+
+def test_topics_and_routing_keys_map_both_ways_with_dotted_device_ids() -> None:
+    assert routing_key(up_topic("hub.1")) == "dct.v1.hub.1.up"
+    assert uplink_topic("dct.v1.hub.1.up") == up_topic("hub.1")
+    assert uplink_topic("dct.v1.x.up.up") == up_topic("x.up")
+    assert uplink_topic("dct.v1.up") == "dct.v1.up"  # no device: refused at decode
+    assert uplink_topic("other.key") == "other.key"
+
+
+async def test_an_envelope_through_rabbitmq_is_stored_once_acked_and_receipted(
+    trial: Trial, rabbit: RabbitNode, queue_name: str
+) -> None:
+    await declared(rabbit, queue_name)
+    hub = Hub(rabbit, "hub-1")
+    receipt_key = keys.generate_private_key()
+    try:
+        async with worker(trial.url, rabbit, queue_name, receipt_key) as c:
+            hub.publish(up_topic("hub-1"), envelope(trial, 1))
+            receipt = await hub.receipt(receipt_key.public_key())
+            assert (receipt.dev, receipt.seq, receipt.status, receipt.stored) == (
+                "hub-1",
+                1,
+                "accepted",
+                1,
+            )
+            await wait_until(lambda: drained(rabbit, queue_name), "acked")
+            assert c.stats.envelopes_new == 1
+    finally:
+        hub.close()
+    assert await count(trial.url, "SELECT count(*) FROM readings") == 1
+
+
+async def test_a_message_delivered_again_is_a_replay_not_a_second_copy(
+    trial: Trial, rabbit: RabbitNode, queue_name: str
+) -> None:
+    await declared(rabbit, queue_name)
+    hub = Hub(rabbit, "hub-1")
+    receipt_key = keys.generate_private_key()
+    try:
+        async with worker(trial.url, rabbit, queue_name, receipt_key):
+            hub.publish(up_topic("hub-1"), envelope(trial, 7))
+            await hub.receipt(receipt_key.public_key())
+        # The same envelope again (a hub that lost the receipt), and one a reader took and
+        # dropped unacknowledged: RabbitMQ delivers it again, marked redelivered.
+        hub.publish(up_topic("hub-1"), envelope(trial, 7))
+        connection = await aio_pika.connect(rabbit.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            q = await channel.get_queue(queue_name)
+            taken = await q.get(timeout=10, fail=True)
+            assert taken is not None
+            await taken.nack(requeue=True)
+        async with worker(trial.url, rabbit, queue_name, receipt_key) as c:
+            receipt = await hub.receipt(receipt_key.public_key())
+            assert (receipt.seq, receipt.status, receipt.stored) == (7, "accepted", 1)
+            await wait_until(lambda: drained(rabbit, queue_name), "acked")
+            assert c.stats.envelopes_replayed == 1
+    finally:
+        hub.close()
+    assert await count(trial.url, "SELECT count(*) FROM readings") == 1
+
+
+async def test_a_hostile_message_is_refused_with_a_row_and_the_next_one_is_stored(
+    trial: Trial, rabbit: RabbitNode, queue_name: str
+) -> None:
+    await declared(rabbit, queue_name)
+    hub = Hub(rabbit, "hub-1")
+    receipt_key = keys.generate_private_key()
+    try:
+        async with worker(trial.url, rabbit, queue_name, receipt_key):
+            hub.publish(up_topic("hub-1"), b"\xff" * 300)
+            hub.publish(up_topic("hub-1"), envelope(trial, 2))
+            await wait_until(
+                lambda: count(trial.url, "SELECT count(*) FROM readings"), "stored", within=20
+            )
+            await wait_until(lambda: drained(rabbit, queue_name), "acked")
+    finally:
+        hub.close()
+    assert await count(trial.url, "SELECT count(*) FROM rejections") == 1
+
+
+async def test_the_gateway_set_to_amqp_stores_receipts_and_publishes_alert_events(
+    trial: Trial, rabbit: RabbitNode, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    async with db.connection(trial.url, autocommit=True) as conn:
+        await alerts.add_rule(
+            conn, study_id="S1", name="hr-high", metric="heart_rate", high=120.0, created_by="t"
+        )
+    settings = replace(
+        gateway_settings(trial.url, mosquitto, tmp_path / "gateway"),
+        message_source="amqp",
+        amqp_urls=rabbit.amqp_url,
+    )
+    connection = await aio_pika.connect(rabbit.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        events = await channel.declare_queue(exclusive=True)
+        await events.bind("amq.topic", routing_key=routing_key("dct/v1/alerts/#"))
+        async with running_gateway(settings) as gw:
+            hub = Hub(rabbit, "hub-1")
+            try:
+                hub.publish(up_topic("hub-1"), envelope(trial, 1, value=150.0))
+                receipt = await hub.receipt(gw.receipt_public_key)
+                assert (receipt.seq, receipt.status, receipt.stored) == (1, "accepted", 1)
+            finally:
+                hub.close()
+            event = await events.get(timeout=20, fail=True)
+            assert event is not None
+            await event.ack()
+    assert event.routing_key == "dct.v1.alerts.S1"
+    assert json.loads(event.body)["event"] == "opened"
+    assert await count(trial.url, "SELECT count(*) FROM alert_outbox") == 0
