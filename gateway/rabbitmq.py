@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 START_TIMEOUT_S = 60.0
 CTL_TIMEOUT_S = 30.0
+MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 def find_rabbitmq(bin_dir: Path = RABBITMQ_BIN) -> Path:
@@ -95,6 +96,9 @@ class RabbitNode:
             f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
             "mqtt.allow_anonymous = false\n"
             "loopback_users = none\n"
+            # Nothing near an envelope's own bound (ingest.envelope.MAX_ENVELOPE_BYTES) is
+            # larger than this; RabbitMQ's default would let one message hold 128 MiB.
+            f"max_message_size = {MAX_MESSAGE_BYTES}\n"
         )
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:

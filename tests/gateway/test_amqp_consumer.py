@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.amqp import AmqpConsumer, declare_uplink, routing_key, uplink_topic
 from gateway.broker import MosquittoBroker
 from gateway.consumer import ConsumerConfig
-from gateway.rabbitmq import RabbitNode
+from gateway.rabbitmq import MAX_MESSAGE_BYTES, RabbitNode
 from ingest import keys
 from ingest.envelope import seal
 from ingest.model import Payload, Reading
@@ -61,6 +61,7 @@ class Hub:
             CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311
         )
         self.client.username_pw_set(device_id, password)
+        self.client.reconnect_delay_set(1, 2)
         self.client.on_message = lambda _c, _u, m: self.received.put(bytes(m.payload))
         self.client.connect("127.0.0.1", rabbit.mqtt_port)
         self.client.loop_start()
@@ -81,8 +82,8 @@ class Hub:
         return open_receipt(data, key)
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 @contextlib.asynccontextmanager
@@ -263,3 +264,17 @@ async def test_the_gateway_set_to_amqp_stores_receipts_and_publishes_alert_event
     assert event.routing_key == "dct.v1.alerts.S1"
     assert json.loads(event.body)["event"] == "opened"
     assert await count(trial.url, "SELECT count(*) FROM alert_outbox") == 0
+
+
+async def test_a_message_past_the_brokers_size_bound_never_reaches_the_queue(
+    trial: Trial, rabbit: RabbitNode, queue_name: str
+) -> None:
+    await declared(rabbit, queue_name)
+    hub = Hub(rabbit, "hub-1")
+    try:
+        info = hub.client.publish(up_topic("hub-1"), b"\x00" * (MAX_MESSAGE_BYTES + 1), qos=1)
+        await asyncio.to_thread(info.wait_for_publish, 5)
+        assert not info.is_published(), "RabbitMQ acknowledged a message past its bound"
+    finally:
+        hub.close()
+    assert await asyncio.to_thread(queue_depth, rabbit, queue_name) == (0, 0)
