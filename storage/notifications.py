@@ -115,6 +115,17 @@ class Delivery:
     created_at: datetime
     sent_at: datetime | None
 
+    def as_json(self) -> dict[str, object]:
+        """As the API and the command line show it: times in ISO 8601, the user as ``user``."""
+        iso = {"next_attempt_at", "created_at", "sent_at"}
+        out: dict[str, object] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out["user" if name == "username" else name] = (
+                value.isoformat() if name in iso and value is not None else value
+            )
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class Due:

@@ -316,28 +316,7 @@ def _cmd_deliveries(args: argparse.Namespace, settings: Settings) -> int:
 
     for d in run(go()):
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "delivery_id": d.delivery_id,
-                        "event_id": d.event_id,
-                        "alert_id": d.alert_id,
-                        "event": d.event,
-                        "severity": d.severity,
-                        "site_id": d.site_id,
-                        "participant_id": d.participant_id,
-                        "user": d.username,
-                        "channel": d.channel,
-                        "address": d.address,
-                        "state": d.state,
-                        "attempts": d.attempts,
-                        "next_attempt_at": _iso(d.next_attempt_at),
-                        "last_error": d.last_error,
-                        "created_at": _iso(d.created_at),
-                        "sent_at": _iso(d.sent_at),
-                    }
-                )
-            )
+            print(json.dumps(d.as_json()))
         else:
             to = f"{d.username} by {d.channel}" if d.username else "nobody"
             why = f"  ({d.last_error})" if d.last_error else ""

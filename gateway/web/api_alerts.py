@@ -157,27 +157,6 @@ async def resolve_alert(ctx: Ctx) -> web.StreamResponse:
 # --- handlers: deliveries ------------------------------------------------------------------
 
 
-def delivery_json(d: notifications.Delivery) -> dict[str, Any]:
-    return {
-        "delivery_id": d.delivery_id,
-        "event_id": d.event_id,
-        "alert_id": d.alert_id,
-        "event": d.event,
-        "severity": d.severity,
-        "site_id": d.site_id,
-        "participant_id": d.participant_id,
-        "user": d.username,
-        "channel": d.channel,
-        "address": d.address,
-        "state": d.state,
-        "attempts": d.attempts,
-        "next_attempt_at": iso(d.next_attempt_at),
-        "last_error": d.last_error,
-        "created_at": iso(d.created_at),
-        "sent_at": iso(d.sent_at),
-    }
-
-
 async def list_deliveries(ctx: Ctx) -> web.StreamResponse:
     state = ctx.query["state"]
     async with pool_of(ctx).connection() as conn:
@@ -188,7 +167,7 @@ async def list_deliveries(ctx: Ctx) -> web.StreamResponse:
             states=None if state is None else [notifications.State(state)],
             limit=ctx.query["limit"],
         )
-    return web.json_response({"deliveries": [delivery_json(d) for d in rows]})
+    return web.json_response({"deliveries": [d.as_json() for d in rows]})
 
 
 # --- the operations -----------------------------------------------------------------------

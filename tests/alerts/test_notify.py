@@ -497,6 +497,15 @@ async def test_cli_lists_deliveries_with_their_state(
     assert "alert 1 opened [critical] site SITE-A: nobody: no_recipient, 0 attempt(s)" in out
     code, out, _ = notify(trial.url, env, "deliveries", "--state", "sent", "--json")
     assert out == ""
+    code, out, _ = notify(trial.url, env, "deliveries", "--json")
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert row["user"] is None
+    assert (row["alert_id"], row["state"], row["last_error"]) == (
+        1,
+        "no_recipient",
+        "nobody on call for the site at the time asked for this event",
+    )
+    assert row["created_at"].endswith("+00:00")
 
 
 def test_the_cli_choices_are_the_stores() -> None:
