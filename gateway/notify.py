@@ -310,3 +310,6 @@ class Notifier:
                                 pass
                 except CONNECTION_ERRORS as exc:
                     delay = await pause("alert notification", delay, exc)
+                except Exception:  # a notifier's fault never stops the worker's ingest
+                    log.exception("alert notification failed; trying again")
+                    await asyncio.sleep(self._interval_s)

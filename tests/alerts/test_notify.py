@@ -6,6 +6,7 @@ a row saying why; contacts and on-call assignments validated and audited."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from gateway.errors import ConfigError
 from gateway.notify import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
+    Notifier,
     Senders,
     SmtpConfig,
     notify_once,
@@ -40,6 +42,7 @@ from tests.alerts.test_lifecycle import open_alert, set_escalation, sweep
 from tests.fixtures.notify import Hook, Mailbox
 from tests.fixtures.signers import add_operators, password_file
 from tests.fixtures.trial import Trial
+from tests.fixtures.waiting import wait_until
 from tests.test_cli import trialstream
 
 SECRET = bytes(range(32))
@@ -552,3 +555,35 @@ def test_smtp_settings_that_cannot_work_stop_the_gateway_naming_the_variable(
         Settings.from_env({variable: value})
     assert variable in str(info.value)
     assert "secret-pw" not in str(info.value)
+
+
+async def test_a_notifier_fault_is_logged_and_the_notifier_goes_on(
+    trial: Trial,
+    ingest: Ingest,
+    notify_pool: AsyncConnectionPool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await people(trial)
+    await open_alert(trial, ingest, severity=Severity.CRITICAL)
+    shipped = notifications.plan
+    calls = 0
+
+    async def plan_failing_once(conn: object, **kw: object) -> notifications.Planned:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected: a fault in planning")
+        return await shipped(conn, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(notifications, "plan", plan_failing_once)
+    notifier = Notifier(notify_pool, trial.url, None, BOARD, interval_s=0.2)
+    task = asyncio.create_task(notifier.run())
+    try:
+        await wait_until(lambda: deliveries(trial), "the event planned after the fault")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert calls >= 2
+    assert [d.state for d in await deliveries(trial)] == ["no_recipient"]
