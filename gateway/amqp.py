@@ -12,9 +12,11 @@ differs.
   and the same byte budget as the MQTT consumer. A message the broker delivers again
   (``redelivered``: a worker stopped while holding it) is the MQTT consumer's DUP.
 - A message delivered ``DELIVERY_LIMIT`` times goes to the dead-letter queue
-  (``DEAD_LETTER_QUEUE``) instead of circulating: the consumer refuses one as poison well
-  before that (``gateway.storing.POISON_AFTER``), with a rejection row; a quorum queue counts
-  a worker's crash as a delivery too, so the limit leaves room for restarts.
+  (``trialstream.uplink.dead``) instead of circulating: the consumer refuses one as poison
+  well before that (``gateway.storing.POISON_AFTER``), with a rejection row; a quorum queue
+  counts a worker's crash as a delivery too, so the limit leaves room for restarts. Every
+  worker also takes the dead-letter queue: each dead letter leaves a ``poison`` rejection row
+  (unread) before it is acknowledged, so nothing leaves the system without a row.
 - Receipts go back on ``amq.topic`` with the hub's ``down`` topic as routing key, which the
   MQTT plugin hands to the hub's subscription; alert events likewise, with publisher
   confirms.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,17 +49,19 @@ from psycopg_pool import AsyncConnectionPool
 from gateway.consumer_core import MAX_UNACKED, BatchConsumer, ConsumerConfig
 from gateway.judging import Message
 from ingest import pipeline
-from ingest.model import Receipt
+from ingest.model import Batch, Reason, Receipt, RejectedEnvelope
+from storage.errors import StorageError
 from storage.writer import BulkWriter, InTransaction
 
 log = logging.getLogger(__name__)
 
 UPLINK_QUEUE: Final = "trialstream.uplink"
 UPLINK_BINDING: Final = "dct.v1.#.up"
-DEAD_LETTER_QUEUE: Final = "trialstream.uplink.dead"
 DELIVERY_LIMIT: Final = 20
 TOPIC_EXCHANGE: Final = "amq.topic"
 CONNECT_TIMEOUT_S: Final = 10.0
+# A dead letter whose row could not be written is handed back and tried again after this.
+RETRY_S: Final = 5.0
 
 
 def routing_key(topic: str) -> str:
@@ -73,9 +78,14 @@ def uplink_topic(key: str) -> str:
     return key  # not an uplink: refused at decode as not an uplink topic
 
 
+def dead_letter_queue(name: str) -> str:
+    """The dead-letter queue of the uplink queue ``name``."""
+    return f"{name}.dead"
+
+
 async def declare_uplink(channel: AbstractChannel, name: str = UPLINK_QUEUE) -> AbstractQueue:
     """The uplink quorum queue and its dead-letter queue, bound on ``amq.topic``."""
-    dead = f"{name}.dead" if name != UPLINK_QUEUE else DEAD_LETTER_QUEUE
+    dead = dead_letter_queue(name)
     await channel.declare_queue(dead, durable=True, arguments={"x-queue-type": "quorum"})
     queue = await channel.declare_queue(
         name,
@@ -122,6 +132,7 @@ class AmqpConsumer(BatchConsumer):
         self._connection: AbstractRobustConnection | None = None
         self._exchange: AbstractExchange | None = None
         self._delivering: asyncio.Task[None] | None = None
+        self._burying: asyncio.Task[None] | None = None
         # Delivery tag -> the message, until acknowledged.
         self._held: dict[int, AbstractIncomingMessage] = {}
         super().__init__(config, pool, writer, receipt_key, clock=clock, also=also)
@@ -131,8 +142,10 @@ class AmqpConsumer(BatchConsumer):
         channel = await self._connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=MAX_UNACKED)
         queue = await declare_uplink(channel, self._queue_name)
+        dead = await channel.get_queue(dead_letter_queue(self._queue_name))
         self._exchange = await channel.get_exchange(TOPIC_EXCHANGE)
         self._delivering = asyncio.create_task(self._deliver(queue), name="amqp-deliver")
+        self._burying = asyncio.create_task(self._bury(dead), name="amqp-dead-letters")
         self.stats.mqtt_connected = True
         self._subscribed.set()
         log.info("amqp consuming queue=%s", self._queue_name)
@@ -160,12 +173,36 @@ class AmqpConsumer(BatchConsumer):
                     )
                 )
 
+    async def _bury(self, dead: AbstractQueue) -> None:
+        """A rejection row for each message RabbitMQ dead-lettered, then its acknowledgement
+        (not before the row is committed: a worker that stops first leaves it queued)."""
+        async with dead.iterator() as messages:
+            async for message in messages:
+                topic, why = _death(message)
+                refused = RejectedEnvelope(
+                    Reason.POISON,
+                    f"dead-lettered by RabbitMQ ({why}, limit {DELIVERY_LIMIT}); not read",
+                    topic,
+                    hashlib.sha256(message.body).digest(),
+                    dev=pipeline.topic_device(topic),
+                )
+                try:
+                    await self._writer.write(Batch((), (refused,), self._now_ms()))
+                except StorageError as exc:
+                    log.warning("dead letter not recorded; kept error=%s", exc)
+                    await message.nack(requeue=True)
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                self.stats.rejected_envelopes[Reason.POISON.value] += 1
+                await message.ack()
+
     async def _close_transport(self) -> None:
         self.stats.mqtt_connected = False
-        if self._delivering is not None:
-            self._delivering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._delivering
+        for task in (self._delivering, self._burying):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._connection is not None:
             await self._connection.close()
 
@@ -199,3 +236,16 @@ class AmqpConsumer(BatchConsumer):
         if not await self.publish_confirmed(pipeline.down_topic(receipt.dev), data):
             # The envelope is stored; the hub will republish it and get the receipt again.
             self.stats.receipt_publish_failures += 1
+
+
+def _death(message: AbstractIncomingMessage) -> tuple[str, str]:
+    """The hub's topic of a dead letter and why RabbitMQ dead-lettered it, from its
+    ``x-death`` header (the routing key is the dead-letter queue's by then)."""
+    deaths = (message.headers or {}).get("x-death")
+    first = deaths[0] if isinstance(deaths, list) and deaths else {}
+    first = first if isinstance(first, dict) else {}
+    keys = first.get("routing-keys")
+    key = keys[0] if isinstance(keys, list) and keys and isinstance(keys[0], str) else ""
+    reason = first.get("reason")
+    why = reason[:40] if isinstance(reason, str) and reason.isprintable() else "unknown reason"
+    return uplink_topic(key), why

@@ -23,7 +23,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.amqp import AmqpConsumer, declare_uplink, routing_key, uplink_topic
+from gateway.amqp import (
+    DELIVERY_LIMIT,
+    AmqpConsumer,
+    dead_letter_queue,
+    declare_uplink,
+    routing_key,
+    uplink_topic,
+)
 from gateway.broker import MosquittoBroker
 from gateway.consumer import ConsumerConfig
 from gateway.rabbitmq import MAX_MESSAGE_BYTES, RabbitNode
@@ -278,3 +285,47 @@ async def test_a_message_past_the_brokers_size_bound_never_reaches_the_queue(
     finally:
         hub.close()
     assert await asyncio.to_thread(queue_depth, rabbit, queue_name) == (0, 0)
+
+
+async def test_a_dead_letter_leaves_a_rejection_row_before_it_is_acknowledged(
+    trial: Trial, rabbit: RabbitNode, queue_name: str
+) -> None:
+    await declared(rabbit, queue_name)
+    hub = Hub(rabbit, "hub-1")
+    try:
+        hub.publish(up_topic("hub-1"), envelope(trial, 3))
+    finally:
+        hub.close()
+    # Handed back past the delivery limit (as by workers dying on it): RabbitMQ moves it to
+    # the dead-letter queue instead of delivering it again.
+    connection = await aio_pika.connect(rabbit.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.get_queue(queue_name)
+        for _ in range(DELIVERY_LIMIT + 1):
+            taken = await q.get(timeout=10, fail=False)
+            if taken is None:
+                break
+            await taken.nack(requeue=True)
+    assert await asyncio.to_thread(queue_depth, rabbit, queue_name) == (0, 0)
+    assert await asyncio.to_thread(queue_depth, rabbit, dead_letter_queue(queue_name)) == (1, 0)
+    async with worker(trial.url, rabbit, queue_name, keys.generate_private_key()) as c:
+        await wait_until(lambda: c.stats.rejected_envelopes["poison"] == 1, "the dead letter")
+        dead = dead_letter_queue(queue_name)
+        await wait_until(lambda: drained(rabbit, dead), "the dead letter acknowledged")
+    rows = await fetch(
+        trial.url, "SELECT reason, device_id, topic, detail FROM rejections ORDER BY received_at"
+    )
+    assert len(rows) == 1
+    reason, device, topic, detail = rows[0]
+    assert (reason, device, topic) == ("poison", "hub-1", up_topic("hub-1"))
+    assert detail == (
+        f"dead-lettered by RabbitMQ (delivery_limit, limit {DELIVERY_LIMIT}); not read"
+    )
+    assert await count(trial.url, "SELECT count(*) FROM readings") == 0
+
+
+async def fetch(url: str, query: str) -> list[tuple[object, ...]]:
+    async with db.connection(url) as conn:
+        cur = await conn.execute(query.encode())
+        return list(await cur.fetchall())
