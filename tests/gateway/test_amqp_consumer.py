@@ -308,7 +308,13 @@ async def test_a_dead_letter_leaves_a_rejection_row_before_it_is_acknowledged(
                 break
             await taken.nack(requeue=True)
     assert await asyncio.to_thread(queue_depth, rabbit, queue_name) == (0, 0)
-    assert await asyncio.to_thread(queue_depth, rabbit, dead_letter_queue(queue_name)) == (1, 0)
+
+    async def dead_lettered() -> bool:
+        depth = await asyncio.to_thread(queue_depth, rabbit, dead_letter_queue(queue_name))
+        return depth == (1, 0)
+
+    # Dead-lettering from a quorum queue happens after the last return, not within it.
+    await wait_until(dead_lettered, "the message in the dead-letter queue", within=15)
     async with worker(trial.url, rabbit, queue_name, keys.generate_private_key()) as c:
         await wait_until(lambda: c.stats.rejected_envelopes["poison"] == 1, "the dead letter")
         dead = dead_letter_queue(queue_name)
