@@ -11,7 +11,7 @@ import secrets
 from datetime import UTC, datetime, timedelta
 
 from gateway.commands import operator
-from gateway.commands.common import Subparsers, add_database_flags, run
+from gateway.commands.common import Subparsers, add_database_flags, iso_time, run
 from gateway.settings import Settings
 
 # The choices of storage.notifications, spelled out so that `trialstream --help` does not
@@ -22,18 +22,9 @@ MAX_LIST = 1000
 
 
 def _when(text: str) -> datetime:
-    """An ISO 8601 time with its offset (``2026-12-07T08:00+01:00``), or ``now``."""
-    if text == "now":
-        return datetime.now(UTC)
-    if len(text) > 40:
-        raise argparse.ArgumentTypeError(f"not a time: {text[:40]!r}...")
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"give the time's UTC offset: {text!r}")
-    return value
+    """``now``, or an ISO 8601 time with its zone (``common.iso_time``: bounded, years the
+    database and Python share)."""
+    return datetime.now(UTC) if text == "now" else iso_time(text)
 
 
 def _hours(text: str) -> timedelta:

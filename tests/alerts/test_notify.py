@@ -473,6 +473,10 @@ async def test_cli_sets_contacts_and_on_call_audited_each_refused_outside_its_ro
     [
         ("on-call", "add", "--site", "S", "--user", "mona", "--from", "yesterday", "--hours", "1"),
         ("on-call", "add", "--site", "S", "--user", "m", "--from", "2026-12-07T08:00", "--to", "1"),
+        ("on-call", "add", "--site", "S", "--user", "m", "--hours", "9",
+         "--from", "9999-12-31T23:00+00:00"),
+        ("on-call", "add", "--site", "S", "--user", "m", "--hours", "1",
+         "--from", "0001-01-01T00:00+00:00"),
         ("on-call", "add", "--site", "SITE-A", "--user", "mona", "--hours", "0"),
         ("on-call", "add", "--site", "SITE-A", "--user", "mona", "--hours", "9" * 30),
         ("on-call", "add", "--site", "SITE-A", "--user", "mona"),
