@@ -176,7 +176,10 @@ async def _ingest(
             mode = await recorded_mode(conn)
         assert mode is not None
         w = BulkWriter(pool, mode)
-        now_ms = int(time.time() * 1000) - 3_600_000
+        # An hour ago, but never before today's midnight: the seeded days before today have
+        # no slots behind them, and a refresh rebuilds a day it touches from its slots.
+        wall_ms = int(time.time() * 1000)
+        now_ms = max(wall_ms - 3_600_000, wall_ms // 86_400_000 * 86_400_000)
         seq = 0
         for r in range(rounds * 2):
             variant = "with" if r % 2 == 0 else "without"

@@ -21,6 +21,10 @@ async def hour_of_heart_rate(web: Web, pool: AsyncConnectionPool, mode: StorageM
     minutes; the study expects 12 hours a day. Returns the first reading's time."""
     url = web.trial.url
     now_ms = int(time.time() * 1000) // 60_000 * 60_000
+    # The hour and the gap after it fall in one UTC day: in the first 70 minutes of a day
+    # they end at its midnight instead.
+    if now_ms % 86_400_000 < 70 * 60_000:
+        now_ms -= now_ms % 86_400_000
     first = now_ms - 70 * 60_000
     readings = tuple(
         Reading(first + i * 60_000, "heart_rate", 70.0, "/min", "strap") for i in range(60)
