@@ -20,6 +20,11 @@ differs.
 - Receipts go back on ``amq.topic`` with the hub's ``down`` topic as routing key, which the
   MQTT plugin hands to the hub's subscription; alert events likewise, with publisher
   confirms.
+- Failover: the worker holds one plain connection to one node of its list
+  (``TRIALSTREAM_AMQP_URLS``). When that connection or its channel is lost it takes the next
+  node of the list that answers, declares, and consumes again; messages it held unacknowledged
+  come back from the queue as redelivered, stored once and receipted as replays.
+  (aio-pika's robust connection reconnects to the one node it first reached, never to another.)
 - The queue is declared (idempotently) by every worker before it consumes: RabbitMQ's MQTT
   plugin acknowledges a QoS 1 publish that no queue takes and drops it, so the queue must
   exist before hubs publish (``declare_uplink``, also run by the deploy step).
@@ -38,10 +43,10 @@ from typing import Final
 import aio_pika
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustConnection,
 )
 from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg_pool import AsyncConnectionPool
@@ -60,6 +65,9 @@ UPLINK_BINDING: Final = "dct.v1.#.up"
 DELIVERY_LIMIT: Final = 20
 TOPIC_EXCHANGE: Final = "amq.topic"
 CONNECT_TIMEOUT_S: Final = 10.0
+# After a node is lost, the next is tried at once; a round of the whole list that finds none
+# waits this long, doubling up to the cap, before the next round.
+RECONNECT_S: Final = (1.0, 10.0)
 # A dead letter whose row could not be written is handed back and tried again after this.
 RETRY_S: Final = 5.0
 
@@ -101,17 +109,6 @@ async def declare_uplink(channel: AbstractChannel, name: str = UPLINK_QUEUE) -> 
     return queue
 
 
-async def connect(urls: Sequence[str]) -> AbstractRobustConnection:
-    """A robust connection to the first of ``urls`` that answers (the cluster's nodes)."""
-    errors: list[str] = []
-    for url in urls:
-        try:
-            return await aio_pika.connect_robust(url, timeout=CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-    raise ConnectionError(f"no RabbitMQ node answered: {'; '.join(errors)[:500]}")
-
-
 class AmqpConsumer(BatchConsumer):
     """The consumer's pipeline with RabbitMQ's uplink queue as its source."""
 
@@ -127,30 +124,113 @@ class AmqpConsumer(BatchConsumer):
         clock: Callable[[], float] = time.time,
         also: InTransaction | None = None,
     ) -> None:
+        if not urls:
+            raise ValueError("an AMQP consumer needs at least one node's URL")
         self._urls = list(urls)
+        self._next_url = 0
         self._queue_name = queue
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: AbstractConnection | None = None
         self._exchange: AbstractExchange | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._burying: asyncio.Task[None] | None = None
-        # Delivery tag -> the message, until acknowledged.
+        self._supervising: asyncio.Task[None] | None = None
+        # Each connection's delivery tags start again at 1: a message's id is the
+        # connection's generation and its tag, so a late ack never hits a newer message.
+        self._generation = 0
         self._held: dict[int, AbstractIncomingMessage] = {}
         super().__init__(config, pool, writer, receipt_key, clock=clock, also=also)
 
+    @property
+    def node_url(self) -> str | None:
+        """The URL of the node this worker consumes from now (None while it has none)."""
+        return str(self._connection) if self._connection is not None else None
+
     async def _open_transport(self) -> None:
-        self._connection = await connect(self._urls)
-        channel = await self._connection.channel(publisher_confirms=True)
+        # The first node must answer at start (a worker that cannot reach any node says so);
+        # later losses are the supervisor's.
+        await self._attach(await self._connect_next())
+        self._supervising = asyncio.create_task(self._supervise(), name="amqp-supervise")
+
+    async def _connect_next(self) -> AbstractConnection:
+        """The next node of the list that answers, starting after the one last used."""
+        errors: list[str] = []
+        for _ in self._urls:
+            url = self._urls[self._next_url % len(self._urls)]
+            self._next_url += 1
+            try:
+                return await aio_pika.connect(url, timeout=CONNECT_TIMEOUT_S)
+            except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+        raise ConnectionError(f"no RabbitMQ node answered: {'; '.join(errors)[:500]}")
+
+    async def _attach(self, connection: AbstractConnection) -> None:
+        """Consume the uplink and dead-letter queues over ``connection``."""
+        self._connection = connection
+        self._generation += 1
+        channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=MAX_UNACKED)
         queue = await declare_uplink(channel, self._queue_name)
         dead = await channel.get_queue(dead_letter_queue(self._queue_name))
         self._exchange = await channel.get_exchange(TOPIC_EXCHANGE)
-        self._delivering = asyncio.create_task(self._deliver(queue), name="amqp-deliver")
+        self._delivering = asyncio.create_task(
+            self._deliver(queue, self._generation), name="amqp-deliver"
+        )
         self._burying = asyncio.create_task(self._bury(dead), name="amqp-dead-letters")
         self.stats.mqtt_connected = True
         self._subscribed.set()
-        log.info("amqp consuming queue=%s", self._queue_name)
+        log.info("amqp consuming queue=%s node=%s", self._queue_name, connection)
 
-    async def _deliver(self, queue: AbstractQueue) -> None:
+    async def _supervise(self) -> None:
+        """Wait for the connection (or its channel, or its consumer) to be lost; then take
+        the next node that answers, round after round with a growing pause, and consume."""
+        while True:
+            await self._until_lost()
+            await self._detach()
+            pause = RECONNECT_S[0]
+            while True:
+                try:
+                    connection = await self._connect_next()
+                    await self._attach(connection)
+                    break
+                except (ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+                    log.warning("amqp no node to consume from error=%s", exc)
+                    await self._detach()
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, RECONNECT_S[1])
+
+    async def _until_lost(self) -> None:
+        """Return when the connection closes or a consuming task ends (its channel closed)."""
+        connection = self._connection
+        assert connection is not None
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        if connection.is_closed:
+            lost.set()
+        watched = [t for t in (self._delivering, self._burying) if t is not None]
+        waiting = asyncio.create_task(lost.wait())
+        try:
+            await asyncio.wait([waiting, *watched], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+        log.warning("amqp connection lost node=%s; trying the next node", connection)
+
+    async def _detach(self) -> None:
+        """Stop consuming over the current connection and close what is left of it. The
+        messages it delivered and nobody acknowledged go back to the queue."""
+        self.stats.mqtt_connected = False
+        self._exchange = None
+        for task in (self._delivering, self._burying):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._delivering = self._burying = None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def _deliver(self, queue: AbstractQueue, generation: int) -> None:
         async with queue.iterator() as messages:
             async for message in messages:
                 payload = message.body
@@ -161,12 +241,13 @@ class AmqpConsumer(BatchConsumer):
                         pass
                 tag = message.delivery_tag
                 assert tag is not None, "a consumed message has a delivery tag"
-                self._held[tag] = message
+                mid = generation << 48 | tag
+                self._held[mid] = message
                 self._inbox.put(
                     Message(
                         uplink_topic(message.routing_key or ""),
                         payload,
-                        tag,
+                        mid,
                         1,
                         self._now_ms(),
                         bool(message.redelivered),
@@ -197,14 +278,11 @@ class AmqpConsumer(BatchConsumer):
                 await message.ack()
 
     async def _close_transport(self) -> None:
-        self.stats.mqtt_connected = False
-        for task in (self._delivering, self._burying):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._connection is not None:
-            await self._connection.close()
+        if self._supervising is not None:
+            self._supervising.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervising
+        await self._detach()
 
     async def _ack(self, m: Message) -> None:
         message = self._held.pop(m.mid, None)
@@ -216,7 +294,7 @@ class AmqpConsumer(BatchConsumer):
         except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
             # The channel was replaced since delivery: the broker delivers the message again
             # (redelivered), and its envelope, stored once, is receipted as a replay.
-            log.warning("ack not delivered tag=%d error=%s", m.mid, type(exc).__name__)
+            log.warning("ack not delivered mid=%d error=%s", m.mid, type(exc).__name__)
 
     async def publish_confirmed(self, topic: str, payload: bytes) -> bool:
         """Publish on ``amq.topic`` and wait for the broker's confirm (alert events)."""

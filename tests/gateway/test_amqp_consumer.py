@@ -95,12 +95,16 @@ class Hub:
 
 @contextlib.asynccontextmanager
 async def worker(
-    url: str, rabbit: RabbitNode, name: str, receipt_key: ec.EllipticCurvePrivateKey
+    url: str,
+    rabbit: RabbitNode,
+    name: str,
+    receipt_key: ec.EllipticCurvePrivateKey,
+    urls: list[str] | None = None,
 ) -> AsyncIterator[AmqpConsumer]:
     pool = await db.open_pool(url, min_size=1, max_size=2)
     c = AmqpConsumer(
         ConsumerConfig("unused", 0, "amqp-worker"),
-        [f"amqp://guest:guest@127.0.0.1:{free_port_closed()}/", rabbit.amqp_url],
+        urls or [f"amqp://guest:guest@127.0.0.1:{free_port_closed()}/", rabbit.amqp_url],
         pool,
         BulkWriter(pool, database_mode(url)),
         receipt_key,
@@ -335,3 +339,38 @@ async def fetch(url: str, query: str) -> list[tuple[object, ...]]:
     async with db.connection(url) as conn:
         cur = await conn.execute(query.encode())
         return list(await cur.fetchall())
+
+
+async def test_a_worker_whose_node_dies_consumes_from_the_next_node_of_its_list(
+    trial: Trial, rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> None:
+    first = RabbitNode(tmp_path / "first")
+    await asyncio.to_thread(first.start)
+    receipt_key = keys.generate_private_key()
+    hubs: list[Hub] = []
+    try:
+        for node in (first, rabbit):
+            await declared(node, queue_name)
+        async with worker(
+            trial.url, rabbit, queue_name, receipt_key, [first.amqp_url, rabbit.amqp_url]
+        ) as c:
+            assert c.node_url is not None
+            assert f":{first.amqp_port}/" in c.node_url
+            hubs.append(Hub(first, "hub-1"))
+            hubs[0].publish(up_topic("hub-1"), envelope(trial, 1))
+            assert (await hubs[0].receipt(receipt_key.public_key())).stored == 1
+
+            await asyncio.to_thread(first.kill)
+            await wait_until(
+                lambda: c.node_url is not None and f":{rabbit.amqp_port}/" in c.node_url,
+                "the worker consumes from the surviving node",
+            )
+            hubs.append(Hub(rabbit, "hub-1"))
+            hubs[1].publish(up_topic("hub-1"), envelope(trial, 2))
+            receipt = await hubs[1].receipt(receipt_key.public_key())
+            assert (receipt.seq, receipt.status, receipt.stored) == (2, "accepted", 1)
+    finally:
+        for hub in hubs:
+            hub.close()
+        await asyncio.to_thread(first.stop)
+    assert await count(trial.url, "SELECT count(*) FROM readings") == 2
