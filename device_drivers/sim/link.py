@@ -40,6 +40,35 @@ _MAX_DEVICES: Final = 0xFFFF
 REMOTE_HOST_ADDRESS: Final = hci.Address("C0:5E:01:00:00:01", hci.Address.RANDOM_DEVICE_ADDRESS)
 
 
+def _spare_unlogged_packet_text() -> None:
+    """bumble puts every HCI packet and ATT PDU it sends or receives into a debug line with an
+    f-string (``logger.debug(f"... {packet}")``), so each packet's fields are rendered as text
+    whatever the log level: a sixth of the simulated host's work under a steady stream of
+    notifications (docs/performance.md). While the ``bumble`` logger does not log at DEBUG,
+    the field list renders as ``...``; with DEBUG on, as bumble writes it. BlueZ, which a real
+    hub uses, has no such cost; the text of a packet is never read by this code."""
+    original = hci.HCI_Object.format_fields
+    if getattr(original, "_trialstream_spared", False):
+        return
+    bumble_log = logging.getLogger("bumble")
+
+    def format_fields(
+        hci_object: object,
+        object_fields: object,
+        indentation: str = "",
+        value_mappers: object = None,
+    ) -> str:
+        if bumble_log.isEnabledFor(logging.DEBUG):
+            return str(original(hci_object, object_fields, indentation, value_mappers))
+        return f"{indentation}..."
+
+    format_fields._trialstream_spared = True  # type: ignore[attr-defined]
+    hci.HCI_Object.format_fields = staticmethod(format_fields)  # type: ignore[method-assign,assignment]
+
+
+_spare_unlogged_packet_text()
+
+
 class SimError(DeviceDriverError):
     """Base of every error raised by ``device_drivers.sim``."""
 

@@ -1,0 +1,39 @@
+"""The simulated radio spares bumble's per-packet debug text while nobody logs it, and writes
+it whole when bumble's DEBUG logging is on."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from bumble import att
+
+import device_drivers.sim.link  # noqa: F401  (installs the spared text)
+
+
+@pytest.fixture
+def bumble_log() -> Iterator[logging.Logger]:
+    log = logging.getLogger("bumble")
+    level = log.level
+    try:
+        yield log
+    finally:
+        log.setLevel(level)
+
+
+def _notification() -> att.ATT_PDU:
+    return att.ATT_Handle_Value_Notification(attribute_handle=0x10, attribute_value=b"\x06\x48")
+
+
+def test_without_debug_logging_a_pdus_fields_are_not_rendered(bumble_log: logging.Logger) -> None:
+    bumble_log.setLevel(logging.INFO)
+    text = str(_notification())
+    assert "ATT_HANDLE_VALUE_NOTIFICATION" in text
+    assert "attribute_handle" not in text and "0648" not in text
+
+
+def test_with_debug_logging_a_pdu_reads_as_bumble_writes_it(bumble_log: logging.Logger) -> None:
+    bumble_log.setLevel(logging.DEBUG)
+    text = str(_notification())
+    assert "attribute_handle" in text and "0x0010" in text and "0648" in text
