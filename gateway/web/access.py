@@ -20,8 +20,9 @@ from datetime import datetime
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.web.errors import NotFound
-from storage import sessions, views
+from storage import locks, sessions, views
 from storage.db import Conn
+from storage.locks import LateDataPolicy
 from storage.users import Role, User
 
 STAFF = frozenset({Role.SITE_COORDINATOR, Role.CLINICIAN, Role.MONITOR})
@@ -88,6 +89,20 @@ async def require_site(principal: Principal, site_id: str, conn: Conn) -> views.
         if found:
             return found[0]
     raise NotFound(f"no site {site_id!r}")
+
+
+async def require_study(principal: Principal, study_id: str, conn: Conn) -> LateDataPolicy:
+    """The late data policy of a study the principal may see (an admin any, staff one where
+    they have a site), else ``NotFound``, like a study that does not exist."""
+    policy = await locks.study_policy(conn, study_id)
+    sites = principal.site_ids
+    if policy is not None and sites is not None:
+        mine = await views.sites(conn, sorted(sites))
+        if not any(s.study_id == study_id for s in mine):
+            policy = None
+    if policy is None:
+        raise NotFound(f"no study {study_id!r}")
+    return policy
 
 
 async def require_participant(

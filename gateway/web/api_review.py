@@ -17,13 +17,13 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from gateway.web.access import STAFF_AND_ADMIN, require_participant
+from gateway.web.access import STAFF_AND_ADMIN, require_participant, require_study
 from gateway.web.api_common import ID_PATTERN, PARTICIPANT_ID, TIME_PATTERN, V1, iso, pool_of, when
 from gateway.web.errors import BadInput, Conflict, Forbidden, NotFound
 from gateway.web.ratelimit import check_request, client_address
 from gateway.web.schemas import INT, NULL_STR, NULL_TIME, STR, TIME, arr, obj
 from gateway.web.spec import Ctx, Endpoint, Field
-from storage import audit, locks, review, users, views
+from storage import audit, locks, review, users
 from storage.db import Conn
 from storage.errors import UnknownStudy
 from storage.locks import LateDataPolicy
@@ -190,20 +190,6 @@ def _said(ctx: Ctx, name: str) -> str:
     return text
 
 
-async def _study_in_reach(ctx: Ctx, conn: Conn, study_id: str) -> LateDataPolicy:
-    """The study's policy, if the caller may see the study: an admin any, staff one where
-    they have a site; else ``NotFound``, like a study that does not exist."""
-    policy = await locks.study_policy(conn, study_id)
-    sites = ctx.user.site_ids
-    if policy is not None and sites is not None:
-        mine = await views.sites(conn, sorted(sites))
-        if not any(s.study_id == study_id for s in mine):
-            policy = None
-    if policy is None:
-        raise NotFound(f"no study {study_id!r}")
-    return policy
-
-
 # --- handlers -------------------------------------------------------------------------------
 
 
@@ -249,7 +235,7 @@ async def lock_period(ctx: Ctx) -> web.StreamResponse:
     start, end = _period(ctx)
     reason = _said(ctx, "reason")
     async with pool_of(ctx).connection() as conn:
-        await _study_in_reach(ctx, conn, study_id)
+        await require_study(ctx.user, study_id, conn)
         await conn.commit()
         signer = await reauthenticate(ctx, conn, "period.lock")
         try:
@@ -268,7 +254,7 @@ async def lock_period(ctx: Ctx) -> web.StreamResponse:
 async def list_locks(ctx: Ctx) -> web.StreamResponse:
     study_id = ctx.path["study_id"]
     async with pool_of(ctx).connection() as conn:
-        policy = await _study_in_reach(ctx, conn, study_id)
+        policy = await require_study(ctx.user, study_id, conn)
         found = await locks.locks(conn, study_id)
     return web.json_response(
         {
@@ -306,7 +292,7 @@ async def set_late_data_policy(ctx: Ctx) -> web.StreamResponse:
     study_id = ctx.path["study_id"]
     policy = LateDataPolicy(ctx.body["policy"])
     async with pool_of(ctx).connection() as conn:
-        await _study_in_reach(ctx, conn, study_id)
+        await require_study(ctx.user, study_id, conn)
         await conn.commit()
         try:
             await locks.set_late_data_policy(conn, study_id, policy, actor=ctx.user.username)

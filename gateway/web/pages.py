@@ -26,6 +26,7 @@ from gateway.web.access import (
     Principal,
     require_participant,
     require_site,
+    require_study,
 )
 from gateway.web.errors import NotFound
 from storage.users import Role
@@ -193,12 +194,25 @@ async def participant_adherence_page(request: web.Request, principal: Principal)
     )
 
 
+async def study_page(request: web.Request, principal: Principal) -> web.Response:
+    study_id = request.match_info["study_id"]
+    async with _pool_conn(request) as conn:
+        await require_study(principal, study_id, conn)
+    return render(
+        f"Study {study_id}: locks",
+        "study.js",
+        principal=principal,
+        data={"page": "study", "study": study_id, "role": principal.role.value},
+    )
+
+
 PAGES: tuple[Page, ...] = (
     Page("/monitor", "monitor", CLINICAL, monitor_board),
     Page("/sites/{site_id}", "site", STAFF_AND_ADMIN, site_page),
     Page("/participants/{participant_id}", "participant", EVERYONE, participant_page),
     Page("/participants/{participant_id}/live", "live", CLINICAL, live_view),
     Page("/sites/{site_id}/adherence", "site_adherence", STAFF_AND_ADMIN, site_adherence_page),
+    Page("/studies/{study_id}", "study", STAFF_AND_ADMIN, study_page),
     Page(
         "/participants/{participant_id}/adherence",
         "participant_adherence",

@@ -421,7 +421,10 @@ PAGES: dict[str, frozenset[str]] = {
     "/participants/P1/live": CLINICAL,
     "/sites/SITE-A/adherence": STAFF,
     "/participants/P1/adherence": STAFF,
+    "/studies/S1": STAFF,
 }
+# Pages that staff of SITE-B (another site of the same study) see too.
+NOT_SITE_SCOPED = {"/monitor", "/studies/S1"}
 
 
 async def test_every_page_checks_role_and_site(web: Web) -> None:
@@ -440,6 +443,7 @@ async def test_every_page_checks_role_and_site(web: Web) -> None:
         "/participants/{participant_id}/live",
         "/sites/{site_id}/adherence",
         "/participants/{participant_id}/adherence",
+        "/studies/{study_id}",
     }, "a new page needs a row in PAGES"
     failures = []
     for path, allowed in PAGES.items():
@@ -451,7 +455,7 @@ async def test_every_page_checks_role_and_site(web: Web) -> None:
             role_key = key.removeprefix("other_")
             if role_key not in allowed:
                 want = 403
-            elif key.startswith("other_") and path != "/monitor":
+            elif key.startswith("other_") and path not in NOT_SITE_SCOPED:
                 want = 404
             else:
                 want = 200

@@ -114,6 +114,26 @@ const TS = (() => {
     return el("section", { class: "card", "aria-labelledby": id }, el("h2", { id }, title), ...content);
   }
 
+  // A labelled input with an optional hint, tied to it for screen readers.
+  function field(id, label, attrs, hint) {
+    const input = el("input", { id, name: id, ...attrs, "aria-describedby": hint ? `${id}-hint` : null });
+    return el("div", { class: "field" },
+      el("label", { for: id }, label), input,
+      hint ? el("p", { class: "hint", id: `${id}-hint` }, hint) : null);
+  }
+
+  // A datetime-local value ("2026-03-10T09:30") as ISO 8601 with the browser's zone offset at
+  // that moment ("2026-03-10T09:30:00+01:00"); null if it is not a time.
+  function localIso(value) {
+    const d = new Date(value);
+    if (!value || Number.isNaN(d.getTime())) return null;
+    const pad = (n) => String(Math.abs(n)).padStart(2, "0");
+    const off = -d.getTimezoneOffset();
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:00${off < 0 ? "-" : "+"}` +
+      `${pad(Math.trunc(off / 60))}:${pad(off % 60)}`;
+  }
+
   function link(href, text) {
     return el("a", { href }, text);
   }
@@ -488,6 +508,6 @@ const TS = (() => {
     };
   }
 
-  return { el, api, session, time, clock, ago, table, section, link, status, warnBeforeIdleEnd,
-    queriesCard, querySteps, problemText, QUERY_STEPS, QUERY_TEXT_MAX };
+  return { el, api, session, time, clock, ago, table, section, link, field, localIso, status,
+    warnBeforeIdleEnd, queriesCard, querySteps, problemText, QUERY_STEPS, QUERY_TEXT_MAX };
 })();

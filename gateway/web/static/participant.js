@@ -6,7 +6,7 @@
 // participant's data with the study's locks in force (the site's investigator and monitors
 // sign off from here).
 (() => {
-  const { el, api, session, time, ago, section, table, link, status } = TS;
+  const { el, api, session, time, ago, section, table, link, field, localIso, status } = TS;
   const pid = document.body.dataset.participant;
   const role = document.body.dataset.role;
   // Who may record a signature here (the participant, or site staff signing in clinic).
@@ -49,13 +49,6 @@
         (doc.overdue ? ": the deadline has passed, and data is not being stored until it is signed." : "."));
     }
     return el("p", {}, "Not signed yet.");
-  }
-
-  function field(id, label, attrs, hint) {
-    const input = el("input", { id, name: id, ...attrs, "aria-describedby": hint ? `${id}-hint` : null });
-    return el("div", { class: "field" },
-      el("label", { for: id }, label), input,
-      hint ? el("p", { class: "hint", id: `${id}-hint` }, hint) : null);
   }
 
   function signingForm(doc, witnessRequired) {
@@ -236,18 +229,6 @@
   const ROLE_WORDS = { clinician: "investigator (clinician)", monitor: "monitor", admin: "admin",
     site_coordinator: "site coordinator" };
 
-  // A datetime-local value ("2026-03-10T09:30") as ISO 8601 with the browser's zone offset at
-  // that moment ("2026-03-10T09:30:00+01:00"); null if it is not a time.
-  function localIso(value) {
-    const d = new Date(value);
-    if (!value || Number.isNaN(d.getTime())) return null;
-    const pad = (n) => String(Math.abs(n)).padStart(2, "0");
-    const off = -d.getTimezoneOffset();
-    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T` +
-      `${pad(d.getHours())}:${pad(d.getMinutes())}:00${off < 0 ? "-" : "+"}` +
-      `${pad(Math.trunc(off / 60))}:${pad(off % 60)}`;
-  }
-
   const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
 
   // What was stored for a sign-off's period after it was signed, in words.
@@ -293,8 +274,9 @@
       list,
       el("p", { class: "hint" },
         `Late data for a locked period is ${got.late_data_policy === "hold" ? "held until the lock is lifted" : "refused"}. ` +
-        "Locks are set and lifted by the study's data manager (an admin) through the API or " +
-        "the command line (docs/review.md); this page shows them only."));
+        "Locks are set and lifted by the study's data manager (an admin) on the study's page; " +
+        "this page shows them only. "),
+      link(`/studies/${encodeURIComponent(got.study_id)}`, `All of study ${got.study_id}'s locks`));
   }
 
   function signOffForm(done) {

@@ -84,7 +84,8 @@
       "No codes made.");
     const blocks = [
       el("p", { class: "lead" }, `${data.site.name} · study ${data.site.study_id} · ${p.length} participants · `,
-        link(`/sites/${encodeURIComponent(site)}/adherence`, "Adherence (heat map)")),
+        link(`/sites/${encodeURIComponent(site)}/adherence`, "Adherence (heat map)"), " · ",
+        link(`/studies/${encodeURIComponent(data.site.study_id)}`, "Study locks")),
       section("Participants", parts,
         today ? el("p", { class: "hint" }, `Last data: each participant's newest reading. Adherence today: ${today} (UTC), as on the heat map.`) : null),
       queries.node,
