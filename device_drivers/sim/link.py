@@ -47,7 +47,7 @@ def _spare_unlogged_packet_text() -> None:
     notifications (docs/performance.md). While the ``bumble`` logger does not log at DEBUG,
     the field list renders as ``...``; with DEBUG on, as bumble writes it. BlueZ, which a real
     hub uses, has no such cost; the text of a packet is never read by this code."""
-    original = hci.HCI_Object.format_fields
+    original: Callable[..., object] = hci.HCI_Object.format_fields
     if getattr(original, "_trialstream_spared", False):
         return
     bumble_log = logging.getLogger("bumble")
@@ -63,7 +63,7 @@ def _spare_unlogged_packet_text() -> None:
         return f"{indentation}..."
 
     format_fields._trialstream_spared = True  # type: ignore[attr-defined]
-    hci.HCI_Object.format_fields = staticmethod(format_fields)  # type: ignore[method-assign,assignment]
+    hci.HCI_Object.format_fields = staticmethod(format_fields)  # type: ignore[method-assign]
 
 
 _spare_unlogged_packet_text()

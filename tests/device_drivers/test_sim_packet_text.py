@@ -30,10 +30,13 @@ def test_without_debug_logging_a_pdus_fields_are_not_rendered(bumble_log: loggin
     bumble_log.setLevel(logging.INFO)
     text = str(_notification())
     assert "ATT_HANDLE_VALUE_NOTIFICATION" in text
-    assert "attribute_handle" not in text and "0648" not in text
+    assert "attribute_handle" not in text
+    assert "0648" not in text
 
 
 def test_with_debug_logging_a_pdu_reads_as_bumble_writes_it(bumble_log: logging.Logger) -> None:
     bumble_log.setLevel(logging.DEBUG)
     text = str(_notification())
-    assert "attribute_handle" in text and "0x0010" in text and "0648" in text
+    assert "attribute_handle" in text
+    assert "0x0010" in text
+    assert "0648" in text
