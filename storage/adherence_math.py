@@ -138,6 +138,21 @@ def day_bounds(zone: str, day: date) -> tuple[datetime, datetime]:
     return start, end
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _us(t: datetime) -> int:
+    """Microseconds since the epoch, exactly (the cohort's loop compares integers)."""
+    return (t - _EPOCH) // _MICROSECOND
+
+
+@cache
+def _day_us(zone: str, day: date) -> tuple[int, int]:
+    start, end = day_bounds(zone, day)
+    return _us(start), _us(end)
+
+
 def zone_on(spans: Sequence[ZoneSpan], day: date) -> str:
     noon = datetime.combine(day, NOON, UTC)
     for s in spans:
@@ -172,35 +187,57 @@ def _in_effect(candidates: Sequence[Rule], day: date) -> Rule | None:
 
 Tally = tuple[int, int, int]  # readings, invalid, worn minutes
 _NONE: Tally = (0, 0, 0)
+_NO_TALLIES: Mapping[str, Tally] = {}
 Expected = tuple[str | None, float | None, int | None, float | None, float | None]
+
+
+def _wear_minutes(rule: Rule, study: float, day_minutes: float) -> float:
+    """A continuous stream's expected wear: ``wear_hours`` prorated, at most the study's."""
+    assert rule.wear_hours is not None
+    return min(rule.wear_hours * 60 * study / day_minutes, study)
+
+
+def _spot_count(rule: Rule, study: float, day_minutes: float) -> int | None:
+    """Spot checks expected: ``per_day`` prorated and rounded down; None for none."""
+    assert rule.per_day is not None
+    return math.floor(rule.per_day * study / day_minutes) or None
 
 
 def _expected(rule: Rule | None, tally: Tally, study: float, day_minutes: float) -> Expected:
     """kind, expected minutes, expected count, adherence, completeness."""
     if rule is None or rule.kind == "none":
         return None, None, None, None, None
-    usable = tally[0] - tally[1]
     if rule.kind == "continuous":
         if study <= 0:
             return rule.kind, None, None, None, None
-        assert rule.wear_hours is not None
         assert rule.rate_hz is not None
-        minutes = min(rule.wear_hours * 60 * study / day_minutes, study)
+        minutes = _wear_minutes(rule, study, day_minutes)
         if minutes <= 0:
             return rule.kind, minutes, None, None, None
-        rate = min(1.0, usable / (rule.rate_hz * 60 * minutes))
+        rate = min(1.0, (tally[0] - tally[1]) / (rule.rate_hz * 60 * minutes))
         return rule.kind, minutes, None, min(1.0, tally[2] / minutes), rate
-    assert rule.per_day is not None
-    count = math.floor(rule.per_day * study / day_minutes) or None
-    return rule.kind, None, count, min(1.0, usable / count) if count else None, None
+    count = _spot_count(rule, study, day_minutes)
+    return rule.kind, None, count, _share(rule, tally, study, day_minutes), None
 
 
-Cell = tuple[str, date, float, float, list[tuple[str, Rule | None, Tally]]]
+def _share(rule: Rule | None, tally: Tally, study: float, day_minutes: float) -> float | None:
+    """The adherence of ``_expected`` alone (the cohort needs nothing else, for every cell)."""
+    if rule is None or rule.kind == "none" or study <= 0:
+        return None
+    if rule.kind == "continuous":
+        minutes = _wear_minutes(rule, study, day_minutes)
+        return min(1.0, tally[2] / minutes) if minutes > 0 else None
+    count = _spot_count(rule, study, day_minutes)
+    return min(1.0, (tally[0] - tally[1]) / count) if count else None
+
+
+# participant, day, study minutes, day minutes, the metrics (sorted), their rules, their tallies
+Cell = tuple[str, date, float, float, list[str], Mapping[str, Rule], Mapping[str, Tally]]
 
 
 def _cells(given: Inputs) -> Iterator[Cell]:
     """Per participant and day (in order): study minutes, day minutes, and each metric the
-    schedule has a row for or that has data, with its rule and tally."""
+    schedule has a row for or that has data, with the rules and tallies to look them up in."""
     tallies: dict[str, dict[date, dict[str, Tally]]] = {}
     for c in given.counts:
         mine = tallies.setdefault(c.participant_id, {})
@@ -211,31 +248,38 @@ def _cells(given: Inputs) -> Iterator[Cell]:
     span = [given.first + timedelta(days=i) for i in range((given.last - given.first).days + 1)]
     # Participants with the same rules share what is in effect each day.
     in_effect: dict[tuple[int, ...], dict[date, dict[str, Rule]]] = {}
+    ordered: dict[tuple[int, ...], dict[date, list[str]]] = {}
     for person in sorted(given.people, key=lambda p: p.participant_id):
         candidates = _candidates(person, given.rules)
         signature = tuple(id(r) for m in sorted(candidates) for r in candidates[m])
         by_day = in_effect.setdefault(signature, {})
         own_zones = given.zones.get(person.participant_id, ())
         own_tallies = tallies.get(person.participant_id, {})
-        end = min(person.withdrawn_at or given.now, given.now)
+        end = _us(min(person.withdrawn_at or given.now, given.now))
+        consented = _us(person.consented_at) if person.consented_at else None
+        ruled_order = ordered.setdefault(signature, {})
         for day in span:
             ruled = by_day.get(day)
             if ruled is None:
                 ruled = by_day[day] = {
                     m: r for m, c in candidates.items() if (r := _in_effect(c, day)) is not None
                 }
-            start_utc, end_utc = day_bounds(zone_on(own_zones, day), day)
-            lo = max(start_utc, person.consented_at) if person.consented_at else None
-            hi = min(end_utc, end)
-            study = (hi - lo).total_seconds() / 60 if lo is not None and hi > lo else 0.0
-            tallied = own_tallies.get(day, {})
-            metrics = sorted(ruled.keys() | tallied.keys())
+                ruled_order[day] = sorted(ruled)
+            start_us, end_us = _day_us(zone_on(own_zones, day) if own_zones else "UTC", day)
+            lo = max(start_us, consented) if consented is not None else None
+            hi = min(end_us, end)
+            # As timedelta.total_seconds() / 60 would give, bit for bit.
+            study = (hi - lo) / 10**6 / 60 if lo is not None and hi > lo else 0.0
+            tallied = own_tallies.get(day, _NO_TALLIES)
+            metrics = sorted(ruled.keys() | tallied.keys()) if tallied else ruled_order[day]
             yield (
                 person.participant_id,
                 day,
                 study,
-                (end_utc - start_utc).total_seconds() / 60,
-                [(m, ruled.get(m), tallied.get(m, _NONE)) for m in metrics],
+                (end_us - start_us) / 10**6 / 60,
+                metrics,
+                ruled,
+                tallied,
             )
 
 
@@ -243,9 +287,9 @@ def metric_days(given: Inputs) -> list[MetricDay]:
     """Each person's metrics on each local day from ``first`` to ``last``, by participant,
     day and metric: those the schedule has a row for and those with data."""
     return [
-        _metric_day(pid, day, metric, rule, tally, study, day_minutes)
-        for pid, day, study, day_minutes, metrics in _cells(given)
-        for metric, rule, tally in metrics
+        _metric_day(pid, day, m, ruled.get(m), tallied.get(m, _NONE), study, day_minutes)
+        for pid, day, study, day_minutes, metrics, ruled, tallied in _cells(given)
+        for m in metrics
     ]
 
 
@@ -260,13 +304,14 @@ def cohort(given: Inputs) -> list[ParticipantDay]:
     """The heat map's cells: per participant and day with a metric, the mean adherence of
     the metrics expected, how many were, and how many were met in full."""
     out: list[ParticipantDay] = []
-    for pid, day, study, day_minutes, metrics in _cells(given):
+    for pid, day, study, day_minutes, metrics, ruled, tallied in _cells(given):
         if not metrics:
             continue
         shares = [
             share
-            for _, rule, tally in metrics
-            if (share := _expected(rule, tally, study, day_minutes)[3]) is not None
+            for m in metrics
+            if (share := _share(ruled.get(m), tallied.get(m, _NONE), study, day_minutes))
+            is not None
         ]
         out.append(
             ParticipantDay(
