@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -44,10 +45,19 @@ class RabbitNode:
     """One RabbitMQ node in ``directory``: AMQP on ``amqp_port``, MQTT on ``mqtt_port``, both
     on 127.0.0.1; distribution on a free port of its own, bound to loopback too."""
 
-    def __init__(self, directory: Path, name: str | None = None, bin_dir: Path = RABBITMQ_BIN):
+    def __init__(
+        self,
+        directory: Path,
+        name: str | None = None,
+        bin_dir: Path = RABBITMQ_BIN,
+        *,
+        cookie: str | None = None,
+    ):
         self.bin_dir = find_rabbitmq(bin_dir)
         self.directory = directory
         self.name = name or f"ts{os.getpid()}x{secrets.token_hex(3)}@localhost"
+        # Nodes of one cluster share their Erlang cookie; a lone node makes its own.
+        self.cookie = cookie or secrets.token_hex(16).upper()
         self.amqp_port = free_port()
         self.mqtt_port = free_port()
         self.dist_port = free_port()
@@ -86,7 +96,7 @@ class RabbitNode:
             (d / sub).mkdir(parents=True, exist_ok=True)
         cookie = d / "home" / ".erlang.cookie"
         if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.write_text(self.cookie)
             cookie.chmod(0o400)
         (d / "rabbitmq-env.conf").write_text("")
         (d / "advanced.config").write_text("[].\n")
@@ -196,3 +206,86 @@ class RabbitNode:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+class RabbitCluster:
+    """``size`` RabbitMQ nodes on this machine joined into one cluster: each a
+    :class:`RabbitNode` with its own ports and files and the cluster's one cookie, the
+    others joined to the first. Quorum queues declared on it have a member on every node."""
+
+    def __init__(self, directory: Path, size: int = 3, bin_dir: Path = RABBITMQ_BIN) -> None:
+        if size < 1:
+            raise ValueError("a cluster has at least one node")
+        cookie = secrets.token_hex(16).upper()
+        stem = f"ts{os.getpid()}c{secrets.token_hex(2)}"
+        self.nodes = [
+            RabbitNode(directory / f"n{i}", f"{stem}n{i}@localhost", bin_dir, cookie=cookie)
+            for i in range(size)
+        ]
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        return [n.amqp_url for n in self.nodes]
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start every node (side by side), then join the others to the first."""
+        errors: list[Exception] = []
+
+        def start(node: RabbitNode) -> None:
+            try:
+                node.start(timeout)
+            except (BrokerError, OSError, subprocess.SubprocessError) as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(n,)) for n in self.nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop()
+            raise errors[0]
+        first = self.nodes[0]
+        try:
+            for node in self.nodes[1:]:
+                node.ctl("stop_app")
+                node.ctl("join_cluster", first.name)
+                node.ctl("start_app")
+                node.ctl("await_startup")
+        except BrokerError:
+            self.stop()
+            raise
+        log.info("rabbitmq cluster ready nodes=%s", ",".join(n.name for n in self.nodes))
+
+    def running(self) -> list[RabbitNode]:
+        return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``rabbitmqctl`` on the first node still running (cluster-wide commands)."""
+        alive = self.running()
+        if not alive:
+            raise BrokerError("no node of the cluster is running")
+        return alive[0].ctl(*args, check=check)
+
+    def add_hub(self, device_id: str, password: str) -> None:
+        """The hub's identity, on every node (users are the cluster's)."""
+        alive = self.running()
+        if not alive:
+            raise BrokerError("no node of the cluster is running")
+        alive[0].add_hub(device_id, password)
+
+    def leader(self, queue: str) -> RabbitNode:
+        """The node that leads quorum queue ``queue`` now."""
+        out = self.ctl("list_queues", "name", "leader", "--quiet", "--no-table-headers").stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                for node in self.nodes:
+                    if node.name == parts[1]:
+                        return node
+        raise BrokerError(f"no leader of queue {queue!r} in {out[-300:]!r}")
+
+    def stop(self) -> None:
+        """Stop every node it started, each by its own process group."""
+        for node in self.nodes:
+            node.stop()
