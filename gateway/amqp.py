@@ -148,7 +148,12 @@ class AmqpConsumer(BatchConsumer):
     async def _open_transport(self) -> None:
         # The first node must answer at start (a worker that cannot reach any node says so);
         # later losses are the supervisor's.
-        await self._attach(await self._connect_next())
+        connection = await self._connect_next()
+        try:
+            await self._attach(connection)
+        except BaseException:
+            await self._detach()
+            raise
         self._supervising = asyncio.create_task(self._supervise(), name="amqp-supervise")
 
     async def _connect_next(self) -> AbstractConnection:
