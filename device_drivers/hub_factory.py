@@ -50,12 +50,13 @@ async def open_hub(
     *,
     wearables: Sequence[WearableSpec] = (),
     backends: BleBackends | None = None,
-    mqtt5: bool = True,
+    mqtt5: bool | None = None,
     seal_max_age_s: float | None = None,
     time_zone: Callable[[], str | None] = system_time_zone,
 ) -> HubParts:
     """The hub of ``identity``; its outbox is closed when ``stack`` unwinds. ``time_zone``
-    says the hub's zone, looked at now and then (device_drivers.local_zone)."""
+    says the hub's zone, looked at now and then (device_drivers.local_zone). The broker's
+    addresses and MQTT version are the enrollment's (``mqtt5`` overrides the version)."""
     directory = identity.directory
     outbox = await asyncio.to_thread(Outbox.open, directory / OUTBOX_FILE, identity.device_id)
     stack.callback(outbox.close)
@@ -63,7 +64,11 @@ async def open_hub(
     sink = OutboxSink(outbox)
     tls = configure_tls(identity.tls)
     config = RelayConfig(
-        identity.device_id, identity.broker_host, identity.broker_port, mqtt5=mqtt5
+        identity.device_id,
+        identity.broker_host,
+        identity.broker_port,
+        mqtt5=identity.broker_mqtt5 if mqtt5 is None else mqtt5,
+        alternates=identity.broker_alternates,
     )
     if seal_max_age_s is not None:
         config = dataclasses.replace(config, seal_max_age_s=seal_max_age_s)

@@ -64,6 +64,10 @@ class HubIdentity:
     broker_port: int
     broker_tls: bool
     gateway_url: str
+    # The broker's other addresses (a cluster's nodes), tried in turn when one fails; and
+    # whether it speaks MQTT 5 (else 3.1.1, as RabbitMQ 3.10 does). Both from enrollment.
+    broker_alternates: tuple[tuple[str, int], ...] = ()
+    broker_mqtt5: bool = True
 
     @property
     def key_path(self) -> Path:
@@ -102,9 +106,29 @@ class HubIdentity:
                 int(record["broker"]["port"]),
                 bool(record["broker"]["tls"]),
                 record["gateway_url"],
+                _alternates(record["broker"].get("alternates", [])),
+                bool(record["broker"].get("mqtt5", True)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise HubIdentityError(f"{directory / 'hub.json'} is incomplete: {exc}") from exc
+
+
+MAX_BROKER_ALTERNATES = 16
+
+
+def _alternates(given: object) -> tuple[tuple[str, int], ...]:
+    """The broker's other addresses as the gateway gave them, each checked."""
+    if not isinstance(given, list) or len(given) > MAX_BROKER_ALTERNATES:
+        raise ValueError(f"broker alternates: expected at most {MAX_BROKER_ALTERNATES}")
+    out = []
+    for a in given:
+        host, port = a["host"], a["port"]
+        if not isinstance(host, str) or not 0 < len(host) <= 253 or not host.isprintable():
+            raise ValueError("broker alternates: a host is not a host name")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError("broker alternates: a port is not a port")
+        out.append((host, port))
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)

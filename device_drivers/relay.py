@@ -12,6 +12,8 @@ Policy (the numbers are ``RelayConfig`` defaults):
   gateway key) removes an envelope from the outbox; a forged one is counted and ignored.
 - paho reconnects on its own (1 s to 30 s backoff); the persistent session
   (``clean_start=False``, session expiry) keeps the receipt subscription across reconnects.
+  A broker with several addresses (``alternates``: the nodes of a cluster) is reconnected at
+  the next address whenever the connection is lost or cannot be made.
 - When to seal and when to resend is timed on the monotonic clock, so a wall clock that
   jumps (either way) neither holds envelopes back nor floods the broker; the wall clock only
   stamps ``sent`` and the outbox's bookkeeping.
@@ -68,6 +70,9 @@ class RelayConfig:
     tick_s: float = 0.2
     keepalive_s: int = 30
     mqtt5: bool = True
+    # Other addresses of the same broker (the nodes of a RabbitMQ cluster): when the
+    # connection is lost or cannot be made, the next address is tried (round after round).
+    alternates: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -114,6 +119,8 @@ class Relay:
         self._last_seal = monotonic()
         self._seal_retry_at = 0.0
         self._online = True
+        self._brokers = [(config.host, config.port), *config.alternates]
+        self._broker = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client = make_client(config.device_id, mqtt5=config.mqtt5)
         self._client.on_connect = self._on_connect
@@ -146,6 +153,7 @@ class Relay:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         self.stats.connect_failures += 1
+        self._next_broker(client)
 
     def _on_disconnect(
         self,
@@ -161,6 +169,27 @@ class Relay:
             # hub's side, so the refusal arrives as a lost connection, not a failed connect.
             self.stats.connect_failures += 1
         self.stats.connected = False
+        if reason.is_failure:  # lost, not a disconnect the hub asked for
+            self._next_broker(client)
+
+    def _next_broker(self, client: mqtt.Client) -> None:
+        """Aim paho's next reconnect at the broker's next address, if it has others."""
+        if len(self._brokers) < 2 or not self._online:
+            return
+        self._broker = (self._broker + 1) % len(self._brokers)
+        host, port = self._brokers[self._broker]
+        log.info("relay trying the broker's next address %s:%d", host, port)
+        self._connect_async(host, port)
+
+    def _connect_async(self, host: str, port: int) -> None:
+        connect_async(
+            self._client,
+            host,
+            port,
+            keepalive=self.config.keepalive_s,
+            mqtt5=self.config.mqtt5,
+            session_expiry_s=SESSION_EXPIRY_S,
+        )
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         assert self._loop is not None
@@ -177,14 +206,7 @@ class Relay:
     async def run(self) -> None:
         """Relay until cancelled."""
         self._loop = asyncio.get_running_loop()
-        connect_async(
-            self._client,
-            self.config.host,
-            self.config.port,
-            keepalive=self.config.keepalive_s,
-            mqtt5=self.config.mqtt5,
-            session_expiry_s=SESSION_EXPIRY_S,
-        )
+        self._connect_async(*self._brokers[self._broker])
         self._client.loop_start()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -203,14 +225,7 @@ class Relay:
             return
         self._online = online
         if online:
-            connect_async(
-                self._client,
-                self.config.host,
-                self.config.port,
-                keepalive=self.config.keepalive_s,
-                mqtt5=self.config.mqtt5,
-                session_expiry_s=SESSION_EXPIRY_S,
-            )
+            self._connect_async(*self._brokers[self._broker])
             self._client.loop_start()
         else:
             self._client.disconnect()

@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway import enrollment, renewal
 from gateway.pki import PkiError
 from gateway.problems import problem, read_json_object, require_int, require_str
+from gateway.settings import broker_addresses
 from gateway.web.ratelimit import client_address
 from ingest.wire import is_device_id
 from storage import audit
@@ -119,6 +120,10 @@ async def post_enrollment(request: web.Request) -> web.Response:
                 "host": settings.mqtt_host,
                 "port": settings.mqtt_port,
                 "tls": settings.mqtt_tls,
+                "alternates": [
+                    {"host": h, "port": p} for h, p in broker_addresses(settings.mqtt_alternates)
+                ],
+                "mqtt5": settings.mqtt_v5,
             },
             "topics": enrollment.topics(result.device_id),
         },

@@ -105,6 +105,9 @@ class RabbitNode:
             f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
             f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
             "mqtt.allow_anonymous = false\n"
+            # A hub's persistent session (its receipts' subscription) in a quorum queue,
+            # replicated across a cluster's nodes: it survives the node the hub was on.
+            "mqtt.durable_queue_type = quorum\n"
             "loopback_users = none\n"
             # Nothing near an envelope's own bound (ingest.envelope.MAX_ENVELOPE_BYTES) is
             # larger than this; RabbitMQ's default would let one message hold 128 MiB.

@@ -6,6 +6,7 @@ Nothing here is read at import time: ``from_env`` is given the environment expli
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -29,6 +30,9 @@ class Settings:
     data_dir: Path = DEFAULT_DATA_DIR
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    # Other addresses of the same broker as hubs reach it (the nodes of a RabbitMQ cluster),
+    # ``host:port`` comma separated: given to hubs at enrollment, tried in turn when one fails.
+    mqtt_alternates: str = ""
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     workers: int = 1
@@ -127,6 +131,25 @@ class Settings:
         return self.database_url
 
 
+MAX_BROKER_ADDRESSES = 16
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def broker_addresses(raw: str) -> list[tuple[str, int]]:
+    """``host:port`` pairs, comma separated (IPv6 in brackets), as hubs will be given them."""
+    out: list[tuple[str, int]] = []
+    for part in (p.strip() for p in raw.split(",") if p.strip()):
+        host, sep, port = part.rpartition(":")
+        if not sep or _HOST_RE.fullmatch(host) is None or not port.isdigit() or len(port) > 5:
+            raise ValueError(f"expected host:port, comma separated; not {part[:80]!r}")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port out of range in {part[:80]!r}")
+        out.append((host.strip("[]"), int(port)))
+    if len(out) > MAX_BROKER_ADDRESSES:
+        raise ValueError(f"at most {MAX_BROKER_ADDRESSES} addresses")
+    return out
+
+
 _INT_RANGES = {"mqtt_port": (1, 65535), "http_port": (0, 65535), "workers": (1, 256)}
 
 
@@ -156,6 +179,12 @@ def _convert(name: str, raw: str) -> Any:
         "audit_checkpoints",
     }:
         return Path(raw)
+    if name == "mqtt_alternates":
+        try:
+            broker_addresses(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{var}={raw[:200]!r} is not valid: {exc}") from None
+        return raw
     if name == "message_source":
         if raw not in {"mqtt", "amqp"}:
             raise ConfigError(f"{var}={raw[:40]!r} is not valid: expected mqtt or amqp")

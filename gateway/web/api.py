@@ -27,7 +27,7 @@ from gateway.web import (
 )
 from gateway.web.access import ADMIN_ONLY
 from gateway.web.api_common import V1
-from gateway.web.schemas import INT, NULL_TIME, STR, TIME, obj
+from gateway.web.schemas import INT, NULL_TIME, STR, TIME, arr, obj
 from gateway.web.spec import Ctx, Endpoint, Field, openapi_document
 
 DEVICE_ID = Field("device_id", max_len=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -72,7 +72,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 "certificate_pem": STR,
                 "ca_pem": STR,
                 "receipt_key_pem": STR,
-                "broker": obj({"host": STR, "port": INT, "tls": {"type": "boolean"}}),
+                "broker": obj(
+                    {
+                        "host": STR,
+                        "port": INT,
+                        "tls": {"type": "boolean"},
+                        "alternates": arr(obj({"host": STR, "port": INT})),
+                        "mqtt5": {"type": "boolean"},
+                    }
+                ),
                 "topics": {"type": "object"},
             }
         ),

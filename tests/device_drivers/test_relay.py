@@ -134,3 +134,58 @@ async def test_forged_receipt_is_ignored(
     assert idle.stats.receipts_accepted == 1
     assert outbox.stats().unreceipted_envelopes == 0
     outbox.close()
+
+
+async def test_a_broker_with_several_addresses_is_reached_at_the_next_when_one_fails(
+    trial: Trial, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The first address refuses (nothing listens), the second is reached and takes an
+    envelope; killed, the third is reached and the unreceipted envelope is sent there."""
+    from gateway.broker import free_port
+    from ingest.pipeline import up_topic
+    from tests.fixtures.mqtt import MqttProbe
+
+    third = MosquittoBroker(tmp_path / "third")
+    third.start()
+    probes = [MqttProbe(mosquitto, "probe-second"), MqttProbe(third, "probe-third")]
+    for probe in probes:
+        probe.subscribe(up_topic("hub-1"))
+    hub = trial.hubs["hub-1"]
+    outbox = Outbox.open(tmp_path / "outbox.sqlite", hub.device_id)
+    config = RelayConfig(
+        hub.device_id,
+        "127.0.0.1",
+        free_port(),
+        seal_max_readings=5,
+        seal_max_age_s=0.1,
+        resend_after_s=1.0,
+        tick_s=0.05,
+        alternates=(("127.0.0.1", mosquitto.port), ("127.0.0.1", third.port)),
+    )
+    r = Relay(
+        config,
+        outbox,
+        hub.key,
+        hub.key.public_key(),
+        configure_client=lambda c: c.reconnect_delay_set(1, 1),
+    )
+    task = asyncio.create_task(r.run(), name="test-relay-alternates")
+    try:
+        await wait_until(lambda: r.stats.connected, "connected at the second address")
+        outbox.add_readings(readings(0, 5))
+        topic, first = await probes[0].next()
+        assert topic == up_topic("hub-1")
+        mosquitto.kill()
+        await wait_until(lambda: not r.stats.connected, "the second address lost")
+        await wait_until(lambda: r.stats.connected, "connected at the third address")
+        # Unreceipted (no gateway here), the envelope is sent again, now to the third.
+        topic, again = await probes[1].next(within=30)
+        assert (topic, again) == (up_topic("hub-1"), first)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for probe in probes:
+            probe.close()
+        outbox.close()
+        third.kill()

@@ -1,9 +1,10 @@
 """A three-node RabbitMQ cluster on this machine (gateway.rabbitmq.RabbitCluster) under a
-fault: a hub's relay streams signed readings over MQTT 3.1.1 into one node while a gateway
-worker consumes the replicated uplink quorum queue over AMQP from the node that leads it;
-that node is killed (-9) mid-stream. The queue elects a new leader, the worker moves to the
-next node of its list on its own, and afterwards every reading the hub made is stored
-exactly once and receipted, with no rejection."""
+fault: a hub's relay streams signed readings over MQTT 3.1.1 into the node that leads the
+replicated uplink quorum queue, and a gateway worker consumes that queue over AMQP from the
+same node; the node is killed (-9) mid-stream. The queue elects a new leader, the hub and the
+worker each move to the next address they know, the hub's persistent session (a quorum
+queue too) still holds its receipts' subscription, and afterwards every reading the hub made
+is stored exactly once and receipted, with no rejection."""
 
 from __future__ import annotations
 
@@ -86,16 +87,18 @@ async def test_the_queue_leaders_node_killed_mid_stream_loses_and_doubles_nothin
     outbox = Outbox.open(tmp_path / "outbox.sqlite", hub.device_id)
     sink = OutboxSink(outbox, HubClock(time.time))
     relay = Relay(
-        # The hub speaks to a node that stays up; MQTT 3.1.1, as RabbitMQ 3.10 has no 5.
+        # The hub speaks to the leader's node first, knowing the others' addresses; MQTT
+        # 3.1.1, as RabbitMQ 3.10 has no 5.
         RelayConfig(
             hub.device_id,
             "127.0.0.1",
-            others[0].mqtt_port,
+            leader.mqtt_port,
             seal_max_readings=20,
             seal_max_age_s=0.2,
             resend_after_s=3.0,
             tick_s=0.05,
             mqtt5=False,
+            alternates=tuple(("127.0.0.1", n.mqtt_port) for n in others),
         ),
         outbox,
         hub.key,
@@ -124,6 +127,7 @@ async def test_the_queue_leaders_node_killed_mid_stream_loses_and_doubles_nothin
                 "the worker consumes from a surviving node",
             )
             await wait_until(under.drained, "every reading receipted", within=90)
+            assert relay.stats.connected
             assert cluster.leader(name) in others
             next_seq = outbox.stats().next_seq
     finally:
