@@ -9,9 +9,7 @@ A screenshot of the card goes to docs/screenshots/ for docs/review.md."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +23,7 @@ from gateway.web import api_review
 from storage import review
 from storage.migrate import StorageMode
 from tests.alerts.test_engine import rows
+from tests.fixtures.waiting import value_when
 from tests.storage.test_review_lock import DAY, lock_day, store
 from tests.web.browser import SCREENSHOTS, Browser
 from tests.web.conftest import PASSWORD, Web
@@ -79,14 +78,8 @@ async def card(browser: Browser) -> dict[str, Any]:
 async def shown(
     browser: Browser, what: str, check: Callable[[dict[str, Any]], Any]
 ) -> dict[str, Any]:
-    """Wait for the card to satisfy ``check``; the card as then shown."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        got = await card(browser)
-        if got is not None and check(got):
-            return got
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within 20 s: {what}; card: {await card(browser)}")
+    """Wait for the card to satisfy ``check``; it as then shown."""
+    return await value_when(lambda: card(browser), check, what)
 
 
 async def sign(browser: Browser, password: str) -> None:

@@ -9,9 +9,7 @@ A screenshot goes to docs/screenshots/ for docs/review.md."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from gateway.web import api_review
 from storage import locks
 from storage.migrate import StorageMode
 from tests.alerts.test_engine import rows
+from tests.fixtures.waiting import value_when
 from tests.storage.test_review_lock import DAY, lock_day, store
 from tests.web.browser import SCREENSHOTS, Browser
 from tests.web.conftest import PASSWORD, Web
@@ -78,13 +77,8 @@ async def page(browser: Browser) -> dict[str, Any] | None:
 async def shown(
     browser: Browser, what: str, check: Callable[[dict[str, Any]], Any]
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        got = await page(browser)
-        if got is not None and check(got):
-            return got
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within 20 s: {what}; page: {await page(browser)}")
+    """Wait for the page to satisfy ``check``; it as then shown."""
+    return await value_when(lambda: page(browser), check, what)
 
 
 async def lock(browser: Browser, password: str) -> None:

@@ -134,6 +134,19 @@ const TS = (() => {
       `${pad(Math.trunc(off / 60))}:${pad(off % 60)}`;
   }
 
+  // A refusal under a form: its text in the form's alert, and the field it is about (if any)
+  // marked invalid and focused, a password field cleared; else the alert focused.
+  function formError(error, target, text) {
+    error.textContent = text;
+    if (target) {
+      target.setAttribute("aria-invalid", "true");
+      if (target.type === "password") target.value = "";
+      target.focus();
+    } else {
+      error.focus();
+    }
+  }
+
   function link(href, text) {
     return el("a", { href }, text);
   }
@@ -508,6 +521,6 @@ const TS = (() => {
     };
   }
 
-  return { el, api, session, time, clock, ago, table, section, link, field, localIso, status,
+  return { el, api, session, time, clock, ago, table, section, link, field, localIso, formError, status,
     warnBeforeIdleEnd, queriesCard, querySteps, problemText, QUERY_STEPS, QUERY_TEXT_MAX };
 })();

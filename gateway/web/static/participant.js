@@ -302,17 +302,7 @@
       "Entering your password again confirms that this signature is yours."),
       error,
       el("button", { type: "submit" }, "Sign off this period"));
-    function showError(where, text) {
-      error.textContent = text;
-      const target = where ? input(where) : null;
-      if (target) {
-        target.setAttribute("aria-invalid", "true");
-        if (where === "password") target.value = "";
-        target.focus();
-      } else {
-        error.focus();
-      }
-    }
+    const showError = (where, text) => TS.formError(error, where ? input(where) : null, text);
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       error.textContent = "";
