@@ -21,6 +21,7 @@ from pathlib import Path
 
 from gateway.broker import free_port
 from gateway.errors import BrokerError
+from ingest.transport import TlsFiles
 from ingest.wire import DEVICE_ID_RE
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,11 @@ def find_rabbitmq(bin_dir: Path = RABBITMQ_BIN) -> Path:
     return bin_dir
 
 
+def _check_device_id(device_id: str) -> None:
+    if DEVICE_ID_RE.fullmatch(device_id) is None:
+        raise BrokerError(f"not a device id: {device_id[:70]!r}")
+
+
 class RabbitNode:
     """One RabbitMQ node in ``directory``: AMQP on ``amqp_port``, MQTT on ``mqtt_port``, both
     on 127.0.0.1; distribution on a free port of its own, bound to loopback too."""
@@ -52,8 +58,13 @@ class RabbitNode:
         bin_dir: Path = RABBITMQ_BIN,
         *,
         cookie: str | None = None,
+        tls: TlsFiles | None = None,
     ):
         self.bin_dir = find_rabbitmq(bin_dir)
+        # With ``tls``: MQTT over TLS on ``mqtts_port`` too, hubs logging in by their client
+        # certificate alone (its common name is the user: their device id).
+        self.tls = tls
+        self.mqtts_port = free_port() if tls is not None else None
         self.directory = directory
         self.name = name or f"ts{os.getpid()}x{secrets.token_hex(3)}@localhost"
         # Nodes of one cluster share their Erlang cookie; a lone node makes its own.
@@ -111,7 +122,24 @@ class RabbitNode:
             "loopback_users = none\n"
             # Nothing near an envelope's own bound (ingest.envelope.MAX_ENVELOPE_BYTES) is
             # larger than this; RabbitMQ's default would let one message hold 128 MiB.
-            f"max_message_size = {MAX_MESSAGE_BYTES}\n"
+            f"max_message_size = {MAX_MESSAGE_BYTES}\n" + self._tls_config()
+        )
+
+    def _tls_config(self) -> str:
+        if self.tls is None:
+            return ""
+        return (
+            f"mqtt.listeners.ssl.default = 127.0.0.1:{self.mqtts_port}\n"
+            f"ssl_options.cacertfile = {self.tls.cafile}\n"
+            f"ssl_options.certfile = {self.tls.certfile}\n"
+            f"ssl_options.keyfile = {self.tls.keyfile}\n"
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = true\n"
+            "ssl_options.versions.1 = tlsv1.3\n"
+            "ssl_options.versions.2 = tlsv1.2\n"
+            # The user is the certificate's common name; no password is asked for or kept.
+            "mqtt.ssl_cert_login = true\n"
+            "ssl_cert_login_from = common_name\n"
         )
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
@@ -157,15 +185,17 @@ class RabbitNode:
             raise BrokerError(f"rabbitmqctl {args[0]} failed: {done.stderr.strip()[-500:]}")
         return done
 
-    def add_hub(self, device_id: str, password: str) -> None:
+    def add_hub(self, device_id: str, password: str | None = None) -> None:
         """A hub's broker identity: it may publish only to its own ``up`` topic and read only
         its own ``down`` topic (topic permissions match the dotted routing key). The id is
-        checked first: it becomes part of the permissions' regular expressions."""
-        if DEVICE_ID_RE.fullmatch(device_id) is None:
-            raise BrokerError(f"not a device id: {device_id[:70]!r}")
+        checked first: it becomes part of the permissions' regular expressions. Without a
+        password the hub can log in only by its certificate (a node with ``tls``)."""
+        _check_device_id(device_id)
         escaped = device_id.replace(".", r"\.")
         own_queues = rf"^mqtt-subscription-{escaped}qos[01]$"
-        self.ctl("add_user", device_id, password)
+        self.ctl("add_user", device_id, password or secrets.token_urlsafe(32))
+        if password is None:
+            self.ctl("clear_password", device_id)
         self.ctl(
             "set_permissions",
             device_id,
@@ -180,6 +210,14 @@ class RabbitNode:
             rf"^dct\.v1\.{escaped}\.up$",
             rf"^dct\.v1\.{escaped}\.down$",
         )
+
+    def remove_hub(self, device_id: str, reason: str = "hub revoked") -> None:
+        """Withdraw a hub's broker identity: it cannot log in again, and every connection it
+        holds is closed. RabbitMQ 3.10 closes a deleted user's connections itself (seen in
+        tests/gateway/test_rabbitmq_tls.py); any still open are closed with ``reason``."""
+        _check_device_id(device_id)
+        self.ctl("delete_user", device_id)
+        self.ctl("close_all_user_connections", device_id, reason)
 
     def _log_tail(self) -> str:
         try:
