@@ -53,6 +53,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from gateway.consumer_core import MAX_UNACKED, BatchConsumer, ConsumerConfig
 from gateway.judging import Message
+from gateway.rabbitmq import TOPIC_EXCHANGE
 from ingest import pipeline
 from ingest.model import Batch, Reason, Receipt, RejectedEnvelope
 from storage.errors import StorageError
@@ -63,7 +64,6 @@ log = logging.getLogger(__name__)
 UPLINK_QUEUE: Final = "trialstream.uplink"
 UPLINK_BINDING: Final = "dct.v1.#.up"
 DELIVERY_LIMIT: Final = 20
-TOPIC_EXCHANGE: Final = "amq.topic"
 CONNECT_TIMEOUT_S: Final = 10.0
 # After a node is lost, the next is tried at once; a round of the whole list that finds none
 # waits this long, doubling up to the cap, before the next round.

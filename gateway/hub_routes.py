@@ -108,6 +108,8 @@ async def post_enrollment(request: web.Request) -> web.Response:
     except PkiError as exc:
         await refused("invalid_csr")
         return problem(400, "invalid-csr", str(exc))
+    if settings.rabbitmq_admin_url:
+        await _broker_identity(settings.rabbitmq_admin_url, result.device_id)
     return web.json_response(
         {
             "device_id": result.device_id,
@@ -129,6 +131,22 @@ async def post_enrollment(request: web.Request) -> web.Response:
         },
         status=201,
     )
+
+
+async def _broker_identity(admin_url: str, device_id: str) -> None:
+    """The new hub's user on RabbitMQ. The enrollment stands if the broker cannot be reached:
+    the hub then cannot connect until ``trialstream broker sync-hubs`` creates it."""
+    from gateway.errors import BrokerError
+    from gateway.rabbit_admin import RabbitAdmin
+
+    try:
+        await RabbitAdmin(admin_url).add_hub(device_id)
+    except BrokerError as exc:
+        log.error(
+            "hub %s enrolled without its broker identity (run `trialstream broker sync-hubs`): %s",
+            device_id,
+            exc,
+        )
 
 
 def _device_id(request: web.Request) -> str:

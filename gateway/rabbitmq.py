@@ -17,7 +17,9 @@ import signal
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from gateway.broker import free_port
 from gateway.errors import BrokerError
@@ -30,6 +32,7 @@ RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 START_TIMEOUT_S = 60.0
 CTL_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 1024 * 1024
+TOPIC_EXCHANGE: Final = "amq.topic"
 
 
 def find_rabbitmq(bin_dir: Path = RABBITMQ_BIN) -> Path:
@@ -47,6 +50,33 @@ def _check_device_id(device_id: str) -> None:
         raise BrokerError(f"not a device id: {device_id[:70]!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class HubPermissions:
+    """What a hub may do on RabbitMQ, as regular expressions: configure, write and read its
+    own MQTT subscription queues (and write and read ``amq.topic``), and on ``amq.topic``
+    publish only to its own ``up`` routing key and read only its own ``down`` one."""
+
+    configure: str
+    write: str
+    read: str
+    topic_write: str
+    topic_read: str
+
+
+def hub_permissions(device_id: str) -> HubPermissions:
+    """The hub's permissions; the id is checked first (it becomes part of the patterns)."""
+    _check_device_id(device_id)
+    escaped = device_id.replace(".", r"\.")
+    own_queues = rf"^mqtt-subscription-{escaped}qos[01]$"
+    return HubPermissions(
+        own_queues,
+        rf"^amq\.topic$|{own_queues}",
+        rf"^amq\.topic$|{own_queues}",
+        rf"^dct\.v1\.{escaped}\.up$",
+        rf"^dct\.v1\.{escaped}\.down$",
+    )
+
+
 class RabbitNode:
     """One RabbitMQ node in ``directory``: AMQP on ``amqp_port``, MQTT on ``mqtt_port``, both
     on 127.0.0.1; distribution on a free port of its own, bound to loopback too."""
@@ -59,12 +89,16 @@ class RabbitNode:
         *,
         cookie: str | None = None,
         tls: TlsFiles | None = None,
+        management: bool = False,
     ):
         self.bin_dir = find_rabbitmq(bin_dir)
         # With ``tls``: MQTT over TLS on ``mqtts_port`` too, hubs logging in by their client
         # certificate alone (its common name is the user: their device id).
         self.tls = tls
         self.mqtts_port = free_port() if tls is not None else None
+        # With ``management``: the HTTP management API (``management_url``), through which
+        # the gateway keeps hubs' broker identities (gateway.rabbit_admin).
+        self.management_port = free_port() if management else None
         self.directory = directory
         self.name = name or f"ts{os.getpid()}x{secrets.token_hex(3)}@localhost"
         # Nodes of one cluster share their Erlang cookie; a lone node makes its own.
@@ -77,6 +111,12 @@ class RabbitNode:
     @property
     def amqp_url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def management_url(self) -> str | None:
+        if self.management_port is None:
+            return None
+        return f"http://guest:guest@127.0.0.1:{self.management_port}/"
 
     @property
     def log_path(self) -> Path:
@@ -111,7 +151,8 @@ class RabbitNode:
             cookie.chmod(0o400)
         (d / "rabbitmq-env.conf").write_text("")
         (d / "advanced.config").write_text("[].\n")
-        (d / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        plugins = "rabbitmq_mqtt,rabbitmq_management" if self.management_port else "rabbitmq_mqtt"
+        (d / "enabled_plugins").write_text(f"[{plugins}].\n")
         (d / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
             f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
@@ -122,7 +163,13 @@ class RabbitNode:
             "loopback_users = none\n"
             # Nothing near an envelope's own bound (ingest.envelope.MAX_ENVELOPE_BYTES) is
             # larger than this; RabbitMQ's default would let one message hold 128 MiB.
-            f"max_message_size = {MAX_MESSAGE_BYTES}\n" + self._tls_config()
+            f"max_message_size = {MAX_MESSAGE_BYTES}\n"
+            + self._tls_config()
+            + (
+                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+                if self.management_port
+                else ""
+            )
         )
 
     def _tls_config(self) -> str:
@@ -186,29 +233,19 @@ class RabbitNode:
         return done
 
     def add_hub(self, device_id: str, password: str | None = None) -> None:
-        """A hub's broker identity: it may publish only to its own ``up`` topic and read only
-        its own ``down`` topic (topic permissions match the dotted routing key). The id is
-        checked first: it becomes part of the permissions' regular expressions. Without a
-        password the hub can log in only by its certificate (a node with ``tls``)."""
-        _check_device_id(device_id)
-        escaped = device_id.replace(".", r"\.")
-        own_queues = rf"^mqtt-subscription-{escaped}qos[01]$"
+        """A hub's broker identity (``hub_permissions``). Without a password the hub can log
+        in only by its certificate (a node with ``tls``)."""
+        allowed = hub_permissions(device_id)
         self.ctl("add_user", device_id, password or secrets.token_urlsafe(32))
         if password is None:
             self.ctl("clear_password", device_id)
-        self.ctl(
-            "set_permissions",
-            device_id,
-            own_queues,
-            rf"^amq\.topic$|{own_queues}",
-            rf"^amq\.topic$|{own_queues}",
-        )
+        self.ctl("set_permissions", device_id, allowed.configure, allowed.write, allowed.read)
         self.ctl(
             "set_topic_permissions",
             device_id,
-            "amq.topic",
-            rf"^dct\.v1\.{escaped}\.up$",
-            rf"^dct\.v1\.{escaped}\.down$",
+            TOPIC_EXCHANGE,
+            allowed.topic_write,
+            allowed.topic_read,
         )
 
     def remove_hub(self, device_id: str, reason: str = "hub revoked") -> None:

@@ -13,6 +13,10 @@
    CRL, is ended by taking over its MQTT session (its client id is its device id).
 
 Steps 3 to 5 need a reachable broker; what could not be done is reported, never hidden.
+
+On RabbitMQ (``TRIALSTREAM_RABBITMQ_ADMIN_URL``) steps 3 to 5 are one: the hub's broker
+identity, through which its certificate logs in, is removed, which closes its connections
+(``gateway.rabbit_admin``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ class BrokerOutcome:
     certificate_listed: bool = True
     crl_loaded_after_s: float | None = None
     session_ended: bool = False
+    # RabbitMQ (TRIALSTREAM_RABBITMQ_ADMIN_URL): the hub's user deleted, and how many of its
+    # connections were still open and closed.
+    identity_removed: bool = False
+    connections_closed: int = 0
     problems: list[str] = field(default_factory=list)
 
 
@@ -120,11 +128,35 @@ async def refresh(settings: Settings, *, device_id: str | None = None) -> Broker
     """Publish the CRL from the database and make the broker use it (``device_id``: also
     end that hub's open connection)."""
     ca = StudyCA.load_or_create(settings.ca_path)
+    if settings.rabbitmq_admin_url:
+        return await _refresh_rabbitmq(settings, settings.rabbitmq_admin_url, ca, device_id)
     with tempfile.TemporaryDirectory(prefix="trialstream-probe-") as tmp:
         probe, probe_serial = ca.issue_probe(Path(tmp))
         async with db.connection(settings.require_database_url()) as conn:
             await publish_crl(conn, ca, extra_serials=[probe_serial])
         return await asyncio.to_thread(tell_broker, settings, ca, probe, device_id)
+
+
+async def _refresh_rabbitmq(
+    settings: Settings, admin_url: str, ca: StudyCA, device_id: str | None
+) -> BrokerOutcome:
+    """On RabbitMQ the hub's broker identity is what lets it in: the CRL is published for the
+    record (RabbitMQ does not read it), and the revoked hub's user is removed, which also
+    closes its connections."""
+    from gateway.rabbit_admin import RabbitAdmin
+
+    async with db.connection(settings.require_database_url()) as conn:
+        await publish_crl(conn, ca)
+    out = BrokerOutcome(reload="rabbitmq")
+    if device_id is None:
+        return out
+    try:
+        out.connections_closed = await RabbitAdmin(admin_url).remove_hub(device_id)
+    except BrokerError as exc:
+        out.problems.append(f"the hub's broker identity was not removed: {exc}")
+        return out
+    out.identity_removed = out.session_ended = True
+    return out
 
 
 async def revoke_hub(

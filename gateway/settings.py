@@ -76,6 +76,10 @@ class Settings:
     # nodes, comma separated; the first that answers is used).
     message_source: str = "mqtt"
     amqp_urls: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # RabbitMQ's management API (http://admin:password@host:15672/): where set, enrollment
+    # creates each hub's broker identity (certificate login) and revocation removes it
+    # (gateway.rabbit_admin).
+    rabbitmq_admin_url: str | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -185,6 +189,15 @@ def _convert(name: str, raw: str) -> Any:
         except ValueError as exc:
             raise ConfigError(f"{var}={raw[:200]!r} is not valid: {exc}") from None
         return raw
+    if name == "rabbitmq_admin_url":
+        from gateway.rabbit_admin import check_admin_url
+
+        try:
+            return check_admin_url(raw)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{var} is not valid: {exc} (not shown: it holds a password)"
+            ) from None
     if name == "message_source":
         if raw not in {"mqtt", "amqp"}:
             raise ConfigError(f"{var}={raw[:40]!r} is not valid: expected mqtt or amqp")

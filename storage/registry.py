@@ -82,6 +82,20 @@ async def revoke_device(conn: Conn, device_id: str, reason: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class _Device:
+    device_id: str
+
+
+async def active_device_ids(conn: Conn) -> list[str]:
+    """Every device not revoked, by id: the hubs a broker should let in."""
+    async with conn.cursor(row_factory=class_row(_Device)) as cur:
+        await cur.execute(
+            "SELECT device_id FROM devices WHERE revoked_at IS NULL ORDER BY device_id"
+        )
+        return [d.device_id for d in await cur.fetchall()]
+
+
+@dataclass(frozen=True, slots=True)
 class _Site:
     site_id: str
 

@@ -32,6 +32,38 @@ def register(sub: Subparsers) -> None:
     )
     add_database_flags(crl)
     crl.set_defaults(handler=_cmd_publish_crl)
+    sync = actions.add_parser(
+        "sync-hubs",
+        help="make RabbitMQ's hub users match the database's active devices",
+        description="On RabbitMQ (TRIALSTREAM_RABBITMQ_ADMIN_URL): create the broker identity "
+        "of every active device that has none (a hub enrolled while the broker could not be "
+        "reached, or a new cluster), and remove those of devices revoked or unknown, closing "
+        "their connections. Users the gateway did not create (not tagged trialstream-hub) "
+        "are left alone.",
+    )
+    add_database_flags(sync)
+    sync.set_defaults(handler=_cmd_sync_hubs)
+
+
+def _cmd_sync_hubs(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.errors import ConfigError
+    from gateway.rabbit_admin import RabbitAdmin
+    from storage import db, registry
+
+    if not settings.rabbitmq_admin_url:
+        raise ConfigError("TRIALSTREAM_RABBITMQ_ADMIN_URL is not set: there is no RabbitMQ to sync")
+    admin = RabbitAdmin(settings.rabbitmq_admin_url)
+
+    async def sync() -> tuple[list[str], list[str]]:
+        async with db.connection(settings.require_database_url()) as conn:
+            active = await registry.active_device_ids(conn)
+        report = await admin.sync(set(active))
+        return report.created, report.removed
+
+    created, removed = run(sync())
+    print(f"hub identities created: {len(created)}{': ' + ', '.join(created) if created else ''}")
+    print(f"hub identities removed: {len(removed)}{': ' + ', '.join(removed) if removed else ''}")
+    return 0
 
 
 def _cmd_publish_crl(args: argparse.Namespace, settings: Settings) -> int:

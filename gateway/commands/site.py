@@ -294,11 +294,16 @@ def _revoke(args: argparse.Namespace, settings: Settings) -> int:
             f"broker reloaded ({outcome.reload}): it refuses the hub's certificate "
             f"(after {outcome.crl_loaded_after_s:.1f} s)"
         )
-    if outcome.session_ended:
+    if outcome.identity_removed:
+        print(
+            "its RabbitMQ identity was removed: it cannot log in again, and "
+            f"{outcome.connections_closed} open connection(s) of it were closed"
+        )
+    elif outcome.session_ended:
         print("the hub's open connection to the broker, if any, was ended")
     for problem in outcome.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    if outcome.crl_loaded_after_s is None:
+    if outcome.crl_loaded_after_s is None and outcome.reload != "rabbitmq":
         print(
             "warning: the CRL is published; the broker refuses the hub only once it reloads "
             "(systemctl reload mosquitto, or SIGHUP), and `trialstream broker publish-crl` "

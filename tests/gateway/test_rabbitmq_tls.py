@@ -10,7 +10,6 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -18,7 +17,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.errors import BrokerError
 from gateway.pki import StudyCA
 from gateway.rabbitmq import RabbitNode
 from ingest import keys
@@ -27,23 +25,6 @@ from ingest.transport import TlsFiles
 from tests.fixtures.pki import hub_files
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tls_rabbit(tmp_path_factory: pytest.TempPathFactory, study_ca: StudyCA) -> Iterator[RabbitNode]:
-    directory = tmp_path_factory.mktemp("rabbit-tls")
-    server = study_ca.issue_files(
-        directory / "server", "broker", server_hosts=("127.0.0.1", "localhost")
-    )
-    node = RabbitNode(directory / "node", tls=server)
-    try:
-        node.start()
-    except BrokerError as exc:
-        pytest.fail(f"the test's RabbitMQ node with TLS could not start: {exc}")
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 class CertHub:
@@ -99,11 +80,11 @@ def _hub(study_ca: StudyCA, tmp_path: Path, device_id: str) -> TlsFiles:
 
 
 def test_a_hub_logs_in_by_its_certificate_and_publishes_only_as_itself(
-    tls_rabbit: RabbitNode, study_ca: StudyCA, tmp_path: Path
+    secure_rabbit: RabbitNode, study_ca: StudyCA, tmp_path: Path
 ) -> None:
     device = f"hub-{secrets.token_hex(3)}"
-    tls_rabbit.add_hub(device)  # no password: the certificate is the login
-    hub = CertHub(tls_rabbit, device, _hub(study_ca, tmp_path, device))
+    secure_rabbit.add_hub(device)  # no password: the certificate is the login
+    hub = CertHub(secure_rabbit, device, _hub(study_ca, tmp_path, device))
     try:
         assert hub.connect(), hub.results
         info = hub.client.publish(up_topic(device), b"x", qos=1)
@@ -112,22 +93,22 @@ def test_a_hub_logs_in_by_its_certificate_and_publishes_only_as_itself(
     finally:
         hub.close()
     # A password login for that user is impossible: it has none.
-    done = tls_rabbit.ctl("authenticate_user", device, "anything", check=False)
+    done = secure_rabbit.ctl("authenticate_user", device, "anything", check=False)
     assert done.returncode != 0
 
 
 def test_a_certificate_of_another_ca_or_none_is_refused(
-    tls_rabbit: RabbitNode, study_ca: StudyCA, tmp_path: Path
+    secure_rabbit: RabbitNode, study_ca: StudyCA, tmp_path: Path
 ) -> None:
     device = f"hub-{secrets.token_hex(3)}"
-    tls_rabbit.add_hub(device)
+    secure_rabbit.add_hub(device)
     other_ca = StudyCA.load_or_create(tmp_path / "other-ca")
     stranger = hub_files(other_ca, tmp_path / "stranger", device, keys.generate_private_key())
     # The hub verifies the broker with the study CA but presents the other CA's certificate.
     files = TlsFiles(study_ca.cert_path, stranger.certfile, stranger.keyfile)
     for hub in (
-        CertHub(tls_rabbit, device, files),
-        CertHub(tls_rabbit, device, files, present=False),
+        CertHub(secure_rabbit, device, files),
+        CertHub(secure_rabbit, device, files, present=False),
     ):
         try:
             assert not hub.connect(), hub.results
@@ -136,21 +117,21 @@ def test_a_certificate_of_another_ca_or_none_is_refused(
 
 
 def test_a_withdrawn_hub_is_cut_off_and_cannot_log_in_again(
-    tls_rabbit: RabbitNode, study_ca: StudyCA, tmp_path: Path
+    secure_rabbit: RabbitNode, study_ca: StudyCA, tmp_path: Path
 ) -> None:
     device = f"hub-{secrets.token_hex(3)}"
-    tls_rabbit.add_hub(device)
+    secure_rabbit.add_hub(device)
     files = _hub(study_ca, tmp_path, device)
-    hub = CertHub(tls_rabbit, device, files)
+    hub = CertHub(secure_rabbit, device, files)
     try:
         assert hub.connect(), hub.results
-        tls_rabbit.remove_hub(device)
+        secure_rabbit.remove_hub(device)
         assert hub.lost.wait(10), "the hub's open connection was not closed"
     finally:
         hub.close()
-    again = CertHub(tls_rabbit, device, files)
+    again = CertHub(secure_rabbit, device, files)
     try:
         assert not again.connect()
     finally:
         again.close()
-    assert tls_rabbit.ctl("list_users", "--quiet").stdout.count(device) == 0
+    assert secure_rabbit.ctl("list_users", "--quiet").stdout.count(device) == 0
