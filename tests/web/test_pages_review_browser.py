@@ -82,6 +82,23 @@ async def shown(
     return await value_when(lambda: card(browser), check, what)
 
 
+async def refused_signature(
+    browser: Browser, web: Web, password_field: str, table: str, actor: str, act: str
+) -> None:
+    """After a wrong password: the cleared password field has the focus, ``table`` holds
+    nothing, and the failed attempt is audited with the act it was to sign."""
+    assert (
+        await browser.run(lambda d: d.switch_to.active_element.get_attribute("id"))
+        == password_field
+    )
+    assert await rows(web.trial.url, f"SELECT count(*) FROM {table}") == [(0,)]
+    assert await rows(
+        web.trial.url,
+        "SELECT actor, detail->>'reauthentication' FROM audit_log"
+        " WHERE action = 'user.login_failed'",
+    ) == [(actor, act)]
+
+
 async def sign(browser: Browser, password: str) -> None:
     def step(d: webdriver.Chrome) -> None:
         details = d.find_element(By.ID, "review-sign-details")
@@ -121,16 +138,9 @@ async def test_a_monitor_signs_off_from_the_page_and_later_data_outdates_it(
     await sign(browser, "not my password")
     got = await shown(browser, "the refusal", lambda c: c["error"])
     assert "Not signed: re-authentication failed" in got["error"], got
-    assert (
-        await browser.run(lambda d: d.switch_to.active_element.get_attribute("id"))
-        == "review-password"
+    await refused_signature(
+        browser, web, "review-password", "review_signoffs", "monitor", "review.sign"
     )
-    assert await rows(web.trial.url, "SELECT count(*) FROM review_signoffs") == [(0,)]
-    assert await rows(
-        web.trial.url,
-        "SELECT actor, detail->>'reauthentication' FROM audit_log"
-        " WHERE action = 'user.login_failed'",
-    ) == [("monitor", "review.sign")]
 
     # The right one: stored, listed, audited; the meaning shown as text.
     await browser.run(lambda d: d.find_element(By.ID, "review-password").send_keys(PASSWORD))

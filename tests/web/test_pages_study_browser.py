@@ -26,6 +26,7 @@ from tests.fixtures.waiting import value_when
 from tests.storage.test_review_lock import DAY, lock_day, store
 from tests.web.browser import SCREENSHOTS, Browser
 from tests.web.conftest import PASSWORD, Web
+from tests.web.test_pages_review_browser import refused_signature
 
 STUDY_JS = Path(__file__).resolve().parents[2] / "gateway" / "web" / "static" / "study.js"
 PAGE = "/studies/S1"
@@ -124,16 +125,7 @@ async def test_a_data_manager_locks_holds_and_lifts_from_the_page(
     await lock(browser, "not my password")
     got = await shown(browser, "the refusal", lambda p: p["lockError"])
     assert "Not signed: re-authentication failed" in got["lockError"], got
-    assert (
-        await browser.run(lambda d: d.switch_to.active_element.get_attribute("id"))
-        == "lock-password"
-    )
-    assert await rows(web.trial.url, "SELECT count(*) FROM period_locks") == [(0,)]
-    assert await rows(
-        web.trial.url,
-        "SELECT actor, detail->>'reauthentication' FROM audit_log"
-        " WHERE action = 'user.login_failed'",
-    ) == [("admin", "period.lock")]
+    await refused_signature(browser, web, "lock-password", "period_locks", "admin", "period.lock")
 
     # The right one: the day locked, listed in force, with the form to lift it.
     await browser.run(lambda d: d.find_element(By.ID, "lock-password").send_keys(PASSWORD))
