@@ -10,7 +10,8 @@
   the ``postgres`` user when this process is root (initdb refuses root), else as this user.
 - ``dsn()``: the multi-host connection string that finds the writable node
   (``target_session_attrs=read-write``) with a short ``connect_timeout`` per host.
-- ``kill_primary()``: kill -9 the leader's Patroni and its postmaster, as a host lost.
+- ``primary().kill()``: kill -9 the leader's Patroni and its postmaster, as a host lost;
+  ``wait_for_primary`` then returns the node that took over once it takes writes.
 
 Every process it starts it stops by its own process group (and the postmaster by the pid in
 its data directory, since Patroni starts it in a session of its own).
@@ -244,6 +245,8 @@ class PatroniCluster:
     """etcd and ``size`` Patroni nodes in a directory of their own (readable by postgres)."""
 
     def __init__(self, size: int = 2) -> None:
+        if size < 2:
+            raise ValueError("a primary and at least one standby")
         if os.geteuid() == 0:
             _need("runuser", "util-linux")
         self.directory = Path(tempfile.mkdtemp(prefix="trialstream-patroni-"))
@@ -263,8 +266,8 @@ class PatroniCluster:
         )
 
     def start(self, timeout: float = START_TIMEOUT_S * 2) -> None:
-        """etcd, then every node; return once there is a primary and every other node is its
-        synchronous standby."""
+        """etcd, then every node; return once the primary has its synchronous standby and
+        every other node replicates."""
         self.etcd.start()
         for node in self.nodes:
             node.start()
@@ -292,10 +295,10 @@ class PatroniCluster:
         return {}
 
     def synchronous(self) -> bool:
-        """Whether there is a leader and every other node is its synchronous standby: a
-        commit then waits until the standby has it."""
+        """Whether there is a leader, a synchronous standby (a commit waits until it has
+        it) and every other node replicating (Patroni keeps one standby synchronous)."""
         roles = sorted(self.members().values())
-        return roles == sorted(["leader", *["sync_standby"] * (len(self.nodes) - 1)])
+        return roles == sorted(["leader", "sync_standby", *["replica"] * (len(self.nodes) - 2)])
 
     def primary(self) -> PatroniNode:
         for node in self.nodes:
