@@ -19,6 +19,7 @@ connection). See docs/broker.md, "Revocation".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -243,6 +244,28 @@ class MosquittoBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def signal_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    """``sig`` to the process group of ``process`` (started with ``start_new_session``), if
+    it is still running."""
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+def stop_group(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM to the process group, and SIGKILL to it if ``process`` is not gone within
+    ``timeout``."""
+    signal_group(process, signal.SIGTERM)
+    if process is None:
+        return
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        signal_group(process, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 def reload_broker(*, pid_file: Path | None, command: str | None) -> str:

@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Final
 
-from gateway.broker import free_port
+from gateway.broker import free_port, signal_group, stop_group
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -59,15 +59,6 @@ def _need(binary: str, package: str) -> str:
             " (scripts/bootstrap does, as root)"
         )
     return found
-
-
-def _kill_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
-    if process is None or process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        return
 
 
 class EtcdNode:
@@ -113,13 +104,7 @@ class EtcdNode:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        _kill_group(self.process, signal.SIGTERM)
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _kill_group(self.process, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_group(self.process, 10)
 
 
 class PatroniNode:
@@ -221,7 +206,7 @@ class PatroniNode:
 
     def kill(self) -> None:
         """kill -9 Patroni and its postmaster (a host lost)."""
-        _kill_group(self.process, signal.SIGKILL)
+        signal_group(self.process, signal.SIGKILL)
         pid_file = self.data_dir / "postmaster.pid"
         try:
             pid = int(pid_file.read_text().split("\n", 1)[0])
@@ -232,13 +217,13 @@ class PatroniNode:
             self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        _kill_group(self.process, signal.SIGTERM)
+        signal_group(self.process, signal.SIGTERM)
         if self.process is None:
             return
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.kill()
+            self.kill()  # the postmaster too, which is not in Patroni's group
 
 
 class PatroniCluster:

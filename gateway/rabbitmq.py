@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gateway.broker import free_port
+from gateway.broker import free_port, signal_group, stop_group
 from gateway.errors import BrokerError
 from ingest.transport import TlsFiles
 from ingest.wire import DEVICE_ID_RE
@@ -262,28 +262,14 @@ class RabbitNode:
         except OSError:
             return "(no log)"
 
-    def _signal(self, sig: signal.Signals) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            return
-
     def kill(self) -> None:
         """kill -9 the node (its whole process group)."""
-        self._signal(signal.SIGKILL)
+        signal_group(self.process, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=10)
 
     def stop(self, timeout: float = 20.0) -> None:
-        self._signal(signal.SIGTERM)
-        if self.process is None:
-            return
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        stop_group(self.process, timeout)
 
 
 class RabbitCluster:
