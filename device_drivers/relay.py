@@ -172,6 +172,11 @@ class Relay:
         if reason.is_failure:  # lost, not a disconnect the hub asked for
             self._next_broker(client)
 
+    @property
+    def broker(self) -> tuple[str, int]:
+        """The broker address it is connected to, or trying next."""
+        return self._brokers[self._broker]
+
     def _next_broker(self, client: mqtt.Client) -> None:
         """Aim paho's next reconnect at the broker's next address, if it has others."""
         if len(self._brokers) < 2 or not self._online:

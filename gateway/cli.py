@@ -44,6 +44,7 @@ COMMANDS = (
     commands.export,
     commands.decode,
     commands.bench,
+    commands.cluster,
 )
 
 

@@ -28,6 +28,37 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, its length checked first."""
+
+    def parse(text: str) -> int:
+        if len(text) > 12 or not text.strip().lstrip("+-").isdigit():
+            raise argparse.ArgumentTypeError(f"not a whole number: {text[:12]!r}")
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"from {low} to {high}, not {value}")
+        return value
+
+    return parse
+
+
+def seconds_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: seconds from ``low`` to ``high``, its length checked first."""
+
+    def parse(text: str) -> float:
+        if len(text) > 12:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:12]!r}")
+        try:
+            value = float(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
+        if not low <= value <= high:  # NaN fails here too
+            raise argparse.ArgumentTypeError(f"from {low:g} to {high:g} seconds, not {text}")
+        return value
+
+    return parse
+
+
 # The longest ISO 8601 time with a zone and microseconds is 32 characters.
 MAX_TIME_CHARS = 40
 
