@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import multiprocessing as mp
@@ -24,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -49,6 +51,10 @@ RESTART_RESET_AFTER_S = 60.0
 SUPERVISE_POLL_S = 0.1
 # Workers get this long, together, to finish their batch and close after SIGTERM.
 STOP_GRACE_S = 15.0
+# A worker that began to stop and has not ended this long after writes every thread's stack
+# to stderr and exits (status 1): its slot is then started again, rather than left holding
+# no consumer because a thread never finished (faulthandler.dump_traceback_later).
+WORKER_STOP_DEADLINE_S = 10.0
 # How often a worker checks that its supervisor is still there.
 PARENT_CHECK_S = 1.0
 # The worker's collector thresholds (CPython's default: 700, 10, 10); see _settle_heap.
@@ -79,9 +85,10 @@ async def serve_worker(
     *,
     restarts: int = 0,
     last_exit_code: int | None = None,
+    on_stopping: Callable[[], None] | None = None,
 ) -> int:
     """Serve until ``stop`` is set or a background task of the app dies; the exit status:
-    0, or ``EXIT_CONSUMER_DIED``."""
+    0, or ``EXIT_CONSUMER_DIED``. ``on_stopping`` is called as the stop begins."""
     # Imported here, in the worker: the supervisor never loads the application (about
     # 75 MB of modules it has no use for).
     from aiohttp import web
@@ -120,6 +127,8 @@ async def serve_worker(
     try:
         await stop.wait()
     finally:
+        if on_stopping is not None:
+            on_stopping()
         await runner.cleanup()
     return exit_code
 
@@ -155,7 +164,12 @@ def _worker_main(
         watch = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
         try:
             return await serve_worker(
-                settings, worker, stop, restarts=restarts, last_exit_code=last_exit_code
+                settings,
+                worker,
+                stop,
+                restarts=restarts,
+                last_exit_code=last_exit_code,
+                on_stopping=_exit_unless_stopped_in_time,
             )
         finally:
             watch.cancel()
@@ -170,6 +184,13 @@ def _worker_main(
         users.stop_hashing()
     if code:
         sys.exit(code)
+
+
+def _exit_unless_stopped_in_time() -> None:
+    """From now on the worker has ``WORKER_STOP_DEADLINE_S`` to end; past it, the stacks of
+    all its threads go to stderr and the process exits with status 1, whatever holds it (a
+    thread never joined, an executor's task that never returns, a cleanup that waits)."""
+    faulthandler.dump_traceback_later(WORKER_STOP_DEADLINE_S, exit=True)
 
 
 async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:

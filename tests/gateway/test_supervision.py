@@ -229,6 +229,7 @@ def test_the_restart_backoff_starts_afresh_after_60_s_up() -> None:
 # ``__mp_main__``), so each gets the same consumer.
 SUPERVISOR_SCRIPT = """
 import os
+import threading
 from pathlib import Path
 
 from gateway import serve
@@ -239,7 +240,17 @@ from gateway.settings import Settings
 
 DEATHS = Path(os.environ["TEST_DEATHS_FILE"])
 DIE_TIMES = int(os.environ["TEST_DIE_TIMES"])
+# With TEST_HANG_ON_EXIT, a dying life also leaves a thread that never ends (a worker that
+# cannot finish stopping), and workers get TEST_STOP_DEADLINE_S to stop.
+HANG_ON_EXIT = bool(os.environ.get("TEST_HANG_ON_EXIT"))
+serve.WORKER_STOP_DEADLINE_S = float(
+    os.environ.get("TEST_STOP_DEADLINE_S", serve.WORKER_STOP_DEADLINE_S)
+)
 _run = Consumer.run
+
+
+def hang_forever():
+    threading.Event().wait()
 
 
 async def run_or_die(self):
@@ -247,6 +258,8 @@ async def run_or_die(self):
     if died < DIE_TIMES:
         with DEATHS.open("a") as f:
             f.write("x")
+        if HANG_ON_EXIT:
+            threading.Thread(target=hang_forever, name="never-ends").start()
         raise RuntimeError("injected: this life of the consumer ends here")
     await _run(self)
 
@@ -296,7 +309,7 @@ def stop(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return proc.returncode, err
 
 
-Launch = Callable[[int], tuple[subprocess.Popen[str], int]]
+Launch = Callable[..., tuple[subprocess.Popen[str], int]]
 
 
 @pytest.fixture
@@ -305,12 +318,13 @@ def supervisor(database_url: str, mosquitto: MosquittoBroker, tmp_path: Path) ->
     lives, then lives; the process and its HTTP port."""
     launched: list[subprocess.Popen[str]] = []
 
-    def launch(die_times: int) -> tuple[subprocess.Popen[str], int]:
+    def launch(die_times: int, **more_env: str) -> tuple[subprocess.Popen[str], int]:
         script = tmp_path / "supervise.py"
         script.write_text(SUPERVISOR_SCRIPT)
         port = free_port()
         env = gateway_env(database_url, mosquitto, tmp_path / "gw", port)
         env.update({"TEST_DEATHS_FILE": str(tmp_path / "deaths"), "TEST_DIE_TIMES": str(die_times)})
+        env.update(more_env)
         proc = subprocess.Popen(
             [sys.executable, str(script)],
             env=env,
@@ -326,7 +340,9 @@ def supervisor(database_url: str, mosquitto: MosquittoBroker, tmp_path: Path) ->
     finally:
         for proc in launched:
             if proc.poll() is None:
-                stop(proc)
+                # Shown with a failing test: what the supervisor and its workers said (a
+                # worker stuck stopping writes its threads' stacks there).
+                print(f"supervisor stderr:\n{stop(proc)[1][-6000:]}")
 
 
 @pytest.mark.slow
@@ -346,6 +362,23 @@ def test_a_worker_whose_consumer_dies_exits_3_and_is_started_again(supervisor: L
     assert f"stopping with exit code {EXIT_CONSUMER_DIED}" in err
     assert "worker 0 exited with code 3 (consumer died)" in err
     assert "restart 1 in 1 s" in err
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_finish_stopping_shows_its_stacks_exits_and_starts_again(
+    supervisor: Launch,
+) -> None:
+    """A thread that never ends held a stopping worker forever: no consumer in its slot and
+    no restart. Past its deadline it writes every thread's stack and exits."""
+    proc, port = supervisor(1, TEST_HANG_ON_EXIT="1", TEST_STOP_DEADLINE_S="2")
+    body = wait_for_health(proc, port, restarts=1, within=20)
+    assert body["last_exit_code"] == 1
+    assert body["consumer"] is True
+    code, err = stop(proc)
+    assert code == 0, err
+    assert "Timeout (0:00:02)!" in err
+    assert "in hang_forever" in err  # the stuck thread's stack, to say what held it
+    assert "worker 0 exited with code 1 after" in err
 
 
 @pytest.mark.slow
