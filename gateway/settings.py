@@ -25,6 +25,10 @@ ENV_PREFIX = "TRIALSTREAM_"
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str | None = None
+    # Where exports read their data (a standby of ``database_url``'s cluster, e.g. its
+    # Patroni replica with ``target_session_attrs=standby``): the heavy reads leave the
+    # primary, while the export's access check, audit rows and job state stay on it.
+    read_database_url: str | None = None
     storage_mode: ModeRequest = ModeRequest.AUTO
     # The hub, installed alone, resolves the same default without importing the server.
     data_dir: Path = DEFAULT_DATA_DIR

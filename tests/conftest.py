@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.uplink",
     "tests.fixtures.notify",
     "tests.fixtures.rabbitmq",
+    "tests.fixtures.patroni",
 ]

@@ -82,7 +82,14 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     actor = Actor.of(operator.current().require())
 
     async def go() -> int:
-        result = await export(url, actor, request, args.out, on_progress=progress)
+        result = await export(
+            url,
+            actor,
+            request,
+            args.out,
+            on_progress=progress,
+            read_url=settings.read_database_url,
+        )
         if not args.quiet:
             print(file=sys.stderr)
         print(

@@ -24,7 +24,7 @@ from gateway.web.api import ENDPOINTS
 from gateway.web.exports import EXPORT_RUNNER, ExportRunner
 from gateway.web.ratelimit import RATE_LIMITER, RateLimiter, rate_limit_middleware
 from gateway.web.spec import handler_for
-from storage import adherence, rollups, sessions
+from storage import adherence, db, rollups, sessions
 from storage.db import Conn
 from storage.errors import DatabaseUnavailable
 from storage.migrate import StorageMode
@@ -94,12 +94,20 @@ async def _web(app: web.Application) -> AsyncIterator[None]:
     pool = app[POOL]
     settings = app[SETTINGS]
     app[auth.POOL_KEY] = pool
+    read_pool = pool
+    if settings.read_database_url:
+        read_pool = await db.open_pool(settings.read_database_url, min_size=1, max_size=4)
+    app[auth.READ_POOL_KEY] = read_pool
     app[auth.SESSION_CHECKS_KEY] = SessionChecks()
     feed = sse.feed_ctx(app, settings.require_database_url())
     await anext(feed)
     live_feed = live.live_ctx(app, pool)
     await anext(live_feed)
-    runner = ExportRunner(settings.require_database_url(), settings.data_dir / "exports")
+    runner = ExportRunner(
+        settings.require_database_url(),
+        settings.data_dir / "exports",
+        read_url=settings.read_database_url,
+    )
     app[EXPORT_RUNNER] = runner
     tasks = [
         asyncio.create_task(_maintenance(pool, app[MODE]), name="web-maintenance"),
@@ -116,6 +124,8 @@ async def _web(app: web.Application) -> AsyncIterator[None]:
         for ctx in (live_feed, feed):
             with contextlib.suppress(StopAsyncIteration):
                 await anext(ctx)
+        if read_pool is not pool:
+            await read_pool.close()
 
 
 async def _no_store(request: web.Request, response: web.StreamResponse) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from gateway.web.access import STAFF_AND_ADMIN, require_participant, require_site
-from gateway.web.api_common import ID_PATTERN, PARTICIPANT_ID, V1, pool_of
+from gateway.web.api_common import ID_PATTERN, PARTICIPANT_ID, V1, read_pool_of
 from gateway.web.errors import BadInput
 from gateway.web.schemas import INT, NULL_INT, NULL_STR, NUM, STR, arr, obj
 from gateway.web.spec import Ctx, Endpoint, Field
@@ -116,7 +116,7 @@ def metric_day_json(m: adherence.MetricDay) -> dict[str, Any]:
 async def get_adherence(ctx: Ctx) -> web.StreamResponse:
     pid = ctx.path["participant_id"]
     first, last = span(ctx)
-    async with pool_of(ctx).connection() as conn:
+    async with read_pool_of(ctx).connection() as conn:
         await require_participant(ctx.user, pid, conn)
         rows = await adherence.days(conn, [pid], first, last)
     by_day: dict[date, list[dict[str, Any]]] = {}
@@ -136,7 +136,7 @@ async def get_adherence_day(ctx: Ctx) -> web.StreamResponse:
     pid = ctx.path["participant_id"]
     day = _date(ctx.path["day"], "day")
     assert day is not None
-    async with pool_of(ctx).connection() as conn:
+    async with read_pool_of(ctx).connection() as conn:
         await require_participant(ctx.user, pid, conn)
         rows = await adherence.days(conn, [pid], day, day)
         gaps = await adherence.gap_minutes(conn, pid, day)
@@ -153,7 +153,7 @@ async def get_adherence_day(ctx: Ctx) -> web.StreamResponse:
 async def get_site_adherence(ctx: Ctx) -> web.StreamResponse:
     site_id = ctx.path["site_id"]
     first, last = span(ctx)
-    async with pool_of(ctx).connection() as conn:
+    async with read_pool_of(ctx).connection() as conn:
         await require_site(ctx.user, site_id, conn)
         people = await adherence.participants_of_site(conn, site_id)
         cells = await adherence.cohort(conn, people, first, last)

@@ -31,6 +31,12 @@ def pool_of(ctx: Ctx) -> AsyncConnectionPool:
     return ctx.request.app[auth.POOL_KEY]
 
 
+def read_pool_of(ctx: Ctx) -> AsyncConnectionPool:
+    """The pool of read-only data endpoints: the standby's where one is set
+    (TRIALSTREAM_READ_DATABASE_URL), else the primary's. Nothing written through it."""
+    return ctx.request.app[auth.READ_POOL_KEY]
+
+
 def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 

@@ -29,6 +29,7 @@ from gateway.web.api_common import (
     actor_of,
     iso,
     pool_of,
+    read_pool_of,
 )
 from gateway.web.errors import BadInput, Conflict
 from gateway.web.schemas import (
@@ -326,7 +327,7 @@ async def create_enrollment_code(ctx: Ctx) -> web.StreamResponse:
 async def get_readings(ctx: Ctx) -> web.StreamResponse:
     pid = ctx.path["participant_id"]
     after = ctx.query["received_after"]
-    async with pool_of(ctx).connection() as conn:
+    async with read_pool_of(ctx).connection() as conn:
         await require_participant(ctx.user, pid, conn)
         body = await live.window(
             conn,
@@ -342,7 +343,7 @@ async def get_rollups(ctx: Ctx) -> web.StreamResponse:
     pid = ctx.path["participant_id"]
     since = datetime.now(UTC) - timedelta(days=ctx.query["days"])
     metric = ctx.query["metric"]
-    async with pool_of(ctx).connection() as conn:
+    async with read_pool_of(ctx).connection() as conn:
         await require_participant(ctx.user, pid, conn)
         rows = await rollups.hourly(conn, pid, since, metrics=None if metric is None else [metric])
     return web.json_response(

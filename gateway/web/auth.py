@@ -37,6 +37,9 @@ REQUEST_PRINCIPAL = web.RequestKey("principal", Principal)
 REQUEST_LOOKED_UP = web.RequestKey("principal_looked_up", bool)
 REQUEST_USER = web.RequestKey("username", str)
 POOL_KEY = web.AppKey("web_pool", AsyncConnectionPool)
+# Where the data endpoints read (readings, rollups, adherence): a pool on
+# TRIALSTREAM_READ_DATABASE_URL (a standby), else the same pool as POOL_KEY.
+READ_POOL_KEY = web.AppKey("web_read_pool", AsyncConnectionPool)
 SESSION_CHECKS_KEY = web.AppKey("session_checks", SessionChecks)
 
 

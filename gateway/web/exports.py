@@ -38,8 +38,9 @@ _CONNECTION_ERRORS = (psycopg.OperationalError, DatabaseUnavailable, PoolTimeout
 class ExportRunner:
     """Runs the queue of export jobs, one job at a time, until cancelled."""
 
-    def __init__(self, database_url: str, out_root: Path) -> None:
+    def __init__(self, database_url: str, out_root: Path, read_url: str | None = None) -> None:
         self._url = database_url
+        self._read_url = read_url
         self.out_root = out_root.resolve()
         self._wake = asyncio.Event()
 
@@ -59,7 +60,9 @@ class ExportRunner:
                     if failed:
                         log.warning("export jobs abandoned by a stopped runner count=%d", failed)
                 self._wake.clear()
-                job = await jobs.run_next(self._url, out_root=self.out_root)
+                job = await jobs.run_next(
+                    self._url, out_root=self.out_root, read_url=self._read_url
+                )
                 delay = 1.0
                 if job is not None:
                     log.info("export job finished job=%s state=%s", job.job_id, job.state)

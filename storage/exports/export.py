@@ -110,8 +110,12 @@ async def export(
     on_progress: OnProgress | None = None,
     open_file: OpenFile = open_for_writing,
     chunk_rows: int = source.CHUNK_ROWS,
+    read_url: str | None = None,
 ) -> ExportResult:
-    """Export ``request`` as ``actor`` into the directory ``out`` (absent or empty)."""
+    """Export ``request`` as ``actor`` into the directory ``out`` (absent or empty).
+
+    ``read_url``: where the exported data is read (a standby); the access check and the
+    audit rows stay on ``url``."""
     request.check()
     export_id = export_id or uuid.uuid4().hex
     detail = _detail(request, export_id, job_id)
@@ -139,9 +143,15 @@ async def export(
             await _audit(
                 conn, actor, "export.started", request, {**detail, "participants": list(exported)}
             )
-            rows = await _write(
-                conn, request, selection, output, export_id, on_progress, chunk_rows
-            )
+            async with contextlib.AsyncExitStack() as stack:
+                reader = (
+                    conn
+                    if read_url is None
+                    else await stack.enter_async_context(db.connection(read_url, autocommit=True))
+                )
+                rows = await _write(
+                    reader, request, selection, output, export_id, on_progress, chunk_rows
+                )
             files = tuple(await asyncio.to_thread(output.commit))
         except BaseException as exc:
             output.abort()

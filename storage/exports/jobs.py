@@ -183,8 +183,11 @@ SELECT disabled_at IS NOT NULL FROM users WHERE username = %s
 """
 
 
-async def run(url: str, job_id: str, *, out_root: Path) -> ExportJob:
-    """Run one queued job to its end; returns it ``done`` or ``failed``."""
+async def run(
+    url: str, job_id: str, *, out_root: Path, read_url: str | None = None
+) -> ExportJob:
+    """Run one queued job to its end (its data read at ``read_url`` if given); returns it
+    ``done`` or ``failed``."""
     async with db.connection(url, autocommit=True) as conn:
         cur = await conn.execute(_CLAIM, (_parse_id(job_id),))
         row = await cur.fetchone()
@@ -196,17 +199,18 @@ async def run(url: str, job_id: str, *, out_root: Path) -> ExportJob:
             if found is None:
                 raise JobNotFound(f"no export job {job_id!r}")
             raise JobNotRunnable(f"export job {job_id} is {found[0]}, not queued")
-        return await _execute(conn, url, _job(row), out_root)
+        return await _execute(conn, url, _job(row), out_root, read_url)
 
 
-async def run_next(url: str, *, out_root: Path) -> ExportJob | None:
-    """Claim and run the oldest queued job; None when there is none."""
+async def run_next(url: str, *, out_root: Path, read_url: str | None = None) -> ExportJob | None:
+    """Claim and run the oldest queued job (its data read at ``read_url`` if given); None
+    when there is none."""
     async with db.connection(url, autocommit=True) as conn:
         cur = await conn.execute(_CLAIM_NEXT)
         row = await cur.fetchone()
         if row is None:
             return None
-        return await _execute(conn, url, _job(row), out_root)
+        return await _execute(conn, url, _job(row), out_root, read_url)
 
 
 async def _requester(conn: Conn, username: str) -> Actor | None:
@@ -220,7 +224,9 @@ async def _requester(conn: Conn, username: str) -> Actor | None:
     return Actor.of(user)
 
 
-async def _execute(conn: Conn, url: str, job: ExportJob, out_root: Path) -> ExportJob:
+async def _execute(
+    conn: Conn, url: str, job: ExportJob, out_root: Path, read_url: str | None
+) -> ExportJob:
     async def beat(rows: int) -> None:
         await conn.execute(
             "UPDATE export_jobs SET rows_written = %s, heartbeat_at = now() WHERE job_id = %s",
@@ -240,6 +246,7 @@ async def _execute(conn: Conn, url: str, job: ExportJob, out_root: Path) -> Expo
             export_id=job.job_id,
             job_id=job.job_id,
             on_progress=on_progress,
+            read_url=read_url,
         )
     except StorageError as exc:
         return await _finish_failed(conn, job, f"{type(exc).__name__}: {exc}")

@@ -9,40 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from gateway.broker import MosquittoBroker
-from gateway.patroni import ClusterError, PatroniCluster
-from storage import db
-from storage.migrate import ModeRequest, migrate
+from gateway.patroni import PatroniCluster
 from tests.fixtures.gateway import gateway_settings, running_gateway
-from tests.fixtures.trial import new_trial
+from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 from tests.test_hub_faults import running_hub, stored
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def cluster() -> Iterator[PatroniCluster]:
-    c = PatroniCluster(2)
-    try:
-        c.start()
-    except ClusterError as exc:
-        pytest.fail(f"the test's Patroni cluster could not start: {exc}")
-    try:
-        yield c
-    finally:
-        c.stop()
-
-
 def test_commits_survive_the_primary_killed_and_writes_go_on_at_the_standby(
-    cluster: PatroniCluster,
+    patroni: PatroniCluster,
 ) -> None:
+    cluster = patroni
     assert sorted(cluster.members().values()) == ["leader", "sync_standby"]
     first = cluster.primary()
     with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
@@ -65,16 +50,12 @@ def test_commits_survive_the_primary_killed_and_writes_go_on_at_the_standby(
 
 
 async def test_a_gateway_rides_through_the_primary_killed_while_a_hub_streams(
-    cluster: PatroniCluster, mosquitto: MosquittoBroker, tmp_path: Path
+    patroni: PatroniCluster, trial_on_patroni: Trial, mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     """Nothing is receipted before both nodes have it, so nothing receipted is lost: every
     reading the hub made is stored once, on the promoted standby, and receipted."""
-    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
-        conn.execute("CREATE DATABASE trial")
-    url = cluster.dsn("trial")
-    async with db.connection(url, autocommit=True) as conn:
-        await migrate(conn, ModeRequest.PLAIN)
-    trial = await new_trial(url)
+    cluster, trial = patroni, trial_on_patroni
+    url = trial.url
     settings = gateway_settings(url, mosquitto, tmp_path / "gateway")
     (tmp_path / "hub").mkdir()
     async with (
