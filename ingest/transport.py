@@ -5,7 +5,9 @@ Only configuration lives here, shared by both sides; connecting is theirs to do.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +103,15 @@ def stop_client(client: mqtt.Client) -> None:
     """Disconnect ``client``, stop its network thread and release its sockets now. paho
     closes them, the socket pair that wakes its loop included, only when the client object is
     collected (eclipse-paho/paho.mqtt.python issue 627): a process that replaces clients
-    would otherwise leave descriptors to the garbage collector."""
+    would otherwise leave descriptors to the garbage collector.
+
+    paho's ``loop_stop`` reads its network thread twice, and the thread, ending after the
+    disconnect, clears it in between (issue 872): ``'NoneType' object has no attribute
+    'join'``. The thread is taken before the disconnect and joined here."""
+    thread = client._thread  # paho has no public handle on it
     client.disconnect()
-    client.loop_stop()
+    with contextlib.suppress(AttributeError):
+        client.loop_stop()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()
     client._reset_sockets()  # paho has no public close
