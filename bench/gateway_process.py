@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ import cbor2
 import psutil  # type: ignore[import-untyped]
 
 from bench.common import METRICS_HEADERS, METRICS_TOKEN, recorded_mode
+from bench.load import Publishers
 from bench.mqtt_raw import RawClient, RawMqttError
 from gateway.broker import MosquittoBroker, free_port
 from gateway.web.ratelimit import Limit
@@ -42,35 +44,39 @@ def _cpu_seconds(proc: psutil.Process) -> float:
 
 class Cpu:
     """CPU time spent over a window, by part: the consumer's processes (given by their
-    roots, with their children), the broker, the database server, and the rest of the
+    roots, with their children), the broker (any ``mosquitto``, or the trees of
+    ``broker_roots``: a private RabbitMQ node), the database server, and the rest of the
     machine; and how busy the machine's cores were.
 
     Processes are read at both ends of the window; one born inside it counts from zero, one
     that died inside it is missed (none do: consumers, broker and database backends live
     through the window)."""
 
-    def __init__(self, consumer_roots: Sequence[int]) -> None:
+    def __init__(self, consumer_roots: Sequence[int], broker_roots: Sequence[int] = ()) -> None:
         self._roots = list(consumer_roots)
+        self._broker_roots = list(broker_roots)
         self._start = self._snapshot()
         self._machine0 = psutil.cpu_times()
         self._t0 = time.monotonic()
 
-    def _consumer_pids(self) -> set[int]:
+    @staticmethod
+    def _trees(roots: Sequence[int]) -> set[int]:
         pids: set[int] = set()
-        for pid in self._roots:
+        for pid in roots:
             with contextlib.suppress(psutil.NoSuchProcess):
                 pids.update(p.pid for p in process_tree(psutil.Process(pid)))
         return pids
 
     def _snapshot(self) -> dict[int, tuple[str, float]]:
-        consumers = self._consumer_pids()
+        consumers = self._trees(self._roots)
+        brokers = self._trees(self._broker_roots)
         out: dict[int, tuple[str, float]] = {}
         for proc in psutil.process_iter(["name"]):
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 name = proc.info["name"] or ""
                 if proc.pid in consumers:
                     part = "consumer"
-                elif name == "mosquitto":
+                elif name == "mosquitto" or proc.pid in brokers:
                     part = "broker"
                 elif name == "postgres":
                     part = "database"
@@ -150,24 +156,30 @@ class Memory:
 @contextlib.contextmanager
 def gateway_processes(
     url: str,
-    broker: MosquittoBroker,
+    broker: MosquittoBroker | None,
     workdir: Path,
     workers: int,
     *,
     login_limit: Limit | None = None,
+    amqp_url: str | None = None,
 ) -> Iterator[tuple[int, int]]:
     """The gateway's processes: (supervisor pid, HTTP port) once every worker is connected.
-    They run in the storage mode recorded in the database of ``url``.
+    They run in the storage mode recorded in the database of ``url``, fed from ``broker``
+    over MQTT, or with ``amqp_url`` from RabbitMQ's uplink queue over AMQP.
 
     ``login_limit``: every worker's sign-in limits (per address and per account) set to it
     (through :mod:`bench.gateway_launch`); None leaves the gateway's own."""
     http_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
+    if broker is not None:
+        env.update(
+            {"TRIALSTREAM_MQTT_HOST": broker.host, "TRIALSTREAM_MQTT_PORT": str(broker.port)}
+        )
+    if amqp_url is not None:
+        env.update({"TRIALSTREAM_MESSAGE_SOURCE": "amqp", "TRIALSTREAM_AMQP_URLS": amqp_url})
     env.update(
         {
             "TRIALSTREAM_DATABASE_URL": url,
-            "TRIALSTREAM_MQTT_HOST": broker.host,
-            "TRIALSTREAM_MQTT_PORT": str(broker.port),
             "TRIALSTREAM_DATA_DIR": str(workdir / "gateway"),
             "TRIALSTREAM_HTTP_PORT": str(http_port),
             "TRIALSTREAM_STORAGE_MODE": str(recorded_mode(url)),
@@ -340,3 +352,49 @@ class Receipts:
 def quantile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def receipt_latency(
+    url: str,
+    broker: MosquittoBroker,
+    workdir: Path,
+    workers: int,
+    pubs: Publishers,
+    rate: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """The gateway's processes on ``broker`` while ``pubs`` publish at ``rate`` envelopes/s
+    for ``seconds``: how many were sent and receipted, publish -> receipt latency, the
+    gateway's memory, CPU per envelope (the publishers and the receipt listener count as
+    "other") and what its own histograms say."""
+    with gateway_processes(url, broker, workdir, workers) as (pid, port), Memory(pid) as mem:
+        receipts = Receipts(broker)
+        try:
+            m0 = time.monotonic()
+            cpu = Cpu([pid])
+            sent, _, published = pubs.run(broker.host, broker.port, rate, seconds)
+            cpu_used = cpu.summary(sent)
+            deadline = time.monotonic() + 30
+            while len(receipts.by_envelope()) < sent and time.monotonic() < deadline:
+                time.sleep(0.2)
+            memory = mem.summary(m0, time.monotonic())
+            inside = inside_gateway(scrape(port, workers))
+        finally:
+            receipts.close()
+    got = receipts.by_envelope()
+    latencies = [
+        (got[k][0] - t) * 1000 for k, t in published.items() if k in got and got[k][0] >= t
+    ]
+    return {
+        "envelopes": sent,
+        "receipts": sum(1 for k in published if k in got),
+        "latency_ms": {
+            "p50": round(quantile(latencies, 0.5), 1) if latencies else None,
+            "p99": round(quantile(latencies, 0.99), 1) if latencies else None,
+            "max": round(max(latencies), 1) if latencies else None,
+            "mean": round(statistics.fmean(latencies), 1) if latencies else None,
+        },
+        "memory": memory,
+        "cpu": cpu_used,
+        "inside_gateway": inside,
+    }

@@ -26,33 +26,25 @@ committed (``cpu``): with both cores busy, the ratio of two methods' totals is t
 their throughputs. The latency run records the same per envelope published, with the
 publishers and the receipt listener in ``other``, and how busy the cores were meanwhile.
 
-The load and its publishers are :mod:`bench.load`; the gateway's processes, its receipts and
-the CPU and memory read of them are :mod:`bench.gateway_process` (shared with ``bench
-memory`` and ``bench login-flood``).
+The load and its publishers are :mod:`bench.load`; the reference consumers
+:mod:`bench.ingest_references`; the gateway's processes, its receipts and the CPU and memory
+read of them are :mod:`bench.gateway_process` (shared with ``bench memory`` and ``bench
+login-flood``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
-import queue
-import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import cbor2
-import paho.mqtt.client as mqtt
 import psycopg
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from bench.common import (
     BenchHub,
@@ -66,18 +58,18 @@ from bench.common import (
 from bench.gateway_process import (
     Cpu,
     Memory,
-    Receipts,
     gateway_processes,
     inside_gateway,
-    quantile,
+    receipt_latency,
     scrape,
 )
+from bench.ingest_amqp import fresh_uplink, rabbit_node
+from bench.ingest_references import REFERENCE_SUBSCRIPTION, prime, reference
 from bench.load import PUBLISHERS, Publishers, create_trial, reset
+from bench.mqtt_raw import Login
 from gateway.broker import MosquittoBroker
 from gateway.consumer import SHARED_SUBSCRIPTION
-from ingest.transport import stop_client
-from storage.timeconv import from_ms
-from storage.writer import EpochMsDumper
+from gateway.rabbitmq import RabbitNode
 
 SIZES = (1, 10, 100)
 HUBS = 200
@@ -97,146 +89,6 @@ SLOW_STATEMENT_S = 0.5
 # (a batch of at most 500 per 0.5 s each), so the gateway is held back the whole window,
 # and little enough that the broker's backlog stays modest over a 10-minute window.
 SLOW_RATE = 2_500.0
-SESSION_EXPIRY_S = 3600
-REFERENCE_SUBSCRIPTION = "$share/bench/dct/v1/+/up"
-BARE_MAX_BATCH = 500
-BARE_MAX_WAIT_S = 0.05
-
-# --- the reference consumers (separate processes) -------------------------------------------
-
-
-def _persistent_connect(client: mqtt.Client, host: str, port: int) -> None:
-    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    props.SessionExpiryInterval = SESSION_EXPIRY_S
-    client.connect(host, port, clean_start=False, properties=props)
-
-
-def _subscriber(host: str, port: int, client_id: str, on_message: Any, ready: Any) -> mqtt.Client:
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
-
-    def on_connect(c: mqtt.Client, *_: object) -> None:
-        c.subscribe(REFERENCE_SUBSCRIPTION, qos=1)
-
-    client.on_connect = on_connect
-    client.on_subscribe = lambda *_: ready.set()
-    client.on_message = on_message
-    _persistent_connect(client, host, port)
-    return client
-
-
-def _prime(broker: MosquittoBroker, client_ids: Sequence[str], subscription: str) -> None:
-    """Create the consumers' persistent sessions and subscriptions, then leave: what is
-    published next waits at the broker for them (the backlog a drain is measured on)."""
-    for client_id in client_ids:
-        done = threading.Event()
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
-        )
-        client.on_connect = lambda c, *_: c.subscribe(subscription, qos=1)
-        client.on_subscribe = lambda *_, done=done: done.set()
-        _persistent_connect(client, broker.host, broker.port)
-        client.loop_start()
-        try:
-            if not done.wait(10):
-                raise RuntimeError(f"could not prime the session of {client_id}")
-        finally:
-            stop_client(client)
-
-
-def _rows(payload: bytes, participants: dict[str, str], received_ms: int) -> list[tuple[Any, ...]]:
-    sign1 = cbor2.loads(payload).value
-    body = cbor2.loads(sign1[2])
-    dev, seq = body["dev"], body["seq"]
-    pid = participants[dev]
-    return [(t, pid, m, v, u, dev, seq, s, received_ms, None) for t, m, v, u, s in body["r"]]
-
-
-_COPY = (
-    "COPY readings (time, participant_id, metric, value, unit, device_id, seq, sensor,"
-    " received_at, consent_id) FROM STDIN (FORMAT BINARY)"
-)
-_TYPES = (
-    "timestamptz",
-    "text",
-    "text",
-    "float8",
-    "text",
-    "text",
-    "int8",
-    "text",
-    "timestamptz",
-    "int8",
-)
-
-
-def _participants(url: str) -> dict[str, str]:
-    with psycopg.connect(url) as conn:
-        return {
-            str(d): str(p) for d, p in conn.execute("SELECT device_id, participant_id FROM devices")
-        }
-
-
-def _bare_main(url: str, host: str, port: int, worker: int, ready: Any, stop: Any) -> None:
-    participants = _participants(url)
-    inbox: queue.Queue[bytes] = queue.Queue()
-    client = _subscriber(
-        host, port, f"bench-bare-{worker}", lambda _c, _u, m: inbox.put(m.payload), ready
-    )
-    client.loop_start()
-    with psycopg.connect(url) as conn:
-        while not stop.is_set():
-            try:
-                batch = [inbox.get(timeout=0.1)]
-            except queue.Empty:
-                continue
-            deadline = time.monotonic() + BARE_MAX_WAIT_S
-            while len(batch) < BARE_MAX_BATCH:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(inbox.get(timeout=left))
-                except queue.Empty:
-                    break
-            received_ms = int(time.time() * 1000)
-            # Times as integer milliseconds, dumped as the gateway's writer does: no
-            # datetime per row, so that this stays the ceiling of what a consumer can do.
-            with conn.cursor() as cur:
-                cur.adapters.register_dumper(None, EpochMsDumper)
-                with cur.copy(_COPY) as copy:
-                    copy.set_types(_TYPES)
-                    for payload in batch:
-                        for row in _rows(payload, participants, received_ms):
-                            copy.write_row(row)
-            conn.commit()
-    stop_client(client)
-
-
-def _naive_main(url: str, host: str, port: int, worker: int, ready: Any, stop: Any) -> None:
-    participants = _participants(url)
-    conn = psycopg.connect(url)
-
-    def on_message(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
-        received = datetime.now(UTC)
-        for t, *fields, _, consent in _rows(bytes(m.payload), participants, 0):
-            conn.execute(
-                "INSERT INTO readings (time, participant_id, metric, value, unit, device_id,"
-                " seq, sensor, received_at, consent_id)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (from_ms(t), *fields, received, consent),
-            )
-        conn.commit()
-
-    client = _subscriber(host, port, f"bench-naive-{worker}", on_message, ready)
-    client.loop_start()
-    stop.wait()
-    stop_client(client)
-    conn.close()
-
 
 # --- one measurement ------------------------------------------------------------------------
 
@@ -253,36 +105,6 @@ def _refused(url: str) -> int:
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT coalesce(sum(reading_count), 0) FROM rejections").fetchone()
     return int(row[0]) if row else 0
-
-
-@contextlib.contextmanager
-def _reference(kind: str, url: str, broker: MosquittoBroker, workers: int) -> Iterator[list[int]]:
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    readies = [ctx.Event() for _ in range(workers)]
-    target = _bare_main if kind == "bare" else _naive_main
-    procs = [
-        ctx.Process(
-            target=target,
-            args=(url, broker.host, broker.port, i, readies[i], stop),
-            name=f"bench-{kind}-{i}",
-        )
-        for i in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        for r in readies:
-            if not r.wait(30):
-                raise RuntimeError(f"the {kind} subscriber did not subscribe within 30 s")
-        yield [p.pid for p in procs if p.pid is not None]
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
 
 
 @dataclass
@@ -327,13 +149,18 @@ def _live_window(
 
 
 def _drain_window(
-    url: str, seconds: float, backlog_readings: int, consumer_roots: Sequence[int], size: int
+    url: str,
+    seconds: float,
+    backlog_readings: int,
+    consumer_roots: Sequence[int],
+    size: int,
+    broker_roots: Sequence[int] = (),
 ) -> tuple[_Window, dict[str, Any]]:
     """Committed readings/s while a consumer drains a backlog (no publisher competing), and
     the CPU time each part of the machine spent per envelope committed meanwhile."""
     time.sleep(WARMUP_S)
     c0, t0 = _count(url), time.monotonic()
-    cpu = Cpu(consumer_roots)
+    cpu = Cpu(consumer_roots, broker_roots)
     time.sleep(seconds)
     c1, t1 = _count(url), time.monotonic()
     used = cpu.summary((c1 - c0) / size)
@@ -370,6 +197,7 @@ def _run_size(
     slow_db: bool,
     slow_seconds: float,
     latency_rate: float | None,
+    rabbit: tuple[RabbitNode, Login] | None = None,
 ) -> dict[str, Any]:
     pool_readings = int(POOL_READINGS_PER_S.get(size, 420_000) * (WARMUP_S + seconds + 1))
     count = max(len(hubs), pool_readings // size)
@@ -391,11 +219,9 @@ def _run_size(
             reset(url)
             broker = fresh_broker()
             try:
-                _prime(
-                    broker, [f"bench-{kind}-{i}" for i in range(workers)], REFERENCE_SUBSCRIPTION
-                )
+                prime(broker, [f"bench-{kind}-{i}" for i in range(workers)], REFERENCE_SUBSCRIPTION)
                 backlog = pubs.run(broker.host, broker.port, None, BACKLOG_MAX_S)[0]
-                with _reference(kind, url, broker, workers) as pids:
+                with reference(kind, url, broker, workers) as pids:
                     w, cpu = _drain_window(url, seconds, backlog * size, pids, size)
             finally:
                 broker.kill()
@@ -409,7 +235,7 @@ def _run_size(
         reset(url)
         broker = fresh_broker()
         try:
-            _prime(broker, [f"trialstream-gw-{i}" for i in range(workers)], SHARED_SUBSCRIPTION)
+            prime(broker, [f"trialstream-gw-{i}" for i in range(workers)], SHARED_SUBSCRIPTION)
             backlog = pubs.run(broker.host, broker.port, None, BACKLOG_MAX_S)[0]
             with gateway_processes(url, broker, workdir, workers) as (pid, _), Memory(pid) as mem:
                 m0 = time.monotonic()
@@ -436,47 +262,30 @@ def _run_size(
             f"cpu {cpu}"
         )
 
+        if rabbit is not None:
+            out["gateway_amqp"] = _amqp_drain(url, rabbit, pubs, seconds, size, workdir, workers)
+            out["gateway_amqp"]["ratio_to_mqtt"] = round(
+                out["gateway_amqp"]["readings_per_s"] / max(1, out["gateway"]["readings_per_s"]),
+                2,
+            )
+            out["gateway_amqp"]["ratio_to_bare"] = round(
+                out["gateway_amqp"]["readings_per_s"] / bare, 2
+            )
+            say(f"size {size}: gateway over RabbitMQ {out['gateway_amqp']}")
+
         # Latency at half the gateway's peak, or at the rate asked for.
         reset(url)
         rate = latency_rate or max(1.0, w.readings_per_s / 2 / size)
         broker = fresh_broker()
         try:
-            with (
-                gateway_processes(url, broker, workdir, workers) as (pid, port),
-                Memory(pid) as mem,
-            ):
-                receipts = Receipts(broker)
-                m0 = time.monotonic()
-                half_cpu = Cpu([pid])
-                sent, _, published = pubs.run(broker.host, broker.port, rate, seconds)
-                # The publishers and the receipt listener count as "other" here.
-                half_cpu_used = half_cpu.summary(sent)
-                deadline = time.monotonic() + 30
-                while len(receipts.by_envelope()) < sent and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                half_memory = mem.summary(m0, time.monotonic())
-                inside = inside_gateway(scrape(port, workers))
-                receipts.close()
+            at_rate = receipt_latency(url, broker, workdir, workers, pubs, rate, seconds)
         finally:
             broker.kill()
-        got = receipts.by_envelope()
-        latencies = [
-            (got[k][0] - t) * 1000 for k, t in published.items() if k in got and got[k][0] >= t
-        ]
+        inside = at_rate["inside_gateway"]
         out["gateway"]["at_half_peak"] = {
             "envelopes_per_s": round(rate, 1),
             "fixed_rate": latency_rate is not None,
-            "envelopes": sent,
-            "receipts": sum(1 for k in published if k in got),
-            "latency_ms": {
-                "p50": round(quantile(latencies, 0.5), 1) if latencies else None,
-                "p99": round(quantile(latencies, 0.99), 1) if latencies else None,
-                "max": round(max(latencies), 1) if latencies else None,
-                "mean": round(statistics.fmean(latencies), 1) if latencies else None,
-            },
-            "memory": half_memory,
-            "cpu": half_cpu_used,
-            "inside_gateway": inside,
+            **at_rate,
         }
         say(
             f"size {size}: at {rate:,.0f} envelopes/s p50 "
@@ -530,6 +339,39 @@ def _run_size(
     return out
 
 
+def _amqp_drain(
+    url: str,
+    rabbit: tuple[RabbitNode, Login],
+    pubs: Publishers,
+    seconds: float,
+    size: int,
+    workdir: Path,
+    workers: int,
+) -> dict[str, Any]:
+    """The gateway's drain window fed from RabbitMQ: the same backlog published over MQTT
+    3.1.1 into the node's uplink quorum queue first, then consumed over AMQP."""
+    node, login = rabbit
+    reset(url)
+    fresh_uplink(node)
+    backlog = pubs.run("127.0.0.1", node.mqtt_port, None, BACKLOG_MAX_S, login=login)[0]
+    roots = [node.process.pid] if node.process is not None else []
+    with (
+        gateway_processes(url, None, workdir, workers, amqp_url=node.amqp_url) as (pid, _),
+        Memory(pid) as mem,
+    ):
+        m0 = time.monotonic()
+        w, cpu = _drain_window(url, seconds, backlog * size, [pid], size, roots)
+        memory = mem.summary(m0, time.monotonic())
+    return {
+        "readings_per_s": round(w.readings_per_s),
+        "backlog_at_end": w.backlog_at_end,
+        "backlog_envelopes": backlog,
+        "readings_refused": _refused(url),
+        "memory_at_peak": memory,
+        "cpu": cpu,
+    }
+
+
 async def run(
     server_url: str,
     *,
@@ -539,8 +381,11 @@ async def run(
     sizes: Sequence[int] = SIZES,
     workers: int = WORKERS,
     hubs: int = HUBS,
+    amqp: bool = False,
     progress: TextIO | None = None,
 ) -> dict[str, Any]:
+    """``amqp``: also the gateway fed from a private RabbitMQ node (``gateway_amqp`` in each
+    size's result, with its ratio to the gateway on Mosquitto in the same run)."""
     say = Progress(progress)
     results: list[dict[str, Any]] = []
     async with scratch_database(server_url, "trialstream_bench_ingest") as url:
@@ -552,7 +397,12 @@ async def run(
             f"scratch database {database_name(url)} ({mode} mode): {hubs} hubs,"
             " participants consented"
         )
-        with tempfile.TemporaryDirectory(prefix="trialstream-bench-ingest-") as tmp:
+        with (
+            tempfile.TemporaryDirectory(prefix="trialstream-bench-ingest-") as tmp,
+            rabbit_node(Path(tmp)) if amqp else contextlib.nullcontext() as rabbit,
+        ):
+            if rabbit is not None:
+                say(f"RabbitMQ node {rabbit[0].name} for the AMQP path")
             results.extend(
                 _run_size(
                     url,
@@ -565,6 +415,7 @@ async def run(
                     slow_db=size == 10 or len(sizes) == 1,
                     slow_seconds=seconds * 2 if slow_seconds is None else slow_seconds,
                     latency_rate=latency_rate,
+                    rabbit=rabbit,
                 )
                 for size in sizes
             )
@@ -584,6 +435,10 @@ async def run(
             "throughput": "committed readings/s over the window (count(*) at both ends)",
             "bare": "paho -> CBOR decode -> binary COPY per batch (no verify/consent/dedupe)",
             "naive": "paho -> INSERT per reading, commit per message",
+            "gateway_amqp": "the same backlog published over MQTT 3.1.1 into a private"
+            " RabbitMQ node's uplink quorum queue, the gateway consuming it over AMQP"
+            if amqp
+            else None,
             "latency": "publish() -> receipt arrival, at half the gateway's peak rate"
             if latency_rate is None
             else f"publish() -> receipt arrival, at {latency_rate:g} envelopes/s (fixed)",

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 import psycopg
 
 from bench.common import BenchHub, add_consented_hub, create_study
-from bench.mqtt_raw import MAX_PACKET_ID, RawClient
+from bench.mqtt_raw import MAX_PACKET_ID, Login, RawClient
 from ingest.envelope import seal
 from ingest.model import Payload, Reading
 from storage import db
@@ -87,8 +87,10 @@ def _publisher_main(
         cmd = conn.recv()
         if cmd is None:
             return
-        host, port, rate, start_at, duration, cycle = cmd
-        conn.send(publish(pool, topics, host, port, rate, start_at, duration, name, cycle))
+        host, port, rate, start_at, duration, cycle, login = cmd
+        conn.send(
+            publish(pool, topics, host, port, rate, start_at, duration, name, cycle, login=login)
+        )
 
 
 def publish(
@@ -101,6 +103,8 @@ def publish(
     duration: float,
     name: str,
     cycle: bool = False,
+    *,
+    login: Login | None = None,
 ) -> tuple[int, list[tuple[int, float]]]:
     """Publish ``pool`` in order from ``start_at`` for ``duration`` s (QoS 1, through
     :mod:`bench.mqtt_raw`: the load costs the machine little); at ``rate`` msg/s, or as fast
@@ -108,7 +112,9 @@ def publish(
     runs out (the gateway stores each envelope once and receipts the copies again). Returns
     the count and, when paced and not cycling, the monotonic time of each publish (by pool
     index)."""
-    client = RawClient(host, port, f"bench-pub-{name}-{os.getpid()}-{time.monotonic_ns()}")
+    client = RawClient(
+        host, port, f"bench-pub-{name}-{os.getpid()}-{time.monotonic_ns()}", login=login
+    )
     window = min(PUBLISH_WINDOW, client.receive_maximum)
     names = [RawClient.topic_name(t) for t in topics]
     times: list[tuple[int, float]] = []
@@ -187,16 +193,17 @@ class Publishers:
         *,
         cycle: bool = False,
         start_at: float | None = None,
+        login: Login | None = None,
     ) -> tuple[int, float, dict[tuple[str, int], float]]:
         """Publish (at ``rate`` msg/s in all, or full speed; ``cycle``: the pools over and
         over) from ``start_at`` (``time.monotonic()``; default: in 0.5 s) for ``duration``
-        s; returns the count, the start time and, when paced, publish times by
-        (device, seq)."""
+        s, logging in with ``login`` (default: MQTT 5, no credentials); returns the count,
+        the start time and, when paced, publish times by (device, seq)."""
         if start_at is None:
             start_at = time.monotonic() + 0.5
         share_rate = None if rate is None else rate / len(self._pipes)
         for pipe in self._pipes:
-            pipe.send((host, port, share_rate, start_at, duration, cycle))
+            pipe.send((host, port, share_rate, start_at, duration, cycle, login))
         total = 0
         times: dict[tuple[str, int], float] = {}
         for pipe, share in zip(self._pipes, self.shares, strict=True):

@@ -1,5 +1,6 @@
-"""A minimal MQTT 5 client for the benchmarks' load generators: QoS 1 publishes and one QoS 1
-subscription, on the caller's thread, over plain TCP.
+"""A minimal MQTT client for the benchmarks' load generators: QoS 1 publishes and one QoS 1
+subscription, on the caller's thread, over plain TCP; MQTT 5, or 3.1.1 for RabbitMQ 3.10's
+MQTT plugin (which also wants a user name and password).
 
 The load of ``bench ingest`` shares the machine's two cores with what it measures. Through
 paho, every publish costs a message object with its own lock, a wake-up of paho's network
@@ -8,7 +9,7 @@ of a core at 1,610 envelopes/s, half as much as both gateway workers (0.92), and
 measured was partly the load generator's. Here a publish is one ``send`` of a packet
 built ahead (only its packet id changes) and acknowledgements are read in bulk.
 
-Only what the benchmarks use is spoken: CONNECT (clean start, no will, no credentials),
+Only what the benchmarks use is spoken: CONNECT (clean start, no will, a login if given),
 PUBLISH at QoS 1 both ways, PUBACK, SUBSCRIBE, PINGREQ and DISCONNECT. Anything else from the
 broker, and every refusal (a reason code of 0x80 or more), raises :class:`RawMqttError`.
 """
@@ -21,6 +22,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
@@ -100,22 +102,53 @@ def _properties(data: bytes, at: int) -> tuple[dict[int, int], int]:
     return out, end
 
 
-class RawClient:
-    """One MQTT 5 connection; not thread-safe (one thread sends and reads)."""
+@dataclass(frozen=True, slots=True)
+class Login:
+    """How a load generator logs in: MQTT 5 without credentials (Mosquitto in the loopback
+    development mode), or, for RabbitMQ 3.10, MQTT 3.1.1 with a user name and password."""
 
-    def __init__(self, host: str, port: int, client_id: str, *, timeout_s: float = 10.0) -> None:
+    username: str | None = None
+    password: str | None = None
+    mqtt5: bool = True
+
+
+class RawClient:
+    """One MQTT connection; not thread-safe (one thread sends and reads)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        timeout_s: float = 10.0,
+        login: Login | None = None,
+    ) -> None:
+        self.login = login or Login()
+        # MQTT 5 packets carry a property block where 3.1.1 has none.
+        self._props = b"\x00" if self.login.mqtt5 else b""
         self._sock = socket.create_connection((host, port), timeout=timeout_s)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._inbox = bytearray()
         self._last_sent = time.monotonic()
         self.keep_alive_s = _KEEP_ALIVE_S
+        flags = 0x02  # clean start
+        credentials = b""
+        if self.login.username is not None:
+            flags |= 0x80
+            credentials += _utf8(self.login.username)
+            if self.login.password is not None:
+                flags |= 0x40
+                credentials += _utf8(self.login.password)
         body = (
             _utf8("MQTT")
-            + bytes([5, 0x02])  # protocol level 5; clean start
+            + bytes([5 if self.login.mqtt5 else 4, flags])
             + struct.pack("!H", self.keep_alive_s)
-            + b"\x00"  # no properties
+            + self._props
             + _utf8(client_id)
+            + credentials
         )
+        props: dict[int, int] = {}
         try:
             self._send(bytes([CONNECT]) + varint(len(body)) + body)
             kind, ack = self._next_packet(time.monotonic() + timeout_s)
@@ -123,9 +156,12 @@ class RawClient:
                 raise RawMqttError(f"expected CONNACK, got packet type 0x{kind:02x}")
             if len(ack) < 2:
                 raise RawMqttError("malformed CONNACK from the broker")
-            if ack[1] >= 0x80:
+            if self.login.mqtt5 and ack[1] >= 0x80:
                 raise RawMqttError(f"connection refused, reason 0x{ack[1]:02x}")
-            props, _ = _properties(ack, 2)
+            if not self.login.mqtt5 and ack[1] != 0:
+                raise RawMqttError(f"connection refused, return code {ack[1]}")
+            if self.login.mqtt5:
+                props, _ = _properties(ack, 2)
         except BaseException:
             self._sock.close()  # a failed handshake leaves no socket open
             raise
@@ -148,7 +184,7 @@ class RawClient:
         back through :meth:`poll`."""
         if not 1 <= packet_id <= MAX_PACKET_ID:
             raise ValueError(f"packet id {packet_id} is not 1..{MAX_PACKET_ID}")
-        length = len(topic_name) + 3 + len(payload)  # packet id, empty properties
+        length = len(topic_name) + 2 + len(self._props) + len(payload)
         self._send(
             b"".join(
                 (
@@ -156,7 +192,7 @@ class RawClient:
                     varint(length),
                     topic_name,
                     packet_id.to_bytes(2, "big"),
-                    b"\x00",
+                    self._props,
                     payload,
                 )
             )
@@ -164,12 +200,12 @@ class RawClient:
 
     def subscribe(self, topic_filter: str, packet_id: int = 1, timeout_s: float = 10.0) -> None:
         """Subscribe at QoS 1 and wait for the SUBACK."""
-        body = struct.pack("!H", packet_id) + b"\x00" + _utf8(topic_filter) + b"\x01"
+        body = struct.pack("!H", packet_id) + self._props + _utf8(topic_filter) + b"\x01"
         self._send(bytes([SUBSCRIBE]) + varint(len(body)) + body)
         kind, ack = self._next_packet(time.monotonic() + timeout_s)
         if kind != SUBACK:
             raise RawMqttError(f"expected SUBACK, got packet type 0x{kind:02x}")
-        _, at = _properties(ack, 2)
+        at = _properties(ack, 2)[1] if self.login.mqtt5 else 2
         if at >= len(ack) or ack[at] >= 0x80:
             raise RawMqttError(f"subscription to {topic_filter!r} refused")
 
@@ -243,7 +279,8 @@ class RawClient:
                 if qos:
                     replies += bytes([PUBACK, 2]) + body[at : at + 2]
                     at += 2
-                _, at = _properties(body, at)
+                if self.login.mqtt5:
+                    _, at = _properties(body, at)
                 received.append((topic, body[at:]))
             elif packet != PINGRESP:
                 raise RawMqttError(f"unexpected packet type 0x{kind:02x} from the broker")

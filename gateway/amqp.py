@@ -315,10 +315,18 @@ class AmqpConsumer(BatchConsumer):
             return False
         return True
 
+    async def _publish_receipts(self, receipts: list[tuple[Receipt, bytes]]) -> None:
+        """All of a batch's receipts in flight at once, each confirmed by the broker: one
+        round trip per batch, not one per receipt."""
+        confirmed = await asyncio.gather(
+            *(self.publish_confirmed(pipeline.down_topic(r.dev), data) for r, data in receipts)
+        )
+        # An envelope whose receipt was not confirmed is stored; its hub will publish it
+        # again and get the receipt then.
+        self.stats.receipt_publish_failures += confirmed.count(False)
+
     async def _publish_receipt(self, receipt: Receipt, data: bytes) -> None:
-        if not await self.publish_confirmed(pipeline.down_topic(receipt.dev), data):
-            # The envelope is stored; the hub will republish it and get the receipt again.
-            self.stats.receipt_publish_failures += 1
+        await self._publish_receipts([(receipt, data)])
 
 
 def _death(message: AbstractIncomingMessage) -> tuple[str, str]:

@@ -414,7 +414,7 @@ class BatchConsumer:
         """After COMMIT: a signed receipt per envelope, and the acknowledgement to the broker.
 
         The batch's receipts are signed together (one signature per tree of receipts) in a
-        thread, then published and the messages acknowledged in the batch's order.
+        thread, then published, then the messages acknowledged in the batch's order.
         """
         now_ms = judged.now_ms
         answers: list[tuple[Message, Receipt | None]] = []
@@ -437,11 +437,12 @@ class BatchConsumer:
         sealed = iter(
             await asyncio.get_running_loop().run_in_executor(None, seal_each, answered, signer)
         )
-        for m, receipt in answers:
-            if receipt is not None:
-                data = next(sealed)
-                if data is not None:
-                    await self._publish_receipt(receipt, data)
+        receipts: list[tuple[Receipt, bytes]] = []
+        for _, receipt in answers:
+            if receipt is not None and (data := next(sealed)) is not None:
+                receipts.append((receipt, data))
+        await self._publish_receipts(receipts)
+        for m, _ in answers:
             await self._ack(m)
         done_ms = self._now_ms()
         for m, _ in answers:
@@ -475,6 +476,12 @@ class BatchConsumer:
     async def _ack(self, m: Message) -> None:
         """Acknowledge a handled message to the broker (after its batch committed)."""
         raise NotImplementedError
+
+    async def _publish_receipts(self, receipts: list[tuple[Receipt, bytes]]) -> None:
+        """Publish a batch's sealed receipts (one by one, unless the broker's side does
+        better)."""
+        for receipt, data in receipts:
+            await self._publish_receipt(receipt, data)
 
     async def _publish_receipt(self, receipt: Receipt, data: bytes) -> None:
         raise NotImplementedError

@@ -285,6 +285,31 @@ class PatroniCluster:
         roles = sorted(self.members().values())
         return roles == sorted(["leader", "sync_standby", *["replica"] * (len(self.nodes) - 2)])
 
+    def set_synchronous(self, on: bool, timeout: float = 30.0) -> None:
+        """Turn Patroni's synchronous mode on or off (its dynamic configuration, through
+        the REST API) and return once the primary's ``synchronous_standby_names`` says so:
+        off, a commit waits for the primary's own disk only and the standby follows."""
+        import psycopg
+
+        body = json.dumps({"synchronous_mode": on}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.primary().rest_port}/config",
+            data=body,
+            method="PATCH",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
+            if not 200 <= int(resp.status) < 300:
+                raise ClusterError(f"Patroni refused the configuration: {resp.status}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with psycopg.connect(self.dsn(), autocommit=True) as conn:
+                row = conn.execute("SHOW synchronous_standby_names").fetchone()
+            if row is not None and (row[0] != "") == on and (not on or self.synchronous()):
+                return
+            time.sleep(0.5)
+        raise ClusterError(f"synchronous mode not {'on' if on else 'off'} in {timeout:.0f} s")
+
     def primary(self) -> PatroniNode:
         for node in self.nodes:
             if node.role() == "primary":

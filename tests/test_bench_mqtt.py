@@ -1,8 +1,10 @@
-"""The benchmarks' minimal MQTT 5 client against a private Mosquitto: QoS 1 both ways, every
-acknowledgement accounted for, and the broker's refusals raised."""
+"""The benchmarks' minimal MQTT client against a private Mosquitto (MQTT 5) and a private
+RabbitMQ node (MQTT 3.1.1 with a login): QoS 1 both ways, every acknowledgement accounted
+for, and the broker's refusals raised."""
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 import time
@@ -12,8 +14,16 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.mqtt_raw import MAX_PACKET_ID, RawClient, RawMqttError, _read_varint, varint
+from bench.mqtt_raw import (
+    MAX_PACKET_ID,
+    Login,
+    RawClient,
+    RawMqttError,
+    _read_varint,
+    varint,
+)
 from gateway.broker import MosquittoBroker
+from gateway.rabbitmq import RabbitNode
 from ingest.transport import stop_client
 
 
@@ -157,3 +167,43 @@ def test_a_broker_that_refuses_or_garbles_the_connection_is_a_clear_error(
         with pytest.raises(RawMqttError, match=error):
             RawClient("127.0.0.1", server.getsockname()[1], "raw-test-refused", timeout_s=5)
         thread.join(5)
+
+
+@pytest.fixture
+def rabbit_login(rabbit: RabbitNode) -> Login:
+    """A user of the test's RabbitMQ node allowed everything, as the ingest bench's is."""
+    user = f"raw-{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(12)
+    rabbit.ctl("add_user", user, password)
+    rabbit.ctl("set_permissions", user, ".*", ".*", ".*")
+    return Login(user, password, mqtt5=False)
+
+
+def test_mqtt_311_with_a_login_publishes_and_receives_on_rabbitmq(
+    rabbit: RabbitNode, rabbit_login: Login
+) -> None:
+    """RabbitMQ 3.10 speaks MQTT 3.1.1 only and wants a login: the load generator's other
+    dialect (no property blocks, a return code in CONNACK), every publish acknowledged."""
+    sub = RawClient("127.0.0.1", rabbit.mqtt_port, "raw-311-sub", login=rabbit_login)
+    pub = RawClient("127.0.0.1", rabbit.mqtt_port, "raw-311-pub", login=rabbit_login)
+    try:
+        sub.subscribe("raw311/+")
+        sent = [(f"raw311/{i % 3}", bytes([i % 256]) * (i % 200 + 1)) for i in range(300)]
+        for i, (topic, payload) in enumerate(sent):
+            pub.publish(RawClient.topic_name(topic), payload, i + 1)
+        acked, _ = _poll_until(pub, lambda a, _r: len(a) == len(sent))
+        assert sorted(acked) == list(range(1, len(sent) + 1))
+        _, received = _poll_until(sub, lambda _a, r: len(r) >= len(sent))
+        assert sorted(received) == sorted(sent)
+    finally:
+        pub.close()
+        sub.close()
+
+
+@pytest.mark.parametrize("password", ["wrong", None])
+def test_rabbitmq_refusing_a_login_is_a_clear_error(
+    rabbit: RabbitNode, rabbit_login: Login, password: str | None
+) -> None:
+    login = Login(rabbit_login.username if password else None, password, mqtt5=False)
+    with pytest.raises(RawMqttError, match=r"connection refused, return code [45]"):
+        RawClient("127.0.0.1", rabbit.mqtt_port, "raw-311-refused", login=login)

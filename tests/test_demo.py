@@ -214,7 +214,12 @@ def test_the_demo_starts_from_a_clean_checkout_with_a_fresh_virtualenv(tmp_path:
         timeout=900,
         check=False,
     )
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    if result.returncode != 0:  # in full: an assertion's message would be cut short
+        pytest.fail(
+            f"scripts/demo exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+            f"\n--- stderr\n{result.stderr[-6000:]}",
+            pytrace=False,
+        )
     assert (tmp_path / "venv" / "bin" / "trialstream").exists()
     assert "embedded PostgreSQL" in result.stdout
     assert "[6/6] running" in result.stdout

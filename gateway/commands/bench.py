@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from gateway.commands.common import Subparsers, add_database_flags, run
+from gateway.commands.common import (
+    Subparsers,
+    add_database_flags,
+    float_in,
+    int_in,
+    run,
+    seconds_in,
+)
 from gateway.errors import ConfigError
 from gateway.settings import Settings
 
@@ -91,6 +98,13 @@ def register(sub: Subparsers) -> None:
     )
     bi.add_argument("--workers", type=int, default=2, help="consumer processes (default: 2)")
     bi.add_argument("--hubs", type=int, default=200, help="simulated hubs (default: 200)")
+    bi.add_argument(
+        "--amqp",
+        action="store_true",
+        help="also the gateway fed from a private RabbitMQ node over AMQP (the load published "
+        "over MQTT 3.1.1 into its uplink quorum queue), as a ratio to the gateway on "
+        "Mosquitto in the same run; needs rabbitmq-server",
+    )
     bi.add_argument("--out", help="also write the JSON result to this file")
     bi.set_defaults(handler=_cmd_bench_ingest)
     bm = bench_sub.add_parser(
@@ -234,6 +248,31 @@ def register(sub: Subparsers) -> None:
     ba.add_argument("--queries", type=int, default=30, help="cohort answers timed (30)")
     ba.add_argument("--out", help="also write the JSON result to this file")
     ba.set_defaults(handler=_cmd_bench_adherence)
+    bs = bench_sub.add_parser(
+        "standby",
+        help="what the synchronous standby costs: commit and receipt latency, on vs off",
+        description="a PostgreSQL primary and standby under Patroni with etcd on this "
+        "machine (needs patroni and etcd-server), the gateway on their multi-host URL: "
+        "commit latency of single-row INSERTs and publish->receipt latency at a fixed rate, "
+        "with Patroni's synchronous mode on, off and on again; the synchronous runs as "
+        "ratios to the asynchronous one.",
+    )
+    bs.add_argument(
+        "--seconds", type=seconds_in(2, 3600), default=20.0, help="latency run per mode (20)"
+    )
+    bs.add_argument(
+        "--rate",
+        type=float_in(1, 5000, "envelopes/s"),
+        default=200.0,
+        help="envelopes/s published (200)",
+    )
+    bs.add_argument(
+        "--commits", type=int_in(10, 100_000), default=1000, help="commits timed (1000)"
+    )
+    bs.add_argument("--hubs", type=int_in(1, 2000), default=50, help="simulated hubs (50)")
+    bs.add_argument("--workers", type=int_in(1, 16), default=2, help="gateway workers (2)")
+    bs.add_argument("--out", help="also write the JSON result to this file")
+    bs.set_defaults(handler=_cmd_bench_standby)
     bw = bench_sub.add_parser(
         "hub-wearables",
         help="the whole hub with N wearables at R Hz over minutes: CPU, memory, delivery",
@@ -266,6 +305,22 @@ def register(sub: Subparsers) -> None:
         "(default: bench/results/hub_wearables.json)",
     )
     bw.set_defaults(handler=_cmd_bench_hub_wearables)
+
+
+def _cmd_bench_standby(args: argparse.Namespace, settings: Settings) -> int:
+    from bench import standby as standby_bench
+
+    result = run(
+        standby_bench.run(
+            seconds=args.seconds,
+            rate=args.rate,
+            commits=args.commits,
+            hubs=args.hubs,
+            workers=args.workers,
+            progress=sys.stderr,
+        )
+    )
+    return _emit(result, args.out)
 
 
 def _cmd_bench_adherence(args: argparse.Namespace, settings: Settings) -> int:
@@ -361,6 +416,7 @@ def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
             sizes=sizes,
             workers=args.workers,
             hubs=args.hubs,
+            amqp=args.amqp,
             progress=sys.stderr,
         )
     )

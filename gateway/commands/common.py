@@ -42,21 +42,27 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def seconds_in(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: seconds from ``low`` to ``high``, its length checked first."""
+def float_in(low: float, high: float, unit: str) -> Callable[[str], float]:
+    """An argparse type: a number of ``unit`` from ``low`` to ``high``, its length checked
+    first (NaN and infinities refused)."""
 
     def parse(text: str) -> float:
         if len(text) > 12:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text[:12]!r}")
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text[:12]!r}")
         try:
             value = float(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from exc
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from exc
         if not low <= value <= high:  # NaN fails here too
-            raise argparse.ArgumentTypeError(f"from {low:g} to {high:g} seconds, not {text}")
+            raise argparse.ArgumentTypeError(f"from {low:g} to {high:g} {unit}, not {text}")
         return value
 
     return parse
+
+
+def seconds_in(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: seconds from ``low`` to ``high``."""
+    return float_in(low, high, "seconds")
 
 
 # The longest ISO 8601 time with a zone and microseconds is 32 characters.

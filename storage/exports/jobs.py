@@ -183,9 +183,7 @@ SELECT disabled_at IS NOT NULL FROM users WHERE username = %s
 """
 
 
-async def run(
-    url: str, job_id: str, *, out_root: Path, read_url: str | None = None
-) -> ExportJob:
+async def run(url: str, job_id: str, *, out_root: Path, read_url: str | None = None) -> ExportJob:
     """Run one queued job to its end (its data read at ``read_url`` if given); returns it
     ``done`` or ``failed``."""
     async with db.connection(url, autocommit=True) as conn:
