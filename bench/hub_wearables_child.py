@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -26,6 +28,10 @@ from device_drivers.pairing import BleBackends
 from device_drivers.sim import SimAdapter
 
 SAMPLE_S: Final = 5.0
+# Set to a file path, the measured hub also traces where its memory goes (a diagnostic run:
+# tracemalloc slows every allocation, so its CPU figures are not the hub's).
+MEMORY_TRACE_ENV: Final = "TRIALSTREAM_BENCH_MEMORY_TRACE"
+MEMORY_TRACE_EVERY_S: Final = 60.0
 HEART_RATE_MEASUREMENT: Final = registry.full_uuid(0x2A37)
 HUB, BASELINE = "hub", "baseline"
 
@@ -88,6 +94,54 @@ def _hub_report(parts: HubParts) -> Callable[[], Awaitable[dict[str, Any]]]:
     return report
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _malloc_in_use() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back (SQLite's page cache and every
+    other C allocation included, which tracemalloc does not see); None off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+async def _trace_memory(path: Path) -> None:
+    """Every ``MEMORY_TRACE_EVERY_S``: RSS, Python's traced bytes, malloc's bytes in use, and
+    the ten source lines whose Python allocations grew most since the first sample."""
+    import tracemalloc
+
+    import psutil  # type: ignore[import-untyped]
+
+    me = psutil.Process()
+    first: tracemalloc.Snapshot | None = None
+    t0 = asyncio.get_running_loop().time()
+    while True:
+        await asyncio.sleep(MEMORY_TRACE_EVERY_S)
+        snapshot = tracemalloc.take_snapshot()
+        first = first or snapshot
+        grew = snapshot.compare_to(first, "lineno")[:10]
+        line = {
+            "t_s": round(asyncio.get_running_loop().time() - t0),
+            "rss": me.memory_info().rss,
+            "traced": tracemalloc.get_traced_memory()[0],
+            "malloc_in_use": _malloc_in_use(),
+            "grew": [[str(g.traceback[0]), g.size_diff, g.count_diff] for g in grew],
+        }
+        with path.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+
+
 async def serve_hub(hub_dir: Path, hci: str, addresses: Sequence[str], sample_s: float) -> None:
     """The measured hub: ``open_hub`` with one session per wearable, host stack over HCI."""
     identity = HubIdentity.load(hub_dir)
@@ -97,7 +151,14 @@ async def serve_hub(hub_dir: Path, hci: str, addresses: Sequence[str], sample_s:
         backends = BleBackends(adapter.scanner_backend, adapter.client_backend)
         specs = [WearableSpec(a, f"hr-{i}") for i, a in enumerate(addresses)]
         parts = await open_hub(identity, stack, wearables=specs, backends=backends)
-        await _until_stdin_closed(parts.hub.run(), _report_every(sample_s, _hub_report(parts)))
+        work = [parts.hub.run(), _report_every(sample_s, _hub_report(parts))]
+        trace = os.environ.get(MEMORY_TRACE_ENV)
+        if trace:
+            import tracemalloc
+
+            tracemalloc.start()
+            work.append(_trace_memory(Path(trace)))
+        await _until_stdin_closed(*work)
 
 
 async def serve_baseline(hci: str, addresses: Sequence[str], sample_s: float) -> None:

@@ -63,13 +63,11 @@ from bench.gateway_process import (
     receipt_latency,
     scrape,
 )
-from bench.ingest_amqp import fresh_uplink, rabbit_node
+from bench.ingest_amqp import RabbitTarget, fresh_uplink, rabbit_target
 from bench.ingest_references import REFERENCE_SUBSCRIPTION, prime, reference
 from bench.load import PUBLISHERS, Publishers, create_trial, reset
-from bench.mqtt_raw import Login
 from gateway.broker import MosquittoBroker
 from gateway.consumer import SHARED_SUBSCRIPTION
-from gateway.rabbitmq import RabbitNode
 
 SIZES = (1, 10, 100)
 HUBS = 200
@@ -197,7 +195,7 @@ def _run_size(
     slow_db: bool,
     slow_seconds: float,
     latency_rate: float | None,
-    rabbit: tuple[RabbitNode, Login] | None = None,
+    rabbit: RabbitTarget | None = None,
 ) -> dict[str, Any]:
     pool_readings = int(POOL_READINGS_PER_S.get(size, 420_000) * (WARMUP_S + seconds + 1))
     count = max(len(hubs), pool_readings // size)
@@ -341,7 +339,7 @@ def _run_size(
 
 def _amqp_drain(
     url: str,
-    rabbit: tuple[RabbitNode, Login],
+    rabbit: RabbitTarget,
     pubs: Publishers,
     seconds: float,
     size: int,
@@ -350,11 +348,11 @@ def _amqp_drain(
 ) -> dict[str, Any]:
     """The gateway's drain window fed from RabbitMQ: the same backlog published over MQTT
     3.1.1 into the node's uplink quorum queue first, then consumed over AMQP."""
-    node, login = rabbit
+    node = rabbit.entry
     reset(url)
     fresh_uplink(node)
-    backlog = pubs.run("127.0.0.1", node.mqtt_port, None, BACKLOG_MAX_S, login=login)[0]
-    roots = [node.process.pid] if node.process is not None else []
+    backlog = pubs.run("127.0.0.1", node.mqtt_port, None, BACKLOG_MAX_S, login=rabbit.login)[0]
+    roots = rabbit.broker_roots
     with (
         gateway_processes(url, None, workdir, workers, amqp_url=node.amqp_url) as (pid, _),
         Memory(pid) as mem,
@@ -382,6 +380,7 @@ async def run(
     workers: int = WORKERS,
     hubs: int = HUBS,
     amqp: bool = False,
+    amqp_nodes: int = 1,
     progress: TextIO | None = None,
 ) -> dict[str, Any]:
     """``amqp``: also the gateway fed from a private RabbitMQ node (``gateway_amqp`` in each
@@ -399,10 +398,10 @@ async def run(
         )
         with (
             tempfile.TemporaryDirectory(prefix="trialstream-bench-ingest-") as tmp,
-            rabbit_node(Path(tmp)) if amqp else contextlib.nullcontext() as rabbit,
+            rabbit_target(Path(tmp), amqp_nodes) if amqp else contextlib.nullcontext() as rabbit,
         ):
             if rabbit is not None:
-                say(f"RabbitMQ node {rabbit[0].name} for the AMQP path")
+                say(f"RabbitMQ for the AMQP path: {', '.join(n.name for n in rabbit.nodes)}")
             results.extend(
                 _run_size(
                     url,
@@ -435,8 +434,9 @@ async def run(
             "throughput": "committed readings/s over the window (count(*) at both ends)",
             "bare": "paho -> CBOR decode -> binary COPY per batch (no verify/consent/dedupe)",
             "naive": "paho -> INSERT per reading, commit per message",
-            "gateway_amqp": "the same backlog published over MQTT 3.1.1 into a private"
-            " RabbitMQ node's uplink quorum queue, the gateway consuming it over AMQP"
+            "gateway_amqp": "the same backlog published over MQTT 3.1.1 into the uplink quorum"
+            f" queue of a private RabbitMQ cluster of {amqp_nodes} node(s) (through the node"
+            " leading it), the gateway consuming it over AMQP; broker CPU: every node's"
             if amqp
             else None,
             "latency": "publish() -> receipt arrival, at half the gateway's peak rate"

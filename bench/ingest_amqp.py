@@ -1,8 +1,8 @@
-"""The RabbitMQ path of ``bench ingest --amqp``: a private RabbitMQ node (its MQTT plugin
-and AMQP, :class:`gateway.rabbitmq.RabbitNode`) that the load is published into over MQTT
-3.1.1, as hubs publish to RabbitMQ 3.10, and that the gateway consumes over AMQP from the
-uplink quorum queue (``TRIALSTREAM_MESSAGE_SOURCE=amqp``), measured the same way as the
-gateway on Mosquitto in the same run."""
+"""The RabbitMQ path of ``bench ingest --amqp``: a private RabbitMQ node, or a cluster of
+them (``--amqp-nodes``; :class:`gateway.rabbitmq.RabbitCluster`), that the load is published
+into over MQTT 3.1.1, as hubs publish to RabbitMQ 3.10, and that the gateway consumes over
+AMQP from the uplink quorum queue (``TRIALSTREAM_MESSAGE_SOURCE=amqp``), measured the same
+way as the gateway on Mosquitto in the same run."""
 
 from __future__ import annotations
 
@@ -11,29 +11,49 @@ import concurrent.futures
 import contextlib
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.mqtt_raw import Login
 from gateway.amqp import UPLINK_QUEUE, dead_letter_queue, declare_uplink
-from gateway.rabbitmq import RabbitNode
+from gateway.rabbitmq import RabbitCluster, RabbitNode
 
 # The load generator's own user: it publishes every hub's envelopes, so it may write to
 # every topic (hubs themselves get only their own, gateway.rabbitmq.hub_permissions).
 BENCH_USER = "trialstream-bench"
 
 
+@dataclass(frozen=True, slots=True)
+class RabbitTarget:
+    """Where the AMQP path's load goes: the node publishers and the gateway reach (the first;
+    the uplink queue is declared there, so it leads it), every node of the cluster (whose
+    CPU is the broker's), and the publishers' login."""
+
+    nodes: tuple[RabbitNode, ...]
+    login: Login
+
+    @property
+    def entry(self) -> RabbitNode:
+        return self.nodes[0]
+
+    @property
+    def broker_roots(self) -> list[int]:
+        return [n.process.pid for n in self.nodes if n.process is not None]
+
+
 @contextlib.contextmanager
-def rabbit_node(workdir: Path) -> Iterator[tuple[RabbitNode, Login]]:
-    """A private node for the run, and the publishers' login to its MQTT plugin."""
-    node = RabbitNode(workdir / "rabbitmq")
-    node.start()
+def rabbit_target(workdir: Path, nodes: int = 1) -> Iterator[RabbitTarget]:
+    """A private node, or a cluster of ``nodes`` (quorum queues replicated on each), for the
+    run, with the publishers' login to its MQTT plugin."""
+    cluster = RabbitCluster(workdir / "rabbitmq", nodes)
+    cluster.start()
     try:
         password = secrets.token_urlsafe(16)
-        node.ctl("add_user", BENCH_USER, password)
-        node.ctl("set_permissions", BENCH_USER, ".*", ".*", ".*")
-        yield node, Login(BENCH_USER, password, mqtt5=False)
+        cluster.ctl("add_user", BENCH_USER, password)
+        cluster.ctl("set_permissions", BENCH_USER, ".*", ".*", ".*")
+        yield RabbitTarget(tuple(cluster.nodes), Login(BENCH_USER, password, mqtt5=False))
     finally:
-        node.stop()
+        cluster.stop()
 
 
 def fresh_uplink(node: RabbitNode) -> None:

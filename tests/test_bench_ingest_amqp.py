@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 
 from bench.ingest import _amqp_drain
-from bench.ingest_amqp import fresh_uplink, rabbit_node
+from bench.ingest_amqp import fresh_uplink, rabbit_target
 from bench.load import Publishers, create_trial
 from gateway.amqp import UPLINK_QUEUE
 from tests.alerts.test_engine import rows
@@ -34,8 +34,8 @@ async def test_the_backlog_goes_through_rabbitmq_into_the_database(
     hubs = await create_trial(url, 4, t0_ms - 86_400_000, 3 * 86_400_000)
     pubs = Publishers(hubs, 10, 200, t0_ms)
     try:
-        with rabbit_node(tmp_path) as rabbit:
-            node, _ = rabbit
+        with rabbit_target(tmp_path) as rabbit:
+            node = rabbit.entry
             result = _amqp_drain(url, rabbit, pubs, 3.0, 10, tmp_path, 1)
             assert result["backlog_envelopes"] == pubs.sealed == 200
             assert result["readings_refused"] == 0

@@ -26,6 +26,43 @@ def register(sub: Subparsers) -> None:
         "measured in the same run.",
     )
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    bc = bench_sub.add_parser(
+        "capacity",
+        help="hosts, cores and storage for a load, from a bench ingest --amqp result",
+        description="the cores each part (gateway workers, broker, database) keeps busy and "
+        "the hosts that takes at a target utilization, on Mosquitto and on a RabbitMQ "
+        "cluster, and the storage a year of readings takes, computed from the CPU per "
+        "envelope a `bench ingest --amqp` run measured (its JSON file) and docs/storage.md's "
+        "bytes per reading; every figure used is echoed with its source.",
+    )
+    bc.add_argument("--ingest", required=True, help="the JSON result of bench ingest --amqp")
+    bc.add_argument("--participants", type=int_in(1, 10_000_000), default=20_000, help="(20000)")
+    bc.add_argument("--studies", type=int_in(1, 100_000), default=50, help="(50)")
+    bc.add_argument(
+        "--readings-per-s",
+        type=float_in(0.001, 1000, "readings/s"),
+        default=2.5,
+        help="readings per participant per second while worn (2.5: a strap and an oximeter "
+        "at 1 Hz and the rest)",
+    )
+    bc.add_argument(
+        "--seal", type=seconds_in(0.1, 3600), default=5.0, help="hub sealing interval (5 s)"
+    )
+    bc.add_argument(
+        "--hours-worn",
+        type=float_in(0.1, 24, "hours"),
+        default=24.0,
+        help="hours a day the wearables stream (24: the upper bound)",
+    )
+    bc.add_argument("--host-cores", type=int_in(1, 1024), default=2, help="cores per host (2)")
+    bc.add_argument(
+        "--utilization",
+        type=float_in(0.05, 1, "of the cores"),
+        default=0.5,
+        help="target busy share of a host's cores (0.5)",
+    )
+    bc.add_argument("--out", help="also write the JSON result to this file")
+    bc.set_defaults(handler=_cmd_bench_capacity)
     bs = bench_sub.add_parser(
         "storage",
         help="bulk writer vs per-row INSERT",
@@ -104,6 +141,12 @@ def register(sub: Subparsers) -> None:
         help="also the gateway fed from a private RabbitMQ node over AMQP (the load published "
         "over MQTT 3.1.1 into its uplink quorum queue), as a ratio to the gateway on "
         "Mosquitto in the same run; needs rabbitmq-server",
+    )
+    bi.add_argument(
+        "--amqp-nodes",
+        type=int_in(1, 5),
+        default=1,
+        help="with --amqp: RabbitMQ nodes in the cluster the queue is replicated on (1)",
     )
     bi.add_argument("--out", help="also write the JSON result to this file")
     bi.set_defaults(handler=_cmd_bench_ingest)
@@ -307,6 +350,30 @@ def register(sub: Subparsers) -> None:
     bw.set_defaults(handler=_cmd_bench_hub_wearables)
 
 
+def _cmd_bench_capacity(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from bench import capacity
+
+    path = Path(args.ingest)
+    if not path.is_file():
+        raise ConfigError(f"--ingest {args.ingest!r}: no such file")
+    load = capacity.Load(
+        participants=args.participants,
+        studies=args.studies,
+        readings_per_participant_per_s=args.readings_per_s,
+        seal_s=args.seal,
+        hours_worn_per_day=args.hours_worn,
+    )
+    try:
+        result = capacity.run(path, load, host_cores=args.host_cores, utilization=args.utilization)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"--ingest {args.ingest!r}: not a bench ingest --amqp result ({exc})"
+        ) from None
+    return _emit(result, args.out)
+
+
 def _cmd_bench_standby(args: argparse.Namespace, settings: Settings) -> int:
     from bench import standby as standby_bench
 
@@ -417,6 +484,7 @@ def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
             workers=args.workers,
             hubs=args.hubs,
             amqp=args.amqp,
+            amqp_nodes=args.amqp_nodes,
             progress=sys.stderr,
         )
     )
