@@ -130,26 +130,21 @@ async def add_consented_hub(
     """A participant enrolled three days ago, consented to every scope two days ago, with one
     hub of a fresh key."""
     key = keys.generate_private_key()
-    await registry.create_participant(
-        conn, participant_id, STUDY, SITE, enrolled_at=now - timedelta(days=3)
-    )
-    await registry.add_device(
+    await registry.enroll_consented(
         conn,
-        device_id,
-        participant_id,
-        keys.public_key_to_der(key.public_key()),
-        keys.fingerprint(key.public_key()),
-    )
-    await registry.record_consent(
-        conn,
-        participant_id,
-        document_id,
-        "consent",
-        SCOPES,
-        effective_at=now - timedelta(days=2),
-        recorded_by="bench",
-        signer_name=participant_id,
-        meaning="consent",
+        registry.ConsentedHub(
+            participant_id,
+            STUDY,
+            SITE,
+            device_id,
+            keys.public_key_to_der(key.public_key()),
+            keys.fingerprint(key.public_key()),
+            document_id,
+            SCOPES,
+            enrolled_at=now - timedelta(days=3),
+            consent_at=now - timedelta(days=2),
+            recorded_by="bench",
+        ),
     )
     der = key.private_bytes(
         serialization.Encoding.DER,

@@ -220,7 +220,6 @@ class Harness:
         self.gateway_key = directory / "gateway.key"
         self.hosts: list[GatewayHost] = []
         self.document_id = 0  # the study's consent document, once seeded
-        self.started_at: float | None = None
 
     @property
     def database_url(self) -> str:
@@ -237,7 +236,6 @@ class Harness:
         """RabbitMQ and the database side by side, then the schema and the uplink queue,
         then the gateway hosts; returns once every host answers /healthz."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.started_at = time.monotonic()
         try:
             say(
                 f"starting {self.shape.rabbit_nodes} RabbitMQ nodes and "
@@ -364,26 +362,21 @@ async def _enroll(
 ) -> None:
     now = datetime.now(UTC)
     async with db.connection(harness.database_url) as conn, conn.transaction():
-        await registry.create_participant(
-            conn, participant, STUDY, SITE, enrolled_at=now - timedelta(days=1)
-        )
-        await registry.add_device(
+        await registry.enroll_consented(
             conn,
-            device,
-            participant,
-            keys.public_key_to_der(public_key),
-            keys.fingerprint(public_key),
-        )
-        await registry.record_consent(
-            conn,
-            participant,
-            harness.document_id,
-            "consent",
-            ALL_SCOPES,
-            effective_at=now - timedelta(hours=1),
-            recorded_by="cluster-harness",
-            signer_name=f"Participant {participant}",
-            meaning="consent",
+            registry.ConsentedHub(
+                participant,
+                STUDY,
+                SITE,
+                device,
+                keys.public_key_to_der(public_key),
+                keys.fingerprint(public_key),
+                harness.document_id,
+                ALL_SCOPES,
+                enrolled_at=now - timedelta(days=1),
+                consent_at=now - timedelta(hours=1),
+                recorded_by="cluster-harness",
+            ),
         )
 
 

@@ -191,6 +191,45 @@ async def record_consent(
     return int(row[0])
 
 
+@dataclass(frozen=True, slots=True)
+class ConsentedHub:
+    """A participant to enroll with one hub and a consent under a study's document: what a
+    site's enrollment and the participant's e-consent leave behind."""
+
+    participant_id: str
+    study_id: str
+    site_id: str
+    device_id: str
+    public_key_der: bytes
+    fingerprint: str
+    document_id: int
+    scopes: Collection[str]
+    enrolled_at: datetime
+    consent_at: datetime
+    recorded_by: str
+
+
+async def enroll_consented(conn: Conn, hub: ConsentedHub) -> int:
+    """Enroll ``hub``'s participant, add the hub and record the consent (for benchmarks, the
+    cluster harness and fixtures, which need consented hubs without the signing ceremony);
+    the consent's id."""
+    await create_participant(
+        conn, hub.participant_id, hub.study_id, hub.site_id, enrolled_at=hub.enrolled_at
+    )
+    await add_device(conn, hub.device_id, hub.participant_id, hub.public_key_der, hub.fingerprint)
+    return await record_consent(
+        conn,
+        hub.participant_id,
+        hub.document_id,
+        "consent",
+        hub.scopes,
+        effective_at=hub.consent_at,
+        recorded_by=hub.recorded_by,
+        signer_name=hub.participant_id,
+        meaning="consent",
+    )
+
+
 async def create_enrollment_code(
     conn: Conn, code_sha256: bytes, participant_id: str, created_by: str, expires_at: datetime
 ) -> None:

@@ -19,6 +19,7 @@ from device_drivers.hub import OutboxSink
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway.broker import MosquittoBroker
+from gateway.harness import SimulatedHub as HubUnderTest
 from ingest.envelope import open_envelope
 from ingest.model import Reading
 from ingest.pipeline import up_topic
@@ -41,26 +42,6 @@ class ShiftedTime:
 
     def __call__(self) -> float:
         return time.time() + self.offset_s
-
-
-@dataclass
-class HubUnderTest:
-    relay: Relay
-    outbox: Outbox
-    sink: OutboxSink
-    produced: int = 0
-
-    async def produce(self, n: int) -> None:
-        """n heart-rate readings stamped now by the hub's clock, as a session would."""
-        t = int(self.sink.clock() * 1000)
-        await self.sink.readings(
-            [Reading(t - n + i + 1, "heart_rate", 60.0 + i % 30, "/min", "hr") for i in range(n)]
-        )
-        self.produced += n
-
-    def drained(self) -> bool:
-        s = self.outbox.stats()
-        return s.pending_readings == s.pending_gaps == s.unreceipted_envelopes == 0
 
 
 def fast_reconnect(client: mqtt.Client) -> None:
