@@ -127,3 +127,35 @@ def test_the_command_refuses_a_window_rate_or_count_that_is_not_positive(
     assert result.returncode != 0
     assert flag in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import json
+
+    from bench import hub_wearables_child
+
+    monkeypatch.setattr(hub_wearables_child, "MEMORY_TRACE_EVERY_S", 0.05)
+    path = tmp_path / "trace.jsonl"
+    kept: list[object] = []
+
+    class Grown:
+        pass
+
+    async def grow() -> None:
+        while True:
+            kept.extend(Grown() for _ in range(500))
+            await asyncio.sleep(0.02)
+
+    grower = asyncio.create_task(grow())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(hub_wearables_child._trace_memory(path), 0.4)
+    grower.cancel()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) >= 3
+    assert all(x["rss"] > 0 and x["objects"] > 0 for x in lines)
+    assert all(x["malloc_in_use"] is None or x["malloc_in_use"] > 0 for x in lines)
+    assert lines[0]["grew"] == []  # the first sample is the reference
+    assert Grown.__qualname__ in [t for t, _ in lines[-1]["grew"]]
