@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
+import heapq
 import json
 import logging
 import os
@@ -116,6 +118,19 @@ def _malloc_in_use() -> int | None:
     return int(info.uordblks + info.hblkhd)
 
 
+def _sample_of(container: object) -> str:
+    """What a large container holds, in a few characters: its first item's type (and a
+    dict's first key), to tell who owns it."""
+    try:
+        if isinstance(container, dict):
+            key = next(iter(container), None)
+            return f"{type(key).__name__} {str(key)[:40]!r} -> {type(container.get(key)).__name__}"
+        first = next(iter(container), None)  # type: ignore[call-overload]
+        return type(first).__name__
+    except (RuntimeError, StopIteration, TypeError):
+        return "?"
+
+
 async def _trace_memory(path: Path) -> None:
     """Every ``MEMORY_TRACE_EVERY_S``: RSS, glibc malloc's bytes in use (every allocation,
     SQLite's page cache and OpenSSL's included), the count of objects the garbage collector
@@ -135,13 +150,22 @@ async def _trace_memory(path: Path) -> None:
         types = Counter(type(o).__qualname__ for o in objects)
         first = first or types
         grew = sorted(((n - first.get(t, 0), t) for t, n in types.items()), reverse=True)[:10]
+        # A container that keeps growing is one object whose buffer grows in malloc: the
+        # largest ones by length, with an identity to follow from one sample to the next.
+        largest = heapq.nlargest(
+            8,
+            (o for o in objects if isinstance(o, list | dict | set | collections.deque)),
+            key=len,
+        )
         line = {
             "t_s": round(asyncio.get_running_loop().time() - t0),
             "rss": me.memory_info().rss,
             "malloc_in_use": _malloc_in_use(),
             "objects": len(objects),
             "grew": [[t, d] for d, t in grew if d > 0],
+            "largest": [[type(o).__name__, id(o), len(o), _sample_of(o)] for o in largest],
         }
+        del largest
         del objects
         with path.open("a") as out:
             out.write(json.dumps(line) + "\n")

@@ -151,7 +151,7 @@ async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
 
     grower = asyncio.create_task(grow())
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(hub_wearables_child._trace_memory(path), 0.4)
+        await asyncio.wait_for(hub_wearables_child._trace_memory(path), 1.5)
     grower.cancel()
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(lines) >= 3
@@ -159,3 +159,8 @@ async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
     assert all(x["malloc_in_use"] is None or x["malloc_in_use"] > 0 for x in lines)
     assert lines[0]["grew"] == []  # the first sample is the reference
     assert Grown.__qualname__ in [t for t, _ in lines[-1]["grew"]]
+    # The growing list is followed by its identity among the largest containers.
+    sizes = [n for line in lines for kind, ident, n, _ in line["largest"] if ident == id(kept)]
+    assert len(sizes) >= 2
+    assert sizes == sorted(sizes)
+    assert sizes[-1] > sizes[0]
