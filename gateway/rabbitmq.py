@@ -1,7 +1,8 @@
 """A private RabbitMQ node with its MQTT plugin, for tests, benchmarks and the cluster harness.
 
-It never touches the machine's own RabbitMQ: its own node name, ports, data directory,
-configuration, plugins file and Erlang cookie, and the server's scripts are called directly
+Its configuration is deploy/rabbitmq/ (what a production node gets) with its listeners and
+files rewritten (``render_config``). It never touches the machine's own RabbitMQ: its own
+node name, ports, data directory, configuration, plugins file and Erlang cookie, and the server's scripts are called directly
 (``/usr/lib/rabbitmq/bin``), not through Debian's wrappers, which switch to the system
 node's user and cookie. Hubs speak MQTT 3.1.1 to its MQTT listener; envelopes published to
 ``dct/v1/<device>/up`` arrive on ``amq.topic`` with the routing key
@@ -29,6 +30,14 @@ from ingest.wire import DEVICE_ID_RE
 log = logging.getLogger(__name__)
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq"
+# The deploy config's TLS settings: kept for a node given TLS files, dropped for one without.
+_TLS_FILES = {
+    "ssl_options.cacertfile": "cafile",
+    "ssl_options.certfile": "certfile",
+    "ssl_options.keyfile": "keyfile",
+}
+_TLS_ONLY = ("ssl_options.", "mqtt.listeners.ssl.", "mqtt.ssl_cert_login", "ssl_cert_login_from")
 START_TIMEOUT_S = 60.0
 CTL_TIMEOUT_S = 30.0
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -77,6 +86,57 @@ def hub_permissions(device_id: str) -> HubPermissions:
     )
 
 
+def render_config(
+    template: str,
+    *,
+    amqp_port: int,
+    mqtt_port: int,
+    tls: TlsFiles | None = None,
+    mqtts_port: int | None = None,
+    management_port: int | None = None,
+) -> str:
+    """deploy/rabbitmq/rabbitmq.conf for a private node: its listeners on loopback ports of
+    its own, the certificate paths its own (TLS settings dropped without ``tls``), the
+    management API only with ``management_port``; plus what only a private node has, MQTT
+    over plain TCP on loopback, where tests and benchmarks log in with passwords."""
+    out: list[str] = []
+    for line in template.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            out.append(line)
+            continue
+        key = stripped.partition("=")[0].strip()
+        if key == "listeners.tcp.default":
+            out.append(f"listeners.tcp.default = 127.0.0.1:{amqp_port}")
+        elif key.startswith(_TLS_ONLY):
+            if tls is None:
+                continue
+            if key.startswith("mqtt.listeners.ssl."):
+                out.append(f"{key} = 127.0.0.1:{mqtts_port}")
+            elif key in _TLS_FILES:
+                out.append(f"{key} = {getattr(tls, _TLS_FILES[key])}")
+            else:
+                out.append(line)
+        elif key == "management.tcp.port":
+            if management_port is not None:
+                out.append(
+                    f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {management_port}"
+                )
+        else:
+            out.append(line)
+    out.append(f"mqtt.listeners.tcp.default = 127.0.0.1:{mqtt_port}")
+    out.append("loopback_users = none")
+    return "\n".join(out) + "\n"
+
+
+def render_plugins(template: str, *, management: bool) -> str:
+    """deploy/rabbitmq/enabled_plugins, without the management plugin unless asked for."""
+    names = [n.strip() for n in template.strip().strip("[].").split(",") if n.strip()]
+    if not management:
+        names = [n for n in names if n != "rabbitmq_management"]
+    return f"[{','.join(names)}].\n"
+
+
 class RabbitNode:
     """One RabbitMQ node in ``directory``: AMQP on ``amqp_port``, MQTT on ``mqtt_port``, both
     on 127.0.0.1; distribution on a free port of its own, bound to loopback too."""
@@ -90,8 +150,10 @@ class RabbitNode:
         cookie: str | None = None,
         tls: TlsFiles | None = None,
         management: bool = False,
+        deploy_dir: Path = DEPLOY_DIR,
     ):
         self.bin_dir = find_rabbitmq(bin_dir)
+        self.deploy_dir = deploy_dir
         # With ``tls``: MQTT over TLS on ``mqtts_port`` too, hubs logging in by their client
         # certificate alone (its common name is the user: their device id).
         self.tls = tls
@@ -151,42 +213,21 @@ class RabbitNode:
             cookie.chmod(0o400)
         (d / "rabbitmq-env.conf").write_text("")
         (d / "advanced.config").write_text("[].\n")
-        plugins = "rabbitmq_mqtt,rabbitmq_management" if self.management_port else "rabbitmq_mqtt"
-        (d / "enabled_plugins").write_text(f"[{plugins}].\n")
-        (d / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
-            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
-            "mqtt.allow_anonymous = false\n"
-            # A hub's persistent session (its receipts' subscription) in a quorum queue,
-            # replicated across a cluster's nodes: it survives the node the hub was on.
-            "mqtt.durable_queue_type = quorum\n"
-            "loopback_users = none\n"
-            # Nothing near an envelope's own bound (ingest.envelope.MAX_ENVELOPE_BYTES) is
-            # larger than this; RabbitMQ's default would let one message hold 128 MiB.
-            f"max_message_size = {MAX_MESSAGE_BYTES}\n"
-            + self._tls_config()
-            + (
-                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
-                if self.management_port
-                else ""
+        (d / "enabled_plugins").write_text(
+            render_plugins(
+                (self.deploy_dir / "enabled_plugins").read_text(),
+                management=self.management_port is not None,
             )
         )
-
-    def _tls_config(self) -> str:
-        if self.tls is None:
-            return ""
-        return (
-            f"mqtt.listeners.ssl.default = 127.0.0.1:{self.mqtts_port}\n"
-            f"ssl_options.cacertfile = {self.tls.cafile}\n"
-            f"ssl_options.certfile = {self.tls.certfile}\n"
-            f"ssl_options.keyfile = {self.tls.keyfile}\n"
-            "ssl_options.verify = verify_peer\n"
-            "ssl_options.fail_if_no_peer_cert = true\n"
-            "ssl_options.versions.1 = tlsv1.3\n"
-            "ssl_options.versions.2 = tlsv1.2\n"
-            # The user is the certificate's common name; no password is asked for or kept.
-            "mqtt.ssl_cert_login = true\n"
-            "ssl_cert_login_from = common_name\n"
+        (d / "rabbitmq.conf").write_text(
+            render_config(
+                (self.deploy_dir / "rabbitmq.conf").read_text(),
+                amqp_port=self.amqp_port,
+                mqtt_port=self.mqtt_port,
+                tls=self.tls,
+                mqtts_port=self.mqtts_port,
+                management_port=self.management_port,
+            )
         )
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
