@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import gc
 import heapq
 import json
 import logging
@@ -131,12 +132,29 @@ def _sample_of(container: object) -> str:
         return "?"
 
 
+def _largest_untracked(objects: list[object]) -> list[list[object]]:
+    """The largest objects the collector does not track (a dict of only strings and
+    numbers, bytes, bytearrays, strings), found through what tracked objects refer to, with
+    the type of one object that holds each."""
+    found: dict[int, tuple[int, object, object]] = {}
+    for holder in objects:
+        for ref in gc.get_referents(holder):
+            if isinstance(ref, dict | bytes | bytearray | str | list) and not gc.is_tracked(ref):
+                n = len(ref)
+                if n >= 4096 and id(ref) not in found:
+                    found[id(ref)] = (n, ref, holder)
+    top = heapq.nlargest(8, found.items(), key=lambda item: item[1][0])
+    return [
+        [type(ref).__name__, ident, n, _sample_of(ref), type(holder).__qualname__]
+        for ident, (n, ref, holder) in top
+    ]
+
+
 async def _trace_memory(path: Path) -> None:
     """Every ``MEMORY_TRACE_EVERY_S``: RSS, glibc malloc's bytes in use (every allocation,
     SQLite's page cache and OpenSSL's included), the count of objects the garbage collector
     tracks, and the ten types whose count grew most since the first sample. (tracemalloc
     slowed the hub so much it missed its own reports.)"""
-    import gc
     from collections import Counter
 
     import psutil  # type: ignore[import-untyped]
@@ -164,6 +182,7 @@ async def _trace_memory(path: Path) -> None:
             "objects": len(objects),
             "grew": [[t, d] for d, t in grew if d > 0],
             "largest": [[type(o).__name__, id(o), len(o), _sample_of(o)] for o in largest],
+            "largest_untracked": _largest_untracked(objects),
         }
         del largest
         del objects

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -170,8 +171,6 @@ class GatewayHost:
 
     def kill(self) -> None:
         """kill -9 the host's supervisor and workers together (a host lost)."""
-        import signal
-
         signal_group(self.process, signal.SIGKILL)
         if self.process is not None:
             self.process.wait(timeout=10)

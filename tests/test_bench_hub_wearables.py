@@ -144,6 +144,13 @@ async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
     class Grown:
         pass
 
+    class Holder:
+        def __init__(self) -> None:
+            self.tracked = [object()]  # keeps the instance's __dict__ tracked
+            self.counts = {i: i for i in range(10_000)}  # only numbers: not tracked
+
+    holder = Holder()
+
     async def grow() -> None:
         while True:
             kept.extend(Grown() for _ in range(500))
@@ -151,7 +158,7 @@ async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
 
     grower = asyncio.create_task(grow())
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(hub_wearables_child._trace_memory(path), 1.5)
+        await asyncio.wait_for(hub_wearables_child._trace_memory(path), 3.0)
     grower.cancel()
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(lines) >= 3
@@ -164,3 +171,6 @@ async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
     assert len(sizes) >= 2
     assert sizes == sorted(sizes)
     assert sizes[-1] > sizes[0]
+    # A dict of numbers escapes the collector; it is found through who holds it.
+    untracked = [x for x in lines[-1]["largest_untracked"] if x[1] == id(holder.counts)]
+    assert untracked == [["dict", id(holder.counts), 10_000, "int '0' -> int", Holder.__qualname__]]

@@ -9,9 +9,14 @@ receipted, nothing refused, and the hubs that were on the lost node went on else
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
 import psycopg
 import pytest
 
@@ -76,3 +81,33 @@ async def test_a_broker_node_a_gateway_host_and_the_primary_killed_lose_and_doub
             ).fetchone()
             assert row == (verdict.sealed, 1, verdict.sealed)
         assert conn.execute("SELECT count(*) FROM rejections").fetchone() == (0,)
+
+
+def test_cluster_up_streams_reports_and_stops_everything_it_started(tmp_path: Path) -> None:
+    """`trialstream cluster up`, as anyone would run it: the cluster's description, status
+    lines while its hubs stream, and at the end no process of it left running."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
+    command = ["cluster", "up", "--hubs", "2", "--duration", "6", "--every", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *command, "--workdir", str(tmp_path / "up")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    described = json.loads(out[out.index("{\n") : out.index("\n}\n") + 2])
+    assert len(described["rabbitmq"]) == 3
+    assert len(described["gateway_hosts"]) == 2
+    assert all(h["running"] for h in described["gateway_hosts"])
+    status = [line for line in out.splitlines() if " produced " in line]
+    assert len(status) >= 2, out[-2000:]
+    assert "hubs connected 2/2" in status[-1]
+    assert "rejections 0" in status[-1]
+    assert "stopping every process the cluster started" in out
+    pids = [n["pid"] for n in described["rabbitmq"]] + [
+        h["pid"] for h in described["gateway_hosts"]
+    ]
+    assert not [p for p in pids if psutil.pid_exists(p)], "processes left running"
