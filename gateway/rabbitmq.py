@@ -2,11 +2,12 @@
 
 Its configuration is deploy/rabbitmq/ (what a production node gets) with its listeners and
 files rewritten (``render_config``). It never touches the machine's own RabbitMQ: its own
-node name, ports, data directory, configuration, plugins file and Erlang cookie, and the server's scripts are called directly
-(``/usr/lib/rabbitmq/bin``), not through Debian's wrappers, which switch to the system
-node's user and cookie. Hubs speak MQTT 3.1.1 to its MQTT listener; envelopes published to
-``dct/v1/<device>/up`` arrive on ``amq.topic`` with the routing key
-``dct.v1.<device>.up`` (docs/scaling.md). Stopped by its process group, whose id it keeps.
+node name, ports, data directory, configuration, plugins file and Erlang cookie, and the
+server's scripts are called directly (``/usr/lib/rabbitmq/bin``), not through Debian's
+wrappers, which switch to the system node's user and cookie. Hubs speak MQTT 3.1.1 to its
+MQTT listener; envelopes published to ``dct/v1/<device>/up`` arrive on ``amq.topic`` with
+the routing key ``dct.v1.<device>.up`` (docs/scaling.md). Stopped by its process group,
+whose id it keeps.
 """
 
 from __future__ import annotations
