@@ -132,6 +132,21 @@ def _sample_of(container: object) -> str:
         return "?"
 
 
+def _sqlite_in_use() -> int | None:
+    """Bytes SQLite has allocated (its page caches included: ``sqlite3_memory_used`` of the
+    library this process loaded), or None when it cannot be asked."""
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((ln.split()[-1] for ln in maps if "libsqlite3" in ln), None)
+        if path is None:
+            return None
+        lib = ctypes.CDLL(path)
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+        return int(lib.sqlite3_memory_used())
+    except (OSError, AttributeError):
+        return None
+
+
 def _largest_untracked(objects: list[object]) -> list[list[object]]:
     """The largest objects the collector does not track (a dict of only strings and
     numbers, bytes, bytearrays, strings), found through what tracked objects refer to, with
@@ -179,6 +194,8 @@ async def _trace_memory(path: Path) -> None:
             "t_s": round(asyncio.get_running_loop().time() - t0),
             "rss": me.memory_info().rss,
             "malloc_in_use": _malloc_in_use(),
+            "sqlite_in_use": _sqlite_in_use(),
+            "threads": me.num_threads(),
             "objects": len(objects),
             "grew": [[t, d] for d, t in grew if d > 0],
             "largest": [[type(o).__name__, id(o), len(o), _sample_of(o)] for o in largest],

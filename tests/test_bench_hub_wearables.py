@@ -164,6 +164,8 @@ async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
     assert len(lines) >= 3
     assert all(x["rss"] > 0 and x["objects"] > 0 for x in lines)
     assert all(x["malloc_in_use"] is None or x["malloc_in_use"] > 0 for x in lines)
+    assert all(x["threads"] >= 1 for x in lines)
+    assert all(x["sqlite_in_use"] is None or x["sqlite_in_use"] >= 0 for x in lines)
     assert lines[0]["grew"] == []  # the first sample is the reference
     assert Grown.__qualname__ in [t for t, _ in lines[-1]["grew"]]
     # The growing list is followed by its identity among the largest containers.
