@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -165,44 +166,48 @@ def _largest_untracked(objects: list[object]) -> list[list[object]]:
     ]
 
 
-async def _trace_memory(path: Path) -> None:
-    """Every ``MEMORY_TRACE_EVERY_S``: RSS, glibc malloc's bytes in use (every allocation,
-    SQLite's page cache and OpenSSL's included), the count of objects the garbage collector
-    tracks, and the ten types whose count grew most since the first sample. (tracemalloc
-    slowed the hub so much it missed its own reports.)"""
-    from collections import Counter
-
+def memory_sample(first: Counter[str] | None) -> tuple[dict[str, Any], Counter[str]]:
+    """One line of the memory trace: RSS, glibc malloc's bytes in use (every allocation,
+    SQLite's page cache and OpenSSL's included), SQLite's own, the thread count, the count
+    of objects the garbage collector tracks and the ten types whose count grew most since
+    ``first`` (the first sample's counts, returned for the next), the largest containers by
+    identity and the largest objects the collector does not track."""
     import psutil  # type: ignore[import-untyped]
 
     me = psutil.Process()
+    objects = gc.get_objects()
+    types = Counter(type(o).__qualname__ for o in objects)
+    first = first or types
+    grew = sorted(((n - first.get(t, 0), t) for t, n in types.items()), reverse=True)[:10]
+    # A container that keeps growing is one object whose buffer grows in malloc: the
+    # largest ones by length, with an identity to follow from one sample to the next.
+    largest = heapq.nlargest(
+        8,
+        (o for o in objects if isinstance(o, list | dict | set | collections.deque)),
+        key=len,
+    )
+    line = {
+        "rss": me.memory_info().rss,
+        "malloc_in_use": _malloc_in_use(),
+        "sqlite_in_use": _sqlite_in_use(),
+        "threads": me.num_threads(),
+        "objects": len(objects),
+        "grew": [[t, d] for d, t in grew if d > 0],
+        "largest": [[type(o).__name__, id(o), len(o), _sample_of(o)] for o in largest],
+        "largest_untracked": _largest_untracked(objects),
+    }
+    return line, first
+
+
+async def _trace_memory(path: Path) -> None:
+    """A :func:`memory_sample` line every ``MEMORY_TRACE_EVERY_S``, with the seconds since
+    the trace began. (tracemalloc slowed the hub so much it missed its own reports.)"""
     first: Counter[str] | None = None
     t0 = asyncio.get_running_loop().time()
     while True:
         await asyncio.sleep(MEMORY_TRACE_EVERY_S)
-        objects = gc.get_objects()
-        types = Counter(type(o).__qualname__ for o in objects)
-        first = first or types
-        grew = sorted(((n - first.get(t, 0), t) for t, n in types.items()), reverse=True)[:10]
-        # A container that keeps growing is one object whose buffer grows in malloc: the
-        # largest ones by length, with an identity to follow from one sample to the next.
-        largest = heapq.nlargest(
-            8,
-            (o for o in objects if isinstance(o, list | dict | set | collections.deque)),
-            key=len,
-        )
-        line = {
-            "t_s": round(asyncio.get_running_loop().time() - t0),
-            "rss": me.memory_info().rss,
-            "malloc_in_use": _malloc_in_use(),
-            "sqlite_in_use": _sqlite_in_use(),
-            "threads": me.num_threads(),
-            "objects": len(objects),
-            "grew": [[t, d] for d, t in grew if d > 0],
-            "largest": [[type(o).__name__, id(o), len(o), _sample_of(o)] for o in largest],
-            "largest_untracked": _largest_untracked(objects),
-        }
-        del largest
-        del objects
+        line, first = memory_sample(first)
+        line["t_s"] = round(asyncio.get_running_loop().time() - t0)
         with path.open("a") as out:
             out.write(json.dumps(line) + "\n")
 

@@ -129,16 +129,9 @@ def test_the_command_refuses_a_window_rate_or_count_that_is_not_positive(
     assert "Traceback" not in result.stderr
 
 
-async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import asyncio
-    import json
-
+def test_a_memory_sample_says_what_grew_and_follows_containers() -> None:
     from bench import hub_wearables_child
 
-    monkeypatch.setattr(hub_wearables_child, "MEMORY_TRACE_EVERY_S", 0.05)
-    path = tmp_path / "trace.jsonl"
     kept: list[object] = []
 
     class Grown:
@@ -150,29 +143,47 @@ async def test_the_memory_trace_writes_a_line_a_sample_with_what_grew(
             self.counts = {i: i for i in range(10_000)}  # only numbers: not tracked
 
     holder = Holder()
-
-    async def grow() -> None:
-        while True:
-            kept.extend(Grown() for _ in range(500))
-            await asyncio.sleep(0.02)
-
-    grower = asyncio.create_task(grow())
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(hub_wearables_child._trace_memory(path), 3.0)
-    grower.cancel()
-    lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert len(lines) >= 3
-    assert all(x["rss"] > 0 and x["objects"] > 0 for x in lines)
+    lines = []
+    first = None
+    for _ in range(3):
+        kept.extend(Grown() for _ in range(5_000))
+        line, first = hub_wearables_child.memory_sample(first)
+        lines.append(line)
+    assert all(x["rss"] > 0 and x["objects"] > 0 and x["threads"] >= 1 for x in lines)
     assert all(x["malloc_in_use"] is None or x["malloc_in_use"] > 0 for x in lines)
-    assert all(x["threads"] >= 1 for x in lines)
     assert all(x["sqlite_in_use"] is None or x["sqlite_in_use"] >= 0 for x in lines)
     assert lines[0]["grew"] == []  # the first sample is the reference
-    assert Grown.__qualname__ in [t for t, _ in lines[-1]["grew"]]
+    assert [Grown.__qualname__, 10_000] in lines[-1]["grew"]
     # The growing list is followed by its identity among the largest containers.
-    sizes = [n for line in lines for kind, ident, n, _ in line["largest"] if ident == id(kept)]
-    assert len(sizes) >= 2
-    assert sizes == sorted(sizes)
-    assert sizes[-1] > sizes[0]
+    sizes = [n for line in lines for _, ident, n, _ in line["largest"] if ident == id(kept)]
+    assert sizes == [5_000, 10_000, 15_000]
     # A dict of numbers escapes the collector; it is found through who holds it.
     untracked = [x for x in lines[-1]["largest_untracked"] if x[1] == id(holder.counts)]
     assert untracked == [["dict", id(holder.counts), 10_000, "int '0' -> int", Holder.__qualname__]]
+
+
+async def test_the_memory_trace_writes_its_samples_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    import contextlib
+    import json
+
+    from bench import hub_wearables_child
+
+    monkeypatch.setattr(hub_wearables_child, "MEMORY_TRACE_EVERY_S", 0.01)
+    path = tmp_path / "trace.jsonl"
+    trace = asyncio.create_task(hub_wearables_child._trace_memory(path))
+    try:
+        for _ in range(600):  # however long a sample takes in a large process
+            if path.exists() and len(path.read_text().splitlines()) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        trace.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trace
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) >= 2
+    assert lines[0]["t_s"] <= lines[1]["t_s"]
+    assert {"rss", "malloc_in_use", "objects", "largest", "largest_untracked"} <= set(lines[0])
