@@ -148,6 +148,17 @@ def _sqlite_in_use() -> int | None:
         return None
 
 
+def _largest_containers(objects: list[object]) -> list[list[object]]:
+    """A container that keeps growing is one object whose buffer grows in malloc: the
+    largest ones by length, with an identity to follow from one sample to the next."""
+    largest = heapq.nlargest(
+        8,
+        (o for o in objects if isinstance(o, list | dict | set | collections.deque)),
+        key=len,
+    )
+    return [[type(o).__name__, id(o), len(o), _sample_of(o)] for o in largest]
+
+
 def _largest_untracked(objects: list[object]) -> list[list[object]]:
     """The largest objects the collector does not track (a dict of only strings and
     numbers, bytes, bytearrays, strings), found through what tracked objects refer to, with
@@ -179,13 +190,6 @@ def memory_sample(first: Counter[str] | None) -> tuple[dict[str, Any], Counter[s
     types = Counter(type(o).__qualname__ for o in objects)
     first = first or types
     grew = sorted(((n - first.get(t, 0), t) for t, n in types.items()), reverse=True)[:10]
-    # A container that keeps growing is one object whose buffer grows in malloc: the
-    # largest ones by length, with an identity to follow from one sample to the next.
-    largest = heapq.nlargest(
-        8,
-        (o for o in objects if isinstance(o, list | dict | set | collections.deque)),
-        key=len,
-    )
     line = {
         "rss": me.memory_info().rss,
         "malloc_in_use": _malloc_in_use(),
@@ -193,7 +197,7 @@ def memory_sample(first: Counter[str] | None) -> tuple[dict[str, Any], Counter[s
         "threads": me.num_threads(),
         "objects": len(objects),
         "grew": [[t, d] for d, t in grew if d > 0],
-        "largest": [[type(o).__name__, id(o), len(o), _sample_of(o)] for o in largest],
+        "largest": _largest_containers(objects),
         "largest_untracked": _largest_untracked(objects),
     }
     return line, first
