@@ -30,6 +30,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from paho.mqtt.reasoncodes import ReasonCode
@@ -244,6 +245,34 @@ class MosquittoBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def side_by_side(*steps: Callable[[], None]) -> None:
+    """Run ``steps`` each in a thread of its own (starting processes that take seconds to be
+    ready); once all have ended, raise the first error any of them raised."""
+    errors: list[BaseException] = []
+
+    def run(step: Callable[[], None]) -> None:
+        try:
+            step()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in steps]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def log_tail(path: Path, chars: int = 800) -> str:
+    """The end of a process's log file, for an error saying why it did not start."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
 
 
 def signal_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:

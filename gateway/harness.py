@@ -30,7 +30,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,7 +47,7 @@ from device_drivers.hub import OutboxSink
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway.amqp import UPLINK_QUEUE, declare_uplink
-from gateway.broker import free_port, signal_group, stop_group
+from gateway.broker import free_port, log_tail, side_by_side, signal_group, stop_group
 from gateway.errors import GatewayError
 from gateway.patroni import PatroniCluster
 from gateway.rabbitmq import RabbitCluster
@@ -164,7 +163,7 @@ class GatewayHost:
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if not self.alive():
-                raise HarnessError(f"gateway host {self.name} exited: {_tail(self.log_path)}")
+                raise HarnessError(f"gateway host {self.name} exited: {log_tail(self.log_path)}")
             if time.monotonic() > deadline:
                 raise HarnessError(f"gateway host {self.name} not healthy in {timeout:.0f} s")
             time.sleep(0.2)
@@ -240,7 +239,7 @@ class Harness:
                 f"starting {self.shape.rabbit_nodes} RabbitMQ nodes and "
                 f"{self.shape.database_nodes} Patroni nodes with etcd"
             )
-            _side_by_side(self.rabbit.start, self.database.start)
+            side_by_side(self.rabbit.start, self.database.start)
             say(f"RabbitMQ cluster and database ready; primary {self.database.primary().name}")
             asyncio.run(self._prepare())
             urls = self.rabbit.amqp_urls
@@ -574,29 +573,3 @@ async def _verdicts(url: str, hubs: list[SimulatedHub]) -> list[HubVerdict]:
         )
         for hub, tally in zip(hubs, tallies, strict=True)
     ]
-
-
-def _side_by_side(*steps: Callable[[], None]) -> None:
-    """Run ``steps`` in threads; raise the first error once all have ended."""
-    errors: list[BaseException] = []
-
-    def run(step: Callable[[], None]) -> None:
-        try:
-            step()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in steps]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
-def _tail(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")[-800:]
-    except OSError:
-        return "(no log)"

@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Final
 
-from gateway.broker import free_port, signal_group, stop_group
+from gateway.broker import free_port, log_tail, signal_group, stop_group
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ class EtcdNode:
         while not _http_ok(f"{client}/health"):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise ClusterError(f"etcd did not start: {_tail(self.directory / 'etcd.log')}")
+                raise ClusterError(
+                    f"etcd did not start: {log_tail(self.directory / 'etcd.log', 600)}"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -261,7 +263,7 @@ class PatroniCluster:
             if self.synchronous():
                 break
             if time.monotonic() > deadline:
-                logs = "; ".join(_tail(n.directory / "patroni.log") for n in self.nodes)
+                logs = "; ".join(log_tail(n.directory / "patroni.log", 600) for n in self.nodes)
                 self.stop()
                 raise ClusterError(f"no primary and replicas in {timeout:.0f} s: {logs}")
             time.sleep(0.5)
@@ -352,10 +354,3 @@ def _http_json(url: str) -> object | None:
     except ValueError:
         return {}
     return found
-
-
-def _tail(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")[-600:]
-    except OSError:
-        return "(no log)"

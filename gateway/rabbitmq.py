@@ -12,18 +12,18 @@ whose id it keeps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
 import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gateway.broker import free_port, signal_group, stop_group
+from gateway.broker import free_port, log_tail, side_by_side, signal_group, stop_group
 from gateway.errors import BrokerError
 from ingest.transport import TlsFiles
 from ingest.wire import DEVICE_ID_RE
@@ -245,7 +245,7 @@ class RabbitNode:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise BrokerError(f"RabbitMQ node {self.name} exited: {self._log_tail()}")
+                raise BrokerError(f"RabbitMQ node {self.name} exited: {log_tail(self.log_path)}")
             if (self.directory / "node.pid").exists():
                 done = self.ctl(
                     "wait", str(self.directory / "node.pid"), "--timeout", "5", check=False
@@ -298,12 +298,6 @@ class RabbitNode:
         self.ctl("delete_user", device_id)
         self.ctl("close_all_user_connections", device_id, reason)
 
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-800:]
-        except OSError:
-            return "(no log)"
-
     def kill(self) -> None:
         """kill -9 the node (its whole process group)."""
         signal_group(self.process, signal.SIGKILL)
@@ -335,22 +329,11 @@ class RabbitCluster:
 
     def start(self, timeout: float = START_TIMEOUT_S) -> None:
         """Start every node (side by side), then join the others to the first."""
-        errors: list[Exception] = []
-
-        def start(node: RabbitNode) -> None:
-            try:
-                node.start(timeout)
-            except (BrokerError, OSError, subprocess.SubprocessError) as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=start, args=(n,)) for n in self.nodes]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
+        try:
+            side_by_side(*(functools.partial(n.start, timeout) for n in self.nodes))
+        except BaseException:
             self.stop()
-            raise errors[0]
+            raise
         first = self.nodes[0]
         try:
             for node in self.nodes[1:]:
