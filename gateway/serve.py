@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from gateway.pki import GATEWAY_IDENTITY, StudyCA
 from gateway.settings import Settings
@@ -55,6 +55,10 @@ STOP_GRACE_S = 15.0
 # to stderr and exits (status 1): its slot is then started again, rather than left holding
 # no consumer because a thread never finished (faulthandler.dump_traceback_later).
 WORKER_STOP_DEADLINE_S = 10.0
+# This long before that deadline, every asyncio task still pending writes its stack to
+# stderr: a cleanup that awaits forever leaves the main thread idle in the event loop's
+# select, where the threads' stacks alone cannot say what it waits for.
+TASK_DUMP_LEAD_S = 1.0
 # How often a worker checks that its supervisor is still there.
 PARENT_CHECK_S = 1.0
 # The worker's collector thresholds (CPython's default: 700, 10, 10); see _settle_heap.
@@ -189,8 +193,41 @@ def _worker_main(
 def _exit_unless_stopped_in_time() -> None:
     """From now on the worker has ``WORKER_STOP_DEADLINE_S`` to end; past it, the stacks of
     all its threads go to stderr and the process exits with status 1, whatever holds it (a
-    thread never joined, an executor's task that never returns, a cleanup that waits)."""
+    thread never joined, an executor's task that never returns, a cleanup that waits).
+    Shortly before, the pending asyncio tasks' stacks are written too (``dump_tasks``)."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(max(0.0, WORKER_STOP_DEADLINE_S - TASK_DUMP_LEAD_S), dump_tasks)
     faulthandler.dump_traceback_later(WORKER_STOP_DEADLINE_S, exit=True)
+
+
+def dump_tasks(out: TextIO | None = None) -> None:
+    """Write every pending task of the running loop, with the stack it awaits in, to
+    ``out`` (stderr)."""
+    out = sys.stderr if out is None else out
+    tasks = [t for t in asyncio.all_tasks() if not t.done()]
+    out.write(f"{len(tasks)} asyncio task(s) still pending:\n")
+    for task in tasks:
+        out.write(f"task {task.get_name()} ({task.get_coro()!r}):\n")
+        task.print_stack(file=out)
+        # The awaited chain: print_stack shows only the task's own coroutine frame.
+        for frame in _awaited_frames(task.get_coro()):
+            out.write(f"  awaits {frame}\n")
+    out.flush()
+
+
+def _awaited_frames(coro: object) -> list[str]:
+    """Where each coroutine in the chain ``coro`` awaits stands, innermost last."""
+    frames: list[str] = []
+    for _ in range(64):
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        frames.append(f"{frame.f_code.co_qualname} at {frame.f_code.co_filename}:{frame.f_lineno}")
+        nxt = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        if nxt is None:
+            break
+        coro = nxt
+    return frames
 
 
 async def _stop_when_orphaned(parent: int, stop: asyncio.Event) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from gateway.serve import (
     RESTART_BACKOFF_MAX_S,
     RESTART_BACKOFF_MIN_S,
     RESTART_RESET_AFTER_S,
+    dump_tasks,
     next_backoff,
 )
 from gateway.settings import Settings
@@ -204,6 +206,28 @@ async def test_the_demo_ends_normally_while_the_consumer_lives() -> None:
 # --- the backoff -----------------------------------------------------------------------------
 
 
+async def test_dump_tasks_names_every_pending_task_and_the_innermost_await() -> None:
+    async def innermost(never: asyncio.Event) -> None:
+        await never.wait()
+
+    async def outer(never: asyncio.Event) -> None:
+        await innermost(never)
+
+    never = asyncio.Event()
+    task = asyncio.create_task(outer(never), name="stuck-cleanup")
+    await asyncio.sleep(0)
+    out = io.StringIO()
+    try:
+        dump_tasks(out)
+    finally:
+        task.cancel()
+    text = out.getvalue()
+    assert "asyncio task(s) still pending" in text
+    assert "task stuck-cleanup" in text
+    assert ".<locals>.innermost at " in text
+    assert "Event.wait" in text
+
+
 def test_the_restart_backoff_doubles_from_1_s_to_a_60_s_cap() -> None:
     waits: list[float] = []
     previous: float | None = None
@@ -228,10 +252,12 @@ def test_the_restart_backoff_starts_afresh_after_60_s_up() -> None:
 # with an error. The supervisor's workers are spawned: each imports this file again (as
 # ``__mp_main__``), so each gets the same consumer.
 SUPERVISOR_SCRIPT = """
+import asyncio
 import os
 import threading
 from pathlib import Path
 
+import gateway.app
 from gateway import serve
 from gateway.consumer import Consumer
 from gateway.demo import ConsumerStopped, _unless_died
@@ -243,6 +269,8 @@ DIE_TIMES = int(os.environ["TEST_DIE_TIMES"])
 # With TEST_HANG_ON_EXIT, a dying life also leaves a thread that never ends (a worker that
 # cannot finish stopping), and workers get TEST_STOP_DEADLINE_S to stop.
 HANG_ON_EXIT = bool(os.environ.get("TEST_HANG_ON_EXIT"))
+# With TEST_HANG_IN_CLEANUP, the app's cleanup awaits something that never comes.
+HANG_IN_CLEANUP = bool(os.environ.get("TEST_HANG_IN_CLEANUP"))
 serve.WORKER_STOP_DEADLINE_S = float(
     os.environ.get("TEST_STOP_DEADLINE_S", serve.WORKER_STOP_DEADLINE_S)
 )
@@ -265,6 +293,21 @@ async def run_or_die(self):
 
 
 Consumer.run = run_or_die
+
+
+async def cleanup_that_never_ends(app):
+    await asyncio.Event().wait()
+
+
+def create_app_hanging_in_cleanup(*args, **kwargs):
+    app = _create_app(*args, **kwargs)
+    app.on_cleanup.append(cleanup_that_never_ends)
+    return app
+
+
+if HANG_IN_CLEANUP:
+    _create_app = gateway.app.create_app
+    gateway.app.create_app = create_app_hanging_in_cleanup
 
 if __name__ == "__main__":
     raise SystemExit(serve.run(Settings.from_env(os.environ), 1))
@@ -378,6 +421,22 @@ def test_a_worker_that_cannot_finish_stopping_shows_its_stacks_exits_and_starts_
     assert code == 0, err
     assert "Timeout (0:00:02)!" in err
     assert "in hang_forever" in err  # the stuck thread's stack, to say what held it
+    assert "worker 0 exited with code 1 after" in err
+
+
+@pytest.mark.slow
+def test_a_worker_whose_cleanup_awaits_forever_shows_what_it_awaits_and_starts_again(
+    supervisor: Launch,
+) -> None:
+    """A cleanup that awaits forever leaves only the event loop's select in the threads'
+    stacks; the pending tasks' stacks, written before the deadline, name the await."""
+    proc, port = supervisor(1, TEST_HANG_IN_CLEANUP="1", TEST_STOP_DEADLINE_S="3")
+    body = wait_for_health(proc, port, restarts=1, within=20)
+    assert body["last_exit_code"] == 1
+    _, err = stop(proc)
+    # The second life hangs in its cleanup too: the supervisor's stop still ends it.
+    assert "asyncio task(s) still pending" in err
+    assert "awaits cleanup_that_never_ends at" in err
     assert "worker 0 exited with code 1 after" in err
 
 
