@@ -11,6 +11,10 @@ differs.
 - Delivery: one channel with a prefetch of ``MAX_UNACKED`` messages (RabbitMQ keeps to it),
   and the same byte budget as the MQTT consumer. A message the broker delivers again
   (``redelivered``: a worker stopped while holding it) is the MQTT consumer's DUP.
+- Acknowledgement: a committed batch that holds every message the channel delivered and
+  nobody acknowledged, up to some delivery tag, is acknowledged with one ``multiple`` ack
+  at that tag (``ack_plan``); the rest of the batch one by one. The dead-letter queue is
+  consumed on a channel of its own, so that its tags never fall under such an ack.
 - A message delivered ``DELIVERY_LIMIT`` times goes to the dead-letter queue
   (``trialstream.uplink.dead``) instead of circulating: the consumer refuses one as poison
   well before that (``gateway.storing.POISON_AFTER``), with a rejection row; a quorum queue
@@ -37,7 +41,8 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import aio_pika
@@ -70,6 +75,10 @@ CONNECT_TIMEOUT_S: Final = 10.0
 RECONNECT_S: Final = (1.0, 10.0)
 # A dead letter whose row could not be written is handed back and tried again after this.
 RETRY_S: Final = 5.0
+# Dead letters are few: this many are held unacknowledged at a time.
+DEAD_PREFETCH: Final = 100
+# A message's id: its connection's generation above its delivery tag.
+TAG_BITS: Final = 48
 
 
 def routing_key(topic: str) -> str:
@@ -137,7 +146,8 @@ class AmqpConsumer(BatchConsumer):
         # Each connection's delivery tags start again at 1: a message's id is the
         # connection's generation and its tag, so a late ack never hits a newer message.
         self._generation = 0
-        self._held: dict[int, AbstractIncomingMessage] = {}
+        # In delivery order: the oldest unacknowledged messages come first (``ack_plan``).
+        self._held: OrderedDict[int, AbstractIncomingMessage] = OrderedDict()
         super().__init__(config, pool, writer, receipt_key, clock=clock, also=also)
 
     @property
@@ -175,7 +185,9 @@ class AmqpConsumer(BatchConsumer):
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=MAX_UNACKED)
         queue = await declare_uplink(channel, self._queue_name)
-        dead = await channel.get_queue(dead_letter_queue(self._queue_name))
+        dead_channel = await connection.channel(publisher_confirms=False)
+        await dead_channel.set_qos(prefetch_count=DEAD_PREFETCH)
+        dead = await dead_channel.get_queue(dead_letter_queue(self._queue_name))
         self._exchange = await channel.get_exchange(TOPIC_EXCHANGE)
         self._delivering = asyncio.create_task(
             self._deliver(queue, self._generation), name="amqp-deliver"
@@ -246,7 +258,7 @@ class AmqpConsumer(BatchConsumer):
                         pass
                 tag = message.delivery_tag
                 assert tag is not None, "a consumed message has a delivery tag"
-                mid = generation << 48 | tag
+                mid = generation << TAG_BITS | tag
                 self._held[mid] = message
                 self._inbox.put(
                     Message(
@@ -290,16 +302,28 @@ class AmqpConsumer(BatchConsumer):
         await self._detach()
 
     async def _ack(self, m: Message) -> None:
-        message = self._held.pop(m.mid, None)
-        self._bytes.give(len(m.payload))
-        if message is None:
-            return
+        await self._ack_all([m])
+
+    async def _ack_all(self, handled: list[Message]) -> None:
+        for m in handled:
+            self._bytes.give(len(m.payload))
+        covered, each = ack_plan(self._held, [m.mid for m in handled], self._generation)
+        if covered:
+            for mid in covered:
+                message = self._held.pop(mid)
+            await self._send_ack(covered[-1], message, multiple=True)
+        for mid in each:
+            await self._send_ack(mid, self._held.pop(mid), multiple=False)
+
+    async def _send_ack(
+        self, mid: int, message: AbstractIncomingMessage, *, multiple: bool
+    ) -> None:
         try:
-            await message.ack()
+            await message.ack(multiple=multiple)
         except (aio_pika.exceptions.AMQPError, RuntimeError) as exc:
             # The channel was replaced since delivery: the broker delivers the message again
             # (redelivered), and its envelope, stored once, is receipted as a replay.
-            log.warning("ack not delivered mid=%d error=%s", m.mid, type(exc).__name__)
+            log.warning("ack not delivered mid=%d error=%s", mid, type(exc).__name__)
 
     async def publish_confirmed(self, topic: str, payload: bytes) -> bool:
         """Publish on ``amq.topic`` and wait for the broker's confirm (alert events)."""
@@ -327,6 +351,30 @@ class AmqpConsumer(BatchConsumer):
 
     async def _publish_receipt(self, receipt: Receipt, data: bytes) -> None:
         await self._publish_receipts([(receipt, data)])
+
+
+def ack_plan(
+    held: Mapping[int, object], handled: Sequence[int], generation: int
+) -> tuple[list[int], list[int]]:
+    """How to acknowledge the messages ``handled`` among those ``held`` (ids in delivery
+    order, the oldest first) while connection ``generation`` is the current one: the ids one
+    ``multiple`` ack at the last of them covers, and the ids to acknowledge one by one. A
+    ``multiple`` ack at a tag acknowledges every message its channel delivered up to that
+    tag that nobody acknowledged yet, so it covers only the current connection's oldest held
+    messages, as far as each of them is handled. Ids not held (acknowledged before) are left
+    out."""
+    wanted = set(handled)
+    covered: list[int] = []
+    for mid in held:
+        if mid >> TAG_BITS != generation:
+            continue  # an older connection's: its tags are not the channel's
+        if mid not in wanted:
+            break
+        covered.append(mid)
+    if len(covered) < 2:  # one message: a plain ack says the same
+        covered = []
+    done = set(covered)
+    return covered, [mid for mid in handled if mid in held and mid not in done]
 
 
 def _death(message: AbstractIncomingMessage) -> tuple[str, str]:

@@ -442,8 +442,7 @@ class BatchConsumer:
             if receipt is not None and (data := next(sealed)) is not None:
                 receipts.append((receipt, data))
         await self._publish_receipts(receipts)
-        for m, _ in answers:
-            await self._ack(m)
+        await self._ack_all([m for m, _ in answers])
         done_ms = self._now_ms()
         for m, _ in answers:
             self.stats.receipt_seconds.observe(max(0, done_ms - m.received_ms) / 1000)
@@ -476,6 +475,12 @@ class BatchConsumer:
     async def _ack(self, m: Message) -> None:
         """Acknowledge a handled message to the broker (after its batch committed)."""
         raise NotImplementedError
+
+    async def _ack_all(self, handled: list[Message]) -> None:
+        """Acknowledge a committed batch's messages (one by one, unless the broker's side
+        does better)."""
+        for m in handled:
+            await self._ack(m)
 
     async def _publish_receipts(self, receipts: list[tuple[Receipt, bytes]]) -> None:
         """Publish a batch's sealed receipts (one by one, unless the broker's side does

@@ -25,7 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.amqp import (
     DELIVERY_LIMIT,
+    TAG_BITS,
     AmqpConsumer,
+    ack_plan,
     dead_letter_queue,
     declare_uplink,
     routing_key,
@@ -193,6 +195,62 @@ async def test_an_envelope_through_rabbitmq_is_stored_once_acked_and_receipted(
     finally:
         hub.close()
     assert await count(trial.url, "SELECT count(*) FROM readings") == 1
+
+
+def test_one_multiple_ack_covers_only_the_oldest_held_messages_all_handled() -> None:
+    def held(*mids: int) -> dict[int, None]:
+        return dict.fromkeys(mids)
+
+    # 1 2 3 4 held, 1 2 4 handled: a multiple ack at 2; 4 alone (3 is not committed yet).
+    assert ack_plan(held(1, 2, 3, 4), [4, 1, 2], 0) == ([1, 2], [4])
+    # The oldest held not handled: nothing may be covered.
+    assert ack_plan(held(1, 2, 3), [2, 3], 0) == ([], [2, 3])
+    # One message: a plain ack.
+    assert ack_plan(held(1, 2), [1], 0) == ([], [1])
+    # Acknowledged before, or never held: left out.
+    assert ack_plan(held(5, 6, 7), [5, 6, 7, 3], 0) == ([5, 6, 7], [])
+    assert ack_plan(held(), [1, 2], 0) == ([], [])
+    # An older connection's messages are not the channel's: never under the ack, each alone.
+    old, new = 1 << TAG_BITS, 2 << TAG_BITS
+    assert ack_plan(held(old | 9, new | 1, new | 2), [new | 1, new | 2], 2) == (
+        [new | 1, new | 2],
+        [],
+    )
+    assert ack_plan(held(old | 9, new | 1, new | 2), [old | 9, new | 2, new | 1], 2) == (
+        [new | 1, new | 2],
+        [old | 9],
+    )
+    # The same tags on an older connection are not the current one's messages.
+    assert ack_plan(held(old | 1, old | 2, new | 1, new | 2), [old | 1, old | 2], 2) == (
+        [],
+        [old | 1, old | 2],
+    )
+
+
+async def test_a_batch_of_waiting_envelopes_is_acknowledged_with_one_multiple_ack(
+    trial: Trial, rabbit: RabbitNode, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acks: list[tuple[int, bool]] = []
+    send_ack = AmqpConsumer._send_ack
+
+    async def counted(self: AmqpConsumer, mid: int, message: Any, *, multiple: bool) -> None:
+        acks.append((mid, multiple))
+        await send_ack(self, mid, message, multiple=multiple)
+
+    monkeypatch.setattr(AmqpConsumer, "_send_ack", counted)
+    await declared(rabbit, queue_name)
+    hub = Hub(rabbit, "hub-1")
+    try:
+        for seq in range(1, 41):
+            hub.publish(up_topic("hub-1"), envelope(trial, seq))
+        async with worker(trial.url, rabbit, queue_name, keys.generate_private_key()) as c:
+            await wait_until(lambda: c.stats.envelopes_new == 40, "all stored", within=30)
+            await wait_until(lambda: drained(rabbit, queue_name), "all acknowledged")
+    finally:
+        hub.close()
+    assert await count(trial.url, "SELECT count(*) FROM readings") == 40
+    assert any(multiple for _, multiple in acks)
+    assert len(acks) < 40
 
 
 async def test_a_message_delivered_again_is_a_replay_not_a_second_copy(
