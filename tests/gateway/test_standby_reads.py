@@ -40,8 +40,12 @@ def standby_url(cluster: PatroniCluster, dbname: str) -> str:
 
 
 @contextlib.contextmanager
-def replay_paused(read_url: str, readings: int) -> Iterator[None]:
-    """Once the standby has ``readings`` readings, its replay held until the block ends."""
+def replay_paused(read_url: str, readings: int, primary_url: str) -> Iterator[None]:
+    """Once the standby has ``readings`` readings, its replay held until the block ends.
+
+    ``pg_wal_replay_pause`` only asks: the standby stops before the next WAL record it
+    applies, or one record later. The primary writes records (a transaction id each) until
+    the standby says it is paused, so that no record written in the block is applied."""
     with psycopg.connect(read_url, autocommit=True) as standby:
         for _ in range(100):
             row = standby.execute("SELECT count(*) FROM readings").fetchone()
@@ -51,6 +55,14 @@ def replay_paused(read_url: str, readings: int) -> Iterator[None]:
         assert row == (readings,)
         standby.execute("SELECT pg_wal_replay_pause()")
         try:
+            with psycopg.connect(primary_url, autocommit=True) as primary:
+                for _ in range(100):
+                    state = standby.execute("SELECT pg_get_wal_replay_pause_state()").fetchone()
+                    if state == ("paused",):
+                        break
+                    primary.execute("SELECT pg_current_xact_id()")
+                    time.sleep(0.05)
+                assert state == ("paused",), state
             yield
         finally:
             standby.execute("SELECT pg_wal_replay_resume()")
@@ -70,7 +82,7 @@ async def test_an_export_job_reads_its_data_from_the_standby(
     consent = await consent_id_of(url, "P1")
     t = now_ms() - 60_000
     await store(url, "P1", "hub-1", 1, [hr(t + i, 70.0) for i in range(5)], consent_id=consent)
-    with replay_paused(read_url, 5):
+    with replay_paused(read_url, 5, url):
         await store(
             url, "P1", "hub-1", 2, [hr(t + 10 + i, 71.0) for i in range(7)], consent_id=consent
         )
@@ -115,7 +127,7 @@ async def test_the_pages_data_endpoints_read_from_the_standby(
             assert resp.status == 200, await resp.text()
             return len((await resp.json())["readings"])
 
-        with replay_paused(read_url, 5):
+        with replay_paused(read_url, 5, trial.url):
             await store(
                 trial.url,
                 "P1",
