@@ -162,10 +162,12 @@ def gateway_processes(
     *,
     login_limit: Limit | None = None,
     amqp_url: str | None = None,
+    amqp_shards: int = 1,
 ) -> Iterator[tuple[int, int]]:
     """The gateway's processes: (supervisor pid, HTTP port) once every worker is connected.
     They run in the storage mode recorded in the database of ``url``, fed from ``broker``
-    over MQTT, or with ``amqp_url`` from RabbitMQ's uplink queue over AMQP.
+    over MQTT, or with ``amqp_url`` from RabbitMQ's uplink queue (``amqp_shards`` of them)
+    over AMQP.
 
     ``login_limit``: every worker's sign-in limits (per address and per account) set to it
     (through :mod:`bench.gateway_launch`); None leaves the gateway's own."""
@@ -176,7 +178,13 @@ def gateway_processes(
             {"TRIALSTREAM_MQTT_HOST": broker.host, "TRIALSTREAM_MQTT_PORT": str(broker.port)}
         )
     if amqp_url is not None:
-        env.update({"TRIALSTREAM_MESSAGE_SOURCE": "amqp", "TRIALSTREAM_AMQP_URLS": amqp_url})
+        env.update(
+            {
+                "TRIALSTREAM_MESSAGE_SOURCE": "amqp",
+                "TRIALSTREAM_AMQP_URLS": amqp_url,
+                "TRIALSTREAM_AMQP_SHARDS": str(amqp_shards),
+            }
+        )
     env.update(
         {
             "TRIALSTREAM_DATABASE_URL": url,

@@ -350,11 +350,13 @@ def _amqp_drain(
     3.1.1 into the node's uplink quorum queue first, then consumed over AMQP."""
     node = rabbit.entry
     reset(url)
-    fresh_uplink(node)
+    fresh_uplink(node, rabbit.shards)
     backlog = pubs.run("127.0.0.1", node.mqtt_port, None, BACKLOG_MAX_S, login=rabbit.login)[0]
     roots = rabbit.broker_roots
     with (
-        gateway_processes(url, None, workdir, workers, amqp_url=node.amqp_url) as (pid, _),
+        gateway_processes(
+            url, None, workdir, workers, amqp_url=node.amqp_url, amqp_shards=rabbit.shards
+        ) as (pid, _),
         Memory(pid) as mem,
     ):
         m0 = time.monotonic()
@@ -381,6 +383,7 @@ async def run(
     hubs: int = HUBS,
     amqp: bool = False,
     amqp_nodes: int = 1,
+    amqp_shards: int = 1,
     progress: TextIO | None = None,
 ) -> dict[str, Any]:
     """``amqp``: also the gateway fed from a private RabbitMQ node (``gateway_amqp`` in each
@@ -398,7 +401,9 @@ async def run(
         )
         with (
             tempfile.TemporaryDirectory(prefix="trialstream-bench-ingest-") as tmp,
-            rabbit_target(Path(tmp), amqp_nodes) if amqp else contextlib.nullcontext() as rabbit,
+            rabbit_target(Path(tmp), amqp_nodes, amqp_shards)
+            if amqp
+            else contextlib.nullcontext() as rabbit,
         ):
             if rabbit is not None:
                 say(f"RabbitMQ for the AMQP path: {', '.join(n.name for n in rabbit.nodes)}")
@@ -434,9 +439,10 @@ async def run(
             "throughput": "committed readings/s over the window (count(*) at both ends)",
             "bare": "paho -> CBOR decode -> binary COPY per batch (no verify/consent/dedupe)",
             "naive": "paho -> INSERT per reading, commit per message",
-            "gateway_amqp": "the same backlog published over MQTT 3.1.1 into the uplink quorum"
-            f" queue of a private RabbitMQ cluster of {amqp_nodes} node(s) (through the node"
-            " leading it), the gateway consuming it over AMQP; broker CPU: every node's"
+            "gateway_amqp": f"the same backlog published over MQTT 3.1.1 into the uplink's"
+            f" {amqp_shards} quorum queue(s) of a private RabbitMQ cluster of {amqp_nodes}"
+            " node(s) (through the first node, where a single queue is led), the gateway"
+            " consuming it over AMQP; broker CPU: every node's"
             if amqp
             else None,
             "latency": "publish() -> receipt arrival, at half the gateway's peak rate"

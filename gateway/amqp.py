@@ -11,6 +11,9 @@ differs.
 - Delivery: one channel with a prefetch of ``MAX_UNACKED`` messages (RabbitMQ keeps to it),
   and the same byte budget as the MQTT consumer. A message the broker delivers again
   (``redelivered``: a worker stopped while holding it) is the MQTT consumer's DUP.
+- Sharding (``TRIALSTREAM_AMQP_SHARDS``): the uplink may be N quorum queues behind a
+  consistent-hash exchange on the routing key (``declare_uplink``), so that a hub's envelopes
+  stay in one queue, in order; a worker consumes all N on its one channel.
 - Acknowledgement: a committed batch that holds every message the channel delivered and
   nobody acknowledged, up to some delivery tag, is acknowledged with one ``multiple`` ack
   at that tag (``ack_plan``); the rest of the batch one by one. The dead-letter queue is
@@ -43,7 +46,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 import aio_pika
 from aio_pika.abc import (
@@ -79,6 +82,11 @@ RETRY_S: Final = 5.0
 DEAD_PREFETCH: Final = 100
 # A message's id: its connection's generation above its delivery tag.
 TAG_BITS: Final = 48
+# Sharding (``TRIALSTREAM_AMQP_SHARDS``): the exchange type of RabbitMQ's
+# rabbitmq_consistent_hash_exchange plugin, and each shard queue's weight in its ring.
+MAX_SHARDS: Final = 16
+HASH_EXCHANGE_TYPE: Final = "x-consistent-hash"
+SHARD_WEIGHT: Final = "1"
 
 
 def routing_key(topic: str) -> str:
@@ -100,22 +108,48 @@ def dead_letter_queue(name: str) -> str:
     return f"{name}.dead"
 
 
-async def declare_uplink(channel: AbstractChannel, name: str = UPLINK_QUEUE) -> AbstractQueue:
-    """The uplink quorum queue and its dead-letter queue, bound on ``amq.topic``."""
+def shard_queues(name: str, shards: int) -> list[str]:
+    """The uplink's queues: ``name`` alone, or ``name.0`` .. ``name.<shards-1>``."""
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ValueError(f"an uplink has 1 to {MAX_SHARDS} queues, not {shards}")
+    return [name] if shards == 1 else [f"{name}.{i}" for i in range(shards)]
+
+
+def shard_exchange(name: str) -> str:
+    """The consistent-hash exchange in front of the sharded uplink ``name``'s queues."""
+    return f"{name}.hash"
+
+
+async def declare_uplink(
+    channel: AbstractChannel, name: str = UPLINK_QUEUE, shards: int = 1
+) -> list[AbstractQueue]:
+    """The uplink quorum queue (or ``shards`` of them) and its dead-letter queue. One queue
+    is bound on ``amq.topic``; shards are bound on a consistent-hash exchange that is bound
+    on ``amq.topic``: each routing key (each hub) hashes to one queue, so a hub's envelopes
+    keep their order, and each shard's leader is placed on the least loaded node."""
+    names = shard_queues(name, shards)
     dead = dead_letter_queue(name)
     await channel.declare_queue(dead, durable=True, arguments={"x-queue-type": "quorum"})
-    queue = await channel.declare_queue(
-        name,
-        durable=True,
-        arguments={
-            "x-queue-type": "quorum",
-            "x-delivery-limit": DELIVERY_LIMIT,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": dead,
-        },
-    )
-    await queue.bind(TOPIC_EXCHANGE, routing_key=UPLINK_BINDING)
-    return queue
+    arguments: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead,
+    }
+    if shards == 1:
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+        await queue.bind(TOPIC_EXCHANGE, routing_key=UPLINK_BINDING)
+        return [queue]
+    hashing = await channel.declare_exchange(shard_exchange(name), HASH_EXCHANGE_TYPE, durable=True)
+    await hashing.bind(TOPIC_EXCHANGE, routing_key=UPLINK_BINDING)
+    queues: list[AbstractQueue] = []
+    for shard in names:
+        queue = await channel.declare_queue(
+            shard, durable=True, arguments={**arguments, "x-queue-leader-locator": "balanced"}
+        )
+        await queue.bind(hashing, routing_key=SHARD_WEIGHT)
+        queues.append(queue)
+    return queues
 
 
 class AmqpConsumer(BatchConsumer):
@@ -130,14 +164,19 @@ class AmqpConsumer(BatchConsumer):
         receipt_key: ec.EllipticCurvePrivateKey,
         *,
         queue: str = UPLINK_QUEUE,
+        shards: int = 1,
         clock: Callable[[], float] = time.time,
         also: InTransaction | None = None,
     ) -> None:
         if not urls:
             raise ValueError("an AMQP consumer needs at least one node's URL")
+        shard_queues(queue, shards)  # in bounds
         self._urls = list(urls)
         self._next_url = 0
         self._queue_name = queue
+        self._shards = shards
+        # Delivered, in delivery order, not yet in the inbox (waiting for the byte budget).
+        self._arrived: asyncio.Queue[tuple[int, AbstractIncomingMessage]] = asyncio.Queue()
         self._connection: AbstractConnection | None = None
         self._exchange: AbstractExchange | None = None
         self._delivering: asyncio.Task[None] | None = None
@@ -148,6 +187,7 @@ class AmqpConsumer(BatchConsumer):
         self._generation = 0
         # In delivery order: the oldest unacknowledged messages come first (``ack_plan``).
         self._held: OrderedDict[int, AbstractIncomingMessage] = OrderedDict()
+        self._lost = asyncio.Event()
         super().__init__(config, pool, writer, receipt_key, clock=clock, also=also)
 
     @property
@@ -179,23 +219,46 @@ class AmqpConsumer(BatchConsumer):
         raise ConnectionError(f"no RabbitMQ node answered: {'; '.join(errors)[:500]}")
 
     async def _attach(self, connection: AbstractConnection) -> None:
-        """Consume the uplink and dead-letter queues over ``connection``."""
+        """Consume the uplink's queues and the dead-letter queue over ``connection``."""
         self._connection = connection
         self._generation += 1
+        generation = self._generation
         channel = await connection.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=MAX_UNACKED)
-        queue = await declare_uplink(channel, self._queue_name)
+        # Per consumer (quorum queues have no channel-wide prefetch): the shards share it.
+        await channel.set_qos(prefetch_count=max(1, MAX_UNACKED // self._shards))
+        queues = await declare_uplink(channel, self._queue_name, self._shards)
         dead_channel = await connection.channel(publisher_confirms=False)
         await dead_channel.set_qos(prefetch_count=DEAD_PREFETCH)
         dead = await dead_channel.get_queue(dead_letter_queue(self._queue_name))
         self._exchange = await channel.get_exchange(TOPIC_EXCHANGE)
-        self._delivering = asyncio.create_task(
-            self._deliver(queue, self._generation), name="amqp-deliver"
-        )
+
+        async def arrived(message: AbstractIncomingMessage) -> None:
+            # aio-pika runs each delivery's callback as a task of its own, in the order the
+            # channel delivered them: held in delivery-tag order, whichever queue it came
+            # from, before anything awaits (``ack_plan`` relies on it).
+            tag = message.delivery_tag
+            assert tag is not None, "a consumed message has a delivery tag"
+            mid = generation << TAG_BITS | tag
+            self._held[mid] = message
+            self._arrived.put_nowait((mid, message))
+
+        # Lost with its connection (``_until_lost``), or alone: the channel closed by the
+        # broker, or a queue's consumer cancelled by it (the queue deleted).
+        lost = self._lost = asyncio.Event()
+        channel.close_callbacks.add(lambda *_: lost.set())
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(lambda *_: lost.set())
+        self._delivering = asyncio.create_task(self._deliver(), name="amqp-deliver")
+        for queue in queues:
+            await queue.consume(arrived)
         self._burying = asyncio.create_task(self._bury(dead), name="amqp-dead-letters")
         self.stats.mqtt_connected = True
         self._subscribed.set()
-        log.info("amqp consuming queue=%s node=%s", self._queue_name, connection)
+        log.info(
+            "amqp consuming queues=%s node=%s",
+            ",".join(q.name for q in queues),
+            connection,
+        )
 
     async def _supervise(self) -> None:
         """Wait for the connection (or its channel, or its consumer) to be lost; then take
@@ -219,7 +282,7 @@ class AmqpConsumer(BatchConsumer):
         """Return when the connection closes or a consuming task ends (its channel closed)."""
         connection = self._connection
         assert connection is not None
-        lost = asyncio.Event()
+        lost = self._lost
         connection.close_callbacks.add(lambda *_: lost.set())
         if connection.is_closed:
             lost.set()
@@ -246,30 +309,34 @@ class AmqpConsumer(BatchConsumer):
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
+        # Delivered but never handed on: the broker gives them to a consumer again.
+        while not self._arrived.empty():
+            mid, _ = self._arrived.get_nowait()
+            self._held.pop(mid, None)
 
-    async def _deliver(self, queue: AbstractQueue, generation: int) -> None:
-        async with queue.iterator() as messages:
-            async for message in messages:
-                payload = message.body
-                # Room at once, as a rule; else wait for acknowledgements in a thread (the
-                # budget is shared with the threads of the MQTT consumer's design).
-                if not self._bytes.take(len(payload), 0):
-                    while not await asyncio.to_thread(self._bytes.take, len(payload), 1.0):
-                        pass
-                tag = message.delivery_tag
-                assert tag is not None, "a consumed message has a delivery tag"
-                mid = generation << TAG_BITS | tag
-                self._held[mid] = message
-                self._inbox.put(
-                    Message(
-                        uplink_topic(message.routing_key or ""),
-                        payload,
-                        mid,
-                        1,
-                        self._now_ms(),
-                        bool(message.redelivered),
-                    )
+    async def _deliver(self) -> None:
+        """Into the inbox, in delivery order, each message the byte budget has room for."""
+        while True:
+            mid, message = await self._arrived.get()
+            if mid >> TAG_BITS != self._generation:
+                self._held.pop(mid, None)  # from a connection since lost: delivered again
+                continue
+            payload = message.body
+            # Room at once, as a rule; else wait for acknowledgements in a thread (the
+            # budget is shared with the threads of the MQTT consumer's design).
+            if not self._bytes.take(len(payload), 0):
+                while not await asyncio.to_thread(self._bytes.take, len(payload), 1.0):
+                    pass
+            self._inbox.put(
+                Message(
+                    uplink_topic(message.routing_key or ""),
+                    payload,
+                    mid,
+                    1,
+                    self._now_ms(),
+                    bool(message.redelivered),
                 )
+            )
 
     async def _bury(self, dead: AbstractQueue) -> None:
         """A rejection row for each message RabbitMQ dead-lettered, then its acknowledgement

@@ -164,6 +164,7 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
             app[INGEST_POOL],
             writer,
             app[RECEIPT_KEY],
+            shards=settings.amqp_shards,
             also=app[ALERT_ENGINE],
         )
     else:

@@ -80,6 +80,9 @@ class Settings:
     # nodes, comma separated; the first that answers is used).
     message_source: str = "mqtt"
     amqp_urls: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # The uplink's quorum queues: 1, or up to 16 shards behind a consistent-hash exchange
+    # (docs/scaling.md). Every worker consumes all of them; set once per deployment.
+    amqp_shards: int = 1
     # RabbitMQ's management API (http://admin:password@host:15672/): where set, enrollment
     # creates each hub's broker identity (certificate login) and revocation removes it
     # (gateway.rabbit_admin).
@@ -158,7 +161,12 @@ def broker_addresses(raw: str) -> list[tuple[str, int]]:
     return out
 
 
-_INT_RANGES = {"mqtt_port": (1, 65535), "http_port": (0, 65535), "workers": (1, 256)}
+_INT_RANGES = {
+    "mqtt_port": (1, 65535),
+    "http_port": (0, 65535),
+    "workers": (1, 256),
+    "amqp_shards": (1, 16),
+}
 
 
 def _convert(name: str, raw: str) -> Any:

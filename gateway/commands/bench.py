@@ -148,6 +148,13 @@ def register(sub: Subparsers) -> None:
         default=1,
         help="with --amqp: RabbitMQ nodes in the cluster the queue is replicated on (1)",
     )
+    bi.add_argument(
+        "--amqp-shards",
+        type=int_in(1, 16),
+        default=1,
+        help="with --amqp: quorum queues the uplink is sharded into, behind a consistent-hash"
+        " exchange, each led on the least loaded node (1: one queue)",
+    )
     bi.add_argument("--out", help="also write the JSON result to this file")
     bi.set_defaults(handler=_cmd_bench_ingest)
     bm = bench_sub.add_parser(
@@ -485,6 +492,7 @@ def _cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
             hubs=args.hubs,
             amqp=args.amqp,
             amqp_nodes=args.amqp_nodes,
+            amqp_shards=args.amqp_shards,
             progress=sys.stderr,
         )
     )

@@ -25,17 +25,21 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.amqp import (
     DELIVERY_LIMIT,
+    MAX_SHARDS,
     TAG_BITS,
     AmqpConsumer,
     ack_plan,
     dead_letter_queue,
     declare_uplink,
     routing_key,
+    shard_queues,
     uplink_topic,
 )
 from gateway.broker import MosquittoBroker
 from gateway.consumer import ConsumerConfig
+from gateway.errors import ConfigError
 from gateway.rabbitmq import MAX_MESSAGE_BYTES, RabbitNode
+from gateway.settings import Settings
 from ingest import keys
 from ingest.envelope import seal
 from ingest.model import Payload, Reading
@@ -51,10 +55,10 @@ from tests.fixtures.waiting import wait_until
 pytestmark = pytest.mark.slow
 
 
-def envelope(trial: Trial, seq: int, value: float = 70.0) -> bytes:
+def envelope(trial: Trial, seq: int, value: float = 70.0, hub: str = "hub-1") -> bytes:
     t = int(time.time() * 1000) - 1000
     readings = (Reading(t, "heart_rate", value, "/min", "strap"),)
-    return seal(Payload("hub-1", seq, t, readings), trial.hubs["hub-1"].key)
+    return seal(Payload(hub, seq, t, readings), trial.hubs[hub].key)
 
 
 class Hub:
@@ -102,6 +106,7 @@ async def worker(
     name: str,
     receipt_key: ec.EllipticCurvePrivateKey,
     urls: list[str] | None = None,
+    shards: int = 1,
 ) -> AsyncIterator[AmqpConsumer]:
     pool = await db.open_pool(url, min_size=1, max_size=2)
     c = AmqpConsumer(
@@ -111,6 +116,7 @@ async def worker(
         BulkWriter(pool, database_mode(url)),
         receipt_key,
         queue=name,
+        shards=shards,
     )
     task = asyncio.create_task(c.run())
     try:
@@ -159,11 +165,21 @@ def queue_name() -> str:
     return f"uplink-test-{secrets.token_hex(4)}"
 
 
-async def declared(rabbit: RabbitNode, name: str) -> None:
+async def declared(rabbit: RabbitNode, name: str, shards: int = 1) -> None:
     """The queue exists before hubs publish (RabbitMQ drops what no queue takes)."""
     connection = await aio_pika.connect(rabbit.amqp_url)
     async with connection:
-        await declare_uplink(await connection.channel(), name)
+        await declare_uplink(await connection.channel(), name, shards)
+
+
+async def publish_amqp(rabbit: RabbitNode, messages: list[tuple[str, bytes]]) -> None:
+    """Publish on amq.topic as RabbitMQ's MQTT plugin does: (MQTT topic, payload)."""
+    connection = await aio_pika.connect(rabbit.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange("amq.topic")
+        for topic, payload in messages:
+            await exchange.publish(aio_pika.Message(payload), routing_key=routing_key(topic))
 
 
 def test_topics_and_routing_keys_map_both_ways_with_dotted_device_ids() -> None:
@@ -253,19 +269,89 @@ async def test_a_batch_of_waiting_envelopes_is_acknowledged_with_one_multiple_ac
     assert len(acks) < 40
 
 
+def test_an_uplink_has_one_queue_or_up_to_16_shards() -> None:
+    assert shard_queues("up", 1) == ["up"]
+    assert shard_queues("up", 3) == ["up.0", "up.1", "up.2"]
+    for bad in (0, -1, MAX_SHARDS + 1):
+        with pytest.raises(ValueError, match="1 to 16"):
+            shard_queues("up", bad)
+    assert Settings.from_env({"TRIALSTREAM_AMQP_SHARDS": "4"}).amqp_shards == 4
+    assert Settings().amqp_shards == 1
+    for raw in ("0", "17", "-1", "x", "1e3", "9" * 5000, " "):
+        with pytest.raises(ConfigError, match="TRIALSTREAM_AMQP_SHARDS"):
+            Settings.from_env({"TRIALSTREAM_AMQP_SHARDS": raw})
+
+
+async def test_a_sharded_uplink_keeps_each_hubs_envelopes_in_one_queue_and_stores_all(
+    trial: Trial, rabbit: RabbitNode, queue_name: str
+) -> None:
+    hubs = [f"hub-{i}" for i in range(1, 9)]
+    for i, hub in enumerate(hubs[1:], start=2):
+        await trial.add_participant(f"P{i}", hub)
+    await declared(rabbit, queue_name, shards=3)
+    await publish_amqp(
+        rabbit,
+        [(up_topic(hub), envelope(trial, seq, hub=hub)) for hub in hubs for seq in (1, 2, 3)],
+    )
+    depths: list[int] = []
+
+    async def all_queued() -> bool:
+        depths[:] = [
+            (await asyncio.to_thread(queue_depth, rabbit, q))[0]
+            for q in shard_queues(queue_name, 3)
+        ]
+        return sum(depths) == 24
+
+    await wait_until(all_queued, "24 envelopes in the shards", within=15)
+    # Each hub's three envelopes hash to one queue: every depth is a multiple of three, and
+    # the eight hubs spread over more than one queue.
+    assert all(d % 3 == 0 for d in depths), depths
+    assert sum(d > 0 for d in depths) >= 2, depths
+    async with worker(trial.url, rabbit, queue_name, keys.generate_private_key(), shards=3) as c:
+        await wait_until(lambda: c.stats.envelopes_new == 24, "all stored", within=30)
+        for q in shard_queues(queue_name, 3):
+            await wait_until(lambda q=q: drained(rabbit, q), f"{q} acknowledged")
+    assert await count(trial.url, "SELECT count(*) FROM readings") == 24
+
+
+async def test_a_worker_whose_queue_is_deleted_consumes_again_once_it_is_declared(
+    trial: Trial, rabbit: RabbitNode, queue_name: str
+) -> None:
+    """The broker cancels the consumer of a deleted queue while the connection lives: the
+    worker notices, declares the uplink again and goes on."""
+    await declared(rabbit, queue_name, shards=2)
+    async with worker(trial.url, rabbit, queue_name, keys.generate_private_key(), shards=2) as c:
+        connection = await aio_pika.connect(rabbit.amqp_url)
+        async with connection:
+            await (await connection.channel()).queue_delete(shard_queues(queue_name, 2)[1])
+
+        async def redeclared() -> bool:
+            out = await asyncio.to_thread(rabbit.ctl, "list_queues", "name")
+            return shard_queues(queue_name, 2)[1] in out.stdout.split()
+
+        await wait_until(redeclared, "the deleted shard declared again", within=20)
+        await publish_amqp(rabbit, [(up_topic("hub-1"), envelope(trial, 5))])
+        await wait_until(lambda: c.stats.envelopes_new == 1, "stored", within=20)
+    assert await count(trial.url, "SELECT count(*) FROM readings") == 1
+
+
 async def test_a_message_delivered_again_is_a_replay_not_a_second_copy(
     trial: Trial, rabbit: RabbitNode, queue_name: str
 ) -> None:
     await declared(rabbit, queue_name)
     hub = Hub(rabbit, "hub-1")
     receipt_key = keys.generate_private_key()
+    sealed = envelope(trial, 7)
     try:
         async with worker(trial.url, rabbit, queue_name, receipt_key):
-            hub.publish(up_topic("hub-1"), envelope(trial, 7))
+            hub.publish(up_topic("hub-1"), sealed)
             await hub.receipt(receipt_key.public_key())
+            # The receipt goes out before the acknowledgement: stopping the worker in
+            # between would leave it to be delivered again too.
+            await wait_until(lambda: drained(rabbit, queue_name), "acked")
         # The same envelope again (a hub that lost the receipt), and one a reader took and
         # dropped unacknowledged: RabbitMQ delivers it again, marked redelivered.
-        hub.publish(up_topic("hub-1"), envelope(trial, 7))
+        hub.publish(up_topic("hub-1"), sealed)
         connection = await aio_pika.connect(rabbit.amqp_url)
         async with connection:
             channel = await connection.channel()

@@ -22,7 +22,7 @@ from device_drivers.clock import HubClock
 from device_drivers.hub import OutboxSink
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
-from gateway.amqp import declare_uplink
+from gateway.amqp import declare_uplink, shard_queues
 from gateway.errors import BrokerError
 from gateway.rabbitmq import RabbitCluster
 from ingest import keys
@@ -47,15 +47,15 @@ def cluster(tmp_path: Path) -> Iterator[RabbitCluster]:
         c.stop()
 
 
-async def declared(url: str, name: str) -> None:
+async def declared(url: str, name: str, shards: int = 1) -> None:
     import aio_pika
 
     connection = await aio_pika.connect(url)
     async with connection:
-        await declare_uplink(await connection.channel(), name)
+        await declare_uplink(await connection.channel(), name, shards)
 
 
-def test_the_cluster_has_three_nodes_and_a_quorum_queue_has_a_member_on_each(
+def test_the_cluster_has_three_nodes_a_quorum_queue_on_each_and_shards_led_apart(
     cluster: RabbitCluster,
 ) -> None:
     out = cluster.ctl("cluster_status", "--formatter", "json").stdout
@@ -66,6 +66,11 @@ def test_the_cluster_has_three_nodes_and_a_quorum_queue_has_a_member_on_each(
     members = cluster.ctl("list_queues", "name", "members", "--quiet", "--no-table-headers").stdout
     (line,) = [x for x in members.splitlines() if x.startswith(name + "\t")]
     assert all(node.name in line for node in cluster.nodes), line
+    # A sharded uplink declared through one node: its shards are led on different nodes.
+    sharded = f"uplink-{secrets.token_hex(3)}"
+    asyncio.run(declared(cluster.nodes[0].amqp_url, sharded, shards=3))
+    leaders = {cluster.leader(q).name for q in shard_queues(sharded, 3)}
+    assert len(leaders) >= 2, leaders
 
 
 async def test_the_queue_leaders_node_killed_mid_stream_loses_and_doubles_nothing(

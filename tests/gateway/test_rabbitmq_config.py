@@ -69,5 +69,8 @@ def test_a_node_without_tls_or_management_has_neither() -> None:
 
 def test_the_management_plugin_only_when_asked() -> None:
     plugins = (DEPLOY_DIR / "enabled_plugins").read_text()
-    assert render_plugins(plugins, management=True) == "[rabbitmq_mqtt,rabbitmq_management].\n"
-    assert render_plugins(plugins, management=False) == "[rabbitmq_mqtt].\n"
+    with_management = "[rabbitmq_mqtt,rabbitmq_consistent_hash_exchange,rabbitmq_management].\n"
+    assert render_plugins(plugins, management=True) == with_management
+    assert render_plugins(plugins, management=False) == (
+        "[rabbitmq_mqtt,rabbitmq_consistent_hash_exchange].\n"
+    )
