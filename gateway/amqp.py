@@ -279,7 +279,8 @@ class AmqpConsumer(BatchConsumer):
                     pause = min(pause * 2, RECONNECT_S[1])
 
     async def _until_lost(self) -> None:
-        """Return when the connection closes or a consuming task ends (its channel closed)."""
+        """Return when the connection closes, its channel closes, the broker cancels one of
+        its consumers, or a consuming task ends."""
         connection = self._connection
         assert connection is not None
         lost = self._lost

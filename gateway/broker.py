@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -73,7 +74,44 @@ def find_mosquitto(explicit: str | None = None) -> str:
     )
 
 
+# Ports handed out by ``free_port`` come from below the kernel's ephemeral range: one taken
+# there (binding port 0) is free only until the next outgoing connection of any process on
+# the machine gets it as its local port, which, between picking a broker's port and the
+# broker binding it, happened under load (a RabbitMQ node failing with
+# could_not_start_listener).
+PORT_FLOOR = 20_000
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux's default: 32768)."""
+    try:
+        first = _EPHEMERAL_RANGE.read_text()[:32].split()[0]
+        return int(first) if first.isdigit() and len(first) <= 5 else 32_768
+    except (OSError, IndexError):
+        return 32_768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server about to be started: a random one below
+    the kernel's ephemeral range, never one this process handed out before, bound once to
+    check it is free. Where that range leaves no room, one the kernel picks."""
+    low = _ephemeral_low()
+    if low - PORT_FLOOR >= 1_000:
+        for _ in range(100):
+            port = random.randrange(PORT_FLOOR, low)  # noqa: S311 - spreading, not secrecy
+            with _handed_out_lock:
+                if port in _handed_out:
+                    continue
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    try:
+                        s.bind((host, port))
+                    except OSError:
+                        continue
+                _handed_out.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

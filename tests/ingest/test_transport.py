@@ -52,10 +52,20 @@ def test_stopping_survives_the_network_thread_ending_inside_loop_stop(
     assert network is not None
     test_thread = threading.current_thread()
     real_current_thread = threading.current_thread
+    # The network thread, told of the disconnect, waits until loop_stop has read it once:
+    # else, on a busy machine, it can end before loop_stop starts, and nothing is tested.
+    release = threading.Event()
+
+    def held(*_: object) -> None:
+        if real_current_thread() is network:
+            release.wait(10)
+
+    client.on_disconnect = held
 
     def thread_ends_first() -> threading.Thread:
         me = real_current_thread()
         if me is test_thread and sys._getframe(1).f_code.co_name == "loop_stop":
+            release.set()
             network.join(10)  # after disconnect() the loop ends and clears client._thread
             assert client._thread is None
             seen.append("the thread ended inside loop_stop")
