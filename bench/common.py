@@ -4,6 +4,7 @@ what most of them set up: a scratch database, a study with consented hubs."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
 import time
@@ -14,7 +15,7 @@ from typing import Any, TextIO
 
 import psutil  # type: ignore[import-untyped]
 import psycopg
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from psycopg import conninfo
 
@@ -65,11 +66,44 @@ async def server_version(url: str) -> str:
 
 
 def machine() -> dict[str, Any]:
+    """What ran the benchmark. Results are ratios to a baseline of the same run; the CPU's
+    model and a fixed workload's time tell two machines apart when absolute figures (a
+    share of one core) are compared across runs."""
     return {
         "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "calibration_ms": calibration_ms(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def cpu_model() -> str | None:
+    """The first processor's model name (Linux), or None."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()[:120]
+    return None
+
+
+def calibration_ms() -> float:
+    """Milliseconds for a fixed single-threaded workload (Python arithmetic, a SHA-256 of
+    1 MB, an ECDSA P-256 signature), best of five: a slower machine takes longer."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    data = b"\x5a" * 1_000_000
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(100_000):
+            total += i * i % 7
+        hashlib.sha256(data).digest()
+        for _ in range(20):
+            key.sign(data[:64], ec.ECDSA(hashes.SHA256()))
+        best = min(best, time.perf_counter() - t0)
+    return round(best * 1000, 2)
 
 
 class Progress:

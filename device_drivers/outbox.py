@@ -150,6 +150,11 @@ class Outbox:
         self.path = path
         self.device_id = device_id
         self.max_bytes = max_bytes
+        # The database and SQLite's files beside it, made once: pathlib interns a new Path's
+        # names, and making them again on every status call was the churn through CPython's
+        # table of interned strings that set off its one doubling in a running hub
+        # (docs/performance.md).
+        self._files = tuple(Path(f"{path}{suffix}") for suffix in ("", "-wal", "-shm"))
 
     @classmethod
     def open(cls, path: Path, device_id: str, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Outbox:
@@ -496,7 +501,7 @@ class Outbox:
                 " time_zone_pending FROM meta WHERE id = 1"
             ).fetchone()
             used = used_bytes(db)
-        on_disk = sum(file_size(Path(f"{self.path}{suffix}")) for suffix in ("", "-wal", "-shm"))
+        on_disk = sum(file_size(f) for f in self._files)
         return OutboxStats(
             device_id=self.device_id,
             pending_readings=pending,

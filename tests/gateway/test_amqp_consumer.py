@@ -262,6 +262,7 @@ async def test_a_batch_of_waiting_envelopes_is_acknowledged_with_one_multiple_ac
         async with worker(trial.url, rabbit, queue_name, keys.generate_private_key()) as c:
             await wait_until(lambda: c.stats.envelopes_new == 40, "all stored", within=30)
             await wait_until(lambda: drained(rabbit, queue_name), "all acknowledged")
+            assert c.stats.envelopes_replayed == 0
     finally:
         hub.close()
     assert await count(trial.url, "SELECT count(*) FROM readings") == 40
@@ -311,6 +312,9 @@ async def test_a_sharded_uplink_keeps_each_hubs_envelopes_in_one_queue_and_store
         await wait_until(lambda: c.stats.envelopes_new == 24, "all stored", within=30)
         for q in shard_queues(queue_name, 3):
             await wait_until(lambda q=q: drained(rabbit, q), f"{q} acknowledged")
+        # An acknowledgement the broker refused would have closed the channel and brought
+        # the messages back as replays.
+        assert c.stats.envelopes_replayed == 0
     assert await count(trial.url, "SELECT count(*) FROM readings") == 24
 
 
