@@ -261,15 +261,23 @@ class RabbitNode:
         )
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``rabbitmqctl -n <node> args``; with ``check``, a failure is BrokerError."""
-        done = subprocess.run(  # noqa: S603 - fixed script, our own arguments
-            [str(self.bin_dir / "rabbitmqctl"), "-n", self.name, *args],
-            env=self._env(),
-            capture_output=True,
-            text=True,
-            timeout=CTL_TIMEOUT_S,
-            check=False,
-        )
+        """``rabbitmqctl -n <node> args``; with ``check``, a failure is BrokerError. One
+        that does not return within ``CTL_TIMEOUT_S`` (its own Erlang VM starting on a busy
+        machine) fails with status 124, as timeout(1) says it."""
+        command = [str(self.bin_dir / "rabbitmqctl"), "-n", self.name, *args]
+        try:
+            done = subprocess.run(  # noqa: S603 - fixed script, our own arguments
+                command,
+                env=self._env(),
+                capture_output=True,
+                text=True,
+                timeout=CTL_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            done = subprocess.CompletedProcess(
+                command, 124, "", f"rabbitmqctl {args[0]}: no answer in {CTL_TIMEOUT_S:.0f} s"
+            )
         if check and done.returncode != 0:
             raise BrokerError(f"rabbitmqctl {args[0]} failed: {done.stderr.strip()[-500:]}")
         return done

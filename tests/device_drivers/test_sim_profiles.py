@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import pytest
 from bleak import BleakClient
@@ -63,6 +64,22 @@ async def take(queue: Queue, count: int) -> list[bytes]:
         return [await queue.get() for _ in range(count)]
 
 
+T = TypeVar("T")
+
+
+async def from_switch(
+    queue: Queue, decode: Callable[[bytes], T], switched: Callable[[T], bool], count: int
+) -> list[T]:
+    """``count`` values from the first the switch changed on: those measured before it may
+    wait in the device's backlog, more of them the busier the machine (at most 200)."""
+    async with asyncio.timeout(DEADLINE_S):
+        for _ in range(200):
+            first = decode(await queue.get())
+            if switched(first):
+                return [first, *[decode(await queue.get()) for _ in range(count - 1)]]
+    raise AssertionError("no value from after the switch in 200")
+
+
 @pytest.fixture
 async def radio() -> AsyncIterator[VirtualRadio]:
     async with VirtualRadio() as radio:
@@ -91,8 +108,9 @@ async def test_thermometer_indicates_time_stamped_temperatures_and_a_fever(
         await client.start_notify(char, enqueue(queue))
         normal = [temperature.decode(p) for p in await take(queue, 4)]
         thermometer.start_episode()
-        await take(queue, 2)  # measured before the switch, or kept in the backlog
-        fever = [temperature.decode(p) for p in await take(queue, 4)]
+        fever = await from_switch(
+            queue, temperature.decode, lambda m: float(m.temperature) >= 38.0, 4
+        )
 
     now = datetime.now(UTC)
     for m in normal + fever:
@@ -138,8 +156,9 @@ async def test_blood_pressure_cuff_indicates_pressures_pulse_and_hypertension(
         await client.start_notify(full_uuid(0x2A35), enqueue(queue))
         normal = [blood_pressure.decode(p) for p in await take(queue, 3)]
         cuff.start_episode()
-        await take(queue, 2)
-        high = [blood_pressure.decode(p) for p in await take(queue, 3)]
+        high = await from_switch(
+            queue, blood_pressure.decode, lambda m: float(m.systolic) >= 150, 3
+        )
 
     for m in normal + high:
         assert m.timestamp is not None
@@ -172,8 +191,12 @@ async def test_pulse_oximeter_notifies_continuous_indicates_spot_checks_and_desa
         normal = [pulse_oximeter.decode_continuous(p) for p in await take(continuous, 10)]
         checks = [pulse_oximeter.decode_spot_check(p) for p in await take(spot, 2)]
         oximeter.start_episode()
-        await take(continuous, 2)
-        low = [pulse_oximeter.decode_continuous(p) for p in await take(continuous, 10)]
+        low = await from_switch(
+            continuous,
+            pulse_oximeter.decode_continuous,
+            lambda m: float(m.normal.spo2) < 92,
+            10,
+        )
 
     assert all(95 <= float(m.normal.spo2) <= 100 for m in normal)  # type: ignore[arg-type]
     assert all(84 <= float(m.normal.spo2) <= 89 for m in low)  # type: ignore[arg-type]

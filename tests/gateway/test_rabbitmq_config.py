@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.rabbitmq import DEPLOY_DIR, MAX_MESSAGE_BYTES, render_config, render_plugins
+import pytest
+
+from gateway import rabbitmq
+from gateway.errors import BrokerError
+from gateway.rabbitmq import (
+    DEPLOY_DIR,
+    MAX_MESSAGE_BYTES,
+    RabbitNode,
+    render_config,
+    render_plugins,
+)
 from ingest.transport import TlsFiles
 
 TEMPLATE = (DEPLOY_DIR / "rabbitmq.conf").read_text()
@@ -74,3 +84,22 @@ def test_the_management_plugin_only_when_asked() -> None:
     assert render_plugins(plugins, management=False) == (
         "[rabbitmq_mqtt,rabbitmq_consistent_hash_exchange].\n"
     )
+
+
+def test_a_rabbitmqctl_that_never_answers_is_a_failure_not_an_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's start polls ``rabbitmqctl wait``, whose own Erlang VM could take longer than
+    its timeout on a busy machine: that raised out of the start instead of waiting on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for script in ("rabbitmq-server", "rabbitmqctl"):
+        (bin_dir / script).write_text("#!/bin/sh\nexec sleep 30\n")
+        (bin_dir / script).chmod(0o755)
+    monkeypatch.setattr(rabbitmq, "CTL_TIMEOUT_S", 0.5)
+    node = RabbitNode(tmp_path / "node", bin_dir=bin_dir)
+    done = node.ctl("status", check=False)
+    assert done.returncode == 124
+    assert "no answer in" in done.stderr
+    with pytest.raises(BrokerError, match="rabbitmqctl status failed"):
+        node.ctl("status")
