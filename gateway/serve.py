@@ -200,11 +200,11 @@ def _exit_unless_stopped_in_time() -> None:
     faulthandler.dump_traceback_later(WORKER_STOP_DEADLINE_S, exit=True)
 
 
-def dump_tasks(out: TextIO | None = None) -> None:
-    """Write every pending task of the running loop, with the stack it awaits in, to
-    ``out`` (stderr)."""
+def dump_tasks(out: TextIO | None = None, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Write every pending task of ``loop`` (the running loop), with the stack it awaits
+    in, to ``out`` (stderr)."""
     out = sys.stderr if out is None else out
-    tasks = [t for t in asyncio.all_tasks() if not t.done()]
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
     out.write(f"{len(tasks)} asyncio task(s) still pending:\n")
     for task in tasks:
         out.write(f"task {task.get_name()} ({task.get_coro()!r}):\n")

@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.notify",
     "tests.fixtures.rabbitmq",
     "tests.fixtures.patroni",
+    "tests.fixtures.watchdog",
 ]
