@@ -29,6 +29,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -83,6 +84,12 @@ PORT_FLOOR = 20_000
 _EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
+# Another process drawing from the same range (a second test worker, a benchmark, the
+# cluster harness in a child process) can pick the same port before either server binds it
+# (a RabbitMQ node failing with could_not_start_listener under two test workers): each port
+# handed out is claimed machine-wide by a file named after it holding the claimer's pid,
+# valid while that process lives.
+PORT_CLAIMS = Path(tempfile.gettempdir()) / "trialstream-port-claims"
 
 
 def _ephemeral_low() -> int:
@@ -94,23 +101,61 @@ def _ephemeral_low() -> int:
         return 32_768
 
 
+def _claim(port: int) -> bool:
+    """Claim ``port`` for this process, machine-wide; False when a living process holds it.
+    A claim whose process is gone is taken over."""
+    path = PORT_CLAIMS / str(port)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                text = path.read_text()[:16]
+            except OSError:
+                return False
+            owner = int(text) if text.isdigit() else 0
+            if not owner or _alive(owner):  # no pid yet: being claimed right now
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        except FileNotFoundError:
+            PORT_CLAIMS.mkdir(parents=True, exist_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now, for a server about to be started: a random one below
-    the kernel's ephemeral range, never one this process handed out before, bound once to
-    check it is free. Where that range leaves no room, one the kernel picks."""
+    the kernel's ephemeral range, never one this process or another living one handed out
+    before (``PORT_CLAIMS``), bound once to check it is free. Where that range leaves no
+    room, one the kernel picks."""
     low = _ephemeral_low()
     if low - PORT_FLOOR >= 1_000:
         for _ in range(100):
             port = random.randrange(PORT_FLOOR, low)  # noqa: S311 - spreading, not secrecy
             with _handed_out_lock:
-                if port in _handed_out:
+                if port in _handed_out or not _claim(port):
                     continue
+                _handed_out.add(port)
                 with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                     try:
                         s.bind((host, port))
                     except OSError:
                         continue
-                _handed_out.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

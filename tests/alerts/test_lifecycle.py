@@ -20,9 +20,9 @@ from tests.fixtures import signers
 from tests.fixtures.trial import Trial
 
 
-async def open_alert(trial: Trial, ingest: Ingest, **rule: object) -> int:
+async def open_alert(trial: Trial, ingest: Ingest, value: float = 130.0, **rule: object) -> int:
     await add_hr_rule(trial.url, **rule)
-    await ingest(steps(base_ms(), 0, 2, 1, 130.0))
+    await ingest(steps(base_ms(), 0, 2, 1, value))
     (alert_id,) = (await rows(trial.url, "SELECT alert_id FROM alerts WHERE state = 'open'"))[0]
     assert isinstance(alert_id, int)
     return alert_id

@@ -4,13 +4,18 @@ pick and the server's bind."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from gateway import broker
 from gateway.broker import PORT_FLOOR, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def real_ephemeral_low() -> int:
@@ -52,3 +57,64 @@ def test_a_range_with_no_room_below_or_unreadable_falls_back_to_the_kernels_pick
         s.bind(("127.0.0.1", port))
     if text.startswith("20100"):
         assert port >= real_ephemeral_low()  # no room below: the kernel picked it
+
+
+@pytest.fixture
+def claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    where = tmp_path / "claims"
+    monkeypatch.setattr(broker, "PORT_CLAIMS", where)
+    return where
+
+
+def _picks(monkeypatch: pytest.MonkeyPatch, *ports: int) -> None:
+    picks = iter(ports)
+    monkeypatch.setattr(broker.random, "randrange", lambda *_: next(picks))
+    monkeypatch.setattr(broker, "_ephemeral_low", lambda: 32_768)
+
+
+def test_a_port_another_living_process_claimed_is_never_handed_out(
+    claims: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claims.mkdir()
+    (claims / "24001").write_text(str(os.getppid()))  # a living process: pytest's parent
+    (claims / "24002").write_text("")  # being claimed this moment: no pid written yet
+    _picks(monkeypatch, 24001, 24002, 24003)
+    assert free_port() == 24003
+    assert (claims / "24003").read_text() == str(os.getpid())
+
+
+def test_the_claim_of_a_process_that_is_gone_is_taken_over(
+    claims: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    claims.mkdir()
+    (claims / "24011").write_text(gone.stdout.strip())
+    _picks(monkeypatch, 24011)
+    assert free_port() == 24011
+    assert (claims / "24011").read_text() == str(os.getpid())
+
+
+DRAW = """
+import sys
+from gateway import broker
+broker._ephemeral_low = lambda: broker.PORT_FLOOR + 1_000
+sys.stdin.readline()
+print(" ".join(str(broker.free_port()) for _ in range(400)))
+"""
+
+
+def test_two_processes_drawing_at_once_never_get_the_same_port(tmp_path: Path) -> None:
+    # 2 x 400 ports out of 1,000: drawn independently, about 160 would be the same.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-c", DRAW]
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+    procs = [subprocess.Popen(command, env=env, cwd=ROOT, text=True, **pipes) for _ in range(2)]
+    for p in procs:  # both start drawing together
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    drawn = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert all(len(d) == 400 for d in drawn)
+    assert all(PORT_FLOOR <= int(p) < PORT_FLOOR + 1_000 for d in drawn for p in d)
+    assert not set(drawn[0]) & set(drawn[1])
