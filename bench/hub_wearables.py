@@ -58,6 +58,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -166,6 +167,9 @@ class Sample:
     context_cpu_s: dict[str, float]
     delivered_readings: int
     report: dict[str, Any]
+    # The part of the RSS in file-backed and shared pages (libraries' code paged in as it
+    # first runs); the rest is the process's own anonymous memory.
+    rss_file_bytes: int = 0
 
 
 class Child:
@@ -265,14 +269,15 @@ async def _sample(
     now = time.monotonic()
     with child.process.oneshot():
         cpu = _cpu_s(child.process)
-        rss = int(child.process.memory_info().rss)
+        memory = child.process.memory_info()
     return Sample(
         now if t0 is None else now - t0,
         cpu,
-        rss,
+        int(memory.rss),
         {"radio": _cpu_s(radio), "broker": _cpu_s(setup.broker_process)},
         setup.delivered.readings if setup.delivered is not None else 0,
         report,
+        rss_file_bytes=int(getattr(memory, "shared", 0)),
     )
 
 
@@ -360,6 +365,7 @@ def summarize(
     intervals = [100 * (y.cpu_s - x.cpu_s) / (y.t - x.t) for x, y in itertools.pairwise(samples)]
     rss = [(s.t, s.rss_bytes / MIB) for s in samples]
     half = [p for p in rss if p[0] >= window / 2]
+    anon = [(s.t, (s.rss_bytes - s.rss_file_bytes) / MIB) for s in samples]
     expected = wearables * rate_hz
 
     def per_s(key: str) -> float:
@@ -376,6 +382,17 @@ def summarize(
         "rss_mib_max": round(max(s.rss_bytes for s in samples) / MIB, 2),
         "rss_slope_mib_per_hour": _slope_per_hour(rss),
         "rss_slope_second_half_mib_per_hour": _slope_per_hour(half),
+        # The same for the anonymous part alone: what the process allocated, without the
+        # libraries' pages that are read in as their code first runs.
+        "rss_anon_mib_start": round(anon[0][1], 2),
+        "rss_anon_mib_end": round(anon[-1][1], 2),
+        "rss_anon_slope_mib_per_hour": _slope_per_hour(anon),
+        "rss_anon_slope_second_half_mib_per_hour": _slope_per_hour(
+            [p for p in anon if p[0] >= window / 2]
+        ),
+        # glibc's allocator settings the children ran with (their thread caches, for one,
+        # fill over the first minutes): results taken under different ones do not compare.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "expected_notifications_per_s": expected,
         "notifications_per_s": per_s("notifications"),
         "context_cpu_pct_of_one_core_mean": {
@@ -450,6 +467,14 @@ def compare(hub: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
             if hub_slope is None or baseline_slope is None
             else round(hub_slope - baseline_slope, 3)
         ),
+        "rss_anon_slope_minus_baseline_mib_per_hour": (
+            None
+            if hub["rss_anon_slope_mib_per_hour"] is None
+            or baseline["rss_anon_slope_mib_per_hour"] is None
+            else round(
+                hub["rss_anon_slope_mib_per_hour"] - baseline["rss_anon_slope_mib_per_hour"], 3
+            )
+        ),
         "keeps_up": keeps_up,
         "target": (
             f"keeps up (>= {KEEP_UP_SHARE:.0%} of the expected notifications, of the readings "
@@ -513,7 +538,9 @@ async def run(
         f"{hub['cpu_pct_of_one_core_p95']:.1f}), baseline "
         f"{baseline['cpu_pct_of_one_core_mean']:.1f} %; RSS slope hub "
         f"{hub['rss_slope_mib_per_hour']} MiB/h, baseline "
-        f"{baseline['rss_slope_mib_per_hour']} MiB/h; keeps up: {comparison['keeps_up']}"
+        f"{baseline['rss_slope_mib_per_hour']} MiB/h (anonymous part: "
+        f"{hub['rss_anon_slope_mib_per_hour']} and {baseline['rss_anon_slope_mib_per_hour']}); "
+        f"keeps up: {comparison['keeps_up']}"
     )
     return {
         "benchmark": "hub-wearables",

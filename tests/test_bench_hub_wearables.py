@@ -15,9 +15,13 @@ from bench import hub_wearables
 from bench.hub_wearables import BASELINE, HUB, MIB, Sample
 
 
-def _sample(t: float, cpu_s: float, rss_mib: float, notifications: int, **hub: int) -> Sample:
+def _sample(
+    t: float, cpu_s: float, rss_mib: float, notifications: int, file_mib: float = 20.0, **hub: int
+) -> Sample:
     report = {"connected": 2, "streaming": 2, "notifications": notifications, **hub}
-    return Sample(t, cpu_s, int(rss_mib * MIB), {"radio": t / 10}, hub.get("delivered", 0), report)
+    delivered = hub.get("delivered", 0)
+    file_bytes = int(file_mib * MIB)
+    return Sample(t, cpu_s, int(rss_mib * MIB), {"radio": t / 10}, delivered, report, file_bytes)
 
 
 def _hub_counters(i: int) -> dict[str, int]:
@@ -51,10 +55,24 @@ def test_figures_from_known_samples() -> None:
     assert figures["rss_slope_second_half_mib_per_hour"] == pytest.approx(10.0, abs=0.01)
     assert figures["rss_mib_start"] == 50.0
     assert figures["notifications_per_s"] == 20.0
+    # The growth is all anonymous here (the file-backed part stays at 20 MiB).
+    assert figures["rss_anon_mib_start"] == 30.0
+    assert figures["rss_anon_slope_mib_per_hour"] == pytest.approx(10.0, abs=0.01)
     assert figures["expected_notifications_per_s"] == 20.0
     assert figures["context_cpu_pct_of_one_core_mean"] == {"radio": 10.0}
     assert len(figures["timeline_s_cpu_pct_rss_mib_notifications"]) == len(samples) - 1
     assert "readings_delivered_per_s" not in figures
+
+
+def test_growth_in_pages_read_from_files_is_told_from_the_processs_own() -> None:
+    # RSS grows 1 MiB in a minute, all of it file-backed (libraries' code paged in).
+    samples = [
+        _sample(5.0 * i, 0.25 * i, 50 + i / 12, 100 * i, file_mib=20 + i / 12) for i in range(13)
+    ]
+    figures = hub_wearables.summarize(BASELINE, samples, wearables=2, rate_hz=10.0)
+    assert figures["rss_slope_mib_per_hour"] == pytest.approx(60.0, abs=0.01)
+    assert figures["rss_anon_slope_mib_per_hour"] == pytest.approx(0.0, abs=0.01)
+    assert figures["rss_anon_mib_end"] == 30.0
 
 
 def test_the_hub_is_compared_with_its_baseline() -> None:
@@ -74,6 +92,7 @@ def test_the_hub_is_compared_with_its_baseline() -> None:
     assert comparison["cpu_mean_ratio_to_baseline"] == 3.0
     assert comparison["cpu_pct_added_over_baseline"] == 4.0
     assert comparison["rss_slope_minus_baseline_mib_per_hour"] == pytest.approx(60.0, abs=0.01)
+    assert comparison["rss_anon_slope_minus_baseline_mib_per_hour"] == pytest.approx(60.0, abs=0.01)
     # 91 % of the readings made were delivered: not keeping up, whatever the CPU.
     assert comparison["keeps_up"] is False
     assert comparison["cpu_target_met"] is False
@@ -100,6 +119,8 @@ async def test_a_short_run_measures_the_hub_and_its_baseline(tmp_path: Path) -> 
         assert run["rss_mib_start"] > 0
         assert run["rss_mib_end"] > 0
         assert run["rss_slope_mib_per_hour"] is not None
+        # A real process has both parts: its own memory and libraries' pages.
+        assert 0 < run["rss_anon_mib_end"] < run["rss_mib_end"]
     hub = result["hub"]
     assert hub["readings_made_per_s"] > 0
     assert hub["readings_delivered_per_s"] > 0
