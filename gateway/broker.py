@@ -20,6 +20,7 @@ connection). See docs/broker.md, "Revocation".
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -103,29 +104,21 @@ def _ephemeral_low() -> int:
 
 def _claim(port: int) -> bool:
     """Claim ``port`` for this process, machine-wide; False when a living process holds it.
-    A claim whose process is gone is taken over."""
-    path = PORT_CLAIMS / str(port)
-    for _ in range(2):
+    Claims are read and written under one exclusive lock (a reader could otherwise see a
+    claim half written, take it for a dead process's and take it over); a claim whose
+    process is gone, or that holds no pid, is taken over."""
+    PORT_CLAIMS.mkdir(parents=True, exist_ok=True)
+    with open(PORT_CLAIMS / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        path = PORT_CLAIMS / str(port)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                text = path.read_text()[:16]
-            except OSError:
-                return False
-            owner = int(text) if text.isdigit() else 0
-            if not owner or _alive(owner):  # no pid yet: being claimed right now
-                return False
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
+            text = path.read_text()[:16]
         except FileNotFoundError:
-            PORT_CLAIMS.mkdir(parents=True, exist_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+            text = ""
+        if text.isdigit() and _alive(int(text)):
+            return False
+        path.write_text(str(os.getpid()))
         return True
-    return False
 
 
 def _alive(pid: int) -> bool:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import faulthandler
 import gc
+import inspect
 import logging
 import multiprocessing as mp
 import os
@@ -216,9 +217,14 @@ def dump_tasks(out: TextIO | None = None, loop: asyncio.AbstractEventLoop | None
 
 
 def _awaited_frames(coro: object) -> list[str]:
-    """Where each coroutine in the chain ``coro`` awaits stands, innermost last."""
+    """Where each coroutine in the chain ``coro`` awaits stands, innermost last.
+
+    An ``async for`` or an async context manager awaits an async generator's ``asend`` or
+    ``athrow``, which has no frame: the chain goes on in the generator it refers to."""
     frames: list[str] = []
     for _ in range(64):
+        if type(coro).__name__ in ("async_generator_asend", "async_generator_athrow"):
+            coro = next((r for r in gc.get_referents(coro) if inspect.isasyncgen(r)), None)
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
         if frame is None:
             break

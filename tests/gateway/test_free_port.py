@@ -63,6 +63,7 @@ def test_a_range_with_no_room_below_or_unreadable_falls_back_to_the_kernels_pick
 def claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     where = tmp_path / "claims"
     monkeypatch.setattr(broker, "PORT_CLAIMS", where)
+    monkeypatch.setattr(broker, "_handed_out", set())  # what other tests drew does not count
     return where
 
 
@@ -77,8 +78,7 @@ def test_a_port_another_living_process_claimed_is_never_handed_out(
 ) -> None:
     claims.mkdir()
     (claims / "24001").write_text(str(os.getppid()))  # a living process: pytest's parent
-    (claims / "24002").write_text("")  # being claimed this moment: no pid written yet
-    _picks(monkeypatch, 24001, 24002, 24003)
+    _picks(monkeypatch, 24001, 24003)
     assert free_port() == 24003
     assert (claims / "24003").read_text() == str(os.getpid())
 
@@ -90,9 +90,11 @@ def test_the_claim_of_a_process_that_is_gone_is_taken_over(
                           capture_output=True, text=True, check=True)  # fmt: skip
     claims.mkdir()
     (claims / "24011").write_text(gone.stdout.strip())
-    _picks(monkeypatch, 24011)
+    (claims / "24012").write_text("")  # a claimer that died before writing its pid
+    _picks(monkeypatch, 24011, 24012)
     assert free_port() == 24011
-    assert (claims / "24011").read_text() == str(os.getpid())
+    assert free_port() == 24012
+    assert (claims / "24011").read_text() == (claims / "24012").read_text() == str(os.getpid())
 
 
 DRAW = """
@@ -100,11 +102,13 @@ import sys
 from gateway import broker
 broker._ephemeral_low = lambda: broker.PORT_FLOOR + 1_000
 sys.stdin.readline()
-print(" ".join(str(broker.free_port()) for _ in range(400)))
+print(" ".join(str(broker.free_port()) for _ in range(400)), flush=True)
+sys.stdin.readline()  # alive until both have drawn: a claim holds while its process lives
 """
 
 
-def test_two_processes_drawing_at_once_never_get_the_same_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize("run", range(3))
+def test_two_processes_drawing_at_once_never_get_the_same_port(tmp_path: Path, run: int) -> None:
     # 2 x 400 ports out of 1,000: drawn independently, about 160 would be the same.
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     command = [sys.executable, "-c", DRAW]
@@ -114,7 +118,12 @@ def test_two_processes_drawing_at_once_never_get_the_same_port(tmp_path: Path) -
         assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.flush()
-    drawn = [p.communicate(timeout=60)[0].split() for p in procs]
+    drawn = []
+    for p in procs:
+        assert p.stdout is not None
+        drawn.append(p.stdout.readline().split())
+    for p in procs:
+        p.communicate("done\n", timeout=60)
     assert all(len(d) == 400 for d in drawn)
     assert all(PORT_FLOOR <= int(p) < PORT_FLOOR + 1_000 for d in drawn for p in d)
     assert not set(drawn[0]) & set(drawn[1])

@@ -228,6 +228,39 @@ async def test_dump_tasks_names_every_pending_task_and_the_innermost_await() -> 
     assert "Event.wait" in text
 
 
+async def test_dump_tasks_follows_an_await_into_async_generators() -> None:
+    # An async context manager's exit and an `async for` await an async generator's step,
+    # which has no frame of its own: the chain goes on inside the generator.
+    async def ticks(never: asyncio.Event) -> AsyncIterator[int]:
+        yield 1
+        await never.wait()
+        yield 2
+
+    @contextlib.asynccontextmanager
+    async def resource(never: asyncio.Event) -> AsyncIterator[None]:
+        yield
+        async for _ in ticks(never):
+            pass
+
+    async def cleanup(never: asyncio.Event) -> None:
+        async with resource(never):
+            pass
+
+    never = asyncio.Event()
+    task = asyncio.create_task(cleanup(never), name="stuck-in-a-generator")
+    await asyncio.sleep(0.01)
+    out = io.StringIO()
+    try:
+        dump_tasks(out)
+    finally:
+        task.cancel()
+    text = out.getvalue()
+    assert "awaits _AsyncGeneratorContextManager.__aexit__" in text
+    assert ".<locals>.resource at " in text
+    assert ".<locals>.ticks at " in text
+    assert "awaits Event.wait" in text
+
+
 def test_the_restart_backoff_doubles_from_1_s_to_a_60_s_cap() -> None:
     waits: list[float] = []
     previous: float | None = None
