@@ -14,10 +14,10 @@ worker never goes on serving HTTP with nothing ingesting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import hmac
+import io
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ from gateway.consumer_core import BatchConsumer
 from gateway.notify import Notifier
 from gateway.pki import GATEWAY_IDENTITY, StudyCA
 from gateway.problems import problem, problem_middleware
-from gateway.serve import EXIT_CONSUMER_DIED
+from gateway.serve import EXIT_CONSUMER_DIED, dump_tasks
 from gateway.settings import Settings
 from gateway.web import auth, setup_web
 from gateway.web.ratelimit import TRUSTED_PROXIES, parse_networks
@@ -105,6 +105,9 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 # API bodies are small JSON documents; envelopes never come over HTTP.
 MAX_BODY_BYTES = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0
+# A background task (alert sweep and publication, notifications) gets this long to end once
+# cancelled; the worker's own stop deadline (gateway.serve.WORKER_STOP_DEADLINE_S) is 10 s.
+TASK_STOP_S = 3.0
 
 
 def load_or_create_gateway_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
@@ -184,7 +187,7 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
     app[CONSUMER] = consumer
     app[CONSUMER_TASK] = task
     yield
-    await _stop_task(app, task)
+    await stop_task(task, lifecycle=app[LIFECYCLE])
 
 
 async def _alerts(app: web.Application) -> AsyncIterator[None]:
@@ -204,7 +207,7 @@ async def _alerts(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(service.run(), name=f"alerts-{app[WORKER]}")
     task.add_done_callback(functools.partial(_task_ended, app))
     yield
-    await _stop_task(app, task)
+    await stop_task(task, lifecycle=app[LIFECYCLE])
 
 
 async def _notifier(app: web.Application) -> AsyncIterator[None]:
@@ -219,7 +222,7 @@ async def _notifier(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(notifier.run(), name=f"notifier-{app[WORKER]}")
     task.add_done_callback(functools.partial(_task_ended, app))
     yield
-    await _stop_task(app, task)
+    await stop_task(task, lifecycle=app[LIFECYCLE])
 
 
 def _task_ended(app: web.Application, task: asyncio.Task[None]) -> None:
@@ -236,13 +239,31 @@ def _task_ended(app: web.Application, task: asyncio.Task[None]) -> None:
         lifecycle.on_fatal(lifecycle.fatal)
 
 
-async def _stop_task(app: web.Application, task: asyncio.Task[None]) -> None:
-    app[LIFECYCLE].stopping = True
+async def stop_task(
+    task: asyncio.Task[None], *, lifecycle: Lifecycle, within: float = TASK_STOP_S
+) -> None:
+    """Cancel a background task and wait ``within`` seconds for it to end. One that does
+    not end is left behind with every pending task's awaits on record, rather than holding
+    the worker's exit past its stop deadline (and its slot empty): what such a task does is
+    transactional, rolled back with its connection when the process ends. An error it
+    ended with is raised here, as before it was cancelled."""
+    lifecycle.stopping = True
     if task.done():
         return  # its error, if any, was reported when it ended
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.wait({task}, timeout=within)
+    if not task.done():
+        pending = io.StringIO()
+        dump_tasks(pending)
+        log.error(
+            "task %s did not end within %g s of being cancelled; left behind\n%s",
+            task.get_name(),
+            within,
+            pending.getvalue(),
+        )
+        return
+    if not task.cancelled():
+        task.result()
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -418,7 +418,7 @@ def supervisor(database_url: str, mosquitto: MosquittoBroker, tmp_path: Path) ->
             if proc.poll() is None:
                 # Shown with a failing test: what the supervisor and its workers said (a
                 # worker stuck stopping writes its threads' stacks there).
-                print(f"supervisor stderr:\n{stop(proc)[1][-6000:]}")
+                print(f"supervisor stderr:\n{stop(proc)[1][-20000:]}")
 
 
 @pytest.mark.slow
