@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,20 @@ async def test_the_demo_ends_normally_while_the_consumer_lives() -> None:
 # --- the backoff -----------------------------------------------------------------------------
 
 
+async def dump_of_parked(
+    parked: Callable[[asyncio.Event], Coroutine[object, object, None]], name: str
+) -> str:
+    """What dump_tasks writes while a task runs ``parked`` on an event never set."""
+    task = asyncio.create_task(parked(asyncio.Event()), name=name)
+    await asyncio.sleep(0.01)
+    out = io.StringIO()
+    try:
+        dump_tasks(out)
+    finally:
+        task.cancel()
+    return out.getvalue()
+
+
 async def test_dump_tasks_names_every_pending_task_and_the_innermost_await() -> None:
     async def innermost(never: asyncio.Event) -> None:
         await never.wait()
@@ -213,15 +227,7 @@ async def test_dump_tasks_names_every_pending_task_and_the_innermost_await() -> 
     async def outer(never: asyncio.Event) -> None:
         await innermost(never)
 
-    never = asyncio.Event()
-    task = asyncio.create_task(outer(never), name="stuck-cleanup")
-    await asyncio.sleep(0)
-    out = io.StringIO()
-    try:
-        dump_tasks(out)
-    finally:
-        task.cancel()
-    text = out.getvalue()
+    text = await dump_of_parked(outer, "stuck-cleanup")
     assert "asyncio task(s) still pending" in text
     assert "task stuck-cleanup" in text
     assert ".<locals>.innermost at " in text
@@ -246,15 +252,7 @@ async def test_dump_tasks_follows_an_await_into_async_generators() -> None:
         async with resource(never):
             pass
 
-    never = asyncio.Event()
-    task = asyncio.create_task(cleanup(never), name="stuck-in-a-generator")
-    await asyncio.sleep(0.01)
-    out = io.StringIO()
-    try:
-        dump_tasks(out)
-    finally:
-        task.cancel()
-    text = out.getvalue()
+    text = await dump_of_parked(cleanup, "stuck-in-a-generator")
     assert "awaits _AsyncGeneratorContextManager.__aexit__" in text
     assert ".<locals>.resource at " in text
     assert ".<locals>.ticks at " in text
