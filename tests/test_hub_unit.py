@@ -37,3 +37,15 @@ def test_the_unit_runs_the_hub_on_its_own_private_state_directory() -> None:
     assert service["StateDirectoryMode"] == "0700"
     assert service["KillSignal"] == "SIGINT"
     assert service["User"] != "root"
+
+
+def _bytes(size: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def test_the_unit_bounds_the_hubs_memory_with_room_above_what_it_uses() -> None:
+    service = unit()["Service"]
+    high, ceiling = _bytes(service["MemoryHigh"]), _bytes(service["MemoryMax"])
+    # What `bench hub-wearables` measured (20 wearables at 10 Hz): about 65 MiB resident.
+    assert 2 * 65 * (1 << 20) < high < ceiling
