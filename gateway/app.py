@@ -105,8 +105,9 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 # API bodies are small JSON documents; envelopes never come over HTTP.
 MAX_BODY_BYTES = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0
-# A background task (alert sweep and publication, notifications) gets this long to end once
-# cancelled; the worker's own stop deadline (gateway.serve.WORKER_STOP_DEADLINE_S) is 10 s.
+# A background task (alert sweep and publication, notifications; not the consumer) gets this
+# long to end once cancelled; the worker's own stop deadline
+# (gateway.serve.WORKER_STOP_DEADLINE_S) is 10 s.
 TASK_STOP_S = 3.0
 
 
@@ -187,7 +188,9 @@ async def _consumer(app: web.Application) -> AsyncIterator[None]:
     app[CONSUMER] = consumer
     app[CONSUMER_TASK] = task
     yield
-    await stop_task(task, lifecycle=app[LIFECYCLE])
+    # No bound of its own: a batch being committed when the stop came is finished (and
+    # acknowledged) rather than left to be delivered again; the worker's deadline still holds.
+    await stop_task(task, lifecycle=app[LIFECYCLE], within=None)
 
 
 async def _alerts(app: web.Application) -> AsyncIterator[None]:
@@ -240,13 +243,13 @@ def _task_ended(app: web.Application, task: asyncio.Task[None]) -> None:
 
 
 async def stop_task(
-    task: asyncio.Task[None], *, lifecycle: Lifecycle, within: float = TASK_STOP_S
+    task: asyncio.Task[None], *, lifecycle: Lifecycle, within: float | None = TASK_STOP_S
 ) -> None:
-    """Cancel a background task and wait ``within`` seconds for it to end. One that does
-    not end is left behind with every pending task's awaits on record, rather than holding
-    the worker's exit past its stop deadline (and its slot empty): what such a task does is
-    transactional, rolled back with its connection when the process ends. An error it
-    ended with is raised here, as before it was cancelled."""
+    """Cancel a background task and wait ``within`` seconds (None: as long as it takes)
+    for it to end. One that does not end is left behind with every pending task's awaits
+    on record, rather than holding the worker's exit past its stop deadline (and its slot
+    empty): what such a task does is transactional, rolled back with its connection when
+    the process ends. An error it ended with is raised here, as before it was cancelled."""
     lifecycle.stopping = True
     if task.done():
         return  # its error, if any, was reported when it ended

@@ -63,3 +63,22 @@ async def test_an_error_a_task_ends_with_when_cancelled_is_raised() -> None:
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="cleanup failed"):
         await stop_task(task, lifecycle=Lifecycle(), within=5)
+
+
+async def test_without_a_bound_the_task_is_awaited_to_its_end() -> None:
+    # The consumer's stop: a batch in its commit when cancelled is finished.
+    committed: list[bool] = []
+
+    async def commits_before_it_stops() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # longer than the bound the other tasks get here
+            committed.append(True)
+            raise
+
+    task = asyncio.create_task(commits_before_it_stops())
+    await asyncio.sleep(0)
+    await stop_task(task, lifecycle=Lifecycle(), within=None)
+    assert committed == [True]
+    assert task.cancelled()
