@@ -67,6 +67,22 @@ def claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return where
 
 
+def _bindable(count: int) -> list[int]:
+    """Ports below the ephemeral range that nothing holds now (another test worker's servers
+    may hold any given one)."""
+    found: list[int] = []
+    for port in range(24_000, 25_000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            break
+    return found
+
+
 def _picks(monkeypatch: pytest.MonkeyPatch, *ports: int) -> None:
     picks = iter(ports)
     monkeypatch.setattr(broker.random, "randrange", lambda *_: next(picks))
@@ -76,11 +92,12 @@ def _picks(monkeypatch: pytest.MonkeyPatch, *ports: int) -> None:
 def test_a_port_another_living_process_claimed_is_never_handed_out(
     claims: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    held, free = _bindable(2)
     claims.mkdir()
-    (claims / "24001").write_text(str(os.getppid()))  # a living process: pytest's parent
-    _picks(monkeypatch, 24001, 24003)
-    assert free_port() == 24003
-    assert (claims / "24003").read_text() == str(os.getpid())
+    (claims / str(held)).write_text(str(os.getppid()))  # a living process: pytest's parent
+    _picks(monkeypatch, held, free)
+    assert free_port() == free
+    assert (claims / str(free)).read_text() == str(os.getpid())
 
 
 def test_the_claim_of_a_process_that_is_gone_is_taken_over(
@@ -88,13 +105,15 @@ def test_the_claim_of_a_process_that_is_gone_is_taken_over(
 ) -> None:
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)  # fmt: skip
+    stale, empty = _bindable(2)
     claims.mkdir()
-    (claims / "24011").write_text(gone.stdout.strip())
-    (claims / "24012").write_text("")  # a claimer that died before writing its pid
-    _picks(monkeypatch, 24011, 24012)
-    assert free_port() == 24011
-    assert free_port() == 24012
-    assert (claims / "24011").read_text() == (claims / "24012").read_text() == str(os.getpid())
+    (claims / str(stale)).write_text(gone.stdout.strip())
+    (claims / str(empty)).write_text("")  # a claimer that died before writing its pid
+    _picks(monkeypatch, stale, empty)
+    assert free_port() == stale
+    assert free_port() == empty
+    mine = str(os.getpid())
+    assert (claims / str(stale)).read_text() == (claims / str(empty)).read_text() == mine
 
 
 DRAW = """
