@@ -293,16 +293,7 @@ class PatroniCluster:
         off, a commit waits for the primary's own disk only and the standby follows."""
         import psycopg
 
-        body = json.dumps({"synchronous_mode": on}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.primary().rest_port}/config",
-            data=body,
-            method="PATCH",
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
-            if not 200 <= int(resp.status) < 300:
-                raise ClusterError(f"Patroni refused the configuration: {resp.status}")
+        self._patch_config({"synchronous_mode": on})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with psycopg.connect(self.dsn(), autocommit=True) as conn:
@@ -311,6 +302,31 @@ class PatroniCluster:
                 return
             time.sleep(0.5)
         raise ClusterError(f"synchronous mode not {'on' if on else 'off'} in {timeout:.0f} s")
+
+    def set_maintenance(self, on: bool, timeout: float = 30.0) -> None:
+        """Patroni's maintenance mode ("pause") on or off, returned once every node says it
+        sees it. Paused, Patroni leaves PostgreSQL alone: no failover, and a standby's WAL
+        replay held by hand stays held (unpaused, each HA loop resumes it)."""
+        self._patch_config({"pause": on})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            views = [_http_json(f"http://127.0.0.1:{n.rest_port}/patroni") for n in self.nodes]
+            if all(isinstance(v, dict) and bool(v.get("pause", False)) == on for v in views):
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"maintenance mode not {'on' if on else 'off'} in {timeout:.0f} s")
+
+    def _patch_config(self, change: dict[str, object]) -> None:
+        """Change Patroni's dynamic configuration through the primary's REST API."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.primary().rest_port}/config",
+            data=json.dumps(change).encode(),
+            method="PATCH",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310
+            if not 200 <= int(resp.status) < 300:
+                raise ClusterError(f"Patroni refused the configuration: {resp.status}")
 
     def primary(self) -> PatroniNode:
         for node in self.nodes:

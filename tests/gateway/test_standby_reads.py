@@ -40,12 +40,26 @@ def standby_url(cluster: PatroniCluster, dbname: str) -> str:
 
 
 @contextlib.contextmanager
-def replay_paused(read_url: str, readings: int, primary_url: str) -> Iterator[None]:
+def replay_paused(
+    cluster: PatroniCluster, read_url: str, readings: int, primary_url: str
+) -> Iterator[None]:
     """Once the standby has ``readings`` readings, its replay held until the block ends.
 
-    ``pg_wal_replay_pause`` only asks: the standby stops before the next WAL record it
-    applies, or one record later. The primary writes records (a transaction id each) until
-    the standby says it is paused, so that no record written in the block is applied."""
+    Patroni resumes a replica's paused replay at its next HA loop unless it is in
+    maintenance mode, which the block holds. ``pg_wal_replay_pause`` only asks: the standby
+    stops before the next WAL record it applies, or one record later. The primary writes
+    records (a transaction id each) until the standby says it is paused, so that no record
+    written in the block is applied."""
+    cluster.set_maintenance(True)
+    try:
+        with _replay_held(read_url, readings, primary_url):
+            yield
+    finally:
+        cluster.set_maintenance(False)
+
+
+@contextlib.contextmanager
+def _replay_held(read_url: str, readings: int, primary_url: str) -> Iterator[None]:
     with psycopg.connect(read_url, autocommit=True) as standby:
         for _ in range(100):
             row = standby.execute("SELECT count(*) FROM readings").fetchone()
@@ -82,7 +96,7 @@ async def test_an_export_job_reads_its_data_from_the_standby(
     consent = await consent_id_of(url, "P1")
     t = now_ms() - 60_000
     await store(url, "P1", "hub-1", 1, [hr(t + i, 70.0) for i in range(5)], consent_id=consent)
-    with replay_paused(read_url, 5, url):
+    with replay_paused(patroni, read_url, 5, url):
         await store(
             url, "P1", "hub-1", 2, [hr(t + 10 + i, 71.0) for i in range(7)], consent_id=consent
         )
@@ -127,7 +141,7 @@ async def test_the_pages_data_endpoints_read_from_the_standby(
             assert resp.status == 200, await resp.text()
             return len((await resp.json())["readings"])
 
-        with replay_paused(read_url, 5, trial.url):
+        with replay_paused(patroni, read_url, 5, trial.url):
             await store(
                 trial.url,
                 "P1",
