@@ -442,6 +442,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return round(a - b, 3) if a is not None and b is not None else None
+
+
 def compare(hub: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
     """The hub's figures against the baseline's, and the issue's target."""
     expected = hub["expected_notifications_per_s"]
@@ -462,18 +466,9 @@ def compare(hub: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
         ),
         "cpu_pct_added_over_baseline": round(cpu - baseline["cpu_pct_of_one_core_mean"], 2),
         "rss_end_ratio_to_baseline": _ratio(hub["rss_mib_end"], baseline["rss_mib_end"]),
-        "rss_slope_minus_baseline_mib_per_hour": (
-            None
-            if hub_slope is None or baseline_slope is None
-            else round(hub_slope - baseline_slope, 3)
-        ),
-        "rss_anon_slope_minus_baseline_mib_per_hour": (
-            None
-            if hub["rss_anon_slope_mib_per_hour"] is None
-            or baseline["rss_anon_slope_mib_per_hour"] is None
-            else round(
-                hub["rss_anon_slope_mib_per_hour"] - baseline["rss_anon_slope_mib_per_hour"], 3
-            )
+        "rss_slope_minus_baseline_mib_per_hour": _minus(hub_slope, baseline_slope),
+        "rss_anon_slope_minus_baseline_mib_per_hour": _minus(
+            hub["rss_anon_slope_mib_per_hour"], baseline["rss_anon_slope_mib_per_hour"]
         ),
         "keeps_up": keeps_up,
         "target": (
