@@ -19,7 +19,6 @@ connection). See docs/broker.md, "Revocation".
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -33,12 +32,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import BrokerError
+from gateway.processes import alive
 from ingest.transport import TlsFiles, configure_tls, make_client, stop_client
 
 log = logging.getLogger(__name__)
@@ -115,20 +114,10 @@ def _claim(port: int) -> bool:
             text = path.read_text()[:16]
         except FileNotFoundError:
             text = ""
-        if text.isdigit() and _alive(int(text)):
+        if text.isdigit() and alive(int(text)):
             return False
         path.write_text(str(os.getpid()))
         return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -321,56 +310,6 @@ class MosquittoBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-def side_by_side(*steps: Callable[[], None]) -> None:
-    """Run ``steps`` each in a thread of its own (starting processes that take seconds to be
-    ready); once all have ended, raise the first error any of them raised."""
-    errors: list[BaseException] = []
-
-    def run(step: Callable[[], None]) -> None:
-        try:
-            step()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in steps]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
-def log_tail(path: Path, chars: int = 800) -> str:
-    """The end of a process's log file, for an error saying why it did not start."""
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return "(no log)"
-
-
-def signal_group(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
-    """``sig`` to the process group of ``process`` (started with ``start_new_session``), if
-    it is still running."""
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
-
-
-def stop_group(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    """SIGTERM to the process group, and SIGKILL to it if ``process`` is not gone within
-    ``timeout``."""
-    signal_group(process, signal.SIGTERM)
-    if process is None:
-        return
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        signal_group(process, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def reload_broker(*, pid_file: Path | None, command: str | None) -> str:

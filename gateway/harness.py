@@ -47,9 +47,10 @@ from device_drivers.hub import OutboxSink
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway.amqp import UPLINK_QUEUE, declare_uplink
-from gateway.broker import free_port, log_tail, side_by_side, signal_group, stop_group
+from gateway.broker import free_port
 from gateway.errors import GatewayError
 from gateway.patroni import PatroniCluster
+from gateway.processes import attempts, log_tail, side_by_side, signal_group, stop_group
 from gateway.rabbitmq import RabbitCluster
 from ingest import keys
 from ingest.metrics import METRICS
@@ -160,13 +161,12 @@ class GatewayHost:
             return False
 
     def wait_healthy(self, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.healthy():
+        for _ in attempts(timeout, 0.2):
+            if self.healthy():
+                return
             if not self.alive():
                 raise HarnessError(f"gateway host {self.name} exited: {log_tail(self.log_path)}")
-            if time.monotonic() > deadline:
-                raise HarnessError(f"gateway host {self.name} not healthy in {timeout:.0f} s")
-            time.sleep(0.2)
+        raise HarnessError(f"gateway host {self.name} not healthy in {timeout:.0f} s")
 
     def kill(self) -> None:
         """kill -9 the host's supervisor and workers together (a host lost)."""

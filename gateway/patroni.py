@@ -28,14 +28,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Final
 
-from gateway.broker import free_port, log_tail, signal_group, stop_group
+from gateway.broker import free_port
 from gateway.errors import GatewayError
+from gateway.processes import attempts, log_tail, signal_group, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,13 @@ class EtcdNode:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while not _http_ok(f"{client}/health"):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise ClusterError(
-                    f"etcd did not start: {log_tail(self.directory / 'etcd.log', 600)}"
-                )
-            time.sleep(0.1)
+        for _ in attempts(timeout, 0.1):
+            if _http_ok(f"{client}/health"):
+                return
+            if self.process.poll() is not None:
+                break
+        self.stop()
+        raise ClusterError(f"etcd did not start: {log_tail(self.directory / 'etcd.log', 600)}")
 
     def stop(self) -> None:
         stop_group(self.process, 10)
@@ -258,15 +257,13 @@ class PatroniCluster:
         self.etcd.start()
         for node in self.nodes:
             node.start()
-        deadline = time.monotonic() + timeout
-        while True:
+        for _ in attempts(timeout, 0.5):
             if self.synchronous():
                 break
-            if time.monotonic() > deadline:
-                logs = "; ".join(log_tail(n.directory / "patroni.log", 600) for n in self.nodes)
-                self.stop()
-                raise ClusterError(f"no primary and replicas in {timeout:.0f} s: {logs}")
-            time.sleep(0.5)
+        else:
+            logs = "; ".join(log_tail(n.directory / "patroni.log", 600) for n in self.nodes)
+            self.stop()
+            raise ClusterError(f"no primary and replicas in {timeout:.0f} s: {logs}")
         log.info("patroni cluster ready primary=%s", self.primary().name)
 
     def members(self) -> dict[str, str]:
@@ -294,13 +291,11 @@ class PatroniCluster:
         import psycopg
 
         self._patch_config({"synchronous_mode": on})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        for _ in attempts(timeout, 0.5):
             with psycopg.connect(self.dsn(), autocommit=True) as conn:
                 row = conn.execute("SHOW synchronous_standby_names").fetchone()
             if row is not None and (row[0] != "") == on and (not on or self.synchronous()):
                 return
-            time.sleep(0.5)
         raise ClusterError(f"synchronous mode not {'on' if on else 'off'} in {timeout:.0f} s")
 
     def set_maintenance(self, on: bool, timeout: float = 30.0) -> None:
@@ -308,12 +303,10 @@ class PatroniCluster:
         sees it. Paused, Patroni leaves PostgreSQL alone: no failover, and a standby's WAL
         replay held by hand stays held (unpaused, each HA loop resumes it)."""
         self._patch_config({"pause": on})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        for _ in attempts(timeout, 0.2):
             views = [_http_json(f"http://127.0.0.1:{n.rest_port}/patroni") for n in self.nodes]
             if all(isinstance(v, dict) and bool(v.get("pause", False)) == on for v in views):
                 return
-            time.sleep(0.2)
         raise ClusterError(f"maintenance mode not {'on' if on else 'off'} in {timeout:.0f} s")
 
     def _patch_config(self, change: dict[str, object]) -> None:
@@ -337,12 +330,10 @@ class PatroniCluster:
     def wait_for_primary(self, other_than: PatroniNode, timeout: float = 90.0) -> PatroniNode:
         """The node that took over from ``other_than``, once it takes writes (Patroni holds
         the leader key a moment before PostgreSQL has left recovery)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        for _ in attempts(timeout, 0.5):
             for node in self.nodes:
                 if node is not other_than and node.role() == "primary" and node.writable():
                     return node
-            time.sleep(0.5)
         raise ClusterError(f"no other node became primary in {timeout:.0f} s")
 
     def stop(self) -> None:

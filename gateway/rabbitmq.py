@@ -18,13 +18,13 @@ import os
 import secrets
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gateway.broker import free_port, log_tail, side_by_side, signal_group, stop_group
+from gateway.broker import free_port
 from gateway.errors import BrokerError
+from gateway.processes import attempts, log_tail, side_by_side, signal_group, stop_group
 from ingest.transport import TlsFiles
 from ingest.wire import DEVICE_ID_RE
 
@@ -242,8 +242,7 @@ class RabbitNode:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while True:
+        for _ in attempts(timeout, 0.2):
             if self.process.poll() is not None:
                 raise BrokerError(f"RabbitMQ node {self.name} exited: {log_tail(self.log_path)}")
             if (self.directory / "node.pid").exists():
@@ -252,10 +251,9 @@ class RabbitNode:
                 )
                 if done.returncode == 0:
                     break
-            if time.monotonic() > deadline:
-                self.kill()
-                raise BrokerError(f"RabbitMQ node {self.name} not up in {timeout:.0f} s")
-            time.sleep(0.2)
+        else:
+            self.kill()
+            raise BrokerError(f"RabbitMQ node {self.name} not up in {timeout:.0f} s")
         log.info(
             "rabbitmq ready node=%s amqp=%d mqtt=%d", self.name, self.amqp_port, self.mqtt_port
         )

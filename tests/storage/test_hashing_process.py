@@ -7,8 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
+from gateway.processes import alive, attempts
 from storage import users
 
 _CHILD = """
@@ -23,19 +23,6 @@ async def main() -> None:
 
 asyncio.run(main())
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for every purpose here; /proc says which it is.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 async def test_hashes_run_niced_in_another_process() -> None:
@@ -58,13 +45,13 @@ def test_the_hashing_process_ends_when_its_parent_is_killed() -> None:
         line = proc.stdout.readline()
         hashing_pid, niceness = (int(v) for v in line.split())
         assert niceness == users.HASH_NICENESS
-        assert _alive(hashing_pid)
+        assert alive(hashing_pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        deadline = time.monotonic() + 5
-        while _alive(hashing_pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(hashing_pid), "the hashing process outlived its killed parent"
+        for _ in attempts(5.0, 0.1):
+            if not alive(hashing_pid):
+                break
+        assert not alive(hashing_pid), "the hashing process outlived its killed parent"
     finally:
         if proc.poll() is None:
             proc.kill()

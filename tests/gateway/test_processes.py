@@ -1,0 +1,78 @@
+"""`attempts`: the one readiness loop of the tools that start servers, on a clock of its own."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import processes
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(processes, "time", clock)
+    return clock
+
+
+def test_the_first_attempt_is_at_once_and_a_check_that_passes_ends_the_loop(clock: Clock) -> None:
+    seen = []
+    for n in processes.attempts(10.0, 0.5):
+        seen.append((n, clock.now))
+        if n == 2:
+            break
+    else:
+        pytest.fail("the loop ended as a timeout")
+    assert seen == [(0, 100.0), (1, 100.5), (2, 101.0)]
+
+
+def test_a_check_that_never_passes_ends_in_the_else_once_past_the_bound(clock: Clock) -> None:
+    tried = list(processes.attempts(1.0, 0.3))
+    # at 0, 0.3, 0.6, 0.9 within the bound, and once more at 1.2: the first to end past it
+    assert tried == [0, 1, 2, 3, 4]
+    assert clock.now == pytest.approx(101.2)
+    assert clock.slept == [0.3] * 4
+
+
+def test_an_attempt_that_itself_takes_long_is_the_last(clock: Clock) -> None:
+    tried = []
+    for n in processes.attempts(5.0, 0.2):
+        tried.append(n)
+        clock.now += 6.0  # one slow check uses up the whole bound
+    assert tried == [0]
+    assert clock.slept == []
+
+
+def test_a_process_is_alive_until_it_ends_and_a_zombie_counts_as_ended() -> None:
+    import os
+    import subprocess
+    import sys
+
+    assert processes.alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert processes.alive(child.pid)
+        child.kill()
+        # ended but not reaped: a zombie until wait(); the signal alone says it exists
+        for _ in processes.attempts(10.0, 0.05):
+            if not processes.alive(child.pid):
+                break
+        else:
+            pytest.fail("a killed child still counts as alive")
+        os.kill(child.pid, 0)  # still there as a zombie
+    finally:
+        child.kill()
+        child.wait()
+    assert not processes.alive(child.pid)
