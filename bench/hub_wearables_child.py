@@ -108,16 +108,106 @@ class _Mallinfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
-def _malloc_in_use() -> int | None:
-    """Bytes glibc's malloc has handed out and not had back (SQLite's page cache and every
-    other C allocation included, which tracemalloc does not see); None off glibc."""
+# glibc puts each thread arena's heap at an address aligned to its maximum size (HEAP_MAX_SIZE,
+# 64 MiB on 64-bit), which tells those mappings from the rest.
+THREAD_HEAP_ALIGN: Final = 64 * 2**20
+# A thread's stack lies right above its guard, a few inaccessible pages (glibc's default is
+# one); a thread arena's inaccessible tail is much larger.
+STACK_GUARD_MAX: Final = 64 * 1024
+
+
+def anonymous_by_mapping(smaps: str) -> dict[str, int]:
+    """Anonymous resident bytes by the kind of mapping that holds them, from the text of
+    ``/proc/PID/smaps``: ``main_heap`` (the brk heap: glibc's main arena), ``thread_arenas``
+    (glibc's arenas for other threads), ``stacks`` (the main thread's, and a thread's: the
+    mapping right above a guard page), ``files`` (written pages of mapped files: libraries'
+    data) and ``other`` (CPython's object arenas, malloc's own mappings of large chunks,
+    libraries' buffers)."""
+    kinds = dict.fromkeys(("main_heap", "thread_arenas", "stacks", "files", "other"), 0)
+    kind, guard_end = "other", -1
+    for line in smaps.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if fields[0].endswith(":"):
+            if fields[0] == "Anonymous:" and len(fields) >= 2 and fields[1].isdigit():
+                kinds[kind] += int(fields[1]) * 1024
+            continue
+        span, perms = fields[0].split("-"), fields[1] if len(fields) > 1 else ""
+        if len(span) != 2:
+            continue
+        start, end = int(span[0], 16), int(span[1], 16)
+        path = fields[5] if len(fields) > 5 else ""
+        if path == "[heap]":
+            kind = "main_heap"
+        elif path == "[stack]":
+            kind = "stacks"
+        elif path:
+            kind = "files"
+        elif start % THREAD_HEAP_ALIGN == 0:
+            kind = "thread_arenas"
+        elif start == guard_end:
+            kind = "stacks"
+        else:
+            kind = "other"
+        guard = perms.startswith("---") and not path and end - start <= STACK_GUARD_MAX
+        guard_end = end if guard else -1
+    return kinds
+
+
+def _malloc_split() -> dict[str, int] | None:
+    """glibc's own account (``mallinfo2``): bytes taken from the system for its arenas, in
+    mappings of large chunks, handed out (thread caches count as handed out) and free in its
+    bins; None off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = _Mallinfo2
     except (OSError, AttributeError):
         return None
     info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
+    return {
+        "arenas": int(info.arena),
+        "mapped_chunks": int(info.hblkhd),
+        "in_use": int(info.uordblks),
+        "free": int(info.fordblks),
+    }
+
+
+PYMALLOC_FIELDS: Final = {
+    "# arenas allocated current": "arenas",
+    "# bytes in allocated blocks": "in_blocks",
+    "# bytes in available blocks": "available_in_pools",
+}
+
+
+def pymalloc_stats() -> dict[str, int]:
+    """CPython's object allocator, from ``sys._debugmallocstats`` (which writes only to the
+    C stderr: it is pointed at a temporary file for the call): arenas held (1 MiB each),
+    bytes in live blocks, bytes free in pools in use, and unused pools' bytes."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read(1 << 20).decode("ascii", "replace")
+    stats: dict[str, int] = {}
+    for line in text.splitlines():
+        label, _, value = line.partition("=")
+        number = value.strip().replace(",", "")
+        if not number.isdigit():
+            continue
+        if label.strip() in PYMALLOC_FIELDS:
+            stats[PYMALLOC_FIELDS[label.strip()]] = int(number)
+        elif label.strip().endswith("unused pools * 16384 bytes"):
+            stats["unused_pools"] = int(number)
+    return stats
 
 
 def _sample_of(container: object) -> str:
@@ -179,10 +269,12 @@ def _largest_untracked(objects: list[object]) -> list[list[object]]:
 
 def memory_sample(first: Counter[str] | None) -> tuple[dict[str, Any], Counter[str]]:
     """One line of the memory trace: RSS, glibc malloc's bytes in use (every allocation,
-    SQLite's page cache and OpenSSL's included), SQLite's own, the thread count, the count
-    of objects the garbage collector tracks and the ten types whose count grew most since
-    ``first`` (the first sample's counts, returned for the next), the largest containers by
-    identity and the largest objects the collector does not track."""
+    SQLite's page cache and OpenSSL's included), where the anonymous pages are
+    (:func:`anonymous_by_mapping`), glibc's and CPython's allocators' own accounts
+    (:func:`pymalloc_stats`), the garbage collector's counts per generation, SQLite's bytes,
+    the thread count, the count of objects the collector tracks and the ten types whose count
+    grew most since ``first`` (the first sample's counts, returned for the next), the largest
+    containers by identity and the largest objects the collector does not track."""
     import psutil  # type: ignore[import-untyped]
 
     me = psutil.Process()
@@ -190,9 +282,14 @@ def memory_sample(first: Counter[str] | None) -> tuple[dict[str, Any], Counter[s
     types = Counter(type(o).__qualname__ for o in objects)
     first = first or types
     grew = sorted(((n - first.get(t, 0), t) for t, n in types.items()), reverse=True)[:10]
+    malloc = _malloc_split()
     line = {
         "rss": me.memory_info().rss,
-        "malloc_in_use": _malloc_in_use(),
+        "malloc_in_use": None if malloc is None else malloc["in_use"] + malloc["mapped_chunks"],
+        "anonymous_by_mapping": anonymous_by_mapping(Path("/proc/self/smaps").read_text()),
+        "malloc": malloc,
+        "pymalloc": pymalloc_stats(),
+        "gc": gc.get_stats(),
         "sqlite_in_use": _sqlite_in_use(),
         "threads": me.num_threads(),
         "objects": len(objects),
