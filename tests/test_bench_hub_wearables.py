@@ -96,6 +96,63 @@ def test_the_hub_is_compared_with_its_baseline() -> None:
     # 91 % of the readings made were delivered: not keeping up, whatever the CPU.
     assert comparison["keeps_up"] is False
     assert comparison["cpu_target_met"] is False
+    # 60 MiB/h: past MemoryHigh within hours, and steeper than the baseline's 0.
+    assert comparison["memory_flat"] is False
+    assert comparison["memory_flat_strictly"] is False
+
+
+def test_memory_is_flat_when_its_slope_would_not_reach_the_services_bound_in_30_days() -> None:
+    baseline = hub_wearables.summarize(
+        BASELINE, [_sample(5.0 * i, 0.1 * i, 50.0, 100 * i) for i in range(13)], 2, 10.0
+    )
+
+    def hub_rising(mib_per_hour: float) -> dict[str, object]:
+        samples = [
+            _sample(5.0 * i, 0.3 * i, 60 + mib_per_hour * 5 * i / 3600, 100 * i, **_hub_counters(i))
+            for i in range(13)
+        ]
+        return hub_wearables.summarize(HUB, samples, 2, 10.0)
+
+    # From about 60 MiB to 192 MiB in 30 days is 0.183 MiB/h.
+    slow, steep = hub_rising(0.1), hub_rising(0.3)
+    assert hub_wearables.memory_budget(60.0, 192.0) == pytest.approx(0.183, abs=0.001)
+    assert hub_wearables.compare(slow, baseline, 192.0)["memory_flat"] is True
+    assert hub_wearables.compare(slow, baseline, 192.0)["memory_flat_strictly"] is False
+    assert hub_wearables.compare(steep, baseline, 192.0)["memory_flat"] is False
+    # No bound known: nothing to measure against, so not called flat.
+    assert hub_wearables.compare(slow, baseline, None)["memory_flat"] is False
+    assert hub_wearables.memory_budget(200.0, 192.0) == 0.0
+
+
+def test_the_bound_is_read_from_the_hubs_service_unit(tmp_path: Path) -> None:
+    assert hub_wearables.memory_high_mib() == 192.0
+    unit = tmp_path / "hub.service"
+    unit.write_text("[Service]\nMemoryHigh=1G\nMemoryMax=2G\n")
+    assert hub_wearables.memory_high_mib(unit) == 1024.0
+    unit.write_text("[Service]\nMemoryMax=2G\nMemoryHigh=infinity\n")
+    assert hub_wearables.memory_high_mib(unit) is None
+
+
+def test_the_warmup_is_left_out_of_the_window_and_reported_on_its_own() -> None:
+    # 1 MiB in the first 30 s (the warm-up), flat after.
+    samples = [_sample(5.0 * i, 0.25 * i, 50 + min(i, 6) / 6, 100 * i) for i in range(19)]
+    warmup, window = hub_wearables.split_warmup(samples, 30.0)
+    assert [x.t for x in warmup] == [0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
+    assert [x.t for x in window] == [5.0 * i for i in range(13)]
+    figures = hub_wearables.summarize(BASELINE, window, wearables=2, rate_hz=10.0)
+    assert figures["rss_slope_mib_per_hour"] == 0.0
+    assert figures["rss_mib_start"] == 51.0
+    assert hub_wearables.summarize_warmup(warmup) == {
+        "seconds": 30.0,
+        "rss_mib_at_ready": 50.0,
+        "rss_mib_rise": 1.0,
+        "rss_anon_mib_rise": 1.0,
+        "cpu_pct_of_one_core_mean": 5.0,
+    }
+    # No warm-up: the window is every sample.
+    warmup, window = hub_wearables.split_warmup(samples, 0.0)
+    assert len(warmup) == 1
+    assert len(window) == len(samples)
 
 
 @pytest.mark.slow
@@ -106,6 +163,7 @@ async def test_a_short_run_measures_the_hub_and_its_baseline(tmp_path: Path) -> 
         # Longer than the relay's sealing age (5 s): at least one more envelope is receipted.
         duration_s=8.0,
         baseline_duration_s=1.0,
+        warmup_s=1.0,
         sample_s=0.5,
         workdir=tmp_path,
     )
@@ -122,6 +180,10 @@ async def test_a_short_run_measures_the_hub_and_its_baseline(tmp_path: Path) -> 
         # A real process has both parts: its own memory and libraries' pages.
         assert 0 < run["rss_anon_mib_end"] < run["rss_mib_end"]
     hub = result["hub"]
+    assert hub["warmup"]["seconds"] >= 1.0
+    assert hub["warmup"]["rss_mib_at_ready"] > 0
+    assert result["memory_high_mib"] == 192.0
+    assert result["memory_budget_mib_per_hour"] > 0
     assert hub["readings_made_per_s"] > 0
     assert hub["readings_delivered_per_s"] > 0
     assert hub["malformed"] == hub["dropped"] == hub["receipts_rejected"] == 0
@@ -131,11 +193,20 @@ async def test_a_short_run_measures_the_hub_and_its_baseline(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("flag", "value"),
-    [("--duration", "0"), ("--sample-s", "-1"), ("--rate-hz", "nan"), ("--wearables", "0")],
+    [
+        ("--duration", "0"),
+        ("--duration", "1e9"),
+        ("--sample-s", "-1"),
+        ("--rate-hz", "nan"),
+        ("--rate-hz", "inf"),
+        ("--wearables", "0"),
+        ("--wearables", "100000"),
+        ("--wearables", "9" * 40),
+        ("--warmup", "-1"),
+        ("--baseline-duration", "x"),
+    ],
 )
-def test_the_command_refuses_a_window_rate_or_count_that_is_not_positive(
-    flag: str, value: str
-) -> None:
+def test_the_command_refuses_a_window_rate_or_count_out_of_bounds(flag: str, value: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIALSTREAM_")}
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "bench", "hub-wearables", flag, value],
@@ -213,3 +284,81 @@ async def test_the_memory_trace_writes_its_samples_to_the_file(
     assert len(lines) >= 2
     assert lines[0]["t_s"] <= lines[1]["t_s"]
     assert {"rss", "malloc_in_use", "objects", "largest", "largest_untracked"} <= set(lines[0])
+
+
+SMAPS = """\
+55d000000000-55d000021000 rw-p 00000000 00:00 0                          [heap]
+Rss:                 132 kB
+Anonymous:           132 kB
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0
+Rss:                  40 kB
+Anonymous:            40 kB
+7f0000100000-7f0004000000 ---p 00000000 00:00 0
+Anonymous:             0 kB
+7f0004000000-7f0004010000 rw-p 00000000 00:00 0
+Anonymous:            12 kB
+7f1000000000-7f1000001000 ---p 00000000 00:00 0
+Anonymous:             0 kB
+7f1000001000-7f1000801000 rw-p 00000000 00:00 0
+Anonymous:            16 kB
+7f2000000000-7f2000010000 r--p 00000000 fe:00 1234                       /usr/lib/libc.so.6
+Anonymous:             0 kB
+7f2000010000-7f2000012000 rw-p 00010000 fe:00 1234                       /usr/lib/libc.so.6
+Anonymous:             8 kB
+7f3000010000-7f3000110000 rw-p 00000000 00:00 0
+Anonymous:           700 kB
+7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
+Anonymous:            20 kB
+"""
+
+
+def test_anonymous_pages_are_told_apart_by_the_mapping_that_holds_them() -> None:
+    from bench import hub_wearables_child
+
+    kinds = hub_wearables_child.anonymous_by_mapping(SMAPS)
+    assert kinds == {
+        "main_heap": 132 * 1024,
+        # two 64 MiB-aligned heaps: the second starts where the first's inaccessible tail
+        # ends, and is not taken for a stack above a guard
+        "thread_arenas": (40 + 12) * 1024,
+        "stacks": (16 + 20) * 1024,
+        "files": 8 * 1024,
+        "other": 700 * 1024,
+    }
+
+
+def test_a_threads_allocations_are_found_in_the_thread_arenas() -> None:
+    import re
+    import threading
+
+    from bench import hub_wearables_child
+
+    def anonymous() -> dict[str, int]:
+        return hub_wearables_child.anonymous_by_mapping(Path("/proc/self/smaps").read_text())
+
+    before = anonymous()
+    kept: list[bytes] = []
+    # 100 kB apiece: past CPython's small-object allocator, under malloc's mapping threshold,
+    # so each comes from the allocating thread's arena.
+    thread = threading.Thread(target=lambda: kept.extend(os.urandom(100_000) for _ in range(150)))
+    thread.start()
+    thread.join()
+    after = anonymous()
+    assert after["thread_arenas"] - before["thread_arenas"] >= 10 * MIB
+    status = Path("/proc/self/status").read_text()
+    match = re.search(r"RssAnon:\s+(\d+) kB", status)
+    assert match is not None
+    # Every anonymous page is in one kind (the kernel's own count lags by a few pages).
+    assert abs(sum(after.values()) - int(match.group(1)) * 1024) < 4 * MIB
+
+
+def test_the_object_allocators_account_grows_with_live_objects() -> None:
+    from bench import hub_wearables_child
+
+    before = hub_wearables_child.pymalloc_stats()
+    kept = [(i, str(i)) for i in range(100_000)]
+    after = hub_wearables_child.pymalloc_stats()
+    assert set(before) == {"arenas", "in_blocks", "available_in_pools", "unused_pools"}
+    assert after["in_blocks"] - before["in_blocks"] >= 100_000 * 48
+    assert after["arenas"] > before["arenas"]
+    assert len(kept) == 100_000
