@@ -51,6 +51,7 @@ from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.exc import BleakError
 from bleak_retry_connector import establish_connection
 
+from device_drivers.disk import on_disk
 from device_drivers.gatt import (
     battery,
     body_composition,
@@ -287,7 +288,7 @@ class LinkKeeper:
     async def _read(self) -> LinkMark | None:
         if self.state is None:
             return None
-        return await asyncio.to_thread(self.state.link, self.sensor)
+        return await on_disk(self.state.link, self.sensor)
 
     async def _write(self, mark: LinkMark) -> None:
         """Write ``mark``; a state file that cannot be written (a full disk) costs at most
@@ -295,7 +296,7 @@ class LinkKeeper:
         if self.state is None:
             return
         try:
-            await asyncio.to_thread(self.state.set_link, self.sensor, mark)
+            await on_disk(self.state.set_link, self.sensor, mark)
         except StateError as exc:
             log.warning("link mark not written sensor=%s error=%s", self.sensor, exc)
 

@@ -10,7 +10,6 @@ measurement's time, under the record's key.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Final
@@ -19,6 +18,7 @@ from bleak import BleakClient
 from bleak.backends.characteristic import BleakGATTCharacteristic
 from bleak.exc import BleakError
 
+from device_drivers.disk import on_disk
 from device_drivers.gatt import glucose, racp
 from device_drivers.stamping import to_readings
 from device_drivers.state import HubState
@@ -188,7 +188,7 @@ class StoredRecords:
             await self._gap(now, now, SEQUENCE_RESET)
             self._held_sequence = self._durable_sequence = None
             if self.state is not None:
-                await asyncio.to_thread(self.state.clear_cursor, self.sensor, GLUCOSE_CURSOR)
+                await on_disk(self.state.clear_cursor, self.sensor, GLUCOSE_CURSOR)
             await self._ask(racp.report_all_records())
             return
         await self._ask(
@@ -225,9 +225,7 @@ class StoredRecords:
 
     async def load_cursor(self) -> None:
         if self.state is not None and self._held_sequence is None:
-            self._held_sequence = await asyncio.to_thread(
-                self.state.cursor, self.sensor, GLUCOSE_CURSOR
-            )
+            self._held_sequence = await on_disk(self.state.cursor, self.sensor, GLUCOSE_CURSOR)
 
     async def save_cursor(self) -> None:
         """Advance the cursor to the last record whose readings the sink made durable."""
@@ -235,5 +233,5 @@ class StoredRecords:
         if durable is None or (self._held_sequence is not None and durable <= self._held_sequence):
             return
         if self.state is not None:
-            await asyncio.to_thread(self.state.set_cursor, self.sensor, GLUCOSE_CURSOR, durable)
+            await on_disk(self.state.set_cursor, self.sensor, GLUCOSE_CURSOR, durable)
         self._held_sequence = durable

@@ -17,6 +17,7 @@ from typing import Any
 
 from device_drivers.clock import HubClock
 from device_drivers.credentials import CertificateKeeper
+from device_drivers.disk import on_disk
 from device_drivers.driver import ReadingSink, SensorInfo, WearableSession
 from device_drivers.identity import write_whole
 from device_drivers.outbox import Outbox, OutboxError, OutboxFull
@@ -119,7 +120,7 @@ class OutboxSink(ReadingSink):
                 raise
             parts, self._waiting = self._waiting, []
             try:
-                outcomes = await asyncio.to_thread(self._write_parts, [r for r, _ in parts])
+                outcomes = await on_disk(self._write_parts, [r for r, _ in parts])
             except Exception as exc:  # noqa: BLE001 - not a refusal: every caller is told
                 for _, done in parts:
                     if not done.done():
@@ -152,7 +153,7 @@ class OutboxSink(ReadingSink):
 
     async def gap(self, gap: Gap) -> None:
         await self._record_pending()
-        await asyncio.to_thread(self.outbox.add_gap, gap)
+        await on_disk(self.outbox.add_gap, gap)
 
     async def sensor(self, info: SensorInfo) -> None:
         """Record what the wearable says about itself; it travels with the next envelope."""
@@ -168,12 +169,12 @@ class OutboxSink(ReadingSink):
             info.battery_level,
             info.paired_user,
         )
-        await asyncio.to_thread(self.outbox.add_sensor, report)
+        await on_disk(self.outbox.add_sensor, report)
 
     async def note_time_zone(self, zone: str) -> None:
         """The hub's zone now; a change is kept in the outbox for the next envelope."""
         now_ms = int(self.clock() * 1000)
-        if await asyncio.to_thread(self.outbox.note_time_zone, zone, now_ms):
+        if await on_disk(self.outbox.note_time_zone, zone, now_ms):
             log.info("time zone %s from now on; the gateway is told with the next envelope", zone)
         self.time_zone = zone
 
@@ -187,7 +188,7 @@ class OutboxSink(ReadingSink):
         jumps = self.clock.take_jumps()
         for i, jump in enumerate(jumps):
             try:
-                await asyncio.to_thread(self.outbox.add_gap, jump)
+                await on_disk(self.outbox.add_gap, jump)
             except OutboxFull:
                 self.clock.give_back(jumps[i:])
                 log.error("outbox full: clock jump gap kept in memory count=%d", len(jumps) - i)
@@ -195,7 +196,7 @@ class OutboxSink(ReadingSink):
             log.warning("clock jump recorded as a gap span_ms=%d", jump.to_ms - jump.from_ms)
         if self._unrecorded_full is not None:
             try:
-                await asyncio.to_thread(self.outbox.add_gap, self._unrecorded_full)
+                await on_disk(self.outbox.add_gap, self._unrecorded_full)
             except OutboxFull:
                 log.error("outbox full: the gap saying so is kept in memory until it fits")
             else:
@@ -325,12 +326,12 @@ class Hub:
         return self._broker_offline_since_ms
 
     async def _write_status(self, path: Path) -> None:
-        previous = await asyncio.to_thread(_last_connected, path, int(time.time() * 1000))
+        previous = await on_disk(_last_connected, path, int(time.time() * 1000))
         if self._broker_offline_since_ms is None:
             self._broker_offline_since_ms = previous
         while True:
             text = json.dumps(self.status(), indent=2) + "\n"
-            await asyncio.to_thread(write_whole, path, text)
+            await on_disk(write_whole, path, text)
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     @staticmethod
@@ -339,7 +340,7 @@ class Hub:
         one travels with the next envelope (protocol v3). A failure is logged and retried."""
         while True:
             try:
-                zone = await asyncio.to_thread(read)
+                zone = await on_disk(read)
                 if zone is not None:
                     await sink.note_time_zone(zone)
             except OutboxError as exc:
@@ -356,7 +357,7 @@ class Hub:
         while True:
             await asyncio.sleep(PAIRINGS_INTERVAL_S)
             try:
-                await asyncio.to_thread(pairings.state.reload)
+                await on_disk(pairings.state.reload)
             except StateError as exc:
                 log.warning("state file not read again: %s", exc)
                 continue

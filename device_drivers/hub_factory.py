@@ -10,13 +10,13 @@ again while it runs: a wearable paired or unpaired meanwhile gains or loses its 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from device_drivers.credentials import CertificateKeeper
+from device_drivers.disk import on_disk
 from device_drivers.driver import WearableSession, WearableSpec
 from device_drivers.hub import Hub, OutboxSink, Pairings
 from device_drivers.identity import HubIdentity
@@ -58,9 +58,9 @@ async def open_hub(
     says the hub's zone, looked at now and then (device_drivers.local_zone). The broker's
     addresses and MQTT version are the enrollment's (``mqtt5`` overrides the version)."""
     directory = identity.directory
-    outbox = await asyncio.to_thread(Outbox.open, directory / OUTBOX_FILE, identity.device_id)
+    outbox = await on_disk(Outbox.open, directory / OUTBOX_FILE, identity.device_id)
     stack.callback(outbox.close)
-    state = await asyncio.to_thread(HubState.open, directory / STATE_FILE)
+    state = await on_disk(HubState.open, directory / STATE_FILE)
     sink = OutboxSink(outbox)
     tls = configure_tls(identity.tls)
     config = RelayConfig(

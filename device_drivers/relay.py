@@ -19,7 +19,7 @@ Policy (the numbers are ``RelayConfig`` defaults):
   stamps ``sent`` and the outbox's bookkeeping.
 
 paho's callbacks only hand off to the event loop; the outbox (SQLite, synchronous) is called
-from worker threads.
+on the hub's disk thread (``device_drivers.disk``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from device_drivers.disk import on_disk
 from device_drivers.outbox import Outbox, OutboxError
 from ingest.receipts import RECEIPT_REJECTED, open_receipt
 from ingest.topics import down_topic, up_topic
@@ -247,13 +248,13 @@ class Relay:
         """One round: seal what is due for sealing, then (re)send what is due for sending."""
         now = self._clock()
         mono = self._monotonic()
-        stats = await asyncio.to_thread(self._outbox.stats)
+        stats = await on_disk(self._outbox.stats)
         if stats.pending_readings or stats.pending_gaps or stats.time_zone_pending:
             full = stats.pending_readings >= self.config.seal_max_readings
             aged = mono - self._last_seal >= self.config.seal_max_age_s
             if (full or aged) and mono >= self._seal_retry_at:
                 try:
-                    await asyncio.to_thread(
+                    await on_disk(
                         self._outbox.seal_pending,
                         self._key,
                         int(now * 1000),
@@ -282,7 +283,7 @@ class Relay:
             return
         # The outbox's own filter (by the wall clock it recorded) finds what waits; what this
         # relay sent within resend_after (by the monotonic clock) is skipped.
-        due = await asyncio.to_thread(
+        due = await on_disk(
             self._outbox.due, int(now * 1000), int(resend_after * 1000), room + len(self._inflight)
         )
         for env in (e for e in due if e.seq not in self._inflight):
@@ -307,7 +308,7 @@ class Relay:
             else:
                 self.stats.sent += 1
             try:
-                await asyncio.to_thread(self._outbox.mark_sent, env.seq, int(now * 1000))
+                await on_disk(self._outbox.mark_sent, env.seq, int(now * 1000))
             except OutboxError as exc:
                 # Only the bookkeeping of the send is missing: it is sent again later.
                 self.stats.outbox_errors += 1
@@ -335,7 +336,7 @@ class Relay:
             log.warning("receipt for another device ignored device=%s", self.config.device_id)
             return
         try:
-            applied = await asyncio.to_thread(self._outbox.receipt, receipt)
+            applied = await on_disk(self._outbox.receipt, receipt)
         except OutboxError as exc:
             self.stats.receipts_ignored += 1
             log.warning("receipt not applied device=%s: %s", self.config.device_id, exc)

@@ -181,7 +181,8 @@ def _locked(path: Path) -> Iterator[None]:
 class HubState:
     """Load with :meth:`open`; every mutation is written to disk before it returns.
 
-    Safe to call from several threads (sessions write through ``asyncio.to_thread``).
+    Safe to call from several threads (a hub's sessions write on its disk thread, a command
+    in the same process may call it from its own).
     """
 
     def __init__(

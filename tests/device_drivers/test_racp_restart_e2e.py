@@ -29,10 +29,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from bumble import gatt
 
+from device_drivers import hub as hub_module
 from device_drivers.driver import WearableSpec
 from device_drivers.gatt import glucose, racp
 from device_drivers.glucose_records import GLUCOSE_CURSOR, record_key
@@ -50,6 +52,8 @@ from tests.fixtures.trial import ALL_SCOPES, Trial
 from tests.fixtures.waiting import wait_until
 
 pytestmark = pytest.mark.slow
+
+T = TypeVar("T")
 
 PARTICIPANT = "P9"
 SENSOR = "glucose-1"
@@ -100,16 +104,34 @@ class PausingMeter(VirtualGlucoseMeter):
 @dataclasses.dataclass
 class HeldWrite:
     """Holds the hub's outbox write of the record ``key`` once it is on disk, before the call
-    returns: the hub can then be stopped while it waits for a write that has happened."""
+    returns to the hub: the hub can then be stopped while it waits for a write that has
+    happened. The hold is in the event loop, after the disk thread has finished the write, so
+    the hub's other disk work (the relay sealing and sending that record) goes on."""
 
     key: str
     written: threading.Event = dataclasses.field(default_factory=threading.Event)
-    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+    release: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    held: bool = False
 
     def after_write(self, readings: Sequence[Reading]) -> None:
+        """In the disk thread, once the outbox has the readings."""
         if not self.written.is_set() and any(r.record == self.key for r in readings):
             self.written.set()
-            self.release.wait(DEADLINE_S)
+
+    def hold_writes(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The sink's disk calls: the one that wrote the record does not return until
+        ``release`` (the calls run one after another, so the first to come back once the
+        record is written is that one)."""
+        on_disk = hub_module.on_disk
+
+        async def held_on_disk(func: Callable[..., T], /, *args: object) -> T:
+            result = await on_disk(func, *args)
+            if self.written.is_set() and not self.held:
+                self.held = True
+                await self.release.wait()
+            return result
+
+        monkeypatch.setattr(hub_module, "on_disk", held_on_disk)
 
 
 @contextlib.asynccontextmanager
@@ -146,6 +168,8 @@ async def hub_running(
                 held.after_write(readings)
 
         monkeypatch.setattr(parts.outbox, "add_readings", counted)
+        if held is not None:
+            held.hold_writes(monkeypatch)
         if before_start is not None:
             before_start(parts)
         task = asyncio.create_task(parts.hub.run(), name="test-hub")
@@ -154,11 +178,22 @@ async def hub_running(
         finally:
             task.cancel()
             try:
+                if held is not None:
+                    # The held write returns only once the stop has reached the session that
+                    # waits for it: to a hub that is going.
+                    await wait_until(session_stopping, "the session told to stop", within=5)
+                    held.release.set()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             finally:
                 if held is not None:
-                    held.release.set()  # the held write returns (to a hub that is gone)
+                    held.release.set()
+
+
+def session_stopping() -> bool:
+    """Whether the hub's session of the meter has been told to stop (or has ended)."""
+    session = [t for t in asyncio.all_tasks() if t.get_name() == f"wearable-{SENSOR}"]
+    return all(t.cancelling() or t.done() for t in session)
 
 
 async def enrolled_participant_hub(trial: Trial, gw: RunningGateway, tmp_path: Path) -> HubIdentity:
