@@ -353,7 +353,7 @@ def split_warmup(samples: Sequence[Sample], warmup_s: float) -> tuple[list[Sampl
 
 def summarize_warmup(samples: Sequence[Sample]) -> dict[str, Any]:
     """What the warm-up left out of the window: its length, the RSS at readiness and how
-    much it rose (the anonymous part too), and the CPU it took."""
+    much it rose (the anonymous part too), the CPU it took, and the RSS minute by minute."""
     a, b = samples[0], samples[-1]
     span = b.t - a.t
     return {
@@ -364,6 +364,11 @@ def summarize_warmup(samples: Sequence[Sample]) -> dict[str, Any]:
             ((b.rss_bytes - b.rss_file_bytes) - (a.rss_bytes - a.rss_file_bytes)) / MIB, 2
         ),
         "cpu_pct_of_one_core_mean": round(100 * (b.cpu_s - a.cpu_s) / span, 2) if span else None,
+        "timeline_s_rss_mib": [
+            [round(x.t, 1), round(x.rss_bytes / MIB, 2)]
+            for i, x in enumerate(samples)
+            if i == 0 or x is b or int(x.t // 60) > int(samples[i - 1].t // 60)
+        ],
     }
 
 

@@ -148,6 +148,7 @@ def test_the_warmup_is_left_out_of_the_window_and_reported_on_its_own() -> None:
         "rss_mib_rise": 1.0,
         "rss_anon_mib_rise": 1.0,
         "cpu_pct_of_one_core_mean": 5.0,
+        "timeline_s_rss_mib": [[0.0, 50.0], [30.0, 51.0]],
     }
     # No warm-up: the window is every sample.
     warmup, window = hub_wearables.split_warmup(samples, 0.0)

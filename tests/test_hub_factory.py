@@ -14,11 +14,10 @@ from device_drivers import hub as hub_module
 from device_drivers.driver import WearableSpec
 from device_drivers.hub_factory import OUTBOX_FILE, STATE_FILE, open_hub
 from device_drivers.outbox import OutboxError
-from device_drivers.pairing import BleBackends
-from device_drivers.sim import SimAdapter, VirtualHeartRateStrap, VirtualRadio
+from device_drivers.sim import VirtualHeartRateStrap, VirtualRadio
 from device_drivers.state import HubState, PairedWearable
 from tests.fixtures.gateway import RunningGateway
-from tests.fixtures.hubs import enrolled_hub
+from tests.fixtures.hubs import enrolled_hub, open_simulated_hub
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 
@@ -62,13 +61,8 @@ async def test_a_running_hub_follows_pair_and_unpair(
         later = await stack.enter_async_context(
             VirtualHeartRateStrap("TS-HRM-LATER", seed=2, rate_hz=4.0).running(radio)
         )
-        adapter = await SimAdapter.create(radio)
-        stack.push_async_callback(adapter.close)
-        parts = await open_hub(
-            identity,
-            stack,
-            wearables=[WearableSpec(named.address, "strap-named")],
-            backends=BleBackends(adapter.scanner_backend, adapter.client_backend),
+        parts = await open_simulated_hub(
+            identity, stack, radio, [WearableSpec(named.address, "strap-named")]
         )
         task = asyncio.create_task(parts.hub.run())
         try:

@@ -13,13 +13,11 @@ import pytest
 
 from device_drivers import disk
 from device_drivers.driver import WearableSpec
-from device_drivers.hub_factory import open_hub
 from device_drivers.outbox import Outbox
-from device_drivers.pairing import BleBackends
-from device_drivers.sim import SimAdapter, VirtualHeartRateStrap, VirtualRadio
+from device_drivers.sim import VirtualHeartRateStrap, VirtualRadio
 from device_drivers.state import HubState
 from tests.fixtures.gateway import RunningGateway
-from tests.fixtures.hubs import enrolled_hub
+from tests.fixtures.hubs import enrolled_hub, open_simulated_hub
 from tests.fixtures.trial import Trial
 from tests.fixtures.waiting import wait_until
 
@@ -83,14 +81,8 @@ async def test_a_running_hub_writes_its_outbox_and_state_on_the_disk_thread(
         strap = await stack.enter_async_context(
             VirtualHeartRateStrap("TS-HRM-DISK", seed=3, rate_hz=10.0).running(radio)
         )
-        adapter = await SimAdapter.create(radio)
-        stack.push_async_callback(adapter.close)
-        parts = await open_hub(
-            identity,
-            stack,
-            wearables=[WearableSpec(strap.address, "strap")],
-            backends=BleBackends(adapter.scanner_backend, adapter.client_backend),
-            seal_max_age_s=0.2,
+        parts = await open_simulated_hub(
+            identity, stack, radio, [WearableSpec(strap.address, "strap")], seal_max_age_s=0.2
         )
         task = asyncio.create_task(parts.hub.run())
         try:

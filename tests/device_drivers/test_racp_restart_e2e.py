@@ -38,16 +38,15 @@ from device_drivers import hub as hub_module
 from device_drivers.driver import WearableSpec
 from device_drivers.gatt import glucose, racp
 from device_drivers.glucose_records import GLUCOSE_CURSOR, record_key
-from device_drivers.hub_factory import STATE_FILE, HubParts, open_hub
+from device_drivers.hub_factory import STATE_FILE, HubParts
 from device_drivers.identity import HubIdentity
-from device_drivers.pairing import BleBackends
-from device_drivers.sim import SimAdapter, VirtualGlucoseMeter, VirtualRadio
+from device_drivers.sim import VirtualGlucoseMeter, VirtualRadio
 from device_drivers.state import HubState
 from ingest.model import Reading
 from storage import db, registry
 from tests.alerts.test_engine import rows
 from tests.fixtures.gateway import RunningGateway
-from tests.fixtures.hubs import enrolled_hub
+from tests.fixtures.hubs import enrolled_hub, open_simulated_hub
 from tests.fixtures.trial import ALL_SCOPES, Trial
 from tests.fixtures.waiting import wait_until
 
@@ -150,14 +149,8 @@ async def hub_running(
     process is: its task cancelled, then its outbox closed. ``copies`` counts, by record key,
     the glucose readings this run made durable in the outbox (each is sent to the gateway)."""
     async with contextlib.AsyncExitStack() as stack:
-        adapter = await SimAdapter.create(radio)
-        stack.push_async_callback(adapter.close)
-        parts = await open_hub(
-            identity,
-            stack,
-            wearables=[WearableSpec(meter.address, SENSOR)],
-            backends=BleBackends(adapter.scanner_backend, adapter.client_backend),
-            seal_max_age_s=SEAL_AFTER_S,
+        parts = await open_simulated_hub(
+            identity, stack, radio, [WearableSpec(meter.address, SENSOR)], SEAL_AFTER_S
         )
         add_readings = parts.outbox.add_readings
 
