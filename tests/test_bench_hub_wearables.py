@@ -328,29 +328,45 @@ def test_anonymous_pages_are_told_apart_by_the_mapping_that_holds_them() -> None
     }
 
 
+_THREAD_ALLOCATES = """
+import json, os, re, threading
+from pathlib import Path
+from bench.hub_wearables_child import anonymous_by_mapping
+
+def anonymous():
+    return anonymous_by_mapping(Path("/proc/self/smaps").read_text())
+
+before = anonymous()
+kept = []
+# 100 kB apiece: past CPython's small-object allocator, under malloc's mapping threshold,
+# so each comes from the allocating thread's arena.
+thread = threading.Thread(target=lambda: kept.extend(os.urandom(100_000) for _ in range(150)))
+thread.start()
+thread.join()
+after = anonymous()
+status = re.search(r"RssAnon:\\s+(\\d+) kB", Path("/proc/self/status").read_text())
+print(json.dumps({"before": before, "after": after, "rss_anon": int(status.group(1)) * 1024}))
+"""
+
+
 def test_a_threads_allocations_are_found_in_the_thread_arenas() -> None:
-    import re
-    import threading
+    import json
 
-    from bench import hub_wearables_child
-
-    def anonymous() -> dict[str, int]:
-        return hub_wearables_child.anonymous_by_mapping(Path("/proc/self/smaps").read_text())
-
-    before = anonymous()
-    kept: list[bytes] = []
-    # 100 kB apiece: past CPython's small-object allocator, under malloc's mapping threshold,
-    # so each comes from the allocating thread's arena.
-    thread = threading.Thread(target=lambda: kept.extend(os.urandom(100_000) for _ in range(150)))
-    thread.start()
-    thread.join()
-    after = anonymous()
+    # A process of its own: in a long-lived one (a test worker) a new thread may reuse an
+    # arena whose free pages are already resident, and nothing new would show.
+    result = subprocess.run(
+        [sys.executable, "-c", _THREAD_ALLOCATES],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(hub_wearables.__file__).resolve().parent.parent,
+    )
+    found = json.loads(result.stdout)
+    before, after = found["before"], found["after"]
     assert after["thread_arenas"] - before["thread_arenas"] >= 10 * MIB
-    status = Path("/proc/self/status").read_text()
-    match = re.search(r"RssAnon:\s+(\d+) kB", status)
-    assert match is not None
     # Every anonymous page is in one kind (the kernel's own count lags by a few pages).
-    assert abs(sum(after.values()) - int(match.group(1)) * 1024) < 4 * MIB
+    assert abs(sum(after.values()) - found["rss_anon"]) < 4 * MIB
 
 
 def test_the_object_allocators_account_grows_with_live_objects() -> None:
