@@ -19,6 +19,7 @@ connection). See docs/broker.md, "Revocation".
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -31,13 +32,12 @@ import ssl
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.errors import BrokerError
-from gateway.processes import alive
+from gateway.processes import alive, attempts, log_tail
 from ingest.transport import TlsFiles, configure_tls, make_client, stop_client
 
 log = logging.getLogger(__name__)
@@ -251,31 +251,24 @@ class MosquittoBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        for _ in attempts(timeout, 0.05):
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
                 if self._proc.stderr:
                     self._proc.stderr.close()
-                lines = (err + "\n" + self._log_tail()).splitlines()
+                lines = (err + "\n" + log_tail(self.log_path, 500)).splitlines()
                 errors = [ln.split(": ", 1)[-1] for ln in lines if "Error" in ln] or lines[-1:]
                 raise BrokerError(
                     f"mosquitto exited with status {self._proc.returncode}: {'; '.join(errors)}"
                 )
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    log.info("mosquitto ready port=%d pid=%d", self.port, self._proc.pid)
-                    return
-            except OSError:
-                time.sleep(0.05)
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.2),
+            ):
+                log.info("mosquitto ready port=%d pid=%d", self.port, self._proc.pid)
+                return
         self.kill()
         raise BrokerError(f"mosquitto did not open port {self.port} within {timeout:.0f} s")
-
-    def _log_tail(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")[-500:]
-        except OSError:
-            return ""
 
     @property
     def pid(self) -> int | None:

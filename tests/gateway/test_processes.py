@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway import processes
@@ -76,3 +78,20 @@ def test_a_process_is_alive_until_it_ends_and_a_zombie_counts_as_ended() -> None
         child.kill()
         child.wait()
     assert not processes.alive(child.pid)
+
+
+def test_a_broker_that_exits_at_start_says_why(tmp_path: Path) -> None:
+    """Mosquitto refusing its configuration exits at once: the start says so with the error
+    from its output, instead of waiting out its bound."""
+    import shutil
+
+    from gateway.broker import DEPLOY_DIR, MosquittoBroker
+    from gateway.errors import BrokerError
+
+    deploy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY_DIR, deploy)
+    with (deploy / "mosquitto.conf").open("a", encoding="utf-8") as conf:
+        conf.write("\nno_such_option true\n")
+    broker = MosquittoBroker(tmp_path / "mosquitto", deploy_dir=deploy)
+    with pytest.raises(BrokerError, match=r"mosquitto exited with status \d+: .*no_such_option"):
+        broker.start(timeout=20)
