@@ -188,6 +188,11 @@ class Sample:
     # first runs); the rest is the process's own anonymous memory.
     rss_file_bytes: int = 0
 
+    @property
+    def rss_anon_mib(self) -> float:
+        """The process's own (anonymous) part of its RSS, in MiB."""
+        return (self.rss_bytes - self.rss_file_bytes) / MIB
+
 
 class Child:
     """``python -m bench.hub_wearables_child MODE ...`` with its stdout read line by line."""
@@ -360,9 +365,7 @@ def summarize_warmup(samples: Sequence[Sample]) -> dict[str, Any]:
         "seconds": round(span, 1),
         "rss_mib_at_ready": round(a.rss_bytes / MIB, 2),
         "rss_mib_rise": round((b.rss_bytes - a.rss_bytes) / MIB, 2),
-        "rss_anon_mib_rise": round(
-            ((b.rss_bytes - b.rss_file_bytes) - (a.rss_bytes - a.rss_file_bytes)) / MIB, 2
-        ),
+        "rss_anon_mib_rise": round(b.rss_anon_mib - a.rss_anon_mib, 2),
         "cpu_pct_of_one_core_mean": round(100 * (b.cpu_s - a.cpu_s) / span, 2) if span else None,
         "timeline_s_rss_mib": [
             [round(x.t, 1), round(x.rss_bytes / MIB, 2)]
@@ -418,7 +421,7 @@ def summarize(
     intervals = [100 * (y.cpu_s - x.cpu_s) / (y.t - x.t) for x, y in itertools.pairwise(samples)]
     rss = [(s.t, s.rss_bytes / MIB) for s in samples]
     half = [p for p in rss if p[0] >= window / 2]
-    anon = [(s.t, (s.rss_bytes - s.rss_file_bytes) / MIB) for s in samples]
+    anon = [(s.t, s.rss_anon_mib) for s in samples]
     expected = wearables * rate_hz
 
     def per_s(key: str) -> float:
