@@ -184,6 +184,13 @@ def _setter(event: asyncio.Event) -> Callable[[BleakClient], None]:
     return lambda _client: event.set()
 
 
+def _wake(queue: asyncio.Queue[Arrival | None]) -> None:
+    """Wake a session's loop waiting on ``queue``. A full queue needs no wake-up: the loop
+    is busy with it and looks at the link and the drop after each batch."""
+    with contextlib.suppress(asyncio.QueueFull):
+        queue.put_nowait(None)
+
+
 @dataclass
 class SessionStats:
     """Counters of one session (read by the hub's status and by tests)."""
@@ -428,7 +435,7 @@ class WearableSession:
         self.stats.info = info
         await self.sink.sensor(info)
         await self._set_clock(client)
-        queue: asyncio.Queue[Arrival] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        queue: asyncio.Queue[Arrival | None] = asyncio.Queue(maxsize=QUEUE_SIZE)
         subscribed: list[int] = []
         control_point: BleakGATTCharacteristic | None = None
         for service in client.services:
@@ -450,30 +457,35 @@ class WearableSession:
         )
         if control_point is not None:
             await self.records.request(client, control_point)
+        # The loop waits on the queue alone (one future per value, no task or timer each):
+        # the drop and the link's next mark each put a wake-up (None) in it instead.
+        loop = asyncio.get_running_loop()
         waiter = asyncio.ensure_future(disconnected.wait())
+        waiter.add_done_callback(lambda _: _wake(queue))
+        mark = loop.call_later(self.link.due_in(), _wake, queue)  # a quiet wearable too
         try:
             while not disconnected.is_set():
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, waiter},
-                    timeout=self.link.due_in(),  # a quiet wearable is still watched
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if getter in done:
-                    await self._handle_all(self._drained(getter.result(), queue))
-                else:
-                    getter.cancel()
-                await self.link.watching(self._now_ms())
+                first = await queue.get()
+                if first is not None:
+                    await self._handle_all(self._drained(first, queue))
+                due = self.link.due_in() == 0.0
+                if due:
+                    await self.link.watching(self._now_ms())
+                if due or first is None:  # (the timer may fire a little early)
+                    mark.cancel()
+                    mark = loop.call_later(self.link.due_in(), _wake, queue)
             while not queue.empty():  # what arrived before the drop is still data
-                await self._handle_all(self._drained(queue.get_nowait(), queue))
+                if (first := queue.get_nowait()) is not None:
+                    await self._handle_all(self._drained(first, queue))
             await self.records.store_awaiting()
             await self._store_split()
         finally:
             waiter.cancel()
+            mark.cancel()
             self.records.connection_ended()
 
     def _enqueue(
-        self, char_id: int, queue: asyncio.Queue[Arrival]
+        self, char_id: int, queue: asyncio.Queue[Arrival | None]
     ) -> Callable[[BleakGATTCharacteristic, bytearray], None]:
         def on_value(_char: BleakGATTCharacteristic, data: bytearray) -> None:
             self.stats.notifications += 1
@@ -488,12 +500,13 @@ class WearableSession:
         return on_value
 
     @staticmethod
-    def _drained(first: Arrival, queue: asyncio.Queue[Arrival]) -> list[Arrival]:
+    def _drained(first: Arrival, queue: asyncio.Queue[Arrival | None]) -> list[Arrival]:
         """``first`` and what else is waiting, up to ``HANDLE_BATCH``: handled together, the
         readings of a busy wearable are made durable in one write, not one per value."""
         arrivals = [first]
         while len(arrivals) < HANDLE_BATCH and not queue.empty():
-            arrivals.append(queue.get_nowait())
+            if (arrival := queue.get_nowait()) is not None:
+                arrivals.append(arrival)
         return arrivals
 
     async def _handle_all(self, arrivals: Sequence[Arrival]) -> None:

@@ -674,6 +674,32 @@ async def test_after_a_power_cut_the_gap_starts_at_most_one_interval_before_the_
     assert last - gap.from_ms <= interval_s * 1000 + 1  # + 1: times are whole milliseconds
 
 
+async def test_a_quiet_connected_wearable_is_still_marked_watched_every_interval(
+    radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path
+) -> None:
+    """The session's loop waits on its queue alone; a timer wakes it when the link is due
+    to be written, so a wearable that sends nothing for a while is still watched."""
+    interval_s = 0.2
+    path = tmp_path / "hub.json"
+    strap = VirtualHeartRateStrap("TS-HRM-QUIET", seed=12, rate_hz=0.02)  # one per 50 s
+    async with strap.running(radio):
+        sink = MemorySink()
+        s = session(
+            strap, "hr", sink, adapter, state=HubState.open(path), link_interval_s=interval_s
+        )
+        async with running(s):
+            await wait_until(lambda: link(path) is not None, "connected, link written")
+            first = link(path)
+            assert first is not None
+            for n in range(1, 6):
+                await wait_until(
+                    lambda n=n: (link(path) or first).at_ms >= first.at_ms + n * interval_s * 1000,
+                    f"the link written again ({n})",
+                )
+            assert s.stats.notifications <= 1
+            assert s.stats.connected
+
+
 async def test_a_damaged_link_mark_is_ignored_and_written_anew(
     radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
