@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
+import sys
 from collections.abc import Callable
 from typing import Final
 
-from bumble import hci
+from bumble import colors, hci
 from bumble.controller import Controller
 from bumble.device import Connection, Device, DeviceConfiguration
 from bumble.host import Host
@@ -38,17 +40,23 @@ _MAX_DEVICES: Final = 0xFFFF
 # A host reaching the radio over HCI picks its own address; this default is outside the
 # C0:5E:00:00:xx:xx range the radio allocates, so it never collides with a wearable's.
 REMOTE_HOST_ADDRESS: Final = hci.Address("C0:5E:01:00:00:01", hci.Address.RANDOM_DEVICE_ADDRESS)
+# Distinct (text, colours) pairs bumble's color() is remembered for: its labels are fixed
+# strings, and the few that carry a value (an unexpected event's name) are rare.
+COLOURED_LABELS: Final = 512
 
 
 def _spare_unlogged_packet_text() -> None:
     """bumble puts every HCI packet and ATT PDU it sends or receives into a debug line with an
-    f-string (``logger.debug(f"... {packet}")``), so each packet's fields are rendered as text
-    whatever the log level: a sixth of the simulated host's work under a steady stream of
-    notifications (docs/performance.md). While the ``bumble`` logger does not log at DEBUG,
-    the field list renders as ``...``; with DEBUG on, as bumble writes it. BlueZ, which a real
-    hub uses, has no such cost; the text of a packet is never read by this code."""
-    original: Callable[..., object] = hci.HCI_Object.format_fields
-    if getattr(original, "_trialstream_spared", False):
+    f-string (``logger.debug(f"{color('### CONTROLLER -> HOST', 'green')}: {packet}")``), so
+    each packet is rendered as text, in colour, whatever the log level: a sixth of the
+    simulated host's work under a steady stream of notifications (docs/performance.md).
+    While the ``bumble`` logger does not log at DEBUG, a packet's fields and an ACL packet's
+    data render as ``...``; with DEBUG on, as bumble writes them. bumble's ``color()`` (pure:
+    the same text for the same arguments) is remembered for the few hundred labels it
+    colours, in every bumble module that imported it. BlueZ, which a real hub uses, has no
+    such cost; the text of a packet is never read by this code."""
+    original_fields: Callable[..., object] = hci.HCI_Object.format_fields
+    if getattr(original_fields, "_trialstream_spared", False):
         return
     bumble_log = logging.getLogger("bumble")
 
@@ -59,11 +67,35 @@ def _spare_unlogged_packet_text() -> None:
         value_mappers: object = None,
     ) -> str:
         if bumble_log.isEnabledFor(logging.DEBUG):
-            return str(original(hci_object, object_fields, indentation, value_mappers))
+            return str(original_fields(hci_object, object_fields, indentation, value_mappers))
         return f"{indentation}..."
 
     format_fields._trialstream_spared = True  # type: ignore[attr-defined]
     hci.HCI_Object.format_fields = staticmethod(format_fields)  # type: ignore[method-assign]
+
+    original_acl: Callable[[hci.HCI_AclDataPacket], str] = hci.HCI_AclDataPacket.__str__
+
+    def acl_text(packet: hci.HCI_AclDataPacket) -> str:
+        if bumble_log.isEnabledFor(logging.DEBUG):
+            return original_acl(packet)
+        return f"ACL: handle=0x{packet.connection_handle:04x}, ..."
+
+    hci.HCI_AclDataPacket.__str__ = acl_text  # type: ignore[method-assign]
+
+    original_color = colors.color
+    remembered = functools.lru_cache(maxsize=COLOURED_LABELS)(original_color)
+
+    def color(
+        s: str,
+        fg: colors.ColorSpec | None = None,
+        bg: colors.ColorSpec | None = None,
+        style: str | None = None,
+    ) -> str:
+        return remembered(s, fg, bg, style)
+
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] == "bumble" and getattr(module, "color", None) is original_color:
+            module.color = color  # type: ignore[attr-defined]
 
 
 _spare_unlogged_packet_text()
