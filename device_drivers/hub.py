@@ -40,7 +40,7 @@ OUTBOX_FULL = "outbox_full"
 # The outbox's writes are grouped: readings handed over within this long of each other are
 # made durable in one transaction (a fsync each is most of a busy hub's CPU). Readings are
 # in memory for at most this long more before they are on disk.
-COMMIT_LINGER_S = 0.05
+COMMIT_LINGER_S = 0.2
 # Readings handed to the sink and the future their caller awaits (the write's outcome).
 _Waiting = tuple[Sequence[Reading], "asyncio.Future[OutboxError | None]"]
 
