@@ -53,6 +53,7 @@ from device_drivers.pairing import BleBackends
 from device_drivers.sim import RadioProcess, SimAdapter, VirtualHeartRateStrap
 from device_drivers.sim.process import WearableFactory
 from gateway.broker import free_port
+from gateway.processes import until
 from ingest.model import Gap, Reading
 
 # The target: a hub keeps up with 20 wearables at 10 Hz on under 10 % of one core.
@@ -256,15 +257,6 @@ async def _measure(
     return Window(counts, wall, hub_cpu, radio_cpu)
 
 
-async def _wait(check: Callable[[], bool], what: str, within: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not check():
-        if loop.time() > deadline:
-            raise TimeoutError(f"not within {within} s: {what}")
-        await asyncio.sleep(0.05)
-
-
 @contextlib.asynccontextmanager
 async def _running(sessions: Sequence[WearableSession]) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(s.run(), name=f"bench-{s.spec.sensor}") for s in sessions]
@@ -287,7 +279,9 @@ async def _with_sessions(
             for i, address in enumerate(radio.addresses)
         ]
         async with _running(sessions):
-            await _wait(lambda: all(s.stats.notifications > 0 for s in sessions), "all streaming")
+            await until(
+                lambda: all(s.stats.notifications > 0 for s in sessions), "all streaming", 60, 0.05
+            )
             say(f"sessions: {count} wearables connected and streaming; measuring {seconds} s")
             window = await _measure(
                 seconds,
@@ -318,7 +312,7 @@ async def _bare_bleak(count: int, rate_hz: float, seconds: float, say: Progress)
             for client in clients:
                 await client.connect()
                 await client.start_notify(HEART_RATE_MEASUREMENT, on_value)
-            await _wait(lambda: received > count, "all streaming")
+            await until(lambda: received > count, "all streaming", 60, 0.05)
             say(f"baseline: {count} plain bleak subscriptions streaming; measuring {seconds} s")
             window = await _measure(seconds, radio.pid, {"notifications": lambda: received})
         finally:

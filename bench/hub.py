@@ -28,7 +28,7 @@ import contextlib
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,6 +41,7 @@ from bench.common import Progress, machine
 from device_drivers.outbox import Outbox
 from device_drivers.relay import Relay, RelayConfig
 from gateway.broker import MosquittoBroker
+from gateway.processes import until
 from ingest import keys
 from ingest.envelope import open_envelope, seal
 from ingest.model import Payload, Reading, Receipt
@@ -179,14 +180,6 @@ class Receipter:
         stop_client(self.client)
 
 
-async def _wait(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DRAIN_TIMEOUT_S
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {DRAIN_TIMEOUT_S:.0f} s: {what}")
-        await asyncio.sleep(POLL_S)
-
-
 async def _relay_run(
     broker: MosquittoBroker,
     path: Path,
@@ -207,9 +200,16 @@ async def _relay_run(
         relay = Relay(config, outbox, key, gateway_key.public_key())
         task = asyncio.create_task(relay.run(), name="bench-relay")
         try:
-            await _wait(lambda: relay.stats.connected, "the relay connected")
+            await until(
+                lambda: relay.stats.connected, "the relay connected", DRAIN_TIMEOUT_S, POLL_S
+            )
             t0 = time.perf_counter()
-            await _wait(lambda: relay.stats.receipts_accepted >= envelopes, "all receipted")
+            await until(
+                lambda: relay.stats.receipts_accepted >= envelopes,
+                "all receipted",
+                DRAIN_TIMEOUT_S,
+                POLL_S,
+            )
             seconds = time.perf_counter() - t0
         finally:
             task.cancel()

@@ -50,7 +50,14 @@ from gateway.amqp import UPLINK_QUEUE, declare_uplink
 from gateway.broker import free_port
 from gateway.errors import GatewayError
 from gateway.patroni import PatroniCluster
-from gateway.processes import attempts, log_tail, side_by_side, signal_group, stop_group
+from gateway.processes import (
+    attempts,
+    log_tail,
+    side_by_side,
+    signal_group,
+    stop_group,
+    until,
+)
 from gateway.rabbitmq import RabbitCluster
 from ingest import keys
 from ingest.metrics import METRICS
@@ -503,7 +510,7 @@ async def drill(
         report.faults.append(entry)
         say(f"[{entry['at_s']:6.1f} s] kill -9 {what} {json.dumps(detail)}")
 
-    await _until(lambda: all(h.relay.stats.connected for h in hubs), "every hub connected", 60)
+    await until(lambda: all(h.relay.stats.connected for h in hubs), "every hub connected", 60)
     stop = asyncio.Event()
     streaming = asyncio.create_task(stream(hubs, stop), name="drill-stream")
     try:
@@ -531,7 +538,7 @@ async def drill(
     say(f"[{time.monotonic() - t0:6.1f} s] streaming stopped; waiting for every receipt")
     drained = time.monotonic()
     with contextlib.suppress(TimeoutError):
-        await _until(lambda: all(h.drained() for h in hubs), "every receipt", drain_timeout_s)
+        await until(lambda: all(h.drained() for h in hubs), "every receipt", drain_timeout_s)
         report.drained_after_s = round(time.monotonic() - drained, 1)
     report.hubs = await _verdicts(harness.database_url, hubs)
     report.seconds = time.monotonic() - t0
@@ -545,14 +552,6 @@ async def stream(hubs: Iterable[SimulatedHub], stop: asyncio.Event) -> None:
             await hub.produce(BURST)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), BURST_EVERY_S)
-
-
-async def _until(ready: Callable[[], bool], what: str, within: float) -> None:
-    deadline = time.monotonic() + within
-    while not ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {within:.0f} s: {what}")
-        await asyncio.sleep(0.2)
 
 
 async def _verdicts(url: str, hubs: list[SimulatedHub]) -> list[HubVerdict]:

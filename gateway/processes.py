@@ -1,9 +1,11 @@
 """Running the servers the tools start (brokers, PostgreSQL under Patroni, etcd, gateway
-hosts): starting several side by side, waiting for one to be ready with a bound, reading why
-it did not start, and stopping its whole process group."""
+hosts): starting several side by side, waiting for one to be ready with a bound (in a thread,
+or in the event loop while other tasks go on), reading why it did not start, and stopping
+its whole process group."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -51,6 +53,18 @@ def attempts(within: float, every: float) -> Iterator[int]:
             return
         time.sleep(every)
         n += 1
+
+
+async def until(ready: Callable[[], bool], what: str, within: float, every: float = 0.2) -> None:
+    """Return once ``ready()`` is true, looking at once and then every ``every`` seconds while
+    the event loop runs other tasks; ``TimeoutError`` naming ``what`` once ``within``
+    seconds have passed without it. The event loop's twin of :func:`attempts`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not ready():
+        if loop.time() > deadline:
+            raise TimeoutError(f"not within {within:g} s: {what}")
+        await asyncio.sleep(every)
 
 
 def side_by_side(*steps: Callable[[], None]) -> None:

@@ -1,7 +1,9 @@
-"""`attempts`: the one readiness loop of the tools that start servers, on a clock of its own."""
+"""`attempts` and `until`: the readiness loops of the tools that start servers (the first on a
+clock of its own)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,40 @@ def test_a_broker_that_exits_at_start_says_why(tmp_path: Path) -> None:
     broker = MosquittoBroker(tmp_path / "mosquitto", deploy_dir=deploy)
     with pytest.raises(BrokerError, match=r"mosquitto exited with status \d+: .*no_such_option"):
         broker.start(timeout=20)
+
+
+async def test_until_returns_once_ready_and_lets_other_tasks_run() -> None:
+    ticks: list[int] = []
+
+    async def other() -> None:
+        for n in range(100):
+            ticks.append(n)
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(other())
+    checks = []
+
+    def ready() -> bool:
+        checks.append(len(ticks))
+        return len(checks) == 3
+
+    await processes.until(ready, "three looks", within=5.0, every=0.02)
+    task.cancel()
+    assert len(checks) == 3
+    assert checks[0] < checks[2]  # the other task ran while it waited
+
+
+async def test_until_names_what_did_not_happen_once_its_time_is_up() -> None:
+    loop = asyncio.get_running_loop()
+    looks = 0
+
+    def never() -> bool:
+        nonlocal looks
+        looks += 1
+        return False
+
+    start = loop.time()
+    with pytest.raises(TimeoutError, match=r"not within 0.1 s: the relay connected"):
+        await processes.until(never, "the relay connected", within=0.1, every=0.02)
+    assert loop.time() - start >= 0.1
+    assert looks >= 3
