@@ -640,6 +640,19 @@ async def test_a_hub_stopped_while_connected_records_the_time_it_did_not_watch(
     assert before.gaps == []
 
 
+async def watched_for(path: Path, intervals: int, interval_s: float) -> None:
+    """Until the wearable's link mark, once written, has been written again at each of the
+    next ``intervals`` intervals while connected."""
+    await wait_until(lambda: link(path) is not None, "connected, link written")
+    first = link(path)
+    assert first is not None
+    for n in range(1, intervals + 1):
+        await wait_until(
+            lambda n=n: (link(path) or first).at_ms >= first.at_ms + n * interval_s * 1000,
+            f"the link written again ({n})",
+        )
+
+
 async def test_after_a_power_cut_the_gap_starts_at_most_one_interval_before_the_last_reading(
     radio: VirtualRadio, adapter: SimAdapter, tmp_path: Path
 ) -> None:
@@ -654,13 +667,7 @@ async def test_after_a_power_cut_the_gap_starts_at_most_one_interval_before_the_
             strap, "hr", before, adapter, state=HubState.open(path), link_interval_s=interval_s
         )
         async with running(s):
-            await wait_until(lambda: link(path) is not None, "connected, link written")
-            first = link(path)
-            assert first is not None
-            await wait_until(
-                lambda: (link(path) or first).at_ms >= first.at_ms + 3 * interval_s * 1000,
-                "the link written again while connected",
-            )
+            await watched_for(path, 3, interval_s)
             before.gate.clear()
             await wait_until(lambda: before.held >= 1, "a reading on its way to the disk")
             on_disk, last = path.read_bytes(), max(times(before))
@@ -688,14 +695,7 @@ async def test_a_quiet_connected_wearable_is_still_marked_watched_every_interval
             strap, "hr", sink, adapter, state=HubState.open(path), link_interval_s=interval_s
         )
         async with running(s):
-            await wait_until(lambda: link(path) is not None, "connected, link written")
-            first = link(path)
-            assert first is not None
-            for n in range(1, 6):
-                await wait_until(
-                    lambda n=n: (link(path) or first).at_ms >= first.at_ms + n * interval_s * 1000,
-                    f"the link written again ({n})",
-                )
+            await watched_for(path, 5, interval_s)
             assert s.stats.notifications <= 1
             assert s.stats.connected
 
