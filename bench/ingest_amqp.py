@@ -50,7 +50,7 @@ def rabbit_target(workdir: Path, nodes: int = 1, shards: int = 1) -> Iterator[Ra
     cluster.start()
     try:
         password = secrets.token_urlsafe(16)
-        cluster.ctl("add_user", BENCH_USER, password)
+        cluster.add_user(BENCH_USER, password)
         cluster.ctl("set_permissions", BENCH_USER, ".*", ".*", ".*")
         yield RabbitTarget(tuple(cluster.nodes), Login(BENCH_USER, password, mqtt5=False), shards)
     finally:

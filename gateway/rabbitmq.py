@@ -280,11 +280,17 @@ class RabbitNode:
             raise BrokerError(f"rabbitmqctl {args[0]} failed: {done.stderr.strip()[-500:]}")
         return done
 
+    def add_user(self, user: str, password: str) -> None:
+        """A login of the node's (the cluster's: users are shared). ``--`` ends rabbitmqctl's
+        options first: a password drawn from ``secrets.token_urlsafe`` starts with ``-``
+        once in 64 and would otherwise be refused as an unknown option."""
+        self.ctl("add_user", "--", user, password)
+
     def add_hub(self, device_id: str, password: str | None = None) -> None:
         """A hub's broker identity (``hub_permissions``). Without a password the hub can log
         in only by its certificate (a node with ``tls``)."""
         allowed = hub_permissions(device_id)
-        self.ctl("add_user", device_id, password or secrets.token_urlsafe(32))
+        self.add_user(device_id, password or secrets.token_urlsafe(32))
         if password is None:
             self.ctl("clear_password", device_id)
         self.ctl("set_permissions", device_id, allowed.configure, allowed.write, allowed.read)
@@ -357,17 +363,22 @@ class RabbitCluster:
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``rabbitmqctl`` on the first node still running (cluster-wide commands)."""
+        return self.first_running().ctl(*args, check=check)
+
+    def first_running(self) -> RabbitNode:
+        """The first node still running: cluster-wide commands (users, policies) go there."""
         alive = self.running()
         if not alive:
             raise BrokerError("no node of the cluster is running")
-        return alive[0].ctl(*args, check=check)
+        return alive[0]
+
+    def add_user(self, user: str, password: str) -> None:
+        """A login on every node (users are the cluster's)."""
+        self.first_running().add_user(user, password)
 
     def add_hub(self, device_id: str, password: str) -> None:
         """The hub's identity, on every node (users are the cluster's)."""
-        alive = self.running()
-        if not alive:
-            raise BrokerError("no node of the cluster is running")
-        alive[0].add_hub(device_id, password)
+        self.first_running().add_hub(device_id, password)
 
     def leader(self, queue: str) -> RabbitNode:
         """The node that leads quorum queue ``queue`` now."""

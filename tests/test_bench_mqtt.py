@@ -174,7 +174,7 @@ def rabbit_login(rabbit: RabbitNode) -> Login:
     """A user of the test's RabbitMQ node allowed everything, as the ingest bench's is."""
     user = f"raw-{secrets.token_hex(3)}"
     password = secrets.token_urlsafe(12)
-    rabbit.ctl("add_user", user, password)
+    rabbit.add_user(user, password)
     rabbit.ctl("set_permissions", user, ".*", ".*", ".*")
     return Login(user, password, mqtt5=False)
 

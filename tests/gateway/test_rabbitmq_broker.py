@@ -129,6 +129,23 @@ def test_a_hub_identity_takes_only_a_device_id(rabbit: RabbitNode, device_id: st
         rabbit.add_hub(device_id, "unused")
 
 
+@pytest.mark.parametrize("password", ["-starts-with-a-dash", "--", "-n"])
+def test_a_password_that_looks_like_an_option_is_still_the_password(
+    rabbit: RabbitNode, password: str
+) -> None:
+    """``secrets.token_urlsafe`` starts with ``-`` once in 64: rabbitmqctl refused such a
+    password as an unknown option, and a cluster or a benchmark failed to start."""
+    user = f"dash-{secrets.token_hex(3)}"
+    rabbit.add_user(user, password)
+    try:
+        done = rabbit.ctl("authenticate_user", "--", user, password, check=False)
+        assert done.returncode == 0, done.stderr
+        wrong = rabbit.ctl("authenticate_user", "--", user, password + "x", check=False)
+        assert wrong.returncode != 0
+    finally:
+        rabbit.ctl("delete_user", "--", user)
+
+
 def test_without_rabbitmq_it_says_what_to_install(tmp_path: Path) -> None:
     with pytest.raises(BrokerError, match="apt-get install rabbitmq-server"):
         RabbitNode(tmp_path, bin_dir=tmp_path / "nowhere")
