@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 
@@ -55,13 +56,21 @@ def attempts(within: float, every: float) -> Iterator[int]:
         n += 1
 
 
-async def until(ready: Callable[[], bool], what: str, within: float, every: float = 0.2) -> None:
-    """Return once ``ready()`` is true, looking at once and then every ``every`` seconds while
-    the event loop runs other tasks; ``TimeoutError`` naming ``what`` once ``within``
-    seconds have passed without it. The event loop's twin of :func:`attempts`."""
+async def until(
+    ready: Callable[[], bool | Awaitable[bool]], what: str, within: float, every: float = 0.2
+) -> None:
+    """Return once ``ready()`` is true (awaited, if it gives an awaitable), looking at once
+    and then every ``every`` seconds while the event loop runs other tasks; ``TimeoutError``
+    naming ``what`` once ``within`` seconds have passed without it. The event loop's twin of
+    :func:`attempts`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    while not ready():
+    while True:
+        result = ready()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         if loop.time() > deadline:
             raise TimeoutError(f"not within {within:g} s: {what}")
         await asyncio.sleep(every)

@@ -134,3 +134,22 @@ async def test_until_names_what_did_not_happen_once_its_time_is_up() -> None:
         await processes.until(never, "the relay connected", within=0.1, every=0.02)
     assert loop.time() - start >= 0.1
     assert looks >= 3
+
+
+async def test_until_awaits_a_check_that_is_a_coroutine() -> None:
+    looks = 0
+
+    async def ready() -> bool:
+        nonlocal looks
+        looks += 1
+        await asyncio.sleep(0)
+        return looks == 2
+
+    await processes.until(ready, "two looks", within=5.0, every=0.01)
+    assert looks == 2
+    with pytest.raises(TimeoutError, match=r"not within 0\.05 s: never"):
+        await processes.until(_never_async, "never", within=0.05, every=0.01)
+
+
+async def _never_async() -> bool:
+    return False
